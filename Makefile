@@ -1,0 +1,44 @@
+# The two set-up commands of the README, plus a few helpers.
+#   make demo   the main job on the built-in default (synthetic data), outputs under out/demo
+#   make test   ruff + the whole test suite
+# Both create (or reuse) a virtual environment in .venv and install what they need into it.
+# torch is pinned: on this project's CPU machines torch==2.13.0 is the CPU build on disk; on a GPU
+# machine the same pin installs the regular build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= triton,video,eval,dali,dev
+STAMP := $(VENV)/.stpcore-installed
+PYTEST_ARGS ?=
+DEMO_OUT ?= out/demo
+
+.PHONY: demo test lint bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# Reinstall when the packaging changes; otherwise reuse the environment.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stpcore demo --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .benchmarks

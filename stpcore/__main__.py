@@ -1,0 +1,3 @@
+from stpcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Backend dispatch for stpcore ops, kept small (after xformers' dispatcher).
+
+Every op has an ordered list of :class:`Backend` objects. Each backend answers
+``not_supported_reasons(explicit, **inputs)`` with a list of human-readable reasons why it cannot run
+these inputs (empty: it can). With no backend named, the first one with no reasons is used; the
+environment variable ``STPCORE_BACKEND`` (``reference`` or ``triton``; or ``op=backend`` pairs,
+comma separated) forces one; a backend named explicitly that cannot run raises with its reasons.
+
+Triton runs CUDA tensors. Under ``TRITON_INTERPRET=1`` an explicitly named ``triton`` backend also runs
+CPU tensors (Triton's interpreter, for tests), but automatic dispatch never picks it for CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+ENV_VAR = "STPCORE_BACKEND"
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why triton cannot be imported here, or None when it can."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available", with its reason
+        return f"triton is not importable ({type(exc).__name__}: {exc}); install stpcore[triton]"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device_reasons(tensors: Sequence[torch.Tensor], explicit: bool) -> list[str]:
+    """Reasons shared by all Triton backends: importable, and tensors on a device Triton can run."""
+    err = triton_import_error()
+    if err is not None:
+        return [err]
+    reasons = []
+    devices = {t.device.type for t in tensors}
+    if devices - {"cuda"}:
+        if not (explicit and triton_interpret() and devices == {"cpu"}):
+            where = ", ".join(sorted(devices))
+            reasons.append(
+                f"tensors are on {where}; triton runs CUDA tensors"
+                + ("" if explicit else " (CPU tensors run it only when named explicitly under TRITON_INTERPRET=1)")
+            )
+    if len({t.device for t in tensors}) > 1:
+        reasons.append("tensors are on different devices")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    Args:
+        name: "reference", "triton", "xformers", ...
+        fn: the implementation; called with the op's arguments.
+        reasons: ``reasons(explicit, *args, **kwargs) -> list[str]``; empty when ``fn`` can run them.
+    """
+
+    name: str
+    fn: Callable
+    reasons: Callable[..., list[str]] = field(default=lambda explicit, *a, **k: [])
+
+
+_REGISTRY: dict[str, list[Backend]] = {}
+
+
+def register(op: str, backend: Backend) -> None:
+    backends = _REGISTRY.setdefault(op, [])
+    if any(b.name == backend.name for b in backends):
+        raise ValueError(f"backend {backend.name!r} registered twice for op {op!r}")
+    backends.append(backend)
+
+
+def backends(op: str) -> list[Backend]:
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known: {sorted(_REGISTRY)}")
+    return list(_REGISTRY[op])
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _forced(op: str) -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    if "=" not in value:
+        return value
+    for pair in value.split(","):
+        name, _, backend = pair.partition("=")
+        if name.strip() == op:
+            return backend.strip()
+    return None
+
+
+def select(op: str, backend: str | None, *args, **kwargs) -> Backend:
+    """The backend that runs ``op`` on these inputs (see the module docstring for the rules)."""
+    candidates = backends(op)
+    named = backend if backend is not None else _forced(op)
+    if named is not None:
+        match = [b for b in candidates if b.name == named]
+        if not match:
+            raise ValueError(
+                f"{op}: unknown backend {named!r}; choose one of {[b.name for b in candidates]}"
+                + (f" (set by {ENV_VAR})" if backend is None else "")
+            )
+        reasons = match[0].reasons(True, *args, **kwargs)
+        if reasons:
+            raise NotImplementedError(f"{op}: backend {named!r} cannot run these inputs: " + "; ".join(reasons))
+        return match[0]
+    for b in candidates:
+        if not b.reasons(False, *args, **kwargs):
+            return b
+    raise NotImplementedError(f"{op}: no backend can run these inputs")  # the reference never refuses
+
+
+def call(op: str, backend: str | None, *args, **kwargs):
+    return select(op, backend, *args, **kwargs).fn(*args, **kwargs)
+
+
+def explain(op: str, *args, **kwargs) -> dict[str, list[str]]:
+    """{backend name: reasons it would not be picked automatically for these inputs}."""
+    return {b.name: b.reasons(False, *args, **kwargs) for b in backends(op)}
+
+
+def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.Tensor]]) -> Backend:
+    """A backend that calls ``stpcore.kernels.<module>.<fn>``, importing it only when first needed.
+
+    The kernel module must define ``not_supported_reasons(*args, **kwargs) -> list[str]`` with the op's
+    signature (shapes, dtypes, head dims it handles); device and import checks are done here.
+    ``tensors(*args, **kwargs)`` returns the input tensors whose devices must suit Triton.
+    """
+
+    def load():
+        return importlib.import_module(f"stpcore.kernels.{module}")
+
+    def reasons(explicit: bool, *args, **kwargs) -> list[str]:
+        found = triton_device_reasons([t for t in tensors(*args, **kwargs) if t is not None], explicit)
+        if found:
+            return found
+        try:
+            mod = load()
+        except ImportError as exc:
+            return [f"stpcore.kernels.{module} cannot be imported: {exc}"]
+        return list(mod.not_supported_reasons(*args, **kwargs))
+
+    def run(*args, **kwargs):
+        return getattr(load(), fn)(*args, **kwargs)
+
+    run.__name__ = f"triton_{fn}"
+    return Backend("triton", run, reasons)

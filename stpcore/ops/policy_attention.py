@@ -1,0 +1,242 @@
+"""Attention with a keep policy over keys: the training-mode attention of STPrivacy (and DynamicViT).
+
+Semantics (the authors' release), per video b, head h, query i and key j, with N the sequence length::
+
+    S_ij = q_i . k_j / sqrt(D)
+    M_ij = p_j + (1 - p_j) [i == j]            every query always sees itself
+    m_i  = max_j S_ij                           over ALL keys, kept or not
+    E_ij = exp(S_ij - m_i)                      in fp32
+    A_ij = (E_ij M_ij + eps / N) / (sum_j E_ij M_ij + eps)
+    out_i = sum_j A_ij v_j
+
+Three implementations compute this one function:
+
+- ``policy_attention_ref``: the release's direct formulation, autograd through every step. It keeps
+  several (B, H, N, N) fp32 tensors alive for backward. This is the specification.
+- ``policy_attention_chunked``: the same values and gradients (the closed form below, eps and max
+  terms included) from a custom autograd.Function that walks over query chunks and saves only
+  O(B H N) statistics for backward. The CPU path.
+- ``stpcore.kernels.policy_attention``: the fused Triton kernels (CUDA).
+
+Closed-form backward, with g_ij = dO_i . v_j, Dl_i = dO_i . out_i, den_i = Z_i + eps, W = E * M::
+
+    dW_ij = (g_ij - Dl_i) / den_i
+    dS_ij = W_ij dW_ij  +  [j == argmax_j S_ij] dm_i,   dm_i = -sum_j W_ij dW_ij
+    dp_j  = sum_{h, i != j} E_ij dW_ij
+    dv_j  = sum_i A_ij dO_i,   dq = scale dS k,   dk = scale dS^T q
+
+dm_i is of order eps (it is -(eps Dl_i - eps/N sum_j g_ij) / den_i); it is carried so the gradients
+match the direct formulation exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stpcore.ops import dispatch
+
+DEFAULT_EPS = 1e-6
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"policy_attention: q must be (B, H, N, D), got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"policy_attention: q, k, v must be (B, H, N, D) with equal B, H, N (and q, k equal D); got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, _, N, _ = q.shape
+    if policy.shape != (B, N):
+        raise ValueError(f"policy_attention: policy must be (B, N) = ({B}, {N}), got {tuple(policy.shape)}")
+
+
+def policy_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, *, eps: float = DEFAULT_EPS
+) -> torch.Tensor:
+    """The release's masked attention, written out step by step (the specification).
+
+    Args:
+        q, k: (B, H, N, D) any float dtype.
+        v: (B, H, N, Dv) same dtype.
+        policy: (B, N) in [0, 1], the keep decision per key token.
+        eps: smoothing of the attention weights (1e-6 in the release).
+
+    Returns:
+        (B, H, N, Dv) in the dtype of q.
+    """
+    _check(q, k, v, policy)
+    B, _, N, D = q.shape
+    attn = (q @ k.transpose(-2, -1)) * (D**-0.5)  # (B, H, N, N)
+    eye = torch.eye(N, dtype=policy.dtype, device=policy.device)
+    p = policy.reshape(B, 1, 1, N)
+    attn_policy = p + (1.0 - p) * eye  # (B, 1, N, N)
+    max_att = torch.max(attn, dim=-1, keepdim=True)[0]
+    attn = attn - max_att
+    acc = torch.promote_types(attn.dtype, torch.float32)
+    attn = attn.to(acc).exp() * attn_policy.to(acc)
+    attn = (attn + eps / N) / (attn.sum(dim=-1, keepdim=True) + eps)
+    return (attn.to(q.dtype) @ v).to(q.dtype)
+
+
+def _chunk_rows(B: int, H: int, N: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"policy_attention_chunked: chunk_size must be >= 1, got {chunk_size}")
+        return min(chunk_size, N)
+    # About 2**20 fp32 scores (4 MiB) per (B, H, rows, N) temporary.
+    return max(1, min(N, (1 << 20) // max(1, B * H * N)))
+
+
+class _ChunkedPolicyAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, policy, eps, chunk_size):
+        B, H, N, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scale = D**-0.5
+        rows = _chunk_rows(B, H, N, chunk_size)
+        c = eps / N
+        vf = v.to(acc)
+        vsum = vf.sum(dim=-2, keepdim=True)  # (B, H, 1, Dv)
+        pf = policy.to(acc).reshape(B, 1, 1, N)
+        out = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+        row_max = torch.empty(B, H, N, dtype=acc, device=q.device)
+        den = torch.empty(B, H, N, dtype=acc, device=q.device)
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale  # (B, H, r, N)
+            m = S.amax(dim=-1, keepdim=True)
+            E = (S - m).exp_()
+            W = _apply_policy(E, pf, s, e)
+            Z = W.sum(dim=-1, keepdim=True) + eps
+            out[:, :, s:e] = (W @ vf + c * vsum) / Z
+            row_max[:, :, s:e] = m.squeeze(-1)
+            den[:, :, s:e] = Z.squeeze(-1)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, policy, out, row_max, den)
+        ctx.eps, ctx.rows = eps, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, policy, out, row_max, den = ctx.saved_tensors
+        B, H, N, D = q.shape
+        acc = row_max.dtype
+        scale = D**-0.5
+        c = ctx.eps / N
+        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+        pf = policy.to(acc).reshape(B, 1, 1, N)
+        dof = dout.to(acc)
+        delta = (dof * out.to(acc)).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+        dq = torch.empty_like(qf)
+        dk = torch.zeros_like(kf)
+        dv = torch.zeros_like(vf)
+        dp = torch.zeros(B, N, dtype=acc, device=q.device)
+        for s in range(0, N, ctx.rows):
+            e = min(N, s + ctx.rows)
+            # Recompute the scores exactly as the forward did (same ops, same dtype), so the saved
+            # row maxima and argmax positions agree.
+            S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale
+            E = (S - row_max[:, :, s:e, None]).exp_()
+            W = _apply_policy(E, pf, s, e)
+            Z = den[:, :, s:e, None]
+            A = (W + c) / Z
+            do = dof[:, :, s:e]
+            dv += A.transpose(-2, -1) @ do
+            dW = ((do @ vf.transpose(-2, -1)) - delta[:, :, s:e]) / Z  # (B, H, r, N)
+            EdW = E * dW
+            # d(policy): column sums over heads and queries, the diagonal (i == j) excluded.
+            diag = torch.arange(s, e, device=q.device)
+            rows_idx = torch.arange(e - s, device=q.device)
+            dp += EdW.sum(dim=(1, 2)) - _diag_add(EdW[..., rows_idx, diag].sum(dim=1), N, s, e)
+            dS = W * dW
+            dm = -dS.sum(dim=-1, keepdim=True)
+            dS.scatter_add_(-1, S.argmax(dim=-1, keepdim=True), dm)
+            dS *= scale
+            dq[:, :, s:e] = dS @ kf
+            dk += dS.transpose(-2, -1) @ qf[:, :, s:e]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dp.to(policy.dtype), None, None
+
+
+def _apply_policy(E: torch.Tensor, pf: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """E * M for query rows s:e: the policy on keys, and 1 on each query's own key."""
+    W = E * pf
+    rows_idx = torch.arange(e - s, device=E.device)
+    cols = torch.arange(s, e, device=E.device)
+    W[..., rows_idx, cols] = E[..., rows_idx, cols]
+    return W
+
+
+def _diag_add(values: torch.Tensor, N: int, s: int, e: int) -> torch.Tensor:
+    """(B, r) values at columns s:e, placed into a zero (B, N) row."""
+    full = values.new_zeros(values.shape[0], N)
+    full[:, s:e] = values
+    return full
+
+
+def policy_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    *,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``policy_attention_ref`` computed over query chunks, with a closed-form backward.
+
+    Same arguments and result as :func:`policy_attention_ref`; ``chunk_size`` query rows are processed
+    at a time (default: about 4 MiB of fp32 scores per temporary). Saves q, k, v, policy, the output
+    and two (B, H, N) fp32 statistics for backward instead of several (B, H, N, N) tensors.
+    """
+    _check(q, k, v, policy)
+    return _ChunkedPolicyAttention.apply(q, k, v, policy, eps, chunk_size)
+
+
+def _tensors(q, k, v, policy, **_):
+    return [q, k, v, policy]
+
+
+def _reference_reasons(explicit, q, k, v, policy, **_):
+    return []
+
+
+dispatch.register("policy_attention", dispatch.triton_backend("policy_attention", "policy_attention", _tensors))
+dispatch.register(
+    "policy_attention", dispatch.Backend("chunked", lambda q, k, v, policy, eps: policy_attention_chunked(
+        q, k, v, policy, eps=eps))
+)
+dispatch.register(
+    "policy_attention",
+    dispatch.Backend("reference", lambda q, k, v, policy, eps: policy_attention_ref(q, k, v, policy, eps=eps)),
+)
+
+
+def policy_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    *,
+    eps: float = DEFAULT_EPS,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Masked attention with a per-key keep policy (see the module docstring for the formula).
+
+    Args:
+        q, k: (B, H, N, D) float.
+        v: (B, H, N, Dv) float.
+        policy: (B, N) float in [0, 1]; differentiable.
+        eps: attention smoothing, 1e-6 in the release.
+        backend: None (automatic: "triton" for CUDA tensors, else "chunked"), "triton", "chunked" or
+            "reference" (the direct formulation).
+
+    Returns:
+        (B, H, N, Dv) in q's dtype. Differentiable in q, k, v and policy.
+    """
+    _check(q, k, v, policy)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"policy_attention: eps must be a finite number >= 0, got {eps}")
+    return dispatch.call("policy_attention", backend, q, k, v, policy, eps=eps)

@@ -1,0 +1,56 @@
+"""Multi-level aggregation of STPrivacy's score predictor: local, per-slot and per-video features."""
+
+from __future__ import annotations
+
+import torch
+
+from stpcore.ops import dispatch
+
+
+def predictor_pool_ref(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Concatenate each token's own features with masked means of its slot and of its video.
+
+    Channels are split in thirds: the first third stays per token (local), the second is replaced by
+    the keep-weighted mean over the token's temporal slot (frame), the last by the keep-weighted mean
+    over the whole video (video). A slot or video with nothing kept pools to zeros.
+
+    Args:
+        x: (B, N, C) float, C divisible by 3, N = num_slots * tokens per slot (slot-major).
+        keep: (B, N) float in [0, 1], the previous cumulative decision; differentiable.
+        num_slots: temporal slots.
+
+    Returns:
+        (B, N, C), differentiable in x and keep.
+    """
+    B, N, C = x.shape
+    third = C // 3
+    w = keep.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+    local = x[..., :third]
+    frame = (x[..., third : 2 * third] * w).reshape(B, num_slots, N // num_slots, third)
+    frame_w = w.reshape(B, num_slots, N // num_slots, 1)
+    frame = frame.sum(dim=2, keepdim=True) / frame_w.sum(dim=2, keepdim=True).clamp_min(1e-6)  # (B, S, 1, C/3)
+    frame = frame.expand(B, num_slots, N // num_slots, third).reshape(B, N, third)
+    video = (x[..., 2 * third :] * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    return torch.cat([local, frame, video.expand(B, N, C - 2 * third)], dim=-1)
+
+
+def _check(x, keep, num_slots):
+    if x.dim() != 3 or keep.shape != x.shape[:2]:
+        raise ValueError(f"predictor_pool: expected x (B, N, C) and keep (B, N); got {tuple(x.shape)}, "
+                         f"{tuple(keep.shape)}")
+    if x.shape[-1] % 3:
+        raise ValueError(f"predictor_pool: channels C={x.shape[-1]} must be divisible by 3")
+    if num_slots < 1 or x.shape[1] % num_slots:
+        raise ValueError(f"predictor_pool: N={x.shape[1]} must be a positive multiple of num_slots={num_slots}")
+
+
+dispatch.register(
+    "predictor_pool", dispatch.triton_backend("predictor_pool", "predictor_pool", lambda x, keep, *a, **k: [x, keep])
+)
+dispatch.register("predictor_pool", dispatch.Backend("reference", predictor_pool_ref))
+
+
+def predictor_pool(x: torch.Tensor, keep: torch.Tensor, num_slots: int, *, backend: str | None = None) -> torch.Tensor:
+    """See :func:`predictor_pool_ref`."""
+    _check(x, keep, num_slots)
+    return dispatch.call("predictor_pool", backend, x, keep, num_slots)

@@ -1,0 +1,92 @@
+"""Helpers for comparing kernels with their references: one tolerance table, informative failures.
+
+The rule (flash-attention's): a kernel's error against the fp32 reference may be at most about twice
+the error of the PyTorch reference run in the same low precision, plus a small absolute floor. Where
+no low-precision reference run is at hand, the table below gives absolute/relative tolerances per op
+and dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (op, dtype) -> (atol, rtol), against the fp32 (or fp64) reference. Ops not listed use "default".
+TOLERANCES: dict[tuple[str, torch.dtype], tuple[float, float]] = {
+    ("default", torch.float64): (1e-10, 1e-8),
+    ("default", torch.float32): (2e-5, 1e-4),
+    ("default", torch.float16): (2e-3, 1e-2),
+    ("default", torch.bfloat16): (1.6e-2, 2e-2),
+    # Attention outputs and gradients sum over N keys; gradients sum over N queries and H heads.
+    ("policy_attention", torch.float32): (1e-4, 1e-3),
+    ("policy_attention", torch.float16): (5e-3, 2e-2),
+    ("policy_attention", torch.bfloat16): (3e-2, 5e-2),
+    ("varlen_attention", torch.float32): (1e-4, 1e-3),
+    ("varlen_attention", torch.float16): (5e-3, 2e-2),
+    ("varlen_attention", torch.bfloat16): (3e-2, 5e-2),
+    ("predictor_pool", torch.float32): (1e-5, 1e-4),
+    ("predictor_pool", torch.float16): (3e-3, 1e-2),
+    ("predictor_pool", torch.bfloat16): (2e-2, 2e-2),
+    # Token moves are exact.
+    ("gather_tokens", torch.float32): (0.0, 0.0),
+    ("scatter_tokens", torch.float32): (0.0, 0.0),
+    ("gather_tokens", torch.float16): (0.0, 0.0),
+    ("scatter_tokens", torch.float16): (0.0, 0.0),
+    ("gather_tokens", torch.bfloat16): (0.0, 0.0),
+    ("scatter_tokens", torch.bfloat16): (0.0, 0.0),
+}
+
+# A kernel may be this many times worse than the same-precision PyTorch reference (plus the floor).
+LOWP_FACTOR = 2.0
+
+
+def tolerance(op: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for ``op`` at ``dtype``."""
+    return TOLERANCES.get((op, dtype), TOLERANCES[("default", dtype)])
+
+
+def error_report(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    a, e = actual.detach().double(), expected.detach().double()
+    diff = (a - e).abs()
+    rel_rms = (diff.pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    return (
+        f"max abs err {diff.max().item():.3e}, mean abs err {diff.mean().item():.3e}, relative RMS {rel_rms:.3e}, "
+        f"max |expected| {e.abs().max().item():.3e}"
+    )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, op: str, dtype: torch.dtype | None = None,
+                 name: str = "output", lowp_reference: torch.Tensor | None = None) -> None:
+    """Assert ``actual`` (a kernel result) matches ``expected`` (the fp32 reference).
+
+    Args:
+        actual: kernel result, any float dtype.
+        expected: reference result in fp32 (or fp64).
+        op: key of the tolerance table.
+        dtype: the precision the kernel ran in (default: actual.dtype).
+        name: what is compared ("out", "dq", ...), for the message.
+        lowp_reference: the PyTorch reference run in ``dtype``; when given, the kernel's max error may be
+            at most LOWP_FACTOR times that reference's max error plus the table's atol.
+    """
+    dtype = dtype or actual.dtype
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{op} {name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    atol, rtol = tolerance(op, dtype)
+    a, e = actual.detach().double(), expected.detach().double()
+    if not torch.isfinite(a).all() and torch.isfinite(e).all():
+        raise AssertionError(f"{op} {name} ({dtype}): non-finite values where the reference is finite")
+    err = (a - e).abs()
+    if lowp_reference is not None:
+        ref_err = (lowp_reference.detach().double() - e).abs().max().item()
+        bound = LOWP_FACTOR * ref_err + atol
+        if err.numel() and err.max().item() > bound:
+            raise AssertionError(
+                f"{op} {name} ({dtype}): {error_report(a, e)}; allowed {bound:.3e} = {LOWP_FACTOR} x the "
+                f"{dtype} reference's {ref_err:.3e} + {atol:.1e}"
+            )
+        return
+    bad = err > atol + rtol * e.abs()
+    if bad.any():
+        raise AssertionError(
+            f"{op} {name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements outside atol={atol:.1e}, "
+            f"rtol={rtol:.1e}; {error_report(a, e)}"
+        )
