@@ -57,7 +57,11 @@ def varlen_attention_gather_ref(q, k, v, indices, cu_seqlens, max_seqlen, *, sca
 
 
 def _xformers_reasons(explicit, q, k, v, cu_seqlens, max_seqlen, **_):
-    if importlib.util.find_spec("xformers") is None:
+    try:
+        found = importlib.util.find_spec("xformers") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         return ["xformers is not installed (pip install stpcore[xformers])"]
     if q.device.type != "cuda":
         return [f"xformers needs CUDA tensors, got {q.device.type}"]

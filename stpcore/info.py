@@ -1,0 +1,96 @@
+"""What this installation can run: versions, devices, and each op's backends with their reasons."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from stpcore import __version__, ops
+
+OPTIONAL = {
+    "triton": "triton",
+    "av (PyAV)": "av",
+    "nvidia-dali": "nvidia-dali-cuda130",
+    "xformers": "xformers",
+    "scikit-learn": "scikit-learn",
+}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def example_inputs(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[tuple, dict]:
+    """Small valid (args, kwargs) for ``op`` on ``device``: what ``stpcore info`` asks each backend about."""
+    B, H, N, D, C, S = 2, 6, 392, 64, 384, 8
+
+    def t(*shape):
+        return torch.zeros(*shape, device=device, dtype=dtype)
+
+    idx = torch.zeros(B, 272, dtype=torch.int64, device=device)
+    cu = torch.tensor([0, 200, 400], dtype=torch.int32, device=device)
+    table = {
+        "policy_attention": ((t(B, H, N, D), t(B, H, N, D), t(B, H, N, D), t(B, N)), {"eps": 1e-6}),
+        "gumbel_select": ((t(B, N, 2), t(B, N)), {"tau": 1.0, "hard": True, "noise": None, "generator": None}),
+        "slot_topk": ((t(B, N), S, 34), {}),
+        "gather_tokens": ((t(B, N, C), idx), {}),
+        "scatter_tokens": ((t(B, 272, C), idx, N), {}),
+        "slot_topk_gather": ((t(B, N), t(B, N, C), S, 34), {}),
+        "predictor_pool": ((t(B, N, C), t(B, N), S), {}),
+        "varlen_attention": ((t(400, H, D), t(400, H, D), t(400, H, D), cu, 200), {"scale": None}),
+        "varlen_attention_gather": (
+            (t(B * N, H, D), t(B * N, H, D), t(B * N, H, D), torch.zeros(400, dtype=torch.int64, device=device), cu,
+             200),
+            {"scale": None},
+        ),
+    }
+    return table[op]
+
+
+def devices() -> list[torch.device]:
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found.append(torch.device("cuda"))
+    return found
+
+
+def backend_table(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, list[tuple[str, list[str]]]]:
+    """{op: [(backend, reasons it is not picked automatically), ...]} for example inputs on ``device``."""
+    table = {}
+    for op in ops.dispatch.ops():
+        args, kwargs = example_inputs(op, device, dtype)
+        table[op] = list(ops.dispatch.explain(op, *args, **kwargs).items())
+    return table
+
+
+def report() -> str:
+    lines = [f"stpcore {__version__}"]
+    lines.append(
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {_version('numpy')}, "
+        f"einops {_version('einops')}"
+    )
+    lines.append(
+        "optional: " + ", ".join(f"{name} {_version(dist) or 'not installed'}" for name, dist in OPTIONAL.items())
+    )
+    cpu = f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"devices: {cpu}; cuda: {gpus} (CUDA {torch.version.cuda})")
+    else:
+        lines.append(f"devices: {cpu}; cuda: not available")
+    err = ops.dispatch.triton_import_error()
+    lines.append("triton kernels: " + ("importable" if err is None else err))
+    for device in devices():
+        lines.append("")
+        lines.append(f"backends for float32 tensors on {device.type} (first usable one is chosen):")
+        for op, entries in backend_table(device).items():
+            chosen = next((name for name, reasons in entries if not reasons), None)
+            lines.append(f"  {op}: {chosen}")
+            for name, reasons in entries:
+                lines.append(f"    {name:<10} " + ("can run" if not reasons else "no: " + "; ".join(reasons)))
+    return "\n".join(lines)

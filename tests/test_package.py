@@ -1,0 +1,71 @@
+"""Packaging: import without optional dependencies, the CLI entry points, the package layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import stpcore
+from stpcore.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCKER = textwrap.dedent(
+    """
+    import sys
+    BLOCKED = ("triton", "nvidia", "av", "xformers")
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} blocked for this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_import_works_without_triton_dali_or_pyav():
+    code = BLOCKER + textwrap.dedent(
+        """
+        import torch
+        import stpcore, stpcore.ops, stpcore.models, stpcore.data
+        from stpcore import ops
+        from stpcore.cli import main
+        q = torch.randn(1, 2, 5, 4)
+        out = ops.policy_attention(q, q, q, torch.ones(1, 5))
+        assert out.shape == q.shape
+        reasons = ops.dispatch.explain("policy_attention", q, q, q, torch.ones(1, 5), eps=1e-6)["triton"]
+        assert any("not importable" in r for r in reasons), reasons
+        assert main(["info"]) == 0
+        assert "triton" not in sys.modules and "av" not in sys.modules and "nvidia" not in sys.modules
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "triton is not importable" in result.stdout
+
+
+def test_python_dash_m_and_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"stpcore {stpcore.__version__}" in out
+    assert "policy_attention:" in out and "varlen_attention:" in out
+    result = subprocess.run([sys.executable, "-m", "stpcore", "info"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "backends for float32 tensors on cpu" in result.stdout
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().out
+
+
+def test_kernels_installed_as_stpcore_kernels():
+    import stpcore.kernels
+
+    assert Path(stpcore.kernels.__file__).resolve().parent == ROOT / "kernels"
+    setup = (ROOT / "setup.py").read_text()
+    assert '"stpcore.kernels": "kernels"' in setup
