@@ -1,0 +1,105 @@
+"""Whole-model throughput: STPrivacy inference and a training step, per backend.
+
+    .venv/bin/python -m pytest benchmarks/bench_model.py --benchmark-only
+
+Providers: ``reference`` forces every op to its direct PyTorch reference (STPCORE_BACKEND=reference);
+``auto`` lets dispatch choose (the chunked policy attention on CPU, the Triton kernels on a GPU).
+extra_info: clips/s from the mean time, and the peak memory of one call (see benchmarks/memory.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.memory import cpu_peak_mib, cuda_peak_mib
+from stpcore.models import STPrivacy, STPrivacyConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROVIDERS = ["reference", "auto"]
+
+
+def _set_backend(provider: str) -> None:
+    if provider == "reference":
+        os.environ["STPCORE_BACKEND"] = "reference"
+    else:
+        os.environ.pop("STPCORE_BACKEND", None)
+
+
+def build_inference(preset: str = "vit_small", batch: int = 8, provider: str = "auto", device: str = DEVICE):
+    """A callable running one no-grad eval forward (the paper's keep ratio) on a random clip batch."""
+    _set_backend(provider)
+    torch.manual_seed(0)
+    cfg = STPrivacyConfig.from_name(preset)
+    model = STPrivacy(cfg).to(device).eval()
+    video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=device)
+
+    def step():
+        with torch.no_grad():
+            return model(video).video
+
+    return step
+
+
+def build_train_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE):
+    """A callable running one phase-1 style training step: forward (Gumbel path), loss, backward, AdamW."""
+    _set_backend(provider)
+    torch.manual_seed(0)
+    cfg = STPrivacyConfig.from_name(preset)
+    model = STPrivacy(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=device)
+    labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    targets = torch.tensor([cfg.keep_ratio ** (s + 1) for s in range(cfg.num_stages)], device=device)
+
+    def step():
+        out = model(video)
+        kept = torch.stack([d.mean(dim=1) for d in out.decisions], dim=1)  # (B, stages)
+        loss = F.cross_entropy(out.action_logits, labels) + (kept - targets).pow(2).mean() + out.video.mean() * 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def _record(benchmark, batch: int, peak_mib: float | None) -> None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.mean:
+        benchmark.extra_info["clips_per_s"] = round(batch / stats.stats.mean, 2)
+    if peak_mib is not None:
+        benchmark.extra_info["peak_mib"] = round(peak_mib, 1)
+    benchmark.extra_info["device"] = DEVICE
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+
+
+def _peak(builder: str, **kwargs) -> float:
+    if DEVICE == "cuda":
+        return cuda_peak_mib(globals()[builder](**kwargs))
+    return cpu_peak_mib("benchmarks.bench_model", builder, **kwargs)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_inference_vit_small_b8(benchmark, provider, request):
+    benchmark.group = "stprivacy inference vit_small B=8 16x112x112"
+    step = build_inference(batch=8, provider=provider)
+    step()  # warm-up
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    disabled = request.config.getoption("benchmark_disable")
+    _record(benchmark, 8, None if disabled else _peak("build_inference", batch=8, provider=provider))
+    _set_backend("auto")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_train_step_vit_small_b4(benchmark, provider, request):
+    benchmark.group = "stprivacy training step vit_small B=4 16x112x112"
+    step = build_train_step(batch=4, provider=provider)
+    step()  # warm-up (optimizer state allocated)
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    disabled = request.config.getoption("benchmark_disable")
+    _record(benchmark, 4, None if disabled else _peak("build_train_step", batch=4, provider=provider))
+    _set_backend("auto")

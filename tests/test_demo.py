@@ -1,0 +1,73 @@
+"""The demo and the media writers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from stpcore import media
+from stpcore.cli import main
+
+
+def _decode(path):
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_demo_writes_outputs_and_says_untrained(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "UNTRAINED" in printed and str(tmp_path.resolve()) in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["weights"].startswith("untrained")
+    frames = _decode(tmp_path / "anonymized.mp4")
+    assert frames.shape == (8, 32, 32, 3)
+    assert (tmp_path / "keep_mask.png").stat().st_size > 0
+    assert _decode(tmp_path / "side_by_side.mp4").shape[2] == 32 * 2 + 4
+
+
+def test_write_video_round_trip_and_atomic(tmp_path):
+    frames = np.zeros((6, 34, 50, 3), dtype=np.uint8)
+    frames[:, 10:20, 10:30] = 200
+    path = media.write_video(tmp_path / "a.mp4", frames, fps=10)
+    decoded = _decode(path)
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(int) - frames).mean() < 3
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"]  # no temporary left behind
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with media.atomic_path(tmp_path / "x.txt") as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_video_rejects_bad_frames(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        media.write_video(tmp_path / "a.mp4", np.zeros((2, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="codec"):
+        media.write_video(tmp_path / "a.mp4", np.zeros((2, 8, 8, 3), dtype=np.uint8), codec="divx")
+
+
+def test_to_uint8_inverts_normalisation():
+    pixels = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8)
+    x = pixels.float().div(255).permute(3, 0, 1, 2)
+    mean = torch.tensor(media.IMAGENET_MEAN).reshape(3, 1, 1, 1)
+    std = torch.tensor(media.IMAGENET_STD).reshape(3, 1, 1, 1)
+    assert np.array_equal(media.to_uint8((x - mean) / std), pixels.numpy())
+
+
+def test_keep_mask_figure_darkens_dropped_tubelets():
+    frames = np.full((4, 8, 8, 3), 200, dtype=np.uint8)
+    keep = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1], dtype=torch.float32)  # 2 slots x (2 x 2)
+    fig = media.keep_mask_figure(frames, keep, grid=(2, 2, 2), tubelet=(2, 4, 4), gap=2)
+    assert fig.shape == (8, 8 * 2 + 2, 3)
+    assert (fig[:4, :4] == 200).all() and (fig[:4, 4:8, 1] < 100).all()
