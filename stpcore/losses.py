@@ -1,0 +1,56 @@
+"""STPrivacy's losses (spec: Losses and schedule).
+
+[G] choices, each a parameter here and a field of the training config:
+- the sparsity target of stage m is keep_ratio ** m (cumulative); the kept fraction is measured per
+  video and per temporal slot, squared against the target, then averaged over videos, slots and stages
+  (DynamicViT's ratio loss, per slot as the paper says);
+- the privacy loss is the mean binary cross-entropy over the 5 attributes and the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sparsity_loss(decisions: list[torch.Tensor], keep_ratio: float, num_slots: int) -> torch.Tensor:
+    """Mean over stages m and slots l of (kept fraction of slot l after stage m - keep_ratio ** m) ** 2.
+
+    Args:
+        decisions: one (B, N) cumulative keep mask per stage (differentiable, straight-through), N slot-major.
+        keep_ratio: alpha per stage (0.7).
+        num_slots: temporal slots (8).
+
+    Returns:
+        scalar.
+    """
+    if not decisions:
+        raise ValueError("sparsity_loss: decisions is empty; the model has no sparsification stage")
+    losses = []
+    for m, keep in enumerate(decisions, start=1):
+        B, N = keep.shape
+        frac = keep.reshape(B, num_slots, N // num_slots).float().mean(dim=-1)  # (B, S)
+        losses.append((frac - keep_ratio**m).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
+def action_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, C) logits against (B,) int64 labels."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def privacy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of (B, 5) logits against (B, 5) 0/1 labels (sigmoid inside, fp32)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def anonymizer_loss(
+    sparsity: torch.Tensor,
+    action: torch.Tensor,
+    privacy: torch.Tensor,
+    *,
+    action_weight: float = 0.5,
+    privacy_weight: float = 0.5,
+) -> torch.Tensor:
+    """Phase 2, STPrivacy's side: sparsity + w_a CE(action) - w_p BCE(privacy) (the paper's 0.5 / 0.5)."""
+    return sparsity + action_weight * action - privacy_weight * privacy
