@@ -1,0 +1,175 @@
+"""Loading the authors' released weights and inflating an ImageNet 2D ViT into the video backbone.
+
+Files are read with ``torch.load(..., weights_only=True)``: a checkpoint is data, and unpickling
+arbitrary objects could run code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stpcore.models.config import BackboneConfig
+
+# Wrappers training scripts put around a state dict, unwrapped in this order.
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+# Parameters the inflated 2D ViT provides; everything else (predictors, heads) starts fresh.
+_BACKBONE_PREFIXES = ("patch_embed.", "pos_embed", "blocks.")
+
+
+class LoadReport(NamedTuple):
+    """Keys of the model absent from the state dict (missing) and keys the model does not have (unexpected)."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+
+def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
+    """The plain {name: tensor} dict inside a checkpoint.
+
+    Unwraps {"model": ...} / {"state_dict": ...} / {"module": ...} and strips a leading "module."
+    (DataParallel / DistributedDataParallel) from every key.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"state_dict must be a mapping of names to tensors, got {type(obj).__name__}")
+    while True:
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state_dict: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+def _key_list(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_official_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True) -> LoadReport:
+    """Load a state dict written by the authors' release (same module names) into ``model``.
+
+    Args:
+        model: an :class:`~stpcore.models.STPrivacy` or :class:`~stpcore.models.VideoRecognizer`.
+        state_dict: {name: tensor}, possibly wrapped (see :func:`unwrap_state_dict`).
+        strict: raise when keys are missing or unexpected; otherwise load the common keys and report.
+
+    Returns:
+        LoadReport(missing, unexpected), sorted key lists.
+
+    Raises:
+        ValueError: a shape differs (always), or keys are missing / unexpected (strict); the message
+        lists the keys.
+    """
+    sd = unwrap_state_dict(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"state_dict: {len(mismatched)} shape mismatch(es) (is the config right?): "
+                         f"{_key_list(mismatched)}")
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"state_dict does not match the model: {len(missing)} missing key(s) [{_key_list(missing)}], "
+            f"{len(unexpected)} unexpected key(s) [{_key_list(unexpected)}]; pass strict=False to load the rest"
+        )
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return LoadReport(missing, unexpected)
+
+
+def inflate_2d_vit(state_dict_2d: Mapping, cfg: BackboneConfig) -> dict[str, torch.Tensor]:
+    """Convert an ImageNet 2D ViT (DeiT / timm layout) into the video backbone's parameters.
+
+    - ``patch_embed.proj.weight`` (D, 3, ph, pw) -> (D, 3, pt, ph, pw): repeated over the pt frames and
+      divided by pt, so a temporally constant clip embeds as the 2D image would; the bias is copied.
+    - ``pos_embed`` (1, P + g*g, D), P = 1 with a CLS token (2 with DeiT's distillation token): the
+      prefix entries are dropped, the g x g grid resized to the tubelet grid (bicubic, as timm resizes
+      position embeddings) and repeated over the temporal slots (t-major).
+    - ``blocks.*`` copied unchanged; the block count must equal cfg.depth.
+    - ``cls_token``, ``dist_token``, ``norm.*``, ``fc_norm.*``, ``head*`` and any other key are dropped.
+
+    Args:
+        state_dict_2d: the 2D model's {name: tensor} (wrappers and "module." are removed).
+        cfg: the video model's config (embed_dim, depth, tubelet, grid).
+
+    Returns:
+        {name: tensor} with keys ``patch_embed.proj.weight``, ``patch_embed.proj.bias`` (if present),
+        ``pos_embed`` (1, N, D) and ``blocks.*``, in the 2D weights' dtype.
+    """
+    sd = unwrap_state_dict(state_dict_2d)
+    for key in ("patch_embed.proj.weight", "pos_embed"):
+        if key not in sd:
+            raise ValueError(f"state_dict_2d: no {key!r}; is this a DeiT/timm ViT state dict?")
+    D = cfg.embed_dim
+    pt, ph, pw = cfg.tubelet
+    w2d = sd["patch_embed.proj.weight"]
+    if w2d.dim() != 4 or w2d.shape[0] != D or tuple(w2d.shape[2:]) != (ph, pw):
+        raise ValueError(f"state_dict_2d: patch_embed.proj.weight must be (D, C, ph, pw) = ({D}, C, {ph}, {pw}) for "
+                         f"this config, got {tuple(w2d.shape)}")
+    out: dict[str, torch.Tensor] = {}
+    out["patch_embed.proj.weight"] = w2d.unsqueeze(2).repeat(1, 1, pt, 1, 1) / pt  # (D, C, pt, ph, pw)
+    if "patch_embed.proj.bias" in sd:
+        out["patch_embed.proj.bias"] = sd["patch_embed.proj.bias"].clone()
+
+    pos = sd["pos_embed"]
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != D:
+        raise ValueError(f"state_dict_2d: pos_embed must be (1, L, {D}), got {tuple(pos.shape)}")
+    prefix = int("cls_token" in sd) + int("dist_token" in sd)
+    if prefix == 0 and math.isqrt(pos.shape[1]) ** 2 != pos.shape[1]:
+        prefix = 1  # a CLS entry without a stored cls_token (some exports drop it)
+    g = math.isqrt(pos.shape[1] - prefix)
+    if g * g != pos.shape[1] - prefix:
+        raise ValueError(f"state_dict_2d: pos_embed has {pos.shape[1]} entries; after {prefix} prefix token(s) they "
+                         f"do not form a square grid")
+    _, h, w = cfg.grid
+    grid = pos[:, prefix:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    if (g, g) != (h, w):
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, D)  # (1, h*w, D), row-major like the tokens
+    out["pos_embed"] = grid.repeat(1, cfg.num_slots, 1)  # (1, N, D): slot-major copies
+
+    blocks = {k: v for k, v in sd.items() if k.startswith("blocks.")}
+    found = sorted({int(k.split(".")[1]) for k in blocks})
+    if found != list(range(cfg.depth)):
+        raise ValueError(f"state_dict_2d: blocks {found[:3]}...{found[-3:]} ({len(found)}) do not match "
+                         f"depth={cfg.depth}")
+    out.update({k: v.clone() for k, v in blocks.items()})
+    return out
+
+
+def load_inflated_2d_vit(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Initialise ``model``'s backbone from a 2D ViT checkpoint file (see :func:`inflate_2d_vit`).
+
+    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``. Every backbone
+    parameter (patch_embed, pos_embed, blocks) must be provided; the heads and score predictors keep
+    their initialisation and are listed in the report's ``missing``.
+
+    Args:
+        model: an STPrivacy or VideoRecognizer (anything with ``cfg`` and the release's module names).
+        path: a .pth/.pt file holding the 2D ViT's state dict (optionally wrapped).
+
+    Returns:
+        LoadReport(missing, unexpected) with unexpected empty.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    inflated = inflate_2d_vit(obj, model.cfg)
+    # Check before loading anything, so a failed load leaves the model untouched.
+    own = model.state_dict()
+    absent = sorted(k for k in own if k.startswith(_BACKBONE_PREFIXES) and k not in inflated)
+    unexpected = sorted(set(inflated) - set(own))
+    if absent or unexpected:
+        raise ValueError(f"{os.fspath(path)}: the inflated ViT does not fit the backbone: missing "
+                         f"[{_key_list(absent)}], unexpected [{_key_list(unexpected)}]")
+    return load_official_state_dict(model, inflated, strict=False)
