@@ -90,3 +90,41 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, op: str, dtype
             f"{op} {name} ({dtype}): {int(bad.sum())} of {bad.numel()} elements outside atol={atol:.1e}, "
             f"rtol={rtol:.1e}; {error_report(a, e)}"
         )
+
+
+class RandomClipLoader:
+    """An in-memory stand-in for a clip loader (tests and benchmarks): random clips, deterministic per epoch.
+
+    Yields ``types.SimpleNamespace`` batches with the fields of :class:`stpcore.data.Batch` that training
+    reads: clips (B, 3, T, S, S), actions (B,), privacy (B, 5), has_privacy (B,). The action is written
+    into the clip (a bright band whose row depends on the class) so that a model can learn it.
+    """
+
+    def __init__(self, num_batches: int, batch_size: int, num_frames: int, size: int, num_classes: int = 3,
+                 seed: int = 0) -> None:
+        self.num_batches, self.batch_size = num_batches, batch_size
+        self.num_frames, self.size, self.seed = num_frames, size, seed
+        self.classes = [f"class{i}" for i in range(num_classes)]
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from types import SimpleNamespace
+
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        B, C = self.batch_size, len(self.classes)
+        for _ in range(self.num_batches):
+            actions = torch.randint(0, C, (B,), generator=g)
+            clips = torch.randn(B, 3, self.num_frames, self.size, self.size, generator=g) * 0.5
+            band = self.size // C
+            for i, a in enumerate(actions.tolist()):
+                clips[i, :, :, a * band : (a + 1) * band] += 2.0
+            yield SimpleNamespace(
+                clips=clips, actions=actions, privacy=torch.randint(0, 2, (B, 5), generator=g).float(),
+                has_privacy=torch.ones(B, dtype=torch.bool),
+            )

@@ -1,0 +1,139 @@
+"""Training: schedule, optimizer groups, phases 1-2, exact resume, NaN guard, signals, exported model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.testing import RandomClipLoader
+from stpcore.train import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainingInterrupted,
+    load_anonymizer,
+    lr_factor,
+    param_groups,
+)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(data_root="unused", out_dir=str(tmp_path / "run"), preset="tiny", batch_size=4, phase1_epochs=2,
+                phase2_epochs=1, progress=False, checkpoint_every=0, base_lr=0.2, warmup_epochs=0.5,
+                deterministic=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _loader():
+    return RandomClipLoader(num_batches=3, batch_size=4, num_frames=8, size=32)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, 0.01) == pytest.approx(0.01)
+
+
+def test_no_weight_decay_on_norms_biases_and_pos_embed():
+    model = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "pos_embed" in no_decay_names and "blocks.0.norm1.weight" in no_decay_names
+    assert "blocks.0.attn.qkv.bias" in no_decay_names and no_decay["weight_decay"] == 0.0
+
+
+def test_phases_run_log_and_export(tmp_path):
+    trainer = Trainer(_cfg(tmp_path), _loader())
+    history = trainer.fit()
+    assert len(history["phase1"]) == 6 and len(history["phase2"]) == 3
+    for rec in history["phase2"]:
+        assert all(math.isfinite(rec[k]) for k in ("loss", "sparsity", "ce_action", "bce_privacy", "rec_ce_action"))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in lines} == {"phase1", "phase2"}
+    model = load_anonymizer(tmp_path / "run" / "stprivacy.pt")
+    clip = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        expected = trainer.anonymizer.eval()(clip).video
+        assert torch.equal(model(clip).video, expected)
+
+
+def test_phase1_loss_falls(tmp_path):
+    cfg = _cfg(tmp_path, phase1_epochs=6, phase2_epochs=0, base_lr=0.5)
+    history = Trainer(cfg, RandomClipLoader(num_batches=4, batch_size=8, num_frames=8, size=32)).fit()
+    ce = [r["ce_action"] for r in history["phase1"]]
+    assert sum(ce[-4:]) / 4 < 0.7 * sum(ce[:4]) / 4, ce
+
+
+class _StopAfter:
+    """Wraps a loader; asks the trainer to stop (as SIGTERM would) after `n` batches in total."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n, self.trainer, self.seen = loader, n, None, 0
+        self.classes = loader.classes
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, e):
+        self.loader.set_epoch(e)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen += 1
+            if self.seen == self.n:
+                self.trainer._stop_signal = 15
+            yield batch
+
+
+@pytest.mark.parametrize("stop_after", [2, 7], ids=["mid-phase1-epoch", "mid-phase2"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, stop_after):
+    full = Trainer(_cfg(tmp_path / "a"), _loader()).fit()
+    losses = [r["loss"] for p in ("phase1", "phase2") for r in full[p]]
+
+    wrapped = _StopAfter(_loader(), stop_after)
+    first = Trainer(_cfg(tmp_path / "b"), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        first.fit()
+    done = [r["loss"] for p in ("phase1", "phase2") for r in first.history[p]]
+    second = Trainer(_cfg(tmp_path / "b"), _loader()).fit(resume=tmp_path / "b" / "run" / "last.pt")
+    rest = [r["loss"] for p in ("phase1", "phase2") for r in second[p]]
+    assert done + rest == losses
+
+
+def test_nan_guard_stops_with_checkpoint(tmp_path):
+    class NaNLoader(RandomClipLoader):
+        def __iter__(self):
+            for i, b in enumerate(super().__iter__()):
+                if i == 1:
+                    b.clips[0, 0, 0, 0, 0] = float("nan")
+                yield b
+
+    trainer = Trainer(_cfg(tmp_path), NaNLoader(3, 4, 8, 32))
+    with pytest.raises((TrainingDiverged, ValueError), match="NaN"):
+        trainer.fit()
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data_root": "d", "out_dir": "o", "batch_size": 8, "preset": "tiny"}))
+    cfg = TrainConfig.from_file(path, batch_size=2, seed=None)
+    assert cfg.batch_size == 2 and cfg.preset == "tiny" and cfg.seed == 0
+    path.write_text(json.dumps({"data_root": "d", "out_dir": "o", "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        TrainConfig.from_file(path)
+
+
+def test_load_anonymizer_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not an stpcore"):
+        load_anonymizer(tmp_path / "x.pt")
