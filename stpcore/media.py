@@ -60,8 +60,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, 
 
     Odd frame sizes are padded by one pixel of black (4:2:0 needs even sizes).
     """
-    import av  # optional dependency (stpcore[video])
     from fractions import Fraction
+
+    import av  # optional dependency (stpcore[video])
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"write_video: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")

@@ -20,7 +20,7 @@ def check_clip(video: torch.Tensor, tubelet: tuple[int, int, int], *, name: str 
     if channels is not None and video.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channels (B, C, T, H, W), got C={video.shape[1]} "
                          f"in shape {tuple(video.shape)}")
-    for axis, size, step in zip("THW", video.shape[2:], tubelet):
+    for axis, size, step in zip("THW", video.shape[2:], tubelet, strict=True):
         if size % step:
             raise ValueError(f"{name}: {axis}={size} is not divisible by the tubelet's {step} (tubelet "
                              f"{tubelet}); crop or resize the clip so that it is")

@@ -39,7 +39,7 @@ def varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     bounds = cu_seqlens.tolist()
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     pieces = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e > s:
             pieces.append(
                 F.scaled_dot_product_attention(

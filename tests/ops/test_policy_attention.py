@@ -89,7 +89,7 @@ def test_chunked_equals_direct_values_and_all_gradients(chunk, keep):
     grad = torch.randn_like(out_ref)
     g_ref = torch.autograd.grad(out_ref, a, grad)
     g = torch.autograd.grad(out, b, grad)
-    for name, x, y in zip(("dq", "dk", "dv", "dpolicy"), g, g_ref):
+    for name, x, y in zip(("dq", "dk", "dv", "dpolicy"), g, g_ref, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-11, msg=name)
 
 

@@ -102,7 +102,7 @@ def test_varlen_attention_matches_dense_per_sequence_and_handles_empty():
     q, k, v = (torch.randn(total, H, D) for _ in range(3))
     out = ops.varlen_attention(q, k, v, cu, ops.max_seqlen(cu))
     assert out.shape == (total, H, D)
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         if e > s:
             dense = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
             torch.testing.assert_close(out[s:e], dense)
