@@ -1,0 +1,491 @@
+"""Fused Triton kernels for policy attention (STPrivacy / DynamicViT training-mode attention).
+
+Computes exactly :func:`stpcore.ops.policy_attention.policy_attention_ref` (see that module's docstring
+for the formula and the closed-form backward), FlashAttention-2 style: the (B, H, N, N) score matrix is
+never written to memory.
+
+Forward (one program per (query block, b * H + h)): walk over key blocks with an online softmax in fp32.
+Two differences from plain attention:
+
+- the row max m_i is over ALL keys, kept or not (the release subtracts it before applying the policy),
+  so every key block is visited for the max, and the policy only multiplies the exponentials:
+  W_ij = exp(S_ij - m_i) * (p_j + (1 - p_j) [i == j]);
+- the eps smoothing adds eps / N * sum_j v_j to the numerator and eps to the denominator; sum_j v_j does
+  not depend on the max, so it is accumulated separately from the rescaled accumulator and added at the
+  end: out_i = (sum_j W_ij v_j + eps / N * sum_j v_j) / (Z_i + eps).
+
+Saved for backward: the row max m, den = Z + eps (fp32) and the argmax column (int32), all (B, H, N).
+The argmax routes the tiny dm_i term of the max's gradient, so gradients match the direct formulation.
+
+Backward, deterministic (no atomics), in three launches:
+
+1. preprocess (query-major): Dl_i = dO_i . out_i and dm_i = -(eps Dl_i - eps / N dO_i . sum_j v_j) / den_i;
+2. key-block-major: dk, dv and d(policy) for one key block, looping over all query blocks. d(policy)
+   sums over queries here and over heads afterwards: each program writes its (b, h) partial into a
+   (B, H, N) fp32 buffer that is summed over H in PyTorch. That buffer is B*H*N*4 bytes (300 KiB at the
+   paper's shape), and it keeps the result deterministic, which atomics across heads would not;
+3. query-block-major: dq, looping over all key blocks. Recomputing the scores once more (7 instead of 5
+   N^2 D matmuls per head) buys a deterministic dq without atomics or a (B, H, N, D) fp32 scratch.
+
+All matmuls accumulate in fp32; fp16/bf16 operands go to tl.dot as they are (FlashAttention's rule:
+probabilities and dS are cast to the input dtype before their matmul). fp32 inputs use IEEE fp32 dots
+unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmul does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
+# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------- kernels
+#
+# Each kernel loops over blocks through a @triton.jit tile function. The loop itself comes in two forms,
+# chosen by the INTERPRET constexpr: a `for` over range() on the GPU (so Triton can software-pipeline
+# the loads), and a `while` in the interpreter, whose range() cannot take a runtime bound with numpy >= 2.4
+# (it calls int() on a 1-element array). Only one form is ever compiled.
+
+
+@triton.jit
+def _fwd_tile(
+    q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale,
+    m_i, z_i, arg_i, acc, v_sum,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    col_ok = offs_n < N
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    blk_max = tl.max(s, 1)
+    # First occurrence of the max, as torch.max reports it: only a strictly larger block max moves it.
+    blk_arg = tl.argmax(s, 1).to(tl.int32) + start_n
+    arg_i = tl.where(blk_max > m_i, blk_arg, arg_i)
+    m_new = tl.maximum(m_i, blk_max)
+    alpha = tl.exp(m_i - m_new)  # exp(-inf) = 0 on the first block (every block has a valid column)
+    e = tl.exp(s - m_new[:, None])
+    p = tl.load(p_base + offs_n * stride_pn, mask=col_ok, other=0.0).to(tl.float32)
+    # Every query always sees itself: the mask is 1 on the diagonal whatever the policy says.
+    w = tl.where(offs_m[:, None] == offs_n[None, :], e, e * p[None, :])
+    z_i = z_i * alpha + tl.sum(w, 1)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+    v_sum += tl.sum(v.to(tl.float32), 0)
+    return m_new, z_i, arg_i, acc, v_sum
+
+
+@triton.jit
+def _policy_attn_fwd_kernel(
+    Q, K, V, P, Out, RowMax, Den, ArgMax,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N, scale, eps, eps_over_n,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # Bytes moved per program: its q block once, then all N keys and values (N (D + Dv) elements) and the
+    # N policy values; writes BLOCK_M (Dv + 3) values.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    p_base = P + b * stride_pb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < N
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    z_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    arg_i = tl.zeros([BLOCK_M], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    v_sum = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
+    if INTERPRET:
+        start_n = 0
+        while start_n < N:
+            m_i, z_i, arg_i, acc, v_sum = _fwd_tile(
+                q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                N, scale, m_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, N, BLOCK_N):
+            m_i, z_i, arg_i, acc, v_sum = _fwd_tile(
+                q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
+                N, scale, m_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
+
+    den = z_i + eps
+    out = (acc + eps_over_n * v_sum[None, :]) / den[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    stat = pid_bh.to(tl.int64) * N + offs_m  # (B, H, N) contiguous statistics
+    tl.store(RowMax + stat, m_i, mask=row_ok)
+    tl.store(Den + stat, den, mask=row_ok)
+    tl.store(ArgMax + stat, arg_i, mask=row_ok)
+
+
+@triton.jit
+def _policy_attn_bwd_preprocess_kernel(
+    Out, DO, VSum, Den, Delta, DMax,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N, eps, eps_over_n,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Dl_i = dO_i . out_i, and the max's gradient dm_i = -(eps Dl_i - eps / N dO_i . sum_j v_j) / den_i.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < N
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    v_sum = tl.load(VSum + pid_bh.to(tl.int64) * HEAD_DIM_V + offs_dv)
+    stat = pid_bh.to(tl.int64) * N + offs_m
+    den = tl.load(Den + stat, mask=row_ok, other=1.0)
+    delta = tl.sum(do * o, 1)
+    dmax = -(eps * delta - eps_over_n * tl.sum(do * v_sum[None, :], 1)) / den
+    tl.store(Delta + stat, delta, mask=row_ok)
+    tl.store(DMax + stat, dmax, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(
+    k, v, p, offs_n, start_m, q_base, do_base, RowMax, Den, ArgMax, Delta, DMax, stat_base,
+    stride_qn, stride_qd, stride_don, stride_dod, N, scale, eps_over_n, dk, dv, dp,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < N
+    valid = row_ok[:, None] & (offs_n < N)[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod, mask=row_ok[:, None],
+                 other=0.0)
+    m = tl.load(RowMax + stat_base + offs_m, mask=row_ok, other=0.0)
+    den = tl.load(Den + stat_base + offs_m, mask=row_ok, other=1.0)
+    delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
+    dmax = tl.load(DMax + stat_base + offs_m, mask=row_ok, other=0.0)
+    arg = tl.load(ArgMax + stat_base + offs_m, mask=row_ok, other=-1)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
+    e = tl.where(valid, tl.exp(s - m[:, None]), 0.0)
+    diag = offs_m[:, None] == offs_n[None, :]
+    w = tl.where(diag, e, e * p[None, :])
+    a = tl.where(valid, (w + eps_over_n) / den[:, None], 0.0)  # the attention weights A_ij
+    dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
+    g = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # g_ij = dO_i . v_j
+    dw = (g - delta[:, None]) / den[:, None]
+    dp += tl.sum(tl.where(diag, 0.0, e * dw), 0)  # M_ij does not depend on p_j on the diagonal
+    ds = w * dw + tl.where(offs_n[None, :] == arg[:, None], dmax[:, None], 0.0)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv, dp
+
+
+@triton.jit
+def _policy_attn_bwd_dkdv_kernel(
+    Q, K, V, P, DO, RowMax, Den, ArgMax, Delta, DMax, DK, DV, DP,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N, scale, eps_over_n,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # One key block, all query blocks: reads N (D + Dv) q/dO elements and 5 N statistics per program;
+    # writes dk, dv (contiguous (B, H, N, D/Dv)) and the (b, h) partial of d(policy).
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    stat_base = pid_bh.to(tl.int64) * N
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    col_ok = offs_n < N
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+    p = tl.load(P + b * stride_pb + offs_n * stride_pn, mask=col_ok, other=0.0).to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if INTERPRET:
+        start_m = 0
+        while start_m < N:
+            dk, dv, dp = _dkdv_tile(
+                k, v, p, offs_n, start_m, q_base, do_base, RowMax, Den, ArgMax, Delta, DMax, stat_base,
+                stride_qn, stride_qd, stride_don, stride_dod, N, scale, eps_over_n, dk, dv, dp,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, PRECISION)
+            start_m += BLOCK_M
+    else:
+        for start_m in range(0, N, BLOCK_M):
+            dk, dv, dp = _dkdv_tile(
+                k, v, p, offs_n, start_m, q_base, do_base, RowMax, Den, ArgMax, Delta, DMax, stat_base,
+                stride_qn, stride_qd, stride_don, stride_dod, N, scale, eps_over_n, dk, dv, dp,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, PRECISION)
+
+    dk = dk * scale
+    rows = stat_base + offs_n  # dk, dv are contiguous (B, H, N, D)
+    tl.store(DK + rows[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DP + rows, dp, mask=col_ok)
+
+
+@triton.jit
+def _dq_tile(
+    q, do, m, den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale, dq,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    col_ok = offs_n < N
+    valid = (offs_m < N)[:, None] & col_ok[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+    p = tl.load(p_base + offs_n * stride_pn, mask=col_ok, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    e = tl.where(valid, tl.exp(s - m[:, None]), 0.0)
+    w = tl.where(offs_m[:, None] == offs_n[None, :], e, e * p[None, :])
+    g = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dw = (g - delta[:, None]) / den[:, None]
+    ds = w * dw + tl.where(offs_n[None, :] == arg[:, None], dmax[:, None], 0.0)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _policy_attn_bwd_dq_kernel(
+    Q, K, V, P, DO, RowMax, Den, ArgMax, Delta, DMax, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    H, N, scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # One query block, all key blocks: reads N (D + Dv) k/v elements and N policy values per program.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    p_base = P + b * stride_pb
+    stat_base = pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < N
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    m = tl.load(RowMax + stat_base + offs_m, mask=row_ok, other=0.0)
+    den = tl.load(Den + stat_base + offs_m, mask=row_ok, other=1.0)
+    delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
+    dmax = tl.load(DMax + stat_base + offs_m, mask=row_ok, other=0.0)
+    arg = tl.load(ArgMax + stat_base + offs_m, mask=row_ok, other=-1)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if INTERPRET:
+        start_n = 0
+        while start_n < N:
+            dq = _dq_tile(q, do, m, den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale, dq,
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, N, BLOCK_N):
+            dq = _dq_tile(q, do, m, den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale, dq,
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
+
+    dq = dq * scale
+    rows = stat_base + offs_m  # dq is contiguous (B, H, N, D)
+    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------- host launchers
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs follow torch's own TF32 switch for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this shape.
+
+    The interpreter runs every program in Python, so fewer, larger blocks are faster there. On the GPU,
+    64 x 64 tiles keep q, k, v tiles of D <= 64 (and the fp32 score tile) in registers with 4 warps at
+    the paper's N = 392 (7 blocks, 56 padded rows); D = 128 or fp32 operands halve the key block to stay
+    within registers, and use 2 pipeline stages instead of 3 to bound shared memory. (A heuristic, not
+    tuned on hardware: autotuning cannot run in the interpreter.)
+    """
+    if _INTERPRET or device.type != "cuda":
+        blk = max(16, min(128, triton.next_power_of_2(N)))
+        return blk, blk, 4, 1
+    wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
+    return 64, 32 if wide else 64, 4, 2 if wide else 3
+
+
+def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _policy_attn_fwd(q, k, v, policy, eps: float):
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
+    row_max = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    den = torch.empty_like(row_max)
+    arg_max = torch.empty(B, H, N, dtype=torch.int32, device=q.device)
+    block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device)
+    grid = (triton.cdiv(N, block_m), B * H)
+    _policy_attn_fwd_kernel[grid](
+        q, k, v, policy, out, row_max, den, arg_max,
+        *_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(out),
+        H, N, D**-0.5, eps, eps / N,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages,
+    )
+    return out, row_max, den, arg_max
+
+
+def _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, eps: float):
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device)
+    precision = _precision(q.dtype)
+    v_sum = v.sum(dim=2, dtype=torch.float32).contiguous()  # (B, H, Dv) sum_j v_j, for dm
+    delta = torch.empty_like(row_max)
+    dmax = torch.empty_like(row_max)
+    _policy_attn_bwd_preprocess_kernel[(triton.cdiv(N, block_m), B * H)](
+        out, dout, v_sum, den, delta, dmax, *_strides4(out), *_strides4(dout),
+        H, N, eps, eps / N, HEAD_DIM_V=Dv, BLOCK_M=block_m, num_warps=warps, num_stages=stages,
+    )
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
+    dp_heads = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    common = (*_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(dout))
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, INTERPRET=_INTERPRET,
+                num_warps=warps, num_stages=stages)
+    _policy_attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
+        q, k, v, policy, dout, row_max, den, arg_max, delta, dmax, dk, dv, dp_heads, *common,
+        H, N, D**-0.5, eps / N, **meta,
+    )
+    _policy_attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
+        q, k, v, policy, dout, row_max, den, arg_max, delta, dmax, dq, *common, H, N, D**-0.5, **meta,
+    )
+    dp = dp_heads.sum(dim=1).to(policy.dtype)  # (B, N): the head sum, deterministic
+    return dq, dk, dv, dp
+
+
+# --------------------------------------------------------------------------------------- autograd + entry
+
+
+class _PolicyAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, policy, eps):
+        out, row_max, den, arg_max = _policy_attn_fwd(q, k, v, policy, eps)
+        ctx.save_for_backward(q, k, v, policy, out, row_max, den, arg_max)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, policy, out, row_max, den, arg_max = ctx.saved_tensors
+        dq, dk, dv, dp = _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, ctx.eps)
+        return dq, dk, dv, dp if ctx.needs_input_grad[3] else None, None
+
+
+def not_supported_reasons(q, k, v, policy, *, eps: float = 1e-6, **_) -> list[str]:
+    """Why these inputs cannot run in these kernels (empty list: they can). Device checks are the dispatcher's.
+
+    Args:
+        q, k: (B, H, N, D); v: (B, H, N, Dv); policy: (B, N).
+        eps: the smoothing term.
+    """
+    reasons = []
+    if q.dtype not in DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not policy.is_floating_point():
+        reasons.append(f"policy dtype {policy.dtype} is not floating point")
+    if q.dim() == 4:
+        if q.shape[-1] not in HEAD_DIMS:
+            reasons.append(f"head dim {q.shape[-1]} is not one of {HEAD_DIMS}")
+        if v.dim() == 4 and v.shape[-1] not in HEAD_DIMS:
+            reasons.append(f"value head dim {v.shape[-1]} is not one of {HEAD_DIMS}")
+        if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+            reasons.append(f"B * H = {q.shape[0] * q.shape[1]} exceeds the grid limit {_MAX_GRID_Y}")
+        if q.shape[2] == 0:
+            reasons.append("N = 0 (no tokens)")
+    else:
+        reasons.append(f"q must be (B, H, N, D), got shape {tuple(q.shape)}")
+    if not math.isfinite(eps) or eps < 0:
+        reasons.append(f"eps must be finite and >= 0, got {eps}")
+    return reasons
+
+
+def policy_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, *, eps: float = 1e-6
+) -> torch.Tensor:
+    """Policy attention in fused Triton kernels; same values and gradients as ``policy_attention_ref``.
+
+    Args:
+        q, k: (B, H, N, D) fp16, bf16 or fp32, D in {16, 32, 64, 128}; any strides (e.g. views of a
+            permuted (B, N, 3, H, D) qkv tensor).
+        v: (B, H, N, Dv) same dtype, Dv in {16, 32, 64, 128}.
+        policy: (B, N) float in [0, 1]; differentiable.
+        eps: attention smoothing (1e-6 in the release).
+
+    Returns:
+        (B, H, N, Dv) contiguous, q's dtype. Differentiable in q, k, v and policy; backward saves only
+        the output and three (B, H, N) statistics besides the inputs.
+    """
+    reasons = not_supported_reasons(q, k, v, policy, eps=eps)
+    if reasons:
+        raise NotImplementedError("policy_attention (triton): " + "; ".join(reasons))
+    return _PolicyAttention.apply(q, k, v, policy, float(eps))

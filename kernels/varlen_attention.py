@@ -1,0 +1,505 @@
+"""Triton softmax attention over packed variable-length sequences (the kept tokens of each video).
+
+Layout (flash-attention's varlen convention): q, k, v are (total, H, D) with sequence b in rows
+cu_seqlens[b]:cu_seqlens[b+1] (cu_seqlens int32 (B+1,)); ``max_seqlen`` bounds the longest sequence.
+The grid is (query blocks of max_seqlen, B * H); a program whose block starts past its own sequence's
+end exits at once, and the others loop only over their own sequence's keys, so the work follows
+sum_b L_b^2 rather than B * max_seqlen^2.
+
+``varlen_attention_gather`` runs the same kernels but reads q, k, v rows through ``indices`` (total,)
+from (rows, H, D) tensors, so the packed copy is never written. Its backward adds dq, dk, dv into
+zero-initialised fp32 (rows, H, D) buffers with atomic adds: with distinct indices (kept tokens) every
+address receives exactly one add, so the result is deterministic; repeated indices accumulate, as
+autograd through ``q[indices]`` does (in a nondeterministic order).
+
+Forward keeps the log-sum-exp per row (base 2, fp32, (total, H)) for backward. Backward as in
+FlashAttention-2: Delta_i = dO_i . out_i, then a key-block-major kernel for dk, dv and a
+query-block-major kernel for dq (no atomics outside the gather variant).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
+_LOG2E = 1.4426950408889634
+# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------- kernels
+#
+# Loops come in two forms chosen by the INTERPRET constexpr: `for ... in range()` on the GPU (software
+# pipelined by Triton) and `while` in the interpreter, whose range() cannot take a runtime bound with
+# numpy >= 2.4. The loop bodies are shared @triton.jit tile functions.
+
+
+@triton.jit
+def _rows(Idx, pos, mask, GATHER: tl.constexpr):
+    """Row numbers in q/k/v of packed positions ``pos``: through ``indices`` when gathering."""
+    if GATHER:
+        rows = tl.load(Idx + pos, mask=mask, other=0).to(tl.int64)
+    else:
+        rows = pos.to(tl.int64)
+    return rows
+
+
+@triton.jit
+def _fwd_tile(
+    q, start_n, seq_start, seq_len, Idx, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+    m_i, l_i, acc,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < seq_len
+    rows_n = _rows(Idx, seq_start + offs_n, col_ok, GATHER)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k = tl.load(k_base + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + rows_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(
+    Q, K, V, Idx, CuSeqlens, Out, Lse,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    H, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # Per live program: its q block, then L (D + Dv) key/value elements of its own sequence.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = (pid_bh % H).to(tl.int64)
+    seq_start = tl.load(CuSeqlens + b)
+    seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < seq_len
+    pos_m = (seq_start + offs_m).to(tl.int64)
+    rows_m = _rows(Idx, pos_m, row_ok, GATHER)
+    q = tl.load(Q + h * stride_qh + rows_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
+                other=0.0)
+    k_base = K + h * stride_kh
+    v_base = V + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    if INTERPRET:
+        start_n = 0
+        while start_n < seq_len:
+            m_i, l_i, acc = _fwd_tile(q, start_n, seq_start, seq_len, Idx, k_base, v_base, stride_kt, stride_kd,
+                                      stride_vt, stride_vd, qk_scale, m_i, l_i, acc,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, seq_len, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, start_n, seq_start, seq_len, Idx, k_base, v_base, stride_kt, stride_kd,
+                                      stride_vt, stride_vd, qk_scale, m_i, l_i, acc,
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(Out + h * stride_oh + pos_m[:, None] * stride_ot + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + pos_m * H + h, m_i + tl.log2(l_i), mask=row_ok)  # (total, H), base 2
+
+
+@triton.jit
+def _varlen_attn_bwd_preprocess_kernel(
+    Out, DO, Delta, total, H,
+    stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Delta_i = dO_i . out_i over (total, H) rows: reads 2 total H Dv elements, writes total H fp32.
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < total
+    o = tl.load(Out + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + offs_m * H + h, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(
+    k, v, offs_n, start_m, seq_start, seq_len, Idx, q_base, do_base, Lse, Delta, h, H,
+    stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, dk, dv,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seq_len
+    pos_m = (seq_start + offs_m).to(tl.int64)
+    rows_m = _rows(Idx, pos_m, row_ok, GATHER)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    q = tl.load(q_base + rows_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_base + pos_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod, mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(Lse + pos_m * H + h, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + pos_m * H + h, mask=row_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    valid = row_ok[:, None] & (offs_n < seq_len)[None, :]
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N) attention weights
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _varlen_attn_bwd_dkdv_kernel(
+    Q, K, V, Idx, CuSeqlens, DO, Lse, Delta, DK, DV,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    H, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # One key block of one sequence, all its query blocks: reads L (D + Dv) q/dO elements per program.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = (pid_bh % H).to(tl.int64)
+    seq_start = tl.load(CuSeqlens + b)
+    seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    start_n = pid_n * BLOCK_N
+    if start_n >= seq_len:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    col_ok = offs_n < seq_len
+    rows_n = _rows(Idx, (seq_start + offs_n).to(tl.int64), col_ok, GATHER)
+    k = tl.load(K + h * stride_kh + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_ok[:, None],
+                other=0.0)
+    v = tl.load(V + h * stride_vh + rows_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+    q_base = Q + h * stride_qh
+    do_base = DO + h * stride_doh
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+    if INTERPRET:
+        start_m = 0
+        while start_m < seq_len:
+            dk, dv = _dkdv_tile(k, v, offs_n, start_m, seq_start, seq_len, Idx, q_base, do_base, Lse, Delta, h, H,
+                                stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, dk, dv,
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_M, GATHER, PRECISION)
+            start_m += BLOCK_M
+    else:
+        for start_m in range(0, seq_len, BLOCK_M):
+            dk, dv = _dkdv_tile(k, v, offs_n, start_m, seq_start, seq_len, Idx, q_base, do_base, Lse, Delta, h, H,
+                                stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, dk, dv,
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_M, GATHER, PRECISION)
+
+    dk = dk * scale
+    dk_ptrs = DK + h * stride_dkh + rows_n[:, None] * stride_dkt + offs_d[None, :]
+    dv_ptrs = DV + h * stride_dvh + rows_n[:, None] * stride_dvt + offs_dv[None, :]
+    if GATHER:
+        tl.atomic_add(dk_ptrs, dk, mask=col_ok[:, None])
+        tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None])
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_tile(
+    q, do, lse, delta, offs_m, start_n, seq_start, seq_len, Idx, k_base, v_base,
+    stride_kt, stride_kd, stride_vt, stride_vd, qk_scale, dq,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < seq_len
+    rows_n = _rows(Idx, (seq_start + offs_n).to(tl.int64), col_ok, GATHER)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k = tl.load(k_base + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + rows_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    valid = (offs_m < seq_len)[:, None] & col_ok[None, :]
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _varlen_attn_bwd_dq_kernel(
+    Q, K, V, Idx, CuSeqlens, DO, Lse, Delta, DQ,
+    stride_qt, stride_qh, stride_qd,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh,
+    H, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # One query block of one sequence, all its key blocks: reads L (D + Dv) k/v elements per program.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = (pid_bh % H).to(tl.int64)
+    seq_start = tl.load(CuSeqlens + b)
+    seq_len = tl.load(CuSeqlens + b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_m < seq_len
+    pos_m = (seq_start + offs_m).to(tl.int64)
+    rows_m = _rows(Idx, pos_m, row_ok, GATHER)
+    q = tl.load(Q + h * stride_qh + rows_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
+                other=0.0)
+    do = tl.load(DO + h * stride_doh + pos_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + pos_m * H + h, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + pos_m * H + h, mask=row_ok, other=0.0)
+    k_base = K + h * stride_kh
+    v_base = V + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if INTERPRET:
+        start_n = 0
+        while start_n < seq_len:
+            dq = _dq_tile(q, do, lse, delta, offs_m, start_n, seq_start, seq_len, Idx, k_base, v_base,
+                          stride_kt, stride_kd, stride_vt, stride_vd, qk_scale, dq,
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, seq_len, BLOCK_N):
+            dq = _dq_tile(q, do, lse, delta, offs_m, start_n, seq_start, seq_len, Idx, k_base, v_base,
+                          stride_kt, stride_kd, stride_vt, stride_vd, qk_scale, dq,
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+
+    dq = dq * scale
+    dq_ptrs = DQ + h * stride_dqh + rows_m[:, None] * stride_dqt + offs_d[None, :]
+    if GATHER:
+        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None])
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------- host launchers
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs follow torch's own TF32 switch for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _blocks(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): large blocks in the interpreter (Python runs each
+    program), 64 x 64 tiles on the GPU, with the key block halved and 2 pipeline stages when D = 128 or
+    operands are fp32 (registers, shared memory). A heuristic, not tuned on hardware: autotuning cannot
+    run in the interpreter."""
+    if _INTERPRET or device.type != "cuda":
+        blk = max(16, min(128, triton.next_power_of_2(max(1, max_seqlen))))
+        return blk, blk, 4, 1
+    wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
+    return 64, 32 if wide else 64, 4, 2 if wide else 3
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float):
+    total = indices.shape[0] if indices is not None else q.shape[0]
+    H, D = q.shape[1], q.shape[2]
+    Dv = v.shape[-1]
+    B = cu_seqlens.numel() - 1
+    out = torch.empty(total, H, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(total, H, dtype=torch.float32, device=q.device)
+    if total == 0 or max_seqlen == 0 or B == 0:
+        return out, lse
+    block_m, block_n, warps, stages = _blocks(max_seqlen, max(D, Dv), q.dtype, q.device)
+    gather = indices is not None
+    _varlen_attn_fwd_kernel[(triton.cdiv(max_seqlen, block_m), B * H)](
+        q, k, v, indices if gather else cu_seqlens, cu_seqlens, out, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), H, scale * _LOG2E,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather, PRECISION=_precision(q.dtype),
+        INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _varlen_bwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float, out, lse, dout):
+    H, D = q.shape[1], q.shape[2]
+    Dv = v.shape[-1]
+    B = cu_seqlens.numel() - 1
+    total = out.shape[0]
+    gather = indices is not None
+    # Gather: fp32 (rows, H, D) accumulators for the atomic adds; otherwise packed gradients in the input dtype.
+    grad_dtype = torch.float32 if gather else q.dtype
+    dq = torch.zeros(q.shape, dtype=grad_dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
+    if total == 0 or max_seqlen == 0 or B == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    block_m, block_n, warps, stages = _blocks(max_seqlen, max(D, Dv), q.dtype, q.device)
+    delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
+    _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total, 64), H)](
+        out, dout, delta, total, H, *_strides3(out), *_strides3(dout), HEAD_DIM_V=Dv, BLOCK_M=64,
+    )
+    idx = indices if gather else cu_seqlens
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout))
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather,
+                PRECISION=_precision(q.dtype), INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages)
+    _varlen_attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B * H)](
+        q, k, v, idx, cu_seqlens, dout, lse, delta, dk, dv, *common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), H, scale, scale * _LOG2E, **meta,
+    )
+    _varlen_attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), B * H)](
+        q, k, v, idx, cu_seqlens, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
+        H, scale, scale * _LOG2E, **meta,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------- autograd + entry
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, cu_seqlens, max_seqlen, scale):
+        out, lse = _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen, scale)
+        ctx.save_for_backward(q, k, v, indices, cu_seqlens, out, lse)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, indices, cu_seqlens, out, lse = ctx.saved_tensors
+        dq, dk, dv = _varlen_bwd(q, k, v, indices, cu_seqlens, ctx.max_seqlen, ctx.scale, out, lse, dout)
+        return dq, dk, dv, None, None, None, None
+
+
+def _split_args(args: tuple, kwargs: dict):
+    """(q, k, v, indices or None, cu_seqlens, max_seqlen) from either entry point's arguments."""
+    names = ("q", "k", "v", "indices", "cu_seqlens", "max_seqlen")
+    if len(args) == 6 or "indices" in kwargs:
+        values = dict(zip(names, args, strict=False))
+    else:
+        values = dict(zip(("q", "k", "v", "cu_seqlens", "max_seqlen"), args, strict=False))
+    values.update({n: kwargs[n] for n in names if n in kwargs})
+    return tuple(values.get(n) for n in names)
+
+
+def not_supported_reasons(*args, **kwargs) -> list[str]:
+    """Why these inputs cannot run in these kernels (empty: they can); device checks are the dispatcher's.
+
+    Accepts the arguments of :func:`varlen_attention` ``(q, k, v, cu_seqlens, max_seqlen, *, scale)`` and of
+    :func:`varlen_attention_gather` ``(q, k, v, indices, cu_seqlens, max_seqlen, *, scale)``.
+    """
+    q, k, v, indices, cu_seqlens, max_seqlen = _split_args(args, kwargs)
+    reasons = []
+    if q.dtype not in DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        reasons.append("q, k, v must be (total, H, D)")
+    else:
+        if q.shape[-1] not in HEAD_DIMS:
+            reasons.append(f"head dim {q.shape[-1]} is not one of {HEAD_DIMS}")
+        if v.shape[-1] not in HEAD_DIMS:
+            reasons.append(f"value head dim {v.shape[-1]} is not one of {HEAD_DIMS}")
+        if cu_seqlens is not None and (cu_seqlens.numel() - 1) * q.shape[1] > _MAX_GRID_Y:
+            reasons.append(f"B * H exceeds the grid limit {_MAX_GRID_Y}")
+    if cu_seqlens is None or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        reasons.append("cu_seqlens must be a 1-D int32 tensor")
+    if indices is not None and (indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32)):
+        reasons.append("indices must be a 1-D int64 (or int32) tensor")
+    if max_seqlen is None or int(max_seqlen) < 0:
+        reasons.append(f"max_seqlen must be >= 0, got {max_seqlen}")
+    return reasons
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return float(scale) if scale is not None else q.shape[-1] ** -0.5
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention within each packed sequence; same values and gradients as ``varlen_attention_ref``.
+
+    Args:
+        q, k: (total, H, D) fp16, bf16 or fp32, D in {16, 32, 64, 128}; any strides.
+        v: (total, H, Dv) same dtype, Dv in {16, 32, 64, 128}.
+        cu_seqlens: (B + 1,) int32 on q's device; sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]; empty
+            sequences are allowed.
+        max_seqlen: an upper bound of the longest sequence (rows of longer sequences past it are not
+            computed: it sizes the grid, and is not checked, to avoid a device sync).
+        scale: softmax scale, default D ** -0.5.
+
+    Returns:
+        (total, H, Dv) contiguous, q's dtype; differentiable in q, k, v.
+    """
+    reasons = not_supported_reasons(q, k, v, cu_seqlens, max_seqlen)
+    if reasons:
+        raise NotImplementedError("varlen_attention (triton): " + "; ".join(reasons))
+    return _VarlenAttention.apply(q, k, v, None, cu_seqlens, int(max_seqlen), _scale(q, scale))
+
+
+def varlen_attention_gather(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor,
+    max_seqlen: int, *, scale: float | None = None,
+) -> torch.Tensor:
+    """Varlen attention over rows ``indices`` of q, k, v, read in place (the packed copy is never written).
+
+    Args:
+        q, k: (rows, H, D) fp16, bf16 or fp32, D in {16, 32, 64, 128}; any strides.
+        v: (rows, H, Dv) same dtype.
+        indices: (total,) int64 (or int32) rows of q/k/v in packed order.
+        cu_seqlens: (B + 1,) int32, over packed positions; max_seqlen, scale: as in :func:`varlen_attention`.
+
+    Returns:
+        (total, H, Dv) in packed order, q's dtype. Gradients of q, k, v are (rows, H, D), zero on rows not
+        in ``indices`` and summed over repeated ones.
+    """
+    reasons = not_supported_reasons(q, k, v, indices, cu_seqlens, max_seqlen)
+    if reasons:
+        raise NotImplementedError("varlen_attention_gather (triton): " + "; ".join(reasons))
+    return _VarlenAttention.apply(q, k, v, indices, cu_seqlens, int(max_seqlen), _scale(q, scale))

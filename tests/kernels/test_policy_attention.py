@@ -1,0 +1,147 @@
+"""The Triton policy attention kernels against the fp32 reference: output and all four gradients.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are
+small; the full dtype/shape matrix is marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stpcore.kernels import policy_attention as kernel
+from stpcore.ops import dispatch
+from stpcore.ops.policy_attention import policy_attention, policy_attention_ref
+from stpcore.testing import assert_close
+
+OP = "policy_attention"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def make_inputs(B: int, H: int, N: int, D: int, dtype: torch.dtype, keep: str = "random", strided: bool = False,
+                device: str = DEVICE):
+    """q, k, v (B, H, N, D) in ``dtype`` and a (B, N) fp32 policy.
+
+    strided: q, k, v are views of one (B, N, 3, H, D) qkv tensor, as a fused projection produces them.
+    keep: "all", "none" (only self attention remains), "one", "random" (0/1), or "soft" (values in [0, 1]).
+    """
+    if strided:
+        qkv = torch.randn(B, N, 3, H, D, device=device).to(dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D), non-contiguous
+    else:
+        q, k, v = (torch.randn(B, H, N, D, device=device).to(dtype) for _ in range(3))
+    if keep == "all":
+        policy = torch.ones(B, N, device=device)
+    elif keep == "none":
+        policy = torch.zeros(B, N, device=device)
+    elif keep == "one":
+        policy = torch.zeros(B, N, device=device)
+        policy[torch.arange(B), torch.randint(0, N, (B,))] = 1.0
+    elif keep == "soft":
+        policy = torch.rand(B, N, device=device)
+    else:
+        policy = (torch.rand(B, N, device=device) < 0.5).float()
+    return q, k, v, policy
+
+
+def run(fn, q, k, v, policy, dout, dtype, eps):
+    """Output and (dq, dk, dv, dpolicy) of ``fn`` with inputs cast to ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    p = policy.detach().clone().requires_grad_()
+    out = fn(*leaves, p, eps=eps)
+    out.backward(dout.to(out.dtype))
+    return [out] + [t.grad for t in leaves] + [p.grad]
+
+
+def check_against_reference(q, k, v, policy, *, eps: float = 1e-6, lowp: bool = True) -> None:
+    """Compare the kernel's output and gradients with the fp32 reference.
+
+    For fp16/bf16 the flash-attention rule applies: at most LOWP_FACTOR times the error of the reference run
+    in the same precision (plus the table's atol). On CPU that low-precision reference runs in fp16 too.
+    """
+    dtype = q.dtype
+    dout = torch.randn(*q.shape[:3], v.shape[-1], device=q.device)
+    got = run(kernel.policy_attention, q, k, v, policy, dout, dtype, eps)
+    want = run(policy_attention_ref, q, k, v, policy, dout, torch.float32, eps)
+    lowp_ref = run(policy_attention_ref, q, k, v, policy, dout, dtype, eps) if dtype != torch.float32 else None
+    for i, name in enumerate(("out", "dq", "dk", "dv", "dpolicy")):
+        assert got[i].dtype == (policy.dtype if name == "dpolicy" else dtype), name
+        assert_close(got[i], want[i], op=OP, dtype=dtype, name=name,
+                     lowp_reference=lowp_ref[i] if lowp_ref is not None and lowp else None)
+
+
+CPU_CASES = [
+    pytest.param(1, 1, 1, 16, torch.float32, "random", False, id="B1-N1-H1-D16-fp32"),
+    pytest.param(2, 2, 97, 32, torch.float32, "soft", True, id="B2-N97-H2-D32-fp32-strided-soft"),
+    pytest.param(1, 2, 128, 64, torch.float32, "random", False, id="B1-N128-H2-D64-fp32"),
+    pytest.param(2, 1, 33, 128, torch.float32, "random", True, id="B2-N33-H1-D128-fp32-strided"),
+    pytest.param(2, 2, 97, 64, torch.float16, "random", True, id="B2-N97-H2-D64-fp16-strided"),
+    pytest.param(1, 2, 128, 32, torch.float16, "soft", False, id="B1-N128-H2-D32-fp16-soft"),
+    pytest.param(1, 1, 392, 64, torch.float32, "random", False, id="B1-N392-H1-D64-fp32"),
+]
+
+
+@pytest.mark.parametrize("B, H, N, D, dtype, keep, strided", CPU_CASES)
+def test_matches_reference(B, H, N, D, dtype, keep, strided):
+    check_against_reference(*make_inputs(B, H, N, D, dtype, keep, strided))
+
+
+def test_large_eps_terms_and_max_gradient():
+    # With eps = 0.3 the eps/N smoothing, the eps in the denominator and the row max's gradient dm are no
+    # longer negligible, so this checks each of them, not only the softmax part.
+    q, k, v, policy = make_inputs(2, 2, 40, 16, torch.float32, "random")
+    check_against_reference(q * 3, k, v, policy, eps=0.3)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 2),
+    N=st.integers(1, 80),
+    D=st.sampled_from([16, 32, 64]),
+    keep=st.sampled_from(["all", "none", "one", "random"]),
+    strided=st.booleans(),
+)
+def test_matches_reference_hypothesis(B, H, N, D, keep, strided):
+    check_against_reference(*make_inputs(B, H, N, D, torch.float32, keep, strided))
+
+
+def test_dispatch_triton_on_cpu_runs_interpreter():
+    q, k, v, policy = make_inputs(1, 2, 20, 16, torch.float32, device="cpu")
+    got = policy_attention(q, k, v, policy, backend="triton")
+    assert_close(got, policy_attention_ref(q, k, v, policy), op=OP)
+
+
+def test_dispatch_auto_on_cpu_does_not_pick_triton():
+    q, k, v, policy = make_inputs(1, 2, 20, 16, torch.float32, device="cpu")
+    chosen = dispatch.select(OP, None, q, k, v, policy, eps=1e-6)
+    assert chosen.name in ("chunked", "reference")
+
+
+def test_not_supported_reasons():
+    q, k, v, policy = make_inputs(1, 1, 8, 16, torch.float32, device="cpu")
+    assert kernel.not_supported_reasons(q, k, v, policy, eps=1e-6) == []
+    odd = torch.randn(1, 1, 8, 24)
+    reasons = kernel.not_supported_reasons(odd, odd, odd, policy, eps=1e-6)
+    assert any("head dim 24" in r for r in reasons), reasons
+    ints = torch.ones(1, 1, 8, 16, dtype=torch.int32)
+    assert any("dtype" in r for r in kernel.not_supported_reasons(ints, ints, ints, policy, eps=1e-6))
+    with pytest.raises(NotImplementedError, match="head dim 24"):
+        policy_attention(odd, odd, odd, policy, backend="triton")
+
+
+GPU_CASES = [
+    pytest.param(B, H, N, D, dtype, id=f"B{B}-N{N}-H{H}-D{D}-{DTYPE_NAMES[dtype]}")
+    for B, H, N, D in [(32, 6, 392, 64), (8, 6, 272, 64), (2, 3, 393, 128), (4, 2, 97, 16), (4, 2, 1, 32)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, H, N, D, dtype", GPU_CASES)
+@pytest.mark.parametrize("keep", ["all", "none", "random", "soft"])
+def test_matches_reference_gpu(B, H, N, D, dtype, keep):
+    check_against_reference(*make_inputs(B, H, N, D, dtype, keep, strided=True))
