@@ -1,0 +1,196 @@
+"""NVIDIA DALI decoding: `fn.decoders.video` on "mixed" (GPU, NVDEC) or "cpu", then resize/crop/normalise in DALI.
+
+The pipeline takes each sample's encoded file bytes and its frame indices, resize size, crop position and
+flip from `fn.external_source`, so clip sampling (sampling.py) and sharding are the same code as the PyAV
+path and both paths cut the same clips for the same seed. The CPU backend decodes VP8/VP9/MJPEG only; the
+mixed backend also H.264, HEVC, AV1 and MPEG-4 Part 2.
+
+A batch that fails (a corrupt file the probe did not catch) is retried one sample at a time and the
+failing samples are dropped and reported, so one bad video never ends an epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD
+from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, resized_size
+
+DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+DALI_GPU_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"})
+
+
+def dali_available() -> bool:
+    """True if nvidia.dali imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # a broken CUDA install can raise more than ImportError
+        return False
+    return True
+
+
+def dali_codecs(device: str) -> frozenset[str]:
+    """FFmpeg codec names DALI decodes on `device` ("cpu" or "gpu"/"cuda"/"mixed")."""
+    return DALI_CPU_CODECS if device == "cpu" else DALI_GPU_CODECS
+
+
+@dataclass(frozen=True)
+class DaliItem:
+    """One clip to decode: the file, its frame size (from the probe) and the clip to cut."""
+
+    path: Path
+    height: int
+    width: int
+    spec: ClipSpec
+
+
+class DaliClipDecoder:
+    """Decode clips with a DALI pipeline into float32 (B, 3, T, crop, crop) tensors.
+
+    Args:
+        device: "cpu" or "cuda" (the decoder then runs on "mixed" and the output stays on the GPU).
+        max_batch: most clips per call.
+        num_threads: DALI CPU threads.
+        device_id: CUDA device index (ignored on CPU).
+        short_side, crop, mean, std: as in decode_pyav.clip_tensor (mean/std on the [0, 1] scale).
+    """
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        max_batch: int = 8,
+        num_threads: int = 2,
+        device_id: int = 0,
+        short_side: int = RESIZE_SHORT,
+        crop: int = CROP_SIZE,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        if not dali_available():
+            raise RuntimeError("nvidia-dali is not installed (pip install 'stpcore[dali]')")
+        self.device = "cpu" if device == "cpu" else "cuda"
+        self.max_batch = max_batch
+        self.num_threads = num_threads
+        self.device_id = device_id
+        self.short_side = short_side
+        self.crop = crop
+        self.mean = tuple(float(m) * 255.0 for m in mean)
+        self.std = tuple(float(s) * 255.0 for s in std)
+        self._pipe = self._build()
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        decoder_device = "cpu" if self.device == "cpu" else "mixed"
+        crop = self.crop
+        mean, std = list(self.mean), list(self.std)
+
+        # prefetch_queue_depth=1: each run() consumes exactly the batch just fed (batches vary in size
+        # when a failed batch is retried sample by sample).
+        @pipeline_def(
+            batch_size=self.max_batch,
+            num_threads=self.num_threads,
+            device_id=None if self.device == "cpu" else self.device_id,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
+        def clip_pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+            size_y = fn.external_source(name="size_y", dtype=types.FLOAT, ndim=0)
+            size_x = fn.external_source(name="size_x", dtype=types.FLOAT, ndim=0)
+            pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
+            pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
+            mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+            video = fn.decoders.video(encoded, device=decoder_device, frames=frames)  # (T, H, W, 3) uint8
+            video = fn.resize(video, resize_x=size_x, resize_y=size_y, antialias=True)
+            return fn.crop_mirror_normalize(
+                video,
+                crop=(crop, crop),
+                crop_pos_x=pos_x,
+                crop_pos_y=pos_y,
+                mirror=mirror,
+                mean=mean,
+                std=std,
+                dtype=types.FLOAT,
+                output_layout="CFHW",
+            )  # (3, T, crop, crop) float
+
+        pipe = clip_pipeline()
+        pipe.build()
+        return pipe
+
+    def _run(self, items: list[DaliItem]) -> torch.Tensor:
+        p = self._pipe
+        sizes = [resized_size(it.height, it.width, self.short_side) for it in items]
+        p.feed_input("encoded", [np.fromfile(it.path, dtype=np.uint8) for it in items])
+        p.feed_input("frames", [np.asarray(it.spec.frames, dtype=np.int32) for it in items])
+        p.feed_input("size_y", [np.float32(s[0]) for s in sizes])
+        p.feed_input("size_x", [np.float32(s[1]) for s in sizes])
+        # crop_mirror_normalize's crop_pos is relative to the free space, the same convention as sampling.py.
+        p.feed_input("pos_y", [np.float32(it.spec.crop_y) for it in items])
+        p.feed_input("pos_x", [np.float32(it.spec.crop_x) for it in items])
+        p.feed_input("mirror", [np.int32(it.spec.flip) for it in items])
+        (out,) = p.run()
+        if self.device == "cpu":
+            return torch.from_numpy(np.array(out.as_tensor()))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = out.as_tensor()
+        result = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
+        feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(self.device_id))
+        return result
+
+    def decode(self, items: list[DaliItem]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+        """Decode up to max_batch clips.
+
+        Returns:
+            (clips float32 (B', 3, T, crop, crop), kept indices into `items` (len B'),
+             [(index, error message)] for the dropped ones).
+        """
+        if not items:
+            return torch.empty(0, 3, 0, self.crop, self.crop), [], []
+        if len(items) > self.max_batch:
+            raise ValueError(f"{len(items)} clips > max_batch {self.max_batch}")
+        try:
+            return self._run(items), list(range(len(items))), []
+        except Exception:
+            if len(items) == 1:
+                self._recover()
+                raise
+            self._recover()
+        # Retry one by one to find the bad samples; the good ones still make it into the batch.
+        clips, kept, failed = [], [], []
+        for i, it in enumerate(items):
+            try:
+                clips.append(self._run([it]))
+                kept.append(i)
+            except Exception as e:
+                failed.append((i, _first_line(e)))
+                self._recover()
+        if not clips:
+            return torch.empty(0, 3, 0, self.crop, self.crop), [], failed
+        return torch.cat(clips), kept, failed
+
+    def _recover(self) -> None:
+        # After an operator error DALI may declare the pipeline invalid; errors are rare, so always rebuild.
+        self._pipe = self._build()
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    for line in text.splitlines():
+        if "Failed" in line or "not supported" in line or "Error" in line:
+            return line.strip()[:200]
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
+def decoder_for_env(device: str | None = None) -> str:
+    """'cuda' when a GPU is usable by torch, else 'cpu' (DALI's device choice for `get_loader`)."""
+    if device is not None:
+        return "cpu" if device == "cpu" else "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+

@@ -1,0 +1,444 @@
+"""Clip batches for training and evaluation: `DataConfig`, `get_loader`, and the PyAV and DALI loaders.
+
+Both loaders yield the same `Batch` and keep a `DataReport`: a video that cannot be used (missing, empty,
+unreadable, a codec the decoder cannot read) is skipped with a warning naming the file and the reason, a
+video shorter than one clip is looped with a warning, and `loader.report()` counts all of it. One bad video
+never ends an epoch: its sample is dropped from its batch.
+
+Train mode: one clip per video (random offset, random crop, flip); `batch_size` counts clips.
+Test mode: `TEST_CLIPS` x `TEST_CROPS` = 15 views per video, kept together in one batch; `batch_size` counts
+videos, so a batch holds up to 15 * batch_size clips, each carrying `video_index` and `clip_index` so
+predictions can be averaged per video.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD, VideoError, VideoInfo
+from stpcore.data.labels import PRIVACY_ATTRIBUTES, load_labels
+from stpcore.data.sampling import (
+    CROP_SIZE,
+    DEFAULT_STRIDE,
+    NUM_FRAMES,
+    RESIZE_SHORT,
+    TEST_CLIPS,
+    TEST_CROPS,
+    ClipSpec,
+    clip_span,
+    eval_clips,
+    shard_indices,
+    train_clip,
+)
+from stpcore.data.splits import VideoRecord, detect_kind, list_records
+
+
+class DataWarning(UserWarning):
+    """A video was skipped or altered (looped, dropped); the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything a loader needs; the single source of truth for the data side of a run.
+
+    Attributes:
+        root: dataset root (`<root>/<class>/<video>.*`).
+        kind: "hmdb51", "ucf101" or "auto" (from the split files).
+        split: official split 1..3.
+        train: training list (random clips) if True, else test list (5 clips x 3 crops per video).
+        split_dir: folder of the split files (default: root).
+        labels: privacy label file (.pickle or .csv); None = no privacy labels (batch.has_privacy all False).
+        batch_size: clips per batch (train) or videos per batch (test).
+        workers: PyAV: DataLoader worker processes; DALI: decoder threads.
+        decoder: "auto" (DALI when a GPU and DALI are present, else PyAV), "pyav" or "dali".
+        device: "auto", "cpu" or "cuda": where DALI decodes ("cuda" = mixed backend).
+        stride: frame stride; None = the paper's (2 for HMDB51, 4 for UCF101).
+        num_frames, short_side, crop: clip length, resize target of the short side, crop size.
+        mean, std: normalisation on the [0, 1] scale (ImageNet by default).
+        flip: random horizontal flip in train mode.
+        shard_id, num_shards: this rank's shard (torchrun: RANK, WORLD_SIZE).
+        seed: shuffling and clip sampling seed; the epoch is mixed in.
+        drop_last: drop a last partial batch in train mode.
+    """
+
+    root: str | Path
+    kind: str = "auto"
+    split: int = 1
+    train: bool = True
+    split_dir: str | Path | None = None
+    labels: str | Path | None = None
+    batch_size: int = 8
+    workers: int = 2
+    decoder: str = "auto"
+    device: str = "auto"
+    stride: int | None = None
+    num_frames: int = NUM_FRAMES
+    short_side: int = RESIZE_SHORT
+    crop: int = CROP_SIZE
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    flip: bool = True
+    shard_id: int = 0
+    num_shards: int = 1
+    seed: int = 0
+    drop_last: bool = False
+
+
+@dataclass
+class Batch:
+    """A batch of clips.
+
+    Attributes:
+        clips: float32 (B, 3, T, crop, crop), normalised.
+        actions: int64 (B,) action class.
+        privacy: float32 (B, 5) privacy labels (PRIVACY_ATTRIBUTES order); 0 where has_privacy is False.
+        has_privacy: bool (B,).
+        video_index: int64 (B,) index of the clip's video in `loader.records`.
+        clip_index: int64 (B,) view index within the video (test: temporal * 3 + spatial; train: 0).
+        video_ids: B strings "<class>/<stem>".
+    """
+
+    clips: torch.Tensor
+    actions: torch.Tensor
+    privacy: torch.Tensor
+    has_privacy: torch.Tensor
+    video_index: torch.Tensor
+    clip_index: torch.Tensor
+    video_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def to(self, device: str | torch.device, non_blocking: bool = True) -> Batch:
+        """The same batch with its tensors on `device`."""
+        t = {
+            k: getattr(self, k).to(device, non_blocking=non_blocking)
+            for k in ("clips", "actions", "privacy", "has_privacy", "video_index", "clip_index")
+        }
+        return Batch(**t, video_ids=self.video_ids)
+
+
+@dataclass
+class DataReport:
+    """Counts of skipped / altered videos by reason, with the first few files of each."""
+
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    clips: int = 0
+    max_examples: int = 5
+
+    def add(self, reason: str, path: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < self.max_examples:
+            self.examples[reason].append(path)
+
+    def summary(self) -> str:
+        """Human-readable report, one reason per line with example files."""
+        lines = [f"clips delivered: {self.clips}"]
+        for reason in sorted(self.counts):
+            lines.append(f"{reason}: {self.counts[reason]}")
+            lines.extend(f"  {p}" for p in self.examples[reason])
+        return "\n".join(lines)
+
+
+# Reasons that mean "the video was used anyway" rather than "skipped".
+_ALTERED = ("short video, looped",)
+
+
+def _probe_cached(path: Path, cache: dict[str, VideoInfo | VideoError]) -> VideoInfo:
+    from stpcore.data.decode_pyav import probe
+
+    key = str(path)
+    if key not in cache:
+        try:
+            cache[key] = probe(path)
+        except VideoError as e:
+            cache[key] = e
+    hit = cache[key]
+    if isinstance(hit, VideoError):
+        raise hit
+    return hit
+
+
+def _video_specs(cfg: DataConfig, stride: int, info: VideoInfo, index: int, epoch: int) -> list[ClipSpec]:
+    if cfg.train:
+        rng = np.random.default_rng([cfg.seed, epoch, index])
+        return [train_clip(info.num_frames, rng, cfg.num_frames, stride, flip=cfg.flip)]
+    return eval_clips(info.num_frames, cfg.num_frames, stride, TEST_CLIPS, TEST_CROPS)
+
+
+class _ClipDataset(torch.utils.data.Dataset):
+    """PyAV map-style dataset over videos; returns a dict of clips or of the reason the video failed."""
+
+    def __init__(self, records: Sequence[VideoRecord], cfg: DataConfig, stride: int) -> None:
+        self.records = records
+        self.cfg = cfg
+        self.stride = stride
+        self.epoch = 0
+        self._probe_cache: dict[str, VideoInfo | VideoError] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        from stpcore.data.decode_pyav import crop_normalize, decode_frames, resize_frames
+
+        rec = self.records[index]
+        cfg = self.cfg
+        events: list[tuple[str, str]] = []
+        try:
+            info = _probe_cached(rec.path, self._probe_cache)
+            specs = _video_specs(cfg, self.stride, info, index, self.epoch)
+            if specs[0].short:
+                events.append(("short video, looped", f"{rec.path} ({info.num_frames} frames < "
+                                                      f"{clip_span(cfg.num_frames, self.stride)})"))
+            # Decode and resize every frame any view needs once, then cut the views from them.
+            wanted = np.unique(np.concatenate([s.frames for s in specs]))
+            frames, _ = decode_frames(rec.path, wanted)
+            resized = resize_frames(frames, cfg.short_side)  # (F, 3, H', W')
+            pos = {int(f): i for i, f in enumerate(wanted)}
+            clips = [
+                crop_normalize(resized[[pos[int(f)] for f in s.frames]], s, cfg.crop, cfg.mean, cfg.std)
+                for s in specs
+            ]
+        except VideoError as e:
+            return {"index": index, "error": (e.reason, str(e)), "events": events}
+        except Exception as e:  # anything else FFmpeg or numpy throws on damaged input: skip, never crash
+            return {"index": index, "error": ("decode error", f"{rec.path}: {type(e).__name__}: {e}"), "events": events}
+        return {
+            "index": index,
+            "clips": torch.stack(clips),  # (V, 3, T, crop, crop)
+            "clip_index": [s.clip_index for s in specs],
+            "events": events,
+        }
+
+
+def _make_batch(
+    records: Sequence[VideoRecord],
+    clips: torch.Tensor,
+    video_index: Sequence[int],
+    clip_index: Sequence[int],
+) -> Batch:
+    actions = [records[i].action for i in video_index]
+    privacy = np.zeros((len(video_index), len(PRIVACY_ATTRIBUTES)), dtype=np.float32)
+    has = np.zeros(len(video_index), dtype=bool)
+    for row, i in enumerate(video_index):
+        p = records[i].privacy
+        if p is not None:
+            privacy[row] = np.asarray(p).reshape(-1)
+            has[row] = True
+    return Batch(
+        clips=clips,
+        actions=torch.tensor(actions, dtype=torch.int64),
+        privacy=torch.from_numpy(privacy),
+        has_privacy=torch.from_numpy(has),
+        video_index=torch.tensor(list(video_index), dtype=torch.int64),
+        clip_index=torch.tensor(list(clip_index), dtype=torch.int64),
+        video_ids=[records[i].video_id for i in video_index],
+    )
+
+
+def _collate(samples: list[dict]) -> dict:
+    # Runs in the worker: stack the good samples, pass the failures and warnings on to the main process.
+    good = [s for s in samples if "clips" in s]
+    out: dict = {
+        "errors": [s["error"] for s in samples if "error" in s],
+        "events": [e for s in samples for e in s["events"]],
+        "video_index": [s["index"] for s in good for _ in s["clip_index"]],
+        "clip_index": [c for s in good for c in s["clip_index"]],
+    }
+    out["clips"] = torch.cat([s["clips"] for s in good]) if good else None
+    return out
+
+
+class _LoaderBase:
+    """Records, labels, sharding, epoch counting and the report shared by both loaders."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        split_dir = cfg.split_dir if cfg.split_dir is not None else cfg.root
+        self.kind = detect_kind(split_dir) if cfg.kind == "auto" else cfg.kind
+        self.stride = cfg.stride if cfg.stride is not None else DEFAULT_STRIDE[self.kind]
+        labels = load_labels(cfg.labels) if cfg.labels is not None else None
+        listing = list_records(cfg.root, self.kind, cfg.split, cfg.train, split_dir, labels)
+        self.records: list[VideoRecord] = listing.records
+        self.classes: list[str] = listing.classes
+        self.epoch = 0
+        self._report = DataReport()
+        self._warned: set[tuple[str, str]] = set()
+        for key in listing.missing:
+            self._event("missing file (split entry)", f"{Path(cfg.root) / key}.*")
+        if labels is not None:
+            for rec in self.records:
+                if rec.privacy is None:
+                    self._report.add("video without privacy label", rec.video_id)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (reshuffles and resamples clips, like DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def shard(self) -> np.ndarray:
+        """This shard's video indices for the current epoch (shuffled and padded in train mode)."""
+        cfg = self.cfg
+        return shard_indices(
+            len(self.records), cfg.shard_id, cfg.num_shards, shuffle=cfg.train, seed=cfg.seed, epoch=self.epoch,
+            pad=cfg.train,
+        )
+
+    def report(self) -> DataReport:
+        """What was skipped or altered so far (missing entries are counted at construction)."""
+        return self._report
+
+    def __len__(self) -> int:
+        n = len(self.shard())
+        b = self.cfg.batch_size
+        return n // b if (self.cfg.train and self.cfg.drop_last) else -(-n // b)
+
+    def _event(self, reason: str, detail: str) -> None:
+        self._report.add(reason, detail)
+        if (reason, detail) not in self._warned:
+            self._warned.add((reason, detail))
+            warnings.warn(f"{reason}: {detail}" + ("" if reason in _ALTERED else "; skipped"), DataWarning,
+                          stacklevel=3)
+
+
+class PyAVClipLoader(_LoaderBase):
+    """CPU loader: PyAV decoding in `cfg.workers` DataLoader worker processes. Iterate for one epoch."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        cfg = self.cfg
+        dataset = _ClipDataset(self.records, cfg, self.stride)
+        dataset.epoch = self.epoch
+        order = self.shard().tolist()
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=order,
+            num_workers=cfg.workers,
+            collate_fn=_collate,
+            drop_last=cfg.train and cfg.drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        for raw in loader:
+            for reason, detail in raw["events"]:
+                self._event(reason, detail)
+            for reason, detail in raw["errors"]:
+                self._event(reason, detail)
+            if raw["clips"] is None:
+                continue
+            self._report.clips += len(raw["clip_index"])
+            yield _make_batch(self.records, raw["clips"], raw["video_index"], raw["clip_index"])
+        self.epoch += 1
+
+
+class DaliClipLoader(_LoaderBase):
+    """DALI loader: files probed once (threads), clips decoded by `DaliClipDecoder` on cfg.device."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__(cfg)
+        from stpcore.data.decode_dali import DaliClipDecoder, dali_codecs, decoder_for_env
+
+        self.device = decoder_for_env(None if cfg.device == "auto" else cfg.device)
+        self.codecs = dali_codecs(self.device)
+        views = 1 if cfg.train else TEST_CLIPS * TEST_CROPS
+        self.decoder = DaliClipDecoder(
+            self.device, max_batch=cfg.batch_size * views, num_threads=max(cfg.workers, 1),
+            short_side=cfg.short_side, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
+            device_id=torch.cuda.current_device() if self.device == "cuda" else 0,
+        )
+        self._probe_cache: dict[str, VideoInfo | VideoError] = {}
+
+    def _probe_all(self, indices: Sequence[int]) -> None:
+        todo = [self.records[i].path for i in indices if str(self.records[i].path) not in self._probe_cache]
+
+        def one(path: Path) -> None:
+            try:
+                _probe_cached(path, self._probe_cache)
+            except VideoError:
+                pass
+
+        with ThreadPoolExecutor(max(self.cfg.workers, 1)) as pool:
+            list(pool.map(one, todo))
+
+    def __iter__(self) -> Iterator[Batch]:
+        from stpcore.data.decode_dali import DaliItem
+
+        cfg = self.cfg
+        order = self.shard().tolist()
+        self._probe_all(order)
+        pending: list[tuple[int, DaliItem]] = []
+        videos = 0
+
+        def flush() -> Batch | None:
+            clips, kept, failed = self.decoder.decode([it for _, it in pending])
+            bad_videos = {}
+            for i, msg in failed:
+                bad_videos[pending[i][0]] = msg
+            for vi, msg in bad_videos.items():
+                self._event("decode error", f"{self.records[vi].path}: {msg}")
+            # A test video is either complete (all 15 views) or dropped, so per-video averages stay honest.
+            keep = [k for k in kept if pending[k][0] not in bad_videos]
+            if not keep:
+                return None
+            if len(keep) != len(kept):
+                clips = clips[[kept.index(k) for k in keep]]
+            self._report.clips += len(keep)
+            return _make_batch(
+                self.records, clips, [pending[k][0] for k in keep], [pending[k][1].spec.clip_index for k in keep]
+            )
+
+        for vi in order:
+            rec = self.records[vi]
+            try:
+                info = _probe_cached(rec.path, self._probe_cache)
+            except VideoError as e:
+                self._event(e.reason, str(e))
+                continue
+            if info.codec not in self.codecs:
+                self._event(f"codec not decodable by DALI-{self.device}", f"{rec.path} ({info.codec})")
+                continue
+            specs = _video_specs(cfg, self.stride, info, vi, self.epoch)
+            if specs[0].short:
+                self._event("short video, looped",
+                            f"{rec.path} ({info.num_frames} frames < {clip_span(cfg.num_frames, self.stride)})")
+            pending.extend((vi, DaliItem(rec.path, info.height, info.width, s)) for s in specs)
+            videos += 1
+            if videos == cfg.batch_size:
+                batch = flush()
+                pending, videos = [], 0
+                if batch is not None:
+                    yield batch
+        if pending and not (cfg.train and cfg.drop_last):
+            batch = flush()
+            if batch is not None:
+                yield batch
+        self.epoch += 1
+
+
+def resolve_decoder(cfg: DataConfig) -> str:
+    """'dali' or 'pyav' for a config: "auto" picks DALI when it is installed and a CUDA GPU is usable."""
+    if cfg.decoder in ("pyav", "dali"):
+        return cfg.decoder
+    if cfg.decoder != "auto":
+        raise ValueError(f"decoder must be 'auto', 'pyav' or 'dali', got {cfg.decoder!r}")
+    from stpcore.data.decode_dali import dali_available
+
+    use_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    return "dali" if use_gpu and dali_available() else "pyav"
+
+
+def get_loader(cfg: DataConfig) -> PyAVClipLoader | DaliClipLoader:
+    """The loader for `cfg`: DALI on a GPU (when installed), PyAV on CPU, unless cfg.decoder names one.
+
+    Iterating yields `Batch`es for one epoch (then the epoch advances); `report()` tells what was skipped.
+    """
+    return DaliClipLoader(cfg) if resolve_decoder(cfg) == "dali" else PyAVClipLoader(cfg)

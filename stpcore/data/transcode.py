@@ -1,0 +1,148 @@
+"""Transcode the published .avi files (MPEG-4 Part 2 / Xvid) to constant-frame-rate H.264 or VP9 for DALI.
+
+`transcode_dataset(src, dst, codec)` mirrors `<src>/<class>/<video>.*` to `<dst>/<class>/<video>.{mp4,webm}`
+in parallel processes, skips outputs that already exist (so an interrupted run resumes), writes each file
+atomically (temporary name in the destination folder, then os.replace), and copies the split files
+(*.txt) and label files (*.pickle, *.csv) at the top of `src` alongside. Frames are re-stamped 0, 1, 2, ...
+at the source's average rate, which makes the output constant-frame-rate.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from stpcore.data.splits import VIDEO_EXTENSIONS
+from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
+
+
+@dataclass
+class TranscodeReport:
+    """Files written, skipped (already done), failed ((source, error)), and side files copied."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+
+    def summary(self, show: int = 5) -> str:
+        lines = [
+            f"written: {len(self.written)}",
+            f"skipped (already done): {len(self.skipped)}",
+            f"failed: {len(self.failed)}",
+            *(f"  {p}: {e}" for p, e in self.failed[:show]),
+            f"split/label files copied: {len(self.copied)}",
+        ]
+        return "\n".join(lines)
+
+
+def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], codec: str = "h264") -> int:
+    """Re-encode one video's first video stream as constant-frame-rate `codec`; returns frames written.
+
+    Written to a temporary name beside `dst`, then os.replace'd, so `dst` is either absent or complete.
+    """
+    import av
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")
+    n = 0
+    try:
+        with av.open(str(src)) as inp, av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as out:
+            in_stream = inp.streams.video[0]
+            rate = Fraction(in_stream.average_rate or in_stream.guessed_rate or 25)
+            stream = out.add_stream(ENCODER[codec], rate=rate)
+            # yuv420p needs even sizes; the odd last row/column of an odd-sized source is dropped.
+            stream.width = in_stream.codec_context.width // 2 * 2
+            stream.height = in_stream.codec_context.height // 2 * 2
+            stream.pix_fmt = "yuv420p"
+            stream.options = dict(ENCODER_OPTIONS[codec])
+            for frame in inp.decode(in_stream):
+                img = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+                # Constant frame rate: frame n is shown at n / rate whatever the source's timestamps said.
+                img.pts = n
+                img.time_base = 1 / rate
+                for packet in stream.encode(img):
+                    out.mux(packet)
+                n += 1
+            for packet in stream.encode():
+                out.mux(packet)
+        if n == 0:
+            raise RuntimeError("no frames decoded")
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _job(args: tuple[str, str, str]) -> tuple[str, str | None]:
+    src, dst, codec = args
+    try:
+        transcode_file(src, dst, codec)
+    except Exception as e:  # report and go on: one bad source must not stop a long batch job
+        return src, f"{type(e).__name__}: {e}"
+    return src, None
+
+
+def transcode_dataset(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    codec: str = "h264",
+    workers: int = 1,
+    progress: bool = True,
+) -> TranscodeReport:
+    """Transcode every `<src>/<class>/<video>` to `<dst>/<class>/<stem>.mp4|.webm` (see the module docstring)."""
+    if codec not in CODEC_EXT:
+        raise ValueError(f"codec must be one of {sorted(CODEC_EXT)}, got {codec!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder")
+    report = TranscodeReport()
+    jobs = []
+    for cls_dir in sorted(p for p in src.iterdir() if p.is_dir()):
+        for f in sorted(cls_dir.iterdir()):
+            if f.suffix.lower() not in VIDEO_EXTENSIONS or f.name.startswith("."):
+                continue
+            out = dst / cls_dir.name / f"{f.stem}{CODEC_EXT[codec]}"
+            if out.is_file() and out.stat().st_size > 0:
+                report.skipped.append(str(f))
+            else:
+                jobs.append((str(f), str(out), codec))
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix.lower() in (".txt", ".pickle", ".pkl", ".csv"):
+            shutil.copy2(f, dst / f.name)
+            report.copied.append(f.name)
+    bar = _progress_bar(len(jobs)) if progress else None
+    done = 0
+    with ProcessPoolExecutor(max(workers, 1)) as pool:
+        futures = [pool.submit(_job, j) for j in jobs]
+        for fut in as_completed(futures):
+            path, err = fut.result()
+            if err is None:
+                report.written.append(path)
+            else:
+                report.failed.append((path, err))
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            elif progress and (done % 50 == 0 or done == len(jobs)):
+                print(f"transcode: {done}/{len(jobs)}", flush=True)
+    if bar is not None:
+        bar.close()
+    report.written.sort()
+    report.failed.sort()
+    return report
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="transcode", unit="video")

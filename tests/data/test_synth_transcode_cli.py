@@ -1,0 +1,112 @@
+"""Synthetic dataset (determinism, layout, labels), transcoding round trip, and the `data` CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from stpcore.data.cli import add_data_parser
+from stpcore.data.decode_pyav import probe
+from stpcore.data.labels import load_privacy_pickle, read_labels_csv
+from stpcore.data.splits import list_records
+from stpcore.data.synth import SYNTH_ACTIONS, make_synthetic_dataset, render_video, write_video
+from stpcore.data.transcode import transcode_dataset
+
+pytest.importorskip("av")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stpcore")
+    add_data_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_synth_deterministic_and_layout(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", videos=9, seed=4, width=64, height=48, frames=12)
+    make_synthetic_dataset(tmp_path / "b", videos=9, seed=4, width=64, height=48, frames=12)
+    c = make_synthetic_dataset(tmp_path / "c", videos=9, seed=5, width=64, height=48, frames=12)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert any((tmp_path / "a" / v.rel_path).read_bytes() != (tmp_path / "c" / v.rel_path).read_bytes()
+               for v in c)
+    # HMDB51 layout: class folders, three split files per class, labels as CSV and as the release's pickle.
+    for cls in SYNTH_ACTIONS:
+        assert all((tmp_path / "a" / f"{cls}_test_split{s}.txt").is_file() for s in (1, 2, 3))
+    csv_labels = read_labels_csv(tmp_path / "a" / "vp_labels.csv")
+    pkl_labels = load_privacy_pickle(tmp_path / "a" / "vp_labels.pickle")
+    assert csv_labels.keys() == pkl_labels.keys() == {v.rel_path.rsplit(".", 1)[0] for v in a}
+    train = list_records(tmp_path / "a", "auto", 1, True, labels=csv_labels)
+    test = list_records(tmp_path / "a", "auto", 1, False, labels=csv_labels)
+    assert len(train.records) + len(test.records) == 9 and not train.missing and not test.missing
+    assert {r.action for r in train.records} | {r.action for r in test.records} == set(range(7))
+    assert all(r.privacy is not None for r in train.records)
+    info = probe(tmp_path / "a" / a[0].rel_path)
+    assert (info.codec, info.width, info.height, info.num_frames) == ("vp9", 64, 48, 12)
+
+
+def test_synth_appearance_carries_attributes():
+    rng = lambda: np.random.default_rng(0)  # noqa: E731 - same background and motion for both renders
+    base = np.array([0, 0, 0, 0, 0])
+    plain = render_video(0, base, rng(), 160, 120, 4)
+    for attr in range(5):
+        attrs = base.copy()
+        attrs[attr] = 1
+        changed = np.abs(render_video(0, attrs, rng(), 160, 120, 4).astype(int) - plain).sum(-1) > 30
+        assert changed.mean() > 0.005, attr  # each attribute changes >= 0.5% of the pixels (the face ~0.6%)
+    still = render_video(6, base, rng(), 160, 120, 8)
+    moving = render_video(1, base, rng(), 160, 120, 8)
+    assert np.abs(moving[0].astype(int) - moving[-1]).mean() > np.abs(still[0].astype(int) - still[4]).mean() / 10
+
+
+def test_transcode_round_trip(tmp_path):
+    src = tmp_path / "src"
+    (src / "wave").mkdir(parents=True)
+    frames = render_video(1, np.ones(5, int), np.random.default_rng(0), 64, 48, 15)
+    write_video(src / "wave" / "w1.avi", frames, fps=30, codec="mpeg4")
+    write_video(src / "wave" / "w2.avi", frames[:9], fps=30, codec="mpeg4")
+    (src / "wave_test_split1.txt").write_text("w1.avi 1\nw2.avi 2\n")
+    (src / "labels.csv").write_text("video,skin_color,face,gender,nudity,relationship\nwave/w1,1,1,1,1,1\n")
+    assert probe(src / "wave" / "w1.avi").codec == "mpeg4"
+    for codec, ext in (("vp9", ".webm"), ("h264", ".mp4")):
+        dst = tmp_path / codec
+        report = transcode_dataset(src, dst, codec=codec, workers=2, progress=False)
+        assert len(report.written) == 2 and not report.failed
+        assert sorted(report.copied) == ["labels.csv", "wave_test_split1.txt"]
+        for name, n in (("w1", 15), ("w2", 9)):
+            info = probe(dst / "wave" / f"{name}{ext}")
+            assert (info.codec, info.num_frames, info.width, info.height) == (codec, n, 64, 48)
+            assert info.fps == pytest.approx(30)
+        assert not [p for p in (dst / "wave").iterdir() if p.name.startswith(".")]
+        again = transcode_dataset(src, dst, codec=codec, workers=1, progress=False)
+        assert len(again.skipped) == 2 and not again.written
+        # The copied split files find the transcoded videos (matched on "<class>/<stem>").
+        assert [r.path.suffix for r in list_records(dst, "auto", 1, True).records] == [ext]
+
+
+def test_cli_synth_check_labels(tmp_path, capsys, shared_dir):
+    out = tmp_path / "ds"
+    assert _run(["data", "synth", str(out), "--videos", "7", "--seed", "0", "--width", "64", "--height", "48",
+                 "--frames", "34"]) == 0
+    assert _run(["data", "check", str(out), "--labels", str(out / "vp_labels.pickle")]) == 0
+    text = capsys.readouterr().out
+    assert "videos found: 7" in text and "labels matched: 7" in text and "OK" in text
+    (out / "up" / "up_v000.webm").write_bytes(b"")
+    assert _run(["data", "check", str(out), "--decoder", "dali-cpu"]) == 1
+    assert "empty file: 1" in capsys.readouterr().out
+    assert _run(["data", "labels", "import", str(out / "vp_labels.csv"), str(tmp_path / "n.csv")]) == 0
+    (tmp_path / "bad.csv").write_text("video,skin_color,face,gender,nudity,relationship\n../x,1,1,1,1,1\n")
+    assert _run(["data", "labels", "import", str(tmp_path / "bad.csv"), str(tmp_path / "n2.csv")]) == 1
+    assert "bad.csv:2" in capsys.readouterr().err and not (tmp_path / "n2.csv").exists()
+    released = shared_dir / "data" / "vp_hmdb51_privacy_labels.pickle"
+    if released.is_file():
+        assert _run(["data", "labels", "export", str(released), str(tmp_path / "hmdb.csv")]) == 0
+        assert len(read_labels_csv(tmp_path / "hmdb.csv")) == 6766
