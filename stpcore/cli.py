@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -19,12 +20,71 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from stpcore.config import dataclass_from_args
+    from stpcore.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
+
+    cfg = dataclass_from_args(TrainConfig, args)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit(resume=args.resume)
+    except TrainingInterrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
+    except TrainingDiverged as exc:
+        print(f"diverged: {exc}", file=sys.stderr)
+        return 1
+    if trainer.dist.main:
+        print(f"trained STPrivacy: {Path(cfg.out_dir) / 'stprivacy.pt'} (full state: {Path(cfg.out_dir) / 'last.pt'})")
+    return 0
+
+
+def _cmd_anonymize(args: argparse.Namespace) -> int:
+    from stpcore.anonymize import anonymize_files
+    from stpcore.inference import load_trained
+
+    anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision)
+    cfg = anonymizer.model.cfg
+    print(f"STPrivacy {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} from {args.checkpoint} "
+          f"({anonymizer.description})")
+    report = anonymize_files(
+        args.inputs, args.output, anonymizer, num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid,
+        tubelet=cfg.tubelet, stride=args.stride, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
+        adaptive_threshold=args.adaptive, side_by_side=args.side_by_side,
+    )
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stpcore", description="STPrivacy engine: train, evaluate, anonymize.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="versions, devices, and which backends can run (and why not)")
     p.set_defaults(func=_cmd_info)
+
+    from stpcore.config import add_dataclass_arguments
+    from stpcore.train import TrainConfig
+
+    p = sub.add_parser("train", help="train STPrivacy (phases 1 and 2); torchrun for several processes")
+    p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+    p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
+    add_dataclass_arguments(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("anonymize", help="anonymize video files with a trained STPrivacy checkpoint")
+    p.add_argument("inputs", nargs="+", help="video files (any format FFmpeg reads)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--checkpoint", required=True, help="stprivacy.pt (or last.pt) written by `stpcore train`")
+    ratio = p.add_mutually_exclusive_group()
+    ratio.add_argument("--keep-ratio", type=float, help="keep ratio per stage (default: the trained one)")
+    ratio.add_argument("--adaptive", type=float, metavar="T", help="keep tubelets with keep probability > T")
+    p.add_argument("--side-by-side", action="store_true", help="also write input and output side by side")
+    p.add_argument("--stride", type=int, default=1, help="frame stride inside a clip (default 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, ... (see stpcore.inference)")
+    p.set_defaults(func=_cmd_anonymize)
 
     p = sub.add_parser("demo", help="the main job on the built-in default (see README)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")

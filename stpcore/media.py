@@ -54,37 +54,128 @@ def to_uint8(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nd
     return pixels.round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
 
 
+class VideoWriter:
+    """Streaming encoder: ``with VideoWriter(path, fps) as w: w.write(frames)``; atomic on success.
+
+    Frames are uint8 (T, H, W, 3) (or one (H, W, 3) frame); the size is fixed by the first write. Odd sizes
+    are padded by one black pixel (4:2:0 needs even sizes). codec: h264 (.mp4), vp9 (.webm), mpeg4 (.avi).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float = 25.0, codec: str = "h264", crf: int | None = None):
+        if codec not in CODECS:
+            raise ValueError(f"VideoWriter: codec must be one of {sorted(CODECS)}, got {codec!r}")
+        self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
+        self.frames_written = 0
+
+    def __enter__(self) -> VideoWriter:
+        import av  # optional dependency (stpcore[video])
+
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._container = av.open(str(tmp), mode="w")
+        self._stream = None
+        return self
+
+    def _open_stream(self, height: int, width: int) -> None:
+        from fractions import Fraction
+
+        encoder, _, pix_fmt = CODECS[self.codec]
+        self._stream = self._container.add_stream(encoder, rate=Fraction(self.fps).limit_denominator(1001))
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width + width % 2, height + height % 2, pix_fmt
+        if self.crf is not None:
+            self._stream.options = {"crf": str(self.crf)}
+        self._size = (height, width)
+
+    def write(self, frames: np.ndarray) -> None:
+        import av
+
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"VideoWriter: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        if self._stream is None:
+            self._open_stream(*frames.shape[1:3])
+        if frames.shape[1:3] != self._size:
+            raise ValueError(f"VideoWriter: frame size changed from {self._size} to {frames.shape[1:3]}")
+        H, W = self._size
+        if H % 2 or W % 2:
+            frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+        self.frames_written += len(frames)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        failure = exc
+        try:
+            if failure is None and self._stream is None:
+                failure = ValueError(f"VideoWriter: no frames were written to {self.path}")
+            if failure is None:
+                for packet in self._stream.encode():  # flush the encoder
+                    self._container.mux(packet)
+        except Exception as e:  # noqa: BLE001 - reported below, after the file is abandoned
+            failure = e
+        finally:
+            self._container.close()
+        if failure is None:
+            self._atomic.__exit__(None, None, None)  # rename into place
+            return False
+        self._atomic.__exit__(type(failure), failure, failure.__traceback__)  # delete the temporary file
+        if exc is None:
+            raise failure
+        return False
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, codec: str = "h264",
                 crf: int | None = None) -> Path:
-    """Encode uint8 frames (T, H, W, 3) to ``path`` with PyAV (h264: .mp4, vp9: .webm, mpeg4: .avi).
-
-    Odd frame sizes are padded by one pixel of black (4:2:0 needs even sizes).
-    """
-    from fractions import Fraction
-
-    import av  # optional dependency (stpcore[video])
-
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_video: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    if codec not in CODECS:
-        raise ValueError(f"write_video: codec must be one of {sorted(CODECS)}, got {codec!r}")
-    encoder, _, pix_fmt = CODECS[codec]
-    T, H, W, _ = frames.shape
-    pad_h, pad_w = H % 2, W % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = W + pad_w, H + pad_h, pix_fmt
-            if crf is not None:
-                stream.options = {"crf": str(crf)}
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+    """Encode uint8 frames (T, H, W, 3) to ``path`` in one call (see :class:`VideoWriter`)."""
+    if not (isinstance(frames, np.ndarray) and frames.ndim == 4 and frames.shape[-1] == 3
+            and frames.dtype == np.uint8):
+        raise ValueError(f"write_video: frames must be uint8 (T, H, W, 3), got {getattr(frames, 'dtype', None)} "
+                         f"{getattr(frames, 'shape', None)}")
+    with VideoWriter(path, fps, codec, crf) as writer:
+        writer.write(frames)
     return Path(path)
+
+
+def read_frames(path: str | os.PathLike, short_side: int | None = None, crop: int | None = None):
+    """Decode a video's frames in order: yields uint8 (H, W, 3), optionally resized and centre-cropped.
+
+    short_side: resize so the shorter side has this many pixels (aspect kept, FFmpeg's scaler).
+    crop: then cut a centred crop x crop square.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if short_side is not None:
+                h, w = frame.height, frame.width
+                scale = short_side / min(h, w)
+                frame = frame.reformat(width=max(short_side, round(w * scale)),
+                                       height=max(short_side, round(h * scale)), format="rgb24")
+            img = frame.to_ndarray(format="rgb24")
+            if crop is not None:
+                h, w = img.shape[:2]
+                if h < crop or w < crop:
+                    raise ValueError(f"{path}: frame {w}x{h} is smaller than the crop {crop}")
+                y, x = (h - crop) // 2, (w - crop) // 2
+                img = img[y : y + crop, x : x + crop]
+            yield np.ascontiguousarray(img)
+
+
+def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:
+    """The average frame rate of a video's first video stream (``default`` when the file does not say)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        rate = container.streams.video[0].average_rate or container.streams.video[0].guessed_rate
+        return float(rate) if rate else default
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:

@@ -123,17 +123,6 @@ class TrainConfig:
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        """A config from a JSON file, with ``overrides`` (e.g. command-line flags) taking precedence."""
-        values = json.loads(Path(path).read_text())
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown config field(s) {unknown}; fields are {sorted(names)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
     def model_config(self, num_classes: int) -> STPrivacyConfig:
         extra = {k: v for k, v in (("num_frames", self.num_frames), ("image_size", self.image_size)) if v is not None}
         return STPrivacyConfig.from_name(self.preset, num_classes=num_classes, **extra, **self.model_overrides)

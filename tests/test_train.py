@@ -123,14 +123,20 @@ def test_nan_guard_stops_with_checkpoint(tmp_path):
         trainer.fit()
 
 
-def test_config_file_and_overrides(tmp_path):
+def test_config_file_and_flag_overrides(tmp_path):
+    from stpcore.cli import build_parser
+    from stpcore.config import dataclass_from_args
+
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"data_root": "d", "out_dir": "o", "batch_size": 8, "preset": "tiny"}))
-    cfg = TrainConfig.from_file(path, batch_size=2, seed=None)
-    assert cfg.batch_size == 2 and cfg.preset == "tiny" and cfg.seed == 0
+    args = build_parser().parse_args(["train", "--config", str(path), "--batch-size", "2", "--no-progress"])
+    cfg = dataclass_from_args(TrainConfig, args)
+    assert (cfg.batch_size, cfg.preset, cfg.seed, cfg.progress) == (2, "tiny", 0, False)
     path.write_text(json.dumps({"data_root": "d", "out_dir": "o", "bogus": 1}))
     with pytest.raises(ValueError, match="bogus"):
-        TrainConfig.from_file(path)
+        dataclass_from_args(TrainConfig, build_parser().parse_args(["train", "--config", str(path)]))
+    with pytest.raises(ValueError, match="--data-root"):
+        dataclass_from_args(TrainConfig, build_parser().parse_args(["train", "--out-dir", "o"]))
 
 
 def test_load_anonymizer_rejects_other_files(tmp_path):

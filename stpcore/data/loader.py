@@ -67,6 +67,9 @@ class DataConfig:
         shard_id, num_shards: this rank's shard (torchrun: RANK, WORLD_SIZE).
         seed: shuffling and clip sampling seed; the epoch is mixed in.
         drop_last: drop a last partial batch in train mode.
+        cache: PyAV path: keep every decoded, resized video in memory (uint8) so each is decoded once per
+            run instead of once per epoch; for small datasets (the synthetic one). Decoding then runs in the
+            main process (workers is ignored), since worker processes would not keep the cache.
     """
 
     root: str | Path
@@ -90,6 +93,7 @@ class DataConfig:
     num_shards: int = 1
     seed: int = 0
     drop_last: bool = False
+    cache: bool = False
 
 
 @dataclass
@@ -184,9 +188,18 @@ class _ClipDataset(torch.utils.data.Dataset):
         self.stride = stride
         self.epoch = 0
         self._probe_cache: dict[str, VideoInfo | VideoError] = {}
+        self._frames: dict[int, torch.Tensor] = {}  # cfg.cache: index -> uint8 (F, 3, H', W') resized video
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _cached_video(self, index: int, info: VideoInfo) -> torch.Tensor:
+        from stpcore.data.decode_pyav import decode_frames, resize_frames
+
+        if index not in self._frames:
+            frames, _ = decode_frames(self.records[index].path, np.arange(info.num_frames))
+            self._frames[index] = resize_frames(frames, self.cfg.short_side).round().clamp(0, 255).to(torch.uint8)
+        return self._frames[index]
 
     def __getitem__(self, index: int) -> dict:
         from stpcore.data.decode_pyav import crop_normalize, decode_frames, resize_frames
@@ -201,10 +214,14 @@ class _ClipDataset(torch.utils.data.Dataset):
                 events.append(("short video, looped", f"{rec.path} ({info.num_frames} frames < "
                                                       f"{clip_span(cfg.num_frames, self.stride)})"))
             # Decode and resize every frame any view needs once, then cut the views from them.
-            wanted = np.unique(np.concatenate([s.frames for s in specs]))
-            frames, _ = decode_frames(rec.path, wanted)
-            resized = resize_frames(frames, cfg.short_side)  # (F, 3, H', W')
-            pos = {int(f): i for i, f in enumerate(wanted)}
+            if cfg.cache:
+                resized = self._cached_video(index, info).float()  # (F, 3, H', W'), every frame
+                pos = {f: f for f in range(resized.shape[0])}
+            else:
+                wanted = np.unique(np.concatenate([s.frames for s in specs]))
+                frames, _ = decode_frames(rec.path, wanted)
+                resized = resize_frames(frames, cfg.short_side)  # (F, 3, H', W')
+                pos = {int(f): i for i, f in enumerate(wanted)}
             clips = [
                 crop_normalize(resized[[pos[int(f)] for f in s.frames]], s, cfg.crop, cfg.mean, cfg.std)
                 for s in specs
@@ -313,16 +330,24 @@ class _LoaderBase:
 class PyAVClipLoader(_LoaderBase):
     """CPU loader: PyAV decoding in `cfg.workers` DataLoader worker processes. Iterate for one epoch."""
 
+    _cached_dataset: _ClipDataset | None = None
+
     def __iter__(self) -> Iterator[Batch]:
         cfg = self.cfg
-        dataset = _ClipDataset(self.records, cfg, self.stride)
+        if cfg.cache:
+            # One dataset for the loader's lifetime, so the decoded videos stay cached across epochs.
+            if self._cached_dataset is None:
+                self._cached_dataset = _ClipDataset(self.records, cfg, self.stride)
+            dataset = self._cached_dataset
+        else:
+            dataset = _ClipDataset(self.records, cfg, self.stride)
         dataset.epoch = self.epoch
         order = self.shard().tolist()
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=cfg.batch_size,
             sampler=order,
-            num_workers=cfg.workers,
+            num_workers=0 if cfg.cache else cfg.workers,
             collate_fn=_collate,
             drop_last=cfg.train and cfg.drop_last,
             pin_memory=torch.cuda.is_available(),

@@ -187,3 +187,24 @@ def test_probe_and_odd_sizes(bad_dataset):
     assert raw.shape == (3, 34, 202, 3) and n == 34
     clip = clip_tensor(raw, ClipSpec(np.arange(3), 1.0, 0.0, True))
     assert clip.shape == (3, 3, 112, 112)
+
+
+def test_cache_mode_decodes_once_and_matches_uncached(tmp_path, monkeypatch):
+    from stpcore.data import DataConfig, get_loader
+    from stpcore.data import decode_pyav
+    from stpcore.data.synth import make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path, videos=7, seed=1, width=64, height=48, frames=20)
+    common = dict(root=tmp_path, labels=tmp_path / "vp_labels.csv", batch_size=4, workers=0, decoder="pyav",
+                  num_frames=8, short_side=37, crop=32, stride=2, seed=3)
+    calls = []
+    real = decode_pyav.decode_frames
+    monkeypatch.setattr(decode_pyav, "decode_frames", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cached, plain = get_loader(DataConfig(**common, cache=True)), get_loader(DataConfig(**common))
+    for _ in range(2):  # two epochs: different random clips, the same in both loaders
+        for a, b in zip(cached, plain, strict=True):
+            assert a.video_ids == b.video_ids
+            # the cache stores uint8 after the resize: at most half a grey level apart (/ std on [0, 1] scale)
+            assert (a.clips - b.clips).abs().max().item() <= 0.5 / 255 / 0.224 + 1e-5
+    decoded_by_cache = len(calls) - len(plain.records) * 2
+    assert decoded_by_cache == len(cached.records)  # once per video over both epochs
