@@ -190,8 +190,7 @@ def test_probe_and_odd_sizes(bad_dataset):
 
 
 def test_cache_mode_decodes_once_and_matches_uncached(tmp_path, monkeypatch):
-    from stpcore.data import DataConfig, get_loader
-    from stpcore.data import decode_pyav
+    from stpcore.data import DataConfig, decode_pyav, get_loader
     from stpcore.data.synth import make_synthetic_dataset
 
     make_synthetic_dataset(tmp_path, videos=7, seed=1, width=64, height=48, frames=20)
