@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from stpcore import media
+from stpcore.tubelets import keep_to_pixels
 
 
 @dataclass
@@ -115,7 +116,8 @@ def anonymize_file(
                 out = np.empty_like(chunk)
                 for p in range(stride):
                     video, keep = outputs[c * stride + p]
-                    out[p::stride] = media.to_uint8(video, mean, std)
+                    mask = keep_to_pixels(keep.float()[None], grid, tubelet)[0]  # (1, T, H, W)
+                    out[p::stride] = media.to_uint8(video, mean, std, mask=mask)
                     keeps.append(keep.to(torch.uint8).numpy())
                     starts.append(start + p)
                     phases.append(p)

@@ -19,6 +19,7 @@ import torch
 
 from stpcore import media
 from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.tubelets import keep_to_pixels
 
 
 def generated_clip(frames: int, size: int, seed: int = 0) -> np.ndarray:
@@ -61,7 +62,8 @@ def run_demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         result = model(normalise(frames)[None])
     seconds = time.perf_counter() - start
-    anonymized = media.to_uint8(result.video[0])
+    mask = keep_to_pixels(result.keep[:1], cfg.grid, cfg.tubelet)[0]  # (1, T, H, W): dropped tubelets black
+    anonymized = media.to_uint8(result.video[0], mask=mask)
     written = {
         "input": media.write_video(out / "input.mp4", frames, fps=8),
         "anonymized": media.write_video(out / "anonymized.mp4", anonymized, fps=8),

@@ -44,13 +44,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def to_uint8(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """A normalised clip (3, T, H, W) float -> uint8 frames (T, H, W, 3)."""
+def to_uint8(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, mask: torch.Tensor | None = None) -> np.ndarray:
+    """A normalised clip (3, T, H, W) float -> uint8 frames (T, H, W, 3).
+
+    mask: optional (1, T, H, W) 0/1 pixel mask (e.g. ``tubelets.keep_to_pixels`` of a keep mask); pixels
+    where it is 0 are written black. The model's dropped tubelets are zero in normalised space, which is
+    the mean colour, not black, so anonymized output passes its keep mask here.
+    """
     if video.dim() != 4 or video.shape[0] != 3:
         raise ValueError(f"to_uint8: expected a (3, T, H, W) clip, got {tuple(video.shape)}")
     m = torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1, 1)
     pixels = (video.detach().float().cpu() * s + m).clamp(0, 1) * 255
+    if mask is not None:
+        pixels = pixels * mask.detach().float().cpu()
     return pixels.round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
 
 

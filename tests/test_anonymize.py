@@ -1,0 +1,90 @@
+"""`stpcore anonymize`: whole files, clip by clip, at the source frame rate; bad files skipped."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from stpcore import media
+from stpcore.anonymize import anonymize_files
+from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.tubelets import keep_to_pixels
+
+
+def _decode(path):
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return STPrivacy(STPrivacyConfig.from_name("tiny")).eval()
+
+
+def _source(path, frames=21, h=40, w=56, fps=12):
+    rng = np.random.default_rng(0)
+    video = (rng.random((frames, h, w, 3)) * 255).astype(np.uint8)
+    return media.write_video(path, video, fps=fps)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_anonymize_whole_file_black_where_dropped(tmp_path, model, stride):
+    src = _source(tmp_path / "cam.mp4")
+    cfg = model.cfg
+    report = anonymize_files(
+        [src], tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid,
+        tubelet=cfg.tubelet, stride=stride, batch_size=3, side_by_side=True, verbose=False,
+    )
+    assert not report.failed
+    out = _decode(tmp_path / "out" / "cam.anonymized.mp4")
+    assert out.shape == (21, 32, 32, 3)  # every source frame, at the model's crop
+    with av.open(str(tmp_path / "out" / "cam.anonymized.mp4")) as c:
+        assert abs(float(c.streams.video[0].average_rate) - 12) < 0.01
+    saved = np.load(tmp_path / "out" / "cam.keep.npz")
+    chunk = cfg.num_frames * stride
+    n_chunks = -(-21 // chunk)
+    assert saved["keep"].shape == (n_chunks * stride, cfg.num_tokens)
+    assert saved["keep"].sum(1).tolist() == [cfg.num_slots * cfg.kept_per_slot()[-1]] * (n_chunks * stride)
+    # Pixels of dropped tubelets are black (up to H.264's rounding); kept ones are not all black.
+    for i, (start, phase) in enumerate(zip(saved["start"], saved["phase"], strict=True)):
+        mask = keep_to_pixels(torch.from_numpy(saved["keep"][i]).float()[None], cfg.grid, cfg.tubelet)[0, 0]
+        frame_ids = np.arange(start - phase, start - phase + chunk)[phase::stride]
+        valid = frame_ids < 21
+        clip = out[frame_ids[valid]].astype(float)  # (T', H, W, 3)
+        dropped = ~mask.bool().numpy()[valid]
+        assert clip[dropped].mean() < 12
+        assert clip[~dropped].mean() > 30
+    sbs = _decode(tmp_path / "out" / "cam.side_by_side.mp4")
+    assert sbs.shape == (21, 32, 32 * 2 + 4, 3)
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, model, capsys):
+    good = _source(tmp_path / "good.mp4", frames=8)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x01garbage" * 100)
+    cfg = model.cfg
+    report = anonymize_files(
+        [empty, good, corrupt, tmp_path / "missing.mp4"], tmp_path / "out", model, num_frames=cfg.num_frames,
+        image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet,
+    )
+    assert set(report.failed) == {str(empty), str(corrupt), str(tmp_path / "missing.mp4")}
+    assert (tmp_path / "out" / "good.anonymized.mp4").is_file()
+    assert not list((tmp_path / "out").glob("empty*")) and not list((tmp_path / "out").glob(".*"))
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_same_stem_twice_gets_unique_names(tmp_path, model):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    srcs = [_source(tmp_path / d / "cam.mp4", frames=8) for d in ("a", "b")]
+    cfg = model.cfg
+    report = anonymize_files(srcs, tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size,
+                             grid=cfg.grid, tubelet=cfg.tubelet, verbose=False)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.anonymized.mp4")) == [
+        "cam-1.anonymized.mp4", "cam.anonymized.mp4"]
+    assert not report.failed
