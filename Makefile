@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# The GPU machine's triton; CI pins the same so the kernels are tested against one version.
+TRITON_SPEC ?= triton==3.6.0
 EXTRAS ?= triton,video,eval,dali,dev
 STAMP := $(VENV)/.stpcore-installed
 PYTEST_ARGS ?=
@@ -23,7 +25,7 @@ $(PY):
 # Reinstall when the packaging changes; otherwise reuse the environment.
 $(STAMP): $(PY) pyproject.toml setup.py
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
+	$(PY) -m pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
