@@ -1,0 +1,374 @@
+"""Phase 3: metrics, the methods' transforms, fresh recognizers end to end, tables, the trade-off sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score
+
+from stpcore.evaluate import (
+    EvalConfig,
+    MethodResult,
+    STPrivacyTransform,
+    SweepPoint,
+    evaluate,
+    evaluate_method,
+    make_transform,
+    masked_privacy_loss,
+    paper_table,
+    results_table,
+    sweep,
+    video_metrics,
+    write_results,
+    write_sweep,
+)
+from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.train import _masked_privacy_loss, save_anonymizer
+from stpcore.tubelets import to_tubelets
+
+T, S, C = 8, 32, 3  # the "tiny" preset's clips; 3 action classes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared CPU: more threads than free cores makes every step several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class BandLoader:
+    """In-memory videos whose action is a bright band (row depends on the class), as RandomClipLoader.
+
+    Train mode: one random clip per video per batch entry. Test mode: ``views`` clips per video kept together
+    in one batch, with video_index / clip_index / video_ids like the real loader. Every fifth video has no
+    privacy labels; privacy attribute 0 follows the class (so a privacy recognizer can learn it).
+    """
+
+    def __init__(self, num_videos: int, batch_videos: int, train: bool, views: int = 3, seed: int = 0):
+        self.num_videos, self.batch_videos, self.train = num_videos, batch_videos, train
+        self.views = 1 if train else views
+        self.seed = seed
+        self.classes = [f"class{i}" for i in range(C)]
+        self.epoch = 0
+        g = torch.Generator().manual_seed(1000 + seed)
+        self.actions = torch.arange(num_videos) % C
+        self.privacy = torch.randint(0, 2, (num_videos, 5), generator=g).float()
+        self.privacy[:, 0] = (self.actions == 0).float()
+        self.has = torch.arange(num_videos) % 5 != 4
+
+    def __len__(self) -> int:
+        return -(-self.num_videos // self.batch_videos)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + (self.epoch if self.train else 0))
+        order = torch.randperm(self.num_videos, generator=g) if self.train else torch.arange(self.num_videos)
+        band = S // C
+        for start in range(0, self.num_videos, self.batch_videos):
+            vids = order[start:start + self.batch_videos].repeat_interleave(self.views)  # (B,) views together
+            clips = torch.randn(len(vids), 3, T, S, S, generator=g) * 0.5
+            for i, v in enumerate(vids.tolist()):
+                a = int(self.actions[v])
+                clips[i, :, :, a * band:(a + 1) * band] += 2.0
+            yield SimpleNamespace(
+                clips=clips, actions=self.actions[vids], privacy=self.privacy[vids] * self.has[vids, None],
+                has_privacy=self.has[vids], video_index=vids, clip_index=torch.arange(len(vids)) % self.views,
+                video_ids=[f"class{int(self.actions[v])}/v{v}" for v in vids.tolist()],
+            )
+
+
+def _cfg(tmp_path, **kw) -> EvalConfig:
+    base = dict(data_root="unused", out_dir=str(tmp_path / "eval"), preset="tiny", epochs=4, batch_size=8,
+                base_lr=0.5, warmup_epochs=0.5, progress=False, device="cpu")
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _tiny_checkpoint(tmp_path) -> tuple[STPrivacy, str]:
+    torch.manual_seed(1)
+    model = STPrivacy(STPrivacyConfig.from_name("tiny", num_classes=C)).eval()
+    path = tmp_path / "stprivacy.pt"
+    save_anonymizer(model, path, classes=[f"class{i}" for i in range(C)])
+    return model, str(path)
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def test_top1_averages_views_per_video():
+    # Video 0 (label 0): one confident right view, two mildly wrong ones: the per-clip majority says class 1,
+    # the mean probability says class 0. Video 1 (label 1): all views right.
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9]])
+    actions = torch.tensor([0, 0, 0, 1, 1, 1])
+    video_index = torch.tensor([7, 7, 7, 3, 3, 3])
+    per_clip = (probs.argmax(-1) == actions).float().mean().item()
+    privacy = torch.zeros(6, 5)
+    m = video_metrics(probs, actions, torch.rand(6, 5), privacy, torch.zeros(6, dtype=torch.bool), video_index)
+    assert m.top1 == pytest.approx(100.0) and per_clip == pytest.approx(4 / 6)
+    assert m.num_videos == 2 and m.num_privacy_videos == 0
+    assert math.isnan(m.cmap) and math.isnan(m.f1)
+    # Without grouping (every clip its own video) the wrong views count.
+    m = video_metrics(probs, actions, torch.rand(6, 5), privacy, torch.zeros(6, dtype=torch.bool), torch.arange(6))
+    assert m.top1 == pytest.approx(100 * 4 / 6)
+
+
+def test_cmap_and_f1_match_sklearn_on_averaged_views():
+    g = torch.Generator().manual_seed(0)
+    V, views = 40, 3
+    labels = torch.randint(0, 2, (V, 5), generator=g).float()
+    labels[0], labels[1] = 1.0, 0.0  # every attribute has both classes
+    has = torch.ones(V, dtype=torch.bool)
+    has[::7] = False  # these videos must not count
+    probs = torch.rand(V * views, 5, generator=g)
+    video_index = torch.arange(V).repeat_interleave(views)
+    per_clip_labels = labels[video_index]
+    per_clip_labels[~has[video_index]] = 0.0
+    m = video_metrics(torch.rand(V * views, C, generator=g), torch.zeros(V * views, dtype=torch.long), probs,
+                      per_clip_labels, has[video_index], video_index)
+    mean = probs.reshape(V, views, 5).mean(1)[has].numpy()
+    y = labels[has].numpy().astype(int)
+    ap = [average_precision_score(y[:, a], mean[:, a]) for a in range(5)]
+    f1 = [f1_score(y[:, a], mean[:, a] > 0.5, zero_division=0) for a in range(5)]
+    assert m.cmap == pytest.approx(100 * np.mean(ap), abs=1e-9)
+    assert m.f1 == pytest.approx(np.mean(f1), abs=1e-12)
+    assert list(m.ap.values()) == pytest.approx(ap) and m.skipped_attributes == []
+    assert m.num_privacy_videos == int(has.sum())
+
+
+def test_attribute_with_one_class_is_left_out_of_cmap():
+    g = torch.Generator().manual_seed(1)
+    V = 30
+    labels = torch.randint(0, 2, (V, 5), generator=g).float()
+    labels[0, :], labels[1, :] = 1.0, 0.0
+    labels[:, 3] = 0.0  # "nudity" never present in the test split
+    probs = torch.rand(V, 5, generator=g)
+    m = video_metrics(torch.rand(V, C), torch.zeros(V, dtype=torch.long), probs, labels,
+                      torch.ones(V, dtype=torch.bool), torch.arange(V))
+    assert m.skipped_attributes == ["nudity"] and math.isnan(m.ap["nudity"])
+    defined = [average_precision_score(labels[:, a].int().numpy(), probs[:, a].numpy()) for a in (0, 1, 2, 4)]
+    assert m.cmap == pytest.approx(100 * np.mean(defined))
+    # F1 stays defined for it (all-negative truth: 0 with zero_division=0 or when predictions are positive).
+    assert m.f1_per_attribute["nudity"] == pytest.approx(f1_score(labels[:, 3].int().numpy(), probs[:, 3] > 0.5,
+                                                                  zero_division=0))
+
+
+def test_inconsistent_view_labels_raise():
+    with pytest.raises(ValueError, match="views of one video"):
+        video_metrics(torch.rand(2, C), torch.tensor([0, 1]), torch.rand(2, 5), torch.zeros(2, 5),
+                      torch.ones(2, dtype=torch.bool), torch.tensor([0, 0]))
+
+
+def test_masked_privacy_loss_equals_trainers():
+    logits, labels = torch.randn(6, 5), torch.randint(0, 2, (6, 5)).float()
+    for has in (torch.ones(6, dtype=torch.bool), torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool),
+                torch.zeros(6, dtype=torch.bool)):
+        assert masked_privacy_loss(logits, labels, has).item() == pytest.approx(
+            _masked_privacy_loss(logits, labels, has).item(), abs=1e-6)
+
+
+# -- transforms -------------------------------------------------------------------------------------
+
+
+def _clips(B=2, H=S):
+    torch.manual_seed(3)
+    return torch.randn(B, 3, T, H, H) + 0.3
+
+
+@pytest.mark.parametrize("name", ["raw", "downsample2", "downsample4", "blur_weak", "blur_strong"])
+def test_baseline_transforms_keep_shape_and_mean(name):
+    clips = _clips()
+    t = make_transform(name)
+    video, keep = t(clips)
+    assert video.shape == clips.shape and video.dtype == clips.dtype and keep is None and t.keep_mode is None
+    assert t.name == name
+    if name == "raw":
+        assert torch.equal(video, clips)
+        return
+    assert not torch.allclose(video, clips, atol=1e-2)
+    per_frame_mean = clips.mean(dim=(-1, -2))
+    assert torch.allclose(video.mean(dim=(-1, -2)), per_frame_mean, atol=0.05)
+    assert video.std() < clips.std()  # detail removed
+
+
+def test_stronger_baselines_remove_more_detail():
+    clips = _clips()
+    residual = {n: (make_transform(n)(clips)[0] - clips).pow(2).mean().item()
+                for n in ("downsample2", "downsample4", "blur_weak", "blur_strong")}
+    assert residual["downsample4"] > residual["downsample2"]
+    assert residual["blur_strong"] > residual["blur_weak"]
+
+
+def test_downsample_is_blockwise_mean():
+    clips = _clips(B=1)
+    video, _ = make_transform("downsample4")(clips)
+    block = clips[0, 1, 2, 4:8, 8:12]
+    assert torch.allclose(video[0, 1, 2, 4:8, 8:12], block.mean().expand(4, 4), atol=1e-6)
+
+
+def test_blacken_zeroes_the_box_only():
+    clips = _clips(B=3)
+    boxes = {"a/v0": (0.25, 0.5, 0.75, 1.0), "a/v2": (0.0, 0.0, 0.5, 0.5)}
+    t = make_transform("blacken", boxes=boxes)
+    video, keep = t(clips, ["a/v0", "a/v1", "a/v2"])
+    assert keep is None and video.shape == clips.shape
+    assert (video[0, :, :, 16:32, 8:24] == 0).all() and (video[2, :, :, 0:16, 0:16] == 0).all()
+    outside = torch.ones_like(clips, dtype=torch.bool)
+    outside[0, :, :, 16:32, 8:24] = False
+    outside[2, :, :, 0:16, 0:16] = False
+    assert torch.equal(video[outside], clips[outside])  # video 1 has no box: untouched
+    assert t.missing == {"a/v1"}
+    with pytest.raises(ValueError, match="video_ids"):
+        t(clips)
+    with pytest.raises(ValueError, match="boxes"):
+        make_transform("blacken")
+    with pytest.raises(ValueError, match="x0"):
+        make_transform("blacken", boxes={"a/v0": (0.8, 0.0, 0.2, 1.0)})
+
+
+def test_stprivacy_transform_drops_exact_zeros_with_equal_counts():
+    model = STPrivacy(STPrivacyConfig.from_name("tiny", num_classes=C))
+    cfg = model.cfg
+    clips = _clips(B=3)
+    for ratio in (0.7, 0.5):
+        t = make_transform("stprivacy", anonymizer=model, keep_ratio=ratio)
+        video, keep = t(clips)
+        assert t.keep_mode == "gather" and not model.training
+        assert video.shape == clips.shape and keep.shape == (3, cfg.num_tokens)
+        counts = keep.sum(1)
+        assert (counts == cfg.num_slots * cfg.kept_per_slot(ratio)[-1]).all()
+        # Dropped tubelets are exactly zero; kept ones are the reconstruction (not all zero).
+        tubes = to_tubelets(video, cfg.tubelet)  # (B, N, pixels) in t-major token order
+        assert (tubes[keep == 0] == 0).all() and (tubes[keep == 1].abs().sum(-1) > 0).all()
+    adaptive = STPrivacyTransform(model, threshold=0.5)
+    video, keep = adaptive(clips)
+    assert adaptive.keep_mode == "policy" and set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+
+def test_evaluate_method_learns_the_action(tmp_path):
+    cfg = _cfg(tmp_path)
+    train = BandLoader(num_videos=48, batch_videos=8, train=True)
+    test = BandLoader(num_videos=15, batch_videos=4, train=False, views=3, seed=1)
+    result = evaluate_method(make_transform("raw"), cfg, train, test)
+    assert result.method == "raw" and result.epochs == 4
+    assert result.top1 >= 80.0, result  # chance is 33 %
+    assert result.num_test_videos == 15 and result.num_privacy_videos == 12
+    assert 0.0 <= result.cmap <= 100.0 and 0.0 <= result.f1 <= 1.0 and result.kept_fraction == 1.0
+    assert set(result.ap) == set(result.f1_per_attribute) == {"skin_color", "face", "gender", "nudity",
+                                                              "relationship"}
+    assert all(0 <= v <= 1 for v in result.ap.values() if not math.isnan(v))
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "eval_metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2, 3] and all(r["method"] == "raw" for r in lines)
+    assert epochs[-1]["ce_action"] < epochs[0]["ce_action"]
+    assert lines[-1]["test"]["top1"] == pytest.approx(result.top1)
+
+
+def test_evaluate_skips_blacken_without_boxes_and_writes_tables(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    train = BandLoader(num_videos=16, batch_videos=8, train=True)
+    test = BandLoader(num_videos=10, batch_videos=5, train=False, views=2, seed=1)
+    with pytest.warns(UserWarning, match="blacken.*skipped"):
+        results = evaluate(cfg, methods=("raw", "blacken", "downsample4"), train_loader=train, test_loader=test)
+    assert [r.method for r in results] == ["raw", "downsample4"]
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "| raw |" in md and "| downsample4 |" in md
+    assert "for orientation; different data" in md and "51.44" in md and "82.55" in md
+    rows = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
+    assert [r["method"] for r in rows if r["source"] == "ours"] == ["raw", "downsample4"]
+    assert {r["dataset"] for r in rows if r["source"] == "paper"} == {"hmdb51", "ucf101"}
+    with pytest.raises(ValueError, match="checkpoint"):
+        evaluate(cfg, methods=("stprivacy",), train_loader=train, test_loader=test)
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate(cfg, methods=("pixelate",), train_loader=train, test_loader=test)
+
+
+def test_results_table_and_paper_block(tmp_path):
+    nan = math.nan
+    results = [
+        MethodResult("raw", 51.0, 75.5, 0.67, {}, {}, [], 10, 8, 1.0, 1.0, 80),
+        MethodResult("stprivacy@0.7", 50.2, nan, 0.6, {}, {}, ["nudity"], 10, 8, 0.343, 1.0, 80,
+                     note="cMAP over 4 of 5 attributes"),
+    ]
+    md, table = results_table(results, dataset="ucf101")
+    assert "| stprivacy@0.7 | 50.20 | .600 | n/a |" in md and "cMAP over 4 of 5" in md
+    assert "VP-UCF101" in md and "VP-HMDB51" not in md and "84.20 / .684 / 76.62" in md
+    rows = list(csv.DictReader(table.splitlines()))
+    assert rows[1]["cmap"] == "" and rows[0]["top1"] == "51"
+    assert [r["method"] for r in rows if r["source"] == "paper"] == [r["method"] for r in paper_table("ucf101")]
+    assert paper_table("hmdb51")[2] == {"method": "STPrivacy", "top1": 50.73, "f1": 0.613, "cmap": 72.48}
+    with pytest.raises(ValueError, match="dataset"):
+        paper_table("kinetics")
+    md_path, csv_path = write_results(results, tmp_path / "out", dataset="hmdb51")
+    assert md_path.read_text().startswith("## Phase 3") and csv_path.read_text().startswith("source,")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv", "results.md"]  # no temp left
+
+
+def test_sweep_writes_csv_and_plot(tmp_path):
+    model, path = _tiny_checkpoint(tmp_path)
+    cfg = _cfg(tmp_path, epochs=1, preset=None)
+    train = BandLoader(num_videos=8, batch_videos=4, train=True)
+    test = BandLoader(num_videos=6, batch_videos=3, train=False, views=2, seed=1)
+    raw = SweepPoint("raw", math.nan, 1.0, 60.0, 70.0, 0.6)
+    points = sweep(cfg, path, keep_ratios=(1.0, 0.5), thresholds=(0.5,), raw=raw, train_loader=train,
+                   test_loader=test)
+    assert [(p.setting, p.value) for p in points] == [("keep_ratio", 1.0), ("keep_ratio", 0.5), ("threshold", 0.5)]
+    per_slot = model.cfg.tokens_per_slot
+    assert points[0].kept_fraction == pytest.approx(1.0)
+    assert points[1].kept_fraction == pytest.approx(model.cfg.kept_per_slot(0.5)[-1] / per_slot)
+    assert 0.0 <= points[2].kept_fraction <= 1.0
+    rows = list(csv.DictReader((tmp_path / "eval" / "sweep.csv").open()))
+    assert [r["setting"] for r in rows] == ["keep_ratio", "keep_ratio", "threshold", "raw"]
+    png = (tmp_path / "eval" / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # write_sweep on its own, with a MethodResult as the raw point.
+    raw_result = MethodResult("raw", 55.0, 71.0, 0.7, {}, {}, [], 6, 6, 1.0, 1.0, 1)
+    csv_path, png_path = write_sweep(points, tmp_path / "alone", raw=raw_result)
+    assert csv_path.read_text().count("\n") == 5 and png_path.stat().st_size > 5000
+
+
+def test_geometry_mismatch_raises(tmp_path):
+    _, path = _tiny_checkpoint(tmp_path)
+    train = BandLoader(num_videos=8, batch_videos=4, train=True)
+    test = BandLoader(num_videos=4, batch_videos=2, train=False)
+    with pytest.raises(ValueError, match="geometry mismatch.*image_size=64"):
+        sweep(_cfg(tmp_path, image_size=64, preset=None), path, keep_ratios=(0.7,), thresholds=(),
+              train_loader=train, test_loader=test)
+    with pytest.raises(ValueError, match="geometry mismatch.*num_frames=16"):
+        evaluate(_cfg(tmp_path, num_frames=16), path, methods=("raw",), train_loader=train, test_loader=test)
+    # Clips of another size than the evaluation expects: caught at the first batch, naming the shapes.
+    with pytest.raises(ValueError, match=r"loader's clips are \(4, 3, 8, 32, 32\)"):
+        evaluate_method(make_transform("raw"), _cfg(tmp_path, preset="vit_small"), train, test)
+    # A recognizer preset whose tubelet grid cannot read STPrivacy's keep mask.
+    with pytest.raises(ValueError, match="tubelet grid"):
+        evaluate(_cfg(tmp_path, preset="vit_small", image_size=32, num_frames=8), path, methods=("stprivacy",),
+                 train_loader=train, test_loader=test)
+
+
+@pytest.mark.gpu
+def test_sweep_on_cuda_bf16(tmp_path):
+    # The CUDA path: bf16 autocast, STPrivacy and the recognizers on the GPU, Triton kernels by dispatch.
+    model, path = _tiny_checkpoint(tmp_path)
+    cfg = _cfg(tmp_path, epochs=2, preset=None, device="cuda")
+    train = BandLoader(num_videos=16, batch_videos=8, train=True)
+    test = BandLoader(num_videos=6, batch_videos=3, train=False, views=2, seed=1)
+    points = sweep(cfg, path, keep_ratios=(0.7,), thresholds=(0.5,), train_loader=train, test_loader=test)
+    assert points[0].kept_fraction == pytest.approx(model.cfg.kept_per_slot(0.7)[-1] / model.cfg.tokens_per_slot)
+    for p in points:
+        assert 0 <= p.top1 <= 100 and 0 <= p.cmap <= 100 and 0 <= p.f1 <= 1
+    result = evaluate_method(make_transform("blacken", boxes={"class0/v0": (0.0, 0.0, 0.5, 0.5)}), cfg, train, test,
+                             backbone=model.cfg)
+    assert 0 <= result.top1 <= 100 and "no person box" in result.note
