@@ -56,6 +56,60 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _load_boxes(path: str | None) -> dict[str, tuple[float, float, float, float]] | None:
+    """Person boxes for the blackening baseline: JSON {"<class>/<stem>": [x0, y0, x1, y1]} in [0, 1]."""
+    if path is None:
+        return None
+    import json
+
+    from stpcore.data.labels import validate_key
+
+    raw = json.loads(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object {{video_id: [x0, y0, x1, y1]}}")
+    boxes = {}
+    for key, box in raw.items():
+        validate_key(key, where=str(path))
+        if not (isinstance(box, list) and len(box) == 4 and all(0 <= float(v) <= 1 for v in box)):
+            raise ValueError(f"{path}: box of {key!r} must be [x0, y0, x1, y1] with values in [0, 1], got {box!r}")
+        boxes[key] = tuple(float(v) for v in box)
+    return boxes
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from stpcore.config import dataclass_from_args
+    from stpcore.evaluate import EvalConfig, evaluate, results_table
+
+    cfg = dataclass_from_args(EvalConfig, args)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    results = evaluate(cfg, checkpoint=args.checkpoint, methods=methods, keep_ratio=args.keep_ratio,
+                       boxes=_load_boxes(args.boxes), threshold=args.adaptive)
+    print(results_table(results)[0])
+    print(f"results in {Path(cfg.out_dir).resolve()}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from stpcore.config import dataclass_from_args
+    from stpcore.evaluate import EvalConfig, evaluate, sweep, write_sweep
+
+    cfg = dataclass_from_args(EvalConfig, args)
+    raw = evaluate(cfg, checkpoint=args.checkpoint, methods=("raw",))[0] if args.with_raw else None
+    points = sweep(cfg, args.checkpoint, keep_ratios=args.keep_ratios, thresholds=args.thresholds, raw=raw)
+    csv_path, png_path = write_sweep(points, cfg.out_dir, raw=raw)
+    for p in points:
+        print(f"{p.label:>16}: kept {p.kept_fraction:.3f}  top-1 {p.top1:.2f}  cMAP {p.cmap:.2f}  F1 {p.f1:.3f}")
+    print(f"sweep: {csv_path}, {png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stpcore", description="STPrivacy engine: train, evaluate, anonymize.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -85,6 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16, ... (see stpcore.inference)")
     p.set_defaults(func=_cmd_anonymize)
+
+    from stpcore.evaluate import EvalConfig
+
+    p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")
+    p.add_argument("--config", help="JSON file of EvalConfig fields (flags override it)")
+    p.add_argument("--checkpoint", help="trained STPrivacy (needed for the stprivacy method)")
+    p.add_argument("--methods", default="raw,stprivacy,downsample4",
+                   help="comma-separated: raw, stprivacy, downsample2, downsample4, blur_weak, blur_strong, blacken")
+    ratio = p.add_mutually_exclusive_group()
+    ratio.add_argument("--keep-ratio", type=float, help="STPrivacy keep ratio (default: the trained one)")
+    ratio.add_argument("--adaptive", type=float, metavar="T", help="STPrivacy adaptive mode at threshold T")
+    p.add_argument("--boxes", help="JSON {video_id: [x0, y0, x1, y1]} person boxes for the blacken baseline")
+    add_dataclass_arguments(p, EvalConfig)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("sweep", help="privacy/utility trade-off of one trained model over keep ratios")
+    p.add_argument("--config", help="JSON file of EvalConfig fields (flags override it)")
+    p.add_argument("--checkpoint", required=True, help="trained STPrivacy")
+    p.add_argument("--keep-ratios", type=_floats, default=(1.0, 0.85, 0.7, 0.55, 0.4))
+    p.add_argument("--thresholds", type=_floats, default=(0.5,), help="adaptive-mode thresholds")
+    p.add_argument("--with-raw", action="store_true", help="also evaluate raw video, drawn for reference")
+    add_dataclass_arguments(p, EvalConfig)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("demo", help="the main job on the built-in default (see README)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")

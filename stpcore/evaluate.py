@@ -152,17 +152,6 @@ class EvalConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> EvalConfig:
-        """A config from a JSON file, with ``overrides`` (e.g. command-line flags) taking precedence."""
-        values = json.loads(Path(path).read_text())
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown config field(s) {unknown}; fields are {sorted(names)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
 
 def check_geometry(model_cfg: BackboneConfig, cfg: EvalConfig, source: str = "the checkpoint") -> tuple[int, int]:
     """(num_frames, image_size) of the evaluation clips; ValueError when cfg asks for another size than the
