@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, EvalConfig)
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("demo", help="the main job on the built-in default (see README)")
-    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="vit_small", help="model preset (default: vit_small)")
+    from stpcore.demo import DemoConfig
+
+    p = sub.add_parser("demo", help="the main job on the built-in default: synthetic data, phases 1-3, videos")
+    p.add_argument("--config", help="JSON file of DemoConfig fields (flags override it)")
+    add_dataclass_arguments(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)
 
     try:

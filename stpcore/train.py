@@ -486,6 +486,10 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         history: dict[str, list[dict]] = {p: [] for p in PHASES}
         self.history = history  # also reachable when fit() ends by an exception
+        if self.phase == "done":  # a finished run: nothing to train, make sure the exported model exists
+            if self.dist.main and not (self.out_dir / "stprivacy.pt").is_file():
+                self.export_anonymizer(self.out_dir / "stprivacy.pt")
+            return history
         previous = self._install_signal_handlers()
         try:
             for phase in PHASES[PHASES.index(self.phase):]:
