@@ -1,0 +1,105 @@
+"""ClipAnonymizer throughput per precision against the fp32 eager model (the `stpcore anonymize` path).
+
+    .venv/bin/python -m pytest benchmarks/bench_inference.py --benchmark-only
+
+vit_small, B=8 clips of 16 x 112 x 112, eval mode (per-slot top-k: 392 -> 272 -> 192 -> 128 tokens).
+Providers: ``fp32-eager`` (the reference: ``STPrivacy(cfg).eval()`` under ``torch.no_grad``) and one
+per :class:`stpcore.inference.ClipAnonymizer` precision. The model has separated keep scores (the
+predictors re-initialised with unit gain, last Linear x10, as in tests/test_inference.py), standing in
+for trained weights so that mask agreement means something.
+
+extra_info:
+    clips_per_s: from pytest-benchmark's median.
+    speedup_vs_fp32: median over rounds of (reference time / variant time), the two timed back to back
+        in each round; on a shared CPU this ratio is steadier than comparing two separate runs.
+    fp32_clips_per_s: the reference's clips/s over those same rounds.
+    keep_agreement: fraction of the B x 392 final keep decisions equal to the reference's.
+    threads, description.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import pytest
+import torch
+
+from stpcore.inference import ClipAnonymizer, int8_unavailable_reason
+from stpcore.models import STPrivacy, STPrivacyConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BATCH = 8
+PROVIDERS = ["fp32-eager", "fp32", "bf16"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
+ROUNDS = {"bf16": 2}  # bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX
+INTERLEAVED_ROUNDS = 3
+
+
+@functools.cache
+def _model_and_clips(preset: str = "vit_small", batch: int = BATCH) -> tuple[STPrivacy, torch.Tensor]:
+    torch.manual_seed(0)
+    cfg = STPrivacyConfig.from_name(preset)
+    model = STPrivacy(cfg)
+    with torch.no_grad():
+        for pred in model.score_predictor:
+            for layer in (pred.in_conv[1], pred.out_conv[0], pred.out_conv[2], pred.out_conv[4]):
+                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+                layer.bias.zero_()
+            pred.out_conv[4].weight.mul_(10.0)
+    model = model.to(DEVICE).eval()
+    clips = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=DEVICE)
+    return model, clips
+
+
+def build(provider: str, preset: str = "vit_small", batch: int = BATCH):
+    """(step, description): step() runs one forward of ``provider`` on the cached clip batch and
+    returns its (B, N) keep mask."""
+    model, clips = _model_and_clips(preset, batch)
+    if provider == "fp32-eager":
+        def step():
+            with torch.no_grad():
+                return model(clips).keep
+
+        return step, f"{DEVICE}, fp32 eager (torch.no_grad), {torch.get_num_threads()} threads"
+    anon = ClipAnonymizer(model, device=DEVICE, precision=provider)
+
+    def step():
+        return anon(clips).keep
+
+    return step, anon.description
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(step) -> float:
+    _sync()
+    start = time.perf_counter()
+    step()
+    _sync()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_inference_vit_small_b8(benchmark, provider, request):
+    benchmark.group = f"anonymize vit_small B={BATCH} 16x112x112 ({DEVICE})"
+    step, description = build(provider)
+    reference, _ = build("fp32-eager")
+    keep, ref_keep = step(), reference()  # also the warm-up
+    benchmark.extra_info["keep_agreement"] = round((keep == ref_keep).float().mean().item(), 4)
+    benchmark.extra_info["description"] = description
+    benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.pedantic(step, rounds=ROUNDS.get(provider, 5), iterations=1)
+    if request.config.getoption("benchmark_disable"):
+        return
+    benchmark.extra_info["clips_per_s"] = round(BATCH / benchmark.stats.stats.median, 2)
+    ratios, ref_times = [], []
+    for _ in range(INTERLEAVED_ROUNDS if provider != "fp32-eager" else 0):
+        ref_times.append(_timed(reference))
+        ratios.append(ref_times[-1] / _timed(step))
+    if ratios:
+        benchmark.extra_info["speedup_vs_fp32"] = round(statistics.median(ratios), 2)
+        benchmark.extra_info["fp32_clips_per_s"] = round(BATCH / statistics.median(ref_times), 2)

@@ -1,0 +1,217 @@
+"""Fast inference of a trained STPrivacy model: the path ``stpcore anonymize`` runs on a camera box.
+
+:class:`ClipAnonymizer` wraps a converted COPY of an :class:`~stpcore.models.STPrivacy` model (the
+caller's model is never modified) and runs its eval-mode forward (per-slot top-k, or the adaptive
+threshold) under ``torch.inference_mode`` in one of these precisions:
+
+- ``"fp32"``: the plain model; outputs equal ``model.eval()`` under ``torch.no_grad`` exactly.
+- ``"bf16"``: bf16 autocast. The score predictors run in fp32 (autocast disabled around them), so the
+  top-k decisions see fp32 scores computed from the (bf16-perturbed) tokens. The fast choice on CUDA.
+  On CPUs without native bf16 arithmetic (AVX2 only: no AVX512-BF16 / AMX) it is emulated, and it
+  was 5-10x SLOWER than fp32 on the 2-core AVX2 EPYC this was measured on.
+- ``"int8"`` (CPU only): dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``, fbgemm /
+  x86 engine) of the transformer blocks' Linear layers (qkv, proj, fc1, fc2: about 85% of the FLOPs),
+  weights per output channel, activations per tensor at run time. The tubelet embedding, the score
+  predictors and the reconstruction head stay fp32: they are a few percent of the FLOPs, and the
+  predictors decide the masks, the head writes the output pixels.
+- ``"auto"``: bf16 on CUDA (fp32 where the GPU has no bf16); on CPU int8 where a quantized engine
+  for x86 is available, else fp32.
+
+Measured on that 2-core AVX2 CPU (vit_small, B=8; see benchmarks/bench_inference.py): int8 about
+1.3x the clips/s of fp32 (1.31x in single-thread CPU time, 1.33x interleaved wall time), with 98.6% of
+the keep decisions equal; fp32 under inference_mode the same as under no_grad; bf16 0.1-0.2x. The int8
+GEMMs alone run only about 1.65x faster than fp32 there (AVX2 has no VNNI) and are about 85% of the
+work, which bounds what int8 can give. torch.compile of the blocks (inductor, freezing) took 75 s to
+compile and was not faster, so it is not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stpcore.models import STPrivacy
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+@dataclass
+class AnonymizedClips:
+    """What :meth:`ClipAnonymizer.__call__` returns.
+
+    Attributes:
+        video: (B, 3, T, H, W) float32 on the anonymizer's device; dropped tubelets are exactly zero.
+        keep: (B, N) float32, exactly 0/1, the final keep mask in original (t-major) token order.
+        kept_positions: top-k mode: (B, K) int64 original positions of the kept tokens, ascending
+            (K = num_slots x kept per slot); None in adaptive mode (counts differ between clips).
+    """
+
+    video: torch.Tensor
+    keep: torch.Tensor
+    kept_positions: torch.Tensor | None = None
+
+
+class _Fp32Predictor(nn.Module):
+    """A score predictor that always computes in fp32, also under autocast (low precision could flip
+    top-k decisions between near-equal scores). Same call signature as ScorePredictor."""
+
+    def __init__(self, predictor: nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor.float()
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> torch.Tensor:
+        """x (B, N, D), keep (B, N) -> (B, N, 2) fp32 log-probabilities."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.predictor(x.float(), keep.float(), num_slots)
+
+
+def int8_unavailable_reason() -> str | None:
+    """Why the int8 variant cannot run in this PyTorch build, or None when it can."""
+    try:
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401
+    except ImportError as exc:
+        return f"torch.ao.quantization.quantize_dynamic is not available in torch {torch.__version__} ({exc})"
+    engines = set(torch.backends.quantized.supported_engines)
+    if not engines & {"x86", "fbgemm"}:
+        return f"no x86/fbgemm quantized engine in this build (supported: {sorted(engines)})"
+    return None
+
+
+def _quantize_blocks_int8(model: STPrivacy) -> None:
+    """Replace the Linear layers of model.blocks (in place, on the private copy) by dynamic int8 ones."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    engines = torch.backends.quantized.supported_engines
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        # Process-wide setting, but any other engine choice would not run int8 GEMMs on x86 at all.
+        torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+    # torch.ao.quantization announces its move to torchao (DeprecationWarning) and quantized tensor
+    # creation warns likewise; both still work in torch 2.13, and int8_unavailable_reason() reports
+    # their absence once they are removed, so the warnings would only be noise for every CLI run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
+        quantize_dynamic(model.blocks, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cpu" and int8_unavailable_reason() is None:
+            return "int8"
+        return "fp32"
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"precision='int8' runs on CPU only (fbgemm dynamic quantization), got device {device}")
+        reason = int8_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"precision='int8' is unavailable: {reason}")
+    return precision
+
+
+_LABELS = {
+    "fp32": "fp32",
+    "bf16": "bf16 autocast (predictors fp32)",
+    "int8": "int8 dynamic (blocks' Linear, per-channel weights; embed, predictors, head fp32)",
+}
+
+
+class ClipAnonymizer:
+    """Anonymize clip batches with a converted copy of a trained STPrivacy model.
+
+    Args:
+        model: the trained model; copied (and converted) here, never modified.
+        device: where the copy runs ("cpu", "cuda", "cuda:1", a torch.device).
+        precision: one of :data:`PRECISIONS` (see the module docstring); "auto" picks bf16 on CUDA and
+            int8 on CPU when available.
+        threads: CPU threads for intra-op parallelism (``torch.set_num_threads``, a process-wide
+            setting); None leaves the current setting.
+
+    Raises:
+        ValueError: unknown precision (the message names the choices), int8 off CPU or unavailable,
+            threads < 1.
+    """
+
+    def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
+                 threads: int | None = None) -> None:
+        if not isinstance(model, STPrivacy):
+            raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
+        self.device = torch.device(device)
+        self.precision = _resolve_precision(precision, self.device)
+        if threads is not None:
+            if not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+            torch.set_num_threads(threads)
+        # A private copy: .eval(), .to() and the conversions below all act in place on a module.
+        net = copy.deepcopy(model).eval().to(self.device, torch.float32)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        if self.precision == "bf16":
+            net.score_predictor = nn.ModuleList(_Fp32Predictor(p) for p in net.score_predictor)
+        elif self.precision == "int8":
+            _quantize_blocks_int8(net)
+        self.model = net
+        self.cfg = net.cfg
+
+    @property
+    def description(self) -> str:
+        """A one-line summary, e.g. "cpu, int8 dynamic (...), 2 threads"."""
+        where = str(self.device)
+        if self.device.type == "cpu":
+            where += f", {_LABELS[self.precision]}, {torch.get_num_threads()} threads"
+        else:
+            where += f", {_LABELS[self.precision]}"
+        return where
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, clips: torch.Tensor, *, keep_ratio: float | None = None,
+                 adaptive_threshold: float | None = None) -> AnonymizedClips:
+        """Anonymize a batch of clips.
+
+        Args:
+            clips: (B, 3, T, H, W) float, normalised as in training (T = num_frames, H = W = image_size);
+                any float dtype and device (moved to the anonymizer's device as float32).
+            keep_ratio: alpha in (0, 1] per stage instead of the trained one (top-k mode).
+            adaptive_threshold: t in (0, 1): keep tokens whose keep probability > t instead of top-k
+                (a variable count per clip); cannot be combined with keep_ratio.
+
+        Returns:
+            :class:`AnonymizedClips`: video (B, 3, T, H, W) float32 with dropped tubelets exactly zero,
+            keep (B, N) float32 0/1, kept_positions (B, K) int64 or None.
+
+        Raises:
+            ValueError: bad clip shape/dtype or non-finite values, bad keep_ratio / threshold (from the model).
+        """
+        if not isinstance(clips, torch.Tensor) or not clips.is_floating_point():
+            what = clips.dtype if isinstance(clips, torch.Tensor) else type(clips).__name__
+            raise ValueError(f"clips must be a float tensor (B, 3, T, H, W), got {what}")
+        video = clips.to(self.device, torch.float32)
+        with torch.inference_mode(), self._autocast():
+            out = self.model(video, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+        # Casting a bf16 video to fp32 keeps exact zeros exact.
+        return AnonymizedClips(out.video.float(), out.keep.float(), out.kept_positions)
+
+    def __repr__(self) -> str:
+        return f"ClipAnonymizer({self.description})"
+
+
+def load_trained(path: str | os.PathLike, **kwargs) -> ClipAnonymizer:
+    """A :class:`ClipAnonymizer` for the model saved at ``path`` by ``stpcore.train.save_anonymizer``
+    (or a training checkpoint); ``kwargs`` go to :class:`ClipAnonymizer` (device, precision, threads)."""
+    from stpcore.train import load_anonymizer  # train pulls in the losses and optimizers; only load needs it
+
+    return ClipAnonymizer(load_anonymizer(path, map_location="cpu"), **kwargs)
