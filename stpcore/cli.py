@@ -43,7 +43,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     from stpcore.anonymize import anonymize_files
     from stpcore.inference import load_trained
 
-    anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision)
+    anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads)
     cfg = anonymizer.model.cfg
     print(f"STPrivacy {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} from {args.checkpoint} "
           f"({anonymizer.description})")
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=1, help="frame stride inside a clip (default 1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, ... (see stpcore.inference)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
+                   help="auto: bf16 on CUDA, int8 dynamic on CPU where available (see stpcore.inference)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.set_defaults(func=_cmd_anonymize)
 
     from stpcore.evaluate import EvalConfig

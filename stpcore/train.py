@@ -309,9 +309,10 @@ class Trainer:
         self.models = {"anonymizer": self.anonymizer, "action": self.action_rec, "privacy": self.privacy_rec}
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # Each phase leaves some heads unused (phase 1: reconstruction; phase 2: the own action head).
+            # Each phase leaves some heads unused (phase 1: reconstruction; phase 2: the own action head); the
+            # forward skips them (reconstruct= / classify=), and find_unused_parameters lets DDP skip their grads.
             self.models = {
-                k: nn.parallel.DistributedDataParallel(m, device_ids=ids, find_unused_parameters=True)
+                k: nn.parallel.DistributedDataParallel(m, device_ids=ids, find_unused_parameters=k == "anonymizer")
                 for k, m in self.models.items()
             }
         if self.cfg.compile:
@@ -400,7 +401,8 @@ class Trainer:
         anonymizer = self.models["anonymizer"]
         clips, actions = batch.clips.to(self.device), batch.actions.to(self.device)
         with self._autocast():
-            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]))
+            # Phase 1 needs no reconstruction: skipping it saves work and leaves DDP no unused outputs.
+            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), reconstruct=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(out.action_logits, actions)
             loss = sparsity + ce
@@ -421,7 +423,8 @@ class Trainer:
         for m in frozen:
             m.requires_grad_(False)
         with self._autocast():
-            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]))
+            # Phase 2 does not use STPrivacy's own action head.
+            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
             bce = _masked_privacy_loss(frozen[1](out.video, out.keep, mode="policy"), privacy, has_privacy)
@@ -524,7 +527,10 @@ class Trainer:
             except ImportError:
                 bar = None
         start = time.perf_counter()
+        seen: list[int] = []  # video indices this rank trained on (when the loader provides them)
         for batch in self._batches(self.step_in_epoch):
+            if getattr(batch, "video_index", None) is not None:
+                seen += batch.video_index.tolist()
             metrics = step_fn(batch)
             self.step_in_epoch += 1
             self.global_step += 1
@@ -545,11 +551,22 @@ class Trainer:
                                           f"--resume {path}")
         if bar is not None:
             bar.close()
+        if self.dist.world_size > 1 and seen:
+            self._log_sharding(phase, seen)
         report = getattr(self.loader, "report", None)
         if report is not None and self.dist.main:
             counts = dict(report().counts)
             if counts:
                 self._log({"phase": phase, "epoch": self.epoch, "data_report": counts})
+
+    def _log_sharding(self, phase: str, seen: list[int]) -> None:
+        """Rank 0 logs which videos each rank trained on this epoch: the shards must not overlap."""
+        gathered: list[list[int] | None] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, sorted(set(seen)))
+        sets = [set(g or ()) for g in gathered]
+        overlap = sum(len(a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+        self._log({"phase": phase, "epoch": self.epoch, "videos_per_rank": [len(x) for x in sets],
+                   "videos_total": len(set().union(*sets)), "videos_in_two_ranks": overlap})
 
     def export_anonymizer(self, path: str | os.PathLike) -> Path:
         """Write the STPrivacy weights and config alone: what ``stpcore anonymize --checkpoint`` reads."""

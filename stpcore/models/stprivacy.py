@@ -104,6 +104,8 @@ class STPrivacy(VideoTransformer):
         *,
         keep_ratio: float | None = None,
         adaptive_threshold: float | None = None,
+        reconstruct: bool = True,
+        classify: bool = True,
     ) -> STPrivacyOutput:
         """Sparsify, anonymize and reconstruct a batch of clips.
 
@@ -124,7 +126,7 @@ class STPrivacy(VideoTransformer):
                 if value is not None:
                     raise ValueError(f"{name} applies in eval mode only (call model.eval()); in train mode the "
                                      f"Gumbel decisions set the kept tokens")
-            return self._forward_train(video, self._check_noise(gumbel_noise, video))
+            return self._forward_train(video, self._check_noise(gumbel_noise, video), reconstruct, classify)
         if gumbel_noise is not None:
             raise ValueError("gumbel_noise applies in train mode only (call model.train()); eval mode is deterministic")
         if adaptive_threshold is not None:
@@ -169,7 +171,8 @@ class STPrivacy(VideoTransformer):
 
     # -- the three modes -------------------------------------------------------------------------------
 
-    def _forward_train(self, video: torch.Tensor, noise: list[torch.Tensor] | None) -> STPrivacyOutput:
+    def _forward_train(self, video: torch.Tensor, noise: list[torch.Tensor] | None, reconstruct: bool = True,
+                       classify: bool = True) -> STPrivacyOutput:
         cfg = self.cfg
         x = self.embed(video)  # (B, N, D)
         B, N, _ = x.shape
@@ -186,7 +189,9 @@ class STPrivacy(VideoTransformer):
                 policy = keep
                 stage += 1
             x = blk(x, policy=policy, eps=cfg.attn_eps)
-        logits = self._classify(masked_mean(x, keep))
+        logits = self._classify(masked_mean(x, keep)) if classify else None
+        if not reconstruct:
+            return STPrivacyOutput(None, keep, decisions, logits, log_probs, None, self.cfg.tubelet)
         return self._output(self._decode(x), keep, decisions, logits, log_probs)
 
     def _forward_topk(self, video: torch.Tensor, ratio: float) -> STPrivacyOutput:
