@@ -121,6 +121,53 @@ def test_dispatch_auto_on_cpu_does_not_pick_triton():
     assert chosen.name in ("chunked", "reference")
 
 
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision"])
+def test_tf32_switch_read_through_either_torch_api(api):
+    """fp32 dots follow torch's TF32 switch, also when it is set through torch's fp32_precision API (after
+    which reading the legacy allow_tf32 raises "mix of the legacy and new APIs"), and fp32 calls still run."""
+    from stpcore.kernels import varlen_attention
+
+    matmul = torch.backends.cuda.matmul
+    has_new_api = hasattr(matmul, "fp32_precision")
+    if api == "fp32_precision" and not has_new_api:
+        pytest.skip("this torch has no fp32_precision API")
+
+    def set_tf32(on: bool) -> None:
+        if api == "allow_tf32":
+            matmul.allow_tf32 = on
+        else:
+            matmul.fp32_precision = "tf32" if on else "ieee"
+
+    saved = matmul.fp32_precision if has_new_api else matmul.allow_tf32
+    try:
+        for on in (True, False):
+            set_tf32(on)
+            for module in (kernel, varlen_attention):
+                assert module._precision(torch.float32) == ("tf32" if on else "ieee")
+        set_tf32(True)
+        check_against_reference(*make_inputs(1, 1, 20, 16, torch.float32, device="cpu"))
+    finally:
+        if has_new_api:
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
+
+
+def test_gpu_blocks(monkeypatch):
+    """The launcher's GPU tiles: fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, since 64 x 32
+    tiles spill kilobytes per thread there (measured in tests/kernels/test_compile.py)."""
+    monkeypatch.setattr(kernel, "_INTERPRET", False)
+    monkeypatch.setattr(kernel, "tf32_enabled", lambda: False)
+    cuda = torch.device("cuda")  # only its type is read
+    assert kernel._blocks(392, 64, torch.bfloat16, cuda) == (64, 64, 4, 3)
+    assert kernel._blocks(392, 128, torch.float16, cuda) == (64, 32, 4, 2)
+    assert kernel._blocks(392, 64, torch.float32, cuda) == (32, 32, 8, 2)
+    assert kernel._blocks(392, 128, torch.float32, cuda) == (16, 16, 8, 2)
+    monkeypatch.setattr(kernel, "tf32_enabled", lambda: True)
+    assert kernel._blocks(392, 128, torch.float32, cuda) == (64, 32, 4, 2)
+    assert kernel._blocks(392, 32, torch.float32, cuda) == (64, 64, 4, 3)
+
+
 def test_not_supported_reasons():
     q, k, v, policy = make_inputs(1, 1, 8, 16, torch.float32, device="cpu")
     assert kernel.not_supported_reasons(q, k, v, policy, eps=1e-6) == []

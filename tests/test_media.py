@@ -1,8 +1,7 @@
-"""The demo and the media writers."""
+"""Media writers and readers: videos, pictures, atomic files."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import av
@@ -11,24 +10,11 @@ import pytest
 import torch
 
 from stpcore import media
-from stpcore.cli import main
 
 
 def _decode(path):
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def test_demo_writes_outputs_and_says_untrained(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny"]) == 0
-    printed = capsys.readouterr().out
-    assert "UNTRAINED" in printed and str(tmp_path.resolve()) in printed
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["weights"].startswith("untrained")
-    frames = _decode(tmp_path / "anonymized.mp4")
-    assert frames.shape == (8, 32, 32, 3)
-    assert (tmp_path / "keep_mask.png").stat().st_size > 0
-    assert _decode(tmp_path / "side_by_side.mp4").shape[2] == 32 * 2 + 4
 
 
 def test_write_video_round_trip_and_atomic(tmp_path):
