@@ -12,7 +12,10 @@ backward adds 4 (grad_out) + 8 (grad_log_probs) + 4 (grad_prev_keep).
 
 To mirror the reference's decisions bit for bit in fp16/bf16, every intermediate the reference rounds
 to the input dtype (log_probs + noise, its division by tau, the softmax output) is rounded the same
-way here before the comparison; the arithmetic itself is fp32.
+way here before the comparison; the arithmetic itself is fp32. On the GPU that also needs the same
+fp32 operations as torch's: an IEEE division (Triton's `/` is the approximate div.full.f32) and CUDA's
+expf (tl.exp is ex2.approx), so the compiled branch of the INTERPRET constexpr uses tl.div_rn and
+libdevice.exp; the interpreter runs numpy's exp, as it cannot call libdevice.
 
 Backward of the straight-through expression ``(onehot + y - stopgrad(y))[..., 0] * prev_keep``, with
 y = softmax((log_probs + g) / tau) and s = y0 * y1 / tau:
@@ -32,6 +35,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from stpcore.kernels._launch import device_guard
 
 # Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -52,8 +58,18 @@ def _gumbel_pair(seed, offs, U_MIN: tl.constexpr, U_MAX: tl.constexpr):
 
 
 @triton.jit
+def _exp(x, INTERPRET: tl.constexpr):
+    """exp(x) as torch computes it on the GPU (CUDA's expf); numpy's in the interpreter."""
+    if INTERPRET:
+        y = tl.exp(x)
+    else:
+        y = libdevice.exp(x)
+    return y
+
+
+@triton.jit
 def _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau,
-                 HAS_NOISE: tl.constexpr, U_MIN: tl.constexpr, U_MAX: tl.constexpr):
+                 HAS_NOISE: tl.constexpr, U_MIN: tl.constexpr, U_MAX: tl.constexpr, INTERPRET: tl.constexpr):
     """(y0, y1) = softmax((log_probs + g) / tau), each step rounded to log_probs' dtype like the reference."""
     lp0 = tl.load(lp_ptr + 2 * offs, mask=mask, other=0.0)
     lp1 = tl.load(lp_ptr + 2 * offs + 1, mask=mask, other=0.0)
@@ -67,27 +83,28 @@ def _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau,
         g1 = g1.to(dt).to(tl.float32)
     z0 = (lp0.to(tl.float32) + g0).to(dt).to(tl.float32)
     z1 = (lp1.to(tl.float32) + g1).to(dt).to(tl.float32)
-    # A true division, as the reference's (x * (1 / tau) can differ by an ulp and flip a near-tie).
-    z0 = (z0 / tau).to(dt).to(tl.float32)
-    z1 = (z1 / tau).to(dt).to(tl.float32)
+    # IEEE divisions, as the reference's (x * (1 / tau), or an approximate division, can differ by an ulp
+    # and flip a near-tie).
+    z0 = tl.div_rn(z0, tau).to(dt).to(tl.float32)
+    z1 = tl.div_rn(z1, tau).to(dt).to(tl.float32)
     m = tl.maximum(z0, z1)
-    e0 = tl.exp(z0 - m)
-    e1 = tl.exp(z1 - m)
-    y0 = (e0 / (e0 + e1)).to(dt).to(tl.float32)
-    y1 = (e1 / (e0 + e1)).to(dt).to(tl.float32)
+    e0 = _exp(z0 - m, INTERPRET)
+    e1 = _exp(z1 - m, INTERPRET)
+    y0 = tl.div_rn(e0, e0 + e1).to(dt).to(tl.float32)
+    y1 = tl.div_rn(e1, e0 + e1).to(dt).to(tl.float32)
     return y0, y1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _gumbel_select_fwd_kernel(
     lp_ptr, noise_ptr, prev_ptr, out_ptr,
     seed, tau, n_tokens,
     HAS_NOISE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
-    U_MIN: tl.constexpr, U_MAX: tl.constexpr,
+    U_MIN: tl.constexpr, U_MAX: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
-    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX)
+    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
     if HARD:
         keep = tl.where(y0 >= y1, 1.0, 0.0)  # ties keep: torch.argmax returns the first maximum
     else:
@@ -96,19 +113,19 @@ def _gumbel_select_fwd_kernel(
     tl.store(out_ptr + offs, (keep * prev).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _gumbel_select_bwd_kernel(
     lp_ptr, noise_ptr, prev_ptr, dout_ptr, dlp_ptr, dprev_ptr,
     seed, tau, n_tokens,
     HAS_NOISE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
-    U_MIN: tl.constexpr, U_MAX: tl.constexpr,
+    U_MIN: tl.constexpr, U_MAX: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
-    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX)
+    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(lp_ptr.dtype.element_ty).to(tl.float32)
-    dz0 = dout * prev * y0 * y1 / tau  # d y0 / d z0 = y0 y1 = -d y0 / d z1
+    dz0 = tl.div_rn(dout * prev * y0 * y1, tau)  # d y0 / d z0 = y0 y1 = -d y0 / d z1; IEEE as torch's
     tl.store(dlp_ptr + 2 * offs, dz0.to(dlp_ptr.dtype.element_ty), mask=mask)
     tl.store(dlp_ptr + 2 * offs + 1, (-dz0).to(dlp_ptr.dtype.element_ty), mask=mask)
     if HARD:
@@ -118,7 +135,7 @@ def _gumbel_select_bwd_kernel(
     tl.store(dprev_ptr + offs, (dout * kept).to(dprev_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
 def _gumbel_noise_kernel(out_ptr, seed, n_tokens, BLOCK: tl.constexpr, U_MIN: tl.constexpr, U_MAX: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
@@ -157,7 +174,8 @@ def gumbel_noise(shape: tuple[int, ...], *, generator: torch.Generator | None = 
     out = torch.empty(shape, device=device, dtype=torch.float32)
     n_tokens = out.numel() // 2
     if n_tokens:
-        _gumbel_noise_kernel[_grid(n_tokens)](out, seed, n_tokens, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX)
+        with device_guard(out):
+            _gumbel_noise_kernel[_grid(n_tokens)](out, seed, n_tokens, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX)
     return out
 
 
@@ -168,7 +186,7 @@ def _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard):
         _gumbel_select_fwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, out,
             seed, tau, n_tokens,
-            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX,
+            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=_INTERPRET,
         )
     return out
 
@@ -181,7 +199,7 @@ def _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out, seed, tau, hard):
         _gumbel_select_bwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, grad_out, grad_lp, grad_prev,
             seed, tau, n_tokens,
-            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX,
+            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=_INTERPRET,
         )
     return grad_lp, grad_prev
 
@@ -189,7 +207,8 @@ def _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out, seed, tau, hard):
 class _GumbelSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_probs, prev_keep, noise, seed, tau, hard):
-        out = _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard)
+        with device_guard(log_probs):
+            out = _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard)
         ctx.save_for_backward(log_probs, prev_keep, noise)
         ctx.seed, ctx.tau, ctx.hard = seed, tau, hard
         return out
@@ -197,8 +216,9 @@ class _GumbelSelect(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         log_probs, prev_keep, noise = ctx.saved_tensors
-        grad_lp, grad_prev = _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out.contiguous(), ctx.seed,
-                                                ctx.tau, ctx.hard)
+        with device_guard(log_probs):
+            grad_lp, grad_prev = _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out.contiguous(), ctx.seed,
+                                                    ctx.tau, ctx.hard)
         return (
             grad_lp if ctx.needs_input_grad[0] else None,
             grad_prev if ctx.needs_input_grad[1] else None,

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stpcore.kernels._launch import device_guard, tf32_enabled
+
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
@@ -347,7 +349,7 @@ def _policy_attn_bwd_dq_kernel(
 
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 inputs follow torch's own TF32 switch for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"
 
@@ -360,10 +362,17 @@ def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     the paper's N = 392 (7 blocks, 56 padded rows); D = 128 or fp32 operands halve the key block to stay
     within registers, and use 2 pipeline stages instead of 3 to bound shared memory. (A heuristic, not
     tuned on hardware: autotuning cannot run in the interpreter.)
+
+    fp32 operands with IEEE dots (torch's default: TF32 off) run on FMA units, where every thread holds
+    its rows of both operands over the whole head dim: 64 x 32 tiles there spill 5-17 KB per thread to
+    local memory on sm_90 (and take 10-30 s to compile), so they get 32 x 32 tiles, 16 x 16 at D = 128,
+    over 8 warps, which compile without spills (tests/kernels/test_compile.py checks all of this).
     """
     if _INTERPRET or device.type != "cuda":
         blk = max(16, min(128, triton.next_power_of_2(N)))
         return blk, blk, 4, 1
+    if dtype == torch.float32 and _precision(dtype) == "ieee":
+        return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
     wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
     return 64, 32 if wide else 64, 4, 2 if wide else 3
 
@@ -427,7 +436,8 @@ def _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, eps: flo
 class _PolicyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, policy, eps):
-        out, row_max, den, arg_max = _policy_attn_fwd(q, k, v, policy, eps)
+        with device_guard(q):
+            out, row_max, den, arg_max = _policy_attn_fwd(q, k, v, policy, eps)
         ctx.save_for_backward(q, k, v, policy, out, row_max, den, arg_max)
         ctx.eps = eps
         return out
@@ -435,7 +445,8 @@ class _PolicyAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, policy, out, row_max, den, arg_max = ctx.saved_tensors
-        dq, dk, dv, dp = _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, ctx.eps)
+        with device_guard(q):
+            dq, dk, dv, dp = _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, ctx.eps)
         return dq, dk, dv, dp if ctx.needs_input_grad[3] else None, None
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stpcore.kernels._launch import device_guard
+
 # Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -200,12 +202,14 @@ class _PredictorPool(torch.autograd.Function):
     def forward(ctx, x, keep, num_slots):
         ctx.save_for_backward(x, keep)
         ctx.num_slots = num_slots
-        return _forward(x, keep, num_slots)
+        with device_guard(x):
+            return _forward(x, keep, num_slots)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, keep = ctx.saved_tensors
-        dx, dkeep = _backward(x, keep, grad_out.contiguous(), ctx.num_slots)
+        with device_guard(x):
+            dx, dkeep = _backward(x, keep, grad_out.contiguous(), ctx.num_slots)
         return (dx if ctx.needs_input_grad[0] else None, dkeep if ctx.needs_input_grad[1] else None, None)
 
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stpcore.kernels._launch import device_guard
+
 # Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -119,7 +121,8 @@ def _scatter_rows_kernel(
     v = tl.load(x_ptr + b * stride_xb + r.to(tl.int64)[:, None] * stride_xk + c[None, :] * stride_xc, mask=m)
     ptrs = out_ptr + b * stride_ob + dst[:, None] * stride_on + c[None, :]
     if ACCUMULATE:
-        tl.atomic_add(ptrs, v.to(out_ptr.dtype.element_ty), mask=m)
+        # relaxed: nothing reads the sums before the kernel ends, so no ordering (acq_rel fences) is needed.
+        tl.atomic_add(ptrs, v.to(out_ptr.dtype.element_ty), mask=m, sem="relaxed")
     else:
         tl.store(ptrs, v, mask=m)
 
@@ -136,10 +139,11 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if out.numel():
         block_k, block_c = _copy_blocks(C)
         grid = (B, triton.cdiv(K, block_k), triton.cdiv(C, block_c))
-        _gather_rows_kernel[grid](
-            x, idx, out, x.stride(0), x.stride(1), x.stride(2), idx.stride(0), idx.stride(1),
-            out.stride(0), out.stride(1), K, C, BLOCK_K=block_k, BLOCK_C=block_c,
-        )
+        with device_guard(x):
+            _gather_rows_kernel[grid](
+                x, idx, out, x.stride(0), x.stride(1), x.stride(2), idx.stride(0), idx.stride(1),
+                out.stride(0), out.stride(1), K, C, BLOCK_K=block_k, BLOCK_C=block_c,
+            )
     return out
 
 
@@ -152,10 +156,11 @@ def _scatter(x: torch.Tensor, idx: torch.Tensor, seqlen: int, accumulate: bool) 
     if x.numel():
         block_k, block_c = _copy_blocks(C)
         grid = (B, triton.cdiv(K, block_k), triton.cdiv(C, block_c))
-        _scatter_rows_kernel[grid](
-            x, idx, out, x.stride(0), x.stride(1), x.stride(2), idx.stride(0), idx.stride(1),
-            out.stride(0), out.stride(1), K, C, BLOCK_K=block_k, BLOCK_C=block_c, ACCUMULATE=accumulate,
-        )
+        with device_guard(x):
+            _scatter_rows_kernel[grid](
+                x, idx, out, x.stride(0), x.stride(1), x.stride(2), idx.stride(0), idx.stride(1),
+                out.stride(0), out.stride(1), K, C, BLOCK_K=block_k, BLOCK_C=block_c, ACCUMULATE=accumulate,
+            )
     return out.to(x.dtype)
 
 
@@ -178,11 +183,12 @@ def _slot_topk_gather(scores: torch.Tensor, x: torch.Tensor | None, num_slots: i
         x_args = (scores, idx, 0, 0, 0, 0, 0)  # placeholders: the GATHER=False kernel never touches them
     x_ptr, kept_ptr, *x_strides = x_args
     if B:
-        _slot_topk_gather_kernel[(B, num_slots, n_cb)](
-            scores, x_ptr, idx, kept_ptr, scores.stride(0), scores.stride(1), *x_strides[:3], idx.stride(0),
-            *x_strides[3:], k, C,
-            PER_SLOT=per_slot, BLOCK_P=block_p, BLOCK_J=block_j, BLOCK_C=block_c, GATHER=gather,
-        )
+        with device_guard(scores):
+            _slot_topk_gather_kernel[(B, num_slots, n_cb)](
+                scores, x_ptr, idx, kept_ptr, scores.stride(0), scores.stride(1), *x_strides[:3], idx.stride(0),
+                *x_strides[3:], k, C,
+                PER_SLOT=per_slot, BLOCK_P=block_p, BLOCK_J=block_j, BLOCK_C=block_c, GATHER=gather,
+            )
     return idx, kept
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from stpcore.kernels._launch import device_guard, tf32_enabled
+
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
@@ -228,8 +230,9 @@ def _varlen_attn_bwd_dkdv_kernel(
     dk_ptrs = DK + h * stride_dkh + rows_n[:, None] * stride_dkt + offs_d[None, :]
     dv_ptrs = DV + h * stride_dvh + rows_n[:, None] * stride_dvt + offs_dv[None, :]
     if GATHER:
-        tl.atomic_add(dk_ptrs, dk, mask=col_ok[:, None])
-        tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None])
+        # relaxed: the sums are read only after the kernel, so no ordering (acq_rel fences) is needed.
+        tl.atomic_add(dk_ptrs, dk, mask=col_ok[:, None], sem="relaxed")
+        tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None], sem="relaxed")
     else:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
@@ -312,7 +315,7 @@ def _varlen_attn_bwd_dq_kernel(
     dq = dq * scale
     dq_ptrs = DQ + h * stride_dqh + rows_m[:, None] * stride_dqt + offs_d[None, :]
     if GATHER:
-        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None])
+        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
     else:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -322,7 +325,7 @@ def _varlen_attn_bwd_dq_kernel(
 
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 inputs follow torch's own TF32 switch for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_enabled():
         return "ieee"
     return "tf32"
 
@@ -331,10 +334,13 @@ def _blocks(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.de
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): large blocks in the interpreter (Python runs each
     program), 64 x 64 tiles on the GPU, with the key block halved and 2 pipeline stages when D = 128 or
     operands are fp32 (registers, shared memory). A heuristic, not tuned on hardware: autotuning cannot
-    run in the interpreter."""
+    run in the interpreter. fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, as in
+    policy_attention._blocks: 64 x 32 tiles spill kilobytes per thread there."""
     if _INTERPRET or device.type != "cuda":
         blk = max(16, min(128, triton.next_power_of_2(max(1, max_seqlen))))
         return blk, blk, 4, 1
+    if dtype == torch.float32 and _precision(dtype) == "ieee":
+        return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
     wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
     return 64, 32 if wide else 64, 4, 2 if wide else 3
 
@@ -402,7 +408,8 @@ def _varlen_bwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float, out
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, indices, cu_seqlens, max_seqlen, scale):
-        out, lse = _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen, scale)
+        with device_guard(q):
+            out, lse = _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, indices, cu_seqlens, out, lse)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return out
@@ -410,7 +417,8 @@ class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, indices, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = _varlen_bwd(q, k, v, indices, cu_seqlens, ctx.max_seqlen, ctx.scale, out, lse, dout)
+        with device_guard(q):
+            dq, dk, dv = _varlen_bwd(q, k, v, indices, cu_seqlens, ctx.max_seqlen, ctx.scale, out, lse, dout)
         return dq, dk, dv, None, None, None, None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,9 +25,15 @@ class TubeletEmbed(nn.Module):
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.tubelet, stride=self.tubelet)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, C, T, H, W) float -> tokens (B, N, D), N = (T/pt)(H/ph)(W/pw), t-major."""
-        x = self.proj(video)  # (B, D, T/pt, H/ph, W/pw)
-        # Contiguous, so the residual stream that starts here is (B, N, D) in memory too: a transposed view
-        # would propagate through every residual add until the first gather, and each LayerNorm and
-        # Linear reading it would make a strided copy (about 10% of a CPU inference forward).
-        return x.flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+        """video (B, C, T, H, W) float -> tokens (B, N, D), N = (T/pt)(H/ph)(W/pw), t-major.
+
+        A convolution whose kernel equals its stride is a matmul over non-overlapping patches; written as
+        one (the Conv3d weight viewed as (D, C*pt*ph*pw)) it is several times faster on CPU, in the
+        backward most of all (mkldnn's conv3d backward dominated a small model's training step), and the
+        output is (B, N, D) contiguous, so the residual stream needs no strided copies downstream.
+        """
+        B, C, T, H, W = video.shape
+        pt, ph, pw = self.tubelet
+        patches = video.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, -1, C * pt * ph * pw)  # (B, N, C*pt*ph*pw)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
