@@ -9,6 +9,7 @@ extra_info: clips/s from the mean time, and the peak memory of one call (see ben
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -38,14 +39,16 @@ def build_inference(preset: str = "vit_small", batch: int = 8, provider: str = "
     video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=device)
 
     def step():
-        with torch.no_grad():
+        # bf16 autocast on CUDA (the GPU targets are bf16); fp32 on CPU (the reference a camera box runs).
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+        with torch.no_grad(), amp:
             return model(video).video
 
     return step
 
 
 def build_train_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE):
-    """A callable running one phase-1 style training step: forward (Gumbel path), loss, backward, AdamW."""
+    """A callable running one phase-1 style training step: forward (Gumbel path), loss, backward, AdamW (fp32)."""
     _set_backend(provider)
     torch.manual_seed(0)
     cfg = STPrivacyConfig.from_name(preset)
@@ -63,6 +66,28 @@ def build_train_step(preset: str = "vit_small", batch: int = 4, provider: str = 
         loss.backward()
         opt.step()
         return loss
+
+    return step
+
+
+def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE):
+    """A callable running one phase-2 step: STPrivacy (adversarial loss through both frozen recognizers),
+    then the action and privacy recognizers on the detached transformed video (three optimizer steps)."""
+    from stpcore.testing import RandomClipLoader
+    from stpcore.train import TrainConfig, Trainer
+
+    _set_backend(provider)
+    cfg_model = STPrivacyConfig.from_name(preset)
+    loader = RandomClipLoader(1, batch, cfg_model.num_frames, cfg_model.image_size, num_classes=51)
+    cfg = TrainConfig(data_root="unused", out_dir="/tmp/stpcore-bench", preset=preset, batch_size=batch,
+                      progress=False)
+    trainer = Trainer(cfg, loader, device=device)
+    for m in trainer.models.values():
+        m.train()
+    batch_data = next(iter(loader))
+
+    def step():
+        return trainer.phase2_step(batch_data)
 
     return step
 
@@ -91,6 +116,18 @@ def test_inference_vit_small_b8(benchmark, provider, request):
     benchmark.pedantic(step, rounds=5, iterations=1)
     disabled = request.config.getoption("benchmark_disable")
     _record(benchmark, 8, None if disabled else _peak("build_inference", batch=8, provider=provider))
+    _set_backend("auto")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_phase2_step_vit_small(benchmark, provider, request):
+    batch = 32 if DEVICE == "cuda" else 4
+    benchmark.group = f"stprivacy phase-2 step (STPrivacy + both recognizers) vit_small B={batch}"
+    step = build_phase2_step(batch=batch, provider=provider)
+    step()  # warm-up
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    disabled = request.config.getoption("benchmark_disable")
+    _record(benchmark, batch, None if disabled else _peak("build_phase2_step", batch=batch, provider=provider))
     _set_backend("auto")
 
 
