@@ -4,12 +4,16 @@ CUDA: torch.cuda.max_memory_allocated around the call. CPU: PyTorch keeps no pea
 allocator, so the call runs in a fresh Python process: one warm-up call, then the kernel's peak-RSS
 counter is reset (``echo 5 > /proc/self/clear_refs``), the call runs again, and the result is the
 peak resident set (VmHWM) minus the resident set just before the call: what the call added at its worst
-moment, allocator caching and all (Linux only).
+moment (Linux only). glibc keeps freed heap memory for reuse, which would hide the second call's peak
+behind the warm-up's; the subprocess therefore runs with ``MALLOC_MMAP_THRESHOLD_=65536`` and
+``MALLOC_TRIM_THRESHOLD_=0``, so every block of 64 KiB or more is its own mapping, returned to the system
+when freed, and the resident set follows the live tensors.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,8 +41,10 @@ _HARNESS = textwrap.dedent(
 
 def cpu_peak_mib(module: str, func: str, **kwargs) -> float:
     """Peak MiB added by ``step()`` where ``step = module.func(**kwargs)``, in a fresh process."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     result = subprocess.run(
-        [sys.executable, "-c", _HARNESS, module, func, json.dumps(kwargs)], capture_output=True, text=True, check=False
+        [sys.executable, "-c", _HARNESS, module, func, json.dumps(kwargs)], capture_output=True, text=True,
+        check=False, env=env,
     )
     if result.returncode:
         raise RuntimeError(f"memory harness failed for {module}.{func}({kwargs}):\n{result.stderr[-2000:]}")

@@ -93,6 +93,9 @@ def _chunk_rows(B: int, H: int, N: int, chunk_size: int | None) -> int:
 class _ChunkedPolicyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, policy, eps, chunk_size):
+        # Views of a fused qkv projection are strided; every chunk's matmuls would copy them again (in the
+        # forward and twice in the backward), so copy once here.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, N, D = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
         scale = D**-0.5
