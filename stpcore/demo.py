@@ -40,6 +40,7 @@ class DemoConfig:
         batch_size: clips per step.
         lr: the learning rate itself [G: the demo trains from scratch, so it does not use the paper's
             1e-3 x batch / 512 rule meant for ImageNet-initialised ViT-S].
+        action_weight, privacy_weight: phase-2 weights of CE(action) and BCE(privacy) (the paper: 0.5, 0.5).
         baseline: the baseline evaluated beside raw video and STPrivacy.
         sweep_ratios: keep ratios of the trade-off sweep (the trained ratio is evaluated in step 3).
         threads: torch threads (0: torch's default).
@@ -53,10 +54,12 @@ class DemoConfig:
     height: int = 72
     frames: int = 24
     phase1_epochs: int = 30
-    phase2_epochs: int = 30
-    eval_epochs: int = 30
+    phase2_epochs: int = 60
+    eval_epochs: int = 100
     batch_size: int = 16
     lr: float = 1e-3
+    action_weight: float = 0.5
+    privacy_weight: float = 0.5
     baseline: str = "blur_strong"
     sweep_ratios: tuple[float, ...] = (1.0, 0.5)
     threads: int = 0
@@ -109,6 +112,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
         data_root=str(data), labels=str(data / "vp_labels.csv"), out_dir=str(train_dir), preset=cfg.preset,
         batch_size=cfg.batch_size, phase1_epochs=cfg.phase1_epochs, phase2_epochs=cfg.phase2_epochs,
         base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2, seed=cfg.seed, checkpoint_every=0, log_every=5,
+        action_weight=cfg.action_weight, privacy_weight=cfg.privacy_weight,
     )
     if checkpoint.is_file():
         print(f"[2/5] reusing the trained STPrivacy {checkpoint}")
