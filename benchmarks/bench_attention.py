@@ -10,6 +10,8 @@ Providers (each skips with its reason where it cannot run):
 - ``chunked``: ``policy_attention_chunked``, the CPU path (query chunks, closed-form backward);
 - ``triton``: the fused kernels in ``stpcore.kernels`` (CUDA only here: the interpreter is far too slow);
 - ``triton_gather`` (varlen): ``varlen_attention_gather`` reading rows of the unpacked tokens in place;
+- ``xformers`` (CUDA, varlen, when installed): xformers' memory-efficient attention with its block-diagonal
+  mask, the dispatch backend for users who already have xformers;
 - ``sdpa`` (CUDA): ``F.scaled_dot_product_attention`` without a policy, the speed to match; for varlen, on
   the gathered dense (B, H, L, D) batch, so equal lengths only;
 - ``flex`` (CUDA): ``flex_attention`` with a score_mod adding log(policy_j) off the diagonal. It differs from
@@ -29,6 +31,7 @@ of ``triton.testing.do_bench`` in ms.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -41,7 +44,7 @@ from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_gath
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-GPU_ONLY = {"triton", "triton_gather", "sdpa", "flex"}
+GPU_ONLY = {"triton", "triton_gather", "sdpa", "flex", "xformers"}
 
 
 # ------------------------------------------------------------------------------------------- counts
@@ -218,8 +221,10 @@ def build_varlen_step(provider: str, kind: str, B: int, H: int, N: int, D: int, 
             dense = [t[indices].view(B, L, H, D).transpose(1, 2) for t in (q, k, v)]  # (B, H, L, D)
             return F.scaled_dot_product_attention(*dense).transpose(1, 2).reshape(B * L, H, D)
     else:
-        fn = varlen_attention_ref if provider == "reference" else (
-            lambda *a: varlen_attention(*a, backend="triton"))
+        named = {"reference": varlen_attention_ref,
+                 "triton": lambda *a: varlen_attention(*a, backend="triton"),
+                 "xformers": lambda *a: varlen_attention(*a, backend="xformers")}
+        fn = named[provider]
 
         def forward():
             return fn(q[indices], k[indices], v[indices], cu, max_len)
@@ -242,11 +247,13 @@ VARLEN_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("provider", ["reference", "triton", "triton_gather", "sdpa"])
+@pytest.mark.parametrize("provider", ["reference", "triton", "triton_gather", "sdpa", "xformers"])
 @pytest.mark.parametrize("shape", list(VARLEN_SHAPES))
 def test_varlen_attention_fwd_bwd(benchmark, shape, provider):
     kind, B, H, N, D, dtype, needs_cuda = VARLEN_SHAPES[shape]
     _skip_unavailable(provider)
+    if provider == "xformers" and importlib.util.find_spec("xformers") is None:
+        pytest.skip("xformers is not installed (optional extra stpcore[xformers])")
     if needs_cuda and not CUDA:
         pytest.skip("B=32 shapes run on CUDA")
     if provider == "sdpa" and not kind.startswith("equal"):
