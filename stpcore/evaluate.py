@@ -554,25 +554,6 @@ def default_loader(cfg: EvalConfig, train: bool, backbone: BackboneConfig | None
     return get_loader(data)
 
 
-def masked_privacy_loss(logits: torch.Tensor, labels: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over the clips with privacy labels (0 when none has), without a host sync.
-
-    Same value as ``train._masked_privacy_loss``; weights instead of boolean indexing keep the inner loop
-    free of device-to-host copies.
-
-    Args:
-        logits: (B, A) float.
-        labels: (B, A) 0/1 float.
-        has: (B,) bool.
-
-    Returns:
-        scalar float32.
-    """
-    per_clip = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1)  # (B,)
-    weight = has.to(per_clip.dtype)
-    return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
-
-
 def _log(out_dir: Path, record: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "eval_metrics.jsonl", "a") as f:
@@ -630,7 +611,7 @@ def _train_epoch(cfg, transform, recs, opts, scheds, loader, rec_cfg, device, ep
             video, keep = transform(clips, getattr(batch, "video_ids", None))  # one transform, two updates
             action_logits = action_rec(video, keep, mode=mode)
             ce = losses.action_loss(action_logits, actions)
-            bce = masked_privacy_loss(privacy_rec(video, keep, mode=mode), privacy, has)
+            bce = losses.masked_privacy_loss(privacy_rec(video, keep, mode=mode), privacy, has)
         for name, loss, model in (("action", ce, action_rec), ("privacy", bce, privacy_rec)):
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
@@ -1084,7 +1065,6 @@ __all__ = [
     "evaluate_method",
     "load_checkpoint",
     "make_transform",
-    "masked_privacy_loss",
     "paper_table",
     "recognizer_config",
     "results_table",

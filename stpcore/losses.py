@@ -44,6 +44,22 @@ def privacy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
+def masked_privacy_loss(logits: torch.Tensor, labels: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over the clips that carry privacy labels (0 when none does), without a host sync.
+
+    Args:
+        logits: (B, 5) float.
+        labels: (B, 5) 0/1 float (anything where ``has`` is False).
+        has: (B,) bool, which clips have privacy labels.
+
+    Returns:
+        scalar float32; equals ``privacy_loss(logits[has], labels[has])`` when any clip has labels.
+    """
+    per_clip = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1)  # (B,)
+    weight = has.to(per_clip.dtype)
+    return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def anonymizer_loss(
     sparsity: torch.Tensor,
     action: torch.Tensor,

@@ -427,7 +427,7 @@ class Trainer:
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
-            bce = _masked_privacy_loss(frozen[1](out.video, out.keep, mode="policy"), privacy, has_privacy)
+            bce = losses.masked_privacy_loss(frozen[1](out.video, out.keep, mode="policy"), privacy, has_privacy)
             loss = losses.anonymizer_loss(sparsity, ce, bce, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
         self._check_finite({"anonymizer loss": loss})
@@ -440,7 +440,7 @@ class Trainer:
             action_logits = action_rec(video, keep, mode="policy")
             rec_ce = losses.action_loss(action_logits, actions)
             privacy_logits = privacy_rec(video, keep, mode="policy")
-            rec_bce = _masked_privacy_loss(privacy_logits, privacy, has_privacy)
+            rec_bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
         self._check_finite({"action recognizer loss": rec_ce, "privacy recognizer loss": rec_bce})
         self._update("action", rec_ce, action_rec)
         self._update("privacy", rec_bce, privacy_rec)
@@ -571,15 +571,6 @@ class Trainer:
     def export_anonymizer(self, path: str | os.PathLike) -> Path:
         """Write the STPrivacy weights and config alone: what ``stpcore anonymize --checkpoint`` reads."""
         return save_anonymizer(_unwrap(self.models["anonymizer"]), path, classes=list(self.loader.classes))
-
-
-def _masked_privacy_loss(logits: torch.Tensor, labels: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    """Privacy BCE over the clips that carry privacy labels (zero when none does)."""
-    if bool(has.all()):
-        return losses.privacy_loss(logits, labels)
-    if not bool(has.any()):
-        return logits.sum() * 0.0
-    return losses.privacy_loss(logits[has], labels[has])
 
 
 def save_anonymizer(model: STPrivacy, path: str | os.PathLike, classes: Iterable[str] = ()) -> Path:
