@@ -474,11 +474,28 @@ class Trainer:
             yield batch
 
     def _log(self, record: dict) -> None:
+        """One JSON line in out_dir/metrics.jsonl (rank 0), and TensorBoard scalars when it is installed."""
         if not self.dist.main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("seconds",):
+                    writer.add_scalar(f"{record['phase']}/{key}", value, record["step"])
+
+    def _tensorboard(self):
+        """A SummaryWriter on out_dir/tensorboard, or None when the tensorboard package is absent."""
+        if not hasattr(self, "_tb_writer"):
+            self._tb_writer = None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: pip install tensorboard
+                return None
+            self._tb_writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        return self._tb_writer
 
     def fit(self, resume: str | os.PathLike | None = None) -> dict[str, list[dict]]:
         """Run (or continue) phases 1 and 2; returns the per-step metrics of this call by phase."""
@@ -509,6 +526,8 @@ class Trainer:
                     self.save_checkpoint()
             self.phase = "done"
             self.save_checkpoint()
+            if getattr(self, "_tb_writer", None) is not None:
+                self._tb_writer.flush()
             if self.dist.main:
                 self.export_anonymizer(self.out_dir / "stprivacy.pt")
         finally:

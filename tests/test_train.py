@@ -143,3 +143,29 @@ def test_load_anonymizer_rejects_other_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not an stpcore"):
         load_anonymizer(tmp_path / "x.pt")
+
+
+def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            calls.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            calls.append(("flush",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=1, log_every=1), _loader()).fit()
+    assert calls[0] == ("dir", str(tmp_path / "run" / "tensorboard"))
+    tags = {c[0] for c in calls[1:] if len(c) == 3}
+    assert {"phase1/loss", "phase1/sparsity", "phase2/bce_privacy"} <= tags
+    assert calls[-1] == ("flush",)
