@@ -158,3 +158,16 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--videos", "21", "--width", "64", "--height", "48", "--frames", "20",
                  "--phase1-epochs", "1", "--phase2-epochs", "1", "--eval-epochs", "1"]) == 0
     assert "reusing the trained STPrivacy" in capsys.readouterr().out
+
+
+def test_sweep_cli_writes_csv_and_plot(dataset, trained, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--checkpoint", str(trained / "stprivacy.pt"), "--keep-ratios", "1.0,0.5",
+                 "--thresholds", "0.5", "--with-raw", "--data-root", str(dataset), "--labels",
+                 str(dataset / "vp_labels.csv"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                 "--decoder", "pyav", "--stride", "2", "--out-dir", str(out), "--no-progress", "--device", "cpu"]) == 0
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 + 3  # header, the raw reference, two keep ratios and one threshold
+    assert (out / "sweep.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "α=0.5" in printed and "t=0.5" in printed
