@@ -202,14 +202,10 @@ def _tensors(q, k, v, policy, **_):
     return [q, k, v, policy]
 
 
-def _reference_reasons(explicit, q, k, v, policy, **_):
-    return []
-
-
 dispatch.register("policy_attention", dispatch.triton_backend("policy_attention", "policy_attention", _tensors))
 dispatch.register(
-    "policy_attention", dispatch.Backend("chunked", lambda q, k, v, policy, eps: policy_attention_chunked(
-        q, k, v, policy, eps=eps))
+    "policy_attention",
+    dispatch.Backend("chunked", lambda q, k, v, policy, eps: policy_attention_chunked(q, k, v, policy, eps=eps)),
 )
 dispatch.register(
     "policy_attention",
