@@ -103,3 +103,81 @@ def test_inference_vit_small_b8(benchmark, provider, request):
     if ratios:
         benchmark.extra_info["speedup_vs_fp32"] = round(statistics.median(ratios), 2)
         benchmark.extra_info["fp32_clips_per_s"] = round(BATCH / statistics.median(ref_times), 2)
+
+
+# -- why the CPU target is out of reach on AVX2-only CPUs ------------------------------------------------
+# The bound below is Amdahl's law with measured inputs: the share of the fp32 forward spent in Linear
+# layers (torch.profiler, self time of aten::addmm/aten::mm) and the speedup of one int8 dynamic Linear
+# over fp32 at the model's most common shape. No precision this CPU runs fast can beat it.
+
+GEMM_SHAPE = (BATCH * 272, 384, 1536)  # (tokens, in, out): fc1 of a block after the first prune
+GEMM_PROVIDERS = ["fp32", "bf16"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
+
+
+def _linear(provider: str):
+    tokens, d_in, d_out = GEMM_SHAPE
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(d_in, d_out).eval()
+    x = torch.randn(tokens, d_in)
+    if provider == "bf16":
+        layer, x = layer.bfloat16(), x.bfloat16()
+    elif provider == "int8":
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                     dtype=torch.qint8)
+
+    def step():
+        with torch.no_grad():
+            return layer(x)
+
+    return step
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU precision ceiling")
+@pytest.mark.parametrize("provider", GEMM_PROVIDERS)
+def test_linear_ceiling(benchmark, provider, request):
+    tokens, d_in, d_out = GEMM_SHAPE
+    benchmark.group = f"Linear {tokens}x{d_in} -> {d_out} (cpu)"
+    step = _linear(provider)
+    step()
+    benchmark.pedantic(step, rounds=3 if provider == "bf16" else 10, iterations=1, warmup_rounds=1)
+    if request.config.getoption("benchmark_disable"):
+        return
+    benchmark.extra_info["gflop_per_s"] = round(2 * tokens * d_in * d_out / benchmark.stats.stats.median / 1e9, 1)
+    if provider != "fp32":
+        fp32 = _linear("fp32")
+        ratios = [_timed(fp32) / _timed(step) for _ in range(5)]
+        benchmark.extra_info["speedup_vs_fp32"] = round(statistics.median(ratios), 2)
+
+
+def linear_share(model: torch.nn.Module, clips: torch.Tensor) -> float:
+    """Fraction of the fp32 forward's CPU self time spent in matrix multiplies (aten::addmm / mm / bmm)."""
+    with torch.no_grad():
+        model(clips)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(clips)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm", "aten::bmm"))
+    return gemm / total
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or "int8" not in GEMM_PROVIDERS, reason="the CPU int8 bound")
+def test_int8_amdahl_bound(benchmark, request):
+    """The most any int8-matmul variant can gain over fp32 here: 1 / ((1 - f) + f / s)."""
+    benchmark.group = "int8 bound (cpu)"
+    model, clips = _model_and_clips()
+    share = linear_share(model, clips)
+    fp32, int8 = _linear("fp32"), _linear("int8")
+    fp32(), int8()
+    ratios = [_timed(fp32) / _timed(int8) for _ in range(7)]
+    speedup = statistics.median(ratios)
+    benchmark.pedantic(int8, rounds=1, iterations=1)
+    benchmark.extra_info["matmul_share_of_fp32_forward"] = round(share, 3)
+    benchmark.extra_info["int8_linear_speedup"] = round(speedup, 2)
+    benchmark.extra_info["bound"] = round(1 / ((1 - share) + share / speedup), 2)
