@@ -14,8 +14,9 @@ threshold) under ``torch.inference_mode`` in one of these precisions:
   weights per output channel, activations per tensor at run time. The tubelet embedding, the score
   predictors and the reconstruction head stay fp32: they are a few percent of the FLOPs, and the
   predictors decide the masks, the head writes the output pixels.
-- ``"auto"``: bf16 on CUDA (fp32 where the GPU has no bf16); on CPU int8 where a quantized engine
-  for x86 is available, else fp32.
+- ``"auto"``: bf16 on CUDA (fp32 where the GPU has no bf16); on CPU bf16 where the CPU has native bf16
+  matrix units (AMX tiles or AVX512-BF16, see :func:`cpu_has_native_bf16`), else int8 where a quantized
+  engine for x86 is available, else fp32.
 
 Measured on that 2-core AVX2 CPU (vit_small, B=8; see benchmarks/bench_inference.py): int8 about
 1.3x the clips/s of fp32 (1.31x in single-thread CPU time, 1.33x interleaved wall time), with 98.6% of
@@ -71,6 +72,13 @@ class _Fp32Predictor(nn.Module):
             return self.predictor(x.float(), keep.float(), num_slots)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16), where bf16 autocast is the
+    fast CPU precision; False on AVX2-only CPUs, where torch emulates it (slower than fp32)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def int8_unavailable_reason() -> str | None:
     """Why the int8 variant cannot run in this PyTorch build, or None when it can."""
     try:
@@ -107,6 +115,8 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return "bf16"
         if device.type == "cpu" and int8_unavailable_reason() is None:
             return "int8"
         return "fp32"
@@ -133,7 +143,7 @@ class ClipAnonymizer:
         model: the trained model; copied (and converted) here, never modified.
         device: where the copy runs ("cpu", "cuda", "cuda:1", a torch.device).
         precision: one of :data:`PRECISIONS` (see the module docstring); "auto" picks bf16 on CUDA and
-            int8 on CPU when available.
+            on CPUs with native bf16, else int8 on CPU when available.
         threads: CPU threads for intra-op parallelism (``torch.set_num_threads``, a process-wide
             setting); None leaves the current setting.
 

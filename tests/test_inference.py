@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stpcore.inference import PRECISIONS, AnonymizedClips, ClipAnonymizer, int8_unavailable_reason, load_trained
+from stpcore.inference import (
+    PRECISIONS,
+    AnonymizedClips,
+    ClipAnonymizer,
+    cpu_has_native_bf16,
+    int8_unavailable_reason,
+    load_trained,
+)
 from stpcore.models import STPrivacy, from_name
 from stpcore.tubelets import keep_to_pixels
 
@@ -67,8 +74,18 @@ def test_every_variant_shapes_counts_and_zeros(model, clips, precision):
 
 
 def test_auto_on_cpu_is_int8_where_available(model):
-    expected = "fp32" if int8_unavailable_reason() else "int8"
+    expected = "bf16" if cpu_has_native_bf16() else "fp32" if int8_unavailable_reason() else "int8"
     assert ClipAnonymizer(model).precision == expected
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                        (False, False, None)])
+def test_auto_on_cpu_prefers_native_bf16(model, monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert cpu_has_native_bf16() is (expected == "bf16")
+    fallback = "fp32" if int8_unavailable_reason() else "int8"
+    assert ClipAnonymizer(model).precision == (expected or fallback)
 
 
 def test_fp32_equals_the_plain_model_exactly(model, clips):
