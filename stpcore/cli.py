@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
-                   help="auto: bf16 on CUDA, int8 dynamic on CPU where available (see stpcore.inference)")
+                   help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
+                        "(see stpcore.inference)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.set_defaults(func=_cmd_anonymize)
 
