@@ -36,6 +36,7 @@ class DemoConfig:
         seed: seeds the dataset, the training and the evaluation.
         preset: model preset of STPrivacy and the recognizers ("tiny": 8 x 32 x 32 clips, 64 tubelets).
         width, height, frames: synthetic video size and length.
+        stride: frame stride of the clips (num_frames x stride source frames per clip).
         phase1_epochs, phase2_epochs, eval_epochs: training lengths (phase 3 per method).
         batch_size: clips per step.
         lr: the learning rate itself [G: the demo trains from scratch, so it does not use the paper's
@@ -53,6 +54,7 @@ class DemoConfig:
     width: int = 96
     height: int = 72
     frames: int = 24
+    stride: int = 2
     phase1_epochs: int = 30
     phase2_epochs: int = 60
     eval_epochs: int = 100
@@ -69,7 +71,7 @@ def _loaders(cfg: DemoConfig, data: Path, num_frames: int, size: int):
     from stpcore.data import DataConfig, get_loader
 
     common = dict(root=data, labels=data / "vp_labels.csv", num_frames=num_frames, crop=size,
-                  short_side=round(size * 8 / 7), stride=2, decoder="pyav", cache=True, seed=cfg.seed)
+                  short_side=round(size * 8 / 7), stride=cfg.stride, decoder="pyav", cache=True, seed=cfg.seed)
     train = get_loader(DataConfig(**common, train=True, batch_size=cfg.batch_size, drop_last=True))
     test = get_loader(DataConfig(**common, train=False, batch_size=8))
     return train, test
@@ -110,7 +112,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     checkpoint = train_dir / "stprivacy.pt"
     train_cfg = TrainConfig(
         data_root=str(data), labels=str(data / "vp_labels.csv"), out_dir=str(train_dir), preset=cfg.preset,
-        batch_size=cfg.batch_size, phase1_epochs=cfg.phase1_epochs, phase2_epochs=cfg.phase2_epochs,
+        stride=cfg.stride, batch_size=cfg.batch_size, phase1_epochs=cfg.phase1_epochs, phase2_epochs=cfg.phase2_epochs,
         base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2, seed=cfg.seed, checkpoint_every=0, log_every=5,
         action_weight=cfg.action_weight, privacy_weight=cfg.privacy_weight,
     )
@@ -126,7 +128,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     # 3. Phase 3: raw video, STPrivacy, one baseline.
     eval_cfg = EvalConfig(
         data_root=str(data), labels=str(data / "vp_labels.csv"), preset=cfg.preset, epochs=cfg.eval_epochs,
-        batch_size=cfg.batch_size, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2,
+        stride=cfg.stride, batch_size=cfg.batch_size, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2,
         out_dir=str(out / "eval"), seed=cfg.seed, device="cpu",
     )
     print(f"[3/5] phase 3: fresh recognizers ({cfg.eval_epochs} epochs each) on raw, STPrivacy and "
@@ -151,7 +153,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     print(f"[5/5] anonymizing {len(videos)} test videos side by side")
     report = anonymize_files(
         videos, out / "anonymized", model, num_frames=model.cfg.num_frames, image_size=model.cfg.image_size,
-        grid=model.cfg.grid, tubelet=model.cfg.tubelet, stride=2, side_by_side=True, verbose=False,
+        grid=model.cfg.grid, tubelet=model.cfg.tubelet, stride=cfg.stride, side_by_side=True, verbose=False,
     )
     step("anonymize")
 

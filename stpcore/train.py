@@ -70,6 +70,13 @@ class TrainConfig:
         clip_grad: max gradient norm (0 disables) [G: 1.0].
         action_weight, privacy_weight: phase-2 weights of CE(action) and BCE(privacy) (the paper's 0.5).
         recognizer_lr_scale: recognizers' lr relative to STPrivacy's [G: 1.0].
+        recognizer_warmup_epochs: the first phase-2 epochs train only the two recognizers, on the outputs of
+            the (frozen) phase-1 STPrivacy, so that the adversarial game starts against informed recognizers
+            rather than random ones [G: 0, the paper starts the game at once]. Part of phase2_epochs.
+        privacy_restart_every: re-initialise the privacy recognizer (weights and optimizer state) every this
+            many phase-2 epochs after the warm-up, so STPrivacy must hide the attributes from fresh
+            recognizers (as phase 3 trains) rather than from the one it co-adapted with ("model restarting",
+            Wu et al., TPAMI 2020) [G: 0, off].
         amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "none".
         compile: torch.compile the models.
         checkpoint_every: steps between checkpoints (0: epoch ends only).
@@ -103,6 +110,8 @@ class TrainConfig:
     action_weight: float = 0.5
     privacy_weight: float = 0.5
     recognizer_lr_scale: float = 1.0
+    recognizer_warmup_epochs: int = 0
+    privacy_restart_every: int = 0
     amp: str = "auto"
     compile: bool = False
     checkpoint_every: int = 500
@@ -118,6 +127,11 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.phase1_epochs < 0 or self.phase2_epochs < 0:
             raise ValueError("phase1_epochs and phase2_epochs must be >= 0")
+        if not 0 <= self.recognizer_warmup_epochs <= self.phase2_epochs:
+            raise ValueError(f"recognizer_warmup_epochs must be in [0, phase2_epochs={self.phase2_epochs}], got "
+                             f"{self.recognizer_warmup_epochs}")
+        if self.privacy_restart_every < 0:
+            raise ValueError(f"privacy_restart_every must be >= 0 (0: off), got {self.privacy_restart_every}")
         if self.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if not self.base_lr > 0:
@@ -274,9 +288,11 @@ class Trainer:
         warm = int(cfg.warmup_epochs * self.steps_per_epoch)
         p1 = cfg.phase1_epochs * self.steps_per_epoch
         p2 = cfg.phase2_epochs * self.steps_per_epoch
+        p2_game = (cfg.phase2_epochs - cfg.recognizer_warmup_epochs) * self.steps_per_epoch  # STPrivacy's updates
         self.opt, self.sched = {}, {}
         self.opt["phase1"], self.sched["phase1"] = make_optimizer(self.anonymizer, self.lr, cfg, p1, min(warm, p1))
-        self.opt["phase2"], self.sched["phase2"] = make_optimizer(self.anonymizer, self.lr, cfg, p2, min(warm, p2))
+        self.opt["phase2"], self.sched["phase2"] = make_optimizer(self.anonymizer, self.lr, cfg, p2_game,
+                                                                  min(warm, p2_game))
         rec_lr = self.lr * cfg.recognizer_lr_scale
         self.opt["action"], self.sched["action"] = make_optimizer(self.action_rec, rec_lr, cfg, p2, min(warm, p2))
         self.opt["privacy"], self.sched["privacy"] = make_optimizer(self.privacy_rec, rec_lr, cfg, p2, min(warm, p2))
@@ -419,10 +435,12 @@ class Trainer:
         privacy, has_privacy = batch.privacy.to(self.device), batch.has_privacy.to(self.device)
         # 1) STPrivacy: keep the action, defeat the privacy recognizer. The recognizers are frozen here and
         # called unwrapped (no DDP gradient sync for a step that does not update them).
+        # During the recognizer warm-up STPrivacy only transforms (no graph, no update).
+        game = self.epoch >= cfg.recognizer_warmup_epochs
         frozen = [_unwrap(action_rec), _unwrap(privacy_rec)]
         for m in frozen:
             m.requires_grad_(False)
-        with self._autocast():
+        with self._autocast(), torch.set_grad_enabled(game):
             # Phase 2 does not use STPrivacy's own action head.
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
@@ -431,7 +449,8 @@ class Trainer:
             loss = losses.anonymizer_loss(sparsity, ce, bce, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
         self._check_finite({"anonymizer loss": loss})
-        self._update("phase2", loss, anonymizer)
+        if game:
+            self._update("phase2", loss, anonymizer)
         for m in frozen:
             m.requires_grad_(True)
         # 2) The recognizers, on the detached transformed video and mask.
@@ -535,7 +554,27 @@ class Trainer:
                 signal.signal(sig, h)
         return history
 
+    def _maybe_restart_privacy(self) -> None:
+        """At the start of every privacy_restart_every-th phase-2 epoch after the warm-up: a fresh privacy
+        recognizer. Seeded by (seed, epoch), so a resumed run restarts to the same weights."""
+        cfg, every, first = self.cfg, self.cfg.privacy_restart_every, self.cfg.recognizer_warmup_epochs
+        if not (self.phase == "phase2" and every and self.step_in_epoch == 0 and self.epoch > first
+                and (self.epoch - first) % every == 0):
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 7919 + self.epoch)
+            fresh = VideoRecognizer(cfg.recognizer_config(5))
+        if cfg.init_2d:
+            from stpcore.models import load_inflated_2d_vit
+
+            load_inflated_2d_vit(fresh, cfg.init_2d)
+        self.privacy_rec.load_state_dict(fresh.state_dict())  # in place: DDP / compile wrappers stay valid
+        self.opt["privacy"].state.clear()
+        if self.dist.main:
+            self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy recognizer restarted"})
+
     def _run_epoch(self, phase: str, epochs: int, step_fn, history) -> None:
+        self._maybe_restart_privacy()
         bar = None
         if self.cfg.progress and self.dist.main:
             try:

@@ -110,6 +110,55 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, stop_after):
     assert done + rest == losses
 
 
+def test_recognizer_warmup_freezes_stprivacy_then_plays(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=2, recognizer_warmup_epochs=1), _loader())
+    weights = {}  # STPrivacy's weights at the start of each epoch
+
+    class Snap(RandomClipLoader):
+        def __iter__(self):
+            weights.setdefault((trainer.phase, trainer.epoch), {k: v.clone() for k, v in
+                                                                 trainer.anonymizer.state_dict().items()})
+            yield from super().__iter__()
+
+    trainer.loader = Snap(3, 4, 8, 32)
+    trainer.fit()
+    final = trainer.anonymizer.state_dict()
+    warm, game = weights[("phase2", 0)], weights[("phase2", 1)]
+    assert all(torch.equal(warm[k], game[k]) for k in warm), "STPrivacy changed during the recognizer warm-up"
+    assert any(not torch.equal(game[k], final[k]) for k in game), "STPrivacy did not train after the warm-up"
+    assert trainer.sched["phase2"].last_epoch == 3  # its schedule spans only the game's steps
+
+
+@pytest.mark.parametrize("stop_after", [10], ids=["after-a-restart"])
+def test_privacy_restarts_are_seeded_and_resume_exactly(tmp_path, stop_after):
+    kw = dict(phase1_epochs=1, phase2_epochs=4, recognizer_warmup_epochs=1, privacy_restart_every=1)
+    full = Trainer(_cfg(tmp_path / "a", **kw), _loader())
+    history = full.fit()
+    losses = [r["loss"] for p in ("phase1", "phase2") for r in history[p]]
+    events = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e.get("event") == "privacy recognizer restarted"] == [2, 3]
+
+    wrapped = _StopAfter(_loader(), stop_after)
+    first = Trainer(_cfg(tmp_path / "b", **kw), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    done = [r["loss"] for p in ("phase1", "phase2") for r in first.history[p]]
+    second = Trainer(_cfg(tmp_path / "b", **kw), _loader())
+    resumed = second.fit(resume=tmp_path / "b" / "run" / "last.pt")
+    rest = [r["loss"] for p in ("phase1", "phase2") for r in resumed[p]]
+    assert done + rest == losses
+    state = second.privacy_rec.state_dict()
+    assert all(torch.equal(v, full.privacy_rec.state_dict()[k]) for k, v in state.items())
+
+
+def test_warmup_and_restart_validation(tmp_path):
+    with pytest.raises(ValueError, match="recognizer_warmup_epochs"):
+        _cfg(tmp_path, phase2_epochs=2, recognizer_warmup_epochs=3)
+    with pytest.raises(ValueError, match="privacy_restart_every"):
+        _cfg(tmp_path, privacy_restart_every=-1)
+
+
 def test_nan_guard_stops_with_checkpoint(tmp_path):
     class NaNLoader(RandomClipLoader):
         def __iter__(self):
