@@ -69,6 +69,9 @@ class TrainConfig:
         min_lr_ratio: floor of the cosine schedule [G: 0.01].
         clip_grad: max gradient norm (0 disables) [G: 1.0].
         action_weight, privacy_weight: phase-2 weights of CE(action) and BCE(privacy) (the paper's 0.5).
+        sparsity_weight: weight of the sparsity loss in phases 1 and 2 [G: 1.0, the paper writes no weight].
+            A larger weight holds the training-time keep fraction near alpha^m against the adversarial
+            terms, so that it matches the per-slot top-k of inference.
         recognizer_lr_scale: recognizers' lr relative to STPrivacy's [G: 1.0].
         recognizer_warmup_epochs: the first phase-2 epochs train only the two recognizers, on the outputs of
             the (frozen) phase-1 STPrivacy, so that the adversarial game starts against informed recognizers
@@ -109,6 +112,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     action_weight: float = 0.5
     privacy_weight: float = 0.5
+    sparsity_weight: float = 1.0
     recognizer_lr_scale: float = 1.0
     recognizer_warmup_epochs: int = 0
     privacy_restart_every: int = 0
@@ -421,7 +425,7 @@ class Trainer:
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), reconstruct=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(out.action_logits, actions)
-            loss = sparsity + ce
+            loss = self.cfg.sparsity_weight * sparsity + ce
         self._check_finite({"loss": loss})
         self._update("phase1", loss, anonymizer)
         acc = (out.action_logits.argmax(-1) == actions).float().mean()
@@ -446,7 +450,7 @@ class Trainer:
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
             bce = losses.masked_privacy_loss(frozen[1](out.video, out.keep, mode="policy"), privacy, has_privacy)
-            loss = losses.anonymizer_loss(sparsity, ce, bce, action_weight=cfg.action_weight,
+            loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, bce, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
         self._check_finite({"anonymizer loss": loss})
         if game:

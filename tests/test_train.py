@@ -152,6 +152,15 @@ def test_privacy_restarts_are_seeded_and_resume_exactly(tmp_path, stop_after):
     assert all(torch.equal(v, full.privacy_rec.state_dict()[k]) for k, v in state.items())
 
 
+def test_sparsity_weight_scales_the_sparsity_term(tmp_path):
+    history = Trainer(_cfg(tmp_path, phase1_epochs=1, sparsity_weight=7.0), _loader()).fit()
+    for rec in history["phase1"]:
+        assert rec["loss"] == pytest.approx(7.0 * rec["sparsity"] + rec["ce_action"], rel=1e-5)
+    for rec in history["phase2"]:
+        expected = 7.0 * rec["sparsity"] + 0.5 * rec["ce_action"] - 0.5 * rec["bce_privacy"]
+        assert rec["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
 def test_warmup_and_restart_validation(tmp_path):
     with pytest.raises(ValueError, match="recognizer_warmup_epochs"):
         _cfg(tmp_path, phase2_epochs=2, recognizer_warmup_epochs=3)
