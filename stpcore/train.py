@@ -69,6 +69,13 @@ class TrainConfig:
         min_lr_ratio: floor of the cosine schedule [G: 0.01].
         clip_grad: max gradient norm (0 disables) [G: 1.0].
         action_weight, privacy_weight: phase-2 weights of CE(action) and BCE(privacy) (the paper's 0.5).
+        decoder_init: how phase 2 starts the reconstruction head (LayerNorm -> Linear to tubelet pixels),
+            which phase 1 never trains: "random" (its initialisation) or "lstsq" (fitted once, when phase 2
+            begins, as the ridge-regression decoder from the frozen phase-1 model's kept final tokens to the
+            input tubelets' pixels over one pass of the training data). The fit touches only that Linear
+            layer and adds no loss: from then on only the adversarial objective shapes the output, as the
+            paper says, but the game starts from a video that looks like the input instead of a random
+            projection of features, which fresh recognizers read far better [G: "random"].
         sparsity_weight: weight of the sparsity loss in phases 1 and 2 [G: 1.0, the paper writes no weight].
             A larger weight holds the training-time keep fraction near alpha^m against the adversarial
             terms, so that it matches the per-slot top-k of inference.
@@ -113,6 +120,7 @@ class TrainConfig:
     action_weight: float = 0.5
     privacy_weight: float = 0.5
     sparsity_weight: float = 1.0
+    decoder_init: str = "random"
     recognizer_lr_scale: float = 1.0
     recognizer_warmup_epochs: int = 0
     privacy_restart_every: int = 0
@@ -134,6 +142,8 @@ class TrainConfig:
         if not 0 <= self.recognizer_warmup_epochs <= self.phase2_epochs:
             raise ValueError(f"recognizer_warmup_epochs must be in [0, phase2_epochs={self.phase2_epochs}], got "
                              f"{self.recognizer_warmup_epochs}")
+        if self.decoder_init not in ("random", "lstsq"):
+            raise ValueError(f"decoder_init must be 'random' or 'lstsq', got {self.decoder_init!r}")
         if self.privacy_restart_every < 0:
             raise ValueError(f"privacy_restart_every must be >= 0 (0: off), got {self.privacy_restart_every}")
         if self.amp not in ("auto", "bf16", "none"):
@@ -540,6 +550,9 @@ class Trainer:
                     self.phase, self.epoch, self.step_in_epoch = phase, 0, 0
                 epochs = self.cfg.phase1_epochs if phase == "phase1" else self.cfg.phase2_epochs
                 step_fn = self.phase1_step if phase == "phase1" else self.phase2_step
+                if phase == "phase2" and self.epoch == 0 and self.step_in_epoch == 0 \
+                        and self.cfg.decoder_init == "lstsq":
+                    self._fit_decoder()
                 for m in self.models.values():
                     m.train()
                 while self.epoch < epochs:
@@ -557,6 +570,50 @@ class Trainer:
             for sig, h in previous.items():
                 signal.signal(sig, h)
         return history
+
+    def _fit_decoder(self, ridge: float = 1e-3) -> None:
+        """decoder_init="lstsq": set head_recon to the ridge-regression map from LayerNorm(final kept tokens)
+        of the eval-mode (top-k) model to the input tubelets' pixels, over one pass of the training data.
+        Normal equations in float64, summed over ranks, so every rank gets the same decoder."""
+        from stpcore.tubelets import to_tubelets
+
+        model = self.anonymizer
+        dim, pixels = self.model_cfg.embed_dim, self.model_cfg.tubelet_dim
+        xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=self.device)
+        xty = torch.zeros(dim + 1, pixels, dtype=torch.float64, device=self.device)
+        captured: list[torch.Tensor] = []
+        seen = 0
+        hook = model.norm_recon.register_forward_hook(lambda mod, args, out: captured.append(out))
+        model.eval()
+        try:
+            self.loader.set_epoch(self.epoch)
+            with torch.no_grad(), self._autocast():
+                for batch in self.loader:
+                    clips = batch.clips.to(self.device)
+                    seen += clips.shape[0]
+                    captured.clear()
+                    out = model(clips)
+                    feats = captured[0].double()  # (B, K, D), the kept tokens after the final LayerNorm
+                    target = to_tubelets(clips, self.model_cfg.tubelet).double()  # (B, N, P)
+                    target = target.gather(1, out.kept_positions[..., None].expand(-1, -1, pixels))
+                    x = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1).reshape(-1, dim + 1)
+                    xtx += x.T @ x
+                    xty += x.T @ target.reshape(-1, pixels)
+        finally:
+            hook.remove()
+            model.train()
+        if self.dist.world_size > 1:
+            dist.all_reduce(xtx)
+            dist.all_reduce(xty)
+        if seen == 0:
+            raise ValueError("decoder_init='lstsq' saw no training clips: the loader yielded no batches")
+        reg = ridge * xtx.diagonal().mean() * torch.eye(dim + 1, dtype=torch.float64, device=self.device)
+        solution = torch.linalg.solve(xtx + reg, xty)  # (D + 1, P)
+        with torch.no_grad():
+            model.head_recon.weight.copy_(solution[:-1].T)
+            model.head_recon.bias.copy_(solution[-1])
+        if self.dist.main:
+            self._log({"phase": "phase2", "epoch": self.epoch, "event": "decoder fitted (lstsq)", "clips": seen})
 
     def _maybe_restart_privacy(self) -> None:
         """At the start of every privacy_restart_every-th phase-2 epoch after the warm-up: a fresh privacy

@@ -152,6 +152,57 @@ def test_privacy_restarts_are_seeded_and_resume_exactly(tmp_path, stop_after):
     assert all(torch.equal(v, full.privacy_rec.state_dict()[k]) for k, v in state.items())
 
 
+def _reconstruction_mse(model, loader) -> float:
+    from stpcore.tubelets import to_tubelets
+
+    model.eval()
+    errors = []
+    with torch.no_grad():
+        for batch in loader:
+            out = model(batch.clips)
+            pixels = model.cfg.tubelet_dim
+            decoded = to_tubelets(out.video, model.cfg.tubelet).gather(1, out.kept_positions[..., None].expand(
+                -1, -1, pixels))
+            target = to_tubelets(batch.clips, model.cfg.tubelet).gather(1, out.kept_positions[..., None].expand(
+                -1, -1, pixels))
+            errors.append(((decoded - target) ** 2).mean())
+    return float(torch.stack(errors).mean())
+
+
+def test_decoder_init_lstsq_fits_the_reconstruction_head_only(tmp_path):
+    loader = RandomClipLoader(num_batches=3, batch_size=4, num_frames=8, size=32)
+    results = {}
+    for init in ("random", "lstsq"):
+        trainer = Trainer(_cfg(tmp_path / init, phase1_epochs=1, phase2_epochs=0, decoder_init=init), loader)
+        trainer.fit()
+        results[init] = trainer.anonymizer
+    random_model, fitted = results["random"], results["lstsq"]
+    for name, value in fitted.state_dict().items():
+        same = torch.equal(value, random_model.state_dict()[name])
+        assert same != name.startswith("head_recon."), name  # only the reconstruction head differs
+    # The ridge decoder reconstructs the kept tubelets of its training clips better than the random one.
+    assert _reconstruction_mse(fitted, loader) < 0.9 * _reconstruction_mse(random_model, loader)
+    events = [json.loads(x) for x in (tmp_path / "lstsq" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["clips"] for e in events if e.get("event") == "decoder fitted (lstsq)"] == [12]
+
+
+@pytest.mark.parametrize("stop_after", [6, 7], ids=["end-of-phase1", "mid-phase2"])
+def test_resume_with_lstsq_decoder(tmp_path, stop_after):
+    full = Trainer(_cfg(tmp_path / "a", decoder_init="lstsq"), _loader())
+    history = full.fit()
+    losses = [r["loss"] for p in ("phase1", "phase2") for r in history[p]]
+    wrapped = _StopAfter(_loader(), stop_after)
+    first = Trainer(_cfg(tmp_path / "b", decoder_init="lstsq"), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    done = [r["loss"] for p in ("phase1", "phase2") for r in first.history[p]]
+    second = Trainer(_cfg(tmp_path / "b", decoder_init="lstsq"), _loader())
+    resumed = second.fit(resume=tmp_path / "b" / "run" / "last.pt")
+    assert done + [r["loss"] for p in ("phase1", "phase2") for r in resumed[p]] == losses
+    assert torch.equal(second.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
+
+
 def test_sparsity_weight_scales_the_sparsity_term(tmp_path):
     history = Trainer(_cfg(tmp_path, phase1_epochs=1, sparsity_weight=7.0), _loader()).fit()
     for rec in history["phase1"]:
@@ -166,6 +217,8 @@ def test_warmup_and_restart_validation(tmp_path):
         _cfg(tmp_path, phase2_epochs=2, recognizer_warmup_epochs=3)
     with pytest.raises(ValueError, match="privacy_restart_every"):
         _cfg(tmp_path, privacy_restart_every=-1)
+    with pytest.raises(ValueError, match="decoder_init"):
+        _cfg(tmp_path, decoder_init="pca")
 
 
 def test_nan_guard_stops_with_checkpoint(tmp_path):
