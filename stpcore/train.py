@@ -27,6 +27,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -606,7 +607,10 @@ class Trainer:
             dist.all_reduce(xtx)
             dist.all_reduce(xty)
         if seen == 0:
-            raise ValueError("decoder_init='lstsq' saw no training clips: the loader yielded no batches")
+            warnings.warn("decoder_init='lstsq': the training loader yielded no batches (fewer clips than one "
+                          "batch with drop_last?); the reconstruction head keeps its random initialisation",
+                          RuntimeWarning, stacklevel=2)
+            return
         reg = ridge * xtx.diagonal().mean() * torch.eye(dim + 1, dtype=torch.float64, device=self.device)
         solution = torch.linalg.solve(xtx + reg, xty)  # (D + 1, P)
         with torch.no_grad():

@@ -203,6 +203,15 @@ def test_resume_with_lstsq_decoder(tmp_path, stop_after):
     assert torch.equal(second.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
 
 
+def test_decoder_init_lstsq_without_batches_warns_and_keeps_the_head(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, phase2_epochs=0, decoder_init="lstsq"),
+                      RandomClipLoader(num_batches=0, batch_size=4, num_frames=8, size=32))
+    before = trainer.anonymizer.head_recon.weight.clone()
+    with pytest.warns(RuntimeWarning, match="no batches"):
+        trainer.fit()
+    assert torch.equal(trainer.anonymizer.head_recon.weight, before)
+
+
 def test_sparsity_weight_scales_the_sparsity_term(tmp_path):
     history = Trainer(_cfg(tmp_path, phase1_epochs=1, sparsity_weight=7.0), _loader()).fit()
     for rec in history["phase1"]:
