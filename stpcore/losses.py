@@ -60,6 +60,23 @@ def masked_privacy_loss(logits: torch.Tensor, labels: torch.Tensor, has: torch.T
     return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def masked_privacy_entropy(logits: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Mean binary entropy (nats, at most ln 2) of the privacy predictions over the clips with labels.
+
+    The anonymizer's alternative privacy term (``TrainConfig.privacy_objective="entropy"``): maximising it
+    drives the recognizer towards p = 0.5 on every attribute, where maximising BCE can also be met by making
+    the recognizer confidently wrong, which keeps the attribute in the video in a flipped form.
+
+    Args:
+        logits: (B, 5) float.
+        has: (B,) bool, which clips have privacy labels.
+    """
+    logits = logits.float()
+    per_clip = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none").mean(-1)
+    weight = has.to(per_clip.dtype)
+    return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def anonymizer_loss(
     sparsity: torch.Tensor,
     action: torch.Tensor,

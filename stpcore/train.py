@@ -77,6 +77,9 @@ class TrainConfig:
             layer and adds no loss: from then on only the adversarial objective shapes the output, as the
             paper says, but the game starts from a video that looks like the input instead of a random
             projection of features, which fresh recognizers read far better [G: "random"].
+        privacy_objective: STPrivacy's privacy term in phase 2: "bce" (the paper: maximise the privacy
+            recognizer's BCE) or "entropy" (maximise the binary entropy of its predictions, as in Wu et al.,
+            TPAMI 2020: the optimum is an uncertain recognizer, not a confidently wrong one) [P: "bce"].
         sparsity_weight: weight of the sparsity loss in phases 1 and 2 [G: 1.0, the paper writes no weight].
             A larger weight holds the training-time keep fraction near alpha^m against the adversarial
             terms, so that it matches the per-slot top-k of inference.
@@ -122,6 +125,7 @@ class TrainConfig:
     privacy_weight: float = 0.5
     sparsity_weight: float = 1.0
     decoder_init: str = "random"
+    privacy_objective: str = "bce"
     recognizer_lr_scale: float = 1.0
     recognizer_warmup_epochs: int = 0
     privacy_restart_every: int = 0
@@ -143,6 +147,8 @@ class TrainConfig:
         if not 0 <= self.recognizer_warmup_epochs <= self.phase2_epochs:
             raise ValueError(f"recognizer_warmup_epochs must be in [0, phase2_epochs={self.phase2_epochs}], got "
                              f"{self.recognizer_warmup_epochs}")
+        if self.privacy_objective not in ("bce", "entropy"):
+            raise ValueError(f"privacy_objective must be 'bce' or 'entropy', got {self.privacy_objective!r}")
         if self.decoder_init not in ("random", "lstsq"):
             raise ValueError(f"decoder_init must be 'random' or 'lstsq', got {self.decoder_init!r}")
         if self.privacy_restart_every < 0:
@@ -460,8 +466,10 @@ class Trainer:
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
-            bce = losses.masked_privacy_loss(frozen[1](out.video, out.keep, mode="policy"), privacy, has_privacy)
-            loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, bce, action_weight=cfg.action_weight,
+            privacy_logits = frozen[1](out.video, out.keep, mode="policy")
+            bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
+            term = bce if cfg.privacy_objective == "bce" else losses.masked_privacy_entropy(privacy_logits, has_privacy)
+            loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, term, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
         self._check_finite({"anonymizer loss": loss})
         if game:
@@ -482,6 +490,7 @@ class Trainer:
         priv_acc = ((privacy_logits > 0).float() == privacy).float()[has_privacy].mean() if has_privacy.any() \
             else torch.tensor(float("nan"))
         return {"loss": loss.item(), "sparsity": sparsity.item(), "ce_action": ce.item(), "bce_privacy": bce.item(),
+                "privacy_term": term.item(),
                 "rec_ce_action": rec_ce.item(), "rec_bce_privacy": rec_bce.item(), "acc_action": acc.item(),
                 "acc_privacy": priv_acc.item(), "kept": keep.float().mean().item()}
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -37,3 +39,23 @@ def test_privacy_and_action_losses():
 def test_sparsity_loss_empty_raises():
     with pytest.raises(ValueError, match="empty"):
         losses.sparsity_loss([], 0.7, 8)
+
+
+def test_masked_privacy_entropy_is_the_binary_entropy_of_labelled_clips():
+    logits = torch.tensor([[0.0, 2.0, -1.0, 3.0, 0.5], [4.0, 4.0, 4.0, 4.0, 4.0], [-0.3, 0.1, 0.0, 1.0, -2.0]],
+                          requires_grad=True)
+    has = torch.tensor([True, False, True])
+    p = torch.sigmoid(logits.detach().double())
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log())  # (3, 5) nats
+    expected = entropy[[0, 2]].mean()
+    value = losses.masked_privacy_entropy(logits, has)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    value.backward()
+    assert torch.all(logits.grad[1] == 0)  # the unlabelled clip contributes nothing
+    # dH/dx = -x p (1 - p): zero at x = 0 (the maximum, ln 2), pulling every other logit towards 0.
+    x = logits.detach().double()
+    expected_grad = -x * p * (1 - p) / 10  # mean over 2 clips x 5 attributes
+    assert torch.allclose(logits.grad[[0, 2]].double(), expected_grad[[0, 2]], atol=1e-6)
+    assert losses.masked_privacy_entropy(torch.zeros(2, 5), torch.ones(2, dtype=torch.bool)).item() == \
+        pytest.approx(math.log(2))
+    assert losses.masked_privacy_entropy(logits, torch.zeros(3, dtype=torch.bool)).item() == 0.0

@@ -228,6 +228,16 @@ def test_warmup_and_restart_validation(tmp_path):
         _cfg(tmp_path, privacy_restart_every=-1)
     with pytest.raises(ValueError, match="decoder_init"):
         _cfg(tmp_path, decoder_init="pca")
+    with pytest.raises(ValueError, match="privacy_objective"):
+        _cfg(tmp_path, privacy_objective="kl")
+
+
+def test_privacy_objective_entropy_enters_the_anonymizer_loss(tmp_path):
+    history = Trainer(_cfg(tmp_path, phase1_epochs=0, privacy_objective="entropy"), _loader()).fit()
+    for rec in history["phase2"]:
+        term = (rec["sparsity"] + 0.5 * rec["ce_action"] - rec["loss"]) / 0.5
+        assert 0 < term <= math.log(2) + 1e-6  # an entropy, not the BCE (which can exceed ln 2)
+        assert term == pytest.approx(rec["privacy_term"], rel=1e-4)
 
 
 def test_nan_guard_stops_with_checkpoint(tmp_path):
