@@ -171,3 +171,18 @@ def test_sweep_cli_writes_csv_and_plot(dataset, trained, tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "α=0.5" in printed and "t=0.5" in printed
+
+
+def test_demo_variants_script_scores_a_variant(tmp_path):
+    import subprocess
+    import sys
+
+    demo = json.dumps({"videos": 14, "width": 64, "height": 48, "frames": 24, "phase1_epochs": 1, "phase2_epochs": 1,
+                       "eval_epochs": 1, "batch_size": 4})
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_variants.py"
+    subprocess.run([sys.executable, str(script), "v1", '{"privacy_weight": 2.0}', "--demo", demo, "--workdir",
+                    str(tmp_path), "--keep-ratios", "1.0"], check=True, capture_output=True, timeout=600)
+    (line,) = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert line["train_overrides"] == {"privacy_weight": 2.0}
+    assert line["stprivacy"]["kept"] < 1.0 and line["1.0"]["kept"] == 1.0
+    assert (tmp_path / "v1" / "train" / "stprivacy.pt").is_file()
