@@ -7,6 +7,9 @@ Phase 2: alternating steps [G on order: STPrivacy first, then both recognizers o
     pool) with their parameters frozen for this step;
   - the action recognizer minimises CE and the privacy recognizer BCE on the detached transformed video
     and keep mask.
+  Options, all off by default (the paper's phase 2): the privacy term as the recognizer's entropy
+  (``privacy_objective``), a ridge-regression start of the reconstruction head (``decoder_init``), a
+  recognizer warm-up, privacy-recognizer restarts, and a sparsity weight.
 
 Every [G] choice is a :class:`TrainConfig` field. Checkpoints hold models, optimizers, schedulers, RNG
 states, the position in the run and the config; they are written atomically every
