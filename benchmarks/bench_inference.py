@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from stpcore.inference import ClipAnonymizer, int8_unavailable_reason
+from stpcore.inference import ClipAnonymizer, int8_unavailable_reason, quantize_linears_int8
 from stpcore.models import STPrivacy, STPrivacyConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,14 +122,7 @@ def _linear(provider: str):
     if provider == "bf16":
         layer, x = layer.bfloat16(), x.bfloat16()
     elif provider == "int8":
-        import warnings
-
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            layer = quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear: per_channel_dynamic_qconfig},
-                                     dtype=torch.qint8)
+        layer = quantize_linears_int8(torch.nn.Sequential(layer))  # the int8 path's own quantizer
 
     def step():
         with torch.no_grad():

@@ -30,10 +30,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from stpcore.data.synth import make_synthetic_dataset
-    from stpcore.demo import DemoConfig, _loaders
-    from stpcore.evaluate import EvalConfig, evaluate
+    from stpcore.demo import DemoConfig, _loaders, eval_config, train_config
+    from stpcore.evaluate import evaluate
     from stpcore.models import STPrivacyConfig
-    from stpcore.train import TrainConfig, Trainer
+    from stpcore.train import Trainer
 
     cfg = DemoConfig(**json.loads(args.demo))
     overrides = json.loads(args.train_overrides)
@@ -45,24 +45,12 @@ def main() -> None:
     model_cfg = STPrivacyConfig.from_name(cfg.preset)
     train_loader, test_loader = _loaders(cfg, data, model_cfg.num_frames, model_cfg.image_size)
     out = work / args.name
-    fields = dict(
-        data_root=str(data), labels=str(data / "vp_labels.csv"), out_dir=str(out / "train"), preset=cfg.preset,
-        stride=cfg.stride, batch_size=cfg.batch_size, phase1_epochs=cfg.phase1_epochs,
-        phase2_epochs=cfg.phase2_epochs, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2, seed=cfg.seed,
-        checkpoint_every=0, log_every=5, action_weight=cfg.action_weight, privacy_weight=cfg.privacy_weight,
-        privacy_objective=cfg.privacy_objective, decoder_init=cfg.decoder_init, progress=False,
-    )
-    fields.update(overrides)
     start = time.perf_counter()
     checkpoint = out / "train" / "stprivacy.pt"
     if not checkpoint.is_file():
-        Trainer(TrainConfig(**fields), train_loader).fit()
+        Trainer(train_config(cfg, data, out / "train", **({"progress": False} | overrides)), train_loader).fit()
     trained = time.perf_counter()
-    eval_cfg = EvalConfig(
-        data_root=str(data), labels=str(data / "vp_labels.csv"), preset=cfg.preset, epochs=cfg.eval_epochs,
-        stride=cfg.stride, batch_size=cfg.batch_size, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2,
-        out_dir=str(out / "eval"), seed=cfg.seed, device="cpu", progress=False,
-    )
+    eval_cfg = eval_config(cfg, data, out / "eval", progress=False)
     runs: list[tuple[str, dict]] = [("stprivacy", {"methods": ("stprivacy",)})]
     for extra in filter(None, args.keep_ratios.split(",")):
         runs.append((extra, {"methods": ("raw",)} if extra == "raw"

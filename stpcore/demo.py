@@ -91,12 +91,38 @@ def _loaders(cfg: DemoConfig, data: Path, num_frames: int, size: int):
     return train, test
 
 
+def train_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
+    """The demo's phases 1-2 as a TrainConfig (``overrides``: TrainConfig fields)."""
+    from stpcore.train import TrainConfig
+
+    fields = dict(
+        data_root=str(data), labels=str(data / "vp_labels.csv"), out_dir=str(out_dir), preset=cfg.preset,
+        stride=cfg.stride, batch_size=cfg.batch_size, phase1_epochs=cfg.phase1_epochs, phase2_epochs=cfg.phase2_epochs,
+        base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2, seed=cfg.seed, checkpoint_every=0, log_every=5,
+        action_weight=cfg.action_weight, privacy_weight=cfg.privacy_weight, decoder_init=cfg.decoder_init,
+        privacy_objective=cfg.privacy_objective,
+    )
+    return TrainConfig(**(fields | overrides))
+
+
+def eval_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
+    """The demo's phase 3 as an EvalConfig (``overrides``: EvalConfig fields)."""
+    from stpcore.evaluate import EvalConfig
+
+    fields = dict(
+        data_root=str(data), labels=str(data / "vp_labels.csv"), preset=cfg.preset, epochs=cfg.eval_epochs,
+        stride=cfg.stride, batch_size=cfg.batch_size, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2,
+        out_dir=str(out_dir), seed=cfg.seed, device="cpu",
+    )
+    return EvalConfig(**(fields | overrides))
+
+
 def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     from stpcore.anonymize import anonymize_files
     from stpcore.data.synth import make_synthetic_dataset
-    from stpcore.evaluate import EvalConfig, SweepPoint, evaluate, sweep, write_results, write_sweep
+    from stpcore.evaluate import SweepPoint, evaluate, sweep, write_results, write_sweep
     from stpcore.models import STPrivacyConfig
-    from stpcore.train import TrainConfig, Trainer, load_anonymizer
+    from stpcore.train import Trainer, load_anonymizer
 
     cfg = args if isinstance(args, DemoConfig) else _from_args(args)
     if cfg.threads:
@@ -124,13 +150,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     # 2. Phases 1 and 2.
     train_dir = out / "train"
     checkpoint = train_dir / "stprivacy.pt"
-    train_cfg = TrainConfig(
-        data_root=str(data), labels=str(data / "vp_labels.csv"), out_dir=str(train_dir), preset=cfg.preset,
-        stride=cfg.stride, batch_size=cfg.batch_size, phase1_epochs=cfg.phase1_epochs, phase2_epochs=cfg.phase2_epochs,
-        base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2, seed=cfg.seed, checkpoint_every=0, log_every=5,
-        action_weight=cfg.action_weight, privacy_weight=cfg.privacy_weight, decoder_init=cfg.decoder_init,
-        privacy_objective=cfg.privacy_objective,
-    )
+    train_cfg = train_config(cfg, data, train_dir)
     if checkpoint.is_file():
         print(f"[2/5] reusing the trained STPrivacy {checkpoint}")
     else:
@@ -141,11 +161,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     step("train")
 
     # 3. Phase 3: raw video, STPrivacy, one baseline.
-    eval_cfg = EvalConfig(
-        data_root=str(data), labels=str(data / "vp_labels.csv"), preset=cfg.preset, epochs=cfg.eval_epochs,
-        stride=cfg.stride, batch_size=cfg.batch_size, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2,
-        out_dir=str(out / "eval"), seed=cfg.seed, device="cpu",
-    )
+    eval_cfg = eval_config(cfg, data, out / "eval")
     print(f"[3/5] phase 3: fresh recognizers ({cfg.eval_epochs} epochs each) on raw, STPrivacy and "
           f"{cfg.baseline} videos")
     results = evaluate(eval_cfg, checkpoint=checkpoint, methods=("raw", "stprivacy", cfg.baseline),

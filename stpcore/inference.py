@@ -93,6 +93,12 @@ def int8_unavailable_reason() -> str | None:
 
 def _quantize_blocks_int8(model: STPrivacy) -> None:
     """Replace the Linear layers of model.blocks (in place, on the private copy) by dynamic int8 ones."""
+    quantize_linears_int8(model.blocks)
+
+
+def quantize_linears_int8(module: nn.Module) -> nn.Module:
+    """Replace every nn.Linear inside ``module`` (in place) by a dynamic int8 one (per-channel weights,
+    fbgemm / x86 engine); returns ``module``."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     engines = torch.backends.quantized.supported_engines
@@ -106,7 +112,8 @@ def _quantize_blocks_int8(model: STPrivacy) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
-        quantize_dynamic(model.blocks, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return module
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:

@@ -56,8 +56,7 @@ def masked_privacy_loss(logits: torch.Tensor, labels: torch.Tensor, has: torch.T
         scalar float32; equals ``privacy_loss(logits[has], labels[has])`` when any clip has labels.
     """
     per_clip = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1)  # (B,)
-    weight = has.to(per_clip.dtype)
-    return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
+    return _mean_over(per_clip, has)
 
 
 def masked_privacy_entropy(logits: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
@@ -73,6 +72,11 @@ def masked_privacy_entropy(logits: torch.Tensor, has: torch.Tensor) -> torch.Ten
     """
     logits = logits.float()
     per_clip = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(logits), reduction="none").mean(-1)
+    return _mean_over(per_clip, has)
+
+
+def _mean_over(per_clip: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Mean of (B,) per-clip values over the clips where ``has`` is True (0 when none is), with no host sync."""
     weight = has.to(per_clip.dtype)
     return (per_clip * weight).sum() / weight.sum().clamp_min(1.0)
 
