@@ -222,7 +222,9 @@ class _GumbelSelect(torch.autograd.Function):
         return (
             grad_lp if ctx.needs_input_grad[0] else None,
             grad_prev if ctx.needs_input_grad[1] else None,
-            None, None, None, None,
+            # y depends on log_probs + noise, so a noise that requires grad gets log_probs' gradient.
+            grad_lp.to(noise.dtype) if ctx.needs_input_grad[2] else None,
+            None, None, None,
         )
 
 

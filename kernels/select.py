@@ -6,12 +6,12 @@ the paper) and ranks every score by pairwise comparison,
     rank_i = #{j : s_j > s_i} + #{j < i : s_j == s_i},
 
 which is a permutation of 0..P-1 (equal scores are ordered by index, so ties break deterministically
-towards the lower index; torch.topk may pick a different one of exactly equal scores). Token i is kept
+towards the lower index, as slot_topk_ref's stable sort does). Token i is kept
 when rank_i < k, and its output position is the number of kept tokens before it (an exclusive prefix
 sum), so the kept indices come out ascending, as slot_topk_ref returns them. The fused
 :func:`slot_topk_gather` copies the kept rows in the same program: one launch, and x is read only at
-kept rows. NaN scores compare false both ways, so they rank like the smallest score rather than as
-torch.topk's largest; scores are expected finite.
+kept rows. NaN ranks above every number (torch's sort and topk order), NaNs among themselves by index,
+so a slot keeps exactly k tokens whatever its scores are.
 
 Bytes moved (paper's stage 1, B=32, N=392, k=34 x 8 slots, C=384, bf16): scores 4 B/token read,
 idx 8 B/kept token and kept rows 2*C B/kept token written, kept rows 2*C B/kept token read.
@@ -61,16 +61,22 @@ def _slot_topk_gather_kernel(
     valid_i = i < PER_SLOT
     s_base = scores_ptr + b * stride_sb + (slot * PER_SLOT).to(tl.int64) * stride_sn
     s_i = tl.load(s_base + i * stride_sn, mask=valid_i, other=0.0)
+    nan_i = s_i != s_i
     rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
     for j0 in range(0, PER_SLOT, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         valid_j = j < PER_SLOT
         s_j = tl.load(s_base + j * stride_sn, mask=valid_j, other=0.0)
-        beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
+        nan_j = s_j != s_j
+        # NaN ranks above every number (torch's sort order); NaNs and equal numbers tie, lower index first.
+        above = (nan_j[None, :] & ~nan_i[:, None]) | (s_j[None, :] > s_i[:, None])
+        tie = (nan_j[None, :] & nan_i[:, None]) | (s_j[None, :] == s_i[:, None])
+        beats = above | (tie & (j[None, :] < i[:, None]))
         rank += tl.sum((beats & valid_j[None, :]).to(tl.int32), axis=1)
     kept = (rank < k) & valid_i
     kept_i32 = kept.to(tl.int32)
     pos = tl.cumsum(kept_i32, axis=0) - kept_i32  # exclusive prefix count: ascending output order
+    kept = kept & (pos < k)  # ranks are a permutation, so this never binds; it keeps every store in the slot
     out_row = slot * k + pos  # (BLOCK_P,) row in the (B, S*k) output
     src_row = slot * PER_SLOT + i  # (BLOCK_P,) token index in the (B, N) input
     tl.store(idx_ptr + b * stride_ib + out_row, src_row.to(tl.int64), mask=kept & (cb == 0))
@@ -164,11 +170,14 @@ def _scatter(x: torch.Tensor, idx: torch.Tensor, seqlen: int, accumulate: bool) 
     return out.to(x.dtype)
 
 
-def _slot_topk_gather(scores: torch.Tensor, x: torch.Tensor | None, num_slots: int, k: int):
-    """(idx (B, S*k) int64, kept (B, S*k, C) or None); without x only the indices are computed."""
+def _slot_topk_gather(scores: torch.Tensor, x: torch.Tensor | None, num_slots: int, k: int,
+                      idx_out: torch.Tensor | None = None):
+    """(idx (B, S*k) int64, kept (B, S*k, C) or None); without x only the indices are computed.
+    ``idx_out``: a (B, S*k) int64 view with unit column stride to write the indices into (tests use it
+    to check that nothing is written outside)."""
     B, N = scores.shape
     per_slot = N // num_slots
-    idx = torch.empty(B, num_slots * k, device=scores.device, dtype=torch.int64)
+    idx = torch.empty(B, num_slots * k, device=scores.device, dtype=torch.int64) if idx_out is None else idx_out
     block_p = max(16, triton.next_power_of_2(per_slot))
     block_j = min(block_p, max(16, _TILE // block_p))
     gather = x is not None
@@ -176,7 +185,7 @@ def _slot_topk_gather(scores: torch.Tensor, x: torch.Tensor | None, num_slots: i
         C = x.shape[2]
         kept = torch.empty(B, num_slots * k, C, device=x.device, dtype=x.dtype)
         block_c = max(16, min(triton.next_power_of_2(C), _TILE // block_p))
-        n_cb = triton.cdiv(C, block_c)
+        n_cb = max(1, triton.cdiv(C, block_c))  # C == 0 still needs the program that writes idx
         x_args = (x, kept, x.stride(0), x.stride(1), x.stride(2), kept.stride(0), kept.stride(1))
     else:
         C, kept, block_c, n_cb = 0, None, 16, 1

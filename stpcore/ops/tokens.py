@@ -36,11 +36,14 @@ def slot_topk_ref(scores: torch.Tensor, num_slots: int, k: int) -> torch.Tensor:
         k: tokens kept per slot.
 
     Returns:
-        (B, num_slots * k) int64 indices into the N tokens, ascending.
+        (B, num_slots * k) int64 indices into the N tokens, ascending. Equal scores are taken lowest index
+        first and NaN counts as the highest score (a stable descending sort), so the choice is deterministic
+        and the same as the Triton kernel's (torch.topk may pick any of equal scores).
     """
     B, N = scores.shape
     per_slot = _check_slots("slot_topk", N, num_slots, k)
-    top = scores.reshape(B, num_slots, per_slot).topk(k, dim=-1).indices.sort(dim=-1).values  # (B, S, k)
+    order = scores.reshape(B, num_slots, per_slot).sort(dim=-1, descending=True, stable=True).indices
+    top = order[..., :k].sort(dim=-1).values  # (B, S, k)
     offsets = torch.arange(num_slots, device=scores.device).reshape(1, num_slots, 1) * per_slot
     return (top + offsets).reshape(B, num_slots * k)
 

@@ -70,6 +70,20 @@ def test_seeded_matches_reference_with_the_kernels_noise():
         assert_close(a, r, op=OP, name=name)
 
 
+@pytest.mark.parametrize("hard", [True, False])
+def test_noise_that_requires_grad_gets_the_references_gradient(hard):
+    log_probs, prev_keep, noise = _inputs(2, 40, torch.float32, DEVICE)
+    grad = torch.randn(2, 40, device=DEVICE)
+    grads = []
+    for fn, kw in ((gumbel_select, {"backend": "triton"}), (gumbel_select_ref, {})):
+        lp, n = log_probs.detach().clone().requires_grad_(), noise.clone().requires_grad_()
+        out = fn(lp, prev_keep, tau=0.7, hard=hard, noise=n, **kw)
+        grads.append(torch.autograd.grad(out, (lp, n), grad))
+    (d_lp, d_noise), (d_lp_ref, d_noise_ref) = grads
+    assert_close(d_noise, d_noise_ref, op="gumbel_select_backward", name="d_noise")
+    assert_close(d_lp, d_lp_ref, op="gumbel_select_backward", name="d_log_probs")
+
+
 def test_hard_decisions_are_binary_and_never_revive():
     log_probs, prev_keep, _ = _inputs(4, 500, torch.float32, drop=0.5)
     out = gumbel_select(log_probs, prev_keep, generator=torch.Generator().manual_seed(1), backend="triton")

@@ -90,12 +90,36 @@ def test_select_matches_reference(B, num_slots, per_slot, k, C):
 
 
 def test_ties_take_the_lowest_index():
-    """Exactly equal scores break towards the lower index (torch.topk's choice among ties is unspecified)."""
+    """Exactly equal scores break towards the lower index, in the kernel and in the reference alike."""
     scores = torch.zeros(2, 12, device=DEVICE)
     assert slot_topk(scores, 3, 2, backend="triton").tolist() == [[0, 1, 4, 5, 8, 9]] * 2
+    assert torch.equal(slot_topk(scores, 3, 2, backend="triton"), slot_topk_ref(scores, 3, 2))
     scores = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0, 1.0]], device=DEVICE)
     assert slot_topk(scores, 1, 3, backend="triton").tolist() == [[1, 2, 4]]
     assert slot_topk(scores, 1, 4, backend="triton").tolist() == [[0, 1, 2, 4]]
+    for k in range(1, 7):
+        assert torch.equal(slot_topk(scores, 1, k, backend="triton"), slot_topk_ref(scores, 1, k))
+
+
+def test_nan_scores_keep_exactly_k_inside_the_slot():
+    """NaN ranks highest (torch's order), so a slot with NaNs still keeps exactly k tokens: no index is
+    written past the slot's k places (before the fix a NaN made k + 1 and wrote into the next slot or past
+    the buffer's end)."""
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[0.3, 0.1, nan, 0.9, 0.5, 0.2, 0.8, 0.7],
+                           [nan, 0.1, 0.2, nan, 0.4, 0.6, inf, nan]], device=DEVICE)
+    for k in (1, 2, 3, 4):
+        buffer = torch.full((2, 2 * k + 1), -7, dtype=torch.int64, device=DEVICE)
+        idx, _ = ksel._slot_topk_gather(scores, None, 2, k, idx_out=buffer[:, : 2 * k])
+        assert torch.equal(idx, slot_topk_ref(scores, 2, k)), k
+        assert (buffer[:, -1] == -7).all(), f"k={k}: wrote past the {2 * k} output places"
+    assert slot_topk_ref(scores, 2, 2).tolist() == [[2, 3, 6, 7], [0, 3, 6, 7]]
+
+
+def test_gather_with_no_channels_still_returns_the_indices():
+    scores = _distinct_scores(2, 12)
+    idx, kept = slot_topk_gather(scores, torch.zeros(2, 12, 0, device=DEVICE), 3, 2, backend="triton")
+    assert torch.equal(idx, slot_topk_ref(scores, 3, 2)) and kept.shape == (2, 6, 0)
 
 
 def test_gather_backward_sums_repeated_indices():
