@@ -12,7 +12,11 @@ Two differences from plain attention:
   W_ij = exp(S_ij - m_i) * (p_j + (1 - p_j) [i == j]);
 - the eps smoothing adds eps / N * sum_j v_j to the numerator and eps to the denominator; sum_j v_j does
   not depend on the max, so it is accumulated separately from the rescaled accumulator and added at the
-  end: out_i = (sum_j W_ij v_j + eps / N * sum_j v_j) / (Z_i + eps).
+  end: out_i = (sum_j W_ij v_j + eps / N * sum_j v_j) / (Z_i + eps);
+- fp16 only: the weights are accumulated relative to the running max of the log-weights
+  S_ij + log(p_j) over the keys that count, then scaled back by exp(that max - m_i) at the end. With the
+  release's m_i alone, a dropped key scoring far above every kept one makes all kept weights tiny, and
+  they underflow when cast to fp16 for the P.V dot (bf16 and fp32 have fp32's exponent range).
 
 Saved for backward: the row max m, den = Z + eps (fp32) and the argmax column (int32), all (B, H, N).
 The argmax routes the tiny dm_i term of the max's gradient, so gradients match the direct formulation.
@@ -61,8 +65,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 @triton.jit
 def _fwd_tile(
     q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale,
-    m_i, z_i, arg_i, acc, v_sum,
+    m_i, w_i, z_i, arg_i, acc, v_sum,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    KEPT_MAX: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -76,16 +81,28 @@ def _fwd_tile(
     blk_arg = tl.argmax(s, 1).to(tl.int32) + start_n
     arg_i = tl.where(blk_max > m_i, blk_arg, arg_i)
     m_new = tl.maximum(m_i, blk_max)
-    alpha = tl.exp(m_i - m_new)  # exp(-inf) = 0 on the first block (every block has a valid column)
-    e = tl.exp(s - m_new[:, None])
     p = tl.load(p_base + offs_n * stride_pn, mask=col_ok, other=0.0).to(tl.float32)
-    # Every query always sees itself: the mask is 1 on the diagonal whatever the policy says.
-    w = tl.where(offs_m[:, None] == offs_n[None, :], e, e * p[None, :])
+    diag = offs_m[:, None] == offs_n[None, :]  # every query sees itself, whatever the policy says
+    if KEPT_MAX:
+        # fp16: acc and z run relative to w_i, the running max of the log-weights S_ij + log M_ij, not to
+        # m_i. When the highest score is on a dropped key, exp(S - m) * M of every kept key can be far
+        # below 1 and would underflow when cast to fp16 for the dot; relative to w_i the largest weight is 1.
+        # The epilogue multiplies by exp(w_i - m_i) to return to the release's scale.
+        lw = tl.where(diag, s, s + tl.log(p)[None, :])  # -inf where the policy is 0 (or the column invalid)
+        w_new = tl.maximum(w_i, tl.max(lw, 1))
+        base = tl.where(w_new == float("-inf"), 0.0, w_new)  # no kept key seen yet: keep zeros, avoid NaN
+        alpha = tl.exp(w_i - base)
+        w = tl.exp(lw - base[:, None])
+    else:
+        w_new = m_new
+        alpha = tl.exp(m_i - m_new)  # exp(-inf) = 0 on the first block (every block has a valid column)
+        e = tl.exp(s - m_new[:, None])
+        w = tl.where(diag, e, e * p[None, :])
     z_i = z_i * alpha + tl.sum(w, 1)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
     v_sum += tl.sum(v.to(tl.float32), 0)
-    return m_new, z_i, arg_i, acc, v_sum
+    return m_new, w_new, z_i, arg_i, acc, v_sum
 
 
 @triton.jit
@@ -99,6 +116,7 @@ def _policy_attn_fwd_kernel(
     H, N, scale, eps, eps_over_n,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    KEPT_MAX: tl.constexpr,
 ):
     # Bytes moved per program: its q block once, then all N keys and values (N (D + Dv) elements) and the
     # N policy values; writes BLOCK_M (Dv + 3) values.
@@ -118,6 +136,7 @@ def _policy_attn_fwd_kernel(
                 mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    w_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     z_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     arg_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
@@ -125,18 +144,19 @@ def _policy_attn_fwd_kernel(
     if INTERPRET:
         start_n = 0
         while start_n < N:
-            m_i, z_i, arg_i, acc, v_sum = _fwd_tile(
+            m_i, w_i, z_i, arg_i, acc, v_sum = _fwd_tile(
                 q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                N, scale, m_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
+                N, scale, m_i, w_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION, KEPT_MAX)
             start_n += BLOCK_N
     else:
         for start_n in range(0, N, BLOCK_N):
-            m_i, z_i, arg_i, acc, v_sum = _fwd_tile(
+            m_i, w_i, z_i, arg_i, acc, v_sum = _fwd_tile(
                 q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                N, scale, m_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
+                N, scale, m_i, w_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION, KEPT_MAX)
 
-    den = z_i + eps
-    out = (acc + eps_over_n * v_sum[None, :]) / den[:, None]
+    f = tl.exp(w_i - m_i)  # 1 without KEPT_MAX; 0 on padding rows that saw no kept key (not stored)
+    den = z_i * f + eps
+    out = (acc * f[:, None] + eps_over_n * v_sum[None, :]) / den[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     stat = pid_bh.to(tl.int64) * N + offs_m  # (B, H, N) contiguous statistics
@@ -395,7 +415,7 @@ def _policy_attn_fwd(q, k, v, policy, eps: float):
         *_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(out),
         H, N, D**-0.5, eps, eps / N,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages,
+        INTERPRET=_INTERPRET, KEPT_MAX=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
     )
     return out, row_max, den, arg_max
 

@@ -133,7 +133,8 @@ def _compile_family(family: str, s: dict) -> list:
                     num_warps=warps, num_stages=stages, grid=(1,))
         scale = D**-0.5
         out.append(("fwd", m._policy_attn_fwd_kernel.warmup(
-            dt, dt, dt, f32, dt, f32, f32, i32, *qkv, *qkv, *qkv, n, 1, *bhnd, h, n, scale, 1e-6, 1e-6 / n, **meta)))
+            dt, dt, dt, f32, dt, f32, f32, i32, *qkv, *qkv, *qkv, n, 1, *bhnd, h, n, scale, 1e-6, 1e-6 / n,
+            KEPT_MAX=dt == torch.float16, **meta)))
         out.append(("bwd_preprocess", m._policy_attn_bwd_preprocess_kernel.warmup(
             dt, dt, f32, f32, f32, f32, *bhnd, *bhnd, h, n, 1e-6, 1e-6 / n, HEAD_DIM_V=D, BLOCK_M=bm,
             num_warps=warps, num_stages=stages, grid=(1,))))
