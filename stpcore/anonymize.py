@@ -7,7 +7,7 @@ apart; with a stride s > 1 the s interleaved phases of a chunk are processed as 
 frame of the video is anonymized and the output keeps the source's frame rate and length. The last
 partial chunk is padded by repeating its last frame; padded outputs are discarded.
 
-Outputs per input, named after it (``<stem>`` is made unique within one run):
+Outputs per input, named after it (``<stem>``, made unique within one run; see :func:`output_paths`):
 - ``<stem>.anonymized.mp4``: the anonymized video (dropped tubelets black);
 - ``<stem>.keep.npz``: ``keep`` uint8 (clips, N) masks in t-major tubelet order, ``start`` and ``phase`` of
   each clip (first source frame, stride phase), ``stride``, ``grid``, ``tubelet``;
@@ -33,13 +33,23 @@ from stpcore.tubelets import keep_to_pixels
 
 @dataclass
 class AnonymizeReport:
+    """What :func:`anonymize_files` did with each input.
+
+    Attributes:
+        written: input -> the paths written for it.
+        failed: input -> why it could not be anonymized (the other inputs were still processed).
+        skipped: (input, why) for inputs not processed: given twice, or already done (``skip_existing``).
+    """
+
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"anonymized {len(self.written)} file(s), failed {len(self.failed)}"]
-        lines += [f"  ok     {src} -> {', '.join(str(p) for p in outs)}" for src, outs in self.written.items()]
-        lines += [f"  FAILED {src}: {why}" for src, why in self.failed.items()]
+        lines = [f"anonymized {len(self.written)} file(s), failed {len(self.failed)}, skipped {len(self.skipped)}"]
+        lines += [f"  ok      {src} -> {', '.join(str(p) for p in outs)}" for src, outs in self.written.items()]
+        lines += [f"  FAILED  {src}: {why}" for src, why in self.failed.items()]
+        lines += [f"  skipped {src}: {why}" for src, why in self.skipped]
         return "\n".join(lines)
 
 
@@ -89,13 +99,12 @@ def anonymize_file(
     ``anonymizer(clips, keep_ratio=..., adaptive_threshold=...)`` takes normalised float clips
     (B, 3, T, H, W) and returns an object with ``video`` (B, 3, T, H, W) and ``keep`` (B, N).
     """
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    if stride < 1 or batch_size < 1:
+        raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
     path, out_dir = Path(path), Path(out_dir)
     stem = stem or path.stem
     fps = media.video_fps(path)
-    out_path = out_dir / f"{stem}.anonymized.mp4"
-    sbs_path = out_dir / f"{stem}.side_by_side.mp4"
+    out_path, keep_path, sbs_path = output_paths(out_dir, stem, side_by_side=True)
     keeps, starts, phases = [], [], []
     chunk_len = num_frames * stride
     kwargs = {"keep_ratio": keep_ratio, "adaptive_threshold": adaptive_threshold}
@@ -132,7 +141,6 @@ def anonymize_file(
                 flush()
         if pending:
             flush()
-    keep_path = out_dir / f"{stem}.keep.npz"
     with media.atomic_path(keep_path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, keep=np.stack(keeps), start=np.array(starts), phase=np.array(phases),
@@ -152,34 +160,97 @@ class _NullWriter:
 
 
 def _unique_stems(paths: Iterable[Path]) -> list[str]:
-    seen: dict[str, int] = {}
+    """One output name per input: its stem, or ``<stem>-N`` with the smallest N whose name is still free (so
+    a.mp4, a.webm and a-1.mp4 get a, a-1 and a-1-1, never the same name twice)."""
+    taken: set[str] = set()
     stems = []
     for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        stems.append(p.stem if n == 0 else f"{p.stem}-{n}")
+        stem, n = p.stem, 0
+        while stem in taken:
+            n += 1
+            stem = f"{p.stem}-{n}"
+        taken.add(stem)
+        stems.append(stem)
     return stems
 
 
+def output_paths(out_dir: str | os.PathLike, stem: str, side_by_side: bool = False) -> list[Path]:
+    """The files :func:`anonymize_file` writes for ``stem``: video, keep masks (and side by side)."""
+    out_dir = Path(out_dir)
+    names = [f"{stem}.anonymized.mp4", f"{stem}.keep.npz"] + ([f"{stem}.side_by_side.mp4"] if side_by_side else [])
+    return [out_dir / n for n in names]
+
+
+def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Create the output folder; a clear ValueError when it cannot be one (an existing file, no permission)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is an existing file; give a folder path with -o")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    return out_dir
+
+
+def _why(exc: Exception) -> str:
+    from stpcore.data.decode_pyav import VideoError
+
+    if isinstance(exc, VideoError):
+        hint = {"missing file": "check the path", "empty file": "the file has no data",
+                "unreadable": "FFmpeg cannot read it: damaged, or not a video",
+                "no video stream": "the file holds no video (audio only?)", "no frames": "the video has no frames"}
+        return f"{exc.reason}" + (f" ({exc.detail})" if exc.detail else "") + (
+            f": {hint[exc.reason]}" if exc.reason in hint else "")
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, anonymizer, *, verbose: bool = True,
-                    **kwargs) -> AnonymizeReport:
-    """Anonymize several files; one that fails is reported and skipped, the others are still written."""
+                    skip_existing: bool = False, **kwargs) -> AnonymizeReport:
+    """Anonymize several files (``kwargs``: those of :func:`anonymize_file`).
+
+    A file that cannot be read or fails midway is reported in ``failed`` and the others are still written
+    (each output appears only complete: written to a temporary name, then renamed). An input given twice
+    (the same file) is processed once. With ``skip_existing``, an input whose outputs all exist already
+    (from an earlier, interrupted run over the same inputs in the same order) is skipped, so a run can be
+    resumed. Ctrl-C / SIGTERM (KeyboardInterrupt) stops at once, leaving no partial file; the report
+    filled so far is attached to the exception as ``exc.report``.
+    """
+    from stpcore.data.decode_pyav import probe
+
     report = AnonymizeReport()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output_dir(out_dir)
     paths = [Path(p) for p in paths]
-    for path, stem in zip(paths, _unique_stems(paths), strict=True):
-        try:
-            if not path.is_file():
-                raise FileNotFoundError("no such file")
-            report.written[str(path)] = anonymize_file(path, out_dir, anonymizer, stem=stem, **kwargs)
-            if verbose:
-                print(f"ok: {path} -> {report.written[str(path)][0]}")
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
-            report.failed[str(path)] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if verbose:
-                print(f"skipped {path}: {report.failed[str(path)]}", file=sys.stderr)
-                if os.environ.get("STPCORE_DEBUG"):
-                    traceback.print_exc()
+    seen: dict[Path, Path] = {}
+    try:
+        for path, stem in zip(paths, _unique_stems(paths), strict=True):
+            key = path.resolve()
+            if key in seen:
+                report.skipped.append((str(path), f"the same file as {seen[key]}, given earlier"))
+                continue
+            seen[key] = path
+            outs = output_paths(out_dir, stem, kwargs.get("side_by_side", False))
+            if skip_existing and all(o.is_file() for o in outs):
+                report.skipped.append((str(path), f"already done ({outs[0]} exists; --skip-existing)"))
+                if verbose:
+                    print(f"done already: {path} -> {outs[0]}")
+                continue
+            try:
+                if path.is_dir():
+                    raise ValueError("a folder, not a video file; give the video files inside it")
+                probe(path)  # a clear reason (missing, empty, unreadable, no video stream) before any output
+                report.written[str(path)] = anonymize_file(path, out_dir, anonymizer, stem=stem, **kwargs)
+                if verbose:
+                    print(f"ok: {path} -> {report.written[str(path)][0]}")
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
+                report.failed[str(path)] = _why(exc)
+                if verbose:
+                    print(f"skipped {path}: {report.failed[str(path)]}", file=sys.stderr)
+                    if os.environ.get("STPCORE_DEBUG"):
+                        traceback.print_exc()
+    except KeyboardInterrupt as exc:
+        exc.report = report
+        raise
     return report

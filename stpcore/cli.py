@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -40,20 +42,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_anonymize(args: argparse.Namespace) -> int:
-    from stpcore.anonymize import anonymize_files
+    import signal
+
+    from stpcore.anonymize import anonymize_files, prepare_output_dir
     from stpcore.inference import load_trained
 
+    prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
     anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads)
     cfg = anonymizer.model.cfg
     print(f"STPrivacy {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} from {args.checkpoint} "
           f"({anonymizer.description})")
-    report = anonymize_files(
-        args.inputs, args.output, anonymizer, num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid,
-        tubelet=cfg.tubelet, stride=args.stride, batch_size=args.batch_size, keep_ratio=args.keep_ratio,
-        adaptive_threshold=args.adaptive, side_by_side=args.side_by_side,
-    )
+    # SIGTERM (a service manager, `kill`) stops like Ctrl-C: the file being written is dropped, no temp file
+    # is left, and the summary of what finished is printed.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        report = anonymize_files(
+            args.inputs, args.output, anonymizer, num_frames=cfg.num_frames, image_size=cfg.image_size,
+            grid=cfg.grid, tubelet=cfg.tubelet, stride=args.stride, batch_size=args.batch_size,
+            keep_ratio=args.keep_ratio, adaptive_threshold=args.adaptive, side_by_side=args.side_by_side,
+            skip_existing=args.skip_existing,
+        )
+    except KeyboardInterrupt as exc:
+        partial = getattr(exc, "report", None)
+        if partial is not None:
+            print(partial.summary())
+        print("interrupted: finished files are complete; run again with --skip-existing to go on", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.summary())
     return 1 if report.failed else 0
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _fraction(low_open: bool = True, high_closed: bool = True):
+    """An argparse type for a number in (0, 1] (or (0, 1) with high_closed=False)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 and (value <= 1 if high_closed else value < 1)):
+            raise argparse.ArgumentTypeError(f"expected a number in (0, {'1]' if high_closed else '1)'}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -126,21 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("anonymize", help="anonymize video files with a trained STPrivacy checkpoint")
+    p = sub.add_parser(
+        "anonymize", help="anonymize video files with a trained STPrivacy checkpoint",
+        description="Anonymize whole videos, clip by clip at their own frame rate. Frames are resized (short side "
+                    "= the model's image size) and centre-cropped to the model's square input; the outputs show "
+                    "exactly that square (nothing outside it is written). Per input: <name>.anonymized.mp4 "
+                    "(dropped tubelets black), <name>.keep.npz (keep masks) and, with --side-by-side, "
+                    "<name>.side_by_side.mp4. A file that cannot be read is reported and skipped.")
     p.add_argument("inputs", nargs="+", help="video files (any format FFmpeg reads)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--checkpoint", required=True, help="stprivacy.pt (or last.pt) written by `stpcore train`")
     ratio = p.add_mutually_exclusive_group()
-    ratio.add_argument("--keep-ratio", type=float, help="keep ratio per stage (default: the trained one)")
-    ratio.add_argument("--adaptive", type=float, metavar="T", help="keep tubelets with keep probability > T")
+    ratio.add_argument("--keep-ratio", type=_fraction(), help="keep ratio per stage, in (0, 1] (default: the "
+                       "trained one)")
+    ratio.add_argument("--adaptive", type=_fraction(high_closed=False), metavar="T",
+                       help="keep tubelets whose keep probability is above T, in (0, 1)")
     p.add_argument("--side-by-side", action="store_true", help="also write input and output side by side")
-    p.add_argument("--stride", type=int, default=1, help="frame stride inside a clip (default 1)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose outputs are already in the folder (resume an interrupted run)")
+    p.add_argument("--stride", type=_positive_int, default=1, help="frame stride inside a clip (default 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="clips per forward (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
                         "(see stpcore.inference)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.set_defaults(func=_cmd_anonymize)
 
     from stpcore.evaluate import EvalConfig
@@ -193,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, pickle.UnpicklingError) as exc:
+        # Bad settings, paths or files: the message says what and where; a traceback would only hide it.
+        if os.environ.get("STPCORE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        print("(set STPCORE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,9 +31,84 @@ def _base_type(tp: Any) -> Any:
     return None
 
 
+def _checked(value: Any, tp: Any, where: str) -> Any:
+    """``value`` from a JSON config file as the field's type ``tp``; ValueError naming the field otherwise.
+
+    JSON has no tuples and no int/float distinction: lists become tuples for tuple fields, and whole
+    numbers are accepted for float fields. Nothing else is converted ("false" is not a bool, "8" not an int).
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _checked(value, option, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a JSON list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        if (len(args) == 2 and args[1] is Ellipsis) or len(args) <= 1:
+            return tuple(_checked(v, item, where) for v in value)
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_checked(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value  # anything else (dicts, Any) is passed on for the config's own checks
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field descriptions from the ``Args:`` or ``Attributes:`` section of ``cls``'s docstring (Google style;
+    "a, b: text" describes both), first sentence-ish: the text up to its first line break of meaning is
+    kept whole, with whitespace collapsed."""
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    section, current = False, None
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Attributes:"):
+            section, current = True, None
+            continue
+        if not section:
+            continue
+        if line and not line.startswith(" "):  # the next section or paragraph
+            section, current = False, None
+            continue
+        head = re.match(r"^ {4}([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): ?(.*)$", line)
+        if head:
+            current = [n.strip() for n in head.group(1).split(",")]
+            for name in current:
+                out[name] = head.group(2).strip()
+        elif current and line.startswith("     "):
+            for name in current:
+                out[name] = (out[name] + " " + line.strip()).strip()
+    return out
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per field of the dataclass ``cls`` (defaults left to the config; see module doc)."""
     hints = typing.get_type_hints(cls)
+    docs = field_help(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields (override --config)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -40,13 +117,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
         if tp is None:
             continue  # structured fields (dicts, tuples) come from the config file only
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = "required" if required else f"default: {f.default if f.default is not dataclasses.MISSING else '-'}"
+        # argparse formats help with %: a literal % in a docstring must be doubled.
+        text = (docs.get(f.name, "") + f" ({default})").strip().replace("%", "%%")
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default: {default})")
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(flag, dest=f.name, type=tp, default=None,
-                               help=f"(default: {default})" if default is not None else "(default: none)")
+            group.add_argument(flag, dest=f.name, type=tp, default=None, help=text)
 
 
 def dataclass_from_args(cls: type[_T], args: argparse.Namespace, **fixed: Any) -> _T:
@@ -61,7 +139,9 @@ def dataclass_from_args(cls: type[_T], args: argparse.Namespace, **fixed: Any) -
         unknown = sorted(set(loaded) - names)
         if unknown:
             raise ValueError(f"{config}: unknown field(s) {unknown}; {cls.__name__} fields are {sorted(names)}")
-        values.update(loaded)
+        hints = typing.get_type_hints(cls)
+        for name, value in loaded.items():
+            values[name] = _checked(value, hints[name], f"{config}: field {name!r}")
     for name in names:
         value = getattr(args, name, None)
         if value is not None:

@@ -156,7 +156,7 @@ class ClipAnonymizer:
 
     Raises:
         ValueError: unknown precision (the message names the choices), int8 off CPU or unavailable,
-            threads < 1.
+            threads < 1, a CUDA device where CUDA is not available.
     """
 
     def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
@@ -164,6 +164,9 @@ class ClipAnonymizer:
         if not isinstance(model, STPrivacy):
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: CUDA is not available (this torch is a CPU build, or no GPU is "
+                             f"visible); use device 'cpu'")
         self.precision = _resolve_precision(precision, self.device)
         if threads is not None:
             if not isinstance(threads, int) or threads < 1:

@@ -45,6 +45,7 @@ from torch import nn
 from stpcore import losses
 from stpcore.media import atomic_path
 from stpcore.models import RecognizerConfig, STPrivacy, STPrivacyConfig, VideoRecognizer
+from stpcore.models.checkpoints import load_weights_only
 from stpcore.ops import sample_gumbel
 
 PHASES = ("phase1", "phase2")
@@ -102,6 +103,8 @@ class TrainConfig:
         deterministic: torch.use_deterministic_algorithms (for exact resume checks).
         init_2d: path of an ImageNet 2D ViT checkpoint (DeiT/timm layout) to inflate into all three models.
         progress: show progress bars (tqdm) on rank 0.
+        model_overrides: STPrivacyConfig fields changed from the preset (config file only, e.g.
+            {"tau": 0.5}); those the recognizers share (the backbone's) apply to them too.
     """
 
     data_root: str
@@ -392,7 +395,7 @@ class Trainer:
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (weights_only: nothing is executed)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
         if state.get("format") != "stpcore-train-v1":
             raise ValueError(f"{path}: not an stpcore training checkpoint (format {state.get('format')!r})")
         for k, m in self.models.items():
@@ -719,7 +722,7 @@ def save_anonymizer(model: STPrivacy, path: str | os.PathLike, classes: Iterable
 
 def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> STPrivacy:
     """An STPrivacy model from :func:`save_anonymizer`'s file or a training checkpoint (weights_only)."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = load_weights_only(path, map_location)
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt == "stpcore-stprivacy-v1":
         weights = state["state_dict"]

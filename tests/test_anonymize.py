@@ -88,3 +88,67 @@ def test_same_stem_twice_gets_unique_names(tmp_path, model):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.anonymized.mp4")) == [
         "cam-1.anonymized.mp4", "cam.anonymized.mp4"]
     assert not report.failed
+
+
+def test_output_names_never_collide(tmp_path, model):
+    """b.mp4, b.mkv and b-1.mp4: renaming the second to b-1 must not take the third's name (it did)."""
+    srcs = [_source(tmp_path / name, frames=f) for name, f in (("b.mp4", 5), ("b.mkv", 7), ("b-1.mp4", 9))]
+    cfg = model.cfg
+    report = anonymize_files(srcs, tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size,
+                             grid=cfg.grid, tubelet=cfg.tubelet, verbose=False)
+    assert not report.failed and len(report.written) == 3
+    outs = [report.written[str(s)][0] for s in srcs]
+    assert len(set(outs)) == 3
+    assert [len(_decode(o)) for o in outs] == [5, 7, 9]  # each output holds its own input's frames
+
+
+def test_same_file_twice_is_processed_once(tmp_path, model):
+    src = _source(tmp_path / "cam.mp4", frames=6)
+    cfg = model.cfg
+    report = anonymize_files([src, tmp_path / "." / "cam.mp4"], tmp_path / "out", model, num_frames=cfg.num_frames,
+                             image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet, verbose=False)
+    assert list(report.written) == [str(src)] and not report.failed
+    assert len(report.skipped) == 1 and "same file" in report.skipped[0][1]
+    assert "skipped 1" in report.summary()
+
+
+def test_skip_existing_resumes_without_rewriting(tmp_path, model):
+    srcs = [_source(tmp_path / f"{n}.mp4", frames=6) for n in ("a", "b")]
+    cfg = model.cfg
+    kwargs = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet,
+                  verbose=False)
+    anonymize_files(srcs[:1], tmp_path / "out", model, **kwargs)  # a run that stopped after the first file
+    done = tmp_path / "out" / "a.anonymized.mp4"
+    stamp = done.stat().st_mtime_ns
+    report = anonymize_files(srcs, tmp_path / "out", model, skip_existing=True, **kwargs)
+    assert list(report.written) == [str(srcs[1])]
+    assert report.skipped == [(str(srcs[0]), f"already done ({done} exists; --skip-existing)")]
+    assert done.stat().st_mtime_ns == stamp
+    # Without the flag everything is written again.
+    assert len(anonymize_files(srcs, tmp_path / "out", model, **kwargs).written) == 2
+
+
+def test_unreadable_inputs_say_why(tmp_path, model):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 50)
+    cfg = model.cfg
+    report = anonymize_files([folder, empty, text, tmp_path / "gone.mp4"], tmp_path / "out", model,
+                             num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet,
+                             verbose=False)
+    why = report.failed
+    assert "a folder" in why[str(folder)]
+    assert why[str(empty)].startswith("empty file")
+    assert why[str(text)].startswith("unreadable")
+    assert why[str(tmp_path / "gone.mp4")].startswith("missing file")
+
+
+def test_output_folder_that_is_a_file_is_refused(tmp_path, model):
+    (tmp_path / "out").write_text("")
+    cfg = model.cfg
+    with pytest.raises(ValueError, match="is an existing file"):
+        anonymize_files([], tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size,
+                        grid=cfg.grid, tubelet=cfg.tubelet)

@@ -188,3 +188,9 @@ def test_vit_small_single_clip(precision):
         # at B=8 in benchmarks/bench_inference.py.
         ref = ClipAnonymizer(model, precision="fp32")(clip)
         assert (out.keep == ref.keep).float().mean().item() >= 0.95
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ClipAnonymizer(STPrivacy(from_name("tiny")), device="cuda")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -28,6 +29,30 @@ class LoadReport(NamedTuple):
 
     missing: list[str]
     unexpected: list[str]
+
+
+def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
+
+    Raises:
+        ValueError: no such file; a file holding more than tensors and plain data (refused: loading it
+            could run code); or not a torch checkpoint at all (damaged, another format).
+    """
+    import pickle
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{os.fspath(path)}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        raise ValueError(
+            f"{os.fspath(path)}: refused: the checkpoint holds Python objects besides tensors and plain data"
+            f"{f' ({found.group(1)})' if found else ''}, and stpcore never unpickles those (it could run code). Use "
+            f"a file written by stpcore, or re-save the model's state_dict() with torch.save") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types (KeyError, RuntimeError, EOFError) for non-checkpoints
+        raise ValueError(f"{os.fspath(path)}: not a readable torch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from exc
 
 
 def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
@@ -163,7 +188,7 @@ def load_inflated_2d_vit(model: nn.Module, path: str | os.PathLike) -> LoadRepor
     Returns:
         LoadReport(missing, unexpected) with unexpected empty.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_weights_only(path)
     inflated = inflate_2d_vit(obj, model.cfg)
     # Check before loading anything, so a failed load leaves the model untouched.
     own = model.state_dict()

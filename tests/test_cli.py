@@ -1,0 +1,116 @@
+"""The command line: config files checked by type, help texts from the docstrings, clear errors instead of
+tracebacks, argument ranges, SIGTERM during `stpcore anonymize`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from stpcore import media
+from stpcore.cli import build_parser, main
+from stpcore.config import dataclass_from_args, field_help
+from stpcore.demo import DemoConfig
+from stpcore.evaluate import EvalConfig
+from stpcore.train import TrainConfig
+
+
+def _train_args(tmp_path, fields):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"data_root": "d", "out_dir": "o"} | fields))
+    return build_parser().parse_args(["train", "--config", str(path)])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"compile": "false"}, "'compile': expected true or false, got 'false'"),
+    ({"batch_size": "8"}, "'batch_size': expected a whole number, got '8'"),
+    ({"batch_size": 8.5}, "'batch_size': expected a whole number"),
+    ({"base_lr": True}, "'base_lr': expected a number"),
+    ({"preset": 3}, "'preset': expected a string"),
+])
+def test_config_file_values_are_checked_by_type(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        dataclass_from_args(TrainConfig, _train_args(tmp_path, fields))
+
+
+def test_config_file_json_numbers_and_lists_become_the_fields_types(tmp_path):
+    cfg = dataclass_from_args(TrainConfig, _train_args(tmp_path, {"base_lr": 1, "stride": None, "compile": False}))
+    assert cfg.base_lr == 1.0 and isinstance(cfg.base_lr, float) and cfg.stride is None and cfg.compile is False
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"sweep_ratios": [1, 0.5]}))
+    demo = dataclass_from_args(DemoConfig, build_parser().parse_args(["demo", "--config", str(path)]))
+    assert demo.sweep_ratios == (1.0, 0.5)
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, EvalConfig, DemoConfig])
+def test_every_flag_has_a_description(cls):
+    docs = field_help(cls)
+    flags = [f.name for f in dataclasses.fields(cls)]
+    assert [name for name in flags if not docs.get(name)] == []
+    assert "clips per step" in docs.get("batch_size", "")
+
+
+def test_help_shows_descriptions():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "clips per step and process. (default: 32)" in " ".join(text.split())
+    assert "(required)" in text
+
+
+def test_missing_checkpoint_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    assert main(["anonymize", "x.mp4", "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "no.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "no such checkpoint file" in err and "Traceback" not in err
+
+
+def test_checkpoint_that_is_not_one(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("hello")
+    assert main(["anonymize", "x.mp4", "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "notes.pt")]) == 2
+    assert "not a readable torch checkpoint" in capsys.readouterr().err
+
+
+def test_output_folder_is_checked_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "o").write_text("")
+    assert main(["anonymize", "x.mp4", "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "no.pt")]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--keep-ratio", "5"], ["--keep-ratio", "0"], ["--adaptive", "1"],
+                                  ["--batch-size", "0"], ["--stride", "-1"], ["--threads", "x"]])
+def test_out_of_range_arguments_are_rejected_up_front(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["anonymize", "x.mp4", "-o", str(tmp_path), "--checkpoint", "c.pt", *flag])
+    assert exc.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
+def test_sigterm_stops_cleanly_with_a_summary(tmp_path, monkeypatch, capsys):
+    from stpcore import inference
+    from stpcore.models import STPrivacy, STPrivacyConfig
+
+    torch.manual_seed(0)
+    real = inference.ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), precision="fp32")
+    calls = []
+
+    class TermOnSecondFile:
+        model, description = real.model, "test"
+
+        def __call__(self, clips, **kwargs):
+            calls.append(clips.shape[0])
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(clips, **kwargs)
+
+    monkeypatch.setattr(inference, "load_trained", lambda *a, **k: TermOnSecondFile())
+    frames = (np.random.default_rng(0).random((6, 40, 40, 3)) * 255).astype(np.uint8)
+    srcs = [str(media.write_video(tmp_path / f"{n}.mp4", frames, fps=8)) for n in ("a", "b", "c")]
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["anonymize", *srcs, "-o", str(out), "--checkpoint", "unused.pt"]) == 130
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    captured = capsys.readouterr()
+    assert "anonymized 1 file(s)" in captured.out and "--skip-existing" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["a.anonymized.mp4", "a.keep.npz"]  # no partial or temp file
