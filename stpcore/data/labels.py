@@ -7,6 +7,7 @@ A label set is a dict {"<class>/<stem>": int64 array (5,)} with columns PRIVACY_
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
 import io
@@ -22,13 +23,18 @@ import numpy as np
 PRIVACY_ATTRIBUTES: tuple[str, ...] = ("skin_color", "face", "gender", "nudity", "relationship")
 CSV_HEADER: tuple[str, ...] = ("video", *PRIVACY_ATTRIBUTES)
 
-# The only globals a label pickle may name: numpy's array reconstruction (both module spellings, numpy 1 and 2).
+# The only globals a label pickle may name: numpy's array reconstruction (both module spellings, numpy 1 and 2;
+# _frombuffer is what pickle protocol 5, Python 3.14's default, uses for contiguous arrays: np.frombuffer,
+# which refuses object dtypes, then a reshape).
 _ALLOWED_GLOBALS = frozenset(
     {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocols 2-3 store bytes as encode(text, "latin1"), as torch's weights_only allows
     }
 )
 
@@ -46,10 +52,12 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise UnsafePickleError(
                 f"refusing to load global {module}.{name}: a label pickle may only hold numpy arrays "
-                "(numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype)"
+                "(numpy.core.multiarray._reconstruct, numpy.core.numeric._frombuffer, numpy.ndarray, numpy.dtype)"
             )
         if module == "numpy":
             return getattr(np, name)
+        if module == "_codecs":
+            return codecs.encode
         # numpy 2 keeps numpy.core as a shim over numpy._core; import whichever spelling this numpy provides.
         try:
             mod = importlib.import_module(module)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stpcore.data.splits import VIDEO_EXTENSIONS
 from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
+from stpcore.media import atomic_path
 
 
 @dataclass
@@ -43,16 +44,17 @@ class TranscodeReport:
 def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], codec: str = "h264") -> int:
     """Re-encode one video's first video stream as constant-frame-rate `codec`; returns frames written.
 
-    Written to a temporary name beside `dst`, then os.replace'd, so `dst` is either absent or complete.
+    Written to a unique temporary name beside `dst`, then os.replace'd, so `dst` is either absent or complete.
     """
     import av
 
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")
     n = 0
-    try:
+    # A unique temporary name (mkstemp) beside dst: parallel jobs never share one, and it is removed on failure.
+    with atomic_path(dst) as tmp:
         with av.open(str(src)) as inp, av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as out:
+            if not inp.streams.video:
+                raise ValueError("no video stream (audio only?)")
             in_stream = inp.streams.video[0]
             rate = Fraction(in_stream.average_rate or in_stream.guessed_rate or 25)
             stream = out.add_stream(ENCODER[codec], rate=rate)
@@ -73,10 +75,6 @@ def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], cod
                 out.mux(packet)
         if n == 0:
             raise RuntimeError("no frames decoded")
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return n
 
 
@@ -104,11 +102,16 @@ def transcode_dataset(
         raise FileNotFoundError(f"{src} is not a folder")
     report = TranscodeReport()
     jobs = []
+    claimed: dict[Path, str] = {}
     for cls_dir in sorted(p for p in src.iterdir() if p.is_dir()):
         for f in sorted(cls_dir.iterdir()):
             if f.suffix.lower() not in VIDEO_EXTENSIONS or f.name.startswith("."):
                 continue
             out = dst / cls_dir.name / f"{f.stem}{CODEC_EXT[codec]}"
+            if out in claimed:  # e.g. v.avi and v.mkv: both would become v.mp4
+                report.failed.append((str(f), f"its output {out} is also {claimed[out]}'s; rename one of the two"))
+                continue
+            claimed[out] = f.name
             if out.is_file() and out.stat().st_size > 0:
                 report.skipped.append(str(f))
             else:
@@ -116,7 +119,8 @@ def transcode_dataset(
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix.lower() in (".txt", ".pickle", ".pkl", ".csv"):
-            shutil.copy2(f, dst / f.name)
+            if (dst / f.name).resolve() != f.resolve():  # transcoding in place: the file is already there
+                shutil.copy2(f, dst / f.name)
             report.copied.append(f.name)
     bar = _progress_bar(len(jobs)) if progress else None
     done = 0

@@ -110,6 +110,29 @@ def test_pickle_refuses_non_numpy(tmp_path, payload):
         load_privacy_pickle(path)
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickle_of_plain_arrays_loads_in_every_protocol(tmp_path, protocol):
+    """Protocol 5 (Python 3.14's default) stores contiguous arrays through numpy's _frombuffer."""
+    labels = {"wave/v1.mp4": np.array([[1, 0, 1, 0, 1]], np.int64), "hug/v2.mp4": np.ones((1, 5), np.int64)[:, ::1]}
+    path = tmp_path / "l.pickle"
+    path.write_bytes(pickle.dumps(labels, protocol=protocol))
+    back = load_privacy_pickle(path)
+    assert sorted(back) == ["hug/v2", "wave/v1"] and back["wave/v1"].tolist() == [1, 0, 1, 0, 1]
+
+
+class _ObjectFromBuffer:
+    def __reduce__(self):
+        return (np._core.numeric._frombuffer, (b"\x00" * 8, np.dtype("O"), (1,), "C"))
+
+
+def test_pickle_frombuffer_cannot_make_object_arrays(tmp_path):
+    """_frombuffer is allowed, but np.frombuffer refuses object dtypes, so it cannot smuggle objects in."""
+    path = tmp_path / "crafted.pickle"
+    path.write_bytes(pickle.dumps({"a/b.mp4": _ObjectFromBuffer()}, protocol=5))
+    with pytest.raises(ValueError, match="(?i)object"):
+        load_privacy_pickle(path)
+
+
 def test_csv_round_trip(tmp_path):
     labels = {"wave/v1": np.array([1, 0, 1, 0, 1]), "hug/v2": np.array([0, 1, 1, 1, 0])}
     write_labels_csv(labels, tmp_path / "l.csv")

@@ -92,6 +92,34 @@ def test_transcode_round_trip(tmp_path):
         assert [r.path.suffix for r in list_records(dst, "auto", 1, True).records] == [ext]
 
 
+def test_transcode_clashing_names_audio_only_and_in_place(tmp_path):
+    """v.avi and v.mkv would both become v.mp4: the second is reported, not silently lost (with 2 workers
+    they also shared one temporary file). An audio-only file says so. Transcoding a folder into itself
+    leaves the split files in place instead of failing to copy them onto themselves."""
+    import av
+
+    src = tmp_path / "src"
+    (src / "cls").mkdir(parents=True)
+    frames = render_video(1, np.ones(5, int), np.random.default_rng(0), 64, 48, 12)
+    write_video(src / "cls" / "v.avi", frames, fps=30, codec="mpeg4")
+    write_video(src / "cls" / "v.mkv", frames[:7], fps=30, codec="mpeg4")
+    with av.open(str(src / "cls" / "sound.mp4"), "w") as out:
+        stream = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    (src / "cls_test_split1.txt").write_text("v.avi 1\n")
+    report = transcode_dataset(src, tmp_path / "dst", codec="h264", workers=2, progress=False)
+    failed = dict(report.failed)
+    assert report.written == [str(src / "cls" / "v.avi")]
+    assert "also v.avi's" in failed[str(src / "cls" / "v.mkv")]
+    assert "no video stream" in failed[str(src / "cls" / "sound.mp4")]
+    assert probe(tmp_path / "dst" / "cls" / "v.mp4").num_frames == 12
+    in_place = transcode_dataset(src, src, codec="vp9", workers=1, progress=False)
+    assert in_place.copied == ["cls_test_split1.txt"] and (src / "cls" / "v.webm").is_file()
+
+
 def test_cli_synth_check_labels(tmp_path, capsys, shared_dir):
     out = tmp_path / "ds"
     assert _run(["data", "synth", str(out), "--videos", "7", "--seed", "0", "--width", "64", "--height", "48",
