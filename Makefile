@@ -11,8 +11,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # The GPU machine's triton; CI pins the same so the kernels are tested against one version.
 TRITON_SPEC ?= triton==3.6.0
-EXTRAS ?= triton,video,eval,dali,dev
-STAMP := $(VENV)/.stpcore-installed
+# The demo needs no DALI (199 MB) and no test tools; the tests need everything.
+DEMO_EXTRAS ?= triton,video,eval
+TEST_EXTRAS ?= triton,video,eval,dali,dev
+DEMO_STAMP := $(VENV)/.stpcore-demo
+STAMP := $(VENV)/.stpcore-test
 PYTEST_ARGS ?=
 DEMO_OUT ?= out/demo
 
@@ -23,14 +26,19 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 # Reinstall when the packaging changes; otherwise reuse the environment.
+$(DEMO_STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[$(DEMO_EXTRAS)]"
+	touch $(DEMO_STAMP)
+
 $(STAMP): $(PY) pyproject.toml setup.py
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[$(EXTRAS)]"
-	touch $(STAMP)
+	$(PY) -m pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[$(TEST_EXTRAS)]"
+	touch $(STAMP) $(DEMO_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m stpcore demo --out $(DEMO_OUT)
 
 lint: $(STAMP)

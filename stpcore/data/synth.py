@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stpcore.data.labels import PRIVACY_ATTRIBUTES, save_privacy_pickle, write_labels_csv
+from stpcore.media import atomic_path
 
 SYNTH_ACTIONS: tuple[str, ...] = ("sideways", "up", "down", "grow", "shrink", "circle", "flash")
 CODEC_EXT = {"vp9": ".webm", "h264": ".mp4"}
@@ -62,8 +63,10 @@ def write_video(
     encoder = {"vp9": "libvpx-vp9", "h264": "libx264", "mpeg4": "mpeg4"}[codec]
     opts = dict(ENCODER_OPTIONS.get(codec, {}))
     opts.update(options or {})
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
+    if frames.ndim != 4 or len(frames) == 0:
+        raise ValueError(f"{path}: need at least one (H, W, 3) frame to encode, got shape {frames.shape}")
+    # A unique temporary name beside path (removed on failure), then os.replace.
+    with atomic_path(path) as tmp:
         # bitexact keeps encoder/muxer version strings and random ids out of the file: same input, same bytes.
         with av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as out:
             stream = out.add_stream(encoder, rate=fps)
@@ -78,10 +81,6 @@ def write_video(
                     out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _draw_actor(
@@ -196,8 +195,12 @@ def make_synthetic_dataset(
     """
     if codec not in CODEC_EXT:
         raise ValueError(f"codec must be one of {sorted(CODEC_EXT)}, got {codec!r}")
-    if width % 2 or height % 2:
-        raise ValueError("width and height must be even (yuv420p)")
+    if width % 2 or height % 2 or width < 16 or height < 16:
+        raise ValueError(f"width and height must be even (yuv420p) and at least 16, got {width}x{height}")
+    if videos < 1 or frames < 1 or fps <= 0:
+        raise ValueError(f"videos and frames must be >= 1 and fps > 0, got videos={videos}, frames={frames}, fps={fps}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{out} is an existing file; give a folder path for the dataset")
     out = Path(out)
     rng = np.random.default_rng([seed, 0])
     attrs_all = rng.integers(0, 2, size=(videos, len(PRIVACY_ATTRIBUTES)))

@@ -138,3 +138,15 @@ def test_cli_synth_check_labels(tmp_path, capsys, shared_dir):
     if released.is_file():
         assert _run(["data", "labels", "export", str(released), str(tmp_path / "hmdb.csv")]) == 0
         assert len(read_labels_csv(tmp_path / "hmdb.csv")) == 6766
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"frames": 0}, "frames must be >= 1"), ({"videos": 0}, "videos and frames"), ({"width": 101}, "even"),
+    ({"height": 8}, "at least 16"),
+])
+def test_synth_rejects_bad_sizes(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_synthetic_dataset(tmp_path / "d", **kwargs)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="existing file"):
+        make_synthetic_dataset(tmp_path / "file", videos=1)
