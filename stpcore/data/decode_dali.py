@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD
-from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, resized_size
+from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_position, resized_size
 
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"})
@@ -132,8 +132,9 @@ class DaliClipDecoder:
         p.feed_input("size_y", [np.float32(s[0]) for s in sizes])
         p.feed_input("size_x", [np.float32(s[1]) for s in sizes])
         # crop_mirror_normalize's crop_pos is relative to the free space, the same convention as sampling.py.
-        p.feed_input("pos_y", [np.float32(it.spec.crop_y) for it in items])
-        p.feed_input("pos_x", [np.float32(it.spec.crop_x) for it in items])
+        positions = [crop_position(it.spec, it.height, it.width) for it in items]
+        p.feed_input("pos_y", [np.float32(pos[0]) for pos in positions])
+        p.feed_input("pos_x", [np.float32(pos[1]) for pos in positions])
         p.feed_input("mirror", [np.int32(it.spec.flip) for it in items])
         (out,) = p.run()
         if self.device == "cpu":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_origin, resized_size
+from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_origin, crop_position, resized_size
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -152,7 +152,8 @@ def crop_normalize(
         float32 (3, T, crop, crop).
     """
     rh, rw = resized.shape[-2:]
-    y0, x0 = crop_origin(rh, crop, spec.crop_y), crop_origin(rw, crop, spec.crop_x)
+    pos_y, pos_x = crop_position(spec, rh, rw)
+    y0, x0 = crop_origin(rh, crop, pos_y), crop_origin(rw, crop, pos_x)
     x = resized[:, :, y0 : y0 + crop, x0 : x0 + crop]
     if spec.flip:
         x = x.flip(-1)

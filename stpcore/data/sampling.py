@@ -29,6 +29,8 @@ class ClipSpec:
         flip: mirror horizontally.
         clip_index: index of this view within its video (test: temporal * TEST_CROPS + spatial; train: 0).
         short: the video had fewer frames than the clip spans, so indices wrap around.
+        along_long_side: test views: the position (crop_x == crop_y) applies along the frame's long side
+            and the short side is centred; see :func:`crop_position`, which the decoders call.
     """
 
     frames: np.ndarray
@@ -37,6 +39,15 @@ class ClipSpec:
     flip: bool
     clip_index: int = 0
     short: bool = False
+    along_long_side: bool = False
+
+
+def crop_position(spec: ClipSpec, height: int, width: int) -> tuple[float, float]:
+    """(pos_y, pos_x) in [0, 1] of ``spec``'s crop in a frame of this size (any scale: only the aspect counts).
+    Square frames count as landscape: the crops slide horizontally."""
+    if not spec.along_long_side:
+        return spec.crop_y, spec.crop_x
+    return (0.5, spec.crop_x) if height <= width else (spec.crop_y, 0.5)
 
 
 def clip_span(num_frames: int, stride: int) -> int:
@@ -85,7 +96,7 @@ def eval_clips(
     for t, start in enumerate(starts):
         frames, short = clip_frames(int(start), video_frames, num_frames, stride)
         for s, pos in enumerate(positions):
-            # The crops slide along the long side; on the short side the crop is centred.
+            # The crops slide along the long side; on the short side the crop is centred (crop_position).
             specs.append(
                 ClipSpec(
                     frames=frames,
@@ -94,6 +105,7 @@ def eval_clips(
                     flip=False,
                     clip_index=t * num_crops + s,
                     short=short,
+                    along_long_side=True,
                 )
             )
     return specs

@@ -13,7 +13,7 @@ import torch
 from stpcore.data.decode_dali import dali_available
 from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD, clip_tensor, decode_frames, probe
 from stpcore.data.loader import DataConfig, DataWarning, get_loader
-from stpcore.data.sampling import ClipSpec, clip_frames, eval_clips, shard_indices, train_clip
+from stpcore.data.sampling import ClipSpec, clip_frames, crop_position, eval_clips, shard_indices, train_clip
 from stpcore.data.synth import make_synthetic_dataset, render_video, write_video
 
 pytest.importorskip("av")
@@ -48,6 +48,11 @@ def test_train_and_test_sampling():
     starts = sorted({int(v.frames[0]) for v in views})
     assert starts == [0, 10, 20, 29, 39]  # free = 100 - 61 = 39 -> linspace(0, 39, 5) rounded
     assert [v.crop_x for v in views[:3]] == [0.0, 0.5, 1.0]
+    # The test crops slide along the long side; the short side stays centred (they ran diagonally before).
+    assert [crop_position(v, 128, 171) for v in views[:3]] == [(0.5, 0.0), (0.5, 0.5), (0.5, 1.0)]
+    assert [crop_position(v, 171, 128) for v in views[:3]] == [(0.0, 0.5), (0.5, 0.5), (1.0, 0.5)]
+    train = train_clip(100, rng, 16, 2)
+    assert crop_position(train, 128, 171) == (train.crop_y, train.crop_x)  # training crops: both free
     frames, short = clip_frames(0, 10, 16, 2)
     assert short and frames.max() < 10 and frames[5] == 0  # 10 wraps to 0
 
