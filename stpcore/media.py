@@ -28,7 +28,10 @@ CODECS = {
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success."""
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
+
+    The file is flushed to disk (fsync) before the rename and the folder after it, so after a crash or a
+    power loss ``path`` holds either the old or the new complete file, never an empty one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
@@ -38,10 +41,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's contents to disk (folders: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems without fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def to_uint8(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, mask: torch.Tensor | None = None) -> np.ndarray:

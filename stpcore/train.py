@@ -163,6 +163,12 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        negative = {name: getattr(self, name) for name in (
+            "weight_decay", "warmup_epochs", "min_lr_ratio", "clip_grad", "action_weight", "privacy_weight",
+            "sparsity_weight", "recognizer_lr_scale", "checkpoint_every", "log_every", "workers")
+            if getattr(self, name) < 0}
+        if negative:
+            raise ValueError(f"these settings must be >= 0 (a negative weight would flip its loss): {negative}")
 
     def model_config(self, num_classes: int) -> STPrivacyConfig:
         extra = {k: v for k, v in (("num_frames", self.num_frames), ("image_size", self.image_size)) if v is not None}
@@ -209,6 +215,11 @@ def init_distributed() -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local)
+
+
+def _jsonable(value: Any) -> Any:
+    """A config value as it reads back from a checkpoint (tuples come back as lists)."""
+    return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -298,6 +309,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        if loader is None and cfg.phase2_epochs > 0 and not cfg.labels:
+            raise ValueError("phase 2 needs privacy labels (the adversary trains on them): give --labels "
+                             "(the VP .pickle or a .csv), or --phase2-epochs 0 for phase 1 alone")
         self.loader = loader if loader is not None else self._default_loader()
         self.num_classes = len(self.loader.classes)
         self.model_cfg = cfg.model_config(self.num_classes)
@@ -379,14 +393,20 @@ class Trainer:
             "rng": rng_state(),
             "noise_rng": self.noise_gen.get_state(),
             "position": {"phase": self.phase, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                         "global_step": self.global_step},
+                         "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                         "world_size": self.dist.world_size},
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> Path | None:
-        """Write a checkpoint atomically (rank 0 only); returns its path."""
+        """Write a checkpoint atomically (rank 0 writes; every rank must call it); returns its path."""
         path = self.out_dir / name
+        noise_states = [self.noise_gen.get_state()]
+        if self.dist.world_size > 1:  # each rank draws its own Gumbel noise: keep every rank's generator
+            noise_states = [None] * self.dist.world_size
+            dist.all_gather_object(noise_states, self.noise_gen.get_state().cpu())
         if self.dist.main:
             state = self.state_dict()
+            state["noise_rng_per_rank"] = noise_states
             with atomic_path(path) as tmp:
                 torch.save(state, tmp)
         if self.dist.world_size > 1:
@@ -398,6 +418,7 @@ class Trainer:
         state = load_weights_only(path)
         if state.get("format") != "stpcore-train-v1":
             raise ValueError(f"{path}: not an stpcore training checkpoint (format {state.get('format')!r})")
+        self._check_resumable(path, state)
         for k, m in self.models.items():
             _unwrap(m).load_state_dict(state["models"][k])
         for k, o in self.opt.items():
@@ -407,30 +428,69 @@ class Trainer:
         rng = dict(state["rng"])
         rng["python"] = _to_tuples(rng["python"])
         set_rng_state(rng)
-        self.noise_gen.set_state(state["noise_rng"])
+        per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
+        self.noise_gen.set_state(per_rank[self.dist.rank])
         pos = state["position"]
         self.phase, self.epoch = pos["phase"], pos["epoch"]
         self.step_in_epoch, self.global_step = pos["step_in_epoch"], pos["global_step"]
 
+    # Settings that may change between a run and its resume without changing what it computes.
+    _RESUME_FREE = frozenset({"out_dir", "data_root", "labels", "workers", "decoder", "progress", "log_every",
+                              "checkpoint_every", "compile", "deterministic"})
+
+    def _check_resumable(self, path, state: dict) -> None:
+        """A resume continues the saved run exactly only with the same schedule: refuse a different number of
+        steps per epoch or processes (the position and the lr schedules would no longer line up), and warn
+        about any other changed setting."""
+        pos = state["position"]
+        saved = (pos.get("steps_per_epoch", self.steps_per_epoch), pos.get("world_size", self.dist.world_size))
+        if saved != (self.steps_per_epoch, self.dist.world_size):
+            raise ValueError(
+                f"{path}: saved with {saved[0]} steps per epoch on {saved[1]} process(es), this run has "
+                f"{self.steps_per_epoch} on {self.dist.world_size}: resume with the same data, batch_size and "
+                f"number of processes, or start a new run")
+        now = {k: _jsonable(getattr(self.cfg, k)) for k in dataclasses.asdict(self.cfg) if k not in self._RESUME_FREE}
+        changed = {k: (_jsonable(v), now[k]) for k, v in state.get("config", {}).items()
+                   if k in now and _jsonable(v) != now[k]}
+        if changed and self.dist.main:
+            warnings.warn(f"{path}: resuming with changed settings {changed} (saved, now); the run is no longer the "
+                          f"one that was saved", RuntimeWarning, stacklevel=3)
+
     # -- steps -------------------------------------------------------------------------------------
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over all ranks (one small all-reduce), so that every rank takes the same branch:
+        a rank that saves a checkpoint and raises alone would leave the others waiting in a collective."""
+        if self.dist.world_size == 1:
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _diverged(self, what: str, when: str) -> TrainingDiverged:
+        path = self.save_checkpoint(f"diverged-step{self.global_step}.pt")
+        return TrainingDiverged(
+            f"{what} became NaN/Inf at {self.phase} epoch {self.epoch} step {self.step_in_epoch} (global step "
+            f"{self.global_step}); the state {when} is saved in {path}. Lower base_lr, raise warmup_epochs, or "
+            f"check the data."
+        )
 
     def _check_finite(self, values: dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
-        if bad:
-            path = self.save_checkpoint(f"diverged-step{self.global_step}.pt")
-            raise TrainingDiverged(
-                f"{', '.join(bad)} became NaN/Inf at {self.phase} epoch {self.epoch} step {self.step_in_epoch} "
-                f"(global step {self.global_step}); the state before this step is saved in {path}. Lower "
-                f"base_lr, raise warmup_epochs, or check the data."
-            )
+        if self._any_rank(bool(bad))[0]:
+            raise self._diverged(", ".join(bad) or "a loss on another rank", "before this step")
 
     def _update(self, name: str, loss: torch.Tensor, model: nn.Module) -> float:
         opt = self.opt[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = 0.0
-        if self.cfg.clip_grad > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), self.cfg.clip_grad))
+        # The norm of the (already all-reduced) gradients, so every rank sees the same value. A finite loss
+        # can still give NaN/Inf gradients; stepping on them would poison the weights, so stop before it.
+        clip = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            raise self._diverged(f"the gradient of the {name} update", "before this update")
         opt.step()
         self.sched[name].step()
         return grad_norm
@@ -621,6 +681,9 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.all_reduce(xtx)
             dist.all_reduce(xty)
+            total = torch.tensor([seen], dtype=torch.int64, device=self.device)
+            dist.all_reduce(total)
+            seen = int(total.item())  # the same on every rank, so all fit (or all keep) the head together
         if seen == 0:
             warnings.warn("decoder_init='lstsq': the training loader yielded no batches (fewer clips than one "
                           "batch with drop_last?); the reconstruction head keeps its random initialisation",
@@ -666,14 +729,23 @@ class Trainer:
                 bar = None
         start = time.perf_counter()
         seen: list[int] = []  # video indices this rank trained on (when the loader provides them)
-        for batch in self._batches(self.step_in_epoch):
+        labelled = 0  # phase-2 clips with privacy labels
+        batches = self._batches(self.step_in_epoch)
+        while True:
+            batch = next(batches, None)
+            # Ranks may hold different numbers of batches (a loader that skips unreadable videos): the epoch
+            # ends for all when one rank runs out, or their collectives would wait for each other forever.
+            if self._any_rank(batch is None)[0]:
+                break
             if getattr(batch, "video_index", None) is not None:
                 seen += batch.video_index.tolist()
+            if phase == "phase2":
+                labelled += int(batch.has_privacy.sum())
+            lr = self.opt[phase].param_groups[0]["lr"]  # the rate this step uses (the schedulers step after it)
             metrics = step_fn(batch)
             self.step_in_epoch += 1
             self.global_step += 1
-            record = {"phase": phase, "epoch": self.epoch, "step": self.global_step,
-                      "lr": self.opt[phase].param_groups[0]["lr"], **metrics}
+            record = {"phase": phase, "epoch": self.epoch, "step": self.global_step, "lr": lr, **metrics}
             history[phase].append(record)
             if self.global_step % max(1, self.cfg.log_every) == 0 or self.step_in_epoch == self.steps_per_epoch:
                 record["seconds"] = round(time.perf_counter() - start, 3)
@@ -683,12 +755,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['kept']:.2f}")
             if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self._stop_signal is not None:
+            if self._any_rank(self._stop_signal is not None)[0]:  # a signal may reach the ranks at different steps
                 path = self.save_checkpoint()
-                raise TrainingInterrupted(f"signal {self._stop_signal}: checkpoint written to {path}; continue with "
-                                          f"--resume {path}")
+                raise TrainingInterrupted(f"signal {self._stop_signal or 'on another rank'}: checkpoint written to "
+                                          f"{path}; continue with --resume {path}")
         if bar is not None:
             bar.close()
+        if phase == "phase2" and self._any_rank(labelled == 0)[0] and self.dist.main:
+            warnings.warn(f"phase 2 epoch {self.epoch}: a rank trained on no clip with privacy labels, so the "
+                          f"privacy adversary learned nothing there; check that the label keys (<class>/<video>) "
+                          f"match the videos", RuntimeWarning, stacklevel=2)
+            self._log({"phase": phase, "epoch": self.epoch, "event": "no privacy labels seen"})
         if self.dist.world_size > 1 and seen:
             self._log_sharding(phase, seen)
         report = getattr(self.loader, "report", None)

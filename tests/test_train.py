@@ -299,3 +299,48 @@ def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
     tags = {c[0] for c in calls[1:] if len(c) == 3}
     assert {"phase1/loss", "phase1/sparsity", "phase2/bce_privacy"} <= tags
     assert calls[-1] == ("flush",)
+
+
+def test_phase2_without_labels_is_refused():
+    with pytest.raises(ValueError, match="phase 2 needs privacy labels"):
+        Trainer(TrainConfig(data_root="unused", out_dir="unused", preset="tiny", phase2_epochs=1))
+
+
+@pytest.mark.parametrize("field", ["privacy_weight", "action_weight", "clip_grad", "checkpoint_every"])
+def test_negative_settings_are_refused(tmp_path, field):
+    with pytest.raises(ValueError, match=field):
+        _cfg(tmp_path, **{field: -1})
+
+
+def test_epoch_without_privacy_labels_warns(tmp_path):
+    class Unlabelled(RandomClipLoader):
+        def __iter__(self):
+            for b in super().__iter__():
+                b.has_privacy[:] = False
+                yield b
+
+    with pytest.warns(RuntimeWarning, match="no clip with privacy labels"):
+        Trainer(_cfg(tmp_path, phase1_epochs=0), Unlabelled(2, 4, 8, 32)).fit()
+
+
+def test_non_finite_gradient_stops_before_the_step(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, phase2_epochs=0), _loader())
+    before = {k: v.clone() for k, v in trainer.anonymizer.state_dict().items()}
+    loss = trainer.anonymizer.pos_embed.sum() * float("inf")  # finite parameters, infinite gradient
+    with pytest.raises(TrainingDiverged, match="gradient of the phase1 update"):
+        trainer._update("phase1", loss, trainer.anonymizer)
+    after = trainer.anonymizer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bad step was not taken
+    assert list((tmp_path / "run").glob("diverged-step*.pt"))
+
+
+def test_resume_refuses_another_schedule_and_warns_on_changed_settings(tmp_path):
+    Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
+    last = tmp_path / "run" / "last.pt"
+    other = Trainer(_cfg(tmp_path, phase2_epochs=0), RandomClipLoader(num_batches=5, batch_size=4, num_frames=8,
+                                                                       size=32))
+    with pytest.raises(ValueError, match="3 steps per epoch on 1 process"):
+        other.load_checkpoint(last)
+    changed = Trainer(_cfg(tmp_path, phase2_epochs=0, base_lr=0.3), _loader())
+    with pytest.warns(RuntimeWarning, match="base_lr"):
+        changed.load_checkpoint(last)
