@@ -119,6 +119,11 @@ def quantize_linears_int8(module: nn.Module) -> nn.Module:
 def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision='int8' runs on CPU only (fbgemm dynamic quantization), got device {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available (this torch is a CPU build, or no GPU is visible); "
+                         f"use device 'cpu'")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -128,8 +133,6 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
             return "int8"
         return "fp32"
     if precision == "int8":
-        if device.type != "cpu":
-            raise ValueError(f"precision='int8' runs on CPU only (fbgemm dynamic quantization), got device {device}")
         reason = int8_unavailable_reason()
         if reason is not None:
             raise ValueError(f"precision='int8' is unavailable: {reason}")
@@ -164,9 +167,6 @@ class ClipAnonymizer:
         if not isinstance(model, STPrivacy):
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device}: CUDA is not available (this torch is a CPU build, or no GPU is "
-                             f"visible); use device 'cpu'")
         self.precision = _resolve_precision(precision, self.device)
         if threads is not None:
             if not isinstance(threads, int) or threads < 1:

@@ -13,11 +13,13 @@ Phase 2: alternating steps [G on order: STPrivacy first, then both recognizers o
 
 Every [G] choice is a :class:`TrainConfig` field. Checkpoints hold models, optimizers, schedulers, RNG
 states, the position in the run and the config; they are written atomically every
-``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT and when a loss turns NaN/Inf.
-``resume`` continues exactly where a checkpoint was taken (mid-epoch too: the finished batches of the
-epoch are skipped; with ``deterministic=True`` on CPU the losses equal an uninterrupted run).
+``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT and when a loss or a gradient turns
+NaN/Inf (before the bad update). ``resume`` continues exactly where a checkpoint was taken (mid-epoch too:
+the finished batches of the epoch are skipped; with ``deterministic=True`` on CPU the losses equal an
+uninterrupted run); it refuses a checkpoint of another schedule (steps per epoch, processes).
 Multi-process with torchrun: DistributedDataParallel (NCCL on GPU, gloo on CPU), the data sharded by
-the loader, only rank 0 writing files.
+the loader, only rank 0 writing files. The ranks agree every step (one tiny all-reduce) on a NaN, a
+signal and the end of the epoch, so one rank never stops alone while the others wait for it.
 """
 
 from __future__ import annotations
