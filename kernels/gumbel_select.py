@@ -107,6 +107,7 @@ def _gumbel_select_fwd_kernel(
     y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
     if HARD:
         keep = tl.where(y0 >= y1, 1.0, 0.0)  # ties keep: torch.argmax returns the first maximum
+        keep = tl.where(y0 != y0, y0, keep)  # a NaN log-prob gives NaN, as the reference's does: never "drop"
     else:
         keep = y0
     prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -130,6 +131,7 @@ def _gumbel_select_bwd_kernel(
     tl.store(dlp_ptr + 2 * offs + 1, (-dz0).to(dlp_ptr.dtype.element_ty), mask=mask)
     if HARD:
         kept = tl.where(y0 >= y1, 1.0, 0.0)
+        kept = tl.where(y0 != y0, y0, kept)
     else:
         kept = y0
     tl.store(dprev_ptr + offs, (dout * kept).to(dprev_ptr.dtype.element_ty), mask=mask)

@@ -84,6 +84,19 @@ def test_noise_that_requires_grad_gets_the_references_gradient(hard):
     assert_close(d_lp, d_lp_ref, op="gumbel_select_backward", name="d_log_probs")
 
 
+@pytest.mark.parametrize("hard", [True, False])
+def test_nan_log_probs_give_nan_like_the_reference(hard):
+    """A diverging predictor must show up as NaN (and trip the trainer's guard), not as a silent "drop"."""
+    log_probs, prev_keep, noise = _inputs(1, 6, torch.float32)
+    lp = log_probs.detach().clone()
+    lp[0, 1, 0] = float("nan")
+    lp[0, 4, 1] = float("nan")
+    out = gumbel_select(lp, prev_keep.detach(), hard=hard, noise=noise, backend="triton")
+    ref = gumbel_select_ref(lp, prev_keep.detach(), hard=hard, noise=noise)
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == 2
+    torch.testing.assert_close(out[~out.isnan()], ref[~ref.isnan()])
+
+
 def test_hard_decisions_are_binary_and_never_revive():
     log_probs, prev_keep, _ = _inputs(4, 500, torch.float32, drop=0.5)
     out = gumbel_select(log_probs, prev_keep, generator=torch.Generator().manual_seed(1), backend="triton")
