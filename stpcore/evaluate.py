@@ -3,10 +3,11 @@
 The paper's protocol: freeze STPrivacy, transform every video, train NEW action and privacy recognizers on
 the transformed train split (80 epochs), test them on the transformed test split:
 
-- action top-1 (%) with the softmax probabilities averaged over the 5 clips x 3 crops of each test video;
+- action top-1 (%) with the predictions averaged over the 5 clips x 3 crops of each test video [G: the
+  softmax probabilities are averaged, not the logits];
 - privacy cMAP (%): class-wise average precision (scikit-learn) of the per-video averaged sigmoid outputs,
-  averaged over the 5 attributes; an attribute whose test labels are all one class has no defined AP and is
-  left out of the mean (named in :attr:`MethodResult.skipped_attributes`);
+  averaged over the 5 attributes; [G] an attribute whose test labels are all one class has no defined AP and
+  is left out of the mean (named in :attr:`MethodResult.skipped_attributes`);
 - privacy F1: class-wise F1 at threshold 0.5 (scikit-learn, zero_division=0) averaged over the 5 attributes.
 Only test videos with privacy labels count for the privacy metrics.
 

@@ -1,9 +1,11 @@
 """STPrivacy's losses (spec: Losses and schedule).
 
+The sparsity target of stage m is keep_ratio ** m (cumulative, 0.7 ** m) [P].
+
 [G] choices, each a parameter here and a field of the training config:
-- the sparsity target of stage m is keep_ratio ** m (cumulative); the kept fraction is measured per
-  video and per temporal slot, squared against the target, then averaged over videos, slots and stages
-  (DynamicViT's ratio loss, per slot as the paper says);
+- the kept fraction is measured per video and per temporal slot, squared against the target, then
+  averaged over videos, slots and stages (DynamicViT's ratio loss, per slot as the paper says); the
+  spec's "mean kept fraction" could also be read as a batch mean taken before squaring;
 - the privacy loss is the mean binary cross-entropy over the 5 attributes and the batch.
 """
 

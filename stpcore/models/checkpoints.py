@@ -120,8 +120,9 @@ def inflate_2d_vit(state_dict_2d: Mapping, cfg: BackboneConfig) -> dict[str, tor
     - ``patch_embed.proj.weight`` (D, 3, ph, pw) -> (D, 3, pt, ph, pw): repeated over the pt frames and
       divided by pt, so a temporally constant clip embeds as the 2D image would; the bias is copied.
     - ``pos_embed`` (1, P + g*g, D), P = 1 with a CLS token (2 with DeiT's distillation token): the
-      prefix entries are dropped, the g x g grid resized to the tubelet grid (bicubic, as timm resizes
-      position embeddings) and repeated over the temporal slots (t-major).
+      prefix entries are dropped, the g x g grid resized to the tubelet grid (bicubic as the spec says, without
+      antialiasing, as timm's older resize_pos_embed; today's resample_abs_pos_embed also antialiases) and
+      repeated over the temporal slots (t-major).
     - ``blocks.*`` copied unchanged; the block count must equal cfg.depth.
     - ``cls_token``, ``dist_token``, ``norm.*``, ``fc_norm.*``, ``head*`` and any other key are dropped.
 

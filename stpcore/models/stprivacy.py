@@ -211,7 +211,7 @@ class STPrivacy(VideoTransformer):
                 log_probs.append(scores.new_full((B, N), -math.inf).scatter(1, positions, scores))
                 k = min(kept[stage], x.shape[1] // S)
                 sel, x = ops.slot_topk_gather(scores, x, S, k)  # (B, S*k), (B, S*k, D)
-                positions = positions.gather(1, sel)  # ascending, because sel and positions are
+                positions = positions.gather(1, sel)  # ascending: sel and positions both are
                 decisions.append(x.new_zeros(B, N).scatter(1, positions, 1.0))
                 stage += 1
             x = blk(x)

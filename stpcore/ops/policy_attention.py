@@ -27,6 +27,11 @@ Closed-form backward, with g_ij = dO_i . v_j, Dl_i = dO_i . out_i, den_i = Z_i +
 
 dm_i is of order eps (it is -(eps Dl_i - eps/N sum_j g_ij) / den_i); it is carried so the gradients
 match the direct formulation exactly.
+
+A property of these semantics (not of an implementation): because m_i includes dropped keys, a dropped key
+scoring about 14 or more (in scaled logits) above every kept one makes sum_j E_ij M_ij smaller than eps,
+and out_i drifts towards the plain mean of ALL values, dropped ones included. Training paths (recognizers,
+phase 2) follow the release here; inference gathers the kept tokens and never sees this.
 """
 
 from __future__ import annotations
@@ -69,14 +74,14 @@ def policy_attention_ref(
     """
     _check(q, k, v, policy)
     B, _, N, D = q.shape
-    attn = (q @ k.transpose(-2, -1)) * (D**-0.5)  # (B, H, N, N)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    attn = (q @ k.transpose(-2, -1)).to(acc) * (D**-0.5)  # (B, H, N, N), scaled and max-shifted in fp32
     eye = torch.eye(N, dtype=policy.dtype, device=policy.device)
     p = policy.reshape(B, 1, 1, N)
     attn_policy = p + (1.0 - p) * eye  # (B, 1, N, N)
     max_att = torch.max(attn, dim=-1, keepdim=True)[0]
     attn = attn - max_att
-    acc = torch.promote_types(attn.dtype, torch.float32)
-    attn = attn.to(acc).exp() * attn_policy.to(acc)
+    attn = attn.exp() * attn_policy.to(acc)
     attn = (attn + eps / N) / (attn.sum(dim=-1, keepdim=True) + eps)
     return (attn.to(q.dtype) @ v).to(q.dtype)
 
