@@ -4,7 +4,13 @@
 
 Providers: ``reference`` forces every op to its direct PyTorch reference (STPCORE_BACKEND=reference);
 ``auto`` lets dispatch choose (the chunked policy attention on CPU, the Triton kernels on a GPU).
-extra_info: clips/s from the mean time, and the peak memory of one call (see benchmarks/memory.py).
+Inference adds ``masked``: the reference backend computing every one of the 392 tokens through all blocks,
+the dropped ones masked out of attention by the policy (the training-mode computation: what inference costs
+without dropping tokens). In eval mode ``reference`` and ``auto`` both gather the kept tokens and run SDPA
+on them, so only the selection ops differ between them; the cut in work comes from the gather, measured
+against ``masked``.
+extra_info: clips/s from the median time, and the peak memory of one call after a warm-up call (see
+benchmarks/memory.py). On CUDA every timed call ends with torch.cuda.synchronize().
 """
 
 from __future__ import annotations
@@ -21,34 +27,57 @@ from stpcore.models import STPrivacy, STPrivacyConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROVIDERS = ["reference", "auto"]
+INFERENCE_PROVIDERS = ["masked", "reference", "auto"]
+TRAIN_BATCH = 32 if DEVICE == "cuda" else 4  # the GPU targets are at B=32; B=4 keeps the CPU run short
 
 
 def _set_backend(provider: str) -> None:
-    if provider == "reference":
+    if provider in ("reference", "masked"):
         os.environ["STPCORE_BACKEND"] = "reference"
     else:
         os.environ.pop("STPCORE_BACKEND", None)
 
 
+def _amp(device: str):
+    """bf16 autocast on CUDA (the GPU targets are bf16); fp32 on CPU (what a camera box runs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def _synced(step, device: str):
+    """``step`` that waits for the GPU, so a timing covers the work and not only its launch."""
+    if device != "cuda":
+        return step
+
+    def run():
+        out = step()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def build_inference(preset: str = "vit_small", batch: int = 8, provider: str = "auto", device: str = DEVICE):
-    """A callable running one no-grad eval forward (the paper's keep ratio) on a random clip batch."""
+    """A callable running one no-grad eval forward (the paper's keep ratio) on a random clip batch; with
+    provider "masked", the same model's train-mode computation (all tokens, dropped ones masked; the
+    decisions are the predictors' argmax, Gumbel noise 0)."""
     _set_backend(provider)
     torch.manual_seed(0)
     cfg = STPrivacyConfig.from_name(preset)
-    model = STPrivacy(cfg).to(device).eval()
+    model = STPrivacy(cfg).to(device)
+    model.train(provider == "masked")
     video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=device)
+    zero_noise = [torch.zeros(batch, cfg.num_tokens, 2, device=device) for _ in range(cfg.num_stages)]
 
     def step():
-        # bf16 autocast on CUDA (the GPU targets are bf16); fp32 on CPU (the reference a camera box runs).
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-        with torch.no_grad(), amp:
-            return model(video).video
+        with torch.no_grad(), _amp(device):
+            return (model(video, zero_noise) if provider == "masked" else model(video)).video
 
-    return step
+    return _synced(step, device)
 
 
 def build_train_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE):
-    """A callable running one phase-1 style training step: forward (Gumbel path), loss, backward, AdamW (fp32)."""
+    """A callable running one phase-1 style training step: forward (Gumbel path), loss, backward, AdamW
+    (bf16 autocast on CUDA, fp32 on CPU)."""
     _set_backend(provider)
     torch.manual_seed(0)
     cfg = STPrivacyConfig.from_name(preset)
@@ -59,15 +88,16 @@ def build_train_step(preset: str = "vit_small", batch: int = 4, provider: str = 
     targets = torch.tensor([cfg.keep_ratio ** (s + 1) for s in range(cfg.num_stages)], device=device)
 
     def step():
-        out = model(video)
-        kept = torch.stack([d.mean(dim=1) for d in out.decisions], dim=1)  # (B, stages)
-        loss = F.cross_entropy(out.action_logits, labels) + (kept - targets).pow(2).mean() + out.video.mean() * 0
+        with _amp(device):
+            out = model(video)
+            kept = torch.stack([d.mean(dim=1) for d in out.decisions], dim=1)  # (B, stages)
+            loss = F.cross_entropy(out.action_logits, labels) + (kept - targets).pow(2).mean() + out.video.mean() * 0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss
 
-    return step
+    return _synced(step, device)
 
 
 def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE):
@@ -89,13 +119,13 @@ def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str =
     def step():
         return trainer.phase2_step(batch_data)
 
-    return step
+    return _synced(step, device)
 
 
 def _record(benchmark, batch: int, peak_mib: float | None) -> None:
     stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.mean:
-        benchmark.extra_info["clips_per_s"] = round(batch / stats.stats.mean, 2)
+    if stats is not None and stats.stats.median:
+        benchmark.extra_info["clips_per_s"] = round(batch / stats.stats.median, 2)
     if peak_mib is not None:
         benchmark.extra_info["peak_mib"] = round(peak_mib, 1)
     benchmark.extra_info["device"] = DEVICE
@@ -108,7 +138,7 @@ def _peak(builder: str, **kwargs) -> float:
     return cpu_peak_mib("benchmarks.bench_model", builder, **kwargs)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", INFERENCE_PROVIDERS)
 def test_inference_vit_small_b8(benchmark, provider, request):
     benchmark.group = "stprivacy inference vit_small B=8 16x112x112"
     step = build_inference(batch=8, provider=provider)
@@ -121,7 +151,7 @@ def test_inference_vit_small_b8(benchmark, provider, request):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_phase2_step_vit_small(benchmark, provider, request):
-    batch = 32 if DEVICE == "cuda" else 4
+    batch = TRAIN_BATCH
     benchmark.group = f"stprivacy phase-2 step (STPrivacy + both recognizers) vit_small B={batch}"
     step = build_phase2_step(batch=batch, provider=provider)
     step()  # warm-up
@@ -132,11 +162,12 @@ def test_phase2_step_vit_small(benchmark, provider, request):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_train_step_vit_small_b4(benchmark, provider, request):
-    benchmark.group = "stprivacy training step vit_small B=4 16x112x112"
-    step = build_train_step(batch=4, provider=provider)
+def test_train_step_vit_small(benchmark, provider, request):
+    batch = TRAIN_BATCH
+    benchmark.group = f"stprivacy phase-1 training step vit_small B={batch} 16x112x112"
+    step = build_train_step(batch=batch, provider=provider)
     step()  # warm-up (optimizer state allocated)
     benchmark.pedantic(step, rounds=3, iterations=1)
     disabled = request.config.getoption("benchmark_disable")
-    _record(benchmark, 4, None if disabled else _peak("build_train_step", batch=4, provider=provider))
+    _record(benchmark, batch, None if disabled else _peak("build_train_step", batch=batch, provider=provider))
     _set_backend("auto")

@@ -52,7 +52,9 @@ def cpu_peak_mib(module: str, func: str, **kwargs) -> float:
 
 
 def cuda_peak_mib(step) -> float:
-    """Peak MiB allocated by ``step()`` on the current CUDA device, above what was allocated before."""
+    """Peak MiB allocated by ``step()`` on the current CUDA device, above what was allocated before; one
+    warm-up call first, as on CPU (optimizer state and .grad buffers are not the step's peak)."""
+    step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -243,3 +243,44 @@ def test_without_prune_locations_every_token_is_kept(video):
     for out in outs:
         assert out.decisions == [] and torch.equal(out.keep.detach(), torch.ones(B, CFG.num_tokens))
     torch.testing.assert_close(outs[1].video, outs[2].video)  # both run plain attention on all tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset, overrides", [("tiny", {"num_heads": 3}), ("vit_small", {})],
+                         ids=["tiny-head32", "vit_small"])
+def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch):
+    """The whole model on CUDA, fp32: the Triton kernels (auto) against every op's reference, in train mode
+    (fixed Gumbel noise: output, loss and every parameter's gradient) and eval mode (keep mask and video).
+    The same test passed on CPU with STPCORE_BACKEND=triton in Triton's interpreter (tiny, head dim 32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = from_name(preset, **overrides)
+    torch.manual_seed(0)
+    net = STPrivacy(cfg).cuda()
+    clips = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    noise = [-torch.empty(2, cfg.num_tokens, 2, device="cuda").exponential_(generator=g).log()
+             for _ in cfg.prune_locations]
+    runs = {}
+    for backend in ("reference", "auto"):
+        if backend == "reference":
+            monkeypatch.setenv("STPCORE_BACKEND", "reference")
+        else:
+            monkeypatch.delenv("STPCORE_BACKEND", raising=False)
+        net.train().zero_grad(set_to_none=True)
+        out = net(clips, noise)
+        loss = out.action_logits.logsumexp(-1).mean() + out.video.square().mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            ev = net.eval()(clips)
+        runs[backend] = (out, loss.detach(), grads, ev)
+    (out_r, loss_r, grads_r, ev_r), (out_a, loss_a, grads_a, ev_a) = runs["reference"], runs["auto"]
+    assert [torch.equal(a, b) for a, b in zip(out_r.decisions, out_a.decisions, strict=True)] == [True] * 3
+    torch.testing.assert_close(out_a.video, out_r.video, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_a, loss_r, rtol=1e-4, atol=1e-5)
+    assert grads_a.keys() == grads_r.keys()
+    for name in grads_r:
+        torch.testing.assert_close(grads_a[name], grads_r[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert (ev_a.keep == ev_r.keep).float().mean() >= 0.99
+    same = (ev_a.keep == ev_r.keep).all(dim=1)
+    torch.testing.assert_close(ev_a.video[same], ev_r.video[same], rtol=1e-4, atol=1e-4)
