@@ -344,3 +344,45 @@ def test_resume_refuses_another_schedule_and_warns_on_changed_settings(tmp_path)
     changed = Trainer(_cfg(tmp_path, phase2_epochs=0, base_lr=0.3), _loader())
     with pytest.warns(RuntimeWarning, match="base_lr"):
         changed.load_checkpoint(last)
+
+
+def test_phase2_step_equals_the_two_pass_alternating_update(tmp_path):
+    """phase2_step runs each recognizer forward once for both updates. It must equal the plain alternating
+    scheme: STPrivacy's update through frozen recognizers, then each recognizer on the detached video; the
+    recognizers' losses must not reach STPrivacy and STPrivacy's loss must not reach the recognizers."""
+    import copy
+
+    from stpcore import losses
+
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, privacy_objective="entropy"), _loader())
+    batch = next(iter(_loader()))
+    twin = copy.deepcopy(trainer)  # same weights, optimizer states and Gumbel generator
+    trainer.phase2_step(batch)
+
+    cfg, (anon, action, privacy) = twin.cfg, (twin.models[k] for k in ("anonymizer", "action", "privacy"))
+    for m in (action, privacy):
+        m.requires_grad_(False)
+    out = anon(batch.clips, twin._gumbel_noise(batch.clips.shape[0]), classify=False)
+    sparsity = losses.sparsity_loss(out.decisions, twin.model_cfg.keep_ratio, twin.model_cfg.num_slots)
+    ce = losses.action_loss(action(out.video, out.keep, mode="policy"), batch.actions)
+    term = losses.masked_privacy_entropy(privacy(out.video, out.keep, mode="policy"), batch.has_privacy)
+    loss = losses.anonymizer_loss(sparsity, ce, term, action_weight=cfg.action_weight,
+                                  privacy_weight=cfg.privacy_weight)
+    twin.opt["phase2"].zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(anon.parameters(), cfg.clip_grad)
+    twin.opt["phase2"].step()
+    for m in (action, privacy):
+        m.requires_grad_(True)
+    video, keep = out.video.detach(), out.keep.detach()
+    for name, model, rec_loss in (
+        ("action", action, lambda logits: losses.action_loss(logits, batch.actions)),
+        ("privacy", privacy, lambda logits: losses.masked_privacy_loss(logits, batch.privacy, batch.has_privacy)),
+    ):
+        twin.opt[name].zero_grad()
+        rec_loss(model(video, keep, mode="policy")).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        twin.opt[name].step()
+    for key in ("anonymizer", "action", "privacy"):
+        ours, theirs = trainer.models[key].state_dict(), twin.models[key].state_dict()
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours), key
