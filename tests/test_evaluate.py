@@ -275,6 +275,9 @@ def test_evaluate_method_learns_the_action(tmp_path):
     epochs = [r for r in lines if "epoch" in r]
     assert [r["epoch"] for r in epochs] == [0, 1, 2, 3] and all(r["method"] == "raw" for r in lines)
     assert epochs[-1]["ce_action"] < epochs[0]["ce_action"]
+    # The privacy recognizer learns too: attribute 0 follows the action band by construction.
+    assert epochs[-1]["bce_privacy"] < 0.9 * epochs[0]["bce_privacy"], epochs
+    assert result.f1_per_attribute["skin_color"] >= 0.9, result.f1_per_attribute
     assert lines[-1]["test"]["top1"] == pytest.approx(result.top1)
 
 

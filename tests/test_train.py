@@ -241,16 +241,24 @@ def test_privacy_objective_entropy_enters_the_anonymizer_loss(tmp_path):
 
 
 def test_nan_guard_stops_with_checkpoint(tmp_path):
-    class NaNLoader(RandomClipLoader):
+    """A finite input that overflows inside the model (the input check lets it through) makes the loss
+    NaN/Inf: the run stops with TrainingDiverged and a checkpoint of the weights before that step."""
+    class OverflowLoader(RandomClipLoader):
         def __iter__(self):
             for i, b in enumerate(super().__iter__()):
                 if i == 1:
-                    b.clips[0, 0, 0, 0, 0] = float("nan")
+                    b.clips *= 1e30
+                    self.before = {k: v.clone() for k, v in trainer.anonymizer.state_dict().items()}
                 yield b
 
-    trainer = Trainer(_cfg(tmp_path), NaNLoader(3, 4, 8, 32))
-    with pytest.raises((TrainingDiverged, ValueError), match="NaN"):
+    loader = OverflowLoader(3, 4, 8, 32)
+    trainer = Trainer(_cfg(tmp_path), loader)
+    with pytest.raises(TrainingDiverged, match="loss became NaN/Inf at phase1 epoch 0 step 1"):
         trainer.fit()
+    saved = list((tmp_path / "run").glob("diverged-step*.pt"))
+    assert len(saved) == 1
+    weights = torch.load(saved[0], weights_only=True)["models"]["anonymizer"]
+    assert all(torch.equal(weights[k], loader.before[k]) for k in loader.before)
 
 
 def test_config_file_and_flag_overrides(tmp_path):
@@ -386,3 +394,51 @@ def test_phase2_step_equals_the_two_pass_alternating_update(tmp_path):
     for key in ("anonymizer", "action", "privacy"):
         ours, theirs = trainer.models[key].state_dict(), twin.models[key].state_dict()
         assert all(torch.equal(ours[n], theirs[n]) for n in ours), key
+
+
+def test_real_sigterm_writes_a_checkpoint_and_restores_the_handlers(tmp_path):
+    import os
+    import signal
+
+    class Kill(RandomClipLoader):
+        def __iter__(self):
+            for i, b in enumerate(super().__iter__()):
+                yield b
+                if i == 0 and self.epoch == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the first step's metrics are logged
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(_cfg(tmp_path), Kill(3, 4, 8, 32))
+    with pytest.raises(TrainingInterrupted, match="signal 15"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) is before
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["position"]["global_step"] == trainer.global_step >= 1
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tmp_path, clip):
+    trainer = Trainer(_cfg(tmp_path, phase2_epochs=0, clip_grad=clip), _loader())
+    model, opt = trainer.anonymizer, trainer.opt["phase1"]
+    seen = []
+
+    def record_norm(optimizer, args, kwargs):  # what the optimizer is about to apply
+        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                          if p.grad is not None])).item())
+
+    opt.register_step_pre_hook(record_norm)
+    batch = next(iter(_loader()))
+    out = model(batch.clips, trainer._gumbel_noise(4), reconstruct=False)
+    returned = trainer._update("phase1", torch.nn.functional.cross_entropy(out.action_logits, batch.actions), model)
+    assert returned > 1e-2  # the norm before clipping
+    assert seen[0] == pytest.approx(returned, rel=1e-5) if clip == 0 else seen[0] <= clip * (1 + 1e-5)
+
+
+def test_bf16_autocast_training_on_cpu(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, amp="bf16", phase1_epochs=1), _loader())
+    dtypes = set()
+    hook = trainer.anonymizer.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+    history = trainer.fit()
+    hook.remove()
+    assert dtypes == {torch.bfloat16}
+    assert all(math.isfinite(r["loss"]) for phase in history.values() for r in phase)

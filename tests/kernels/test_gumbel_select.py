@@ -97,6 +97,20 @@ def test_nan_log_probs_give_nan_like_the_reference(hard):
     torch.testing.assert_close(out[~out.isnan()], ref[~ref.isnan()])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_exact_ties_keep(dtype):
+    """Equal keep/drop scores keep the token (torch.argmax returns the first maximum), in the kernel and the
+    reference alike; the straight-through gradient to prev_keep is then dout."""
+    log_probs = torch.full((2, 5, 2), math.log(0.5), device=DEVICE, dtype=dtype)
+    prev_keep = torch.ones(2, 5, device=DEVICE, dtype=dtype)
+    noise = torch.zeros(2, 5, 2, device=DEVICE)
+    grad = torch.randn(2, 5, device=DEVICE)
+    for fn, kw in ((gumbel_select, {"backend": "triton"}), (gumbel_select_ref, {})):
+        out, _, d_pk = _run(fn, log_probs, prev_keep, grad, noise=noise, **kw)
+        assert out.tolist() == [[1.0] * 5] * 2, fn
+        assert torch.equal(d_pk, grad.to(dtype)), fn
+
+
 def test_hard_decisions_are_binary_and_never_revive():
     log_probs, prev_keep, _ = _inputs(4, 500, torch.float32, drop=0.5)
     out = gumbel_select(log_probs, prev_keep, generator=torch.Generator().manual_seed(1), backend="triton")

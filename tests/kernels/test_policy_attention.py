@@ -81,6 +81,11 @@ CPU_CASES = [
     pytest.param(2, 2, 97, 64, torch.float16, "random", True, id="B2-N97-H2-D64-fp16-strided"),
     pytest.param(1, 2, 128, 32, torch.float16, "soft", False, id="B1-N128-H2-D32-fp16-soft"),
     pytest.param(1, 1, 392, 64, torch.float32, "random", False, id="B1-N392-H1-D64-fp32"),
+    # The empty, single and full keep sets, always (the hypothesis test draws them only sometimes).
+    pytest.param(1, 2, 1, 16, torch.float32, "none", False, id="B1-N1-none"),
+    pytest.param(2, 2, 97, 16, torch.float32, "none", True, id="B2-N97-none-strided"),
+    pytest.param(2, 2, 97, 32, torch.float32, "one", False, id="B2-N97-one"),
+    pytest.param(2, 1, 97, 32, torch.float16, "all", False, id="B2-N97-all-fp16"),
 ]
 
 

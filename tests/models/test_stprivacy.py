@@ -245,27 +245,21 @@ def test_without_prune_locations_every_token_is_kept(video):
     torch.testing.assert_close(outs[1].video, outs[2].video)  # both run plain attention on all tokens
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("preset, overrides", [("tiny", {"num_heads": 3}), ("vit_small", {})],
-                         ids=["tiny-head32", "vit_small"])
-def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch):
-    """The whole model on CUDA, fp32: the Triton kernels (auto) against every op's reference, in train mode
-    (fixed Gumbel noise: output, loss and every parameter's gradient) and eval mode (keep mask and video).
-    The same test passed on CPU with STPCORE_BACKEND=triton in Triton's interpreter (tiny, head dim 32)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = from_name(preset, **overrides)
+def _compare_backends(cfg, device: str, fast: str, monkeypatch) -> None:
+    """The whole model with the ``fast`` backend against every op's reference, fp32: train mode with fixed
+    Gumbel noise (decisions, video, loss and every parameter's gradient) and eval mode (keep and video)."""
     torch.manual_seed(0)
-    net = STPrivacy(cfg).cuda()
-    clips = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    noise = [-torch.empty(2, cfg.num_tokens, 2, device="cuda").exponential_(generator=g).log()
+    net = STPrivacy(cfg).to(device)
+    clips = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    noise = [-torch.empty(2, cfg.num_tokens, 2, device=device).exponential_(generator=g).log()
              for _ in cfg.prune_locations]
     runs = {}
-    for backend in ("reference", "auto"):
-        if backend == "reference":
-            monkeypatch.setenv("STPCORE_BACKEND", "reference")
-        else:
+    for backend in ("reference", fast):
+        if backend == "auto":
             monkeypatch.delenv("STPCORE_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("STPCORE_BACKEND", backend)
         net.train().zero_grad(set_to_none=True)
         out = net(clips, noise)
         loss = out.action_logits.logsumexp(-1).mean() + out.video.square().mean()
@@ -274,13 +268,30 @@ def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch)
         with torch.no_grad():
             ev = net.eval()(clips)
         runs[backend] = (out, loss.detach(), grads, ev)
-    (out_r, loss_r, grads_r, ev_r), (out_a, loss_a, grads_a, ev_a) = runs["reference"], runs["auto"]
+    (out_r, loss_r, grads_r, ev_r), (out_a, loss_a, grads_a, ev_a) = runs["reference"], runs[fast]
     assert [torch.equal(a, b) for a, b in zip(out_r.decisions, out_a.decisions, strict=True)] == [True] * 3
     torch.testing.assert_close(out_a.video, out_r.video, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss_a, loss_r, rtol=1e-4, atol=1e-5)
-    assert grads_a.keys() == grads_r.keys()
+    assert grads_a.keys() == grads_r.keys() and len(grads_r) > 10
     for name in grads_r:
         torch.testing.assert_close(grads_a[name], grads_r[name], rtol=1e-3, atol=1e-4, msg=name)
     assert (ev_a.keep == ev_r.keep).float().mean() >= 0.99
     same = (ev_a.keep == ev_r.keep).all(dim=1)
     torch.testing.assert_close(ev_a.video[same], ev_r.video[same], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check; the GPU runs the test below")
+def test_whole_model_through_the_triton_kernels_in_the_interpreter(monkeypatch):
+    """Every kernel wired into the model (policy attention at head dim 32, Gumbel selection, predictor pool,
+    top-k gather, scatter), run by Triton's interpreter on CPU, against the references."""
+    pytest.importorskip("triton")
+    _compare_backends(from_name("tiny", num_heads=3), "cpu", "triton", monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset, overrides", [("tiny", {"num_heads": 3}), ("vit_small", {})],
+                         ids=["tiny-head32", "vit_small"])
+def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch):
+    """The whole model on CUDA, fp32 (TF32 off): dispatch's choice (the kernels) against the references."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    _compare_backends(from_name(preset, **overrides), "cuda", "auto", monkeypatch)
