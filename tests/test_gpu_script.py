@@ -18,7 +18,8 @@ import table  # noqa: E402
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash script")
 def test_run_sh_collects_every_step(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not the calling session's
+    env.update(DRY_RUN="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), str(tmp_path)], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)
     model = (tmp_path / "gpu_model.txt").read_text()

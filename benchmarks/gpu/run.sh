@@ -18,7 +18,7 @@ RESULTS=${1:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-COMMON=(-q -p no:cacheprovider)
+COMMON=(-q -p no:cacheprovider -p no:xdist)  # no:xdist: pytest-benchmark switches itself off under xdist
 if [ -n "${DRY_RUN:-}" ]; then
   COMMON+=(--collect-only)
 fi
