@@ -482,13 +482,10 @@ class Trainer:
         if self._any_rank(bool(bad))[0]:
             raise self._diverged(", ".join(bad) or "a loss on another rank", "before this step")
 
-    def _update(self, name: str, loss: torch.Tensor, model: nn.Module, retain_graph: bool = False) -> float:
-        """Back-propagate ``loss`` into ``model``'s parameters only (``inputs=``: a loss that also depends on
-        other models leaves their gradients alone), clip, and step the optimizer ``name``."""
+    def _update(self, name: str, loss: torch.Tensor, model: nn.Module) -> float:
         opt = self.opt[name]
         opt.zero_grad(set_to_none=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        loss.backward(inputs=params, retain_graph=retain_graph)
+        loss.backward()
         # The norm of the (already all-reduced) gradients, so every rank sees the same value. A finite loss
         # can still give NaN/Inf gradients; stepping on them would poison the weights, so stop before it.
         clip = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
@@ -525,31 +522,38 @@ class Trainer:
         anonymizer, action_rec, privacy_rec = (self.models[k] for k in ("anonymizer", "action", "privacy"))
         clips, actions = batch.clips.to(self.device), batch.actions.to(self.device)
         privacy, has_privacy = batch.privacy.to(self.device), batch.has_privacy.to(self.device)
-        # One forward of each recognizer serves both updates (they have no dropout, so a second forward on the
-        # detached video gave the same logits): 1) STPrivacy's loss is back-propagated into STPrivacy's
-        # parameters only (through the recognizers, whose weights get no gradient from it), and STPrivacy
-        # steps; 2) each recognizer's loss is back-propagated into that recognizer only (never into STPrivacy),
-        # the transformed video acting as a constant. During the recognizer warm-up STPrivacy only transforms.
+        # 1) STPrivacy: keep the action, defeat the privacy recognizer. The recognizers are frozen here and
+        # called unwrapped (no DDP gradient sync for a step that does not update them).
+        # During the recognizer warm-up STPrivacy only transforms (no graph, no update).
         game = self.epoch >= cfg.recognizer_warmup_epochs
-        with self._autocast():
-            with torch.set_grad_enabled(game):
-                # Phase 2 does not use STPrivacy's own action head.
-                out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
-                sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
-            action_logits = action_rec(out.video, out.keep, mode="policy")
-            privacy_logits = privacy_rec(out.video, out.keep, mode="policy")
-            ce = losses.action_loss(action_logits, actions)
+        frozen = [_unwrap(action_rec), _unwrap(privacy_rec)]
+        for m in frozen:
+            m.requires_grad_(False)
+        with self._autocast(), torch.set_grad_enabled(game):
+            # Phase 2 does not use STPrivacy's own action head.
+            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
+            sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
+            ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
+            privacy_logits = frozen[1](out.video, out.keep, mode="policy")
             bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
             term = bce if cfg.privacy_objective == "bce" else losses.masked_privacy_entropy(privacy_logits, has_privacy)
             loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, term, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
-        self._check_finite({"anonymizer loss": loss, "action recognizer loss": ce, "privacy recognizer loss": bce})
+        self._check_finite({"anonymizer loss": loss})
         if game:
-            # retain_graph: the recognizers' backward passes below reuse their part of the graph.
-            self._update("phase2", loss, anonymizer, retain_graph=True)
-        self._update("action", ce, action_rec)
-        self._update("privacy", bce, privacy_rec)
-        rec_ce, rec_bce, keep = ce, bce, out.keep.detach()
+            self._update("phase2", loss, anonymizer)
+        for m in frozen:
+            m.requires_grad_(True)
+        # 2) The recognizers, on the detached transformed video and mask.
+        video, keep = out.video.detach(), out.keep.detach()
+        with self._autocast():
+            action_logits = action_rec(video, keep, mode="policy")
+            rec_ce = losses.action_loss(action_logits, actions)
+            privacy_logits = privacy_rec(video, keep, mode="policy")
+            rec_bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
+        self._check_finite({"action recognizer loss": rec_ce, "privacy recognizer loss": rec_bce})
+        self._update("action", rec_ce, action_rec)
+        self._update("privacy", rec_bce, privacy_rec)
         acc = (action_logits.argmax(-1) == actions).float().mean()
         priv_acc = ((privacy_logits > 0).float() == privacy).float()[has_privacy].mean() if has_privacy.any() \
             else torch.tensor(float("nan"))

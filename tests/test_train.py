@@ -355,9 +355,9 @@ def test_resume_refuses_another_schedule_and_warns_on_changed_settings(tmp_path)
 
 
 def test_phase2_step_equals_the_two_pass_alternating_update(tmp_path):
-    """phase2_step runs each recognizer forward once for both updates. It must equal the plain alternating
-    scheme: STPrivacy's update through frozen recognizers, then each recognizer on the detached video; the
-    recognizers' losses must not reach STPrivacy and STPrivacy's loss must not reach the recognizers."""
+    """phase2_step equals the plain alternating scheme written out here: STPrivacy's update through frozen
+    recognizers, then each recognizer on the detached video (the recognizers' losses must not reach
+    STPrivacy, and STPrivacy's loss must not reach the recognizers)."""
     import copy
 
     from stpcore import losses
