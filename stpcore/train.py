@@ -18,7 +18,7 @@ NaN/Inf (before the bad update). ``resume`` continues exactly where a checkpoint
 the finished batches of the epoch are skipped; with ``deterministic=True`` on CPU the losses equal an
 uninterrupted run); it refuses a checkpoint of another schedule (steps per epoch, processes).
 Multi-process with torchrun: DistributedDataParallel (NCCL on GPU, gloo on CPU), the data sharded by
-the loader, only rank 0 writing files. The ranks agree every step (one tiny all-reduce) on a NaN, a
+the loader, only rank 0 writing files. The ranks agree every step (tiny all-reduces) on a NaN, a
 signal and the end of the epoch, so one rank never stops alone while the others wait for it.
 """
 
@@ -731,7 +731,7 @@ class Trainer:
                 bar = None
         start = time.perf_counter()
         seen: list[int] = []  # video indices this rank trained on (when the loader provides them)
-        labelled = 0  # phase-2 clips with privacy labels
+        labelled, ran = 0, 0  # phase-2 clips with privacy labels; steps run by this call
         batches = self._batches(self.step_in_epoch)
         while True:
             batch = next(batches, None)
@@ -745,6 +745,7 @@ class Trainer:
                 labelled += int(batch.has_privacy.sum())
             lr = self.opt[phase].param_groups[0]["lr"]  # the rate this step uses (the schedulers step after it)
             metrics = step_fn(batch)
+            ran += 1
             self.step_in_epoch += 1
             self.global_step += 1
             record = {"phase": phase, "epoch": self.epoch, "step": self.global_step, "lr": lr, **metrics}
@@ -763,7 +764,7 @@ class Trainer:
                                           f"{path}; continue with --resume {path}")
         if bar is not None:
             bar.close()
-        if phase == "phase2" and self._any_rank(labelled == 0)[0] and self.dist.main:
+        if phase == "phase2" and self._any_rank(ran > 0 and labelled == 0)[0] and self.dist.main:
             warnings.warn(f"phase 2 epoch {self.epoch}: a rank trained on no clip with privacy labels, so the "
                           f"privacy adversary learned nothing there; check that the label keys (<class>/<video>) "
                           f"match the videos", RuntimeWarning, stacklevel=2)
