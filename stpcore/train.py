@@ -15,8 +15,9 @@ Every [G] choice is a :class:`TrainConfig` field. Checkpoints hold models, optim
 states, the position in the run and the config; they are written atomically every
 ``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT and when a loss or a gradient turns
 NaN/Inf (before the bad update). ``resume`` continues exactly where a checkpoint was taken (mid-epoch too:
-the finished batches of the epoch are skipped; with ``deterministic=True`` on CPU the losses equal an
-uninterrupted run); it refuses a checkpoint of another schedule (steps per epoch, processes).
+the stpcore loaders start at the next batch without decoding the finished ones again; with
+``deterministic=True`` on CPU the losses equal an uninterrupted run); it refuses a checkpoint of another
+schedule (steps per epoch, processes).
 Multi-process with torchrun: DistributedDataParallel (NCCL on GPU, gloo on CPU), the data sharded by
 the loader, only rank 0 writing files. The ranks agree every step (tiny all-reduces) on a NaN, a
 signal and the end of the epoch, so one rank never stops alone while the others wait for it.
@@ -578,7 +579,13 @@ class Trainer:
         return previous
 
     def _batches(self, skip: int) -> Iterator:
+        """This epoch's batches from batch ``skip`` on (a mid-epoch resume): the loader starts there when it
+        can (``start_at``: the finished batches are not decoded again); any other loader is read from the
+        start and its first ``skip`` batches are dropped."""
         self.loader.set_epoch(self.epoch)
+        if skip and hasattr(self.loader, "start_at"):
+            self.loader.start_at(skip)
+            skip = 0
         for i, batch in enumerate(self.loader):
             if i < skip:  # resume mid-epoch: these batches were already trained on
                 continue

@@ -302,6 +302,20 @@ class _LoaderBase:
         """Choose the epoch (reshuffles and resamples clips, like DistributedSampler.set_epoch)."""
         self.epoch = epoch
 
+    def start_at(self, batch: int) -> None:
+        """Make the next iteration begin at this batch of the epoch (a resumed run), without decoding the
+        batches before it: a batch is the next ``batch_size`` videos of the shard's order. Exact when the
+        skipped part held no unreadable video (such a video shifts the later batches by one video)."""
+        if batch < 0:
+            raise ValueError(f"start_at: batch must be >= 0, got {batch}")
+        self._start = batch
+
+    def _epoch_order(self) -> list[int]:
+        """This epoch's video order from the requested start on (the start applies to one iteration)."""
+        order = self.shard().tolist()[getattr(self, "_start", 0) * self.cfg.batch_size:]
+        self._start = 0
+        return order
+
     def shard(self) -> np.ndarray:
         """This shard's video indices for the current epoch (shuffled and padded in train mode)."""
         cfg = self.cfg
@@ -342,7 +356,7 @@ class PyAVClipLoader(_LoaderBase):
         else:
             dataset = _ClipDataset(self.records, cfg, self.stride)
         dataset.epoch = self.epoch
-        order = self.shard().tolist()
+        order = self._epoch_order()
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=cfg.batch_size,
@@ -398,7 +412,7 @@ class DaliClipLoader(_LoaderBase):
         from stpcore.data.decode_dali import DaliItem
 
         cfg = self.cfg
-        order = self.shard().tolist()
+        order = self._epoch_order()
         self._probe_all(order)
         pending: list[tuple[int, DaliItem]] = []
         videos = 0

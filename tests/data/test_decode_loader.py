@@ -212,3 +212,18 @@ def test_cache_mode_decodes_once_and_matches_uncached(tmp_path, monkeypatch):
             assert (a.clips - b.clips).abs().max().item() <= 0.5 / 255 / 0.224 + 1e-5
     decoded_by_cache = len(calls) - len(plain.records) * 2
     assert decoded_by_cache == len(cached.records)  # once per video over both epochs
+
+
+def test_start_at_resumes_an_epoch_without_decoding_its_first_batches(dataset):
+    loader = get_loader(_cfg(dataset, train=True, batch_size=2, num_frames=8, crop=32, short_side=37))
+    loader.set_epoch(3)
+    full = list(loader)
+    assert len(full) >= 3
+    loader.set_epoch(3)
+    loader.start_at(2)
+    resumed = list(loader)
+    assert len(resumed) == len(full) - 2
+    for a, b in zip(full[2:], resumed, strict=True):
+        assert torch.equal(a.video_index, b.video_index) and torch.equal(a.clips, b.clips)
+    loader.set_epoch(3)
+    assert len(list(loader)) == len(full)  # the start applies to one iteration only
