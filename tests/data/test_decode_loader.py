@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stpcore.data.decode_dali import dali_available
-from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD, clip_tensor, decode_frames, probe
+from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD, clip_tensor, crop_normalize, decode_frames, probe
 from stpcore.data.loader import DataConfig, DataWarning, get_loader
 from stpcore.data.sampling import ClipSpec, clip_frames, crop_position, eval_clips, shard_indices, train_clip
 from stpcore.data.synth import make_synthetic_dataset, render_video, write_video
@@ -227,3 +227,25 @@ def test_start_at_resumes_an_epoch_without_decoding_its_first_batches(dataset):
         assert torch.equal(a.video_index, b.video_index) and torch.equal(a.clips, b.clips)
     loader.set_epoch(3)
     assert len(list(loader)) == len(full)  # the start applies to one iteration only
+
+
+@pytest.mark.parametrize("height, width", [(128, 171), (171, 128)])
+def test_test_views_share_frames_and_slide_along_the_long_side(height, width):
+    """The 3 spatial views of a temporal clip have the same frames; their crops start at the short side's
+    centre and at the start, middle and end of the long side (pixel value = 1000 y + x identifies them)."""
+    views = eval_clips(100, 16, 4)
+    for t in range(5):
+        frames = [v.frames for v in views[3 * t : 3 * t + 3]]
+        assert all(np.array_equal(frames[0], f) for f in frames[1:])
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    resized = (1000.0 * yy + xx).expand(2, 3, height, width).float()
+    ones = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # leave the values as they are
+    origins = []
+    for v in views[:3]:
+        corner = crop_normalize(resized, v, crop=112, **ones)[0, 0, 0, 0].item()
+        origins.append((int(corner // 1000), int(corner % 1000)))
+    free_y, free_x = height - 112, width - 112
+    if width >= height:
+        assert origins == [(free_y // 2, 0), (free_y // 2, round(free_x / 2)), (free_y // 2, free_x)]
+    else:
+        assert origins == [(0, free_x // 2), (round(free_y / 2), free_x // 2), (free_y, free_x // 2)]
