@@ -333,7 +333,11 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     per_slot = model.cfg.tokens_per_slot
     assert points[0].kept_fraction == pytest.approx(1.0)
     assert points[1].kept_fraction == pytest.approx(model.cfg.kept_per_slot(0.5)[-1] / per_slot)
-    assert 0.0 <= points[2].kept_fraction <= 1.0
+    # The adaptive point: the mean of the model's own keep masks at t = 0.5 over every test clip.
+    with torch.no_grad():
+        keep = torch.cat([model.eval()(b.clips, adaptive_threshold=0.5).keep for b in test])
+    assert 0.0 < points[2].kept_fraction < 1.0
+    assert points[2].kept_fraction == pytest.approx(keep.mean().item(), abs=1e-6)
     rows = list(csv.DictReader((tmp_path / "eval" / "sweep.csv").open()))
     assert [r["setting"] for r in rows] == ["keep_ratio", "keep_ratio", "threshold", "raw"]
     png = (tmp_path / "eval" / "sweep.png").read_bytes()
