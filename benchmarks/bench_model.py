@@ -66,7 +66,8 @@ def build_inference(preset: str = "vit_small", batch: int = 8, provider: str = "
     model = STPrivacy(cfg).to(device)
     model.train(provider == "masked")
     video = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=device)
-    zero_noise = [torch.zeros(batch, cfg.num_tokens, 2, device=device) for _ in range(cfg.num_stages)]
+    zero_noise = [torch.zeros(batch, cfg.num_tokens, 2, device=device) for _ in range(cfg.num_stages)] \
+        if provider == "masked" else None
 
     def step():
         with torch.no_grad(), _amp(device):

@@ -88,7 +88,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fraction(low_open: bool = True, high_closed: bool = True):
+def _fraction(high_closed: bool = True):
     """An argparse type for a number in (0, 1] (or (0, 1) with high_closed=False)."""
 
     def parse(text: str) -> float:

@@ -80,8 +80,7 @@ def _checked(value: Any, tp: Any, where: str) -> Any:
 
 def field_help(cls: type) -> dict[str, str]:
     """Field descriptions from the ``Args:`` or ``Attributes:`` section of ``cls``'s docstring (Google style;
-    "a, b: text" describes both), first sentence-ish: the text up to its first line break of meaning is
-    kept whole, with whitespace collapsed."""
+    "a, b: text" describes both): each whole description, continuation lines joined, whitespace collapsed."""
     doc = inspect.getdoc(cls) or ""
     out: dict[str, str] = {}
     section, current = False, None

@@ -289,6 +289,7 @@ class _LoaderBase:
         self.records: list[VideoRecord] = listing.records
         self.classes: list[str] = listing.classes
         self.epoch = 0
+        self._start = 0  # first batch of the next iteration (start_at)
         self._report = DataReport()
         self._warned: set[tuple[str, str]] = set()
         for key in listing.missing:
@@ -312,7 +313,7 @@ class _LoaderBase:
 
     def _epoch_order(self) -> list[int]:
         """This epoch's video order from the requested start on (the start applies to one iteration)."""
-        order = self.shard().tolist()[getattr(self, "_start", 0) * self.cfg.batch_size:]
+        order = self.shard().tolist()[self._start * self.cfg.batch_size:]
         self._start = 0
         return order
 
