@@ -17,4 +17,5 @@ setup(
         "stpcore.kernels",
     ],
     package_dir={"stpcore.kernels": "kernels"},
+    package_data={"stpcore.kernels": ["tiles.json"]},
 )

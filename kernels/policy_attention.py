@@ -38,6 +38,8 @@ unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmul d
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 
@@ -46,10 +48,14 @@ import triton
 import triton.language as tl
 
 from stpcore.kernels._launch import device_guard, tf32_enabled
+from stpcore.kernels._tiles import POLICY_TILE_CANDIDATES, Tiles, measured_tiles, tile_key  # noqa: F401
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
+_LOG2E = 1.4426950408889634  # scores are kept in log2 units so every exponential is one exp2
+# Tiles set by use_tiles() (the sweep); None: measured tiles, else the defaults.
+_TILE_OVERRIDE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("policy_attention_tiles", default=None)
 # Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -64,62 +70,62 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def _fwd_tile(
-    q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale,
-    m_i, w_i, z_i, arg_i, acc, v_sum,
+    q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, qk_scale,
+    m_i, w_i, z_i, arg_i, acc,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     KEPT_MAX: tl.constexpr,
 ):
+    # Scores are in log2 units (qk_scale = scale * log2(e)), so every exponential is one exp2.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     col_ok = offs_n < N
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N) fp32
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, log2 units
     s = tl.where(col_ok[None, :], s, float("-inf"))
-    blk_max = tl.max(s, 1)
-    # First occurrence of the max, as torch.max reports it: only a strictly larger block max moves it.
-    blk_arg = tl.argmax(s, 1).to(tl.int32) + start_n
-    arg_i = tl.where(blk_max > m_i, blk_arg, arg_i)
+    # One reduction gives the block's max and its first position (ties go left, as torch.max reports them);
+    # only a strictly larger block max moves the running argmax.
+    blk_max, blk_arg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
+    arg_i = tl.where(blk_max > m_i, blk_arg.to(tl.int32) + start_n, arg_i)
     m_new = tl.maximum(m_i, blk_max)
     p = tl.load(p_base + offs_n * stride_pn, mask=col_ok, other=0.0).to(tl.float32)
     diag = offs_m[:, None] == offs_n[None, :]  # every query sees itself, whatever the policy says
     if KEPT_MAX:
-        # fp16: acc and z run relative to w_i, the running max of the log-weights S_ij + log M_ij, not to
-        # m_i. When the highest score is on a dropped key, exp(S - m) * M of every kept key can be far
+        # fp16: acc and z run relative to w_i, the running max of the log-weights S_ij + log2 M_ij, not to
+        # m_i. When the highest score is on a dropped key, 2^(S - m) * M of every kept key can be far
         # below 1 and would underflow when cast to fp16 for the dot; relative to w_i the largest weight is 1.
-        # The epilogue multiplies by exp(w_i - m_i) to return to the release's scale.
-        lw = tl.where(diag, s, s + tl.log(p)[None, :])  # -inf where the policy is 0 (or the column invalid)
+        # The epilogue multiplies by 2^(w_i - m_i) to return to the release's scale.
+        lw = tl.where(diag, s, s + tl.log2(p)[None, :])  # -inf where the policy is 0 (or the column invalid)
         w_new = tl.maximum(w_i, tl.max(lw, 1))
         base = tl.where(w_new == float("-inf"), 0.0, w_new)  # no kept key seen yet: keep zeros, avoid NaN
-        alpha = tl.exp(w_i - base)
-        w = tl.exp(lw - base[:, None])
+        alpha = tl.exp2(w_i - base)
+        w = tl.exp2(lw - base[:, None])
     else:
         w_new = m_new
-        alpha = tl.exp(m_i - m_new)  # exp(-inf) = 0 on the first block (every block has a valid column)
-        e = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # 2^-inf = 0 on the first block (every block has a valid column)
+        e = tl.exp2(s - m_new[:, None])
         w = tl.where(diag, e, e * p[None, :])
     z_i = z_i * alpha + tl.sum(w, 1)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-    v_sum += tl.sum(v.to(tl.float32), 0)
-    return m_new, w_new, z_i, arg_i, acc, v_sum
+    return m_new, w_new, z_i, arg_i, acc
 
 
 @triton.jit
 def _policy_attn_fwd_kernel(
-    Q, K, V, P, Out, RowMax, Den, ArgMax,
+    Q, K, V, P, VSum, Out, RowMax, InvDen, ArgMax,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, N, scale, eps, eps_over_n,
+    H, N, qk_scale, eps, eps_over_n,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     KEPT_MAX: tl.constexpr,
 ):
-    # Bytes moved per program: its q block once, then all N keys and values (N (D + Dv) elements) and the
-    # N policy values; writes BLOCK_M (Dv + 3) values.
+    # Bytes moved per program: its q block once, then all N keys and values (N (D + Dv) elements), the
+    # N policy values and the Dv sums of v; writes BLOCK_M (Dv + 3) values.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -140,34 +146,35 @@ def _policy_attn_fwd_kernel(
     z_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     arg_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    v_sum = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
     if INTERPRET:
         start_n = 0
         while start_n < N:
-            m_i, w_i, z_i, arg_i, acc, v_sum = _fwd_tile(
+            m_i, w_i, z_i, arg_i, acc = _fwd_tile(
                 q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                N, scale, m_i, w_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION, KEPT_MAX)
+                N, qk_scale, m_i, w_i, z_i, arg_i, acc, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION, KEPT_MAX)
             start_n += BLOCK_N
     else:
         for start_n in range(0, N, BLOCK_N):
-            m_i, w_i, z_i, arg_i, acc, v_sum = _fwd_tile(
+            m_i, w_i, z_i, arg_i, acc = _fwd_tile(
                 q, offs_m, start_n, k_base, v_base, p_base, stride_kn, stride_kd, stride_vn, stride_vd, stride_pn,
-                N, scale, m_i, w_i, z_i, arg_i, acc, v_sum, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION, KEPT_MAX)
+                N, qk_scale, m_i, w_i, z_i, arg_i, acc, HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION, KEPT_MAX)
 
-    f = tl.exp(w_i - m_i)  # 1 without KEPT_MAX; 0 on padding rows that saw no kept key (not stored)
-    den = z_i * f + eps
-    out = (acc * f[:, None] + eps_over_n * v_sum[None, :]) / den[:, None]
+    # sum_j v_j was reduced once per (b, h) on the host, not once per query block here.
+    v_sum = tl.load(VSum + pid_bh.to(tl.int64) * HEAD_DIM_V + offs_dv)
+    f = tl.exp2(w_i - m_i)  # 1 without KEPT_MAX; 0 on padding rows that saw no kept key (not stored)
+    inv_den = 1.0 / (z_i * f + eps)  # one reciprocal per row; the backward reuses it
+    out = (acc * f[:, None] + eps_over_n * v_sum[None, :]) * inv_den[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     stat = pid_bh.to(tl.int64) * N + offs_m  # (B, H, N) contiguous statistics
-    tl.store(RowMax + stat, m_i, mask=row_ok)
-    tl.store(Den + stat, den, mask=row_ok)
+    tl.store(RowMax + stat, m_i, mask=row_ok)  # in log2 units, as the backward recomputes its scores
+    tl.store(InvDen + stat, inv_den, mask=row_ok)
     tl.store(ArgMax + stat, arg_i, mask=row_ok)
 
 
 @triton.jit
 def _policy_attn_bwd_preprocess_kernel(
-    Out, DO, VSum, Den, Delta, DMax,
+    Out, DO, VSum, InvDen, Delta, DMax,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     H, N, eps, eps_over_n,
@@ -187,17 +194,17 @@ def _policy_attn_bwd_preprocess_kernel(
                  mask=row_ok[:, None], other=0.0).to(tl.float32)
     v_sum = tl.load(VSum + pid_bh.to(tl.int64) * HEAD_DIM_V + offs_dv)
     stat = pid_bh.to(tl.int64) * N + offs_m
-    den = tl.load(Den + stat, mask=row_ok, other=1.0)
+    inv_den = tl.load(InvDen + stat, mask=row_ok, other=1.0)
     delta = tl.sum(do * o, 1)
-    dmax = -(eps * delta - eps_over_n * tl.sum(do * v_sum[None, :], 1)) / den
+    dmax = -(eps * delta - eps_over_n * tl.sum(do * v_sum[None, :], 1)) * inv_den
     tl.store(Delta + stat, delta, mask=row_ok)
     tl.store(DMax + stat, dmax, mask=row_ok)
 
 
 @triton.jit
 def _dkdv_tile(
-    k, v, p, offs_n, start_m, q_base, do_base, RowMax, Den, ArgMax, Delta, DMax, stat_base,
-    stride_qn, stride_qd, stride_don, stride_dod, N, scale, eps_over_n, dk, dv, dp,
+    k, v, p, offs_n, start_m, q_base, do_base, RowMax, InvDen, ArgMax, Delta, DMax, stat_base,
+    stride_qn, stride_qd, stride_don, stride_dod, N, qk_scale, eps_over_n, dk, dv, dp,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -209,19 +216,19 @@ def _dkdv_tile(
     do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod, mask=row_ok[:, None],
                  other=0.0)
     m = tl.load(RowMax + stat_base + offs_m, mask=row_ok, other=0.0)
-    den = tl.load(Den + stat_base + offs_m, mask=row_ok, other=1.0)
+    inv_den = tl.load(InvDen + stat_base + offs_m, mask=row_ok, other=1.0)
     delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
     dmax = tl.load(DMax + stat_base + offs_m, mask=row_ok, other=0.0)
     arg = tl.load(ArgMax + stat_base + offs_m, mask=row_ok, other=-1)
 
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-    e = tl.where(valid, tl.exp(s - m[:, None]), 0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    e = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
     diag = offs_m[:, None] == offs_n[None, :]
     w = tl.where(diag, e, e * p[None, :])
-    a = tl.where(valid, (w + eps_over_n) / den[:, None], 0.0)  # the attention weights A_ij
+    a = tl.where(valid, (w + eps_over_n) * inv_den[:, None], 0.0)  # the attention weights A_ij
     dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=PRECISION)
     g = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # g_ij = dO_i . v_j
-    dw = (g - delta[:, None]) / den[:, None]
+    dw = (g - delta[:, None]) * inv_den[:, None]
     dp += tl.sum(tl.where(diag, 0.0, e * dw), 0)  # M_ij does not depend on p_j on the diagonal
     ds = w * dw + tl.where(offs_n[None, :] == arg[:, None], dmax[:, None], 0.0)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
@@ -230,13 +237,13 @@ def _dkdv_tile(
 
 @triton.jit
 def _policy_attn_bwd_dkdv_kernel(
-    Q, K, V, P, DO, RowMax, Den, ArgMax, Delta, DMax, DK, DV, DP,
+    Q, K, V, P, DO, RowMax, InvDen, ArgMax, Delta, DMax, DK, DV, DP,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, N, scale, eps_over_n,
+    H, N, scale, qk_scale, eps_over_n,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -267,15 +274,15 @@ def _policy_attn_bwd_dkdv_kernel(
         start_m = 0
         while start_m < N:
             dk, dv, dp = _dkdv_tile(
-                k, v, p, offs_n, start_m, q_base, do_base, RowMax, Den, ArgMax, Delta, DMax, stat_base,
-                stride_qn, stride_qd, stride_don, stride_dod, N, scale, eps_over_n, dk, dv, dp,
+                k, v, p, offs_n, start_m, q_base, do_base, RowMax, InvDen, ArgMax, Delta, DMax, stat_base,
+                stride_qn, stride_qd, stride_don, stride_dod, N, qk_scale, eps_over_n, dk, dv, dp,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, PRECISION)
             start_m += BLOCK_M
     else:
         for start_m in range(0, N, BLOCK_M):
             dk, dv, dp = _dkdv_tile(
-                k, v, p, offs_n, start_m, q_base, do_base, RowMax, Den, ArgMax, Delta, DMax, stat_base,
-                stride_qn, stride_qd, stride_don, stride_dod, N, scale, eps_over_n, dk, dv, dp,
+                k, v, p, offs_n, start_m, q_base, do_base, RowMax, InvDen, ArgMax, Delta, DMax, stat_base,
+                stride_qn, stride_qd, stride_don, stride_dod, N, qk_scale, eps_over_n, dk, dv, dp,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, PRECISION)
 
     dk = dk * scale
@@ -287,8 +294,8 @@ def _policy_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tile(
-    q, do, m, den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale, dq,
+    q, do, m, inv_den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, qk_scale, dq,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -299,11 +306,11 @@ def _dq_tile(
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
     p = tl.load(p_base + offs_n * stride_pn, mask=col_ok, other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    e = tl.where(valid, tl.exp(s - m[:, None]), 0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+    e = tl.where(valid, tl.exp2(s - m[:, None]), 0.0)
     w = tl.where(offs_m[:, None] == offs_n[None, :], e, e * p[None, :])
     g = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    dw = (g - delta[:, None]) / den[:, None]
+    dw = (g - delta[:, None]) * inv_den[:, None]
     ds = w * dw + tl.where(offs_n[None, :] == arg[:, None], dmax[:, None], 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
@@ -311,13 +318,13 @@ def _dq_tile(
 
 @triton.jit
 def _policy_attn_bwd_dq_kernel(
-    Q, K, V, P, DO, RowMax, Den, ArgMax, Delta, DMax, DQ,
+    Q, K, V, P, DO, RowMax, InvDen, ArgMax, Delta, DMax, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, N, scale,
+    H, N, scale, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -340,7 +347,7 @@ def _policy_attn_bwd_dq_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None], other=0.0)
     m = tl.load(RowMax + stat_base + offs_m, mask=row_ok, other=0.0)
-    den = tl.load(Den + stat_base + offs_m, mask=row_ok, other=1.0)
+    inv_den = tl.load(InvDen + stat_base + offs_m, mask=row_ok, other=1.0)
     delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
     dmax = tl.load(DMax + stat_base + offs_m, mask=row_ok, other=0.0)
     arg = tl.load(ArgMax + stat_base + offs_m, mask=row_ok, other=-1)
@@ -349,14 +356,14 @@ def _policy_attn_bwd_dq_kernel(
     if INTERPRET:
         start_n = 0
         while start_n < N:
-            dq = _dq_tile(q, do, m, den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale, dq,
+            dq = _dq_tile(q, do, m, inv_den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, qk_scale, dq,
                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
             start_n += BLOCK_N
     else:
         for start_n in range(0, N, BLOCK_N):
-            dq = _dq_tile(q, do, m, den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, scale, dq,
+            dq = _dq_tile(q, do, m, inv_den, delta, dmax, arg, offs_m, start_n, k_base, v_base, p_base,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, N, qk_scale, dq,
                           HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
 
     dq = dq * scale
@@ -374,8 +381,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this shape.
+def _default_blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this shape when no measured tiles apply.
 
     The interpreter runs every program in Python, so fewer, larger blocks are faster there. On the GPU,
     64 x 64 tiles keep q, k, v tiles of D <= 64 (and the fp32 score tile) in registers with 4 warps at
@@ -397,6 +404,28 @@ def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     return 64, 32 if wide else 64, 4, 2 if wide else 3
 
 
+def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device, pass_: str = "fwd") -> Tiles:
+    """The tiles of one pass ("fwd" or "bwd"): a sweep's override, else the measured ones committed in
+    kernels/tiles.json for this GPU, dtype and head dim, else :func:`_default_blocks`."""
+    if _INTERPRET or device.type != "cuda":
+        return _default_blocks(N, head_dim, dtype, device)
+    override = _TILE_OVERRIDE.get()
+    if override is not None and override.get(pass_) is not None:
+        return override[pass_]
+    tuned = measured_tiles("policy_attention", device, tile_key(dtype, head_dim, _precision(dtype)), pass_)
+    return tuned if tuned is not None else _default_blocks(N, head_dim, dtype, device)
+
+
+@contextlib.contextmanager
+def use_tiles(fwd: Tiles | None = None, bwd: Tiles | None = None):
+    """Run the kernels with these tiles inside the block (the tile sweep of benchmarks/gpu/ uses this)."""
+    token = _TILE_OVERRIDE.set({"fwd": fwd, "bwd": bwd})
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE.reset(token)
+
+
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
@@ -406,30 +435,30 @@ def _policy_attn_fwd(q, k, v, policy, eps: float):
     Dv = v.shape[-1]
     out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     row_max = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    den = torch.empty_like(row_max)
+    inv_den = torch.empty_like(row_max)
     arg_max = torch.empty(B, H, N, dtype=torch.int32, device=q.device)
-    block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device)
+    v_sum = v.sum(dim=2, dtype=torch.float32).contiguous()  # (B, H, Dv) sum_j v_j: eps / N term and dm
+    block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device, "fwd")
     grid = (triton.cdiv(N, block_m), B * H)
     _policy_attn_fwd_kernel[grid](
-        q, k, v, policy, out, row_max, den, arg_max,
+        q, k, v, policy, v_sum, out, row_max, inv_den, arg_max,
         *_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(out),
-        H, N, D**-0.5, eps, eps / N,
+        H, N, D**-0.5 * _LOG2E, eps, eps / N,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
         INTERPRET=_INTERPRET, KEPT_MAX=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
     )
-    return out, row_max, den, arg_max
+    return out, v_sum, row_max, inv_den, arg_max
 
 
-def _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, eps: float):
+def _policy_attn_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps: float):
     B, H, N, D = q.shape
     Dv = v.shape[-1]
-    block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device)
+    block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device, "bwd")
     precision = _precision(q.dtype)
-    v_sum = v.sum(dim=2, dtype=torch.float32).contiguous()  # (B, H, Dv) sum_j v_j, for dm
     delta = torch.empty_like(row_max)
     dmax = torch.empty_like(row_max)
     _policy_attn_bwd_preprocess_kernel[(triton.cdiv(N, block_m), B * H)](
-        out, dout, v_sum, den, delta, dmax, *_strides4(out), *_strides4(dout),
+        out, dout, v_sum, inv_den, delta, dmax, *_strides4(out), *_strides4(dout),
         H, N, eps, eps / N, HEAD_DIM_V=Dv, BLOCK_M=block_m, num_warps=warps, num_stages=stages,
     )
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
@@ -439,12 +468,14 @@ def _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, eps: flo
     common = (*_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(dout))
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, INTERPRET=_INTERPRET,
                 num_warps=warps, num_stages=stages)
+    scale = D**-0.5
     _policy_attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
-        q, k, v, policy, dout, row_max, den, arg_max, delta, dmax, dk, dv, dp_heads, *common,
-        H, N, D**-0.5, eps / N, **meta,
+        q, k, v, policy, dout, row_max, inv_den, arg_max, delta, dmax, dk, dv, dp_heads, *common,
+        H, N, scale, scale * _LOG2E, eps / N, **meta,
     )
     _policy_attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
-        q, k, v, policy, dout, row_max, den, arg_max, delta, dmax, dq, *common, H, N, D**-0.5, **meta,
+        q, k, v, policy, dout, row_max, inv_den, arg_max, delta, dmax, dq, *common, H, N, scale, scale * _LOG2E,
+        **meta,
     )
     dp = dp_heads.sum(dim=1).to(policy.dtype)  # (B, N): the head sum, deterministic
     return dq, dk, dv, dp
@@ -457,16 +488,17 @@ class _PolicyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, policy, eps):
         with device_guard(q):
-            out, row_max, den, arg_max = _policy_attn_fwd(q, k, v, policy, eps)
-        ctx.save_for_backward(q, k, v, policy, out, row_max, den, arg_max)
+            out, v_sum, row_max, inv_den, arg_max = _policy_attn_fwd(q, k, v, policy, eps)
+        ctx.save_for_backward(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max)
         ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, policy, out, row_max, den, arg_max = ctx.saved_tensors
+        q, k, v, policy, out, v_sum, row_max, inv_den, arg_max = ctx.saved_tensors
         with device_guard(q):
-            dq, dk, dv, dp = _policy_attn_bwd(q, k, v, policy, out, row_max, den, arg_max, dout, ctx.eps)
+            dq, dk, dv, dp = _policy_attn_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout,
+                                              ctx.eps)
         return dq, dk, dv, dp if ctx.needs_input_grad[3] else None, None
 
 

@@ -124,7 +124,7 @@ def _varlen_attn_fwd_kernel(
                                       stride_vt, stride_vd, qk_scale, m_i, l_i, acc,
                                       HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
 
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not BLOCK_M x Dv divisions
     tl.store(Out + h * stride_oh + pos_m[:, None] * stride_ot + offs_dv[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + pos_m * H + h, m_i + tl.log2(l_i), mask=row_ok)  # (total, H), base 2

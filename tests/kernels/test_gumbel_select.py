@@ -177,9 +177,18 @@ def test_dispatch_picks_reference_for_cpu_tensors(monkeypatch):
     )
 
 
+# Reduced matrix (the GPU script's): N = 392 in every dtype, hard and soft; the other sizes in bf16, hard; the
+# rest runs with STPCORE_FULL_MATRIX=1.
+GPU_CASES = [
+    pytest.param(N, dtype, hard, id=f"N{N}-{name}-{'hard' if hard else 'soft'}",
+                 marks=() if N == 392 or (dtype == torch.bfloat16 and hard) else pytest.mark.full_matrix)
+    for N in (392, 272, 192, 393)
+    for dtype, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16"))
+    for hard in (True, False)
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("N", [392, 272, 192, 393], ids=["N392", "N272", "N192", "N393"])
+@pytest.mark.parametrize("N, dtype, hard", GPU_CASES)
 def test_gpu_matrix(N, dtype, hard):
     _check_against_reference(*_inputs(32, N, dtype, device="cuda"), tau=1.0, hard=hard)

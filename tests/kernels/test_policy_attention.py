@@ -6,6 +6,8 @@ small; the full dtype/shape matrix is marked ``gpu``.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -129,10 +131,20 @@ def test_matches_reference_hypothesis(B, H, N, D, keep, strided):
     check_against_reference(*make_inputs(B, H, N, D, torch.float32, keep, strided))
 
 
-def test_dispatch_triton_on_cpu_runs_interpreter():
-    q, k, v, policy = make_inputs(1, 2, 20, 16, torch.float32, device="cpu")
+def test_dispatch_runs_the_kernels_when_named():
+    """backend="triton" runs the kernels: compiled on CUDA tensors where a GPU exists, else the interpreter."""
+    q, k, v, policy = make_inputs(1, 2, 20, 16, torch.float32)
     got = policy_attention(q, k, v, policy, backend="triton")
     assert_close(got, policy_attention_ref(q, k, v, policy), op=OP)
+
+
+def test_cpu_tensors_run_the_kernels_only_in_the_interpreter():
+    q, k, v, policy = make_inputs(1, 2, 20, 16, torch.float32, device="cpu")
+    if dispatch.triton_interpret():
+        assert_close(policy_attention(q, k, v, policy, backend="triton"), policy_attention_ref(q, k, v, policy), op=OP)
+    else:  # a CUDA machine: the compiled kernels cannot take CPU tensors, and dispatch says so
+        with pytest.raises(NotImplementedError, match="tensors are on cpu"):
+            policy_attention(q, k, v, policy, backend="triton")
 
 
 def test_dispatch_auto_on_cpu_does_not_pick_triton():
@@ -165,47 +177,127 @@ def test_tf32_switch_read_through_either_torch_api(api):
             for module in (kernel, varlen_attention):
                 assert module._precision(torch.float32) == ("tf32" if on else "ieee")
         set_tf32(True)
-        check_against_reference(*make_inputs(1, 1, 20, 16, torch.float32, device="cpu"))
+        check_against_reference(*make_inputs(1, 1, 20, 16, torch.float32))
     finally:
         matmul.allow_tf32 = saved  # the legacy setter sets both APIs' flags, leaving them consistent
 
 
-def test_gpu_blocks(monkeypatch):
-    """The launcher's GPU tiles: fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, since 64 x 32
-    tiles spill kilobytes per thread there (measured in tests/kernels/test_compile.py)."""
+def test_gpu_default_blocks(monkeypatch):
+    """The launcher's default GPU tiles: fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, since
+    64 x 32 tiles spill kilobytes per thread there (measured in tests/kernels/test_compile.py)."""
     monkeypatch.setattr(kernel, "_INTERPRET", False)
     monkeypatch.setattr(kernel, "tf32_enabled", lambda: False)
     cuda = torch.device("cuda")  # only its type is read
-    assert kernel._blocks(392, 64, torch.bfloat16, cuda) == (64, 64, 4, 3)
-    assert kernel._blocks(392, 128, torch.float16, cuda) == (64, 32, 4, 2)
-    assert kernel._blocks(392, 64, torch.float32, cuda) == (32, 32, 8, 2)
-    assert kernel._blocks(392, 128, torch.float32, cuda) == (16, 16, 8, 2)
+    assert kernel._default_blocks(392, 64, torch.bfloat16, cuda) == (64, 64, 4, 3)
+    assert kernel._default_blocks(392, 128, torch.float16, cuda) == (64, 32, 4, 2)
+    assert kernel._default_blocks(392, 64, torch.float32, cuda) == (32, 32, 8, 2)
+    assert kernel._default_blocks(392, 128, torch.float32, cuda) == (16, 16, 8, 2)
     monkeypatch.setattr(kernel, "tf32_enabled", lambda: True)
-    assert kernel._blocks(392, 128, torch.float32, cuda) == (64, 32, 4, 2)
-    assert kernel._blocks(392, 32, torch.float32, cuda) == (64, 64, 4, 3)
+    assert kernel._default_blocks(392, 128, torch.float32, cuda) == (64, 32, 4, 2)
+    assert kernel._default_blocks(392, 32, torch.float32, cuda) == (64, 64, 4, 3)
+
+
+def test_measured_tiles_are_used_per_pass_and_gpu(monkeypatch, tmp_path):
+    """The launchers take the committed tiles for this GPU model, dtype and head dim, pass by pass; anything
+    absent (file, GPU, key, pass) or malformed falls back to the defaults; the sweep's override wins."""
+    from stpcore.kernels import _tiles
+
+    table = {"policy_attention": {"NVIDIA H200": {
+        "bf16-D64": {"fwd": [128, 64, 8, 3], "bwd": [32, 64, 4, 3]},
+        "fp16-D64": {"fwd": [64, 48, 4, 3]},  # 48 is not a power of two: ignored with a warning
+        "fp32-ieee-D64": {"bwd": [16, 16, 8, 2]},
+    }}}
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(_tiles, "TILES_FILE", path)
+    monkeypatch.setattr(_tiles, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(kernel, "_INTERPRET", False)
+    monkeypatch.setattr(kernel, "tf32_enabled", lambda: False)
+    _tiles.load_table.cache_clear()
+    cuda = torch.device("cuda")
+    try:
+        with pytest.warns(UserWarning, match="fp16-D64/fwd"):
+            assert kernel._blocks(392, 64, torch.bfloat16, cuda, "fwd") == (128, 64, 8, 3)
+        assert kernel._blocks(392, 64, torch.bfloat16, cuda, "bwd") == (32, 64, 4, 3)
+        assert kernel._blocks(392, 64, torch.float16, cuda, "fwd") == kernel._default_blocks(392, 64, torch.float16,
+                                                                                                cuda)
+        assert kernel._blocks(392, 64, torch.float32, cuda, "bwd") == (16, 16, 8, 2)
+        assert kernel._blocks(392, 64, torch.float32, cuda, "fwd") == (32, 32, 8, 2)  # no fwd entry: default
+        assert kernel._blocks(392, 128, torch.bfloat16, cuda, "fwd") == (64, 32, 4, 2)  # no D128 entry: default
+        with kernel.use_tiles(fwd=(64, 32, 4, 4)):
+            assert kernel._blocks(392, 64, torch.bfloat16, cuda, "fwd") == (64, 32, 4, 4)
+            assert kernel._blocks(392, 64, torch.bfloat16, cuda, "bwd") == (32, 64, 4, 3)
+        monkeypatch.setattr(_tiles, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+        assert kernel._blocks(392, 64, torch.bfloat16, cuda, "fwd") == (64, 64, 4, 3)  # another GPU: default
+        monkeypatch.setattr(_tiles, "TILES_FILE", tmp_path / "absent.json")
+        assert kernel._blocks(392, 64, torch.bfloat16, cuda, "fwd") == (64, 64, 4, 3)
+    finally:
+        _tiles.load_table.cache_clear()
+
+
+def test_committed_tile_table_is_valid():
+    """kernels/tiles.json, where committed, holds only entries the launchers accept (none are dropped)."""
+    from stpcore.kernels import _tiles
+
+    if not _tiles.TILES_FILE.is_file():  # none committed yet: every launch takes the default tiles
+        assert _tiles.load_table(str(_tiles.TILES_FILE)) == {}
+        return
+    raw = json.loads(_tiles.TILES_FILE.read_text())
+    entries = [(op, gpu, key, p, t) for op, gpus in raw.items() for gpu, keys in gpus.items()
+               for key, passes in keys.items() for p, t in passes.items()]
+    assert entries and all(p in _tiles.PASSES and _tiles.valid_tiles(t) for *_, p, t in entries), entries
+
+
+def test_saved_statistics():
+    """What the forward saves for the backward: the row max over ALL keys (log2 units), its first position
+    when several keys tie for it (torch.max's), across key blocks, and 1 / (Z + eps) per row."""
+    torch.manual_seed(0)
+    B, H, N, D = 1, 2, 200, 16  # two key blocks in the interpreter (128 wide), several on a GPU
+    q, k, v, policy = make_inputs(B, H, N, D, torch.float32, "random")
+    # Keys 7, 5 and 150 tie for the max of many rows: within one key block (5, 7) and across blocks (150).
+    k[:, :, 150] = k[:, :, 7] = k[:, :, 5] = q[:, :, 0].abs() * 4
+    out, v_sum, row_max, inv_den, arg_max = kernel._policy_attn_fwd(q, k, v, policy, 1e-6)
+    scores = (q @ k.transpose(-2, -1)) * D**-0.5
+    ref_max, ref_arg = scores.max(dim=-1)
+    torch.testing.assert_close(row_max / kernel._LOG2E, ref_max, rtol=1e-5, atol=1e-5)
+    clear = (scores.topk(2, dim=-1).values.diff(dim=-1).abs().squeeze(-1) > 1e-4) | (ref_arg == 5)
+    assert (ref_arg == 5).sum() > 10, "the test needs rows whose max is the tie"
+    assert torch.equal(arg_max[clear].long(), ref_arg[clear])
+    eye = torch.eye(N)
+    mask = policy[:, None, None, :] + (1 - policy[:, None, None, :]) * eye
+    z = ((scores - ref_max[..., None]).exp() * mask).sum(-1)
+    torch.testing.assert_close(inv_den, 1 / (z + 1e-6), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_sum, v.sum(dim=2), rtol=1e-5, atol=1e-5)
 
 
 def test_not_supported_reasons():
-    q, k, v, policy = make_inputs(1, 1, 8, 16, torch.float32, device="cpu")
+    q, k, v, policy = make_inputs(1, 1, 8, 16, torch.float32)
     assert kernel.not_supported_reasons(q, k, v, policy, eps=1e-6) == []
-    odd = torch.randn(1, 1, 8, 24)
+    odd = torch.randn(1, 1, 8, 24, device=DEVICE)
     reasons = kernel.not_supported_reasons(odd, odd, odd, policy, eps=1e-6)
     assert any("head dim 24" in r for r in reasons), reasons
-    ints = torch.ones(1, 1, 8, 16, dtype=torch.int32)
+    ints = torch.ones(1, 1, 8, 16, dtype=torch.int32, device=DEVICE)
     assert any("dtype" in r for r in kernel.not_supported_reasons(ints, ints, ints, policy, eps=1e-6))
     with pytest.raises(NotImplementedError, match="head dim 24"):
         policy_attention(odd, odd, odd, policy, backend="triton")
 
 
+def _in_reduced_matrix(B, H, N, D, dtype, keep) -> bool:
+    """The paper's shape in every dtype and keep set; the other shapes once in bf16 (0/1 keep) and once in
+    fp32 (soft keep). The rest runs with STPCORE_FULL_MATRIX=1."""
+    return (B, H, N, D) == (32, 6, 392, 64) or (dtype, keep) in ((torch.bfloat16, "random"), (torch.float32, "soft"))
+
+
 GPU_CASES = [
-    pytest.param(B, H, N, D, dtype, id=f"B{B}-N{N}-H{H}-D{D}-{DTYPE_NAMES[dtype]}")
+    pytest.param(B, H, N, D, dtype, keep, id=f"B{B}-N{N}-H{H}-D{D}-{DTYPE_NAMES[dtype]}-{keep}",
+                 marks=() if _in_reduced_matrix(B, H, N, D, dtype, keep) else pytest.mark.full_matrix)
     for B, H, N, D in [(32, 6, 392, 64), (8, 6, 272, 64), (2, 3, 393, 128), (4, 2, 97, 16), (4, 2, 1, 32)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for keep in ("all", "none", "random", "soft")
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B, H, N, D, dtype", GPU_CASES)
-@pytest.mark.parametrize("keep", ["all", "none", "random", "soft"])
+@pytest.mark.parametrize("B, H, N, D, dtype, keep", GPU_CASES)
 def test_matches_reference_gpu(B, H, N, D, dtype, keep):
     check_against_reference(*make_inputs(B, H, N, D, dtype, keep, strided=True))
