@@ -22,8 +22,14 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("out", help="normalised output CSV")
     imp.set_defaults(func=_labels_import)
 
-    check = sub.add_parser("check", help="validate a dataset folder")
-    check.add_argument("root")
+    check = sub.add_parser(
+        "check", help="validate a dataset folder",
+        description="Check a dataset root ROOT/<class>/<video> (HMDB51 or UCF101 as published, or a transcoded "
+                    "copy): unreadable, truncated, too-short videos, codecs the decoder cannot read, split entries "
+                    "without a file, and label coverage. Exit 0 if nothing blocks training, 1 if something does, "
+                    "2 if ROOT is not a dataset root (a folder of videos with no class folders is not: check the "
+                    "folder above it).")
+    check.add_argument("root", help="dataset root holding <class>/<video> folders")
     check.add_argument("--splits", default=None, help="folder of the split files (default: ROOT)")
     check.add_argument("--labels", default=None, help="privacy label file (.pickle or .csv)")
     check.add_argument("--decoder", default="pyav", choices=("pyav", "dali-cpu", "dali-gpu"))
@@ -42,9 +48,15 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--workers", type=int, default=1)
     synth.set_defaults(func=_synth)
 
-    tr = sub.add_parser("transcode", help="published .avi -> constant-frame-rate H.264/VP9 that DALI reads")
-    tr.add_argument("src")
-    tr.add_argument("dst")
+    tr = sub.add_parser(
+        "transcode", help="published .avi -> constant-frame-rate H.264/VP9 that DALI reads",
+        description="Mirror the videos of SRC into DST as constant-frame-rate H.264 (.mp4) or VP9 (.webm): "
+                    "SRC/<class>/<video> (a dataset root) -> DST/<class>/<video>, and SRC/<video> (a folder of "
+                    "videos, e.g. one class folder) -> DST/<video>. Split and label files (*.txt, *.pickle, *.csv) "
+                    "at the top of SRC are copied; outputs already in DST are skipped, so a rerun resumes. Exit 1 if "
+                    "a file failed, 2 if SRC holds no video in either place.")
+    tr.add_argument("src", help="dataset root (SRC/<class>/<video>) or folder of videos (SRC/<video>)")
+    tr.add_argument("dst", help="output folder, laid out as SRC")
     tr.add_argument("--codec", required=True, choices=("h264", "vp9"))
     tr.add_argument("--workers", type=int, default=1)
     tr.set_defaults(func=_transcode)

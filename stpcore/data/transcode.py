@@ -1,10 +1,14 @@
 """Transcode the published .avi files (MPEG-4 Part 2 / Xvid) to constant-frame-rate H.264 or VP9 for DALI.
 
-`transcode_dataset(src, dst, codec)` mirrors `<src>/<class>/<video>.*` to `<dst>/<class>/<video>.{mp4,webm}`
-in parallel processes, skips outputs that already exist (so an interrupted run resumes), writes each file
-atomically (temporary name in the destination folder, then os.replace), and copies the split files
-(*.txt) and label files (*.pickle, *.csv) at the top of `src` alongside. Frames are re-stamped 0, 1, 2, ...
-at the source's average rate, which makes the output constant-frame-rate.
+`transcode_dataset(src, dst, codec)` mirrors the videos of `src` to `dst`, one level deep: a dataset root
+`<src>/<class>/<video>.*` becomes `<dst>/<class>/<video>.{mp4,webm}`, and a folder that holds videos directly
+(one class folder, say) `<src>/<video>.*` becomes `<dst>/<video>.{mp4,webm}`; both at once is mirrored too.
+`dst` itself is never read as a source when it lies inside `src`. A `src` with no video in either place is a
+ValueError naming these layouts. Work runs in parallel processes, outputs that already exist are skipped (so
+an interrupted run resumes), each file is written atomically (temporary name in the destination folder, then
+os.replace), and the split files (*.txt) and label files (*.pickle, *.csv) at the top of `src` are copied
+alongside. Frames are re-stamped 0, 1, 2, ... at the source's average rate, which makes the output
+constant-frame-rate.
 """
 
 from __future__ import annotations
@@ -78,6 +82,21 @@ def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], cod
     return n
 
 
+def _source_videos(src: Path, dst: Path) -> list[Path]:
+    """The videos directly in `src` and in its subfolders (not `dst`, where it is one of them), sorted.
+
+    Hidden files are left out: they include the temporary files of an interrupted run.
+    """
+    skip = dst.resolve()
+    folders = [src, *sorted(p for p in src.iterdir() if p.is_dir() and p.resolve() != skip)]
+    return [
+        f
+        for folder in folders
+        for f in sorted(folder.iterdir())
+        if f.suffix.lower() in VIDEO_EXTENSIONS and not f.name.startswith(".") and f.is_file()
+    ]
+
+
 def _job(args: tuple[str, str, str]) -> tuple[str, str | None]:
     src, dst, codec = args
     try:
@@ -94,7 +113,13 @@ def transcode_dataset(
     workers: int = 1,
     progress: bool = True,
 ) -> TranscodeReport:
-    """Transcode every `<src>/<class>/<video>` to `<dst>/<class>/<stem>.mp4|.webm` (see the module docstring)."""
+    """Transcode every `<src>/<class>/<video>` and `<src>/<video>` to `<stem>.mp4|.webm` at its place under `dst`.
+
+    See the module docstring.
+
+    Raises:
+        FileNotFoundError if src is not a folder; ValueError if neither src nor its subfolders hold a video.
+    """
     if codec not in CODEC_EXT:
         raise ValueError(f"codec must be one of {sorted(CODEC_EXT)}, got {codec!r}")
     src, dst = Path(src), Path(dst)
@@ -103,19 +128,22 @@ def transcode_dataset(
     report = TranscodeReport()
     jobs = []
     claimed: dict[Path, str] = {}
-    for cls_dir in sorted(p for p in src.iterdir() if p.is_dir()):
-        for f in sorted(cls_dir.iterdir()):
-            if f.suffix.lower() not in VIDEO_EXTENSIONS or f.name.startswith("."):
-                continue
-            out = dst / cls_dir.name / f"{f.stem}{CODEC_EXT[codec]}"
-            if out in claimed:  # e.g. v.avi and v.mkv: both would become v.mp4
-                report.failed.append((str(f), f"its output {out} is also {claimed[out]}'s; rename one of the two"))
-                continue
-            claimed[out] = f.name
-            if out.is_file() and out.stat().st_size > 0:
-                report.skipped.append(str(f))
-            else:
-                jobs.append((str(f), str(out), codec))
+    sources = _source_videos(src, dst)
+    if not sources:
+        raise ValueError(
+            f"no videos ({', '.join(VIDEO_EXTENSIONS)}) in {src} or in its subfolders; transcode expects a dataset "
+            f"root SRC/<class>/<video> or a folder of videos SRC/<video>"
+        )
+    for f in sources:
+        out = dst / f.parent.relative_to(src) / f"{f.stem}{CODEC_EXT[codec]}"
+        if out in claimed:  # e.g. v.avi and v.mkv: both would become v.mp4
+            report.failed.append((str(f), f"its output {out} is also {claimed[out]}'s; rename one of the two"))
+            continue
+        claimed[out] = f.name
+        if out.is_file() and out.stat().st_size > 0:
+            report.skipped.append(str(f))
+        else:
+            jobs.append((str(f), str(out), codec))
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix.lower() in (".txt", ".pickle", ".pkl", ".csv"):

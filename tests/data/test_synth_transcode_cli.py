@@ -150,3 +150,46 @@ def test_synth_rejects_bad_sizes(tmp_path, kwargs, message):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="existing file"):
         make_synthetic_dataset(tmp_path / "file", videos=1)
+
+
+def test_cli_transcode_folder_of_videos(tmp_path, capsys):
+    """A folder that holds videos directly (here one class folder) is mirrored as it is: SRC/<video> ->
+    DST/<video>. A DST inside SRC is not read back as a source when the command is run again."""
+    from stpcore.cli import main
+
+    wave = tmp_path / "hmdb" / "wave"
+    frames = render_video(1, np.ones(5, int), np.random.default_rng(0), 64, 48, 12)
+    write_video(wave / "w1.avi", frames, fps=30, codec="mpeg4")
+    write_video(wave / "w2.avi", frames[:7], fps=30, codec="mpeg4")
+    assert main(["data", "transcode", str(wave), str(tmp_path / "out"), "--codec", "vp9"]) == 0
+    assert "written: 2" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w1.webm", "w2.webm"]
+    assert [probe(tmp_path / "out" / f"w{i}.webm").num_frames for i in (1, 2)] == [12, 7]
+    inside = wave / "vp9"
+    for written, skipped in ((2, 0), (0, 2)):
+        assert main(["data", "transcode", str(wave), str(inside), "--codec", "vp9", "--workers", "2"]) == 0
+        assert f"written: {written}\nskipped (already done): {skipped}\nfailed: 0" in capsys.readouterr().out
+    assert sorted(p.name for p in inside.iterdir()) == ["w1.webm", "w2.webm"]
+
+
+@pytest.mark.parametrize("make", ["empty folder", "nested too deep", "not a folder"])
+def test_cli_transcode_without_videos(tmp_path, capsys, make):
+    """Nothing to transcode is an error naming the layouts expected, and DST is not created."""
+    from stpcore.cli import main
+
+    src = tmp_path / "src"
+    if make == "empty folder":
+        src.mkdir()
+        (src / "notes.txt").write_text("")
+    elif make == "nested too deep":
+        frames = render_video(1, np.ones(5, int), np.random.default_rng(0), 64, 48, 4)
+        write_video(src / "hmdb51" / "wave" / "w1.avi", frames, fps=30, codec="mpeg4")
+    assert main(["data", "transcode", str(src), str(tmp_path / "out"), "--codec", "h264"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "out").exists()
+    error = captured.err.splitlines()[0]
+    if make == "not a folder":
+        assert error == f"error: {src} is not a folder"
+    else:
+        assert error == (f"error: no videos (.avi, .mp4, .webm, .mkv, .mov) in {src} or in its subfolders; transcode "
+                         "expects a dataset root SRC/<class>/<video> or a folder of videos SRC/<video>")

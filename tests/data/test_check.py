@@ -1,0 +1,227 @@
+"""`stpcore data check`, through the command line, one test per problem it reports.
+
+Every test builds its own small dataset (HMDB51 layout: `ROOT/<class>/<video>`, `<class>_test_split{1,2,3}.txt`,
+a label CSV) from `_dataset`, breaks one thing, and asserts the report names that problem and that file. The
+first test shows the intact dataset reports nothing, so each listing below comes from the one thing broken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stpcore.cli import main
+from stpcore.data.labels import CSV_HEADER
+from stpcore.data.synth import render_video, write_video
+
+av = pytest.importorskip("av")
+
+FRAMES = 32  # a clip covers (16 - 1) * 2 + 1 = 31 frames at HMDB51's stride: 32 is long enough
+
+
+def _frames(n: int = FRAMES) -> np.ndarray:
+    return render_video(0, np.zeros(5, int), np.random.default_rng(0), 64, 48, n)
+
+
+def _dataset(root: Path) -> Path:
+    """jump/ holds MPEG-4 .avi (the published codec), wave/ VP9 .webm; video 0 trains, video 1 tests."""
+    for cls, codec, ext in (("jump", "mpeg4", ".avi"), ("wave", "vp9", ".webm")):
+        for i in (0, 1):
+            write_video(root / cls / f"{cls}_{i}{ext}", _frames(), fps=25, codec=codec)
+        for split in (1, 2, 3):
+            (root / f"{cls}_test_split{split}.txt").write_text(f"{cls}_0.avi 1\n{cls}_1.avi 2\n")
+    _labels(root / "labels.csv", ["jump/jump_0", "jump/jump_1", "wave/wave_0", "wave/wave_1"])
+    return root
+
+
+def _labels(path: Path, keys: list[str]) -> None:
+    path.write_text("".join(f"{line}\n" for line in [",".join(CSV_HEADER), *(f"{k},1,0,1,0,1" for k in keys)]))
+
+
+def _check(capsys, root: Path, *flags: str) -> tuple[int, str]:
+    code = main(["data", "check", str(root), *flags])
+    return code, capsys.readouterr().out.rstrip("\n")
+
+
+def _listed(report: str, category: str) -> list[str]:
+    """The offenders the report lists under `category` (the lines indented below "<category>: <count>")."""
+    lines = report.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith(f"{category}: ")]
+    assert heads, f"no {category!r} in the report:\n{report}"
+    out = []
+    for line in lines[heads[0] + 1 :]:
+        if not line.startswith("  "):
+            break
+        out.append(line.strip())
+    assert len(out) == int(lines[heads[0]].rsplit(": ", 1)[1]), report
+    return out
+
+
+def test_intact_dataset_reports_nothing(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    code, report = _check(capsys, root, "--labels", str(root / "labels.csv"))
+    assert code == 0, report
+    assert report.splitlines() == [
+        "videos found: 4", "labels matched: 4", "videos without a label: 0", "labels without a video: 0", "OK",
+    ]
+
+
+def test_corrupt_video(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    bad = root / "wave" / "wave_1.webm"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    code, report = _check(capsys, root)
+    assert code == 1 and report.endswith("PROBLEMS FOUND")
+    [entry] = _listed(report, "unreadable")
+    assert entry.startswith(f"{bad} (")  # the detail says what FFmpeg could not read
+
+
+@pytest.mark.parametrize("name", ["jump/jump_1.avi", "wave/wave_1.webm"], ids=["avi-frame-count", "webm-duration"])
+def test_truncated_video(tmp_path, capsys, name):
+    """Cut after 20 of 32 frames: an AVI header still counts 32 frames, a WebM header still says 1.28 s. The
+    loader wraps such a video like a short one, so the check warns (exit 0) instead of failing."""
+    root = _dataset(tmp_path / "ds")
+    bad = root / name
+    with av.open(str(bad)) as container:
+        cut = [p.pos for p in container.demux(container.streams.video[0]) if p.size > 0][20]
+    bad.write_bytes(bad.read_bytes()[:cut])
+    code, report = _check(capsys, root)
+    assert code == 0 and report.endswith("OK")
+    [entry] = _listed(report, "truncated (ends before its header says; decoding wraps)")
+    assert entry == f"{bad} (ends at 0.80 s, header says 1.28 s)"
+
+
+def test_codec_the_decoder_cannot_read(tmp_path, capsys):
+    """DALI's CPU decoder reads VP8/VP9/MJPEG, not the published MPEG-4 Part 2 (which PyAV reads: the intact
+    dataset passes with the default decoder)."""
+    root = _dataset(tmp_path / "ds")
+    code, report = _check(capsys, root, "--decoder", "dali-cpu")
+    assert code == 1
+    assert _listed(report, "codec not readable by dali-cpu") == [
+        f"{root / 'jump' / 'jump_0.avi'} (mpeg4)", f"{root / 'jump' / 'jump_1.avi'} (mpeg4)",
+    ]
+
+
+def test_too_short_video(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    short = root / "wave" / "wave_0.webm"
+    write_video(short, _frames(10), fps=25, codec="vp9")
+    code, report = _check(capsys, root)
+    assert code == 0 and report.endswith("OK")  # looped by the loader: a warning
+    assert _listed(report, "too short (will be looped)") == [f"{short} (10 < 31 frames)"]
+
+
+def test_split_entry_without_a_file(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    with (root / "wave_test_split2.txt").open("a") as f:
+        f.write("wave_lost.avi 1\n")
+    code, report = _check(capsys, root)
+    assert code == 1
+    assert _listed(report, "missing file (split entry)") == ["wave/wave_lost (split 2 train)"]
+
+
+def test_label_without_a_video(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    _labels(root / "labels.csv", ["jump/jump_0", "jump/jump_1", "wave/wave_0", "wave/wave_1", "wave/wave_9"])
+    code, report = _check(capsys, root, "--labels", str(root / "labels.csv"))
+    assert code == 0  # label coverage is reported, not a reason to stop
+    assert "labels matched: 4" in report
+    assert _listed(report, "labels without a video") == ["wave/wave_9"]
+    assert _listed(report, "videos without a label") == []
+
+
+def test_video_without_a_label(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    _labels(root / "labels.csv", ["jump/jump_0", "wave/wave_0", "wave/wave_1"])
+    code, report = _check(capsys, root, "--labels", str(root / "labels.csv"))
+    assert code == 0
+    assert "labels matched: 3" in report
+    assert _listed(report, "videos without a label") == ["jump/jump_1"]
+    assert _listed(report, "labels without a video") == []
+
+
+def test_empty_file(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    (root / "jump" / "jump_0.avi").write_bytes(b"")
+    code, report = _check(capsys, root)
+    assert code == 1
+    assert _listed(report, "empty file") == [str(root / "jump" / "jump_0.avi")]
+
+
+def test_no_video_stream(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    sound = root / "wave" / "wave_1.webm"
+    with av.open(str(sound), "w") as out:
+        stream = out.add_stream("libopus", rate=48000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 48000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    code, report = _check(capsys, root)
+    assert code == 1
+    assert _listed(report, "no video stream") == [str(sound)]
+
+
+def test_no_frames(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    empty = root / "jump" / "jump_1.avi"
+    with av.open(str(empty), "w") as out:  # a header with a video stream, and no frame after it
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        out.start_encoding()
+    code, report = _check(capsys, root)
+    assert code == 1
+    assert _listed(report, "no frames") == [str(empty)]
+
+
+def test_split_files_absent_or_malformed(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    code, report = _check(capsys, root, "--splits", str(tmp_path))
+    assert code == 1
+    [entry] = _listed(report, "split files")
+    assert entry.startswith(f"{tmp_path}: neither classInd.txt (UCF101) nor <class>_test_split1.txt")
+    (root / "jump_test_split3.txt").write_text("jump_0.avi train\n")
+    code, report = _check(capsys, root)
+    assert code == 1
+    listed = _listed(report, "split files")  # split 3's train and test lists both read the file
+    assert listed == [f"{root / 'jump_test_split3.txt'}:1: expected '<video>.avi <0|1|2>', got 'jump_0.avi train'"] * 2
+
+
+def test_video_outside_a_class_folder(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds")
+    write_video(root / "stray.webm", _frames(), fps=25, codec="vp9")
+    code, report = _check(capsys, root)
+    assert code == 0 and "videos found: 4" in report
+    assert _listed(report, "not in a class folder (ignored)") == [str(root / "stray.webm")]
+
+
+def test_folder_of_videos_is_not_a_dataset_root(tmp_path, capsys):
+    """One class folder holds videos directly: its videos would have no "<class>/<stem>" key to match split
+    and label entries, so the check stops at once, naming the layout it expects."""
+    root = _dataset(tmp_path / "ds")
+    code = main(["data", "check", str(root / "wave")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    error = captured.err.splitlines()[0]
+    assert error.startswith(f"error: {root / 'wave'} holds videos directly (2, e.g. wave_0.webm)")
+    assert "ROOT/<class>/<video>" in error and "check the dataset folder above it" in error
+
+
+@pytest.mark.parametrize("make", ["empty folder", "nested too deep", "not a folder"])
+def test_no_dataset_root(tmp_path, capsys, make):
+    target = tmp_path / "x"
+    if make == "empty folder":
+        target.mkdir()
+    elif make == "nested too deep":
+        _dataset(target / "hmdb51")
+    code = main(["data", "check", str(target)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    error = captured.err.splitlines()[0]
+    if make == "not a folder":
+        assert error == f"error: {target} is not a folder"
+    else:
+        assert error.startswith(f"error: no videos (.avi, .mp4, .webm, .mkv, .mov) in the class folders of {target}")
+        assert error.endswith("data check expects a dataset root ROOT/<class>/<video>")
