@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -25,10 +25,20 @@ _BACKBONE_PREFIXES = ("patch_embed.", "pos_embed", "blocks.")
 
 
 class LoadReport(NamedTuple):
-    """Keys of the model absent from the state dict (missing) and keys the model does not have (unexpected)."""
+    """What a load did, as sorted key lists.
+
+    Attributes:
+        missing: keys the state dict should provide and lacks (they keep their initialisation): the
+            release's keys, and for a state dict saved by stpcore also its stpcore-only ones.
+        unexpected: keys of the state dict the model does not have (not loaded).
+        not_in_release: keys of stpcore-only modules (``model.modules_not_in_release``, e.g. STPrivacy's
+            phase-1 action head) that the state dict does not provide: the release has no weights for
+            them, so they keep their initialisation. Never an error.
+    """
 
     missing: list[str]
     unexpected: list[str]
+    not_in_release: list[str]
 
 
 def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
@@ -81,8 +91,25 @@ def _key_list(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _stpcore_only_keys(model: nn.Module, keys: Iterable[str]) -> set[str]:
+    """The ``keys`` (of the model's state dict) that belong to modules the release does not have.
+
+    A model names them in its ``modules_not_in_release`` class attribute (module names such as
+    ``"head"``; a key belongs to one when it equals the name or starts with the name and a dot, so
+    ``head_recon.weight`` is not ``head``'s).
+    """
+    modules = tuple(getattr(model, "modules_not_in_release", ()))
+    return {k for k in keys if any(k == m or k.startswith(m + ".") for m in modules)}
+
+
 def load_official_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True) -> LoadReport:
     """Load a state dict written by the authors' release (same module names) into ``model``.
+
+    The release's key set is the model's minus its stpcore-only modules (``model.modules_not_in_release``:
+    STPrivacy's phase-1 action head ``fc_norm`` / ``head``; nothing for the recognizers). Those keys are
+    checked strictly; the stpcore-only ones are optional and, when absent, keep their initialisation and
+    are listed in ``not_in_release``. A state dict that provides some of them (one saved by stpcore) must
+    provide all of them: the rest count as missing.
 
     Args:
         model: an :class:`~stpcore.models.STPrivacy` or :class:`~stpcore.models.VideoRecognizer`.
@@ -90,18 +117,23 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping, strict: bool
         strict: raise when keys are missing or unexpected; otherwise load the common keys and report.
 
     Returns:
-        LoadReport(missing, unexpected), sorted key lists.
+        LoadReport(missing, unexpected, not_in_release), sorted key lists.
 
     Raises:
         ValueError: a shape differs (always), or keys are missing / unexpected (strict); the message
-        lists the keys.
+        lists the keys. Nothing is loaded when it raises.
     """
     sd = unwrap_state_dict(state_dict)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
+    only_stpcore = _stpcore_only_keys(model, own)
+    given = set(sd)
+    # A release checkpoint has none of the stpcore-only keys; one saved by stpcore has them all.
+    required = set(own) if given & only_stpcore else set(own) - only_stpcore
+    missing = sorted(required - given)
+    unexpected = sorted(given - set(own))
+    not_in_release = sorted(only_stpcore - given - required)
     mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
+                  for k in sorted(given & set(own)) if sd[k].shape != own[k].shape]
     if mismatched:
         raise ValueError(f"state_dict: {len(mismatched)} shape mismatch(es) (is the config right?): "
                          f"{_key_list(mismatched)}")
@@ -111,7 +143,7 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping, strict: bool
             f"{len(unexpected)} unexpected key(s) [{_key_list(unexpected)}]; pass strict=False to load the rest"
         )
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    return LoadReport(missing, unexpected)
+    return LoadReport(missing, unexpected, not_in_release)
 
 
 def inflate_2d_vit(state_dict_2d: Mapping, cfg: BackboneConfig) -> dict[str, torch.Tensor]:
@@ -179,15 +211,16 @@ def load_inflated_2d_vit(model: nn.Module, path: str | os.PathLike) -> LoadRepor
     """Initialise ``model``'s backbone from a 2D ViT checkpoint file (see :func:`inflate_2d_vit`).
 
     The file is read with ``torch.load(path, map_location="cpu", weights_only=True)``. Every backbone
-    parameter (patch_embed, pos_embed, blocks) must be provided; the heads and score predictors keep
-    their initialisation and are listed in the report's ``missing``.
+    parameter (patch_embed, pos_embed, blocks) must be provided; the other modules keep their
+    initialisation: the release's (score predictors, reconstruction head, recognizer heads) are listed
+    in the report's ``missing``, stpcore-only ones (STPrivacy's phase-1 head) in ``not_in_release``.
 
     Args:
         model: an STPrivacy or VideoRecognizer (anything with ``cfg`` and the release's module names).
         path: a .pth/.pt file holding the 2D ViT's state dict (optionally wrapped).
 
     Returns:
-        LoadReport(missing, unexpected) with unexpected empty.
+        LoadReport(missing, unexpected, not_in_release) with unexpected empty.
     """
     obj = load_weights_only(path)
     inflated = inflate_2d_vit(obj, model.cfg)

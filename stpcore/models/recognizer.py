@@ -27,6 +27,10 @@ class VideoTransformer(nn.Module):
         cfg: the backbone's shapes.
     """
 
+    # Modules stpcore adds that the release's model has no weights for: loading a release checkpoint
+    # (:meth:`load_official_state_dict`) leaves them initialised and reports their keys as not_in_release.
+    modules_not_in_release: tuple[str, ...] = ()
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -69,7 +73,9 @@ class VideoTransformer(nn.Module):
         return self.patch_embed(video) + self.pos_embed
 
     def load_official_state_dict(self, state_dict: dict, strict: bool = True) -> LoadReport:
-        """Load a state dict saved by the authors' release; see :func:`stpcore.models.load_official_state_dict`."""
+        """Load a state dict saved by the authors' release (or by stpcore); see
+        :func:`stpcore.models.load_official_state_dict`. The release's keys are checked strictly; the
+        modules in ``modules_not_in_release`` keep their initialisation when the state dict lacks them."""
         return load_official_state_dict(self, state_dict, strict=strict)
 
 
@@ -86,7 +92,9 @@ class VideoRecognizer(VideoTransformer):
     """ViT video classifier reading only kept tubelets (action recognizer, or privacy with num_outputs=5;
     the privacy sigmoid belongs to the loss, not the model).
 
-    Heads: mean pool -> ``fc_norm`` (LayerNorm) -> ``head_new`` (Linear), the release's names.
+    Heads: mean pool -> ``fc_norm`` (LayerNorm) -> ``head_new`` (Linear), the release's names. Every
+    parameter has a counterpart in the release's recognizer (``action.py``, ``VisionTransformer`` with
+    mean pooling), so its checkpoints load with no key left over.
 
     Args:
         cfg: the recognizer's config.

@@ -75,11 +75,16 @@ class STPrivacy(VideoTransformer):
     Module names equal the authors' release: ``patch_embed.proj``, ``pos_embed``, ``blocks.<i>``,
     ``score_predictor.<s>`` (one per prune location), ``norm_recon``, ``head_recon``; plus the action
     head of phase 1, ``fc_norm`` and ``head`` [G: masked mean pool of the final tokens -> LayerNorm ->
-    Linear]. The anonymization block is ``blocks[prune_locations[-1]:]`` (blocks 9-11 for ViT-S).
+    Linear]. The release's STPrivacy has no such head, so its checkpoints carry no weights for it:
+    :meth:`load_official_state_dict` leaves it initialised and reports it (``modules_not_in_release``).
+    The anonymization block is ``blocks[prune_locations[-1]:]`` (blocks 9-11 for ViT-S).
 
     Args:
         cfg: the model config (``STPrivacyConfig.from_name("vit_small")`` for the paper's model).
     """
+
+    # The phase-1 action head is stpcore's own; the release's STPrivacy has no classifier.
+    modules_not_in_release = ("fc_norm", "head")
 
     def __init__(self, cfg: STPrivacyConfig) -> None:
         super().__init__(cfg)

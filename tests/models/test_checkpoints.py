@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from stpcore.models import (
     RecognizerConfig,
     STPrivacy,
+    STPrivacyConfig,
     VideoRecognizer,
     from_name,
     inflate_2d_vit,
     load_inflated_2d_vit,
     load_official_state_dict,
 )
+from tests.models import official_keys
 
 CFG = from_name("tiny")  # D=48, depth 4, tubelet (2, 8, 8), grid (4, 4, 4)
 
@@ -23,33 +25,127 @@ def _outputs(model: STPrivacy, video: torch.Tensor):
         return model(video)
 
 
-def test_release_state_dict_loads_unchanged(tmp_path):
+def test_stpcore_checkpoint_round_trip(tmp_path):
+    """stpcore's own state dict (phase-1 head included) goes through the same loader unchanged."""
     source = STPrivacy(CFG)
     # DataParallel-style names inside a {"model": ...} wrapper, written and read as a file.
-    released = {"model": {f"module.{k}": v.clone() for k, v in source.state_dict().items()}, "epoch": torch.tensor(3)}
+    saved = {"model": {f"module.{k}": v.clone() for k, v in source.state_dict().items()}, "epoch": torch.tensor(3)}
     path = tmp_path / "stprivacy.pth"
-    torch.save(released, path)
+    torch.save(saved, path)
     target = STPrivacy(CFG)
     video = torch.randn(2, 3, CFG.num_frames, CFG.image_size, CFG.image_size)
     assert not torch.equal(_outputs(target, video).video, _outputs(source, video).video)
     report = target.load_official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    assert report.missing == [] and report.unexpected == []
+    assert report.missing == [] and report.unexpected == [] and report.not_in_release == []
     a, b = _outputs(source, video), _outputs(target, video)
     assert torch.equal(a.video, b.video) and torch.equal(a.action_logits, b.action_logits)
     assert all(torch.equal(x, y) for x, y in zip(a.decisions, b.decisions, strict=True))
 
 
-def test_release_names_are_the_documented_ones():
-    keys = set(STPrivacy(CFG).state_dict())
-    for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.norm1.weight", "blocks.3.attn.qkv.bias",
-                "blocks.3.attn.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias",
-                "score_predictor.2.in_conv.0.weight", "score_predictor.2.in_conv.1.weight",
-                "score_predictor.0.out_conv.0.weight", "score_predictor.0.out_conv.2.weight",
-                "score_predictor.0.out_conv.4.bias", "norm_recon.weight", "head_recon.weight", "fc_norm.weight",
-                "head.weight"):
-        assert key in keys, key
-    rec = set(VideoRecognizer(RecognizerConfig.from_name("tiny")).state_dict())
-    assert {"fc_norm.weight", "head_new.weight", "head_new.bias", "pos_embed"} <= rec
+# -- weights with the release's own key names and shapes (tests/models/official_keys.py) ----------------
+
+# stpcore's phase-1 action head on STPrivacy; the release's STPrivacy has no classifier.
+STPRIVACY_ONLY = ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+
+
+def _random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def release_stprivacy() -> dict[str, torch.Tensor]:
+    return _random_state_dict(official_keys.stprivacy_vit_small())
+
+
+def test_release_key_listing_is_complete():
+    assert len(official_keys.stprivacy_vit_small()) == 181
+    assert len(official_keys.recognizer_vit_small(51)) == 151
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model-module", "state_dict"])
+def test_release_stprivacy_state_dict_loads(release_stprivacy, wrap):
+    model = STPrivacy(STPrivacyConfig.from_name("vit_small"))
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if k in STPRIVACY_ONLY}
+    if wrap == "model-module":
+        checkpoint = {"model": {f"module.{k}": v for k, v in release_stprivacy.items()}, "epoch": torch.tensor(80)}
+    elif wrap == "state_dict":
+        checkpoint = {"state_dict": release_stprivacy}
+    else:
+        checkpoint = release_stprivacy
+    report = model.load_official_state_dict(checkpoint)
+    assert report.missing == [] and report.unexpected == []
+    assert report.not_in_release == STPRIVACY_ONLY
+    own = model.state_dict()
+    # Every stpcore key is a release key or reported: a renamed parameter fails here.
+    assert set(own) == set(release_stprivacy) | set(report.not_in_release)
+    assert set(release_stprivacy).isdisjoint(report.not_in_release)
+    for key in ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.bias", "blocks.11.mlp.fc2.weight",
+                "score_predictor.2.out_conv.4.bias", "norm_recon.weight", "head_recon.weight"):
+        assert torch.equal(own[key], release_stprivacy[key]), key
+    assert all(torch.equal(own[k], release_stprivacy[k]) for k in release_stprivacy)
+    assert torch.equal(model.score_predictor[1].in_conv[1].weight.detach(),
+                       release_stprivacy["score_predictor.1.in_conv.1.weight"])
+    # The phase-1 head keeps its usual initialisation (LayerNorm ones / zeros, zero bias).
+    assert all(torch.equal(own[k], head_before[k]) for k in STPRIVACY_ONLY)
+    assert torch.equal(model.fc_norm.weight.detach(), torch.ones(384)) and not model.head.bias.detach().any()
+
+
+@pytest.mark.parametrize("num_outputs", [51, 5], ids=["action-hmdb51", "privacy-5"])
+def test_release_recognizer_state_dict_loads(num_outputs):
+    released = _random_state_dict(official_keys.recognizer_vit_small(num_outputs), seed=num_outputs)
+    model = VideoRecognizer(RecognizerConfig.from_name("vit_small", num_outputs=num_outputs))
+    report = model.load_official_state_dict({"model": {f"module.{k}": v for k, v in released.items()}})
+    assert report.missing == [] and report.unexpected == [] and report.not_in_release == []
+    own = model.state_dict()
+    assert set(own) == set(released)
+    assert all(torch.equal(own[k], released[k]) for k in released)
+    assert torch.equal(model.head_new.weight.detach(), released["head_new.weight"])
+    assert torch.equal(model.blocks[7].attn.proj.weight.detach(), released["blocks.7.attn.proj.weight"])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("drop score_predictor.1.out_conv.2.weight",
+         r"1 missing key\(s\) \[score_predictor\.1\.out_conv\.2\.weight\], 0 unexpected"),
+        ("drop head_recon.bias", r"1 missing key\(s\) \[head_recon\.bias\]"),
+        ("add cls_token", r"0 missing key\(s\) \[\], 1 unexpected key\(s\) \[cls_token\]"),
+        ("reshape pos_embed", r"1 shape mismatch.*pos_embed: checkpoint \(1, 393, 384\) vs model \(1, 392, 384\)"),
+        ("reshape head_recon.weight", r"head_recon\.weight: checkpoint \(768, 384\) vs model \(1536, 384\)"),
+    ],
+    ids=["missing-predictor", "missing-recon", "extra-key", "shape-pos-embed", "shape-recon"],
+)
+def test_release_stprivacy_state_dict_errors(release_stprivacy, edit, message):
+    sd = dict(release_stprivacy)
+    verb, key = edit.split()
+    if verb == "drop":
+        del sd[key]
+    elif verb == "add":
+        sd[key] = torch.zeros(1, 1, 384)
+    else:
+        sd[key] = torch.zeros((1, 393, 384) if key == "pos_embed" else (768, 384))
+    model = STPrivacy(STPrivacyConfig.from_name("vit_small"))
+    before = model.pos_embed.detach().clone()
+    with pytest.raises(ValueError, match=message):
+        model.load_official_state_dict(sd)
+    assert torch.equal(model.pos_embed.detach(), before), "a failed load leaves the model untouched"
+
+
+def test_release_stprivacy_partial_load_reports_missing(release_stprivacy):
+    sd = {k: v for k, v in release_stprivacy.items() if not k.startswith("score_predictor.2.")}
+    model = STPrivacy(STPrivacyConfig.from_name("vit_small"))
+    report = load_official_state_dict(model, sd, strict=False)
+    assert report.missing == sorted(k for k in release_stprivacy if k.startswith("score_predictor.2."))
+    assert report.unexpected == [] and report.not_in_release == STPRIVACY_ONLY
+    assert torch.equal(model.pos_embed.detach(), release_stprivacy["pos_embed"])
+
+
+def test_release_recognizer_wrong_head_size_fails():
+    released = _random_state_dict(official_keys.recognizer_vit_small(51))
+    model = VideoRecognizer(RecognizerConfig.from_name("vit_small", num_outputs=5))
+    with pytest.raises(ValueError, match=r"head_new\.weight: checkpoint \(51, 384\) vs model \(5, 384\)"):
+        model.load_official_state_dict(released)
 
 
 def test_wrong_key_set_is_reported():
@@ -61,6 +157,17 @@ def test_wrong_key_set_is_reported():
         load_official_state_dict(model, sd)
     report = load_official_state_dict(model, sd, strict=False)
     assert report.missing == ["head_recon.bias"] and report.unexpected == ["decoder.weight"]
+
+
+def test_stpcore_checkpoint_with_part_of_the_head_is_incomplete():
+    """A state dict holding some of STPrivacy's stpcore-only keys is stpcore's own: it needs all of them."""
+    model = STPrivacy(CFG)
+    sd = dict(model.state_dict())
+    del sd["head.bias"]
+    with pytest.raises(ValueError, match=r"1 missing key\(s\) \[head\.bias\], 0 unexpected"):
+        load_official_state_dict(model, sd)
+    report = load_official_state_dict(model, sd, strict=False)
+    assert report.missing == ["head.bias"] and report.not_in_release == []
 
 
 def test_shape_mismatch_is_reported():
