@@ -12,8 +12,10 @@ Providers (each skips with its reason where it cannot run):
 - ``triton_gather`` (varlen): ``varlen_attention_gather`` reading rows of the unpacked tokens in place;
 - ``xformers`` (CUDA, varlen, when installed): xformers' memory-efficient attention with its block-diagonal
   mask, the dispatch backend for users who already have xformers;
-- ``sdpa`` (CUDA): ``F.scaled_dot_product_attention`` without a policy, the speed to match; for varlen, on
-  the gathered dense (B, H, L, D) batch, so equal lengths only;
+- ``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient`` (CUDA): ``F.scaled_dot_product_attention`` without a
+  policy, pinned to one backend each with ``torch.nn.attention.sdpa_kernel`` (each skips where that backend
+  cannot run the inputs): the speed to match, judged against the fastest of them; for varlen, on the gathered
+  dense (B, H, L, D) batch, so equal lengths only;
 - ``flex`` (CUDA): ``flex_attention`` with a score_mod adding log(policy_j) off the diagonal. It differs from
   policy attention in the eps terms (no eps / N smoothing, no eps in the denominator, and its max is over
   visible keys only), so it is a speed comparison, not an equivalent.
@@ -25,8 +27,9 @@ backward at B=4, H=6, N=392, D=64 with the peak memory of one step in ``extra_in
 allocations; CUDA: torch.cuda.max_memory_allocated). Varlen: kept lengths 272, 192 and 128 out of 392
 (equal lengths, B=32), and variable 30-70% keep sets.
 
-``extra_info``: TFLOP/s and GB/s from the explicit counts below and the mean time, and on CUDA the median
-of ``triton.testing.do_bench`` in ms.
+``extra_info``: TFLOP/s and GB/s from the explicit counts below and the mean time, and on CUDA the medians of
+``triton.testing.do_bench`` (eager, gradients reset between calls) and of ``do_bench_cudagraph`` (the same
+step replayed from a CUDA graph: GPU time without the host's launch cost), see benchmarks/timing.py.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.memory import cpu_peak_mib, cuda_peak_mib
+from benchmarks.timing import gpu_times
 from stpcore.ops.policy_attention import policy_attention, policy_attention_chunked, policy_attention_ref
 from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_gather, varlen_attention_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-GPU_ONLY = {"triton", "triton_gather", "sdpa", "flex", "xformers"}
+SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+SDPA_PROVIDERS = [f"sdpa_{name}" for name in SDPA_BACKENDS]
+GPU_ONLY = {"triton", "triton_gather", "flex", "xformers", *SDPA_PROVIDERS}
 
 
 # ------------------------------------------------------------------------------------------- counts
@@ -76,11 +82,12 @@ def _record(benchmark, flops: float, nbytes: float, step=None, peak_mib: float |
         benchmark.extra_info["tflops"] = round(flops / mean / 1e12, 4)
         benchmark.extra_info["gbps"] = round(nbytes / mean / 1e9, 2)
     if CUDA and step is not None and mean:
-        import triton.testing  # only where CUDA exists: triton may be absent on CPU machines
-
-        ms = triton.testing.do_bench(step, return_mode="median")
-        benchmark.extra_info["do_bench_median_ms"] = round(ms, 4)
+        times = gpu_times(step, grad_to_none=getattr(step, "grads", None))
+        benchmark.extra_info.update(times)
+        ms = times["do_bench_median_ms"]
         benchmark.extra_info["do_bench_tflops"] = round(flops / (ms * 1e-3) / 1e12, 4)
+        if "cudagraph_median_ms" in times:
+            benchmark.extra_info["cudagraph_tflops"] = round(flops / (times["cudagraph_median_ms"] * 1e-3) / 1e12, 4)
     if peak_mib is not None:
         benchmark.extra_info["peak_mib"] = round(peak_mib, 1)
     benchmark.extra_info["device"] = DEVICE
@@ -94,6 +101,30 @@ def _skip_unavailable(provider: str) -> None:
 
 def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _sdpa(provider: str):
+    """F.scaled_dot_product_attention pinned to one backend ("sdpa_flash", ...): no fallback to another."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+               "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[provider]
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def _warm_up(step, provider: str):
+    """Run ``step`` once (compilation, allocator); an SDPA backend that cannot run these inputs skips."""
+    try:
+        return step()
+    except RuntimeError as exc:
+        if provider.startswith("sdpa_"):
+            pytest.skip(f"{provider} cannot run these inputs here: {str(exc).splitlines()[0][:200]}")
+        raise
 
 
 # ---------------------------------------------------------------------------------- policy attention
@@ -122,8 +153,9 @@ def _policy_fn(provider: str):
         return policy_attention_chunked
     if provider == "triton":
         return lambda q, k, v, p: policy_attention(q, k, v, p, backend="triton")
-    if provider == "sdpa":
-        return lambda q, k, v, p: F.scaled_dot_product_attention(q, k, v)
+    if provider.startswith("sdpa_"):
+        sdpa = _sdpa(provider)
+        return lambda q, k, v, p: sdpa(q, k, v)
     if provider == "flex":
         return _flex_policy_attention()
     raise ValueError(f"unknown provider {provider!r}")
@@ -143,6 +175,7 @@ def build_policy_step(provider: str, B: int, H: int, N: int, D: int, dtype: str 
         out.backward(dout)
         return out
 
+    step.grads = [q, k, v, policy]  # reset between timed calls (benchmarks/timing.py)
     return step
 
 
@@ -154,7 +187,7 @@ POLICY_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("provider", ["reference", "chunked", "triton", "sdpa", "flex"])
+@pytest.mark.parametrize("provider", ["reference", "chunked", "triton", *SDPA_PROVIDERS, "flex"])
 @pytest.mark.parametrize("shape", list(POLICY_SHAPES))
 def test_policy_attention_fwd_bwd(benchmark, shape, provider):
     B, H, N, D, dtype, needs_cuda = POLICY_SHAPES[shape]
@@ -163,7 +196,7 @@ def test_policy_attention_fwd_bwd(benchmark, shape, provider):
         pytest.skip("the paper shape runs on CUDA (too slow for the CPU reference in a smoke run)")
     benchmark.group = f"policy attention fwd+bwd {shape}"
     step = build_policy_step(provider, B, H, N, D, dtype)
-    step()  # warm-up (compilation, allocator)
+    _warm_up(step, provider)  # compilation, allocator
     benchmark.pedantic(step, rounds=5, iterations=1)
     elem = _dtype(dtype).itemsize
     _record(benchmark, attention_flops(B * N * N, H, D, True), attention_bytes(B * N, H, D, elem, True), step)
@@ -212,14 +245,15 @@ def build_varlen_step(provider: str, kind: str, B: int, H: int, N: int, D: int, 
     if provider == "triton_gather":
         def forward():
             return varlen_attention_gather(q, k, v, indices, cu, max_len, backend="triton")
-    elif provider == "sdpa":
+    elif provider.startswith("sdpa_"):
         if len(set(lengths)) != 1:
             raise ValueError("sdpa runs the gathered dense batch: equal lengths only")
+        sdpa = _sdpa(provider)
 
         def forward():
             L = lengths[0]
             dense = [t[indices].view(B, L, H, D).transpose(1, 2) for t in (q, k, v)]  # (B, H, L, D)
-            return F.scaled_dot_product_attention(*dense).transpose(1, 2).reshape(B * L, H, D)
+            return sdpa(*dense).transpose(1, 2).reshape(B * L, H, D)
     else:
         named = {"reference": varlen_attention_ref,
                  "triton": lambda *a: varlen_attention(*a, backend="triton"),
@@ -234,6 +268,7 @@ def build_varlen_step(provider: str, kind: str, B: int, H: int, N: int, D: int, 
         out.backward(dout)
         return out
 
+    step.grads = [q, k, v]
     return step
 
 
@@ -247,7 +282,7 @@ VARLEN_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("provider", ["reference", "triton", "triton_gather", "sdpa", "xformers"])
+@pytest.mark.parametrize("provider", ["reference", "triton", "triton_gather", *SDPA_PROVIDERS, "xformers"])
 @pytest.mark.parametrize("shape", list(VARLEN_SHAPES))
 def test_varlen_attention_fwd_bwd(benchmark, shape, provider):
     kind, B, H, N, D, dtype, needs_cuda = VARLEN_SHAPES[shape]
@@ -256,11 +291,11 @@ def test_varlen_attention_fwd_bwd(benchmark, shape, provider):
         pytest.skip("xformers is not installed (optional extra stpcore[xformers])")
     if needs_cuda and not CUDA:
         pytest.skip("B=32 shapes run on CUDA")
-    if provider == "sdpa" and not kind.startswith("equal"):
+    if provider.startswith("sdpa_") and not kind.startswith("equal"):
         pytest.skip("sdpa needs equal lengths (dense batch)")
     benchmark.group = f"varlen attention fwd+bwd {shape}"
     step = build_varlen_step(provider, kind, B, H, N, D, dtype)
-    step()
+    _warm_up(step, provider)
     benchmark.pedantic(step, rounds=5, iterations=1)
     lengths = _lengths(kind, B, N)
     sq = sum(n * n for n in lengths)

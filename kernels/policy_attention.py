@@ -39,7 +39,6 @@ unless ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmul d
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import os
 
@@ -54,8 +53,9 @@ HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
 _LOG2E = 1.4426950408889634  # scores are kept in log2 units so every exponential is one exp2
-# Tiles set by use_tiles() (the sweep); None: measured tiles, else the defaults.
-_TILE_OVERRIDE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("policy_attention_tiles", default=None)
+# Tiles set by use_tiles() (the sweep); empty: measured tiles, else the defaults. A module global rather than a
+# context variable: autograd runs CUDA backwards on its own device threads, which would not see a context's value.
+_TILE_OVERRIDE: dict[str, Tiles | None] = {}
 # Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -409,21 +409,23 @@ def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device, pas
     kernels/tiles.json for this GPU, dtype and head dim, else :func:`_default_blocks`."""
     if _INTERPRET or device.type != "cuda":
         return _default_blocks(N, head_dim, dtype, device)
-    override = _TILE_OVERRIDE.get()
-    if override is not None and override.get(pass_) is not None:
-        return override[pass_]
+    if _TILE_OVERRIDE.get(pass_) is not None:
+        return _TILE_OVERRIDE[pass_]
     tuned = measured_tiles("policy_attention", device, tile_key(dtype, head_dim, _precision(dtype)), pass_)
     return tuned if tuned is not None else _default_blocks(N, head_dim, dtype, device)
 
 
 @contextlib.contextmanager
 def use_tiles(fwd: Tiles | None = None, bwd: Tiles | None = None):
-    """Run the kernels with these tiles inside the block (the tile sweep of benchmarks/gpu/ uses this)."""
-    token = _TILE_OVERRIDE.set({"fwd": fwd, "bwd": bwd})
+    """Run the kernels with these tiles inside the block, in every thread (the tile sweep of benchmarks/gpu/
+    uses this; not for concurrent use)."""
+    saved = dict(_TILE_OVERRIDE)
+    _TILE_OVERRIDE.update(fwd=fwd, bwd=bwd)
     try:
         yield
     finally:
-        _TILE_OVERRIDE.reset(token)
+        _TILE_OVERRIDE.clear()
+        _TILE_OVERRIDE.update(saved)
 
 
 def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:

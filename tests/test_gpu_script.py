@@ -1,35 +1,155 @@
-"""benchmarks/gpu/run.sh runs once, unattended, on a lent GPU: its plumbing is checked here on CPU (DRY_RUN
-collects every step without running it), and benchmarks/gpu/table.py's target checks on made-up results."""
+"""benchmarks/gpu/run.sh runs once, unattended, on a lent GPU: its plumbing is checked here on CPU. The dry run
+plans and collects every step; a fake plan shows a step that overruns its limit loses only itself; the table's
+target checks run on made-up results."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import harvest  # noqa: E402
 import table  # noqa: E402
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash script")
-def test_run_sh_collects_every_step(tmp_path):
+def test_dry_run_plans_every_step_within_budget(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not the calling session's
     env.update(DRY_RUN="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), str(tmp_path)], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)
-    model = (tmp_path / "gpu_model.txt").read_text()
-    for name in ("test_inference_vit_small_b8[masked]", "test_inference_vit_small_b8[auto]",
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    budget = re.fullmatch(r"budget: (\d+) s", last)
+    assert budget and int(budget.group(1)) <= harvest.BUDGET_S, last
+    files = list(tmp_path.iterdir())
+    assert len(files) <= 8 and all(f.is_file() and f.name in harvest.OUT_FILES for f in files), files
+    log = (tmp_path / "log.txt").read_text()
+    for step in ("install", "machine", "warm", "bench-policy", "bench-varlen", "bench-select", "bench-inference",
+                 "bench-phase2", "tests", "profile", "tiles"):
+        assert f"== {step} " in log, step
+        assert f"-- {step}: ok" in log or f"== {step} (limit" in log and "(nothing to plan)" in log, step
+    assert "TIMEOUT" not in log and "exit " not in log.split("steps:")[-1]
+    # Every benchmark group collects what the targets need, with the SDPA backends pinned one by one.
+    for name in ("test_policy_attention_fwd_bwd[paper B32-H6-N392-D64-bf16-triton]",
+                 "test_policy_attention_fwd_bwd[paper B32-H6-N392-D64-bf16-sdpa_flash]",
+                 "test_policy_attention_fwd_bwd[paper B32-H6-N392-D64-bf16-sdpa_cudnn]",
+                 "test_policy_attention_fwd_bwd[paper B32-H6-N392-D64-bf16-sdpa_efficient]",
+                 "test_varlen_attention_fwd_bwd[keep272 B32-H6-N392-D64-fp16-sdpa_flash]",
+                 "test_select_stage[stage1 N392-k34-triton]",
+                 "test_inference_vit_small_b8[masked]", "test_inference_vit_small_b8[auto]",
                  "test_phase2_step_vit_small[reference]", "test_phase2_step_vit_small[auto]"):
-        assert name in model, proc.stdout[-3000:]
-    kernels = (tmp_path / "gpu_kernels.txt").read_text()
-    assert "bench_attention.py::" in kernels and "bench_select.py::" in kernels
-    assert " collected" in (tmp_path / "gpu_tests.txt").read_text()
-    assert "error" not in (model + kernels).lower()
+        assert name in log, name
+    # The test step takes the kernel and model suite whole, plus gpu tests elsewhere, and not the rest.
+    tests = log.split("== tests ")[1].split("-- tests:")[0]
+    assert "tests/kernels/test_compile.py::" in tests and "tests/models/test_checkpoints.py::" in tests
+    assert "tests/test_evaluate.py::test_sweep_on_cuda_bf16" in tests
+    assert "tests/test_train.py::" not in tests
+    assert "warm:" in log and "tiles: fwd candidates" in log and "profile: phase-2 step" in log
+
+
+FAKE_BENCH = textwrap.dedent(
+    """
+    import time
+
+    def test_fast_a(benchmark):
+        benchmark.group = "fake group"
+        benchmark.pedantic(lambda: None, rounds=2, iterations=1)
+
+    def test_hangs(benchmark):
+        benchmark.group = "fake group"
+        time.sleep(120)
+
+    def test_fast_c(benchmark):
+        benchmark.group = "fake group"
+        benchmark.pedantic(lambda: None, rounds=2, iterations=1)
+    """
+)
+
+
+def test_a_step_that_overruns_its_limit_loses_only_itself(tmp_path):
+    bench = tmp_path / "bench_fake.py"
+    bench.write_text(FAKE_BENCH)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
+            "--rootdir", str(tmp_path), "--benchmark-only", str(bench)]
+    steps = [
+        harvest.Step("first", 60, [*base, "-k", "fast_a"], json_into="kernels.json", pytest=True),
+        harvest.Step("overruns", 3, [*base, "-k", "hangs"], json_into="kernels.json", pytest=True),
+        harvest.Step("third", 60, [*base, "-k", "fast_c"], json_into="kernels.json", pytest=True),
+    ]
+    start = time.perf_counter()
+    results = harvest.Harvest(out).run(steps, budget_s=300)
+    assert time.perf_counter() - start < 60, "the overrunning step was not killed at its limit"
+    assert [r["status"].split()[0] for r in results] == ["ok", "TIMEOUT", "ok"]
+    names = [b["name"] for b in json.loads((out / "kernels.json").read_text())["benchmarks"]]
+    assert names == ["test_fast_a", "test_fast_c"]  # the first step's numbers survived, the third's were added
+    assert "fake group" in (out / "table.md").read_text()
+    log = (out / "log.txt").read_text()
+    assert "-- overruns: TIMEOUT after 3 s" in log and log.rstrip().endswith("budget: 123 s")
+    assert sorted(p.name for p in out.iterdir()) == ["kernels.json", "log.txt", "table.md"]
+
+
+def test_plan_fits_the_budget_by_dropping_extras_from_the_end():
+    plan = harvest.default_plan("python3")
+    kept, dropped = harvest.fit(plan)
+    assert sum(s.limit_s for s in kept) <= harvest.BUDGET_S
+    names = [s.name for s in kept]
+    assert names[:3] == ["install", "machine", "warm"] and names.index("bench-policy") < names.index("tests")
+    assert all(not s.extra for s in kept[: names.index("tests") + 1])
+    extras = [s.name for s in plan if s.extra]
+    assert dropped and [s.name for s in dropped] == extras[len(extras) - len(dropped):]  # the last extras
+    assert [s.name for s in kept] == [s.name for s in plan if s not in dropped]
+    small = [harvest.Step("a", 10, ["true"]), harvest.Step("x", 5, ["true"], extra=True),
+             harvest.Step("y", 5, ["true"], extra=True)]
+    assert [s.name for s in harvest.fit(small, 16)[0]] == ["a", "x"]
+    with pytest.raises(ValueError, match="required steps"):
+        harvest.fit(small, 9)
+
+
+def test_every_warm_and_profile_job_names_a_real_builder():
+    """A typo in a job would cost the GPU run its compile step: each names a builder whose signature takes its
+    arguments, and each tile candidate job names a pass and four integers."""
+    import importlib
+    import inspect
+
+    import gpu_profile
+    import warm
+
+    from stpcore.kernels._tiles import POLICY_TILE_CANDIDATES, valid_tiles
+
+    jobs = warm.jobs()
+    for name, module, builder, kwargs, how in jobs:
+        inspect.signature(getattr(importlib.import_module(module), builder)).bind(**kwargs)
+        if how not in ("call", "graph"):
+            pass_, _, spec = how.partition(":")
+            assert pass_ in POLICY_TILE_CANDIDATES and valid_tiles([int(x) for x in spec.split(",")]), name
+    tiled = {how for *_, how in jobs if ":" in how}
+    assert len(tiled) == sum(len(c) - 1 for c in POLICY_TILE_CANDIDATES.values())  # every candidate warmed
+    for _title, module, builder, kwargs, _rows in gpu_profile.SECTIONS:
+        inspect.signature(getattr(importlib.import_module(module), builder)).bind(**kwargs)
+
+
+def test_warm_job_runs_a_builder_under_a_tile_override():
+    """The job runner itself, on a small policy-attention step (the interpreter here, the compiled kernel where
+    CUDA exists): a tile override job and a plain one both run and report no error."""
+    import warm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    small = dict(provider="triton", B=1, H=1, N=20, D=16, dtype="fp32", device=device)
+    for how in ("call", "bwd:32,32,4,2"):
+        name, seconds, error = warm._run_job(("small", "benchmarks.bench_attention", "build_policy_step", small, how))
+        assert error is None and seconds > 0, error
 
 
 def _bench(group, provider, median_s, **extra):
@@ -37,22 +157,42 @@ def _bench(group, provider, median_s, **extra):
             "stats": {"median": median_s, "mean": median_s}, "extra_info": extra}
 
 
-def test_table_checks_the_targets(tmp_path):
+def test_table_checks_every_target(tmp_path):
+    policy = "policy attention fwd+bwd paper B32-H6-N392-D64-bf16"
+    varlen = "varlen attention fwd+bwd keep272 B32-H6-N392-D64-fp16"
     data = {"benchmarks": [
+        _bench(policy, "reference", 0.1, do_bench_median_ms=12.0),
+        _bench(policy, "triton", 0.1, do_bench_median_ms=1.0, cudagraph_median_ms=0.9),
+        _bench(policy, "sdpa_flash", 0.1, do_bench_median_ms=0.7),
+        _bench(policy, "sdpa_cudnn", 0.1, do_bench_median_ms=0.9),
+        _bench(varlen, "triton", 0.1, do_bench_median_ms=0.5),
+        _bench(varlen, "sdpa_efficient", 0.1, do_bench_median_ms=0.45),
+        _bench("select+topk+gather B32-stage1 N392-k34-D384", "triton", 0.1, do_bench_median_us=45.0,
+               cudagraph_median_us=12.5),
+        _bench("select+topk+gather B32-stage2 N272-k24-D384", "triton", 0.1, do_bench_median_us=45.0,
+               cudagraph_error="RuntimeError: capture failed"),
         _bench("stprivacy phase-2 step (STPrivacy + both recognizers) vit_small B=32", "reference", 0.9, peak_mib=900),
         _bench("stprivacy phase-2 step (STPrivacy + both recognizers) vit_small B=32", "auto", 0.25, peak_mib=400),
         _bench("stprivacy inference vit_small B=8 16x112x112", "masked", 0.040),
         _bench("stprivacy inference vit_small B=8 16x112x112", "reference", 0.012),
         _bench("stprivacy inference vit_small B=8 16x112x112", "auto", 0.010),
-        _bench("slot_topk_gather stage1", "triton", 0.001, do_bench_median_us=12.0),
     ]}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(data))
     rows = table.rows(data)
-    assert rows[-1]["ms"] == pytest.approx(0.012)  # do_bench's microseconds, not the synced pytest time
+    assert rows[6]["ms"] == pytest.approx(0.045) and rows[6]["graph_ms"] == pytest.approx(0.0125)
     lines = table.targets(rows).splitlines()
-    assert "3.60x (PASS" in lines[1] and "0.44 of the reference (MISS" in lines[2]
-    assert "1.20x (MISS" in lines[3] and "4.00x (PASS" in lines[4]
+    assert "12.00x (PASS" in lines[1]
+    assert "1.43x the time of sdpa_flash" in lines[2] and "MISS" in lines[2]  # the fastest SDPA, named
+    assert "1.11x the time of sdpa_efficient" in lines[3] and "PASS" in lines[3]
+    assert "keep192" in lines[4] and "not measured" in lines[4]
+    assert "12.5 us GPU time (PASS" in lines[6] and "eager 45.0 us" in lines[6]
+    assert "no GPU time (RuntimeError: capture failed)" in lines[7]
+    assert "not measured" in lines[8]
+    assert "3.60x (PASS" in lines[9] and "0.44 of the reference (MISS" in lines[10]
+    assert "1.20x (MISS" in lines[11] and "4.00x (PASS" in lines[12]
+    rendered = table.table(rows)
+    assert "| 0.70 (sdpa_flash) |" in rendered  # x best sdpa of the triton row
     assert table.main([str(path), str(tmp_path / "missing.json")]) == 0
     assert table.main([str(tmp_path / "missing.json")]) == 1
     assert "not measured" in table.targets([])

@@ -177,7 +177,10 @@ def test_tf32_switch_read_through_either_torch_api(api):
             for module in (kernel, varlen_attention):
                 assert module._precision(torch.float32) == ("tf32" if on else "ieee")
         set_tf32(True)
-        check_against_reference(*make_inputs(1, 1, 20, 16, torch.float32))
+        q, k, v, policy = make_inputs(1, 1, 20, 16, torch.float32)
+        # TF32 dots (10-bit mantissa) on a GPU; the interpreter computes in fp32 regardless.
+        torch.testing.assert_close(kernel.policy_attention(q, k, v, policy), policy_attention_ref(q, k, v, policy),
+                                   rtol=2e-2, atol=2e-2)
     finally:
         matmul.allow_tf32 = saved  # the legacy setter sets both APIs' flags, leaving them consistent
 
