@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +52,7 @@ from stpcore import losses
 from stpcore.data.labels import PRIVACY_ATTRIBUTES
 from stpcore.media import atomic_path
 from stpcore.models import BackboneConfig, RecognizerConfig, STPrivacy, STPrivacyConfig, VideoRecognizer
+from stpcore.progress import progress
 from stpcore.train import load_anonymizer, make_optimizer
 
 METHODS = ("raw", "downsample2", "downsample4", "blur_weak", "blur_strong", "blacken", "stprivacy")
@@ -573,13 +573,7 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 def _progress(cfg: EvalConfig, total: int, desc: str):
-    if not cfg.progress:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, leave=False, file=sys.stderr, desc=desc)
+    return progress(total, desc) if cfg.progress else None
 
 
 def _check_clips(clips: torch.Tensor, rec_cfg: RecognizerConfig) -> None:

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -50,6 +49,7 @@ from stpcore.media import atomic_path
 from stpcore.models import RecognizerConfig, STPrivacy, STPrivacyConfig, VideoRecognizer
 from stpcore.models.checkpoints import load_weights_only
 from stpcore.ops import sample_gumbel
+from stpcore.progress import progress
 
 PHASES = ("phase1", "phase2")
 
@@ -729,13 +729,7 @@ class Trainer:
         self._maybe_restart_privacy()
         bar = None
         if self.cfg.progress and self.dist.main:
-            try:
-                from tqdm import tqdm
-
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False, file=sys.stderr,
-                           desc=f"{phase} epoch {self.epoch + 1}/{epochs}")
-            except ImportError:
-                bar = None
+            bar = progress(self.steps_per_epoch, f"{phase} epoch {self.epoch + 1}/{epochs}", initial=self.step_in_epoch)
         start = time.perf_counter()
         seen: list[int] = []  # video indices this rank trained on (when the loader provides them)
         labelled, ran = 0, 0  # phase-2 clips with privacy labels; steps run by this call

@@ -227,14 +227,9 @@ def make_synthetic_dataset(
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> None:
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
+    from stpcore.progress import progress as progress_bar
 
-            bar = tqdm(total=len(jobs), desc="synth", unit="video")
-        except ImportError:
-            bar = None
+    bar = progress_bar(len(jobs), "synth", unit="videos", every=50, leave=True) if progress else None
     done = 0
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -253,5 +248,3 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> None:
 def _tick(bar, progress: bool, done: int, total: int) -> None:
     if bar is not None:
         bar.update(1)
-    elif progress and (done == total or done % 50 == 0):
-        print(f"synth: {done}/{total} videos", flush=True)

@@ -173,8 +173,6 @@ def transcode_dataset(
 
 
 def _progress_bar(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="transcode", unit="video")
+    from stpcore.progress import progress
+
+    return progress(total, "transcode", unit="videos", every=50, leave=True)
