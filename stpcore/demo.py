@@ -10,7 +10,9 @@
    --action-weight 0.5 --privacy-weight 0.5`` runs the paper's setting;
 3. evaluates as the paper does (phase 3: fresh recognizers on the transformed videos): raw video,
    STPrivacy and one baseline, and prints them beside the paper's numbers (for orientation only);
-4. sweeps the trained model over keep ratios and the adaptive mode (no retraining), with a plot;
+4. with ``--sweep``, sweeps the trained model over keep ratios and the adaptive mode (no retraining), with a
+   plot (fresh phase-3 recognizers per point: as long again as step 3, so off by default; ``stpcore sweep``
+   does the same on any checkpoint);
 5. anonymizes a few test videos side by side with ``stpcore anonymize``'s code path.
 
 Everything lands in one output folder. Finished steps are kept: running the demo again on the same
@@ -55,6 +57,7 @@ class DemoConfig:
         decoder_init: ``TrainConfig.decoder_init`` ("lstsq": phase 2 starts from the ridge-regression
             decoder of the phase-1 tokens, not a random projection; see BENCHMARKS.md for both).
         baseline: the baseline evaluated beside raw video and STPrivacy.
+        sweep: run the trade-off sweep (step 4), which trains fresh recognizers for every point.
         sweep_ratios: keep ratios of the trade-off sweep (the trained ratio is evaluated in step 3).
         threads: torch threads (0: torch's default).
     """
@@ -77,6 +80,7 @@ class DemoConfig:
     privacy_objective: str = "entropy"
     decoder_init: str = "lstsq"
     baseline: str = "blur_strong"
+    sweep: bool = False
     sweep_ratios: tuple[float, ...] = (1.0, 0.5)
     threads: int = 0
 
@@ -170,12 +174,16 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     step("evaluate")
 
     # 4. Trade-off sweep (the trained keep ratio is the STPrivacy row above).
-    print(f"[4/5] trade-off sweep over keep ratios {list(cfg.sweep_ratios)} and the adaptive mode (t = 0.5)")
-    raw = results[0]
-    points = sweep(eval_cfg, checkpoint, keep_ratios=cfg.sweep_ratios, thresholds=(0.5,), raw=raw,
-                   train_loader=train_loader, test_loader=test_loader)
-    points = [SweepPoint.from_result(results[1], "keep_ratio", model_cfg.keep_ratio), *points]
-    sweep_csv, sweep_png = write_sweep(points, out / "eval", raw=raw)
+    points, sweep_png = [], None
+    if cfg.sweep:
+        print(f"[4/5] trade-off sweep over keep ratios {list(cfg.sweep_ratios)} and the adaptive mode (t = 0.5)")
+        raw = results[0]
+        points = sweep(eval_cfg, checkpoint, keep_ratios=cfg.sweep_ratios, thresholds=(0.5,), raw=raw,
+                       train_loader=train_loader, test_loader=test_loader)
+        points = [SweepPoint.from_result(results[1], "keep_ratio", model_cfg.keep_ratio), *points]
+        sweep_csv, sweep_png = write_sweep(points, out / "eval", raw=raw)
+    else:
+        print("[4/5] trade-off sweep skipped (--sweep runs it; so does `stpcore sweep --checkpoint ...`)")
     step("sweep")
 
     # 5. Anonymized side-by-side videos of a few test videos.
@@ -222,11 +230,12 @@ def _print_summary(results, points, report, out, checkpoint, sweep_png, timings)
           f"(target: top-1 within 10 points, cMAP down by at least 15); kept {ours.kept_fraction:.2f} of the "
           f"tubelets")
     print(f"{base.method}: top-1 {base.top1:.2f}, cMAP {base.cmap:.2f}")
-    print("trade-off sweep: " + "; ".join(f"{p.label} top-1 {p.top1:.1f} cMAP {p.cmap:.1f}" for p in points))
+    if points:
+        print("trade-off sweep: " + "; ".join(f"{p.label} top-1 {p.top1:.1f} cMAP {p.cmap:.1f}" for p in points))
     print(f"seconds per step: {timings}")
     print()
     print(f"trained STPrivacy (for `stpcore anonymize --checkpoint`): {checkpoint}")
-    print(f"results table: {out / 'eval' / 'results.md'}; trade-off plot: {sweep_png}")
+    print(f"results table: {out / 'eval' / 'results.md'}" + (f"; trade-off plot: {sweep_png}" if sweep_png else ""))
     for outs in report.written.values():
         print(f"anonymized: {outs[-1]}")
     print(f"outputs in {out.resolve()}")

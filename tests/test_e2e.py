@@ -147,17 +147,19 @@ def test_anonymize_cli_writes_playable_video_with_black_dropped_tubelets(trained
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--videos", "21", "--width", "64", "--height", "48", "--frames", "24",
-                 "--phase1-epochs", "1", "--phase2-epochs", "1", "--eval-epochs", "1", "--batch-size", "4"]) == 0
+                 "--phase1-epochs", "1", "--phase2-epochs", "1", "--eval-epochs", "1", "--batch-size", "4",
+                 "--sweep"]) == 0
     printed = capsys.readouterr().out
     assert "paper: STPrivacy" in printed and str(out.resolve()) in printed
     summary = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in summary["results"]] == ["raw", "stprivacy@0.7", "blur_strong"]
-    assert (out / "eval" / "sweep.png").stat().st_size > 1000
+    assert summary["sweep"][0]["setting"] == "keep_ratio" and (out / "eval" / "sweep.png").stat().st_size > 1000
     assert list((out / "anonymized").glob("*.side_by_side.mp4"))
     # A second run reuses the dataset and the trained model.
     assert main(["demo", "--out", str(out), "--videos", "21", "--width", "64", "--height", "48", "--frames", "24",
                  "--phase1-epochs", "1", "--phase2-epochs", "1", "--eval-epochs", "1", "--batch-size", "4"]) == 0
-    assert "reusing the trained STPrivacy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reusing the trained STPrivacy" in printed and "sweep skipped" in printed  # no --sweep: none run
 
 
 def test_sweep_cli_writes_csv_and_plot(dataset, trained, tmp_path, capsys):
