@@ -24,18 +24,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from stpcore.config import dataclass_from_args
-    from stpcore.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
+    from stpcore.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted, shutdown_distributed
 
     cfg = dataclass_from_args(TrainConfig, args)
     trainer = Trainer(cfg)
+    # The ranks agree on how fit() ends (finished, interrupted, diverged), so all of them leave the process group
+    # together on those paths; an unexpected error propagates at once (a barrier there could wait forever).
     try:
         trainer.fit(resume=args.resume)
     except TrainingInterrupted as exc:
+        shutdown_distributed()
         print(f"stopped: {exc}", file=sys.stderr)
         return 130
     except TrainingDiverged as exc:
+        shutdown_distributed()
         print(f"diverged: {exc}", file=sys.stderr)
         return 1
+    shutdown_distributed()
     if trainer.dist.main:
         print(f"trained STPrivacy: {Path(cfg.out_dir) / 'stprivacy.pt'} (full state: {Path(cfg.out_dir) / 'last.pt'})")
     return 0

@@ -220,6 +220,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group in order (a barrier, then destroy it), rather than while the process exits,
+    where gloo can abort on a peer that already closed its sockets."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _jsonable(value: Any) -> Any:
     """A config value as it reads back from a checkpoint (tuples come back as lists)."""
     return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value

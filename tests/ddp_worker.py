@@ -3,8 +3,12 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py SCENARIO OUT_DIR
 
 Scenarios: "nan_on_rank1" (rank 1's second batch overflows inside the model), "short_rank1" (rank 1's loader
-has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, after its second batch).
-Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ...}.
+has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, after its second batch),
+"unsynced" (the trainer's steps call the bare models instead of their DistributedDataParallel wrappers, so
+gradients are not averaged: the control that shows the ranks' data differ enough to tell).
+Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
+(clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
+"final": {name: tensor}}, the parameters of the three models before and after fit().
 """
 
 from __future__ import annotations
@@ -14,14 +18,18 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from stpcore.testing import RandomClipLoader
 from stpcore.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
 
 class _Loader(RandomClipLoader):
     def __init__(self, scenario: str, rank: int) -> None:
-        super().__init__(num_batches=3, batch_size=2, num_frames=8, size=32, seed=rank)
+        super().__init__(num_batches=3, batch_size=2, num_frames=8, size=32, seed=rank)  # each rank its own data
         self.scenario, self.rank, self.trainer = scenario, rank, None
+        self.clip_sums: list[float] = []
 
     def __iter__(self):
         for i, batch in enumerate(super().__iter__()):
@@ -29,9 +37,15 @@ class _Loader(RandomClipLoader):
                 return
             if self.rank == 1 and self.scenario == "nan_on_rank1" and i == 1:
                 batch.clips *= 1e30  # finite input that overflows inside the model
+            self.clip_sums.append(batch.clips.double().sum().item())
             yield batch
             if self.rank == 1 and self.scenario == "signal_on_rank1" and i == 1 and self.trainer.epoch == 0:
                 self.trainer._stop_signal = 15  # what the SIGTERM handler does, on this rank only
+
+
+def _parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    models = {"anonymizer": trainer.anonymizer, "action": trainer.action_rec, "privacy": trainer.privacy_rec}
+    return {f"{k}.{n}": p.detach().clone() for k, m in models.items() for n, p in m.named_parameters()}
 
 
 def main() -> None:
@@ -42,6 +56,10 @@ def main() -> None:
     loader = _Loader(scenario, rank)
     trainer = Trainer(cfg, loader)
     loader.trainer = trainer
+    if scenario == "unsynced":
+        trainer.models = {"anonymizer": trainer.anonymizer, "action": trainer.action_rec,
+                          "privacy": trainer.privacy_rec}
+    initial = _parameters(trainer)
     try:
         trainer.fit()
         result = {"outcome": "finished"}
@@ -50,7 +68,13 @@ def main() -> None:
     except TrainingInterrupted as exc:
         result = {"outcome": "interrupted", "message": str(exc)}
     result["steps"] = trainer.global_step
+    result["clip_sums"] = loader.clip_sums
+    torch.save({"initial": initial, "final": _parameters(trainer)}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    # Leave together: a rank that exits while its peer still talks to it over the gloo sockets can take the
+    # peer down at exit. The barrier is the last message; destroying the group then closes every connection.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from stpcore import inference
 from stpcore.inference import (
     PRECISIONS,
     AnonymizedClips,
@@ -73,19 +79,112 @@ def test_every_variant_shapes_counts_and_zeros(model, clips, precision):
     _check_structure(anon(clips, keep_ratio=0.5), CFG, B, CFG.kept_per_slot(0.5)[-1])
 
 
-def test_auto_on_cpu_is_int8_where_available(model):
-    expected = "bf16" if cpu_has_native_bf16() else "fp32" if int8_unavailable_reason() else "int8"
-    assert ClipAnonymizer(model).precision == expected
+# -- "auto": the chooser, with the probes' answers fixed; then the probes against sources of their own ----------
+
+# (native bf16 on the CPU, why int8 cannot run or None) -> what "auto" picks on CPU.
+AUTO_ON_CPU = [
+    (True, None, "bf16"),
+    (True, "no x86/fbgemm engine", "bf16"),
+    (False, None, "int8"),
+    (False, "no x86/fbgemm engine", "fp32"),
+]
 
 
-@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, "bf16"), (False, True, "bf16"),
-                                                        (False, False, None)])
-def test_auto_on_cpu_prefers_native_bf16(model, monkeypatch, amx, avx512_bf16, expected):
+@pytest.mark.parametrize("native_bf16, int8_reason, expected", AUTO_ON_CPU,
+                         ids=["native-bf16-int8", "native-bf16-no-int8", "emulated-bf16-int8", "emulated-bf16-no-int8"])
+def test_auto_on_cpu_choice_for_each_probe_answer(monkeypatch, native_bf16, int8_reason, expected):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(inference, "int8_unavailable_reason", lambda: int8_reason)
+    assert inference._resolve_precision("auto", torch.device("cpu")) == expected
+    for explicit in ("fp32", "bf16"):  # a named precision is taken as it is
+        assert inference._resolve_precision(explicit, torch.device("cpu")) == explicit
+    if int8_reason is None:
+        assert inference._resolve_precision("int8", torch.device("cpu")) == "int8"
+    else:
+        with pytest.raises(ValueError, match=f"int8.* unavailable: {int8_reason}"):
+            inference._resolve_precision("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("native_bf16, int8_reason, expected", [(True, None, "bf16"), (False, "no engine", "fp32")])
+def test_auto_on_cpu_builds_what_it_chose(model, monkeypatch, native_bf16, int8_reason, expected):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(inference, "int8_unavailable_reason", lambda: int8_reason)
+    anon = ClipAnonymizer(model)
+    assert anon.precision == expected
+    predictors = {type(p).__name__ for p in anon.model.score_predictor}
+    assert predictors == ({"_Fp32Predictor"} if expected == "bf16" else {type(model.score_predictor[0]).__name__})
+
+
+@pytest.mark.parametrize("cuda_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cuda_follows_the_gpu_not_the_cpu_probes(monkeypatch, cuda_bf16, expected):
+    def not_asked():
+        raise AssertionError("the CPU probes must not decide the precision on CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", not_asked)
+    monkeypatch.setattr(inference, "int8_unavailable_reason", not_asked)
+    assert inference._resolve_precision("auto", torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (True, True), (False, False)])
+def test_native_bf16_probe_reads_both_torch_flags(monkeypatch, amx, avx512_bf16):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert cpu_has_native_bf16() is (expected == "bf16")
-    fallback = "fp32" if int8_unavailable_reason() else "int8"
-    assert ClipAnonymizer(model).precision == (expected or fallback)
+    assert cpu_has_native_bf16() is (amx or avx512_bf16)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert cpu_has_native_bf16() is False  # a torch without the probes: assume emulated bf16
+
+
+def test_native_bf16_probe_agrees_with_proc_cpuinfo():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo (not Linux): nothing independent to compare the probe with")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    assert cpu_has_native_bf16() is bool(flags & {"amx_tile", "avx512_bf16"}), sorted(f for f in flags if "512" in f)
+
+
+def _int8_linear_runs() -> bool:
+    """Whether a dynamic int8 Linear runs here on the x86 or fbgemm engine, found by running one."""
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        return False
+    previous = torch.backends.quantized.engine
+    try:
+        for engine in ("x86", "fbgemm"):
+            try:
+                torch.backends.quantized.engine = engine
+                linear, x = torch.nn.Linear(16, 8), torch.randn(4, 16)
+                with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
+                    warnings.simplefilter("ignore")
+                    quantized = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
+                    runs = isinstance(quantized[0], DynamicInt8Linear) and torch.allclose(quantized(x), linear(x),
+                                                                                          atol=0.1)
+                if runs:
+                    return True
+            except RuntimeError:  # this engine is not in the build
+                continue
+        return False
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def test_int8_probe_agrees_with_running_an_int8_linear():
+    reason = int8_unavailable_reason()
+    assert (reason is None) is _int8_linear_runs(), reason
+
+
+def test_int8_probe_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.backends, "quantized", SimpleNamespace(supported_engines=["qnnpack", "none"]))
+    assert "no x86/fbgemm quantized engine" in int8_unavailable_reason() and "qnnpack" in int8_unavailable_reason()
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # the import fails, as in a torch without it
+    assert "quantize_dynamic is not available" in int8_unavailable_reason()
 
 
 def test_fp32_equals_the_plain_model_exactly(model, clips):

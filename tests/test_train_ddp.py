@@ -1,5 +1,6 @@
 """Two gloo processes must take the same branch: a NaN, a signal or a short shard on one rank used to leave
-the other waiting in a collective forever (the run hung until killed)."""
+the other waiting in a collective forever (the run hung until killed). And they must train one model: after the
+run both hold the same parameters, moved from the initial ones, although each rank saw different clips."""
 
 from __future__ import annotations
 
@@ -16,15 +17,28 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def _run(scenario: str, out: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           scenario, str(out)]
+    # Each rank's stdout and stderr go to their own files (--redirects): on a failure the message shows what the
+    # ranks printed (a C++ abort says why only there), which torchrun's own error summary would push out of view.
+    logs = out / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3", str(WORKER), scenario, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{scenario}: the two ranks hung")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        pytest.fail(f"{scenario}: the two ranks hung\n{_rank_logs(logs)}")
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{_rank_logs(logs)}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _rank_logs(logs: Path) -> str:
+    """The end of every non-empty stdout / stderr file the ranks wrote (attempt_0/<rank>/std*.log)."""
+    return "\n".join(f"--- {path.relative_to(logs)}:\n{path.read_text(errors='replace')[-4000:]}"
+                     for path in sorted(logs.rglob("*.log")) if path.stat().st_size)
+
+
+def _parameters(out: Path) -> list[dict[str, dict[str, torch.Tensor]]]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 def test_nan_on_one_rank_stops_both_with_a_checkpoint(tmp_path):
@@ -41,6 +55,31 @@ def test_a_shorter_shard_ends_the_epoch_for_both(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     noise = state["noise_rng_per_rank"]
     assert len(noise) == 2 and not torch.equal(noise[0], noise[1])  # each rank's own Gumbel stream is kept
+
+    # Gradients are averaged over the ranks, so after the 4 steps (phase 1: STPrivacy; phase 2: all three models)
+    # both hold the same parameters, bit for bit, and every parameter has moved from the common initialisation.
+    assert results[0]["clip_sums"][:2] != results[1]["clip_sums"][:2]  # each rank trained on its own clips
+    rank0, rank1 = _parameters(tmp_path)
+    assert rank0["initial"].keys() == rank0["final"].keys() == rank1["final"].keys()
+    for name, value in rank0["initial"].items():
+        assert torch.equal(value, rank1["initial"][name]), f"{name}: the ranks started apart"
+    differ = [name for name, value in rank0["final"].items() if not torch.equal(value, rank1["final"][name])]
+    assert differ == [], f"parameters differ between the ranks after training: {differ}"
+    for model in ("anonymizer", "action", "privacy"):
+        assert any(n.startswith(f"{model}.") for n in rank0["final"]), model
+    unchanged = [name for name, value in rank0["final"].items() if torch.equal(value, rank0["initial"][name])]
+    assert unchanged == [], f"parameters training did not change: {unchanged}"
+
+
+def test_without_gradient_averaging_the_ranks_drift_apart(tmp_path):
+    """The control for the test above: the same run with the bare models (no DDP) ends with different
+    parameters on the two ranks, so equal parameters there are the work of the gradient all-reduce."""
+    results = _run("unsynced", tmp_path)
+    assert [r["outcome"] for r in results] == ["finished", "finished"]
+    rank0, rank1 = _parameters(tmp_path)
+    assert all(torch.equal(value, rank1["initial"][name]) for name, value in rank0["initial"].items())
+    same = [name for name, value in rank0["final"].items() if torch.equal(value, rank1["final"][name])]
+    assert same == [], f"equal on both ranks without gradient averaging: {same}"
 
 
 def test_a_signal_on_one_rank_stops_both(tmp_path):

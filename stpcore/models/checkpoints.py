@@ -55,7 +55,9 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch names the refused global as "Unsupported global: GLOBAL x.y was not an allowed global" or, for
+        # modules it blocks outright (os, posix, subprocess, ...), "unsupported GLOBAL posix.system whose module".
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         raise ValueError(
             f"{os.fspath(path)}: refused: the checkpoint holds Python objects besides tensors and plain data"
             f"{f' ({found.group(1)})' if found else ''}, and stpcore never unpickles those (it could run code). Use "

@@ -1,0 +1,163 @@
+"""Checkpoints are data: a .pt whose pickle would run code is refused at every entry point that reads one
+(``load_trained``, ``stpcore anonymize / eval / sweep --checkpoint``, ``stpcore train --resume``), and the code
+never runs. The privacy label loader has its own attacks in tests/data/test_labels_splits.py.
+
+Each attack file is a legitimate checkpoint plus one object whose unpickling touches a marker file, so with
+``weights_only`` off the load would succeed (and the marker appear); each entry point is also shown to load the
+legitimate file, so the tests cannot pass by refusing everything. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is set
+throughout: it turns torch.load's default to weights_only=False, so a call that stopped passing
+weights_only=True explicitly would fail here too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+
+import pytest
+import torch
+
+from stpcore.cli import main
+from stpcore.inference import load_trained
+from stpcore.models import STPrivacy, from_name
+from stpcore.testing import RandomClipLoader
+from stpcore.train import TrainConfig, Trainer, save_anonymizer
+
+FORMATS = ["torch.save", "bare-pickle"]  # the zip format torch writes, and the legacy one (a plain pickle stream)
+
+
+class _TouchesFile:
+    """Unpickling this runs ``touch <marker>``, as a hostile checkpoint would run anything."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+class _ReachedTheData(Exception):
+    """Raised where a command goes on to its data, i.e. after the checkpoint loaded."""
+
+
+def _poisoned(legit, out, fmt: str, marker):
+    """``legit``'s content plus the payload, written as ``fmt``. With weights_only=False both formats run the
+    payload: torch.save's file loads completely, the bare pickle runs it before torch finds no magic number."""
+    # The payload first, so that it is the first thing unpickled (and the global a refusal names).
+    state = {"provenance": _TouchesFile(marker), **torch.load(legit, map_location="cpu", weights_only=True)}
+    if fmt == "torch.save":
+        torch.save(state, out)
+    else:
+        with open(out, "wb") as f:
+            pickle.dump(state, f, protocol=2)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _default_to_unsafe_loads(monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "payload-ran"
+    # The payload itself works: plain pickle runs it (so an absent marker below means it was refused).
+    pickle.loads(pickle.dumps(_TouchesFile(path)))
+    assert path.is_file()
+    path.unlink()
+    return path
+
+
+@pytest.fixture
+def anonymizer_file(tmp_path):
+    torch.manual_seed(0)
+    return save_anonymizer(STPrivacy(from_name("tiny")), tmp_path / "stprivacy.pt", classes=["a", "b", "c"])
+
+
+def _exit_code(argv: list[str]) -> int | str:
+    try:
+        return main(argv)
+    except _ReachedTheData:
+        return "the checkpoint loaded"
+
+
+def _check_refused_on_the_command_line(code: int | str, err: str, path, marker) -> None:
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert code == 2, f"{code}: {err}"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert str(path) in errors[0] and "refused" in errors[0] and "could run code" in errors[0], errors[0]
+    assert "system" in errors[0], errors[0]  # the global it refused (posix.system on Linux)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_trained_refuses_a_checkpoint_that_runs_code(tmp_path, anonymizer_file, marker, fmt):
+    assert load_trained(anonymizer_file, precision="fp32").cfg == from_name("tiny")
+    evil = _poisoned(anonymizer_file, tmp_path / "evil.pt", fmt, marker)
+    with pytest.raises(ValueError) as exc:
+        load_trained(evil, precision="fp32")
+    assert not marker.exists(), "the checkpoint's code ran"
+    message = str(exc.value)
+    assert message.startswith(f"{evil}: refused: ") and "could run code" in message, message
+    assert "system" in message, message  # names what it refused: posix.system on Linux
+
+
+def _anonymize(tmp_path, checkpoint):
+    return ["anonymize", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+            "--precision", "fp32"]
+
+
+def _eval(tmp_path, checkpoint):
+    return ["eval", "--data-root", str(tmp_path / "data"), "--out-dir", str(tmp_path / "eval"), "--checkpoint",
+            str(checkpoint), "--methods", "stprivacy", "--no-progress"]
+
+
+def _sweep(tmp_path, checkpoint):
+    return ["sweep", "--data-root", str(tmp_path / "data"), "--out-dir", str(tmp_path / "sweep"), "--checkpoint",
+            str(checkpoint), "--no-progress"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("command", [_anonymize, _eval, _sweep], ids=["anonymize", "eval", "sweep"])
+def test_checkpoint_flag_refuses_a_checkpoint_that_runs_code(tmp_path, anonymizer_file, marker, monkeypatch,
+                                                             capsys, command, fmt):
+    from stpcore import anonymize, evaluate
+
+    def reached(*args, **kwargs):
+        raise _ReachedTheData
+
+    # The legitimate file loads, and the command goes on to its data (stopped there: there is none).
+    monkeypatch.setattr(anonymize, "anonymize_files", reached)
+    monkeypatch.setattr(evaluate, "default_loader", reached)
+    with pytest.raises(_ReachedTheData):
+        main(command(tmp_path, anonymizer_file))
+    capsys.readouterr()
+
+    evil = _poisoned(anonymizer_file, tmp_path / "evil.pt", fmt, marker)
+    code = _exit_code(command(tmp_path, evil))
+    _check_refused_on_the_command_line(code, capsys.readouterr().err, evil, marker)
+
+
+def _train(tmp_path, resume):
+    return ["train", "--data-root", "unused", "--out-dir", str(tmp_path / "run"), "--preset", "tiny",
+            "--batch-size", "2", "--phase1-epochs", "1", "--phase2-epochs", "0", "--no-progress", "--resume",
+            str(resume)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_train_resume_refuses_a_checkpoint_that_runs_code(tmp_path, marker, monkeypatch, capsys, fmt):
+    monkeypatch.setattr(Trainer, "_default_loader", lambda self: RandomClipLoader(2, 2, 8, 32))
+    cfg = TrainConfig(data_root="unused", out_dir=str(tmp_path / "run"), preset="tiny", batch_size=2,
+                      phase1_epochs=1, phase2_epochs=0, progress=False)
+    trainer = Trainer(cfg)
+    trainer.phase = "done"  # a finished run: resuming it only exports the model
+    legit = trainer.save_checkpoint("finished.pt")
+
+    assert main(_train(tmp_path, legit)) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "stprivacy.pt").is_file()
+    capsys.readouterr()
+
+    evil = _poisoned(legit, tmp_path / "evil.pt", fmt, marker)
+    code = _exit_code(_train(tmp_path, evil))
+    _check_refused_on_the_command_line(code, capsys.readouterr().err, evil, marker)
