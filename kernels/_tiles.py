@@ -81,6 +81,10 @@ def load_table(path: str) -> dict:
     return table
 
 
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
 @functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
@@ -93,8 +97,9 @@ def device_name(device: torch.device) -> str:
 
 
 def measured_tiles(op: str, device: torch.device, key: str, pass_: str, path: Path | None = None) -> Tiles | None:
-    """The committed tiles of ``op``'s ``pass_`` for this GPU model and key, or None (use the defaults)."""
+    """The committed tiles of ``op``'s ``pass_`` for this GPU model and key, or None (use the defaults; always
+    where CUDA is absent, as in the sm_90 compile test on a CPU machine)."""
     table = load_table(str(path or TILES_FILE))
-    if op not in table:
+    if op not in table or not cuda_available():
         return None
     return table[op].get(device_name(device), {}).get(key, {}).get(pass_)

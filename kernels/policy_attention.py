@@ -5,21 +5,26 @@ for the formula and the closed-form backward), FlashAttention-2 style: the (B, H
 never written to memory.
 
 Forward (one program per (query block, b * H + h)): walk over key blocks with an online softmax in fp32.
-Two differences from plain attention:
+Scores are kept in log2 units (q.k scaled by scale * log2(e) in one multiply), so every exponential is one
+exp2, and one reduction gives each key block's max and its first position. The differences from plain
+attention:
 
 - the row max m_i is over ALL keys, kept or not (the release subtracts it before applying the policy),
   so every key block is visited for the max, and the policy only multiplies the exponentials:
   W_ij = exp(S_ij - m_i) * (p_j + (1 - p_j) [i == j]);
 - the eps smoothing adds eps / N * sum_j v_j to the numerator and eps to the denominator; sum_j v_j does
-  not depend on the max, so it is accumulated separately from the rescaled accumulator and added at the
-  end: out_i = (sum_j W_ij v_j + eps / N * sum_j v_j) / (Z_i + eps);
+  not depend on the max or the query, so it is reduced once per (b, h) on the host (not once per query
+  block) and added at the end: out_i = (sum_j W_ij v_j + eps / N * sum_j v_j) * 1 / (Z_i + eps), with one
+  reciprocal per row;
 - fp16 only: the weights are accumulated relative to the running max of the log-weights
   S_ij + log(p_j) over the keys that count, then scaled back by exp(that max - m_i) at the end. With the
   release's m_i alone, a dropped key scoring far above every kept one makes all kept weights tiny, and
   they underflow when cast to fp16 for the P.V dot (bf16 and fp32 have fp32's exponent range).
 
-Saved for backward: the row max m, den = Z + eps (fp32) and the argmax column (int32), all (B, H, N).
-The argmax routes the tiny dm_i term of the max's gradient, so gradients match the direct formulation.
+Saved for backward: the row max m (log2 units), 1 / den = 1 / (Z + eps) (fp32) and the argmax column (int32),
+all (B, H, N), and sum_j v_j (B, H, Dv) fp32. The argmax routes the tiny dm_i term of the max's gradient, so
+gradients match the direct formulation. The backward multiplies by the saved reciprocal instead of dividing
+element by element.
 
 Backward, deterministic (no atomics), in three launches:
 
@@ -548,7 +553,7 @@ def policy_attention(
 
     Returns:
         (B, H, N, Dv) contiguous, q's dtype. Differentiable in q, k, v and policy; backward saves only
-        the output and three (B, H, N) statistics besides the inputs.
+        the output, three (B, H, N) statistics and the (B, H, Dv) sum of v besides the inputs.
     """
     reasons = not_supported_reasons(q, k, v, policy, eps=eps)
     if reasons:

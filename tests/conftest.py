@@ -51,8 +51,8 @@ KERNEL_SUITE = ("kernels", "models")  # tests/<these>: the kernel and model suit
 def pytest_collection_modifyitems(config, items):
     tests_dir = Path(__file__).resolve().parent
     for item in items:
-        parts = Path(str(item.fspath)).resolve().relative_to(tests_dir).parts
-        if parts and parts[0] in KERNEL_SUITE:
+        path = Path(str(item.fspath)).resolve()
+        if path.is_relative_to(tests_dir) and path.relative_to(tests_dir).parts[0] in KERNEL_SUITE:
             item.add_marker(pytest.mark.kernel_suite)
     if not full_matrix():
         kept = [item for item in items if "full_matrix" not in item.keywords]

@@ -66,6 +66,10 @@ FAKE_BENCH = textwrap.dedent(
         benchmark.group = "fake group"
         benchmark.pedantic(lambda: None, rounds=2, iterations=1)
 
+    def test_fast_b_then(benchmark):
+        benchmark.group = "fake group"
+        benchmark.pedantic(lambda: None, rounds=2, iterations=1)
+
     def test_hangs(benchmark):
         benchmark.group = "fake group"
         time.sleep(120)
@@ -85,7 +89,7 @@ def test_a_step_that_overruns_its_limit_loses_only_itself(tmp_path):
             "--rootdir", str(tmp_path), "--benchmark-only", str(bench)]
     steps = [
         harvest.Step("first", 60, [*base, "-k", "fast_a"], json_into="kernels.json", pytest=True),
-        harvest.Step("overruns", 3, [*base, "-k", "hangs"], json_into="kernels.json", pytest=True),
+        harvest.Step("overruns", 6, [*base, "-k", "fast_b or hangs"], json_into="kernels.json", pytest=True),
         harvest.Step("third", 60, [*base, "-k", "fast_c"], json_into="kernels.json", pytest=True),
     ]
     start = time.perf_counter()
@@ -93,10 +97,12 @@ def test_a_step_that_overruns_its_limit_loses_only_itself(tmp_path):
     assert time.perf_counter() - start < 60, "the overrunning step was not killed at its limit"
     assert [r["status"].split()[0] for r in results] == ["ok", "TIMEOUT", "ok"]
     names = [b["name"] for b in json.loads((out / "kernels.json").read_text())["benchmarks"]]
-    assert names == ["test_fast_a", "test_fast_c"]  # the first step's numbers survived, the third's were added
+    # The first step's numbers survived, the overrunning step kept what it finished before its limit (pytest
+    # writes its JSON on the SIGINT), the third's were added.
+    assert names == ["test_fast_a", "test_fast_b_then", "test_fast_c"]
     assert "fake group" in (out / "table.md").read_text()
     log = (out / "log.txt").read_text()
-    assert "-- overruns: TIMEOUT after 3 s" in log and log.rstrip().endswith("budget: 123 s")
+    assert "-- overruns: TIMEOUT after 6 s" in log and log.rstrip().endswith("budget: 126 s")
     assert sorted(p.name for p in out.iterdir()) == ["kernels.json", "log.txt", "table.md"]
 
 
@@ -150,6 +156,22 @@ def test_warm_job_runs_a_builder_under_a_tile_override():
     for how in ("call", "bwd:32,32,4,2"):
         name, seconds, error = warm._run_job(("small", "benchmarks.bench_attention", "build_policy_step", small, how))
         assert error is None and seconds > 0, error
+
+
+def test_warm_pool_stops_at_its_deadline_with_a_summary(capsys):
+    """The warm-up prints the summary of what finished at its deadline and stops the workers still busy (they
+    must not steal the CPU from the timed steps); a deadline that is not reached leaves every job finished."""
+    import warm
+
+    jobs = [("quick", "", "", {"seconds": 0.1}, "idle"), ("slow", "", "", {"seconds": 60}, "idle")]
+    start = time.perf_counter()
+    assert warm.run_pool(jobs, workers=2, deadline=8, run=warm._idle_job) == 1
+    assert time.perf_counter() - start < 30
+    out = capsys.readouterr().out
+    assert "warm quick" in out and "warm slow" not in out
+    assert "compile seconds: 1 of 2 warm-up jobs" in out and "1 not finished at the 8 s deadline" in out
+    assert warm.run_pool(jobs[:1], workers=1, deadline=30, run=warm._idle_job) == 0
+    assert "1 of 1 warm-up jobs" in capsys.readouterr().out
 
 
 def _bench(group, provider, median_s, **extra):

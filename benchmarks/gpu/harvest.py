@@ -48,7 +48,7 @@ BUDGET_S = 300
 OUT_FILES = ("machine.txt", "kernels.json", "model.json", "table.md", "tests.txt", "profile.txt", "tiles.json",
              "log.txt")
 TEST_WORKERS = 12  # xdist workers for the test step: Triton compiles in parallel on the GPU machine's 16 cores
-KILL_GRACE_S = 3
+KILL_GRACE_S = 5  # after SIGINT: time for pytest to write what it has
 
 
 @dataclass
@@ -86,15 +86,20 @@ def default_plan(py: str) -> list[Step]:
                "--benchmark-only", "--timeout=20"]
     bench_attention = "benchmarks/bench_attention.py"
     return [
-        Step("install", 15, ["bash", "-c", f"set -o pipefail; {shlex.quote(py)} -m pip install -q --no-deps "
-                                           "--no-build-isolation -e . 2>&1 | tail -3"]),
+        # No network there: --no-index and no version check, so pip cannot wait on one; then prove the editable
+        # install maps stpcore.kernels (every later step needs it).
+        Step("install", 15, ["bash", "-c", f"set -o pipefail; {shlex.quote(py)} -m pip install -q --no-deps --no-index "
+                                           "--disable-pip-version-check --no-build-isolation -e . 2>&1 | tail -3 && "
+                                           f"{shlex.quote(py)} -c 'import stpcore.kernels.policy_attention as m; "
+                                           "print(\"stpcore.kernels imports from\", m.__file__)'"]),
         Step("machine", 15, [py, "benchmarks/gpu/machine.py"], output_into="machine.txt",
              plan_argv=[py, "benchmarks/gpu/machine.py"]),
-        Step("warm", 30, [py, "benchmarks/gpu/warm.py", "--workers", "16"], output_into="machine.txt",
+        Step("warm", 30, [py, "benchmarks/gpu/warm.py", "--workers", "16", "--deadline", "25"],
+             output_into="machine.txt",
              plan_argv=[py, "benchmarks/gpu/warm.py", "--plan"]),
         Step("bench-policy", 25, [*pytest_, bench_attention, "-k", "policy_attention_fwd_bwd and paper and not flex"],
              json_into="kernels.json", pytest=True),
-        Step("bench-varlen", 25, [*pytest_, bench_attention, "-k", "varlen_attention_fwd_bwd and B32"],
+        Step("bench-varlen", 30, [*pytest_, bench_attention, "-k", "varlen_attention_fwd_bwd and B32"],
              json_into="kernels.json", pytest=True),
         Step("bench-select", 20, [*pytest_, "benchmarks/bench_select.py"], json_into="kernels.json", pytest=True),
         Step("bench-inference", 25, [*pytest_, "benchmarks/bench_model.py", "-k", "inference"],
@@ -103,9 +108,11 @@ def default_plan(py: str) -> list[Step]:
              pytest=True),
         # The normal suite's kernel and model tests (no marker filter) and every gpu test elsewhere, in parallel
         # workers (each compiles its own Triton specialisations), one result line per test as it finishes.
-        Step("tests", 80, [py, "-m", "pytest", "tests", "-m", "gpu or kernel_suite", "-p", "no:cacheprovider",
+        # loadgroup keeps the sm_90 compile test's module on one worker (its fixture compiles every kernel once).
+        Step("tests", 75, [py, "-m", "pytest", "tests", "-m", "gpu or kernel_suite", "-p", "no:cacheprovider",
                            "-o", "addopts=--strict-markers", "-v", "--timeout=120", "-rfEs",
-                           "-n", str(TEST_WORKERS)], output_into="tests.txt", pytest=True),
+                           "-n", str(TEST_WORKERS), "--dist", "loadgroup"], output_into="tests.txt", pytest=True,
+             env={"OMP_NUM_THREADS": "1"}),
         Step("profile", 15, [py, "benchmarks/gpu/gpu_profile.py"], output_into="profile.txt", extra=True,
              plan_argv=[py, "benchmarks/gpu/gpu_profile.py", "--plan"]),
         Step("tiles", 15, [py, "benchmarks/gpu/tiles.py", "sweep", "{out}/tiles.json"], extra=True,
@@ -182,9 +189,10 @@ class Harvest:
         argv = [a.replace("{out}", str(self.out)) for a in step.argv]
         if self.dry_run:
             if step.pytest:  # collect only, in this process alone (no xdist workers)
-                if "-n" in argv:
-                    i = argv.index("-n")
-                    argv = argv[:i] + argv[i + 2:]
+                for flag in ("-n", "--dist"):
+                    if flag in argv:
+                        i = argv.index(flag)
+                        argv = argv[:i] + argv[i + 2:]
                 argv = [a for a in argv if a not in ("--benchmark-only", "-v")]
                 return argv + (["--collect-only"] if "-q" in argv else ["-q", "--collect-only"])
             if step.plan_argv is None:
@@ -200,10 +208,20 @@ class Harvest:
                  + (shlex.join(argv) if argv else "(nothing to plan)"))
         if argv is None:
             return {"step": step.name, "status": "planned", "seconds": 0.0}
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}
+        # A calling pytest-xdist worker's variables would switch pytest-benchmark off in the steps.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **step.env}
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", start_new_session=True)
+        try:
+            # Its own process group (killed whole at the limit), with SIGINT at its default action (a shell that
+            # started run.sh in the background would pass on an ignored SIGINT): pytest stops on SIGINT and
+            # pytest-benchmark then still writes the JSON of every benchmark that finished.
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, errors="replace", start_new_session=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        except OSError as exc:
+            self.log(f"-- {step.name}: could not start ({exc})")
+            return {"step": step.name, "status": f"not started ({exc})", "seconds": 0.0}
         sinks = [open(self.out / "log.txt", "a")]  # noqa: SIM115 - closed below
         if step.output_into and not self.dry_run:
             sinks.append(open(self.out / step.output_into, "a"))  # noqa: SIM115
@@ -225,7 +243,7 @@ class Harvest:
             if rc != 0:
                 status = f"exit {rc}"
         except subprocess.TimeoutExpired:
-            status = f"TIMEOUT after {step.limit_s} s (killed; later steps go on)"
+            status = f"TIMEOUT after {step.limit_s} s (interrupted; later steps go on)"
             self._kill(proc)
         reader.join(timeout=5)
         for f in sinks:
@@ -244,7 +262,9 @@ class Harvest:
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
-        for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5)):
+        """SIGINT first (pytest ends its session and writes the benchmark JSON of what finished), then SIGTERM,
+        then SIGKILL, each to the step's whole process group."""
+        for sig, wait in ((signal.SIGINT, KILL_GRACE_S), (signal.SIGTERM, 3), (signal.SIGKILL, 5)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
@@ -265,9 +285,15 @@ class Harvest:
         started = time.perf_counter()
         try:
             for step in kept:
-                self.results.append(self.run_step(step))
+                try:
+                    self.results.append(self.run_step(step))
+                except Exception as exc:  # noqa: BLE001 - the harvest itself must not stop on one step
+                    self.log(f"-- {step.name}: harvest error {type(exc).__name__}: {exc}")
+                    self.results.append({"step": step.name, "status": f"harvest error ({exc})", "seconds": 0.0})
         finally:
             shutil.rmtree(self.parts, ignore_errors=True)
+            for tmp in self.out.glob(".*.tmp"):  # a write cut short by a kill: never a 9th file
+                tmp.unlink(missing_ok=True)
         summary = ", ".join(f"{r['step']} {r['status']} {r['seconds']} s" for r in self.results)
         self.log(f"\nsteps: {summary}")
         self.log(f"wall: {time.perf_counter() - started:.0f} s")

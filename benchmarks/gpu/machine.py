@@ -16,11 +16,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(argv: list[str]) -> str:
+def _run(argv: list[str], quiet: bool = False) -> str:
+    """The command's output; with ``quiet``, "" when it fails."""
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"({argv[0]}: {exc})"
+        return "" if quiet else f"({argv[0]}: {exc})"
+    if quiet and proc.returncode:
+        return ""
     return (proc.stdout + proc.stderr).strip()
 
 
@@ -28,7 +31,7 @@ def main() -> int:
     import torch
 
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"stpcore commit: {_run(['git', 'rev-parse', 'HEAD']) or 'unknown (no .git here)'}")
+    print(f"stpcore commit: {_run(['git', 'rev-parse', 'HEAD'], quiet=True) or 'unknown (no .git here)'}")
     print(f"python {platform.python_version()}, {platform.platform()}")
     print(f"cpu: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores")
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "

@@ -15,6 +15,8 @@
 # profile.txt tiles.json log.txt (benchmarks/gpu/harvest.py says what each holds). Commit what it wrote:
 # benchmarks/results/gpu-<date>/ and the numbers in BENCHMARKS.md; `python benchmarks/gpu/tiles.py merge
 # RESULTS_DIR/tiles.json` puts the measured tiles into kernels/tiles.json.
+# Wall time: the limits add up to 300 s; a step killed at its limit takes up to ~13 s more (SIGINT grace, SIGTERM,
+# SIGKILL), so give the device call a timeout of 360 s or more, and leave room for one rerun.
 # DALI cannot be carried to the H200 (199 MB): its GPU decoder is verified by the CPU DALI tests and review.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,4 +24,6 @@ RESULTS=${1:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-exec "$PY" benchmarks/gpu/harvest.py "$RESULTS" --python "$PY" ${DRY_RUN:+--dry-run}
+DRY=()
+if [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != 0 ]; then DRY=(--dry-run); fi
+exec "$PY" benchmarks/gpu/harvest.py "$RESULTS" --python "$PY" "${DRY[@]}"

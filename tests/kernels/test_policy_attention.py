@@ -214,6 +214,7 @@ def test_measured_tiles_are_used_per_pass_and_gpu(monkeypatch, tmp_path):
     path.write_text(json.dumps(table))
     monkeypatch.setattr(_tiles, "TILES_FILE", path)
     monkeypatch.setattr(_tiles, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(_tiles, "cuda_available", lambda: True)
     monkeypatch.setattr(kernel, "_INTERPRET", False)
     monkeypatch.setattr(kernel, "tf32_enabled", lambda: False)
     _tiles.load_table.cache_clear()
@@ -266,7 +267,7 @@ def test_saved_statistics():
     clear = (scores.topk(2, dim=-1).values.diff(dim=-1).abs().squeeze(-1) > 1e-4) | (ref_arg == 5)
     assert (ref_arg == 5).sum() > 10, "the test needs rows whose max is the tie"
     assert torch.equal(arg_max[clear].long(), ref_arg[clear])
-    eye = torch.eye(N)
+    eye = torch.eye(N, device=q.device)
     mask = policy[:, None, None, :] + (1 - policy[:, None, None, :]) * eye
     z = ((scores - ref_max[..., None]).exp() * mask).sum(-1)
     torch.testing.assert_close(inv_den, 1 / (z + 1e-6), rtol=1e-5, atol=1e-6)
