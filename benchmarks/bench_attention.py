@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.memory import cpu_peak_mib, cuda_peak_mib
+from benchmarks.memory import cpu_peak_default_mib, cpu_peak_mib, cuda_peak_mib
 from benchmarks.timing import gpu_times
 from stpcore.ops.policy_attention import policy_attention, policy_attention_chunked, policy_attention_ref
 from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_gather, varlen_attention_ref
@@ -213,8 +213,11 @@ def test_policy_attention_cpu_target(benchmark, provider):
     if CUDA:
         peak = cuda_peak_mib(step)
     else:
-        peak = cpu_peak_mib("benchmarks.bench_attention", "build_policy_step", provider=provider, B=B, H=H, N=N, D=D,
-                            device="cpu")
+        where = ("benchmarks.bench_attention", "build_policy_step")
+        shape = dict(provider=provider, B=B, H=H, N=N, D=D, device="cpu")
+        peak = cpu_peak_mib(*where, **shape)
+        first, later = cpu_peak_default_mib(*where, **shape)
+        benchmark.extra_info.update(peak_mib_default_first=round(first, 1), peak_mib_default_later=round(later, 1))
     _record(benchmark, attention_flops(B * N * N, H, D, True), attention_bytes(B * N, H, D, 4, True), peak_mib=peak)
 
 

@@ -9,8 +9,10 @@ the dropped ones masked out of attention by the policy (the training-mode comput
 without dropping tokens). In eval mode ``reference`` and ``auto`` both gather the kept tokens and run SDPA
 on them, so only the selection ops differ between them; the cut in work comes from the gather, measured
 against ``masked``.
-extra_info: clips/s from the median time, and the peak memory of one call after a warm-up call (see
-benchmarks/memory.py). On CUDA every timed call ends with torch.cuda.synchronize().
+extra_info: clips/s from the median time, and the peak memory of one call after a warm-up call (``peak_mib``;
+on CPU with glibc tuned so RSS follows the live tensors, plus ``peak_mib_default_first`` / ``_later``: a
+default process's first call and largest later call; see benchmarks/memory.py). On CUDA every timed call
+ends with torch.cuda.synchronize().
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.memory import cpu_peak_mib, cuda_peak_mib
+from benchmarks.memory import cpu_peak_default_mib, cpu_peak_mib, cuda_peak_mib
 from stpcore.models import STPrivacy, STPrivacyConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,9 +135,12 @@ def _record(benchmark, batch: int, peak_mib: float | None) -> None:
     benchmark.extra_info["threads"] = torch.get_num_threads()
 
 
-def _peak(builder: str, **kwargs) -> float:
+def _peak(benchmark, builder: str, **kwargs) -> float:
+    """The peak MiB of one call (benchmarks/memory.py); on CPU also both figures of a default process."""
     if DEVICE == "cuda":
         return cuda_peak_mib(globals()[builder](**kwargs))
+    first, later = cpu_peak_default_mib("benchmarks.bench_model", builder, **kwargs)
+    benchmark.extra_info.update(peak_mib_default_first=round(first, 1), peak_mib_default_later=round(later, 1))
     return cpu_peak_mib("benchmarks.bench_model", builder, **kwargs)
 
 
@@ -146,7 +151,7 @@ def test_inference_vit_small_b8(benchmark, provider, request):
     step()  # warm-up
     benchmark.pedantic(step, rounds=5, iterations=1)
     disabled = request.config.getoption("benchmark_disable")
-    _record(benchmark, 8, None if disabled else _peak("build_inference", batch=8, provider=provider))
+    _record(benchmark, 8, None if disabled else _peak(benchmark, "build_inference", batch=8, provider=provider))
     _set_backend("auto")
 
 
@@ -158,7 +163,8 @@ def test_phase2_step_vit_small(benchmark, provider, request):
     step()  # warm-up
     benchmark.pedantic(step, rounds=3, iterations=1)
     disabled = request.config.getoption("benchmark_disable")
-    _record(benchmark, batch, None if disabled else _peak("build_phase2_step", batch=batch, provider=provider))
+    peak = None if disabled else _peak(benchmark, "build_phase2_step", batch=batch, provider=provider)
+    _record(benchmark, batch, peak)
     _set_backend("auto")
 
 
@@ -170,5 +176,6 @@ def test_train_step_vit_small(benchmark, provider, request):
     step()  # warm-up (optimizer state allocated)
     benchmark.pedantic(step, rounds=3, iterations=1)
     disabled = request.config.getoption("benchmark_disable")
-    _record(benchmark, batch, None if disabled else _peak("build_train_step", batch=batch, provider=provider))
+    peak = None if disabled else _peak(benchmark, "build_train_step", batch=batch, provider=provider)
+    _record(benchmark, batch, peak)
     _set_backend("auto")
