@@ -11,8 +11,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # The GPU machine's triton; CI pins the same so the kernels are tested against one version.
 TRITON_SPEC ?= triton==3.6.0
-# The demo needs no DALI (199 MB) and no test tools; the tests need everything.
-DEMO_EXTRAS ?= triton,video,eval
+# The demo runs on the CPU: no triton (the GPU kernels), no DALI (199 MB), no test tools; the tests need everything.
+DEMO_EXTRAS ?= video,eval
 TEST_EXTRAS ?= triton,video,eval,dali,dev
 DEMO_STAMP := $(VENV)/.stpcore-demo
 STAMP := $(VENV)/.stpcore-test
@@ -28,7 +28,7 @@ $(PY):
 # Reinstall when the packaging changes; otherwise reuse the environment.
 $(DEMO_STAMP): $(PY) pyproject.toml setup.py
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[$(DEMO_EXTRAS)]"
+	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[$(DEMO_EXTRAS)]"
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(PY) pyproject.toml setup.py

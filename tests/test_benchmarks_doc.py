@@ -1,0 +1,171 @@
+"""BENCHMARKS.md agrees with the committed data: every figure in a table backed by a results file equals its value
+in that file, at the precision shown.
+
+How a table names its data: the section (or the paragraph above the table) has a line ``Data:
+`benchmarks/results/FILE``` and the table a column ``data`` holding the benchmark's name in that file
+(pytest-benchmark JSON), the method or sweep label (the demo's summary.json), or the run's name
+(variants.jsonl, the last line of that name). Each other column whose header is in :data:`COLUMNS` is then
+compared with the value it names; the first number of the cell counts ("71.4 (−2.9)" is 71.4), and a cell
+whose number carries a unit (ms, s) is converted first. Columns not listed are prose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "BENCHMARKS.md"
+README = ROOT / "README.md"
+
+
+def _bench_extra(key: str):
+    return lambda entry: entry["extra_info"].get(key)
+
+
+def _median_seconds(entry) -> float:
+    return entry["stats"]["median"]
+
+
+# header -> value from a pytest-benchmark entry
+BENCH_COLUMNS = {
+    "median": _median_seconds,
+    "clips/s": _bench_extra("clips_per_s"),
+    "peak MiB": _bench_extra("peak_mib"),
+    "first call MiB": _bench_extra("peak_mib_default_first"),
+    "later calls MiB": _bench_extra("peak_mib_default_later"),
+    "speedup vs fp32": _bench_extra("speedup_vs_fp32"),
+    "keep agreement": _bench_extra("keep_agreement"),
+    "GFLOP/s": _bench_extra("gflop_per_s"),
+}
+# header -> value from a demo result (summary.json "results" or "sweep" entry)
+DEMO_COLUMNS = {
+    "top-1 %": lambda r: r["top1"],
+    "F1": lambda r: r["f1"],
+    "cMAP %": lambda r: r["cmap"],
+    "kept": lambda r: r["kept_fraction"],
+}
+# header -> value from a variants.jsonl run
+VARIANT_COLUMNS = {
+    "top-1 %": lambda r: r["stprivacy"]["top1"],
+    "cMAP %": lambda r: r["stprivacy"]["cmap"],
+    "skin AP": lambda r: r["stprivacy"]["ap"]["skin_color"],
+    "nudity AP": lambda r: r["stprivacy"]["ap"]["nudity"],
+}
+COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS}
+
+NUMBER = re.compile(r"[-−+]?\d+(?:[.,]\d+)?")
+
+
+def parse_tables(text: str) -> list[dict]:
+    """Every markdown table with the nearest ``Data:`` file above it: {"data": path or None, "header": [...],
+    "rows": [[cells]], "line": n}."""
+    tables, data, lines = [], None, text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            data = None  # a Data: line holds for its section
+        found = re.search(r"^Data: `(benchmarks/results/[^`]+)`", line)
+        if found:
+            data = found.group(1)
+        if line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[-:| ]+\|$", lines[i + 1]):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            rows, j = [], i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                rows.append([c.strip() for c in lines[j].strip("|").split("|")])
+                j += 1
+            tables.append({"data": data, "header": header, "rows": rows, "line": i + 1})
+            i = j
+            continue
+        i += 1
+    return tables
+
+
+def cell_value(cell: str) -> tuple[float, int, str] | None:
+    """(value, decimals shown, unit) of a cell's first number, or None."""
+    text = cell.replace("**", "").replace("*", "")
+    found = NUMBER.search(text)
+    if not found:
+        return None
+    raw = found.group(0).replace("−", "-").replace(",", "")
+    decimals = len(raw.split(".")[1]) if "." in raw else 0
+    unit = text[found.end():].strip().split(" ")[0] if text[found.end():].strip() else ""
+    return float(raw), decimals, unit
+
+
+def _load(path: Path):
+    if path.suffix == ".jsonl":
+        runs: dict[str, dict] = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                run = json.loads(line)
+                runs[run["name"]] = run  # the last line of a name is its latest run
+        return "variants", runs
+    data = json.loads(path.read_text())
+    if "benchmarks" in data:
+        return "bench", {b["name"]: b for b in data["benchmarks"]}
+    entries = {r["method"]: r for r in data.get("results", [])}
+    entries.update({f"sweep {p['setting']}={p['value']:g}": p for p in data.get("sweep", [])})
+    return "demo", entries
+
+
+def _claims():
+    for table in parse_tables(DOC.read_text()):
+        if table["data"] is None or "data" not in table["header"] and "run" not in table["header"]:
+            continue
+        key_col = table["header"].index("data" if "data" in table["header"] else "run")
+        for row in table["rows"]:
+            name = row[key_col].strip("`* ")
+            for col, header in enumerate(table["header"]):
+                if header in COLUMNS and col != key_col:
+                    yield table["data"], table["line"], name, header, row[col]
+
+
+CLAIMS = list(_claims())
+
+
+def test_tables_name_their_data():
+    """The doc's data-backed tables are found (a typo in a Data: line would silently drop a table's checks)."""
+    files = {c[0] for c in CLAIMS}
+    assert {"benchmarks/results/cpu-model.json", "benchmarks/results/cpu-attention.json",
+            "benchmarks/results/cpu-inference.json", "benchmarks/results/cpu-int8-bound.json",
+            "benchmarks/results/demo/summary.json", "benchmarks/results/demo/variants.jsonl"} <= files, files
+    assert len(CLAIMS) > 100
+
+
+@pytest.mark.parametrize("path, line, name, header, cell", CLAIMS,
+                         ids=[f"L{c[1]}-{c[2]}-{c[3]}" for c in CLAIMS])
+def test_every_figure_equals_its_data(path, line, name, header, cell):
+    kind, entries = _load(ROOT / path)
+    assert name in entries, f"BENCHMARKS.md:{line}: {name!r} is not in {path}"
+    columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS}[kind]
+    if header not in columns:
+        pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
+    shown = cell_value(cell)
+    if shown is None:
+        assert cell.strip() in ("", "-", "—"), f"BENCHMARKS.md:{line}: {header} of {name}: no number in {cell!r}"
+        return
+    value, decimals, unit = shown
+    expected = columns[header](entries[name])
+    assert expected is not None, f"BENCHMARKS.md:{line}: {path} has no {header} for {name}"
+    scale = {"ms": 1e3, "µs": 1e6, "us": 1e6}.get(unit, 1.0)
+    if header in ("top-1 %", "cMAP %") and kind == "demo" or header in VARIANT_COLUMNS and kind == "variants":
+        scale = 1.0
+    expected = expected * scale
+    tolerance = 0.5 * 10 ** -decimals + 1e-9
+    assert math.isclose(value, expected, abs_tol=tolerance) or abs(value - expected) <= tolerance, (
+        f"BENCHMARKS.md:{line}: {header} of {name} reads {cell!r}, but {path} has {expected:.6g}")
+
+
+def test_readme_quotes_the_measured_demo_time():
+    """The README's demo time is the one BENCHMARKS.md records from a fresh clone."""
+    doc = DOC.read_text()
+    found = re.search(r"`time make demo` from a fresh clone[^\n]*?: (\d+) min (\d+) s", doc)
+    assert found, "BENCHMARKS.md must record `time make demo` from a fresh clone as 'N min S s'"
+    readme = README.read_text()
+    assert f"{found.group(1)} min {found.group(2)} s" in readme, "README.md must quote the same demo time"
