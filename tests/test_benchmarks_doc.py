@@ -58,7 +58,7 @@ VARIANT_COLUMNS = {
 }
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS}
 
-NUMBER = re.compile(r"[-−+]?\d+(?:[.,]\d+)?")
+NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
 def parse_tables(text: str) -> list[dict]:
@@ -92,7 +92,7 @@ def cell_value(cell: str) -> tuple[float, int, str] | None:
     found = NUMBER.search(text)
     if not found:
         return None
-    raw = found.group(0).replace("−", "-").replace(",", "")
+    raw = found.group(0).replace("−", "-")
     decimals = len(raw.split(".")[1]) if "." in raw else 0
     unit = text[found.end():].strip().split(" ")[0] if text[found.end():].strip() else ""
     return float(raw), decimals, unit
