@@ -43,12 +43,25 @@ class VideoInfo:
     fps: float
 
 
+def _avi_fourcc(path: Path) -> str | None:
+    """The video FourCC of an AVI file (BITMAPINFOHEADER.biCompression of its first 'strf'), or None: what to
+    name when FFmpeg has no decoder for a stream (PyAV then gives no codec context to ask)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    at = head.find(b"strf")
+    if not head.startswith(b"RIFF") or at < 0 or len(head) < at + 28:
+        return None
+    tag = head[at + 24 : at + 28]  # chunk id (4), size (4), biSize, biWidth, biHeight (12), planes, bits (4)
+    return tag.decode("ascii") if all(32 <= b < 127 for b in tag) else None
+
+
 def probe(path: str | os.PathLike[str]) -> VideoInfo:
     """Codec, frame count, size and fps of the first video stream, without decoding pictures.
 
     The frame count comes from the container header where it has one (AVI, MP4); otherwise (WebM) the
     packets are counted by demuxing, which reads the file but decodes nothing.
-    Raises VideoError("missing file" | "empty file" | "unreadable" | "no video stream" | "no frames").
+    Raises VideoError("missing file" | "empty file" | "unreadable" | "no video stream" | "no decoder for its codec"
+    | "no frames").
     """
     import av
 
@@ -63,6 +76,11 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
                 raise VideoError(path, "no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
+            if ctx is None:  # a codec tag this FFmpeg build has no decoder for
+                tag = _avi_fourcc(path) or "unknown"
+                raise VideoError(path, "no decoder for its codec",
+                                 f"codec tag {tag!r}; transcode it (stpcore data transcode) or install an FFmpeg "
+                                 "build that decodes it")
             n = int(stream.frames or 0)
             if n <= 0:
                 n = sum(1 for p in container.demux(stream) if p.size > 0)

@@ -225,3 +225,17 @@ def test_no_dataset_root(tmp_path, capsys, make):
     else:
         assert error.startswith(f"error: no videos (.avi, .mp4, .webm, .mkv, .mov) in the class folders of {target}")
         assert error.endswith("data check expects a dataset root ROOT/<class>/<video>")
+
+
+def test_codec_ffmpeg_has_no_decoder_for(tmp_path, capsys):
+    """An AVI whose FourCC names a codec FFmpeg does not know: reported under its own category with the tag and
+    what to do (it used to read "unreadable (AttributeError: 'NoneType' object has no attribute 'name')")."""
+    root = _dataset(tmp_path / "ds")
+    odd = root / "jump" / "jump_1.avi"
+    data = odd.read_bytes()
+    assert data.count(b"FMP4") >= 1  # PyAV's mpeg4 writes this FourCC in the stream header and the format
+    odd.write_bytes(data.replace(b"FMP4", b"QQ9Z"))
+    code, report = _check(capsys, root)
+    assert code == 1
+    [entry] = _listed(report, "no decoder for its codec")
+    assert entry.startswith(f"{odd} (codec tag 'QQ9Z'") and "stpcore data transcode" in entry
