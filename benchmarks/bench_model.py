@@ -107,7 +107,7 @@ def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str =
     """A callable running one phase-2 step: STPrivacy (adversarial loss through both frozen recognizers),
     then the action and privacy recognizers on the detached transformed video (three optimizer steps)."""
     from stpcore.testing import RandomClipLoader
-    from stpcore.train import TrainConfig, Trainer
+    from stpcore.training import TrainConfig, Trainer
 
     _set_backend(provider)
     cfg_model = STPrivacyConfig.from_name(preset)

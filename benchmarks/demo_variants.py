@@ -4,7 +4,7 @@
         [--demo '{"stride": 3}'] [--workdir out/demo_variants] [--keep-ratios 1.0,raw]
 
 Uses the demo's data, model preset, loaders and evaluation settings (``stpcore.demo.DemoConfig``, changed
-by --demo); the JSON argument overrides fields of ``stpcore.train.TrainConfig``. The synthetic dataset is
+by --demo); the JSON argument overrides fields of ``stpcore.training.TrainConfig``. The synthetic dataset is
 written once per size into the work folder and reused. Trains phases 1-2 into WORKDIR/NAME/train (reused
 when it exists), evaluates STPrivacy at the trained keep ratio (plus the extra keep ratios, and "raw"
 for raw video), and appends one JSON line to WORKDIR/results.jsonl. BENCHMARKS.md lists the runs
@@ -33,7 +33,7 @@ def main() -> None:
     from stpcore.demo import DemoConfig, _loaders, eval_config, train_config
     from stpcore.evaluate import evaluate
     from stpcore.models import STPrivacyConfig
-    from stpcore.train import Trainer
+    from stpcore.training import Trainer
 
     cfg = DemoConfig(**json.loads(args.demo))
     overrides = json.loads(args.train_overrides)

@@ -24,7 +24,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from stpcore.config import dataclass_from_args
-    from stpcore.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted, shutdown_distributed
+    from stpcore.runtime import shutdown_distributed
+    from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
     cfg = dataclass_from_args(TrainConfig, args)
     trainer = Trainer(cfg)
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     from stpcore.config import add_dataclass_arguments
-    from stpcore.train import TrainConfig
+    from stpcore.training import TrainConfig
 
     p = sub.add_parser("train", help="train STPrivacy (phases 1 and 2); torchrun for several processes")
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")

@@ -97,7 +97,7 @@ def _loaders(cfg: DemoConfig, data: Path, num_frames: int, size: int):
 
 def train_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
     """The demo's phases 1-2 as a TrainConfig (``overrides``: TrainConfig fields)."""
-    from stpcore.train import TrainConfig
+    from stpcore.training import TrainConfig
 
     fields = dict(
         data_root=str(data), labels=str(data / "vp_labels.csv"), out_dir=str(out_dir), preset=cfg.preset,
@@ -125,8 +125,8 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     from stpcore.anonymize import anonymize_files
     from stpcore.data.synth import make_synthetic_dataset
     from stpcore.evaluate import SweepPoint, evaluate, sweep, write_results, write_sweep
-    from stpcore.models import STPrivacyConfig
-    from stpcore.train import Trainer, load_anonymizer
+    from stpcore.models import STPrivacyConfig, load_anonymizer
+    from stpcore.training import Trainer
 
     cfg = args if isinstance(args, DemoConfig) else _from_args(args)
     if cfg.threads:

@@ -51,9 +51,16 @@ from torch import nn
 from stpcore import losses
 from stpcore.data.labels import PRIVACY_ATTRIBUTES
 from stpcore.media import atomic_path
-from stpcore.models import BackboneConfig, RecognizerConfig, STPrivacy, STPrivacyConfig, VideoRecognizer
+from stpcore.models import (
+    BackboneConfig,
+    RecognizerConfig,
+    STPrivacy,
+    STPrivacyConfig,
+    VideoRecognizer,
+    load_anonymizer,
+)
 from stpcore.progress import progress
-from stpcore.train import load_anonymizer, make_optimizer
+from stpcore.runtime import make_optimizer
 
 METHODS = ("raw", "downsample2", "downsample4", "blur_weak", "blur_strong", "blacken", "stprivacy")
 
@@ -725,8 +732,8 @@ def evaluate_method(
     lr = cfg.base_lr * cfg.batch_size / 512
     opts, scheds = {}, {}
     for name, model in zip(("action", "privacy"), recs, strict=True):
-        # make_optimizer reads weight_decay and min_lr_ratio, which EvalConfig has under the same names.
-        opts[name], scheds[name] = make_optimizer(model, lr, cfg, total, min(warm, total))
+        opts[name], scheds[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
+                                                  cfg.min_lr_ratio)
     out_dir = Path(cfg.out_dir)
     for epoch in range(cfg.epochs):
         record = _train_epoch(cfg, transform, recs, opts, scheds, train_loader, action_cfg, dev, epoch,

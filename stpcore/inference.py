@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stpcore.models import STPrivacy
+from stpcore.models import STPrivacy, load_anonymizer
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
@@ -230,8 +230,7 @@ class ClipAnonymizer:
 
 
 def load_trained(path: str | os.PathLike, **kwargs) -> ClipAnonymizer:
-    """A :class:`ClipAnonymizer` for the model saved at ``path`` by ``stpcore.train.save_anonymizer``
+    """A :class:`ClipAnonymizer` for the model saved at ``path`` by ``stpcore.models.save_anonymizer``
     (or a training checkpoint); ``kwargs`` go to :class:`ClipAnonymizer` (device, precision, threads)."""
-    from stpcore.train import load_anonymizer  # train pulls in the losses and optimizers; only load needs it
 
     return ClipAnonymizer(load_anonymizer(path, map_location="cpu"), **kwargs)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from stpcore.testing import RandomClipLoader
-from stpcore.train import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
+from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
 
 class _Loader(RandomClipLoader):

@@ -17,7 +17,7 @@ from stpcore.cli import build_parser, main
 from stpcore.config import dataclass_from_args, field_help
 from stpcore.demo import DemoConfig
 from stpcore.evaluate import EvalConfig
-from stpcore.train import TrainConfig
+from stpcore.training import TrainConfig
 
 
 def _train_args(tmp_path, fields):

@@ -78,7 +78,7 @@ class _Interrupt:
 def test_resume_on_real_data_matches_uninterrupted(dataset, trained, tmp_path):
     """The same run as `trained`, interrupted mid-epoch in phase 1, then resumed: identical losses."""
     from stpcore.config import dataclass_from_args
-    from stpcore.train import TrainConfig, Trainer, TrainingInterrupted
+    from stpcore.training import TrainConfig, Trainer, TrainingInterrupted
 
     args = _train_args(dataset, tmp_path / "run", "--phase1-epochs", "2", "--phase2-epochs", "2", "--deterministic")
     cfg = dataclass_from_args(TrainConfig, __import__("stpcore.cli").cli.build_parser().parse_args(args))

@@ -27,8 +27,7 @@ from stpcore.evaluate import (
     write_results,
     write_sweep,
 )
-from stpcore.models import STPrivacy, STPrivacyConfig
-from stpcore.train import save_anonymizer
+from stpcore.models import STPrivacy, STPrivacyConfig, save_anonymizer
 from stpcore.tubelets import to_tubelets
 
 T, S, C = 8, 32, 3  # the "tiny" preset's clips; 3 action classes

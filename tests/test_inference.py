@@ -266,7 +266,7 @@ def test_threads_and_description(model):
 
 
 def test_load_trained_round_trip(model, clips, tmp_path):
-    from stpcore.train import save_anonymizer
+    from stpcore.models import save_anonymizer
 
     path = save_anonymizer(model, tmp_path / "stprivacy.pt")
     anon = load_trained(path, precision="fp32")

@@ -6,7 +6,7 @@ import io
 
 from stpcore.progress import LineProgress, progress
 from stpcore.testing import RandomClipLoader
-from stpcore.train import TrainConfig, Trainer
+from stpcore.training import TrainConfig, Trainer
 
 
 class _Tty(io.StringIO):

@@ -20,9 +20,13 @@ import torch
 
 from stpcore.cli import main
 from stpcore.inference import load_trained
-from stpcore.models import STPrivacy, from_name
+from stpcore.models import (
+    STPrivacy,
+    from_name,
+    save_anonymizer,  # noqa: E402
+)
 from stpcore.testing import RandomClipLoader
-from stpcore.train import TrainConfig, Trainer, save_anonymizer
+from stpcore.training import TrainConfig, Trainer
 
 FORMATS = ["torch.save", "bare-pickle"]  # the zip format torch writes, and the legacy one (a plain pickle stream)
 

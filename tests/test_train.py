@@ -8,17 +8,10 @@ import math
 import pytest
 import torch
 
-from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.models import STPrivacy, STPrivacyConfig, load_anonymizer
+from stpcore.runtime import lr_factor, param_groups
 from stpcore.testing import RandomClipLoader
-from stpcore.train import (
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    TrainingInterrupted,
-    load_anonymizer,
-    lr_factor,
-    param_groups,
-)
+from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
 
 def _cfg(tmp_path, **kw):

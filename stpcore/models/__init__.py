@@ -1,12 +1,14 @@
-"""STPrivacy and the video recognizers: configs, models, checkpoint loading."""
+"""STPrivacy and the video recognizers: configs, models, their files (the deployed format, the release's)."""
 
 from __future__ import annotations
 
 from stpcore.models.checkpoints import (
     LoadReport,
     inflate_2d_vit,
+    load_anonymizer,
     load_inflated_2d_vit,
     load_official_state_dict,
+    save_anonymizer,
     unwrap_state_dict,
 )
 from stpcore.models.config import (
@@ -35,8 +37,10 @@ __all__ = [
     "VideoTransformer",
     "from_name",
     "inflate_2d_vit",
+    "load_anonymizer",
     "load_inflated_2d_vit",
     "load_official_state_dict",
     "masked_mean",
+    "save_anonymizer",
     "unwrap_state_dict",
 ]

@@ -1,4 +1,10 @@
-"""Loading the authors' released weights and inflating an ImageNet 2D ViT into the video backbone.
+"""Model files: the deployed STPrivacy's own format, the authors' released weights, and an ImageNet 2D ViT
+inflated into the video backbone.
+
+- :func:`save_anonymizer` / :func:`load_anonymizer`: the trained STPrivacy alone ("stpcore-stprivacy-v1",
+  ``stprivacy.pt``), what ``stpcore anonymize --checkpoint`` reads; :func:`load_anonymizer` also takes a
+  training checkpoint ("stpcore-train-v1", ``last.pt``) and picks the anonymizer out of it.
+- :func:`load_official_state_dict`: the release's state dicts; :func:`load_inflated_2d_vit`: DeiT / timm.
 
 Files are read with ``torch.load(..., weights_only=True)``: a checkpoint is data, and unpickling
 arbitrary objects could run code.
@@ -6,17 +12,26 @@ arbitrary objects could run code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stpcore.media import atomic_path
 from stpcore.models.config import BackboneConfig
+
+if TYPE_CHECKING:
+    from stpcore.models.stprivacy import STPrivacy
+
+STPRIVACY_FORMAT = "stpcore-stprivacy-v1"  # the deployed model: weights, config, class names
+TRAIN_FORMAT = "stpcore-train-v1"  # a training run's checkpoint (stpcore.training.state)
 
 # Wrappers training scripts put around a state dict, unwrapped in this order.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
@@ -234,3 +249,34 @@ def load_inflated_2d_vit(model: nn.Module, path: str | os.PathLike) -> LoadRepor
         raise ValueError(f"{os.fspath(path)}: the inflated ViT does not fit the backbone: missing "
                          f"[{_key_list(absent)}], unexpected [{_key_list(unexpected)}]")
     return load_official_state_dict(model, inflated, strict=False)
+
+
+def save_anonymizer(model: STPrivacy, path: str | os.PathLike, classes: Iterable[str] = ()) -> Path:
+    """Save an STPrivacy model's weights and config (read back with :func:`load_anonymizer`)."""
+    state = {"format": STPRIVACY_FORMAT, "model_config": dataclasses.asdict(model.cfg),
+             "state_dict": model.state_dict(), "classes": list(classes)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> STPrivacy:
+    """An STPrivacy model from :func:`save_anonymizer`'s file or a training checkpoint (weights_only)."""
+    from stpcore.models.config import STPrivacyConfig
+    from stpcore.models.stprivacy import STPrivacy
+
+    state = load_weights_only(path, map_location)
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt == STPRIVACY_FORMAT:
+        weights = state["state_dict"]
+    elif fmt == TRAIN_FORMAT:
+        weights = state["models"]["anonymizer"]
+    else:
+        raise ValueError(f"{path}: not an stpcore STPrivacy checkpoint (format {fmt!r}); expected a file written "
+                         f"by `stpcore train` (stprivacy.pt or last.pt)")
+    model_cfg = dict(state["model_config"])
+    model_cfg["tubelet"] = tuple(model_cfg["tubelet"])
+    model_cfg["prune_locations"] = tuple(model_cfg["prune_locations"])
+    model = STPrivacy(STPrivacyConfig(**model_cfg))
+    model.load_state_dict(weights)
+    return model.eval()

@@ -1,0 +1,136 @@
+"""A training run's checkpoint: its format, the RNG states, saving, loading, and the resume check.
+
+A checkpoint (``last.pt``; format "stpcore-train-v1") holds the three models, their optimizers and
+schedulers, the global RNG states, every rank's Gumbel-noise generator, the position in the run and the
+config. It is written atomically by rank 0 and read with ``weights_only`` (nothing in it is executed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stpcore.media import atomic_path
+from stpcore.models.checkpoints import TRAIN_FORMAT, load_weights_only
+from stpcore.runtime import unwrap
+
+if TYPE_CHECKING:
+    from stpcore.training.trainer import Trainer
+
+# Settings that may change between a run and its resume without changing what it computes.
+RESUME_FREE = frozenset({"out_dir", "data_root", "labels", "workers", "decoder", "progress", "log_every",
+                         "checkpoint_every", "compile", "deterministic"})
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuples(obj):
+    """torch.load(weights_only=True) returns python's random state with lists; random.setstate wants tuples."""
+    if isinstance(obj, list):
+        return tuple(_to_tuples(x) for x in obj)
+    return obj
+
+
+def _jsonable(value: Any) -> Any:
+    """A config value as it reads back from a checkpoint (tuples come back as lists)."""
+    return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def state_dict(trainer: Trainer) -> dict:
+    return {
+        "format": TRAIN_FORMAT,
+        "config": dataclasses.asdict(trainer.cfg),
+        "model_config": dataclasses.asdict(trainer.model_cfg),
+        "classes": list(trainer.loader.classes),
+        "models": {k: unwrap(m).state_dict() for k, m in trainer.models.items()},
+        "optimizers": {k: o.state_dict() for k, o in trainer.opt.items()},
+        "schedulers": {k: s.state_dict() for k, s in trainer.sched.items()},
+        "rng": rng_state(),
+        "noise_rng": trainer.noise_gen.get_state(),
+        "position": {"phase": trainer.phase, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
+                     "global_step": trainer.global_step, "steps_per_epoch": trainer.steps_per_epoch,
+                     "world_size": trainer.dist.world_size},
+    }
+
+
+def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
+    """Write a checkpoint atomically (rank 0 writes; every rank must call it); returns its path."""
+    path = trainer.out_dir / name
+    noise_states = [trainer.noise_gen.get_state()]
+    if trainer.dist.world_size > 1:  # each rank draws its own Gumbel noise: keep every rank's generator
+        noise_states = [None] * trainer.dist.world_size
+        dist.all_gather_object(noise_states, trainer.noise_gen.get_state().cpu())
+    if trainer.dist.main:
+        state = state_dict(trainer)
+        state["noise_rng_per_rank"] = noise_states
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    if trainer.dist.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
+    """Restore a checkpoint written by :func:`save_checkpoint` into ``trainer`` (weights_only)."""
+    state = load_weights_only(path)
+    if state.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path}: not an stpcore training checkpoint (format {state.get('format')!r})")
+    check_resumable(trainer, path, state)
+    for k, m in trainer.models.items():
+        unwrap(m).load_state_dict(state["models"][k])
+    for k, o in trainer.opt.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, s in trainer.sched.items():
+        s.load_state_dict(state["schedulers"][k])
+    rng = dict(state["rng"])
+    rng["python"] = _to_tuples(rng["python"])
+    set_rng_state(rng)
+    per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
+    trainer.noise_gen.set_state(per_rank[trainer.dist.rank])
+    pos = state["position"]
+    trainer.phase, trainer.epoch = pos["phase"], pos["epoch"]
+    trainer.step_in_epoch, trainer.global_step = pos["step_in_epoch"], pos["global_step"]
+
+
+def check_resumable(trainer: Trainer, path, state: dict) -> None:
+    """A resume continues the saved run exactly only with the same schedule: refuse a different number of
+    steps per epoch or processes (the position and the lr schedules would no longer line up), and warn
+    about any other changed setting."""
+    pos = state["position"]
+    saved = (pos.get("steps_per_epoch", trainer.steps_per_epoch), pos.get("world_size", trainer.dist.world_size))
+    if saved != (trainer.steps_per_epoch, trainer.dist.world_size):
+        raise ValueError(
+            f"{path}: saved with {saved[0]} steps per epoch on {saved[1]} process(es), this run has "
+            f"{trainer.steps_per_epoch} on {trainer.dist.world_size}: resume with the same data, batch_size and "
+            f"number of processes, or start a new run")
+    cfg = trainer.cfg
+    now = {k: _jsonable(getattr(cfg, k)) for k in dataclasses.asdict(cfg) if k not in RESUME_FREE}
+    changed = {k: (_jsonable(v), now[k]) for k, v in state.get("config", {}).items()
+               if k in now and _jsonable(v) != now[k]}
+    if changed and trainer.dist.main:
+        warnings.warn(f"{path}: resuming with changed settings {changed} (saved, now); the run is no longer the "
+                      f"one that was saved", RuntimeWarning, stacklevel=4)

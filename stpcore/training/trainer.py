@@ -1,0 +1,424 @@
+"""The STPrivacy trainer: phase 1 (init) and phase 2 (adversarial), resumable, single- or multi-process.
+
+Phase 1: STPrivacy minimises sparsity + CE(action) from its own head.
+Phase 2: alternating steps [G on order: STPrivacy first, then both recognizers on the same batch]:
+  - STPrivacy minimises sparsity + w_a CE(action recognizer) - w_p BCE(privacy recognizer), the
+    recognizers reading the transformed video through the keep mask (policy attention, masked mean
+    pool) with their parameters frozen for this step;
+  - the action recognizer minimises CE and the privacy recognizer BCE on the detached transformed video
+    and keep mask.
+  Options, all off by default (the paper's phase 2): the privacy term as the recognizer's entropy
+  (``privacy_objective``), a ridge-regression start of the reconstruction head (``decoder_init``), a
+  recognizer warm-up, privacy-recognizer restarts, and a sparsity weight.
+
+Every [G] choice is a :class:`TrainConfig` field. Checkpoints hold models, optimizers, schedulers, RNG
+states, the position in the run and the config; they are written atomically every
+``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT and when a loss or a gradient turns
+NaN/Inf (before the bad update). ``resume`` continues exactly where a checkpoint was taken (mid-epoch too:
+the stpcore loaders start at the next batch without decoding the finished ones again; with
+``deterministic=True`` on CPU the losses equal an uninterrupted run); it refuses a checkpoint of another
+schedule (steps per epoch, processes).
+Multi-process with torchrun: DistributedDataParallel (NCCL on GPU, gloo on CPU), the data sharded by
+the loader, only rank 0 writing files. The ranks agree every step (tiny all-reduces) on a NaN, a
+signal and the end of the epoch, so one rank never stops alone while the others wait for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stpcore import losses
+from stpcore.models import STPrivacy, VideoRecognizer
+from stpcore.models.checkpoints import save_anonymizer
+from stpcore.ops import sample_gumbel
+from stpcore.progress import progress
+from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimizer, unwrap
+from stpcore.training import state
+from stpcore.training.config import TrainConfig
+from stpcore.training.distributed import any_rank, sharding_report, wrap_models
+from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due
+
+PHASES = ("phase1", "phase2")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or Inf; a checkpoint of the state before the bad step was written."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written at the step boundary."""
+
+
+class Trainer:
+    """Runs phases 1 and 2 of STPrivacy training on a data source.
+
+    Args:
+        cfg: the run's configuration.
+        loader: an object with ``__iter__`` yielding batches with ``clips`` (B, 3, T, H, W), ``actions``
+            (B,), ``privacy`` (B, 5), ``has_privacy`` (B,), ``__len__`` (batches per epoch),
+            ``set_epoch(epoch)`` and ``classes`` (action class names). Default: built from ``cfg``.
+        device: "cpu", "cuda" or None (CUDA when available; under torchrun the local rank's GPU).
+    """
+
+    def __init__(self, cfg: TrainConfig, loader=None, device: str | torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.dist = init_distributed()
+        if device is None:
+            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if loader is None and cfg.phase2_epochs > 0 and not cfg.labels:
+            raise ValueError("phase 2 needs privacy labels (the adversary trains on them): give --labels "
+                             "(the VP .pickle or a .csv), or --phase2-epochs 0 for phase 1 alone")
+        self.loader = loader if loader is not None else self._default_loader()
+        self.num_classes = len(self.loader.classes)
+        self.model_cfg = cfg.model_config(self.num_classes)
+        self.anonymizer = STPrivacy(self.model_cfg).to(self.device)
+        self.action_rec = VideoRecognizer(cfg.recognizer_config(self.num_classes)).to(self.device)
+        self.privacy_rec = VideoRecognizer(cfg.recognizer_config(5)).to(self.device)
+        if cfg.init_2d:
+            from stpcore.models import load_inflated_2d_vit
+
+            for m in (self.anonymizer, self.action_rec, self.privacy_rec):
+                load_inflated_2d_vit(m, cfg.init_2d)
+        self.steps_per_epoch = max(1, len(self.loader))
+        world_batch = cfg.batch_size * self.dist.world_size
+        self.lr = cfg.base_lr * world_batch / 512
+        warm = int(cfg.warmup_epochs * self.steps_per_epoch)
+        p1 = cfg.phase1_epochs * self.steps_per_epoch
+        p2 = cfg.phase2_epochs * self.steps_per_epoch
+        p2_game = (cfg.phase2_epochs - cfg.recognizer_warmup_epochs) * self.steps_per_epoch  # STPrivacy's updates
+        rec_lr = self.lr * cfg.recognizer_lr_scale
+        schedules = {"phase1": (self.anonymizer, self.lr, p1), "phase2": (self.anonymizer, self.lr, p2_game),
+                     "action": (self.action_rec, rec_lr, p2), "privacy": (self.privacy_rec, rec_lr, p2)}
+        self.opt, self.sched = {}, {}
+        for name, (model, lr, total) in schedules.items():
+            self.opt[name], self.sched[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
+                                                              cfg.min_lr_ratio)
+        self.phase, self.epoch, self.step_in_epoch, self.global_step = "phase1", 0, 0, 0
+        # Gumbel noise comes from the trainer's own generator (one stream per rank), not the global RNG that
+        # data loaders also draw from, so a resumed run draws exactly the noise an uninterrupted one would.
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1009 + self.dist.rank + 1)
+        self._stop_signal: int | None = None
+        self.out_dir = Path(cfg.out_dir)
+        self._wrap_models()
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def _default_loader(self):
+        cfg = self.cfg
+        model_cfg = cfg.model_config(1)
+        return clip_loader(
+            cfg.data_root, train=True, num_frames=model_cfg.num_frames, crop=model_cfg.image_size,
+            short_side=cfg.short_side, kind=cfg.kind, split=cfg.split, labels=cfg.labels,
+            batch_size=cfg.batch_size, workers=cfg.workers, decoder=cfg.decoder,
+            device="cuda" if torch.cuda.is_available() else "cpu", stride=cfg.stride,
+            shard_id=self.dist.rank, num_shards=self.dist.world_size, seed=cfg.seed,
+        )
+
+    def _wrap_models(self) -> None:
+        # Each phase leaves some heads unused (phase 1: reconstruction; phase 2: the own action head); the
+        # forward skips them (reconstruct= / classify=), and DDP's find_unused_parameters skips their grads.
+        models = {"anonymizer": self.anonymizer, "action": self.action_rec, "privacy": self.privacy_rec}
+        self.models = wrap_models(models, self.dist, self.device, compile=self.cfg.compile)
+
+    def _autocast(self):
+        return autocast(self.device, self.cfg.amp)
+
+    # -- checkpoints (stpcore.training.state) -------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return state.state_dict(self)
+
+    def save_checkpoint(self, name: str = "last.pt") -> Path:
+        """Write a checkpoint atomically (rank 0 writes; every rank must call it); returns its path."""
+        return state.save_checkpoint(self, name)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (weights_only: nothing is executed)."""
+        state.load_checkpoint(self, path)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        return any_rank(self.dist, self.device, *flags)
+
+    def _diverged(self, what: str, when: str) -> TrainingDiverged:
+        path = self.save_checkpoint(f"diverged-step{self.global_step}.pt")
+        return TrainingDiverged(
+            f"{what} became NaN/Inf at {self.phase} epoch {self.epoch} step {self.step_in_epoch} (global step "
+            f"{self.global_step}); the state {when} is saved in {path}. Lower base_lr, raise warmup_epochs, or "
+            f"check the data."
+        )
+
+    def _check_finite(self, values: dict[str, torch.Tensor]) -> None:
+        bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+        if self._any_rank(bool(bad))[0]:
+            raise self._diverged(", ".join(bad) or "a loss on another rank", "before this step")
+
+    def _update(self, name: str, loss: torch.Tensor, model: nn.Module) -> float:
+        opt = self.opt[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # The norm of the (already all-reduced) gradients, so every rank sees the same value. A finite loss
+        # can still give NaN/Inf gradients; stepping on them would poison the weights, so stop before it.
+        clip = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            opt.zero_grad(set_to_none=True)
+            raise self._diverged(f"the gradient of the {name} update", "before this update")
+        opt.step()
+        self.sched[name].step()
+        return grad_norm
+
+    def _gumbel_noise(self, batch_size: int) -> list[torch.Tensor]:
+        shape = (batch_size, self.model_cfg.num_tokens, 2)
+        return [sample_gumbel(shape, generator=self.noise_gen, device=self.device)
+                for _ in range(self.model_cfg.num_stages)]
+
+    def phase1_step(self, batch) -> dict[str, float]:
+        anonymizer = self.models["anonymizer"]
+        clips, actions = batch.clips.to(self.device), batch.actions.to(self.device)
+        with self._autocast():
+            # Phase 1 needs no reconstruction: skipping it saves work and leaves DDP no unused outputs.
+            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), reconstruct=False)
+            sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
+            ce = losses.action_loss(out.action_logits, actions)
+            loss = self.cfg.sparsity_weight * sparsity + ce
+        self._check_finite({"loss": loss})
+        self._update("phase1", loss, anonymizer)
+        acc = (out.action_logits.argmax(-1) == actions).float().mean()
+        return {"loss": loss.item(), "sparsity": sparsity.item(), "ce_action": ce.item(), "acc_action": acc.item(),
+                "kept": out.keep.detach().float().mean().item()}
+
+    def phase2_step(self, batch) -> dict[str, float]:
+        cfg = self.cfg
+        anonymizer, action_rec, privacy_rec = (self.models[k] for k in ("anonymizer", "action", "privacy"))
+        clips, actions = batch.clips.to(self.device), batch.actions.to(self.device)
+        privacy, has_privacy = batch.privacy.to(self.device), batch.has_privacy.to(self.device)
+        # 1) STPrivacy: keep the action, defeat the privacy recognizer. The recognizers are frozen here and
+        # called unwrapped (no DDP gradient sync for a step that does not update them).
+        # During the recognizer warm-up STPrivacy only transforms (no graph, no update).
+        game = self.epoch >= cfg.recognizer_warmup_epochs
+        frozen = [unwrap(action_rec), unwrap(privacy_rec)]
+        for m in frozen:
+            m.requires_grad_(False)
+        with self._autocast(), torch.set_grad_enabled(game):
+            # Phase 2 does not use STPrivacy's own action head.
+            out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
+            sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
+            ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
+            privacy_logits = frozen[1](out.video, out.keep, mode="policy")
+            bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
+            term = bce if cfg.privacy_objective == "bce" else losses.masked_privacy_entropy(privacy_logits, has_privacy)
+            loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, term, action_weight=cfg.action_weight,
+                                          privacy_weight=cfg.privacy_weight)
+        self._check_finite({"anonymizer loss": loss})
+        if game:
+            self._update("phase2", loss, anonymizer)
+        for m in frozen:
+            m.requires_grad_(True)
+        # 2) The recognizers, on the detached transformed video and mask.
+        video, keep = out.video.detach(), out.keep.detach()
+        with self._autocast():
+            action_logits = action_rec(video, keep, mode="policy")
+            rec_ce = losses.action_loss(action_logits, actions)
+            privacy_logits = privacy_rec(video, keep, mode="policy")
+            rec_bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
+        self._check_finite({"action recognizer loss": rec_ce, "privacy recognizer loss": rec_bce})
+        self._update("action", rec_ce, action_rec)
+        self._update("privacy", rec_bce, privacy_rec)
+        acc = (action_logits.argmax(-1) == actions).float().mean()
+        priv_acc = ((privacy_logits > 0).float() == privacy).float()[has_privacy].mean() if has_privacy.any() \
+            else torch.tensor(float("nan"))
+        return {"loss": loss.item(), "sparsity": sparsity.item(), "ce_action": ce.item(), "bce_privacy": bce.item(),
+                "privacy_term": term.item(),
+                "rec_ce_action": rec_ce.item(), "rec_bce_privacy": rec_bce.item(), "acc_action": acc.item(),
+                "acc_privacy": priv_acc.item(), "kept": keep.float().mean().item()}
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    def _batches(self, skip: int) -> Iterator:
+        """This epoch's batches from batch ``skip`` on (a mid-epoch resume): the loader starts there when it
+        can (``start_at``: the finished batches are not decoded again); any other loader is read from the
+        start and its first ``skip`` batches are dropped."""
+        self.loader.set_epoch(self.epoch)
+        if skip and hasattr(self.loader, "start_at"):
+            self.loader.start_at(skip)
+            skip = 0
+        for i, batch in enumerate(self.loader):
+            if i < skip:  # resume mid-epoch: these batches were already trained on
+                continue
+            yield batch
+
+    def _log(self, record: dict) -> None:
+        """One JSON line in out_dir/metrics.jsonl (rank 0), and TensorBoard scalars when it is installed."""
+        if not self.dist.main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("seconds",):
+                    writer.add_scalar(f"{record['phase']}/{key}", value, record["step"])
+
+    def _tensorboard(self):
+        """A SummaryWriter on out_dir/tensorboard, or None when the tensorboard package is absent."""
+        if not hasattr(self, "_tb_writer"):
+            self._tb_writer = None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: pip install tensorboard
+                return None
+            self._tb_writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        return self._tb_writer
+
+    def fit(self, resume: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+        """Run (or continue) phases 1 and 2; returns the per-step metrics of this call by phase."""
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if self.dist.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        history: dict[str, list[dict]] = {p: [] for p in PHASES}
+        self.history = history  # also reachable when fit() ends by an exception
+        if self.phase == "done":  # a finished run: nothing to train, make sure the exported model exists
+            if self.dist.main and not (self.out_dir / "stprivacy.pt").is_file():
+                self.export_anonymizer(self.out_dir / "stprivacy.pt")
+            return history
+        previous = self._install_signal_handlers()
+        try:
+            for phase in PHASES[PHASES.index(self.phase):]:
+                if phase != self.phase:
+                    self.phase, self.epoch, self.step_in_epoch = phase, 0, 0
+                epochs = self.cfg.phase1_epochs if phase == "phase1" else self.cfg.phase2_epochs
+                step_fn = self.phase1_step if phase == "phase1" else self.phase2_step
+                if phase == "phase2" and self.epoch == 0 and self.step_in_epoch == 0 \
+                        and self.cfg.decoder_init == "lstsq":
+                    self._fit_decoder()
+                for m in self.models.values():
+                    m.train()
+                while self.epoch < epochs:
+                    self._run_epoch(phase, epochs, step_fn, history)
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self.save_checkpoint()
+            self.phase = "done"
+            self.save_checkpoint()
+            if getattr(self, "_tb_writer", None) is not None:
+                self._tb_writer.flush()
+            if self.dist.main:
+                self.export_anonymizer(self.out_dir / "stprivacy.pt")
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+        return history
+
+    def _fit_decoder(self) -> None:
+        """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py)."""
+        self.loader.set_epoch(self.epoch)
+        seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist)
+        if seen and self.dist.main:
+            self._log({"phase": "phase2", "epoch": self.epoch, "event": "decoder fitted (lstsq)", "clips": seen})
+
+    def _maybe_restart_privacy(self) -> None:
+        """privacy_restart_every: a fresh privacy recognizer at the start of every such epoch (phase2.py)."""
+        if not restart_due(self.cfg, self.phase, self.epoch, self.step_in_epoch):
+            return
+        self.privacy_rec.load_state_dict(fresh_privacy_recognizer(self.cfg, self.epoch))  # in place: wrappers stay
+        self.opt["privacy"].state.clear()
+        if self.dist.main:
+            self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy recognizer restarted"})
+
+    def _run_epoch(self, phase: str, epochs: int, step_fn, history) -> None:
+        self._maybe_restart_privacy()
+        bar = None
+        if self.cfg.progress and self.dist.main:
+            bar = progress(self.steps_per_epoch, f"{phase} epoch {self.epoch + 1}/{epochs}", initial=self.step_in_epoch)
+        start = time.perf_counter()
+        seen: list[int] = []  # video indices this rank trained on (when the loader provides them)
+        labelled, ran = 0, 0  # phase-2 clips with privacy labels; steps run by this call
+        batches = self._batches(self.step_in_epoch)
+        while True:
+            batch = next(batches, None)
+            # Ranks may hold different numbers of batches (a loader that skips unreadable videos): the epoch
+            # ends for all when one rank runs out, or their collectives would wait for each other forever.
+            if self._any_rank(batch is None)[0]:
+                break
+            if getattr(batch, "video_index", None) is not None:
+                seen += batch.video_index.tolist()
+            if phase == "phase2":
+                labelled += int(batch.has_privacy.sum())
+            lr = self.opt[phase].param_groups[0]["lr"]  # the rate this step uses (the schedulers step after it)
+            metrics = step_fn(batch)
+            ran += 1
+            self.step_in_epoch += 1
+            self.global_step += 1
+            record = {"phase": phase, "epoch": self.epoch, "step": self.global_step, "lr": lr, **metrics}
+            history[phase].append(record)
+            if self.global_step % max(1, self.cfg.log_every) == 0 or self.step_in_epoch == self.steps_per_epoch:
+                record["seconds"] = round(time.perf_counter() - start, 3)
+                self._log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['kept']:.2f}")
+            if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self._any_rank(self._stop_signal is not None)[0]:  # a signal may reach the ranks at different steps
+                path = self.save_checkpoint()
+                raise TrainingInterrupted(f"signal {self._stop_signal or 'on another rank'}: checkpoint written to "
+                                          f"{path}; continue with --resume {path}")
+        if bar is not None:
+            bar.close()
+        if phase == "phase2" and self._any_rank(ran > 0 and labelled == 0)[0] and self.dist.main:
+            warnings.warn(f"phase 2 epoch {self.epoch}: a rank trained on no clip with privacy labels, so the "
+                          f"privacy adversary learned nothing there; check that the label keys (<class>/<video>) "
+                          f"match the videos", RuntimeWarning, stacklevel=2)
+            self._log({"phase": phase, "epoch": self.epoch, "event": "no privacy labels seen"})
+        if self.dist.world_size > 1 and seen:
+            self._log_sharding(phase, seen)
+        report = getattr(self.loader, "report", None)
+        if report is not None and self.dist.main:
+            counts = dict(report().counts)
+            if counts:
+                self._log({"phase": phase, "epoch": self.epoch, "data_report": counts})
+
+    def _log_sharding(self, phase: str, seen: list[int]) -> None:
+        """Rank 0 logs which videos each rank trained on this epoch: the shards must not overlap."""
+        self._log({"phase": phase, "epoch": self.epoch, **sharding_report(self.dist, seen)})
+
+    def export_anonymizer(self, path: str | os.PathLike) -> Path:
+        """Write the STPrivacy weights and config alone: what ``stpcore anonymize --checkpoint`` reads."""
+        return save_anonymizer(unwrap(self.models["anonymizer"]), path, classes=list(self.loader.classes))
