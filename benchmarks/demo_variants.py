@@ -31,7 +31,7 @@ def main() -> None:
 
     from stpcore.data.synth import make_synthetic_dataset
     from stpcore.demo import DemoConfig, _loaders, eval_config, train_config
-    from stpcore.evaluate import evaluate
+    from stpcore.evaluation import evaluate
     from stpcore.models import STPrivacyConfig
     from stpcore.training import Trainer
 

@@ -138,7 +138,7 @@ def _load_boxes(path: str | None) -> dict[str, tuple[float, float, float, float]
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from stpcore.config import dataclass_from_args
-    from stpcore.evaluate import EvalConfig, evaluate, results_table
+    from stpcore.evaluation import EvalConfig, evaluate, results_table
 
     cfg = dataclass_from_args(EvalConfig, args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -151,7 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from stpcore.config import dataclass_from_args
-    from stpcore.evaluate import EvalConfig, evaluate, sweep, write_sweep
+    from stpcore.evaluation import EvalConfig, evaluate, sweep, write_sweep
 
     cfg = dataclass_from_args(EvalConfig, args)
     raw = evaluate(cfg, checkpoint=args.checkpoint, methods=("raw",))[0] if args.with_raw else None
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.set_defaults(func=_cmd_anonymize)
 
-    from stpcore.evaluate import EvalConfig
+    from stpcore.evaluation import EvalConfig
 
     p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")
     p.add_argument("--config", help="JSON file of EvalConfig fields (flags override it)")

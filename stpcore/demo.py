@@ -111,7 +111,7 @@ def train_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
 
 def eval_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
     """The demo's phase 3 as an EvalConfig (``overrides``: EvalConfig fields)."""
-    from stpcore.evaluate import EvalConfig
+    from stpcore.evaluation import EvalConfig
 
     fields = dict(
         data_root=str(data), labels=str(data / "vp_labels.csv"), preset=cfg.preset, epochs=cfg.eval_epochs,
@@ -124,7 +124,7 @@ def eval_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
 def run_demo(args: argparse.Namespace | DemoConfig) -> int:
     from stpcore.anonymize import anonymize_files
     from stpcore.data.synth import make_synthetic_dataset
-    from stpcore.evaluate import SweepPoint, evaluate, sweep, write_results, write_sweep
+    from stpcore.evaluation import SweepPoint, evaluate, sweep, write_results, write_sweep
     from stpcore.models import STPrivacyConfig, load_anonymizer
     from stpcore.training import Trainer
 
@@ -211,7 +211,7 @@ def run_demo(args: argparse.Namespace | DemoConfig) -> int:
 
 
 def _print_summary(results, points, report, out, checkpoint, sweep_png, timings) -> None:
-    from stpcore.evaluate import paper_table
+    from stpcore.evaluation import paper_table
 
     raw, ours, base = results[0], results[1], results[2]
     print()

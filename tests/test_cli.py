@@ -16,7 +16,7 @@ from stpcore import media
 from stpcore.cli import build_parser, main
 from stpcore.config import dataclass_from_args, field_help
 from stpcore.demo import DemoConfig
-from stpcore.evaluate import EvalConfig
+from stpcore.evaluation import EvalConfig
 from stpcore.training import TrainConfig
 
 

@@ -53,8 +53,8 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
     # The test step takes the kernel and model suite whole, plus gpu tests elsewhere, and not the rest.
     tests = log.split("== tests ")[1].split("-- tests:")[0]
     assert "tests/kernels/test_compile.py::" in tests and "tests/models/test_checkpoints.py::" in tests
-    assert "tests/test_evaluate.py::test_sweep_on_cuda_bf16" in tests
-    assert "tests/test_train.py::" not in tests
+    assert "tests/evaluation/test_protocol.py::test_sweep_on_cuda_bf16" in tests
+    assert "tests/training/test_trainer.py::" not in tests
     assert "warm:" in log and "tiles: fwd candidates" in log and "profile: phase-2 step" in log
 
 

@@ -126,14 +126,15 @@ def _sweep(tmp_path, checkpoint):
 @pytest.mark.parametrize("command", [_anonymize, _eval, _sweep], ids=["anonymize", "eval", "sweep"])
 def test_checkpoint_flag_refuses_a_checkpoint_that_runs_code(tmp_path, anonymizer_file, marker, monkeypatch,
                                                              capsys, command, fmt):
-    from stpcore import anonymize, evaluate
+    from stpcore import anonymize
+    from stpcore.evaluation import protocol
 
     def reached(*args, **kwargs):
         raise _ReachedTheData
 
     # The legitimate file loads, and the command goes on to its data (stopped there: there is none).
     monkeypatch.setattr(anonymize, "anonymize_files", reached)
-    monkeypatch.setattr(evaluate, "default_loader", reached)
+    monkeypatch.setattr(protocol, "default_loader", reached)
     with pytest.raises(_ReachedTheData):
         main(command(tmp_path, anonymizer_file))
     capsys.readouterr()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from stpcore.evaluate import (
+from stpcore.evaluation import (
     EvalConfig,
     MethodResult,
     STPrivacyTransform,

@@ -1,6 +1,6 @@
-"""One rank of a 2-process gloo training run for tests/test_train_ddp.py (run under torch.distributed.run).
+"""One rank of a 2-process gloo training run for tests/training/test_distributed.py (run under torch.distributed.run).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py SCENARIO OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/training/ddp_worker.py SCENARIO OUT_DIR
 
 Scenarios: "nan_on_rank1" (rank 1's second batch overflows inside the model), "short_rank1" (rank 1's loader
 has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, after its second batch),

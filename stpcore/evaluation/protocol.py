@@ -1,0 +1,384 @@
+"""Phase 3 of STPrivacy: evaluate a frozen anonymizer (and the baselines) with fresh recognizers.
+
+The paper's protocol: freeze STPrivacy, transform every video, train NEW action and privacy recognizers on
+the transformed train split (80 epochs), test them on the transformed test split, and score them with
+:mod:`stpcore.evaluation.metrics`. A method is a transform of :mod:`stpcore.evaluation.methods`.
+
+Protocols. *Known actions*: phases 1-2 and 3 on the same dataset (``stpcore train`` then :func:`evaluate`
+with the same ``data_root``). *Unseen actions*: phases 1-2 on dataset A, phase 3 on dataset B, i.e. the same
+call with B's root (and labels): the recognizers are new and sized from B's classes, STPrivacy's own action
+head is never used. Either way the checkpoint's clip geometry (frames, size) must match the data config;
+``check_geometry`` raises a ValueError otherwise.
+
+Files in ``cfg.out_dir``: ``eval_metrics.jsonl`` (one line per recognizer epoch and one per test),
+``results.md`` / ``results.csv`` (``write_results``) and ``sweep.csv`` / ``sweep.png`` (``write_sweep``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stpcore import losses
+from stpcore.data.labels import PRIVACY_ATTRIBUTES
+from stpcore.evaluation.config import EvalConfig, check_geometry
+from stpcore.evaluation.methods import METHODS, MethodTransform, STPrivacyTransform, make_transform
+from stpcore.evaluation.metrics import Metrics, video_metrics
+from stpcore.evaluation.report import PAPER_RESULTS, write_results, write_sweep
+from stpcore.evaluation.results import MethodResult, SweepPoint
+from stpcore.models import BackboneConfig, RecognizerConfig, STPrivacy, VideoRecognizer, load_anonymizer
+from stpcore.progress import progress
+from stpcore.runtime import autocast, clip_loader, make_optimizer
+
+
+def _device(cfg: EvalConfig, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _geometry(cfg: EvalConfig, backbone: BackboneConfig | None) -> tuple[int, int]:
+    if backbone is not None:
+        return check_geometry(backbone, cfg)
+    base = RecognizerConfig.from_name(cfg.preset or "vit_small")
+    return cfg.num_frames or base.num_frames, cfg.image_size or base.image_size
+
+
+def recognizer_config(cfg: EvalConfig, num_outputs: int, backbone: BackboneConfig | None = None) -> RecognizerConfig:
+    """The fresh recognizers' config at the evaluation's clip geometry: cfg.preset when set, else the
+    backbone of ``backbone`` (the STPrivacy checkpoint's config), else "vit_small"."""
+    num_frames, image_size = _geometry(cfg, backbone)
+    if cfg.preset is None and backbone is not None:
+        shape = {f.name: getattr(backbone, f.name) for f in dataclasses.fields(BackboneConfig)}
+        return RecognizerConfig(**shape, num_outputs=num_outputs)
+    return RecognizerConfig.from_name(cfg.preset or "vit_small", num_outputs=num_outputs, num_frames=num_frames,
+                                      image_size=image_size)
+
+
+def default_loader(cfg: EvalConfig, train: bool, backbone: BackboneConfig | None = None):
+    """The dataset loader of cfg at the evaluation's clip geometry (train: random clips, drop_last; test:
+    5 clips x 3 crops per video)."""
+    num_frames, image_size = _geometry(cfg, backbone)
+    return clip_loader(
+        cfg.data_root, train=train, num_frames=num_frames, crop=image_size, short_side=cfg.short_side,
+        kind=cfg.kind, split=cfg.split, labels=cfg.labels,
+        batch_size=cfg.batch_size if train else cfg.test_batch_size, workers=cfg.workers, decoder=cfg.decoder,
+        device="cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu", stride=cfg.stride,
+        seed=cfg.seed,
+    )
+
+
+def _log(out_dir: Path, record: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "eval_metrics.jsonl", "a") as f:
+        f.write(json.dumps(_nan_to_none(record)) + "\n")
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """NaN is not JSON; undefined metrics become null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _progress(cfg: EvalConfig, total: int, desc: str):
+    return progress(total, desc) if cfg.progress else None
+
+
+def _check_clips(clips: torch.Tensor, rec_cfg: RecognizerConfig) -> None:
+    expected = (rec_cfg.num_frames, rec_cfg.image_size, rec_cfg.image_size)
+    if clips.dim() != 5 or tuple(clips.shape[2:]) != expected:
+        raise ValueError(f"the loader's clips are {tuple(clips.shape)}, but the evaluation expects (B, 3, "
+                         f"{expected[0]}, {expected[1]}, {expected[2]}) (from the checkpoint or the config's "
+                         f"num_frames / image_size); fix the data config")
+
+
+def _train_epoch(cfg, transform, recs, opts, scheds, loader, rec_cfg, device, epoch, method) -> dict:
+    action_rec, privacy_rec = recs
+    mode = transform.keep_mode or "policy"
+    for m in recs:
+        m.train()
+    loader.set_epoch(epoch)
+    bar = _progress(cfg, len(loader), f"{method} epoch {epoch + 1}/{cfg.epochs}")
+    start = time.perf_counter()
+    # Running sums stay on the device; one host copy per epoch.
+    sums = torch.zeros(3, device=device)  # ce * clips, bce * clips, correct
+    clips_seen = 0
+    for step, batch in enumerate(loader):
+        clips = batch.clips.to(device, non_blocking=True)
+        if step == 0:
+            _check_clips(clips, rec_cfg)
+        actions = batch.actions.to(device, non_blocking=True)
+        privacy = batch.privacy.to(device, non_blocking=True)
+        has = batch.has_privacy.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            video, keep = transform(clips, getattr(batch, "video_ids", None))  # one transform, two updates
+            action_logits = action_rec(video, keep, mode=mode)
+            ce = losses.action_loss(action_logits, actions)
+            bce = losses.masked_privacy_loss(privacy_rec(video, keep, mode=mode), privacy, has)
+        for name, loss, model in (("action", ce, action_rec), ("privacy", bce, privacy_rec)):
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opts[name].step()
+            scheds[name].step()
+        n = clips.shape[0]
+        correct = (action_logits.detach().argmax(-1) == actions).sum()
+        sums += torch.stack([ce.detach() * n, bce.detach() * n, correct.float()])
+        clips_seen += n
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ce_sum, bce_sum, correct = sums.tolist()
+    clips_seen = max(clips_seen, 1)
+    return {"method": method, "epoch": epoch, "lr": opts["action"].param_groups[0]["lr"],
+            "ce_action": ce_sum / clips_seen, "bce_privacy": bce_sum / clips_seen,
+            "acc_action": correct / clips_seen, "seconds": round(time.perf_counter() - start, 3)}
+
+
+@torch.no_grad()
+def _test(cfg, transform, recs, loader, rec_cfg, device, method) -> tuple[Metrics, float]:
+    action_rec, privacy_rec = recs
+    mode = transform.keep_mode or "policy"
+    for m in recs:
+        m.eval()
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("action", "privacy", "actions", "labels", "has", "video")}
+    kept, tokens = torch.zeros((), device=device), 0  # kept tokens (on the device), all tokens
+    offset = 0
+    bar = _progress(cfg, len(loader), f"{method} test")
+    for step, batch in enumerate(loader):
+        clips = batch.clips.to(device, non_blocking=True)
+        if step == 0:
+            _check_clips(clips, rec_cfg)
+        with autocast(device, cfg.amp):
+            video, keep = transform(clips, getattr(batch, "video_ids", None))
+            outs["action"].append(action_rec(video, keep, mode=mode).float().softmax(-1))
+            outs["privacy"].append(privacy_rec(video, keep, mode=mode).float().sigmoid())
+        if keep is not None:
+            kept += keep.float().sum()
+            tokens += keep.numel()
+        video_index = getattr(batch, "video_index", None)
+        if video_index is None:  # a loader without view grouping: every clip is its own video
+            video_index = torch.arange(offset, offset + clips.shape[0])
+        offset += clips.shape[0]
+        outs["actions"].append(batch.actions)
+        outs["labels"].append(batch.privacy)
+        outs["has"].append(batch.has_privacy)
+        outs["video"].append(video_index)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not outs["action"]:
+        raise ValueError(f"{method}: the test loader yielded no batch")
+    cat = {k: torch.cat([t.cpu() for t in v]) for k, v in outs.items()}
+    metrics = video_metrics(cat["action"], cat["actions"], cat["privacy"], cat["labels"], cat["has"], cat["video"])
+    return metrics, (kept.item() / tokens if tokens else 1.0)
+
+
+def evaluate_method(
+    method_transform: MethodTransform,
+    cfg: EvalConfig,
+    train_loader=None,
+    test_loader=None,
+    *,
+    backbone: BackboneConfig | None = None,
+    device: str | torch.device | None = None,
+) -> MethodResult:
+    """Train fresh action and privacy recognizers on the transformed train split and test them.
+
+    Both recognizers are trained in the same pass (one transform per batch, two updates) for cfg.epochs with
+    AdamW, lr = base_lr * batch_size / 512, warm-up + cosine (``train.make_optimizer``). Each epoch appends a
+    line to ``cfg.out_dir/eval_metrics.jsonl``; so does the test.
+
+    Args:
+        method_transform: the method (see :func:`make_transform`).
+        cfg: the evaluation config.
+        train_loader: yields batches with clips (B, 3, T, H, W) float, actions (B,) int64, privacy (B, 5),
+            has_privacy (B,) bool, optional video_ids; has ``__len__``, ``set_epoch`` and ``classes``.
+            Default: cfg's train split.
+        test_loader: the same plus video_index (B,) int64 grouping the views of a video (without it every
+            clip counts as a video). Default: cfg's test split (5 clips x 3 crops per video).
+        backbone: the recognizers' backbone when cfg.preset is None (default: the transform's STPrivacy
+            config, else "vit_small"); evaluate() passes the checkpoint's so the baselines match.
+        device: overrides cfg.device.
+
+    Returns:
+        :class:`MethodResult`.
+    """
+    start = time.perf_counter()
+    dev = _device(cfg, device)
+    transform = method_transform.to(dev)
+    model_cfg = transform.model_config
+    backbone = backbone if backbone is not None else model_cfg
+    train_loader = train_loader if train_loader is not None else default_loader(cfg, True, backbone)
+    test_loader = test_loader if test_loader is not None else default_loader(cfg, False, backbone)
+    num_classes = len(train_loader.classes)
+    action_cfg = recognizer_config(cfg, num_classes, backbone)
+    if model_cfg is not None and (action_cfg.tubelet, action_cfg.grid) != (model_cfg.tubelet, model_cfg.grid):
+        raise ValueError(f"{transform.name}: the recognizers' tubelet grid {action_cfg.grid} (tubelet "
+                         f"{action_cfg.tubelet}, preset {cfg.preset!r}) differs from STPrivacy's {model_cfg.grid} "
+                         f"(tubelet {model_cfg.tubelet}); its keep mask cannot be read. Use preset=None")
+    torch.manual_seed(cfg.seed)  # every method starts from the same recognizer weights
+    recs = (VideoRecognizer(action_cfg).to(dev),
+            VideoRecognizer(dataclasses.replace(action_cfg, num_outputs=len(PRIVACY_ATTRIBUTES))).to(dev))
+    if cfg.init_2d:
+        from stpcore.models import load_inflated_2d_vit
+
+        for m in recs:
+            load_inflated_2d_vit(m, cfg.init_2d)
+    steps_per_epoch = max(1, len(train_loader))
+    total, warm = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    lr = cfg.base_lr * cfg.batch_size / 512
+    opts, scheds = {}, {}
+    for name, model in zip(("action", "privacy"), recs, strict=True):
+        opts[name], scheds[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
+                                                  cfg.min_lr_ratio)
+    out_dir = Path(cfg.out_dir)
+    for epoch in range(cfg.epochs):
+        record = _train_epoch(cfg, transform, recs, opts, scheds, train_loader, action_cfg, dev, epoch,
+                              transform.name)
+        _log(out_dir, record)
+    metrics, kept_fraction = _test(cfg, transform, recs, test_loader, action_cfg, dev, transform.name)
+    notes = []
+    if metrics.skipped_attributes and metrics.num_privacy_videos:
+        notes.append(f"cMAP over {5 - len(metrics.skipped_attributes)} of 5 attributes (skipped, test labels all "
+                     f"one class: {', '.join(metrics.skipped_attributes)})")
+    if metrics.num_privacy_videos == 0:
+        notes.append("no test video has privacy labels: cMAP and F1 undefined")
+    missing = getattr(transform, "missing", None)
+    if missing:
+        notes.append(f"{len(missing)} video(s) had no person box and were left unchanged")
+    result = MethodResult(
+        method=transform.name, top1=metrics.top1, cmap=metrics.cmap, f1=metrics.f1, ap=metrics.ap,
+        f1_per_attribute=metrics.f1_per_attribute, skipped_attributes=metrics.skipped_attributes,
+        num_test_videos=metrics.num_videos, num_privacy_videos=metrics.num_privacy_videos,
+        kept_fraction=kept_fraction, seconds=round(time.perf_counter() - start, 3), epochs=cfg.epochs,
+        note="; ".join(notes),
+    )
+    _log(out_dir, {"method": result.method, "test": dataclasses.asdict(result)})
+    return result
+
+
+def load_checkpoint(path: str | os.PathLike, cfg: EvalConfig) -> STPrivacy:
+    """The frozen STPrivacy model of a checkpoint (stprivacy.pt or last.pt), its geometry checked against cfg."""
+    model = load_anonymizer(path)
+    check_geometry(model.cfg, cfg, source=f"checkpoint {os.fspath(path)}")
+    return model.eval().requires_grad_(False)
+
+
+def evaluate(
+    cfg: EvalConfig,
+    checkpoint: str | os.PathLike | None = None,
+    methods: Sequence[str] = ("raw", "stprivacy", "downsample4"),
+    keep_ratio: float | None = None,
+    boxes: Mapping[str, Sequence[float]] | None = None,
+    *,
+    threshold: float | None = None,
+    train_loader=None,
+    test_loader=None,
+    device: str | torch.device | None = None,
+) -> list[MethodResult]:
+    """Phase 3 for several methods on one dataset; writes results.md / results.csv to cfg.out_dir.
+
+    Args:
+        cfg: the evaluation config.
+        checkpoint: STPrivacy checkpoint (needed for "stprivacy"; its geometry sets the clip size).
+        methods: names from METHODS, evaluated in order. "blacken" without boxes is skipped with a warning.
+        keep_ratio: STPrivacy's inference alpha (None: the checkpoint's).
+        boxes: video_id -> (x0, y0, x1, y1) relative person boxes for "blacken".
+        threshold: evaluate STPrivacy in adaptive mode with this threshold instead of a keep ratio.
+        train_loader, test_loader: override the dataset loaders (built once from cfg otherwise and shared by
+            all methods).
+        device: overrides cfg.device.
+
+    Returns:
+        one :class:`MethodResult` per evaluated method.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if "stprivacy" in methods and checkpoint is None:
+        raise ValueError("method 'stprivacy' needs checkpoint= (stprivacy.pt or last.pt from `stpcore train`)")
+    anonymizer = load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
+    model_cfg = anonymizer.cfg if anonymizer is not None else None
+    # Baselines are run at the checkpoint's geometry too, so every row of the table sees the same clips.
+    train_loader = train_loader if train_loader is not None else default_loader(cfg, True, model_cfg)
+    test_loader = test_loader if test_loader is not None else default_loader(cfg, False, model_cfg)
+    results = []
+    for name in methods:
+        if name == "blacken" and boxes is None:
+            warnings.warn("method 'blacken' skipped: no person boxes supplied (pass boxes={video_id: (x0, y0, x1, "
+                          "y1)} in relative coordinates)", UserWarning, stacklevel=2)
+            _log(Path(cfg.out_dir), {"method": name, "skipped": "no person boxes supplied"})
+            continue
+        transform = make_transform(name, anonymizer=anonymizer, keep_ratio=keep_ratio, threshold=threshold,
+                                   boxes=boxes)
+        # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
+        results.append(evaluate_method(transform, cfg, train_loader, test_loader, backbone=model_cfg,
+                                       device=device))
+        write_results(results, cfg.out_dir, dataset=_dataset_of(train_loader))
+    return results
+
+
+def _dataset_of(loader) -> str | None:
+    kind = getattr(loader, "kind", None)
+    return kind if kind in PAPER_RESULTS else None
+
+
+def sweep(
+    cfg: EvalConfig,
+    checkpoint: str | os.PathLike,
+    keep_ratios: Iterable[float] = (1.0, 0.85, 0.7, 0.55, 0.4),
+    thresholds: Iterable[float] = (0.5,),
+    *,
+    raw: MethodResult | SweepPoint | None = None,
+    train_loader=None,
+    test_loader=None,
+    device: str | torch.device | None = None,
+) -> list[SweepPoint]:
+    """The same trained STPrivacy at several keep ratios and adaptive thresholds, fresh recognizers per point
+    (no retraining of STPrivacy). sweep.csv and sweep.png are rewritten in cfg.out_dir after every point.
+
+    Args:
+        cfg: the evaluation config.
+        checkpoint: the STPrivacy checkpoint.
+        keep_ratios: per-stage alphas in (0, 1] (gather mode).
+        thresholds: adaptive thresholds in (0, 1) (policy mode).
+        raw: a raw-video result drawn for reference (not re-evaluated).
+        train_loader, test_loader: override the dataset loaders (built once from cfg otherwise).
+        device: overrides cfg.device.
+
+    Returns:
+        one :class:`SweepPoint` per keep ratio, then per threshold.
+    """
+    anonymizer = load_checkpoint(checkpoint, cfg)
+    train_loader = train_loader if train_loader is not None else default_loader(cfg, True, anonymizer.cfg)
+    test_loader = test_loader if test_loader is not None else default_loader(cfg, False, anonymizer.cfg)
+    settings = [("keep_ratio", float(r)) for r in keep_ratios] + [("threshold", float(t)) for t in thresholds]
+    points: list[SweepPoint] = []
+    for setting, value in settings:
+        transform = (STPrivacyTransform(anonymizer, keep_ratio=value) if setting == "keep_ratio"
+                     else STPrivacyTransform(anonymizer, threshold=value))
+        result = evaluate_method(transform, cfg, train_loader, test_loader, device=device)
+        points.append(SweepPoint.from_result(result, setting, value))
+        write_sweep(points, cfg.out_dir, raw=raw)
+    return points
