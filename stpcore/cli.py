@@ -17,9 +17,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from stpcore.demo import run_demo
+    from stpcore.config import dataclass_from_args
+    from stpcore.demo import DemoConfig, run_demo
 
-    return run_demo(args)
+    return run_demo(dataclass_from_args(DemoConfig, args))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -163,20 +164,33 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (its first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``stpcore`` parser. Every subcommand is listed; the flags made from a config dataclass (train, eval,
+    sweep, demo), whose modules are imported to read them, are added for ``command`` alone (all of them when
+    None), so ``stpcore info`` or ``stpcore anonymize`` load no training or evaluation code."""
     parser = argparse.ArgumentParser(prog="stpcore", description="STPrivacy engine: train, evaluate, anonymize.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
 
     p = sub.add_parser("info", help="versions, devices, and which backends can run (and why not)")
     p.set_defaults(func=_cmd_info)
 
     from stpcore.config import add_dataclass_arguments
-    from stpcore.training import TrainConfig
 
     p = sub.add_parser("train", help="train STPrivacy (phases 1 and 2); torchrun for several processes")
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
     p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
-    add_dataclass_arguments(p, TrainConfig)
+    if wanted("train"):
+        from stpcore.training.config import TrainConfig
+
+        add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -206,8 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.set_defaults(func=_cmd_anonymize)
 
-    from stpcore.evaluation import EvalConfig
-
     p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")
     p.add_argument("--config", help="JSON file of EvalConfig fields (flags override it)")
     p.add_argument("--checkpoint", help="trained STPrivacy (needed for the stprivacy method)")
@@ -217,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     ratio.add_argument("--keep-ratio", type=float, help="STPrivacy keep ratio (default: the trained one)")
     ratio.add_argument("--adaptive", type=float, metavar="T", help="STPrivacy adaptive mode at threshold T")
     p.add_argument("--boxes", help="JSON {video_id: [x0, y0, x1, y1]} person boxes for the blacken baseline")
-    add_dataclass_arguments(p, EvalConfig)
+    if wanted("eval"):
+        from stpcore.evaluation.config import EvalConfig
+
+        add_dataclass_arguments(p, EvalConfig)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("sweep", help="privacy/utility trade-off of one trained model over keep ratios")
@@ -226,14 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ratios", type=_floats, default=(1.0, 0.85, 0.7, 0.55, 0.4))
     p.add_argument("--thresholds", type=_floats, default=(0.5,), help="adaptive-mode thresholds")
     p.add_argument("--with-raw", action="store_true", help="also evaluate raw video, drawn for reference")
-    add_dataclass_arguments(p, EvalConfig)
-    p.set_defaults(func=_cmd_sweep)
+    if wanted("sweep"):
+        from stpcore.evaluation.config import EvalConfig
 
-    from stpcore.demo import DemoConfig
+        add_dataclass_arguments(p, EvalConfig)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("demo", help="the main job on the built-in default: synthetic data, phases 1-3, videos")
     p.add_argument("--config", help="JSON file of DemoConfig fields (flags override it)")
-    add_dataclass_arguments(p, DemoConfig)
+    if wanted("demo"):
+        from stpcore.demo import DemoConfig
+
+        add_dataclass_arguments(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)
 
     try:
@@ -246,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

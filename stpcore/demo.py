@@ -21,7 +21,6 @@ folder reuses the dataset and resumes or reuses the training (delete the folder 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -86,13 +85,12 @@ class DemoConfig:
 
 
 def _loaders(cfg: DemoConfig, data: Path, num_frames: int, size: int):
-    from stpcore.data import DataConfig, get_loader
+    from stpcore.runtime import clip_loader
 
-    common = dict(root=data, labels=data / "vp_labels.csv", num_frames=num_frames, crop=size,
-                  short_side=round(size * 8 / 7), stride=cfg.stride, decoder="pyav", cache=True, seed=cfg.seed)
-    train = get_loader(DataConfig(**common, train=True, batch_size=cfg.batch_size, drop_last=True))
-    test = get_loader(DataConfig(**common, train=False, batch_size=8))
-    return train, test
+    common = dict(labels=data / "vp_labels.csv", num_frames=num_frames, crop=size, stride=cfg.stride,
+                  decoder="pyav", cache=True, seed=cfg.seed)
+    return (clip_loader(data, train=True, batch_size=cfg.batch_size, **common),
+            clip_loader(data, train=False, batch_size=8, **common))
 
 
 def train_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
@@ -121,14 +119,14 @@ def eval_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
     return EvalConfig(**(fields | overrides))
 
 
-def run_demo(args: argparse.Namespace | DemoConfig) -> int:
+def run_demo(cfg: DemoConfig) -> int:
+    """Run the demo (module docstring) into ``cfg.out``; prints where its outputs are. Returns 0."""
     from stpcore.anonymize import anonymize_files
     from stpcore.data.synth import make_synthetic_dataset
     from stpcore.evaluation import SweepPoint, evaluate, sweep, write_results, write_sweep
     from stpcore.models import STPrivacyConfig, load_anonymizer
     from stpcore.training import Trainer
 
-    cfg = args if isinstance(args, DemoConfig) else _from_args(args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -240,8 +238,3 @@ def _print_summary(results, points, report, out, checkpoint, sweep_png, timings)
         print(f"anonymized: {outs[-1]}")
     print(f"outputs in {out.resolve()}")
 
-
-def _from_args(args: argparse.Namespace) -> DemoConfig:
-    from stpcore.config import dataclass_from_args
-
-    return dataclass_from_args(DemoConfig, args)

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,3 +116,18 @@ def test_sigterm_stops_cleanly_with_a_summary(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "anonymized 1 file(s)" in captured.out and "--skip-existing" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["a.anonymized.mp4", "a.keep.npz"]  # no partial or temp file
+
+
+def test_commands_load_only_what_they_use():
+    """`stpcore info` and the parser of `stpcore anonymize` load no training, evaluation or demo code (the
+    config dataclasses are imported only for the command whose flags they make)."""
+    code = ("import sys; from stpcore.cli import build_parser, main; main(['info']); "
+            "build_parser('anonymize').parse_args(['anonymize', 'x.mp4', '-o', 'out', '--checkpoint', 'c.pt']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('stpcore.training', 'stpcore.evaluation', "
+            "'stpcore.demo'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out[-2000:]
+    code = ("import sys; from stpcore.cli import build_parser; build_parser('train'); "
+            "print('stpcore.training.config' in sys.modules, 'stpcore.training.trainer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]  # the flags need the config, not the trainer

@@ -10,56 +10,24 @@ report.py    results.md / results.csv beside the paper's Table 1, sweep.csv / sw
 
 from __future__ import annotations
 
-from stpcore.evaluation.config import EvalConfig, check_geometry
-from stpcore.evaluation.methods import (
-    BLUR_SIGMAS,
-    METHODS,
-    Blacken,
-    Downsample,
-    GaussianBlur,
-    MethodTransform,
-    Raw,
-    STPrivacyTransform,
-    make_transform,
-)
-from stpcore.evaluation.metrics import Metrics, average_views, video_metrics
-from stpcore.evaluation.protocol import (
-    default_loader,
-    evaluate,
-    evaluate_method,
-    load_checkpoint,
-    recognizer_config,
-    sweep,
-)
-from stpcore.evaluation.report import PAPER_RESULTS, paper_table, results_table, write_results, write_sweep
-from stpcore.evaluation.results import MethodResult, SweepPoint
+import importlib
 
-__all__ = [
-    "BLUR_SIGMAS",
-    "METHODS",
-    "PAPER_RESULTS",
-    "Blacken",
-    "Downsample",
-    "EvalConfig",
-    "GaussianBlur",
-    "MethodResult",
-    "MethodTransform",
-    "Metrics",
-    "Raw",
-    "STPrivacyTransform",
-    "SweepPoint",
-    "average_views",
-    "check_geometry",
-    "default_loader",
-    "evaluate",
-    "evaluate_method",
-    "load_checkpoint",
-    "make_transform",
-    "paper_table",
-    "recognizer_config",
-    "results_table",
-    "sweep",
-    "video_metrics",
-    "write_results",
-    "write_sweep",
-]
+# Names resolve on first use (PEP 562), so importing stpcore.evaluation.config (the CLI's flags) does not load
+# the protocol and what it imports.
+_EXPORTS = {
+    **dict.fromkeys(("EvalConfig", "check_geometry"), "config"),
+    **dict.fromkeys(("BLUR_SIGMAS", "METHODS", "Blacken", "Downsample", "GaussianBlur", "MethodTransform", "Raw",
+                     "STPrivacyTransform", "make_transform"), "methods"),
+    **dict.fromkeys(("Metrics", "average_views", "video_metrics"), "metrics"),
+    **dict.fromkeys(("default_loader", "evaluate", "evaluate_method", "load_checkpoint", "recognizer_config",
+                     "sweep"), "protocol"),
+    **dict.fromkeys(("PAPER_RESULTS", "paper_table", "results_table", "write_results", "write_sweep"), "report"),
+    **dict.fromkeys(("MethodResult", "SweepPoint"), "results"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"stpcore.evaluation.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'stpcore.evaluation' has no attribute {name!r}")

@@ -11,7 +11,16 @@ The deployed model's file (stprivacy.pt) is ``stpcore.models.save_anonymizer`` /
 
 from __future__ import annotations
 
-from stpcore.training.config import TrainConfig
-from stpcore.training.trainer import PHASES, Trainer, TrainingDiverged, TrainingInterrupted
+import importlib
 
-__all__ = ["PHASES", "TrainConfig", "Trainer", "TrainingDiverged", "TrainingInterrupted"]
+# Names resolve on first use (PEP 562), so importing stpcore.training.config (the CLI's flags) does not load
+# the trainer and what it imports.
+_EXPORTS = {"TrainConfig": "config", "PHASES": "trainer", "Trainer": "trainer", "TrainingDiverged": "trainer",
+            "TrainingInterrupted": "trainer"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"stpcore.training.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'stpcore.training' has no attribute {name!r}")
