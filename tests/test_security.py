@@ -20,11 +20,7 @@ import torch
 
 from stpcore.cli import main
 from stpcore.inference import load_trained
-from stpcore.models import (
-    STPrivacy,
-    from_name,
-    save_anonymizer,  # noqa: E402
-)
+from stpcore.models import STPrivacy, STPrivacyConfig, save_anonymizer
 from stpcore.testing import RandomClipLoader
 from stpcore.training import TrainConfig, Trainer
 
@@ -76,7 +72,8 @@ def marker(tmp_path):
 @pytest.fixture
 def anonymizer_file(tmp_path):
     torch.manual_seed(0)
-    return save_anonymizer(STPrivacy(from_name("tiny")), tmp_path / "stprivacy.pt", classes=["a", "b", "c"])
+    model = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    return save_anonymizer(model, tmp_path / "stprivacy.pt", classes=["a", "b", "c"])
 
 
 def _exit_code(argv: list[str]) -> int | str:
@@ -97,7 +94,7 @@ def _check_refused_on_the_command_line(code: int | str, err: str, path, marker) 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_load_trained_refuses_a_checkpoint_that_runs_code(tmp_path, anonymizer_file, marker, fmt):
-    assert load_trained(anonymizer_file, precision="fp32").cfg == from_name("tiny")
+    assert load_trained(anonymizer_file, precision="fp32").cfg == STPrivacyConfig.from_name("tiny")
     evil = _poisoned(anonymizer_file, tmp_path / "evil.pt", fmt, marker)
     with pytest.raises(ValueError) as exc:
         load_trained(evil, precision="fp32")

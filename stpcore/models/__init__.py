@@ -17,7 +17,6 @@ from stpcore.models.config import (
     BackboneConfig,
     RecognizerConfig,
     STPrivacyConfig,
-    from_name,
 )
 from stpcore.models.predictor import ScorePredictor
 from stpcore.models.recognizer import VideoRecognizer, VideoTransformer, masked_mean
@@ -35,7 +34,6 @@ __all__ = [
     "ScorePredictor",
     "VideoRecognizer",
     "VideoTransformer",
-    "from_name",
     "inflate_2d_vit",
     "load_anonymizer",
     "load_inflated_2d_vit",

@@ -194,7 +194,3 @@ _PRESETS: dict[type, dict[str, Any]] = {
     RecognizerConfig: RECOGNIZER_PRESETS,
 }
 
-
-def from_name(name: str, **overrides: Any) -> STPrivacyConfig:
-    """The STPrivacy preset ``name`` ("vit_small", "vit_base", "tiny") with ``overrides`` applied."""
-    return STPrivacyConfig.from_name(name, **overrides)

@@ -9,14 +9,13 @@ from stpcore.models import (
     STPrivacy,
     STPrivacyConfig,
     VideoRecognizer,
-    from_name,
     inflate_2d_vit,
     load_inflated_2d_vit,
     load_official_state_dict,
 )
 from tests.models import official_keys
 
-CFG = from_name("tiny")  # D=48, depth 4, tubelet (2, 8, 8), grid (4, 4, 4)
+CFG = STPrivacyConfig.from_name("tiny")  # D=48, depth 4, tubelet (2, 8, 8), grid (4, 4, 4)
 
 
 def _outputs(model: STPrivacy, video: torch.Tensor):

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from stpcore.models import RecognizerConfig, STPrivacy, STPrivacyConfig, from_name
+from stpcore.models import RecognizerConfig, STPrivacy, STPrivacyConfig
 
 
 def test_vit_small_matches_the_paper():
-    cfg = from_name("vit_small")
+    cfg = STPrivacyConfig.from_name("vit_small")
     assert (cfg.num_slots, cfg.tokens_per_slot, cfg.num_tokens) == (8, 49, 392)
     assert cfg.grid == (8, 7, 7)
     assert cfg.tubelet_dim == 1536
@@ -25,11 +25,12 @@ def test_vit_small_matches_the_paper():
 
 
 def test_tiny_and_overrides():
-    cfg = from_name("tiny", keep_ratio=0.5, prune_locations=[1, 3])
+    cfg = STPrivacyConfig.from_name("tiny", keep_ratio=0.5, prune_locations=[1, 3])
     assert (cfg.num_slots, cfg.tokens_per_slot, cfg.num_tokens) == (4, 16, 64)
     assert cfg.prune_locations == (1, 3) and cfg.kept_per_slot() == (8, 4)
     assert hash(cfg)  # lists are stored as tuples: still hashable
-    assert from_name("vit_base").embed_dim == 768 and from_name("vit_base").num_heads == 12
+    base = STPrivacyConfig.from_name("vit_base")
+    assert base.embed_dim == 768 and base.num_heads == 12
     rec = RecognizerConfig.from_name("vit_small", num_outputs=5)
     assert rec.num_outputs == 5 and rec.num_tokens == 392
 
@@ -58,6 +59,6 @@ def test_invalid_config_names_the_field(overrides, field):
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="vit_huge"):
-        from_name("vit_huge")
+        STPrivacyConfig.from_name("vit_huge")
     with pytest.raises(ValueError, match="num_outputs"):
         RecognizerConfig.from_name("tiny", num_outputs=0)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from stpcore.models import STPrivacy, STPrivacyOutput, from_name
+from stpcore.models import STPrivacy, STPrivacyConfig, STPrivacyOutput
 from stpcore.tubelets import keep_to_pixels
 
-CFG = from_name("tiny")  # 8 x 32 x 32 clips, 4 slots x 16 tokens, prune before blocks 1, 2, 3
+CFG = STPrivacyConfig.from_name("tiny")  # 8 x 32 x 32 clips, 4 slots x 16 tokens, prune before blocks 1, 2, 3
 B = 2
 
 
@@ -235,7 +235,7 @@ def test_bad_input_raises_naming_the_argument(model, mode, kwargs, match):
 
 
 def test_without_prune_locations_every_token_is_kept(video):
-    model = STPrivacy(from_name("tiny", prune_locations=()))
+    model = STPrivacy(STPrivacyConfig.from_name("tiny", prune_locations=()))
     outs = [model.train()(video)]
     model.eval()
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_whole_model_through_the_triton_kernels_in_the_interpreter(monkeypatch):
     """Every kernel wired into the model (policy attention at head dim 32, Gumbel selection, predictor pool,
     top-k gather, scatter), run by Triton's interpreter on CPU, against the references."""
     pytest.importorskip("triton")
-    _compare_backends(from_name("tiny", num_heads=3), "cpu", "triton", monkeypatch)
+    _compare_backends(STPrivacyConfig.from_name("tiny", num_heads=3), "cpu", "triton", monkeypatch)
 
 
 @pytest.mark.gpu
@@ -295,4 +295,4 @@ def test_whole_model_through_the_triton_kernels_in_the_interpreter(monkeypatch):
 def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch):
     """The whole model on CUDA, fp32 (TF32 off): dispatch's choice (the kernels) against the references."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    _compare_backends(from_name(preset, **overrides), "cuda", "auto", monkeypatch)
+    _compare_backends(STPrivacyConfig.from_name(preset, **overrides), "cuda", "auto", monkeypatch)
