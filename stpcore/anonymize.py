@@ -81,10 +81,6 @@ def anonymize_file(
     out_dir: str | os.PathLike,
     anonymizer: Callable[..., object],
     *,
-    num_frames: int,
-    image_size: int,
-    grid: tuple[int, int, int],
-    tubelet: tuple[int, int, int],
     stride: int = 1,
     batch_size: int = 8,
     keep_ratio: float | None = None,
@@ -97,8 +93,12 @@ def anonymize_file(
     """Anonymize one video file; returns the paths written (see the module docstring).
 
     ``anonymizer(clips, keep_ratio=..., adaptive_threshold=...)`` takes normalised float clips
-    (B, 3, T, H, W) and returns an object with ``video`` (B, 3, T, H, W) and ``keep`` (B, N).
+    (B, 3, T, H, W) and returns an object with ``video`` (B, 3, T, H, W) and ``keep`` (B, N); its ``cfg`` (an
+    :class:`~stpcore.models.STPrivacyConfig`: an ``STPrivacy`` or a ``ClipAnonymizer``) gives the clip size
+    (``num_frames``, ``image_size``) and the tubelet grid (``grid``, ``tubelet``).
     """
+    cfg = anonymizer.cfg
+    num_frames, image_size, grid, tubelet = cfg.num_frames, cfg.image_size, tuple(cfg.grid), tuple(cfg.tubelet)
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
     path, out_dir = Path(path), Path(out_dir)

@@ -64,8 +64,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         report = anonymize_files(
-            args.inputs, args.output, anonymizer, num_frames=cfg.num_frames, image_size=cfg.image_size,
-            grid=cfg.grid, tubelet=cfg.tubelet, stride=args.stride, batch_size=args.batch_size,
+            args.inputs, args.output, anonymizer, stride=args.stride, batch_size=args.batch_size,
             keep_ratio=args.keep_ratio, adaptive_threshold=args.adaptive, side_by_side=args.side_by_side,
             skip_existing=args.skip_existing,
         )

@@ -189,8 +189,7 @@ def run_demo(cfg: DemoConfig) -> int:
     videos = sorted({test_loader.records[i].path for i in range(min(3, len(test_loader.records)))})
     print(f"[5/5] anonymizing {len(videos)} test videos side by side")
     report = anonymize_files(
-        videos, out / "anonymized", model, num_frames=model.cfg.num_frames, image_size=model.cfg.image_size,
-        grid=model.cfg.grid, tubelet=model.cfg.tubelet, stride=cfg.stride, side_by_side=True, verbose=False,
+        videos, out / "anonymized", model, stride=cfg.stride, side_by_side=True, verbose=False,
     )
     step("anonymize")
 

@@ -36,8 +36,7 @@ def test_anonymize_whole_file_black_where_dropped(tmp_path, model, stride):
     src = _source(tmp_path / "cam.mp4")
     cfg = model.cfg
     report = anonymize_files(
-        [src], tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid,
-        tubelet=cfg.tubelet, stride=stride, batch_size=3, side_by_side=True, verbose=False,
+        [src], tmp_path / "out", model, stride=stride, batch_size=3, side_by_side=True, verbose=False,
     )
     assert not report.failed
     out = _decode(tmp_path / "out" / "cam.anonymized.mp4")
@@ -68,11 +67,8 @@ def test_bad_files_are_reported_and_skipped(tmp_path, model, capsys):
     empty.write_bytes(b"")
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x01garbage" * 100)
-    cfg = model.cfg
     report = anonymize_files(
-        [empty, good, corrupt, tmp_path / "missing.mp4"], tmp_path / "out", model, num_frames=cfg.num_frames,
-        image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet,
-    )
+        [empty, good, corrupt, tmp_path / "missing.mp4"], tmp_path / "out", model, )
     assert set(report.failed) == {str(empty), str(corrupt), str(tmp_path / "missing.mp4")}
     assert (tmp_path / "out" / "good.anonymized.mp4").is_file()
     assert not list((tmp_path / "out").glob("empty*")) and not list((tmp_path / "out").glob(".*"))
@@ -83,9 +79,7 @@ def test_same_stem_twice_gets_unique_names(tmp_path, model):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     srcs = [_source(tmp_path / d / "cam.mp4", frames=8) for d in ("a", "b")]
-    cfg = model.cfg
-    report = anonymize_files(srcs, tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size,
-                             grid=cfg.grid, tubelet=cfg.tubelet, verbose=False)
+    report = anonymize_files(srcs, tmp_path / "out", model, verbose=False)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.anonymized.mp4")) == [
         "cam-1.anonymized.mp4", "cam.anonymized.mp4"]
     assert not report.failed
@@ -94,9 +88,7 @@ def test_same_stem_twice_gets_unique_names(tmp_path, model):
 def test_output_names_never_collide(tmp_path, model):
     """b.mp4, b.mkv and b-1.mp4: renaming the second to b-1 must not take the third's name (it did)."""
     srcs = [_source(tmp_path / name, frames=f) for name, f in (("b.mp4", 5), ("b.mkv", 7), ("b-1.mp4", 9))]
-    cfg = model.cfg
-    report = anonymize_files(srcs, tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size,
-                             grid=cfg.grid, tubelet=cfg.tubelet, verbose=False)
+    report = anonymize_files(srcs, tmp_path / "out", model, verbose=False)
     assert not report.failed and len(report.written) == 3
     outs = [report.written[str(s)][0] for s in srcs]
     assert len(set(outs)) == 3
@@ -105,9 +97,7 @@ def test_output_names_never_collide(tmp_path, model):
 
 def test_same_file_twice_is_processed_once(tmp_path, model):
     src = _source(tmp_path / "cam.mp4", frames=6)
-    cfg = model.cfg
-    report = anonymize_files([src, tmp_path / "." / "cam.mp4"], tmp_path / "out", model, num_frames=cfg.num_frames,
-                             image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet, verbose=False)
+    report = anonymize_files([src, tmp_path / "." / "cam.mp4"], tmp_path / "out", model, verbose=False)
     assert list(report.written) == [str(src)] and not report.failed
     assert len(report.skipped) == 1 and "same file" in report.skipped[0][1]
     assert "skipped 1" in report.summary()
@@ -115,9 +105,7 @@ def test_same_file_twice_is_processed_once(tmp_path, model):
 
 def test_skip_existing_resumes_without_rewriting(tmp_path, model):
     srcs = [_source(tmp_path / f"{n}.mp4", frames=6) for n in ("a", "b")]
-    cfg = model.cfg
-    kwargs = dict(num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet,
-                  verbose=False)
+    kwargs = dict(verbose=False)
     anonymize_files(srcs[:1], tmp_path / "out", model, **kwargs)  # a run that stopped after the first file
     done = tmp_path / "out" / "a.anonymized.mp4"
     stamp = done.stat().st_mtime_ns
@@ -136,9 +124,7 @@ def test_unreadable_inputs_say_why(tmp_path, model):
     empty.write_bytes(b"")
     text = tmp_path / "notes.mp4"
     text.write_text("not a video\n" * 50)
-    cfg = model.cfg
     report = anonymize_files([folder, empty, text, tmp_path / "gone.mp4"], tmp_path / "out", model,
-                             num_frames=cfg.num_frames, image_size=cfg.image_size, grid=cfg.grid, tubelet=cfg.tubelet,
                              verbose=False)
     why = report.failed
     assert "a folder" in why[str(folder)]
@@ -149,14 +135,14 @@ def test_unreadable_inputs_say_why(tmp_path, model):
 
 def test_output_folder_that_is_a_file_is_refused(tmp_path, model):
     (tmp_path / "out").write_text("")
-    cfg = model.cfg
     with pytest.raises(ValueError, match="is an existing file"):
-        anonymize_files([], tmp_path / "out", model, num_frames=cfg.num_frames, image_size=cfg.image_size,
-                        grid=cfg.grid, tubelet=cfg.tubelet)
+        anonymize_files([], tmp_path / "out", model)
 
 
 class _Identity:
     """A stand-in model that keeps every tubelet and returns its input: the output must be the source."""
+
+    cfg = STPrivacyConfig.from_name("tiny")  # 8 x 32 x 32 clips, 4 x 4 x 4 tubelets of 2 x 8 x 8
 
     def __call__(self, clips, **kwargs):
         from types import SimpleNamespace
@@ -173,8 +159,7 @@ def test_frames_come_back_in_order_with_their_content(tmp_path, stride):
     ramp = np.linspace(0, 30, 56, dtype=np.float32)[None, None, :, None]
     video = np.clip(levels[:, None, None, None] + ramp + np.zeros((1, 40, 56, 3), np.float32), 0, 255)
     src = media.write_video(tmp_path / "ramp.mp4", video.astype(np.uint8), fps=12)
-    report = anonymize_files([src], tmp_path / "out", _Identity(), num_frames=8, image_size=32, grid=(4, 4, 4),
-                             tubelet=(2, 8, 8), stride=stride, batch_size=3, verbose=False)
+    report = anonymize_files([src], tmp_path / "out", _Identity(), stride=stride, batch_size=3, verbose=False)
     assert not report.failed
     out = _decode(tmp_path / "out" / "ramp.anonymized.mp4").astype(float)
     want = np.stack(list(media.read_frames(src, short_side=32, crop=32))).astype(float)

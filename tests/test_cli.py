@@ -98,7 +98,7 @@ def test_sigterm_stops_cleanly_with_a_summary(tmp_path, monkeypatch, capsys):
     calls = []
 
     class TermOnSecondFile:
-        model, description = real.model, "test"
+        model, cfg, description = real.model, real.model.cfg, "test"
 
         def __call__(self, clips, **kwargs):
             calls.append(clips.shape[0])
