@@ -95,9 +95,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, op: str, dtype
 class RandomClipLoader:
     """An in-memory stand-in for a clip loader (tests and benchmarks): random clips, deterministic per epoch.
 
-    Yields ``types.SimpleNamespace`` batches with the fields of :class:`stpcore.data.Batch` that training
-    reads: clips (B, 3, T, S, S), actions (B,), privacy (B, 5), has_privacy (B,). The action is written
-    into the clip (a bright band whose row depends on the class) so that a model can learn it.
+    Yields :class:`stpcore.data.Batch` batches: clips (B, 3, T, S, S), actions (B,), privacy (B, 5),
+    has_privacy (B,), one clip per video (video_index counts the clips of an epoch, clip_index is 0). The
+    action is written into the clip (a bright band whose row depends on the class) so that a model can learn
+    it.
     """
 
     def __init__(self, num_batches: int, batch_size: int, num_frames: int, size: int, num_classes: int = 3,
@@ -114,17 +115,20 @@ class RandomClipLoader:
         self.epoch = epoch
 
     def __iter__(self):
-        from types import SimpleNamespace
+        from stpcore.data import Batch
 
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         B, C = self.batch_size, len(self.classes)
-        for _ in range(self.num_batches):
+        for n in range(self.num_batches):
             actions = torch.randint(0, C, (B,), generator=g)
             clips = torch.randn(B, 3, self.num_frames, self.size, self.size, generator=g) * 0.5
             band = self.size // C
             for i, a in enumerate(actions.tolist()):
                 clips[i, :, :, a * band : (a + 1) * band] += 2.0
-            yield SimpleNamespace(
+            index = torch.arange(n * B, (n + 1) * B)
+            yield Batch(
                 clips=clips, actions=actions, privacy=torch.randint(0, 2, (B, 5), generator=g).float(),
-                has_privacy=torch.ones(B, dtype=torch.bool),
+                has_privacy=torch.ones(B, dtype=torch.bool), video_index=index,
+                clip_index=torch.zeros(B, dtype=torch.int64),
+                video_ids=[f"{self.classes[a]}/v{i}" for a, i in zip(actions.tolist(), index.tolist(), strict=True)],
             )

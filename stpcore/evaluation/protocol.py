@@ -128,7 +128,7 @@ def _train_epoch(cfg, transform, recs, opts, scheds, loader, rec_cfg, device, ep
         privacy = batch.privacy.to(device, non_blocking=True)
         has = batch.has_privacy.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
-            video, keep = transform(clips, getattr(batch, "video_ids", None))  # one transform, two updates
+            video, keep = transform(clips, batch.video_ids)  # one transform, two updates
             action_logits = action_rec(video, keep, mode=mode)
             ce = losses.action_loss(action_logits, actions)
             bce = losses.masked_privacy_loss(privacy_rec(video, keep, mode=mode), privacy, has)
@@ -162,23 +162,19 @@ def _test(cfg, transform, recs, loader, rec_cfg, device, method) -> tuple[Metric
         m.eval()
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("action", "privacy", "actions", "labels", "has", "video")}
     kept, tokens = torch.zeros((), device=device), 0  # kept tokens (on the device), all tokens
-    offset = 0
     bar = _progress(cfg, len(loader), f"{method} test")
     for step, batch in enumerate(loader):
         clips = batch.clips.to(device, non_blocking=True)
         if step == 0:
             _check_clips(clips, rec_cfg)
         with autocast(device, cfg.amp):
-            video, keep = transform(clips, getattr(batch, "video_ids", None))
+            video, keep = transform(clips, batch.video_ids)
             outs["action"].append(action_rec(video, keep, mode=mode).float().softmax(-1))
             outs["privacy"].append(privacy_rec(video, keep, mode=mode).float().sigmoid())
         if keep is not None:
             kept += keep.float().sum()
             tokens += keep.numel()
-        video_index = getattr(batch, "video_index", None)
-        if video_index is None:  # a loader without view grouping: every clip is its own video
-            video_index = torch.arange(offset, offset + clips.shape[0])
-        offset += clips.shape[0]
+        video_index = batch.video_index
         outs["actions"].append(batch.actions)
         outs["labels"].append(batch.privacy)
         outs["has"].append(batch.has_privacy)
@@ -206,17 +202,16 @@ def evaluate_method(
     """Train fresh action and privacy recognizers on the transformed train split and test them.
 
     Both recognizers are trained in the same pass (one transform per batch, two updates) for cfg.epochs with
-    AdamW, lr = base_lr * batch_size / 512, warm-up + cosine (``train.make_optimizer``). Each epoch appends a
+    AdamW, lr = base_lr * batch_size / 512, warm-up + cosine (``runtime.make_optimizer``). Each epoch appends a
     line to ``cfg.out_dir/eval_metrics.jsonl``; so does the test.
 
     Args:
         method_transform: the method (see :func:`make_transform`).
         cfg: the evaluation config.
-        train_loader: yields batches with clips (B, 3, T, H, W) float, actions (B,) int64, privacy (B, 5),
-            has_privacy (B,) bool, optional video_ids; has ``__len__``, ``set_epoch`` and ``classes``.
-            Default: cfg's train split.
-        test_loader: the same plus video_index (B,) int64 grouping the views of a video (without it every
-            clip counts as a video). Default: cfg's test split (5 clips x 3 crops per video).
+        train_loader: yields :class:`stpcore.data.Batch` batches; has ``__len__``, ``set_epoch`` and
+            ``classes``. Default: cfg's train split.
+        test_loader: the same; ``video_index`` groups the views of a video. Default: cfg's test split (5 clips
+            x 3 crops per video).
         backbone: the recognizers' backbone when cfg.preset is None (default: the transform's STPrivacy
             config, else "vit_small"); evaluate() passes the checkpoint's so the baselines match.
         device: overrides cfg.device.

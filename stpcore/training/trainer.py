@@ -377,8 +377,7 @@ class Trainer:
             # ends for all when one rank runs out, or their collectives would wait for each other forever.
             if self._any_rank(batch is None)[0]:
                 break
-            if getattr(batch, "video_index", None) is not None:
-                seen += batch.video_index.tolist()
+            seen += batch.video_index.tolist()
             if phase == "phase2":
                 labelled += int(batch.has_privacy.sum())
             lr = self.opt[phase].param_groups[0]["lr"]  # the rate this step uses (the schedulers step after it)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
+from stpcore.data import Batch
 from stpcore.evaluation import (
     EvalConfig,
     MethodResult,
@@ -78,7 +78,7 @@ class BandLoader:
             for i, v in enumerate(vids.tolist()):
                 a = int(self.actions[v])
                 clips[i, :, :, a * band:(a + 1) * band] += 2.0
-            yield SimpleNamespace(
+            yield Batch(
                 clips=clips, actions=self.actions[vids], privacy=self.privacy[vids] * self.has[vids, None],
                 has_privacy=self.has[vids], video_index=vids, clip_index=torch.arange(len(vids)) % self.views,
                 video_ids=[f"class{int(self.actions[v])}/v{v}" for v in vids.tolist()],
