@@ -98,7 +98,7 @@ def anonymize_file(
     (``num_frames``, ``image_size``) and the tubelet grid (``grid``, ``tubelet``).
     """
     cfg = anonymizer.cfg
-    num_frames, image_size, grid, tubelet = cfg.num_frames, cfg.image_size, tuple(cfg.grid), tuple(cfg.tubelet)
+    num_frames, image_size, grid, tubelet = cfg.num_frames, cfg.image_size, cfg.grid, cfg.tubelet
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
     path, out_dir = Path(path), Path(out_dir)

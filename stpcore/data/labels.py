@@ -183,13 +183,6 @@ def load_labels(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return load_privacy_pickle(path)
 
 
-def positive_rates(labels: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Fraction of positives per attribute, float64 (5,)."""
-    if not labels:
-        return np.zeros(len(PRIVACY_ATTRIBUTES))
-    return np.stack([np.asarray(v).reshape(-1) for v in labels.values()]).mean(axis=0)
-
-
 @dataclass
 class LabelMatch:
     """How a label set covers a list of videos (all keys "<class>/<stem>")."""

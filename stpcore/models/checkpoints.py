@@ -274,9 +274,6 @@ def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = 
     else:
         raise ValueError(f"{path}: not an stpcore STPrivacy checkpoint (format {fmt!r}); expected a file written "
                          f"by `stpcore train` (stprivacy.pt or last.pt)")
-    model_cfg = dict(state["model_config"])
-    model_cfg["tubelet"] = tuple(model_cfg["tubelet"])
-    model_cfg["prune_locations"] = tuple(model_cfg["prune_locations"])
-    model = STPrivacy(STPrivacyConfig(**model_cfg))
+    model = STPrivacy(STPrivacyConfig(**state["model_config"]))  # the config turns the saved lists into tuples
     model.load_state_dict(weights)
     return model.eval()

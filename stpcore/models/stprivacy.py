@@ -96,12 +96,6 @@ class STPrivacy(VideoTransformer):
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.init_weights()
 
-    @property
-    def anonymization_blocks(self) -> nn.ModuleList:
-        """The blocks from the last prune location on (the anonymization block)."""
-        start = self.cfg.prune_locations[-1] if self.cfg.prune_locations else 0
-        return self.blocks[start:]
-
     def forward(
         self,
         video: torch.Tensor,

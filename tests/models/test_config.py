@@ -21,7 +21,7 @@ def test_vit_small_matches_the_paper():
     # + 3 predictors (~0.24M each), the 1536-wide reconstruction head and the 51-way action head.
     assert 22.5e6 < total < 24.0e6, total
     assert model.pos_embed.shape == (1, 392, 384)
-    assert len(model.anonymization_blocks) == 3
+    assert len(model.blocks[model.cfg.prune_locations[-1]:]) == 3  # the anonymization blocks after the last prune
 
 
 def test_tiny_and_overrides():
