@@ -14,6 +14,8 @@ setup(
         "stpcore.layers",
         "stpcore.models",
         "stpcore.data",
+        "stpcore.training",
+        "stpcore.evaluation",
         "stpcore.kernels",
     ],
     package_dir={"stpcore.kernels": "kernels"},

@@ -69,3 +69,15 @@ def test_kernels_installed_as_stpcore_kernels():
     assert Path(stpcore.kernels.__file__).resolve().parent == ROOT / "kernels"
     setup = (ROOT / "setup.py").read_text()
     assert '"stpcore.kernels": "kernels"' in setup
+
+
+def test_setup_lists_every_package():
+    """setup.py lists packages by hand: each folder of stpcore/ with an __init__.py must be there (a plain,
+    non-editable install would silently leave out a missing one)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    listed = {ast.literal_eval(k.value) for k in call.keywords if k.arg == "packages"}.pop()
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stpcore").rglob("__init__.py")}
+    assert found | {"stpcore.kernels"} == set(listed), (sorted(found), listed)
