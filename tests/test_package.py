@@ -78,6 +78,6 @@ def test_setup_lists_every_package():
 
     tree = ast.parse((ROOT / "setup.py").read_text())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    listed = {ast.literal_eval(k.value) for k in call.keywords if k.arg == "packages"}.pop()
+    listed = next(ast.literal_eval(k.value) for k in call.keywords if k.arg == "packages")
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stpcore").rglob("__init__.py")}
     assert found | {"stpcore.kernels"} == set(listed), (sorted(found), listed)
