@@ -59,6 +59,9 @@ class DemoConfig:
         sweep: run the trade-off sweep (step 4), which trains fresh recognizers for every point.
         sweep_ratios: keep ratios of the trade-off sweep (the trained ratio is evaluated in step 3).
         threads: torch threads (0: torch's default).
+
+    Fixed, not fields: 2 warm-up epochs for every lr schedule (phases 1-2 and phase 3), the PyAV decoder with
+    decoded videos kept in memory, 8 test videos per batch.
     """
 
     out: str = "out/demo"

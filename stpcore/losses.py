@@ -1,8 +1,8 @@
-"""STPrivacy's losses (spec: Losses and schedule).
+"""STPrivacy's losses (docs/method.md).
 
 The sparsity target of stage m is keep_ratio ** m (cumulative, 0.7 ** m) [P].
 
-[G] choices, each a parameter here and a field of the training config:
+[G] choices, fixed here (the training config weighs the losses but does not change these reductions):
 - the kept fraction is measured per video and per temporal slot, squared against the target, then
   averaged over videos, slots and stages (DynamicViT's ratio loss, per slot as the paper says); the
   spec's "mean kept fraction" could also be read as a batch mean taken before squaring;

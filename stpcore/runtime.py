@@ -50,7 +50,8 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def make_optimizer(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, weight_decay: float,
                    min_lr_ratio: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (betas 0.9, 0.999) over :func:`param_groups` and its per-step :func:`lr_factor` schedule."""
+    """AdamW over :func:`param_groups` and its per-step :func:`lr_factor` schedule [G: betas (0.9, 0.999), no decay
+    on norms, biases and positional embeddings, as DeiT and VideoMAE]."""
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup_steps, min_lr_ratio))
     return opt, sched
@@ -105,7 +106,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def clip_loader(root, *, train: bool, num_frames: int, crop: int, short_side: int | None = None, **fields):
     """A loader of ``root``'s clips (``stpcore.data.get_loader``) at this geometry: the short side resized to
-    ``short_side`` (default 8/7 of the crop, 128 for 112, as the paper's), ``drop_last`` in train mode.
+    ``short_side`` (default 8/7 of the crop, 128 for 112 [G: the usual resize-then-crop of video ViTs; the paper
+    gives only the 112 crop]), ``drop_last`` in train mode.
 
     Args:
         fields: other ``stpcore.data.DataConfig`` fields (labels, batch_size, stride, decoder, seed, ...).

@@ -16,7 +16,8 @@ class EvalConfig:
         data_root: dataset root in the HMDB51 or UCF101 layout (another dataset than training's for the
             unseen-actions protocol).
         labels: privacy label file (.pickle or .csv); without it the privacy metrics are NaN.
-        kind, split: dataset layout ("auto", "hmdb51", "ucf101") and official split.
+        kind: dataset layout: "auto" (from the split files), "hmdb51" or "ucf101".
+        split: the official split, 1 to 3.
         preset: the recognizers' backbone preset; None: the STPrivacy checkpoint's backbone (same tubelet
             grid, needed to read its keep mask), or "vit_small" without a checkpoint.
         num_frames, image_size: clip size overrides (None: the checkpoint's, else the preset's); must equal

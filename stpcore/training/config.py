@@ -18,7 +18,8 @@ class TrainConfig:
         data_root: dataset root in the HMDB51 or UCF101 layout.
         labels: privacy label file (.pickle or .csv); needed for phase 2.
         out_dir: where checkpoints, metrics.jsonl and the final model go.
-        kind, split: dataset layout ("auto", "hmdb51", "ucf101") and official split.
+        kind: dataset layout: "auto" (from the split files), "hmdb51" or "ucf101".
+        split: the official split, 1 to 3.
         preset: model preset of STPrivacy and both recognizers ("vit_small" is the paper's).
         num_frames, image_size: override the preset's clip size (None: the preset's).
         batch_size: clips per step and process.
@@ -60,7 +61,8 @@ class TrainConfig:
         log_every: steps between metrics lines.
         seed: seeds model init, Gumbel noise and data order.
         deterministic: torch.use_deterministic_algorithms (for exact resume checks).
-        init_2d: path of an ImageNet 2D ViT checkpoint (DeiT/timm layout) to inflate into all three models.
+        init_2d: path of an ImageNet 2D ViT checkpoint (DeiT/timm layout) to inflate into all three models
+            [G: None, random initialisation; the paper starts from an ImageNet ViT-S, which needs this file].
         progress: progress on rank 0 (a bar on a terminal, a line per epoch in a log).
         model_overrides: STPrivacyConfig fields changed from the preset (config file only, e.g.
             {"tau": 0.5}); those the recognizers share (the backbone's) apply to them too.
