@@ -1,7 +1,7 @@
-"""Token selection benchmarks: per-stage selection + top-k + gather, scatter back, and the predictor pool.
+"""Token benchmarks: per-stage selection + top-k + gather, scatter back, and the predictor pool.
 
-    .venv/bin/python -m pytest benchmarks/bench_select.py --benchmark-only            # a real run
-    .venv/bin/python -m pytest benchmarks/bench_select.py --benchmark-disable -q      # smoke: each case once
+    .venv/bin/python -m pytest benchmarks/bench_tokens.py --benchmark-only            # a real run
+    .venv/bin/python -m pytest benchmarks/bench_tokens.py --benchmark-disable -q      # smoke: each case once
 
 Providers: ``reference`` (the PyTorch references of stpcore.ops; CPU and CUDA) and ``triton`` (the kernels
 of stpcore.kernels through the public ops with backend="triton"; CUDA only: the interpreter is far too

@@ -1,10 +1,20 @@
-"""Host-side helpers shared by the kernel launchers (torch only: importing this does not import triton)."""
+"""Constants and host-side helpers shared by the kernel modules (torch only: importing this does not import
+triton)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+
+# Triton decides when a kernel module is imported (at its @triton.jit definitions) whether those functions run in
+# its interpreter. The first kernel module imported reads this flag through its import of _launch, at the same
+# point, and every module picks its interpreter branches by it: set TRITON_INTERPRET before importing any of them.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the computing kernels take (no fp64 dots)
+LOG2E = 1.4426950408889634  # attention scores are kept in log2 units so every exponential is one exp2
+MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where the attention kernels put b * H + h
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -33,3 +43,17 @@ def tf32_enabled() -> bool:
         return bool(matmul.allow_tf32)
     except RuntimeError:
         return False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for operands of ``dtype``: fp32 follows torch's own TF32 switch for matmuls."""
+    if dtype == torch.float32 and not tf32_enabled():
+        return "ieee"
+    return "tf32"
+
+
+def interpreter_reasons(*tensors: torch.Tensor | None) -> list[str]:
+    """The reason, if any, that Triton's CPU interpreter cannot run these tensors: it has no bf16."""
+    if INTERPRET and any(t is not None and t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+        return ["bf16 is not supported by Triton's CPU interpreter"]
+    return []

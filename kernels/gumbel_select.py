@@ -30,18 +30,13 @@ and the gradient above sums to zero over the pair (so the log-softmax's Jacobian
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from stpcore.kernels._launch import device_guard
+from stpcore.kernels._launch import DTYPES, INTERPRET, device_guard, interpreter_reasons
 
-# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 1024  # tokens per program: a streaming elementwise op; 1024 keeps ~8 KB of loads in flight per CTA
 # u in [0, 1) from Philox; clamping keeps -log(-log(u)) finite at both ends (|g| <= ~22 and ~17).
 _U_MIN = 2.0**-32
@@ -188,7 +183,7 @@ def _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard):
         _gumbel_select_fwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, out,
             seed, tau, n_tokens,
-            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=_INTERPRET,
+            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=INTERPRET,
         )
     return out
 
@@ -201,7 +196,7 @@ def _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out, seed, tau, hard):
         _gumbel_select_bwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, grad_out, grad_lp, grad_prev,
             seed, tau, n_tokens,
-            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=_INTERPRET,
+            HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=INTERPRET,
         )
     return grad_lp, grad_prev
 
@@ -298,13 +293,10 @@ def not_supported_reasons(
 ) -> list[str]:
     """Why the kernel cannot run these inputs (empty: it can); devices are checked by the dispatcher."""
     reasons = []
-    if log_probs.dtype not in _DTYPES:
+    if log_probs.dtype not in DTYPES:
         reasons.append(f"log_probs dtype {log_probs.dtype} is not one of fp16/bf16/fp32")
     if not prev_keep.is_floating_point():
         reasons.append(f"prev_keep must be a float tensor, got {prev_keep.dtype}")
     if noise is not None and not noise.is_floating_point():
         reasons.append(f"noise must be a float tensor, got {noise.dtype}")
-    tensors = [t for t in (log_probs, prev_keep, noise) if t is not None]
-    if _INTERPRET and any(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
-        reasons.append("bf16 is not supported by Triton's CPU interpreter")
-    return reasons
+    return reasons + interpreter_reasons(log_probs, prev_keep, noise)

@@ -45,24 +45,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import device_guard, tf32_enabled
+from stpcore.kernels._launch import DTYPES, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
 from stpcore.kernels._tiles import POLICY_TILE_CANDIDATES, Tiles, measured_tiles, tile_key  # noqa: F401
 
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
-_LOG2E = 1.4426950408889634  # scores are kept in log2 units so every exponential is one exp2
 # Tiles set by use_tiles() (the sweep); empty: measured tiles, else the defaults. A module global rather than a
 # context variable: autograd runs CUDA backwards on its own device threads, which would not see a context's value.
 _TILE_OVERRIDE: dict[str, Tiles | None] = {}
-# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -379,13 +373,6 @@ def _policy_attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------- host launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 inputs follow torch's own TF32 switch for matmuls."""
-    if dtype == torch.float32 and not tf32_enabled():
-        return "ieee"
-    return "tf32"
-
-
 def _default_blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this shape when no measured tiles apply.
 
@@ -400,10 +387,10 @@ def _default_blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.dev
     local memory on sm_90 (and take 10-30 s to compile), so they get 32 x 32 tiles, 16 x 16 at D = 128,
     over 8 warps, which compile without spills (tests/kernels/test_compile.py checks all of this).
     """
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         blk = max(16, min(128, triton.next_power_of_2(N)))
         return blk, blk, 4, 1
-    if dtype == torch.float32 and _precision(dtype) == "ieee":
+    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
         return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
     wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
     return 64, 32 if wide else 64, 4, 2 if wide else 3
@@ -412,11 +399,11 @@ def _default_blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.dev
 def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device, pass_: str = "fwd") -> Tiles:
     """The tiles of one pass ("fwd" or "bwd"): a sweep's override, else the measured ones committed in
     kernels/tiles.json for this GPU, dtype and head dim, else :func:`_default_blocks`."""
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return _default_blocks(N, head_dim, dtype, device)
     if _TILE_OVERRIDE.get(pass_) is not None:
         return _TILE_OVERRIDE[pass_]
-    tuned = measured_tiles("policy_attention", device, tile_key(dtype, head_dim, _precision(dtype)), pass_)
+    tuned = measured_tiles("policy_attention", device, tile_key(dtype, head_dim, dot_precision(dtype)), pass_)
     return tuned if tuned is not None else _default_blocks(N, head_dim, dtype, device)
 
 
@@ -450,9 +437,9 @@ def _policy_attn_fwd(q, k, v, policy, eps: float):
     _policy_attn_fwd_kernel[grid](
         q, k, v, policy, v_sum, out, row_max, inv_den, arg_max,
         *_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(out),
-        H, N, D**-0.5 * _LOG2E, eps, eps / N,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        INTERPRET=_INTERPRET, KEPT_MAX=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
+        H, N, D**-0.5 * LOG2E, eps, eps / N,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+        INTERPRET=INTERPRET, KEPT_MAX=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
     )
     return out, v_sum, row_max, inv_den, arg_max
 
@@ -461,7 +448,7 @@ def _policy_attn_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dou
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     block_m, block_n, warps, stages = _blocks(N, max(D, Dv), q.dtype, q.device, "bwd")
-    precision = _precision(q.dtype)
+    precision = dot_precision(q.dtype)
     delta = torch.empty_like(row_max)
     dmax = torch.empty_like(row_max)
     _policy_attn_bwd_preprocess_kernel[(triton.cdiv(N, block_m), B * H)](
@@ -473,15 +460,15 @@ def _policy_attn_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dou
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
     dp_heads = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     common = (*_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(dout))
-    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, INTERPRET=_INTERPRET,
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, INTERPRET=INTERPRET,
                 num_warps=warps, num_stages=stages)
     scale = D**-0.5
     _policy_attn_bwd_dkdv_kernel[(triton.cdiv(N, block_n), B * H)](
         q, k, v, policy, dout, row_max, inv_den, arg_max, delta, dmax, dk, dv, dp_heads, *common,
-        H, N, scale, scale * _LOG2E, eps / N, **meta,
+        H, N, scale, scale * LOG2E, eps / N, **meta,
     )
     _policy_attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
-        q, k, v, policy, dout, row_max, inv_den, arg_max, delta, dmax, dq, *common, H, N, scale, scale * _LOG2E,
+        q, k, v, policy, dout, row_max, inv_den, arg_max, delta, dmax, dq, *common, H, N, scale, scale * LOG2E,
         **meta,
     )
     dp = dp_heads.sum(dim=1).to(policy.dtype)  # (B, N): the head sum, deterministic
@@ -528,8 +515,8 @@ def not_supported_reasons(q, k, v, policy, *, eps: float = 1e-6, **_) -> list[st
             reasons.append(f"head dim {q.shape[-1]} is not one of {HEAD_DIMS}")
         if v.dim() == 4 and v.shape[-1] not in HEAD_DIMS:
             reasons.append(f"value head dim {v.shape[-1]} is not one of {HEAD_DIMS}")
-        if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-            reasons.append(f"B * H = {q.shape[0] * q.shape[1]} exceeds the grid limit {_MAX_GRID_Y}")
+        if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+            reasons.append(f"B * H = {q.shape[0] * q.shape[1]} exceeds the grid limit {MAX_GRID_Y}")
         if q.shape[2] == 0:
             reasons.append("N = 0 (no tokens)")
     else:

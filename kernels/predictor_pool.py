@@ -19,17 +19,12 @@ interpreter cannot run loops with runtime bounds under NumPy 2.4.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import device_guard
+from stpcore.kernels._launch import DTYPES, device_guard, interpreter_reasons
 
-# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _EPS = 1e-6  # the reference's clamp_min on the weight sums
 _BLOCK_C = 32
 
@@ -232,10 +227,8 @@ def predictor_pool(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> torch
 def not_supported_reasons(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> list[str]:
     """Why the kernel cannot run these inputs (empty: it can); devices are checked by the dispatcher."""
     reasons = []
-    if x.dtype not in _DTYPES:
+    if x.dtype not in DTYPES:
         reasons.append(f"x dtype {x.dtype} is not one of fp16/bf16/fp32")
     if not keep.is_floating_point():
         reasons.append(f"keep must be a float tensor, got {keep.dtype}")
-    if _INTERPRET and x.device.type == "cpu" and torch.bfloat16 in (x.dtype, keep.dtype):
-        reasons.append("bf16 is not supported by Triton's CPU interpreter")
-    return reasons
+    return reasons + interpreter_reasons(x, keep)

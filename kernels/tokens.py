@@ -24,16 +24,12 @@ an arbitrary one of the rows, as torch's scatter does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import device_guard
+from stpcore.kernels._launch import device_guard, interpreter_reasons
 
-# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_PER_SLOT = 1024  # the rank tile is per_slot x BLOCK_J compares held in registers
 _TILE = 4096  # elements per program tile of the copies and comparisons: 16 KB of fp32 in flight
@@ -287,12 +283,6 @@ def slot_topk_gather(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: i
     return _SlotTopkGather.apply(scores.detach(), x, num_slots, k)
 
 
-def _bf16_interpreter(*tensors: torch.Tensor) -> list[str]:
-    if _INTERPRET and any(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
-        return ["bf16 is not supported by Triton's CPU interpreter"]
-    return []
-
-
 def _scores_reasons(scores: torch.Tensor, num_slots: int) -> list[str]:
     reasons = []
     if scores.dtype not in _FLOATS:
@@ -302,32 +292,36 @@ def _scores_reasons(scores: torch.Tensor, num_slots: int) -> list[str]:
     return reasons
 
 
-def _tokens_reasons(x: torch.Tensor, idx: torch.Tensor) -> list[str]:
+def _rows_reasons(x: torch.Tensor, idx: torch.Tensor) -> list[str]:
     reasons = []
     if x.dtype not in _FLOATS:
         reasons.append(f"x dtype {x.dtype} is not a float type")
     if idx.dtype not in (torch.int32, torch.int64):
         reasons.append(f"idx dtype {idx.dtype} is not int32/int64")
-    return reasons
+    return reasons + interpreter_reasons(x)
 
 
-def not_supported_reasons(*args, **kwargs) -> list[str]:
-    """Why the kernels cannot run these inputs (empty: they can), for any of the module's signatures.
+# One reasons function per entry point, with its signature; devices are checked by the dispatcher.
 
-    slot_topk(scores, num_slots, k), gather_tokens(x, idx), scatter_tokens(x, idx, seqlen) and
-    slot_topk_gather(scores, x, num_slots, k) are told apart by their argument count and types.
-    Devices are checked by the dispatcher.
-    """
-    args = args + tuple(kwargs.values())
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if len(args) == 3 and len(tensors) == 1:  # slot_topk
-        return _scores_reasons(args[0], args[1]) + _bf16_interpreter(args[0])
-    if len(args) in (2, 3) and len(tensors) == 2:  # gather_tokens / scatter_tokens
-        return _tokens_reasons(args[0], args[1]) + _bf16_interpreter(args[0])
-    if len(args) == 4 and len(tensors) == 2:  # slot_topk_gather
-        scores, x, num_slots = args[0], args[1], args[2]
-        reasons = _scores_reasons(scores, num_slots)
-        if x.dtype not in _FLOATS:
-            reasons.append(f"x dtype {x.dtype} is not a float type")
-        return reasons + _bf16_interpreter(scores, x)
-    return [f"unrecognised arguments: {len(args)} arguments of which {len(tensors)} tensors"]
+
+def slot_topk_reasons(scores: torch.Tensor, num_slots: int, k: int) -> list[str]:
+    """Why :func:`slot_topk` cannot run these inputs (empty: it can)."""
+    return _scores_reasons(scores, num_slots) + interpreter_reasons(scores)
+
+
+def gather_tokens_reasons(x: torch.Tensor, idx: torch.Tensor) -> list[str]:
+    """Why :func:`gather_tokens` cannot run these inputs (empty: it can)."""
+    return _rows_reasons(x, idx)
+
+
+def scatter_tokens_reasons(x: torch.Tensor, idx: torch.Tensor, seqlen: int) -> list[str]:
+    """Why :func:`scatter_tokens` cannot run these inputs (empty: it can)."""
+    return _rows_reasons(x, idx)
+
+
+def slot_topk_gather_reasons(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: int) -> list[str]:
+    """Why :func:`slot_topk_gather` cannot run these inputs (empty: it can)."""
+    reasons = _scores_reasons(scores, num_slots)
+    if x.dtype not in _FLOATS:
+        reasons.append(f"x dtype {x.dtype} is not a float type")
+    return reasons + interpreter_reasons(scores, x)

@@ -19,20 +19,13 @@ query-block-major kernel for dq (no atomics outside the gather variant).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import device_guard, tf32_enabled
+from stpcore.kernels._launch import DTYPES, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
 
 HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where b * H + h goes
-_LOG2E = 1.4426950408889634
-# Triton decides at import whether @triton.jit functions run in its interpreter; so does this module.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -323,23 +316,16 @@ def _varlen_attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------- host launchers
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 inputs follow torch's own TF32 switch for matmuls."""
-    if dtype == torch.float32 and not tf32_enabled():
-        return "ieee"
-    return "tf32"
-
-
 def _blocks(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): large blocks in the interpreter (Python runs each
     program), 64 x 64 tiles on the GPU, with the key block halved and 2 pipeline stages when D = 128 or
     operands are fp32 (registers, shared memory). A heuristic, not tuned on hardware: autotuning cannot
     run in the interpreter. fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, as in
     policy_attention._blocks: 64 x 32 tiles spill kilobytes per thread there."""
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         blk = max(16, min(128, triton.next_power_of_2(max(1, max_seqlen))))
         return blk, blk, 4, 1
-    if dtype == torch.float32 and _precision(dtype) == "ieee":
+    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
         return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
     wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
     return 64, 32 if wide else 64, 4, 2 if wide else 3
@@ -362,9 +348,9 @@ def _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float):
     gather = indices is not None
     _varlen_attn_fwd_kernel[(triton.cdiv(max_seqlen, block_m), B * H)](
         q, k, v, indices if gather else cu_seqlens, cu_seqlens, out, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), H, scale * _LOG2E,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather, PRECISION=_precision(q.dtype),
-        INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), H, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather, PRECISION=dot_precision(q.dtype),
+        INTERPRET=INTERPRET, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
@@ -390,14 +376,14 @@ def _varlen_bwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float, out
     idx = indices if gather else cu_seqlens
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout))
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather,
-                PRECISION=_precision(q.dtype), INTERPRET=_INTERPRET, num_warps=warps, num_stages=stages)
+                PRECISION=dot_precision(q.dtype), INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
     _varlen_attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B * H)](
         q, k, v, idx, cu_seqlens, dout, lse, delta, dk, dv, *common,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), H, scale, scale * _LOG2E, **meta,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), H, scale, scale * LOG2E, **meta,
     )
     _varlen_attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), B * H)](
         q, k, v, idx, cu_seqlens, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
-        H, scale, scale * _LOG2E, **meta,
+        H, scale, scale * LOG2E, **meta,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -422,24 +408,7 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _split_args(args: tuple, kwargs: dict):
-    """(q, k, v, indices or None, cu_seqlens, max_seqlen) from either entry point's arguments."""
-    names = ("q", "k", "v", "indices", "cu_seqlens", "max_seqlen")
-    if len(args) == 6 or "indices" in kwargs:
-        values = dict(zip(names, args, strict=False))
-    else:
-        values = dict(zip(("q", "k", "v", "cu_seqlens", "max_seqlen"), args, strict=False))
-    values.update({n: kwargs[n] for n in names if n in kwargs})
-    return tuple(values.get(n) for n in names)
-
-
-def not_supported_reasons(*args, **kwargs) -> list[str]:
-    """Why these inputs cannot run in these kernels (empty: they can); device checks are the dispatcher's.
-
-    Accepts the arguments of :func:`varlen_attention` ``(q, k, v, cu_seqlens, max_seqlen, *, scale)`` and of
-    :func:`varlen_attention_gather` ``(q, k, v, indices, cu_seqlens, max_seqlen, *, scale)``.
-    """
-    q, k, v, indices, cu_seqlens, max_seqlen = _split_args(args, kwargs)
+def _reasons(q, k, v, indices, cu_seqlens, max_seqlen) -> list[str]:
     reasons = []
     if q.dtype not in DTYPES:
         reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
@@ -452,8 +421,8 @@ def not_supported_reasons(*args, **kwargs) -> list[str]:
             reasons.append(f"head dim {q.shape[-1]} is not one of {HEAD_DIMS}")
         if v.shape[-1] not in HEAD_DIMS:
             reasons.append(f"value head dim {v.shape[-1]} is not one of {HEAD_DIMS}")
-        if cu_seqlens is not None and (cu_seqlens.numel() - 1) * q.shape[1] > _MAX_GRID_Y:
-            reasons.append(f"B * H exceeds the grid limit {_MAX_GRID_Y}")
+        if cu_seqlens is not None and (cu_seqlens.numel() - 1) * q.shape[1] > MAX_GRID_Y:
+            reasons.append(f"B * H exceeds the grid limit {MAX_GRID_Y}")
     if cu_seqlens is None or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         reasons.append("cu_seqlens must be a 1-D int32 tensor")
     if indices is not None and (indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32)):
@@ -461,6 +430,17 @@ def not_supported_reasons(*args, **kwargs) -> list[str]:
     if max_seqlen is None or int(max_seqlen) < 0:
         reasons.append(f"max_seqlen must be >= 0, got {max_seqlen}")
     return reasons
+
+
+def varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen, *, scale: float | None = None) -> list[str]:
+    """Why :func:`varlen_attention` cannot run these inputs (empty: it can); device checks are the dispatcher's."""
+    return _reasons(q, k, v, None, cu_seqlens, max_seqlen)
+
+
+def varlen_attention_gather_reasons(q, k, v, indices, cu_seqlens, max_seqlen, *,
+                                    scale: float | None = None) -> list[str]:
+    """Why :func:`varlen_attention_gather` cannot run these inputs (empty: it can); devices: the dispatcher's."""
+    return _reasons(q, k, v, indices, cu_seqlens, max_seqlen)
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
@@ -485,7 +465,7 @@ def varlen_attention(
     Returns:
         (total, H, Dv) contiguous, q's dtype; differentiable in q, k, v.
     """
-    reasons = not_supported_reasons(q, k, v, cu_seqlens, max_seqlen)
+    reasons = varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen)
     if reasons:
         raise NotImplementedError("varlen_attention (triton): " + "; ".join(reasons))
     return _VarlenAttention.apply(q, k, v, None, cu_seqlens, int(max_seqlen), _scale(q, scale))
@@ -507,7 +487,7 @@ def varlen_attention_gather(
         (total, H, Dv) in packed order, q's dtype. Gradients of q, k, v are (rows, H, D), zero on rows not
         in ``indices`` and summed over repeated ones.
     """
-    reasons = not_supported_reasons(q, k, v, indices, cu_seqlens, max_seqlen)
+    reasons = varlen_attention_gather_reasons(q, k, v, indices, cu_seqlens, max_seqlen)
     if reasons:
         raise NotImplementedError("varlen_attention_gather (triton): " + "; ".join(reasons))
     return _VarlenAttention.apply(q, k, v, indices, cu_seqlens, int(max_seqlen), _scale(q, scale))

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The model's input normalisation (ImageNet's, on the [0, 1] scale): the decoders apply it, to_uint8 undoes it.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # codec name -> (PyAV encoder, container suffix, pixel format)
 CODECS = {

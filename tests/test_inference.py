@@ -17,10 +17,10 @@ from stpcore.inference import (
     int8_unavailable_reason,
     load_trained,
 )
-from stpcore.models import STPrivacy, from_name
+from stpcore.models import STPrivacy, STPrivacyConfig
 from stpcore.tubelets import keep_to_pixels
 
-CFG = from_name("tiny")  # 8 x 32 x 32 clips, 4 slots x 16 tokens, kept per slot 11, 7, 5
+CFG = STPrivacyConfig.from_name("tiny")  # 8 x 32 x 32 clips, 4 slots x 16 tokens, kept per slot 11, 7, 5
 B = 4
 VARIANTS = ["fp32", "bf16", "auto"] + ([] if int8_unavailable_reason() else ["int8"])
 LOW_PRECISION = [p for p in VARIANTS if p in ("bf16", "int8")]
@@ -43,7 +43,7 @@ def _separated(model: STPrivacy, scale: float = 10.0) -> STPrivacy:
 @pytest.fixture(scope="module")
 def model() -> STPrivacy:
     torch.manual_seed(1)
-    return _separated(STPrivacy(from_name("tiny")))
+    return _separated(STPrivacy(STPrivacyConfig.from_name("tiny")))
 
 
 @pytest.fixture
@@ -277,7 +277,7 @@ def test_load_trained_round_trip(model, clips, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_vit_small_single_clip(precision):
-    cfg = from_name("vit_small")
+    cfg = STPrivacyConfig.from_name("vit_small")
     model = _separated(STPrivacy(cfg))
     clip = torch.randn(1, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
     out = ClipAnonymizer(model, precision=precision)(clip)
@@ -292,4 +292,4 @@ def test_vit_small_single_clip(precision):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is absent")
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):
-        ClipAnonymizer(STPrivacy(from_name("tiny")), device="cuda")
+        ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), device="cuda")

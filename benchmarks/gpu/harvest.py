@@ -101,7 +101,7 @@ def default_plan(py: str) -> list[Step]:
              json_into="kernels.json", pytest=True),
         Step("bench-varlen", 30, [*pytest_, bench_attention, "-k", "varlen_attention_fwd_bwd and B32"],
              json_into="kernels.json", pytest=True),
-        Step("bench-select", 20, [*pytest_, "benchmarks/bench_select.py"], json_into="kernels.json", pytest=True),
+        Step("bench-select", 20, [*pytest_, "benchmarks/bench_tokens.py"], json_into="kernels.json", pytest=True),
         Step("bench-inference", 25, [*pytest_, "benchmarks/bench_model.py", "-k", "inference"],
              json_into="model.json", pytest=True),
         Step("bench-phase2", 35, [*pytest_, "benchmarks/bench_model.py", "-k", "phase2"], json_into="model.json",

@@ -100,8 +100,8 @@ def sweep_dtype(name: str) -> dict:
 def sweep(out: Path) -> int:
     import torch
 
+    from stpcore.kernels._launch import dot_precision
     from stpcore.kernels._tiles import tile_key
-    from stpcore.kernels.policy_attention import _precision
 
     if not torch.cuda.is_available():
         print("tiles: CUDA is not available")
@@ -114,7 +114,7 @@ def sweep(out: Path) -> int:
         result = sweep_dtype(name)
         doc["measurements"][name] = result
         if result["best"]:
-            chosen[tile_key(dtype, SHAPE["D"], _precision(dtype))] = result["best"]
+            chosen[tile_key(dtype, SHAPE["D"], dot_precision(dtype))] = result["best"]
         # Written after each dtype: a sweep cut short keeps what it measured.
         doc["policy_attention"] = {gpu: chosen}
         tmp = out.with_name(f".{out.name}.tmp")

@@ -34,7 +34,7 @@ def jobs() -> list[tuple[str, str, str, dict, str]]:
     "fwd:BM,BN,W,S" / "bwd:..." runs step() under kernels.policy_attention.use_tiles (the tile sweep)."""
     from stpcore.kernels._tiles import POLICY_TILE_CANDIDATES
 
-    att, sel, mod = "benchmarks.bench_attention", "benchmarks.bench_select", "benchmarks.bench_model"
+    att, tok, mod = "benchmarks.bench_attention", "benchmarks.bench_tokens", "benchmarks.bench_model"
     out = []
     # The most distinct compiles first, so the pool's workers start on different kernels.
     for dtype in ("bf16", "fp16"):
@@ -46,11 +46,11 @@ def jobs() -> list[tuple[str, str, str, dict, str]]:
             out.append((f"varlen {provider} {kind}", att, "build_varlen_step",
                         dict(provider=provider, kind=kind, B=32, H=6, N=392, D=64, dtype="fp16"), "call"))
     for N, k in ((392, 34), (272, 24), (192, 16)):
-        out.append((f"select N{N}", sel, "build_select_step", dict(provider="triton", N=N, k=k), "call"))
-        out.append((f"select N{N} (graph, noise)", sel, "build_select_step", dict(provider="triton", N=N, k=k),
+        out.append((f"select N{N}", tok, "build_select_step", dict(provider="triton", N=N, k=k), "call"))
+        out.append((f"select N{N} (graph, noise)", tok, "build_select_step", dict(provider="triton", N=N, k=k),
                     "graph"))
-        out.append((f"scatter N{N}", sel, "build_scatter_step", dict(provider="triton", N=N, k=k), "call"))
-        out.append((f"pool N{N}", sel, "build_pool_step", dict(provider="triton", N=N), "call"))
+        out.append((f"scatter N{N}", tok, "build_scatter_step", dict(provider="triton", N=N, k=k), "call"))
+        out.append((f"pool N{N}", tok, "build_pool_step", dict(provider="triton", N=N), "call"))
     for pass_, candidates in POLICY_TILE_CANDIDATES.items():
         for tiles in candidates[1:]:  # the first is the default, compiled above
             for dtype in ("bf16", "fp16"):

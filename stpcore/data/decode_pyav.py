@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_origin, crop_position, resized_size
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 
 class VideoError(RuntimeError):

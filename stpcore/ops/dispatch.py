@@ -1,7 +1,7 @@
 """Backend dispatch for stpcore ops, kept small (after xformers' dispatcher).
 
 Every op has an ordered list of :class:`Backend` objects. Each backend answers
-``not_supported_reasons(explicit, **inputs)`` with a list of human-readable reasons why it cannot run
+``reasons(explicit, *inputs, **options)`` with a list of human-readable reasons why it cannot run
 these inputs (empty: it can). With no backend named, the first one with no reasons is used; the
 environment variable ``STPCORE_BACKEND`` (``reference`` or ``triton``; or ``op=backend`` pairs,
 comma separated) forces one; a backend named explicitly that cannot run raises with its reasons.
@@ -135,18 +135,21 @@ def explain(op: str, *args, **kwargs) -> dict[str, list[str]]:
     return {b.name: b.reasons(False, *args, **kwargs) for b in backends(op)}
 
 
-def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.Tensor]]) -> Backend:
+def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.Tensor]],
+                   reasons: str = "not_supported_reasons") -> Backend:
     """A backend that calls ``stpcore.kernels.<module>.<fn>``, importing it only when first needed.
 
-    The kernel module must define ``not_supported_reasons(*args, **kwargs) -> list[str]`` with the op's
-    signature (shapes, dtypes, head dims it handles); device and import checks are done here.
-    ``tensors(*args, **kwargs)`` returns the input tensors whose devices must suit Triton.
+    ``stpcore.kernels.<module>.<reasons>(*args, **kwargs) -> list[str]`` takes ``fn``'s arguments and says why
+    the kernel cannot run them (shapes, dtypes, head dims it handles): ``not_supported_reasons`` in a module
+    with one entry point, ``<fn>_reasons`` beside each entry point of a module with several. Device and
+    import checks are done here. ``tensors(*args, **kwargs)`` returns the input tensors whose devices must
+    suit Triton.
     """
 
     def load():
         return importlib.import_module(f"stpcore.kernels.{module}")
 
-    def reasons(explicit: bool, *args, **kwargs) -> list[str]:
+    def not_supported(explicit: bool, *args, **kwargs) -> list[str]:
         found = triton_device_reasons([t for t in tensors(*args, **kwargs) if t is not None], explicit)
         if found:
             return found
@@ -154,10 +157,10 @@ def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.T
             mod = load()
         except ImportError as exc:
             return [f"stpcore.kernels.{module} cannot be imported: {exc}"]
-        return list(mod.not_supported_reasons(*args, **kwargs))
+        return list(getattr(mod, reasons)(*args, **kwargs))
 
     def run(*args, **kwargs):
         return getattr(load(), fn)(*args, **kwargs)
 
     run.__name__ = f"triton_{fn}"
-    return Backend("triton", run, reasons)
+    return Backend("triton", run, not_supported)

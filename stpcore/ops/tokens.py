@@ -72,15 +72,16 @@ def _check_idx(name, x, idx):
         raise ValueError(f"{name}: idx must be an integer tensor, got {idx.dtype}")
 
 
-def _register_ref_and_triton(op, module, ref, tensors):
-    dispatch.register(op, dispatch.triton_backend(module, op, tensors))
+def _register_ref_and_triton(op, ref, tensors):
+    """The reference and the kernel of ``op`` in stpcore.kernels.tokens, with the kernel's ``<op>_reasons``."""
+    dispatch.register(op, dispatch.triton_backend("tokens", op, tensors, reasons=f"{op}_reasons"))
     dispatch.register(op, dispatch.Backend("reference", ref))
 
 
-_register_ref_and_triton("slot_topk", "select", slot_topk_ref, lambda s, *a, **k: [s])
-_register_ref_and_triton("gather_tokens", "select", gather_tokens_ref, lambda x, i, *a, **k: [x, i])
-_register_ref_and_triton("scatter_tokens", "select", scatter_tokens_ref, lambda x, i, *a, **k: [x, i])
-_register_ref_and_triton("slot_topk_gather", "select", slot_topk_gather_ref, lambda s, x, *a, **k: [s, x])
+_register_ref_and_triton("slot_topk", slot_topk_ref, lambda s, *a, **k: [s])
+_register_ref_and_triton("gather_tokens", gather_tokens_ref, lambda x, i, *a, **k: [x, i])
+_register_ref_and_triton("scatter_tokens", scatter_tokens_ref, lambda x, i, *a, **k: [x, i])
+_register_ref_and_triton("slot_topk_gather", slot_topk_gather_ref, lambda s, x, *a, **k: [s, x])
 
 
 def slot_topk(scores: torch.Tensor, num_slots: int, k: int, *, backend: str | None = None) -> torch.Tensor:

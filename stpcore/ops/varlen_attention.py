@@ -79,14 +79,16 @@ def _xformers_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
 
 dispatch.register(
     "varlen_attention",
-    dispatch.triton_backend("varlen_attention", "varlen_attention", lambda q, k, v, cu, *a, **kw: [q, k, v, cu]),
+    dispatch.triton_backend("varlen_attention", "varlen_attention", lambda q, k, v, cu, *a, **kw: [q, k, v, cu],
+                            reasons="varlen_attention_reasons"),
 )
 dispatch.register("varlen_attention", dispatch.Backend("xformers", _xformers_varlen, _xformers_reasons))
 dispatch.register("varlen_attention", dispatch.Backend("reference", varlen_attention_ref))
 dispatch.register(
     "varlen_attention_gather",
     dispatch.triton_backend(
-        "varlen_attention", "varlen_attention_gather", lambda q, k, v, idx, cu, *a, **kw: [q, k, v, idx, cu]
+        "varlen_attention", "varlen_attention_gather", lambda q, k, v, idx, cu, *a, **kw: [q, k, v, idx, cu],
+        reasons="varlen_attention_gather_reasons",
     ),
 )
 dispatch.register("varlen_attention_gather", dispatch.Backend("reference", varlen_attention_gather_ref))

@@ -122,6 +122,8 @@ def _compile_family(family: str, s: dict) -> list:
     """Compile one configuration's kernels; returns [(kernel name, CompiledKernel)]."""
     import torch
 
+    from stpcore.kernels._launch import LOG2E, dot_precision
+
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     dt = dtypes[s["dtype"]] if "dtype" in s else f32
@@ -135,7 +137,7 @@ def _compile_family(family: str, s: dict) -> list:
         torch.backends.cuda.matmul.allow_tf32 = s["tf32"]
         passes = s.get("passes", ("fwd", "bwd"))
         tiles = {p: tuple(s[p]) if p in s else m._default_blocks(n, D, dt, cuda) for p in passes}
-        prec = m._precision(dt)
+        prec = dot_precision(dt)
         qkv = _strides(B, n, 3, h, D, permute=(2, 0, 3, 1, 4), index=0)  # q, k, v: views of a fused qkv
         bhnd = _strides(B, h, n, D)
         scale = D**-0.5
@@ -147,7 +149,7 @@ def _compile_family(family: str, s: dict) -> list:
 
         if "fwd" in passes:
             out.append(("fwd", m._policy_attn_fwd_kernel.warmup(
-                dt, dt, dt, f32, f32, dt, f32, f32, i32, *qkv, *qkv, *qkv, n, 1, *bhnd, h, n, scale * m._LOG2E,
+                dt, dt, dt, f32, f32, dt, f32, f32, i32, *qkv, *qkv, *qkv, n, 1, *bhnd, h, n, scale * LOG2E,
                 1e-6, 1e-6 / n, KEPT_MAX=dt == torch.float16, **meta("fwd"))))
         if "bwd" in passes:
             bm, _, warps, stages = tiles["bwd"]
@@ -156,10 +158,10 @@ def _compile_family(family: str, s: dict) -> list:
                 num_warps=warps, num_stages=stages, grid=(1,))))
             common = (*qkv, *qkv, *qkv, n, 1, *bhnd)
             out.append(("bwd_dkdv", m._policy_attn_bwd_dkdv_kernel.warmup(
-                dt, dt, dt, f32, dt, f32, f32, i32, f32, f32, dt, dt, f32, *common, h, n, scale, scale * m._LOG2E,
+                dt, dt, dt, f32, dt, f32, f32, i32, f32, f32, dt, dt, f32, *common, h, n, scale, scale * LOG2E,
                 1e-6 / n, **meta("bwd"))))
             out.append(("bwd_dq", m._policy_attn_bwd_dq_kernel.warmup(
-                dt, dt, dt, f32, dt, f32, f32, i32, f32, f32, dt, *common, h, n, scale, scale * m._LOG2E,
+                dt, dt, dt, f32, dt, f32, f32, i32, f32, f32, dt, *common, h, n, scale, scale * LOG2E,
                 **meta("bwd"))))
     elif family == "varlen":
         from stpcore.kernels import varlen_attention as m
@@ -169,7 +171,7 @@ def _compile_family(family: str, s: dict) -> list:
         total = B * 272  # stage-1 kept tokens of every video
         rows = B * N if gather else total
         bm, bn, warps, stages = m._blocks(272, D, dt, cuda)
-        prec = m._precision(dt)
+        prec = dot_precision(dt)
         qkv = _strides(rows, 3, H, D, permute=(1, 0, 2, 3), index=0)  # (rows, H, D) views of a fused qkv
         thd = _strides(total, H, D)
         grad = _strides(rows, H, D)
@@ -177,7 +179,7 @@ def _compile_family(family: str, s: dict) -> list:
         gdt = f32 if gather else dt
         meta = dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=bm, BLOCK_N=bn, GATHER=gather, PRECISION=prec,
                     INTERPRET=False, num_warps=warps, num_stages=stages, grid=(1,))
-        qk_scale = D**-0.5 * m._LOG2E
+        qk_scale = D**-0.5 * LOG2E
         out.append(("fwd", m._varlen_attn_fwd_kernel.warmup(
             dt, dt, dt, idx, i32, dt, f32, *qkv, *qkv, *qkv, *thd, H, qk_scale, **meta)))
         out.append(("bwd_preprocess", m._varlen_attn_bwd_preprocess_kernel.warmup(
@@ -206,7 +208,7 @@ def _compile_family(family: str, s: dict) -> list:
                 out.append(("bwd", m._gumbel_select_bwd_kernel.warmup(
                     dt, noise, dt, dt, dt, dt, seed, 1.0, n_tokens, **flags)))
     elif family in ("topk", "gather_rows", "scatter_rows"):
-        from stpcore.kernels import select as m
+        from stpcore.kernels import tokens as m
 
         K = SLOTS * KEEP
         if family == "topk":

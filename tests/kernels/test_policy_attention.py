@@ -13,7 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stpcore.kernels import _launch
 from stpcore.kernels import policy_attention as kernel
+from stpcore.kernels._launch import LOG2E
 from stpcore.ops import dispatch
 from stpcore.ops.policy_attention import policy_attention, policy_attention_ref
 from stpcore.testing import assert_close
@@ -157,8 +159,6 @@ def test_dispatch_auto_on_cpu_does_not_pick_triton():
 def test_tf32_switch_read_through_either_torch_api(api):
     """fp32 dots follow torch's TF32 switch, also when it is set through torch's fp32_precision API (after
     which reading the legacy allow_tf32 raises "mix of the legacy and new APIs"), and fp32 calls still run."""
-    from stpcore.kernels import varlen_attention
-
     matmul = torch.backends.cuda.matmul
     has_new_api = hasattr(matmul, "fp32_precision")
     if api == "fp32_precision" and not has_new_api:
@@ -174,8 +174,7 @@ def test_tf32_switch_read_through_either_torch_api(api):
     try:
         for on in (True, False):
             set_tf32(on)
-            for module in (kernel, varlen_attention):
-                assert module._precision(torch.float32) == ("tf32" if on else "ieee")
+            assert _launch.dot_precision(torch.float32) == ("tf32" if on else "ieee")  # policy and varlen
         set_tf32(True)
         q, k, v, policy = make_inputs(1, 1, 20, 16, torch.float32)
         # TF32 dots (10-bit mantissa) on a GPU; the interpreter computes in fp32 regardless.
@@ -188,14 +187,14 @@ def test_tf32_switch_read_through_either_torch_api(api):
 def test_gpu_default_blocks(monkeypatch):
     """The launcher's default GPU tiles: fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, since
     64 x 32 tiles spill kilobytes per thread there (measured in tests/kernels/test_compile.py)."""
-    monkeypatch.setattr(kernel, "_INTERPRET", False)
-    monkeypatch.setattr(kernel, "tf32_enabled", lambda: False)
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    monkeypatch.setattr(_launch, "tf32_enabled", lambda: False)
     cuda = torch.device("cuda")  # only its type is read
     assert kernel._default_blocks(392, 64, torch.bfloat16, cuda) == (64, 64, 4, 3)
     assert kernel._default_blocks(392, 128, torch.float16, cuda) == (64, 32, 4, 2)
     assert kernel._default_blocks(392, 64, torch.float32, cuda) == (32, 32, 8, 2)
     assert kernel._default_blocks(392, 128, torch.float32, cuda) == (16, 16, 8, 2)
-    monkeypatch.setattr(kernel, "tf32_enabled", lambda: True)
+    monkeypatch.setattr(_launch, "tf32_enabled", lambda: True)
     assert kernel._default_blocks(392, 128, torch.float32, cuda) == (64, 32, 4, 2)
     assert kernel._default_blocks(392, 32, torch.float32, cuda) == (64, 64, 4, 3)
 
@@ -215,8 +214,8 @@ def test_measured_tiles_are_used_per_pass_and_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_tiles, "TILES_FILE", path)
     monkeypatch.setattr(_tiles, "device_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(_tiles, "cuda_available", lambda: True)
-    monkeypatch.setattr(kernel, "_INTERPRET", False)
-    monkeypatch.setattr(kernel, "tf32_enabled", lambda: False)
+    monkeypatch.setattr(kernel, "INTERPRET", False)
+    monkeypatch.setattr(_launch, "tf32_enabled", lambda: False)
     _tiles.load_table.cache_clear()
     cuda = torch.device("cuda")
     try:
@@ -263,7 +262,7 @@ def test_saved_statistics():
     out, v_sum, row_max, inv_den, arg_max = kernel._policy_attn_fwd(q, k, v, policy, 1e-6)
     scores = (q @ k.transpose(-2, -1)) * D**-0.5
     ref_max, ref_arg = scores.max(dim=-1)
-    torch.testing.assert_close(row_max / kernel._LOG2E, ref_max, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row_max / LOG2E, ref_max, rtol=1e-5, atol=1e-5)
     clear = (scores.topk(2, dim=-1).values.diff(dim=-1).abs().squeeze(-1) > 1e-4) | (ref_arg == 5)
     assert (ref_arg == 5).sum() > 10, "the test needs rows whose max is the tie"
     assert torch.equal(arg_max[clear].long(), ref_arg[clear])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from stpcore.kernels import select as ksel  # noqa: E402
+from stpcore.kernels import tokens as kernel  # noqa: E402
 from stpcore.ops import (  # noqa: E402
     dispatch,
     gather_tokens,
@@ -31,7 +31,7 @@ def _distinct_scores(B, N, dtype=torch.float32, generator=None, device=DEVICE):
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def _check_select(B, num_slots, per_slot, k, C, dtype, scores_dtype=torch.float32, generator=None, device=DEVICE):
+def _check_tokens(B, num_slots, per_slot, k, C, dtype, scores_dtype=torch.float32, generator=None, device=DEVICE):
     N = num_slots * per_slot
     scores = _distinct_scores(B, N, scores_dtype, generator, device)
     x = torch.randn(B, N, C, generator=generator).to(device=device, dtype=dtype).requires_grad_()
@@ -74,10 +74,10 @@ def _check_select(B, num_slots, per_slot, k, C, dtype, scores_dtype=torch.float3
     dtype=st.sampled_from([torch.float32, torch.float16]),
     data=st.data(),
 )
-def test_select_matches_reference_hypothesis(B, num_slots, per_slot, C, dtype, data):
+def test_tokens_match_reference_hypothesis(B, num_slots, per_slot, C, dtype, data):
     k = data.draw(st.integers(1, per_slot), label="k")
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    _check_select(B, num_slots, per_slot, k, C, dtype, scores_dtype=dtype, generator=generator)
+    _check_tokens(B, num_slots, per_slot, k, C, dtype, scores_dtype=dtype, generator=generator)
 
 
 @pytest.mark.parametrize(
@@ -85,8 +85,8 @@ def test_select_matches_reference_hypothesis(B, num_slots, per_slot, C, dtype, d
     [(2, 8, 49, 34, 12), (1, 1, 1, 1, 3), (3, 2, 49, 49, 5), (2, 3, 300, 100, 4)],
     ids=["B2-S8-P49-k34-C12", "B1-S1-P1-k1-C3", "B3-S2-P49-kall-C5", "B2-S3-P300-k100-C4"],
 )
-def test_select_matches_reference(B, num_slots, per_slot, k, C):
-    _check_select(B, num_slots, per_slot, k, C, torch.float32)
+def test_tokens_match_reference(B, num_slots, per_slot, k, C):
+    _check_tokens(B, num_slots, per_slot, k, C, torch.float32)
 
 
 def test_ties_take_the_lowest_index():
@@ -110,7 +110,7 @@ def test_nan_scores_keep_exactly_k_inside_the_slot():
                            [nan, 0.1, 0.2, nan, 0.4, 0.6, inf, nan]], device=DEVICE)
     for k in (1, 2, 3, 4):
         buffer = torch.full((2, 2 * k + 1), -7, dtype=torch.int64, device=DEVICE)
-        idx, _ = ksel._slot_topk_gather(scores, None, 2, k, idx_out=buffer[:, : 2 * k])
+        idx, _ = kernel._slot_topk_gather(scores, None, 2, k, idx_out=buffer[:, : 2 * k])
         assert torch.equal(idx, slot_topk_ref(scores, 2, k)), k
         assert (buffer[:, -1] == -7).all(), f"k={k}: wrote past the {2 * k} output places"
     assert slot_topk_ref(scores, 2, 2).tolist() == [[2, 3, 6, 7], [0, 3, 6, 7]]
@@ -147,18 +147,40 @@ def test_strided_inputs():
     assert torch.equal(scatter_tokens(x_t, idx_t, 6, backend="triton"), scatter_tokens_ref(x_t, idx_t, 6))
 
 
-def test_not_supported_reasons():
+def test_reasons_per_entry_point():
     scores, x, idx = torch.zeros(2, 8), torch.zeros(2, 8, 3), torch.zeros(2, 4, dtype=torch.long)
-    assert ksel.not_supported_reasons(scores, 2, 1) == []
-    assert ksel.not_supported_reasons(x, idx) == []
-    assert ksel.not_supported_reasons(x, idx, 8) == []
-    assert ksel.not_supported_reasons(scores, x, 2, 1) == []
-    assert ksel.not_supported_reasons(torch.zeros(1, 2048), 1, 4)  # 2048 tokens in one slot
-    assert ksel.not_supported_reasons(scores.long(), 2, 1)
-    assert ksel.not_supported_reasons(x, idx.float())
-    assert ksel.not_supported_reasons(x.int(), idx, 8)
+    assert kernel.slot_topk_reasons(scores, 2, 1) == []
+    assert kernel.gather_tokens_reasons(x, idx) == []
+    assert kernel.scatter_tokens_reasons(x, idx, 8) == []
+    assert kernel.slot_topk_gather_reasons(scores, x, 2, 1) == []
+    assert kernel.slot_topk_reasons(torch.zeros(1, 2048), 1, 4)  # 2048 tokens in one slot
+    assert kernel.slot_topk_gather_reasons(torch.zeros(1, 2048), torch.zeros(1, 2048, 3), 1, 4)
+    assert kernel.slot_topk_reasons(scores.long(), 2, 1)
+    assert kernel.gather_tokens_reasons(x, idx.float())
+    assert kernel.scatter_tokens_reasons(x.int(), idx, 8)
+    assert kernel.slot_topk_gather_reasons(scores, x.int(), 2, 1)
     if dispatch.triton_interpret():
-        assert ksel.not_supported_reasons(scores, x.bfloat16(), 2, 1)
+        assert kernel.slot_topk_gather_reasons(scores, x.bfloat16(), 2, 1)
+        assert kernel.gather_tokens_reasons(x.bfloat16(), idx)
+
+
+def test_dispatch_asks_each_entry_points_reasons():
+    """The triton backend of every op reports its own entry point's reasons (here: an int32 x)."""
+    scores = torch.zeros(2, 8, device=DEVICE)
+    x = torch.zeros(2, 8, 3, dtype=torch.int32, device=DEVICE)
+    idx = torch.zeros(2, 4, dtype=torch.long, device=DEVICE)
+    explained = {
+        "gather_tokens": dispatch.explain("gather_tokens", x, idx),
+        "scatter_tokens": dispatch.explain("scatter_tokens", x, idx, 8),
+        "slot_topk_gather": dispatch.explain("slot_topk_gather", scores, x, 2, 1),
+    }
+    if DEVICE == "cuda" or dispatch.triton_interpret():  # CPU tensors pass the device check only when named
+        for op, args in (("gather_tokens", (x, idx)), ("scatter_tokens", (x, idx, 8)),
+                         ("slot_topk_gather", (scores, x, 2, 1))):
+            with pytest.raises(NotImplementedError, match="x dtype torch.int32"):
+                dispatch.select(op, "triton", *args)
+        assert dispatch.select("slot_topk", "triton", scores, 2, 1).name == "triton"
+    assert all(reasons["triton"] for reasons in explained.values()), explained
 
 
 def test_dispatch_picks_reference_for_cpu_tensors(monkeypatch):
@@ -185,4 +207,4 @@ GPU_CASES = [
 @pytest.mark.parametrize("N, k, dtype", GPU_CASES)
 def test_gpu_matrix(N, k, dtype):
     """The paper's stages: B=32, D=384, 8 slots; scores fp32, tokens in dtype."""
-    _check_select(32, 8, N // 8, k, 384, dtype, device="cuda")
+    _check_tokens(32, 8, N // 8, k, 384, dtype, device="cuda")

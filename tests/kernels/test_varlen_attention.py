@@ -172,18 +172,20 @@ def test_dispatch_auto_on_cpu_does_not_pick_triton():
     assert dispatch.select("varlen_attention_gather", None, q, k, v, indices, cu, max_len, scale=None).name != "triton"
 
 
-def test_not_supported_reasons():
+def test_reasons_per_entry_point():
     q, k, v, cu, max_len = make_packed([7, 12], 2, 16, torch.float32)
     indices = torch.arange(q.shape[0], device=DEVICE)
-    assert kernel.not_supported_reasons(q, k, v, cu, max_len, scale=None) == []
-    assert kernel.not_supported_reasons(q, k, v, indices, cu, max_len, scale=None) == []
+    assert kernel.varlen_attention_reasons(q, k, v, cu, max_len, scale=None) == []
+    assert kernel.varlen_attention_gather_reasons(q, k, v, indices, cu, max_len, scale=None) == []
     odd = torch.randn(q.shape[0], 2, 24, device=DEVICE)
-    for args in [(odd, odd, odd, cu, max_len), (odd, odd, odd, indices, cu, max_len)]:
-        reasons = kernel.not_supported_reasons(*args, scale=None)
+    for reasons in (kernel.varlen_attention_reasons(odd, odd, odd, cu, max_len, scale=None),
+                    kernel.varlen_attention_gather_reasons(odd, odd, odd, indices, cu, max_len, scale=None)):
         assert any("head dim 24" in r for r in reasons), reasons
-    assert any("indices" in r for r in kernel.not_supported_reasons(q, k, v, indices.float(), cu, max_len))
+    assert any("indices" in r for r in kernel.varlen_attention_gather_reasons(q, k, v, indices.float(), cu, max_len))
     with pytest.raises(NotImplementedError, match="head dim 24"):
         varlen_attention(odd, odd, odd, cu, max_len, backend="triton")
+    with pytest.raises(NotImplementedError, match="indices must be"):
+        varlen_attention_gather(q, k, v, indices.float(), cu, max_len, backend="triton")
 
 
 GPU_LENGTHS = {

@@ -1,0 +1,42 @@
+"""The predictor_pool reference: a hand-computed case, empty slots and videos, gradients, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stpcore import ops
+
+
+def test_predictor_pool_hand_computed():
+    # B=1, 2 slots x 2 tokens, C=3 (one channel per level).
+    x = torch.tensor([[[1.0, 10.0, 100.0], [2.0, 20.0, 200.0], [3.0, 30.0, 300.0], [4.0, 40.0, 400.0]]])
+    keep = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    out = ops.predictor_pool(x, keep, num_slots=2)
+    frame = [10.0, 10.0, 35.0, 35.0]  # slot 0: only token 0 kept; slot 1: mean(30, 40)
+    video = (100.0 + 300.0 + 400.0) / 3
+    expected = torch.tensor([[[1.0, f, video] for f in frame]])
+    expected[0, :, 0] = x[0, :, 0]
+    torch.testing.assert_close(out, expected)
+
+
+def test_predictor_pool_empty_slot_and_video_pool_to_zero():
+    x = torch.randn(2, 6, 6)
+    keep = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    out = ops.predictor_pool(x, keep, num_slots=2)
+    assert torch.isfinite(out).all()
+    assert (out[0, :3, 2:4] == 0).all()  # empty slot 0 of video 0
+    assert (out[1, :, 2:] == 0).all()  # nothing kept in video 1
+
+
+def test_predictor_pool_gradcheck():
+    x = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.predictor_pool(a, b, 3), (x, keep))
+
+
+def test_predictor_pool_bad_input():
+    with pytest.raises(ValueError, match="divisible by 3"):
+        ops.predictor_pool(torch.zeros(1, 4, 4), torch.ones(1, 4), 2)
+    with pytest.raises(ValueError, match="multiple of num_slots"):
+        ops.predictor_pool(torch.zeros(1, 5, 3), torch.ones(1, 5), 2)
