@@ -205,42 +205,6 @@ def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:
         return float(rate) if rate else default
 
 
-def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """uint8 (H, W, 3) or (H, W) -> PNG, atomically."""
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return Path(path)
-
-
-def keep_mask_figure(frames: np.ndarray, keep: torch.Tensor, grid: tuple[int, int, int],
-                     tubelet: tuple[int, int, int], gap: int = 4) -> np.ndarray:
-    """One panel per temporal slot: the slot's first frame, dropped tubelets darkened and tinted red.
-
-    Args:
-        frames: uint8 (T, H, W, 3) input clip.
-        keep: (N,) 0/1 keep mask of one clip, t-major.
-        grid: (slots, rows, cols) of the tubelet grid.
-        tubelet: (pt, ph, pw).
-
-    Returns:
-        uint8 (H, slots * (W + gap) - gap, 3).
-    """
-    slots, rows, cols = grid
-    pt, ph, pw = tubelet
-    mask = keep.detach().cpu().reshape(slots, rows, cols).numpy().astype(bool)
-    panels = []
-    for s in range(slots):
-        frame = frames[s * pt].astype(np.float32)
-        m = np.kron(mask[s], np.ones((ph, pw), dtype=bool))[..., None]  # (H, W, 1)
-        dropped = frame * 0.35 + np.array([110.0, 0.0, 0.0], dtype=np.float32)
-        panels.append(np.where(m, frame, dropped).clip(0, 255).astype(np.uint8))
-        if s + 1 < slots:
-            panels.append(np.full((frames.shape[1], gap, 3), 255, dtype=np.uint8))
-    return np.concatenate(panels, axis=1)
-
-
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarray:
     """Two uint8 (T, H, W, 3) clips next to each other with a white gap."""
     if left.shape != right.shape:

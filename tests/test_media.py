@@ -50,11 +50,3 @@ def test_to_uint8_inverts_normalisation():
     mean = torch.tensor(media.IMAGENET_MEAN).reshape(3, 1, 1, 1)
     std = torch.tensor(media.IMAGENET_STD).reshape(3, 1, 1, 1)
     assert np.array_equal(media.to_uint8((x - mean) / std), pixels.numpy())
-
-
-def test_keep_mask_figure_darkens_dropped_tubelets():
-    frames = np.full((4, 8, 8, 3), 200, dtype=np.uint8)
-    keep = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1], dtype=torch.float32)  # 2 slots x (2 x 2)
-    fig = media.keep_mask_figure(frames, keep, grid=(2, 2, 2), tubelet=(2, 4, 4), gap=2)
-    assert fig.shape == (8, 8 * 2 + 2, 3)
-    assert (fig[:4, :4] == 200).all() and (fig[:4, 4:8, 1] < 100).all()

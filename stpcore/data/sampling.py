@@ -1,4 +1,9 @@
-"""Clip sampling as the paper: which frames, which crop, which flip; and DistributedSampler-like sharding.
+"""Clip sampling: which frames, which crop, which flip; and DistributedSampler-like sharding.
+
+[P] 16-frame clips at the dataset's stride (2 for HMDB51, 4 for UCF101), 112x112 crops, 5 clips x 3 crops per
+test video. [G] (the paper does not say): the short side resized to 128 before cropping, a random temporal
+offset, random crop and horizontal flip in training, the test crops at the start, centre and end of the long
+side, and the ImageNet normalisation.
 
 Everything here is pure index arithmetic shared by the PyAV and DALI paths, so both read the same frames
 and crops for the same seed.

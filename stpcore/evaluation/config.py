@@ -34,7 +34,7 @@ class EvalConfig:
         warmup_epochs: linear warm-up, then cosine to min_lr_ratio * lr [G: 5 epochs].
         min_lr_ratio: floor of the cosine schedule [G: 0.01].
         clip_grad: max gradient norm (0 disables) [G: 1.0].
-        amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "none".
+        amp: "auto" (bf16 autocast on CUDA, none on CPU) [G], "bf16" or "none".
         init_2d: an ImageNet 2D ViT checkpoint inflated into both recognizers (None: random init).
         out_dir: where eval_metrics.jsonl, results.* and sweep.* go.
         seed: recognizer initialisation and data order; the same for every method, so methods differ only

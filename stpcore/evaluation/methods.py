@@ -51,7 +51,7 @@ class Raw(MethodTransform):
 
 
 class Downsample(MethodTransform):
-    """Spatial down-sampling by ``factor``: area (box) averaging to H/factor x W/factor, then nearest
+    """[G] Spatial down-sampling by ``factor``: area (box) averaging to H/factor x W/factor, then nearest
     up-sampling back to H x W, so the recognizer sees exactly the low-resolution pixels as blocks (nearest
     adds no interpolated detail; the clip mean is preserved exactly when factor divides H and W).
 

@@ -2,7 +2,8 @@
 
 - action top-1 (%) with the predictions averaged over the 5 clips x 3 crops of each test video [G: the
   softmax probabilities are averaged, not the logits];
-- privacy cMAP (%): class-wise average precision (scikit-learn) of the per-video averaged sigmoid outputs,
+- privacy cMAP (%): class-wise average precision (scikit-learn) of the per-video averaged sigmoid outputs [G: the
+  sigmoid probabilities are averaged],
   averaged over the 5 attributes; [G] an attribute whose test labels are all one class has no defined AP and
   is left out of the mean (named in ``Metrics.skipped_attributes``);
 - privacy F1: class-wise F1 at threshold 0.5 (scikit-learn, zero_division=0) averaged over the 5 attributes.

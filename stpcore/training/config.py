@@ -22,7 +22,7 @@ class TrainConfig:
         split: the official split, 1 to 3.
         preset: model preset of STPrivacy and both recognizers ("vit_small" is the paper's).
         num_frames, image_size: override the preset's clip size (None: the preset's).
-        batch_size: clips per step and process.
+        batch_size: clips per step and process [G: 32].
         workers: data loader workers.
         decoder: "auto", "pyav" or "dali".
         stride: frame stride (None: the dataset's default, 2 for HMDB51, 4 for UCF101).
@@ -55,7 +55,7 @@ class TrainConfig:
             many phase-2 epochs after the warm-up, so STPrivacy must hide the attributes from fresh
             recognizers (as phase 3 trains) rather than from the one it co-adapted with ("model restarting",
             Wu et al., TPAMI 2020) [G: 0, off].
-        amp: "auto" (bf16 autocast on CUDA, none on CPU), "bf16" or "none".
+        amp: "auto" (bf16 autocast on CUDA, none on CPU) [G], "bf16" or "none".
         compile: torch.compile the models.
         checkpoint_every: steps between checkpoints (0: epoch ends only).
         log_every: steps between metrics lines.
