@@ -7,8 +7,8 @@ threshold) under ``torch.inference_mode`` in one of these precisions:
 - ``"fp32"``: the plain model; outputs equal ``model.eval()`` under ``torch.no_grad`` exactly.
 - ``"bf16"``: bf16 autocast. The score predictors run in fp32 (autocast disabled around them), so the
   top-k decisions see fp32 scores computed from the (bf16-perturbed) tokens. The fast choice on CUDA.
-  On CPUs without native bf16 arithmetic (AVX2 only: no AVX512-BF16 / AMX) it is emulated, and it
-  was 5-10x SLOWER than fp32 on the 2-core AVX2 EPYC this was measured on.
+  On CPUs without native bf16 arithmetic (AVX2 only: no AVX512-BF16 / AMX) it is emulated and much slower
+  than fp32.
 - ``"int8"`` (CPU only): dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``, fbgemm /
   x86 engine) of the transformer blocks' Linear layers (qkv, proj, fc1, fc2: about 85% of the FLOPs),
   weights per output channel, activations per tensor at run time. The tubelet embedding, the score
@@ -18,12 +18,7 @@ threshold) under ``torch.inference_mode`` in one of these precisions:
   matrix units (AMX tiles or AVX512-BF16, see :func:`cpu_has_native_bf16`), else int8 where a quantized
   engine for x86 is available, else fp32.
 
-Measured on that 2-core AVX2 CPU (vit_small, B=8; see benchmarks/bench_inference.py): int8 about
-1.3x the clips/s of fp32 (1.31x in single-thread CPU time, 1.33x interleaved wall time), with 98.6% of
-the keep decisions equal; fp32 under inference_mode the same as under no_grad; bf16 0.1-0.2x. The int8
-GEMMs alone run only about 1.65x faster than fp32 there (AVX2 has no VNNI) and are about 85% of the
-work, which bounds what int8 can give. torch.compile of the blocks (inductor, freezing) took 75 s to
-compile and was not faster, so it is not used.
+What each precision gives on this project's CPUs, and why, is in BENCHMARKS.md ("CPU inference").
 """
 
 from __future__ import annotations
