@@ -9,7 +9,6 @@ Providers (each skips with its reason where it cannot run):
 - ``reference``: ``policy_attention_ref`` / ``varlen_attention_ref`` (the direct PyTorch formulation);
 - ``chunked``: ``policy_attention_chunked``, the CPU path (query chunks, closed-form backward);
 - ``triton``: the fused kernels in ``stpcore.kernels`` (CUDA only here: the interpreter is far too slow);
-- ``triton_gather`` (varlen): ``varlen_attention_gather`` reading rows of the unpacked tokens in place;
 - ``xformers`` (CUDA, varlen, when installed): xformers' memory-efficient attention with its block-diagonal
   mask, the dispatch backend for users who already have xformers;
 - ``sdpa_flash``, ``sdpa_cudnn``, ``sdpa_efficient`` (CUDA): ``F.scaled_dot_product_attention`` without a
@@ -44,13 +43,13 @@ import torch.nn.functional as F
 from benchmarks.memory import cpu_peak_default_mib, cpu_peak_mib, cuda_peak_mib
 from benchmarks.timing import gpu_times
 from stpcore.ops.policy_attention import policy_attention, policy_attention_chunked, policy_attention_ref
-from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_gather, varlen_attention_ref
+from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
 SDPA_PROVIDERS = [f"sdpa_{name}" for name in SDPA_BACKENDS]
-GPU_ONLY = {"triton", "triton_gather", "flex", "xformers", *SDPA_PROVIDERS}
+GPU_ONLY = {"triton", "flex", "xformers", *SDPA_PROVIDERS}
 
 
 # ------------------------------------------------------------------------------------------- counts
@@ -245,10 +244,7 @@ def build_varlen_step(provider: str, kind: str, B: int, H: int, N: int, D: int, 
     max_len = max(lengths)
     dout = torch.randn(indices.numel(), H, D, device=device, dtype=dt)
 
-    if provider == "triton_gather":
-        def forward():
-            return varlen_attention_gather(q, k, v, indices, cu, max_len, backend="triton")
-    elif provider.startswith("sdpa_"):
+    if provider.startswith("sdpa_"):
         if len(set(lengths)) != 1:
             raise ValueError("sdpa runs the gathered dense batch: equal lengths only")
         sdpa = _sdpa(provider)
@@ -285,7 +281,7 @@ VARLEN_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("provider", ["reference", "triton", "triton_gather", *SDPA_PROVIDERS, "xformers"])
+@pytest.mark.parametrize("provider", ["reference", "triton", *SDPA_PROVIDERS, "xformers"])
 @pytest.mark.parametrize("shape", list(VARLEN_SHAPES))
 def test_varlen_attention_fwd_bwd(benchmark, shape, provider):
     kind, B, H, N, D, dtype, needs_cuda = VARLEN_SHAPES[shape]

@@ -13,6 +13,7 @@ import torch
 # point, and every module picks its interpreter branches by it: set TRITON_INTERPRET before importing any of them.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the computing kernels take (no fp64 dots)
+HEAD_DIMS = (16, 32, 64, 128)  # what the attention kernels take: tl.dot wants power-of-two sizes of at least 16
 LOG2E = 1.4426950408889634  # attention scores are kept in log2 units so every exponential is one exp2
 MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1, where the attention kernels put b * H + h
 

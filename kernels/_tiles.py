@@ -3,8 +3,8 @@
 The GPU script's tile sweep (``benchmarks/gpu/tiles.py``, run by ``benchmarks/gpu/run.sh``) times a few
 candidate tiles per kernel pass on the GPU at hand and writes the fastest correct ones; ``python
 benchmarks/gpu/tiles.py merge RESULTS/tiles.json`` copies them into ``kernels/tiles.json``. The launchers
-ask :func:`measured_tiles` first and fall back to their own heuristics when the file, the GPU model, the
-dtype/head-dim key or the pass is absent. Format::
+ask :func:`measured_tiles` first and fall back to :func:`default_attention_tiles` (the heuristic both
+attention kernels share) when the file, the GPU model, the dtype/head-dim key or the pass is absent. Format::
 
     {"policy_attention": {"NVIDIA H200": {"bf16-D64": {"fwd": [64, 64, 4, 3], "bwd": [64, 32, 4, 3]}}}}
 
@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from stpcore.kernels._launch import INTERPRET, dot_precision
 
 Tiles = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 TILES_FILE = Path(__file__).with_name("tiles.json")
@@ -39,6 +41,30 @@ def tile_key(dtype: torch.dtype, head_dim: int, precision: str = "") -> str:
     if dtype == torch.float32 and precision:
         name += f"-{precision}"
     return f"{name}-D{head_dim}"
+
+
+def default_attention_tiles(n: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernels (policy and varlen) for sequences of up
+    to ``n`` tokens when no measured tiles apply.
+
+    The interpreter runs every program in Python, so fewer, larger blocks are faster there. On the GPU,
+    64 x 64 tiles keep q, k, v tiles of D <= 64 (and the fp32 score tile) in registers with 4 warps at
+    the paper's N = 392 (7 blocks, 56 padded rows); D = 128 or fp32 operands halve the key block to stay
+    within registers, and use 2 pipeline stages instead of 3 to bound shared memory. (A heuristic, not
+    tuned on hardware: autotuning cannot run in the interpreter.)
+
+    fp32 operands with IEEE dots (torch's default: TF32 off) run on FMA units, where every thread holds
+    its rows of both operands over the whole head dim: 64 x 32 tiles there spill 5-17 KB per thread to
+    local memory on sm_90 (and take 10-30 s to compile), so they get 32 x 32 tiles, 16 x 16 at D = 128,
+    over 8 warps, which compile without spills (tests/kernels/test_compile.py checks all of this).
+    """
+    if INTERPRET or device.type != "cuda":
+        blk = max(16, min(128, 1 << (max(1, n) - 1).bit_length()))  # triton.next_power_of_2, without triton
+        return blk, blk, 4, 1
+    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
+        return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
+    wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
+    return 64, 32 if wide else 64, 4, 2 if wide else 3
 
 
 def valid_tiles(entry) -> bool:

@@ -50,10 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import DTYPES, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
-from stpcore.kernels._tiles import POLICY_TILE_CANDIDATES, Tiles, measured_tiles, tile_key  # noqa: F401
+from stpcore.kernels._launch import DTYPES, HEAD_DIMS, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
+from stpcore.kernels._tiles import Tiles, default_attention_tiles, measured_tiles, tile_key
 
-HEAD_DIMS = (16, 32, 64, 128)
 # Tiles set by use_tiles() (the sweep); empty: measured tiles, else the defaults. A module global rather than a
 # context variable: autograd runs CUDA backwards on its own device threads, which would not see a context's value.
 _TILE_OVERRIDE: dict[str, Tiles | None] = {}
@@ -373,38 +372,15 @@ def _policy_attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------- host launchers
 
 
-def _default_blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tiles:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this shape when no measured tiles apply.
-
-    The interpreter runs every program in Python, so fewer, larger blocks are faster there. On the GPU,
-    64 x 64 tiles keep q, k, v tiles of D <= 64 (and the fp32 score tile) in registers with 4 warps at
-    the paper's N = 392 (7 blocks, 56 padded rows); D = 128 or fp32 operands halve the key block to stay
-    within registers, and use 2 pipeline stages instead of 3 to bound shared memory. (A heuristic, not
-    tuned on hardware: autotuning cannot run in the interpreter.)
-
-    fp32 operands with IEEE dots (torch's default: TF32 off) run on FMA units, where every thread holds
-    its rows of both operands over the whole head dim: 64 x 32 tiles there spill 5-17 KB per thread to
-    local memory on sm_90 (and take 10-30 s to compile), so they get 32 x 32 tiles, 16 x 16 at D = 128,
-    over 8 warps, which compile without spills (tests/kernels/test_compile.py checks all of this).
-    """
-    if INTERPRET or device.type != "cuda":
-        blk = max(16, min(128, triton.next_power_of_2(N)))
-        return blk, blk, 4, 1
-    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
-        return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
-    wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
-    return 64, 32 if wide else 64, 4, 2 if wide else 3
-
-
 def _blocks(N: int, head_dim: int, dtype: torch.dtype, device: torch.device, pass_: str = "fwd") -> Tiles:
     """The tiles of one pass ("fwd" or "bwd"): a sweep's override, else the measured ones committed in
-    kernels/tiles.json for this GPU, dtype and head dim, else :func:`_default_blocks`."""
+    kernels/tiles.json for this GPU, dtype and head dim, else the shared heuristic's."""
     if INTERPRET or device.type != "cuda":
-        return _default_blocks(N, head_dim, dtype, device)
+        return default_attention_tiles(N, head_dim, dtype, device)
     if _TILE_OVERRIDE.get(pass_) is not None:
         return _TILE_OVERRIDE[pass_]
     tuned = measured_tiles("policy_attention", device, tile_key(dtype, head_dim, dot_precision(dtype)), pass_)
-    return tuned if tuned is not None else _default_blocks(N, head_dim, dtype, device)
+    return tuned if tuned is not None else default_attention_tiles(N, head_dim, dtype, device)
 
 
 @contextlib.contextmanager
@@ -420,10 +396,6 @@ def use_tiles(fwd: Tiles | None = None, bwd: Tiles | None = None):
         _TILE_OVERRIDE.update(saved)
 
 
-def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
 def _policy_attn_fwd(q, k, v, policy, eps: float):
     B, H, N, D = q.shape
     Dv = v.shape[-1]
@@ -436,7 +408,7 @@ def _policy_attn_fwd(q, k, v, policy, eps: float):
     grid = (triton.cdiv(N, block_m), B * H)
     _policy_attn_fwd_kernel[grid](
         q, k, v, policy, v_sum, out, row_max, inv_den, arg_max,
-        *_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(out),
+        *q.stride(), *k.stride(), *v.stride(), policy.stride(0), policy.stride(1), *out.stride(),
         H, N, D**-0.5 * LOG2E, eps, eps / N,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         INTERPRET=INTERPRET, KEPT_MAX=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
@@ -452,14 +424,14 @@ def _policy_attn_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dou
     delta = torch.empty_like(row_max)
     dmax = torch.empty_like(row_max)
     _policy_attn_bwd_preprocess_kernel[(triton.cdiv(N, block_m), B * H)](
-        out, dout, v_sum, inv_den, delta, dmax, *_strides4(out), *_strides4(dout),
+        out, dout, v_sum, inv_den, delta, dmax, *out.stride(), *dout.stride(),
         H, N, eps, eps / N, HEAD_DIM_V=Dv, BLOCK_M=block_m, num_warps=warps, num_stages=stages,
     )
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
     dp_heads = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    common = (*_strides4(q), *_strides4(k), *_strides4(v), policy.stride(0), policy.stride(1), *_strides4(dout))
+    common = (*q.stride(), *k.stride(), *v.stride(), policy.stride(0), policy.stride(1), *dout.stride())
     meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, INTERPRET=INTERPRET,
                 num_warps=warps, num_stages=stages)
     scale = D**-0.5

@@ -6,15 +6,10 @@ The grid is (query blocks of max_seqlen, B * H); a program whose block starts pa
 end exits at once, and the others loop only over their own sequence's keys, so the work follows
 sum_b L_b^2 rather than B * max_seqlen^2.
 
-``varlen_attention_gather`` runs the same kernels but reads q, k, v rows through ``indices`` (total,)
-from (rows, H, D) tensors, so the packed copy is never written. Its backward adds dq, dk, dv into
-zero-initialised fp32 (rows, H, D) buffers with atomic adds: with distinct indices (kept tokens) every
-address receives exactly one add, so the result is deterministic; repeated indices accumulate, as
-autograd through ``q[indices]`` does (in a nondeterministic order).
-
 Forward keeps the log-sum-exp per row (base 2, fp32, (total, H)) for backward. Backward as in
 FlashAttention-2: Delta_i = dO_i . out_i, then a key-block-major kernel for dk, dv and a
-query-block-major kernel for dq (no atomics outside the gather variant).
+query-block-major kernel for dq; each program writes only its own rows, so there are no atomics and the
+gradients are deterministic.
 """
 
 from __future__ import annotations
@@ -23,10 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import DTYPES, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
-
-HEAD_DIMS = (16, 32, 64, 128)
-
+from stpcore.kernels._launch import DTYPES, HEAD_DIMS, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
+from stpcore.kernels._tiles import default_attention_tiles
 
 # --------------------------------------------------------------------------------------------- kernels
 #
@@ -36,25 +29,14 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
-def _rows(Idx, pos, mask, GATHER: tl.constexpr):
-    """Row numbers in q/k/v of packed positions ``pos``: through ``indices`` when gathering."""
-    if GATHER:
-        rows = tl.load(Idx + pos, mask=mask, other=0).to(tl.int64)
-    else:
-        rows = pos.to(tl.int64)
-    return rows
-
-
-@triton.jit
 def _fwd_tile(
-    q, start_n, seq_start, seq_len, Idx, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
+    q, start_n, seq_start, seq_len, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
     m_i, l_i, acc,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < seq_len
-    rows_n = _rows(Idx, seq_start + offs_n, col_ok, GATHER)
+    rows_n = (seq_start + offs_n).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k = tl.load(k_base + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
@@ -71,14 +53,14 @@ def _fwd_tile(
 
 @triton.jit
 def _varlen_attn_fwd_kernel(
-    Q, K, V, Idx, CuSeqlens, Out, Lse,
+    Q, K, V, CuSeqlens, Out, Lse,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
     H, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # Per live program: its q block, then L (D + Dv) key/value elements of its own sequence.
     pid_m = tl.program_id(0)
@@ -95,8 +77,7 @@ def _varlen_attn_fwd_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     row_ok = offs_m < seq_len
     pos_m = (seq_start + offs_m).to(tl.int64)
-    rows_m = _rows(Idx, pos_m, row_ok, GATHER)
-    q = tl.load(Q + h * stride_qh + rows_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
+    q = tl.load(Q + h * stride_qh + pos_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
                 other=0.0)
     k_base = K + h * stride_kh
     v_base = V + h * stride_vh
@@ -107,15 +88,15 @@ def _varlen_attn_fwd_kernel(
     if INTERPRET:
         start_n = 0
         while start_n < seq_len:
-            m_i, l_i, acc = _fwd_tile(q, start_n, seq_start, seq_len, Idx, k_base, v_base, stride_kt, stride_kd,
+            m_i, l_i, acc = _fwd_tile(q, start_n, seq_start, seq_len, k_base, v_base, stride_kt, stride_kd,
                                       stride_vt, stride_vd, qk_scale, m_i, l_i, acc,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
             start_n += BLOCK_N
     else:
         for start_n in range(0, seq_len, BLOCK_N):
-            m_i, l_i, acc = _fwd_tile(q, start_n, seq_start, seq_len, Idx, k_base, v_base, stride_kt, stride_kd,
+            m_i, l_i, acc = _fwd_tile(q, start_n, seq_start, seq_len, k_base, v_base, stride_kt, stride_kd,
                                       stride_vt, stride_vd, qk_scale, m_i, l_i, acc,
-                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+                                      HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
 
     out = acc * (1.0 / l_i)[:, None]  # one reciprocal per row, not BLOCK_M x Dv divisions
     tl.store(Out + h * stride_oh + pos_m[:, None] * stride_ot + offs_dv[None, :] * stride_od,
@@ -144,18 +125,16 @@ def _varlen_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    k, v, offs_n, start_m, seq_start, seq_len, Idx, q_base, do_base, Lse, Delta, h, H,
+    k, v, offs_n, start_m, seq_start, seq_len, q_base, do_base, Lse, Delta, h, H,
     stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, dk, dv,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, GATHER: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seq_len
     pos_m = (seq_start + offs_m).to(tl.int64)
-    rows_m = _rows(Idx, pos_m, row_ok, GATHER)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    q = tl.load(q_base + rows_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_base + pos_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     do = tl.load(do_base + pos_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod, mask=row_ok[:, None],
                  other=0.0)
     lse = tl.load(Lse + pos_m * H + h, mask=row_ok, other=0.0)
@@ -172,7 +151,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _varlen_attn_bwd_dkdv_kernel(
-    Q, K, V, Idx, CuSeqlens, DO, Lse, Delta, DK, DV,
+    Q, K, V, CuSeqlens, DO, Lse, Delta, DK, DV,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
@@ -180,7 +159,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     H, scale, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One key block of one sequence, all its query blocks: reads L (D + Dv) q/dO elements per program.
     pid_n = tl.program_id(0)
@@ -196,7 +175,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     col_ok = offs_n < seq_len
-    rows_n = _rows(Idx, (seq_start + offs_n).to(tl.int64), col_ok, GATHER)
+    rows_n = (seq_start + offs_n).to(tl.int64)
     k = tl.load(K + h * stride_kh + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_ok[:, None],
                 other=0.0)
     v = tl.load(V + h * stride_vh + rows_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
@@ -209,38 +188,32 @@ def _varlen_attn_bwd_dkdv_kernel(
     if INTERPRET:
         start_m = 0
         while start_m < seq_len:
-            dk, dv = _dkdv_tile(k, v, offs_n, start_m, seq_start, seq_len, Idx, q_base, do_base, Lse, Delta, h, H,
+            dk, dv = _dkdv_tile(k, v, offs_n, start_m, seq_start, seq_len, q_base, do_base, Lse, Delta, h, H,
                                 stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, dk, dv,
-                                HEAD_DIM, HEAD_DIM_V, BLOCK_M, GATHER, PRECISION)
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_M, PRECISION)
             start_m += BLOCK_M
     else:
         for start_m in range(0, seq_len, BLOCK_M):
-            dk, dv = _dkdv_tile(k, v, offs_n, start_m, seq_start, seq_len, Idx, q_base, do_base, Lse, Delta, h, H,
+            dk, dv = _dkdv_tile(k, v, offs_n, start_m, seq_start, seq_len, q_base, do_base, Lse, Delta, h, H,
                                 stride_qt, stride_qd, stride_dot, stride_dod, qk_scale, dk, dv,
-                                HEAD_DIM, HEAD_DIM_V, BLOCK_M, GATHER, PRECISION)
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_M, PRECISION)
 
     dk = dk * scale
-    dk_ptrs = DK + h * stride_dkh + rows_n[:, None] * stride_dkt + offs_d[None, :]
-    dv_ptrs = DV + h * stride_dvh + rows_n[:, None] * stride_dvt + offs_dv[None, :]
-    if GATHER:
-        # relaxed: the sums are read only after the kernel, so no ordering (acq_rel fences) is needed.
-        tl.atomic_add(dk_ptrs, dk, mask=col_ok[:, None], sem="relaxed")
-        tl.atomic_add(dv_ptrs, dv, mask=col_ok[:, None], sem="relaxed")
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + h * stride_dkh + rows_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV + h * stride_dvh + rows_n[:, None] * stride_dvt + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])
 
 
 @triton.jit
 def _dq_tile(
-    q, do, lse, delta, offs_m, start_n, seq_start, seq_len, Idx, k_base, v_base,
+    q, do, lse, delta, offs_m, start_n, seq_start, seq_len, k_base, v_base,
     stride_kt, stride_kd, stride_vt, stride_vd, qk_scale, dq,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < seq_len
-    rows_n = _rows(Idx, (seq_start + offs_n).to(tl.int64), col_ok, GATHER)
+    rows_n = (seq_start + offs_n).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k = tl.load(k_base + rows_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
@@ -256,7 +229,7 @@ def _dq_tile(
 
 @triton.jit
 def _varlen_attn_bwd_dq_kernel(
-    Q, K, V, Idx, CuSeqlens, DO, Lse, Delta, DQ,
+    Q, K, V, CuSeqlens, DO, Lse, Delta, DQ,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
@@ -264,7 +237,7 @@ def _varlen_attn_bwd_dq_kernel(
     stride_dqt, stride_dqh,
     H, scale, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATHER: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # One query block of one sequence, all its key blocks: reads L (D + Dv) k/v elements per program.
     pid_m = tl.program_id(0)
@@ -281,8 +254,7 @@ def _varlen_attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     row_ok = offs_m < seq_len
     pos_m = (seq_start + offs_m).to(tl.int64)
-    rows_m = _rows(Idx, pos_m, row_ok, GATHER)
-    q = tl.load(Q + h * stride_qh + rows_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
+    q = tl.load(Q + h * stride_qh + pos_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_ok[:, None],
                 other=0.0)
     do = tl.load(DO + h * stride_doh + pos_m[:, None] * stride_dot + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None], other=0.0)
@@ -295,97 +267,70 @@ def _varlen_attn_bwd_dq_kernel(
     if INTERPRET:
         start_n = 0
         while start_n < seq_len:
-            dq = _dq_tile(q, do, lse, delta, offs_m, start_n, seq_start, seq_len, Idx, k_base, v_base,
+            dq = _dq_tile(q, do, lse, delta, offs_m, start_n, seq_start, seq_len, k_base, v_base,
                           stride_kt, stride_kd, stride_vt, stride_vd, qk_scale, dq,
-                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
             start_n += BLOCK_N
     else:
         for start_n in range(0, seq_len, BLOCK_N):
-            dq = _dq_tile(q, do, lse, delta, offs_m, start_n, seq_start, seq_len, Idx, k_base, v_base,
+            dq = _dq_tile(q, do, lse, delta, offs_m, start_n, seq_start, seq_len, k_base, v_base,
                           stride_kt, stride_kd, stride_vt, stride_vd, qk_scale, dq,
-                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, GATHER, PRECISION)
+                          HEAD_DIM, HEAD_DIM_V, BLOCK_N, PRECISION)
 
     dq = dq * scale
-    dq_ptrs = DQ + h * stride_dqh + rows_m[:, None] * stride_dqt + offs_d[None, :]
-    if GATHER:
-        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
-    else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + h * stride_dqh + pos_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------- host launchers
 
 
-def _blocks(max_seqlen: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): large blocks in the interpreter (Python runs each
-    program), 64 x 64 tiles on the GPU, with the key block halved and 2 pipeline stages when D = 128 or
-    operands are fp32 (registers, shared memory). A heuristic, not tuned on hardware: autotuning cannot
-    run in the interpreter. fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, as in
-    policy_attention._blocks: 64 x 32 tiles spill kilobytes per thread there."""
-    if INTERPRET or device.type != "cuda":
-        blk = max(16, min(128, triton.next_power_of_2(max(1, max_seqlen))))
-        return blk, blk, 4, 1
-    if dtype == torch.float32 and dot_precision(dtype) == "ieee":
-        return (32, 32, 8, 2) if head_dim <= 64 else (16, 16, 8, 2)
-    wide = head_dim * (4 if dtype == torch.float32 else 2) > 128
-    return 64, 32 if wide else 64, 4, 2 if wide else 3
-
-
-def _strides3(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float):
-    total = indices.shape[0] if indices is not None else q.shape[0]
-    H, D = q.shape[1], q.shape[2]
+def _varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+    total, H, D = q.shape
     Dv = v.shape[-1]
     B = cu_seqlens.numel() - 1
     out = torch.empty(total, H, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(total, H, dtype=torch.float32, device=q.device)
     if total == 0 or max_seqlen == 0 or B == 0:
         return out, lse
-    block_m, block_n, warps, stages = _blocks(max_seqlen, max(D, Dv), q.dtype, q.device)
-    gather = indices is not None
+    block_m, block_n, warps, stages = default_attention_tiles(max_seqlen, max(D, Dv), q.dtype, q.device)
     _varlen_attn_fwd_kernel[(triton.cdiv(max_seqlen, block_m), B * H)](
-        q, k, v, indices if gather else cu_seqlens, cu_seqlens, out, lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), H, scale * LOG2E,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather, PRECISION=dot_precision(q.dtype),
+        q, k, v, cu_seqlens, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         INTERPRET=INTERPRET, num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
-def _varlen_bwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float, out, lse, dout):
+def _varlen_bwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out, lse, dout):
     H, D = q.shape[1], q.shape[2]
     Dv = v.shape[-1]
     B = cu_seqlens.numel() - 1
     total = out.shape[0]
-    gather = indices is not None
-    # Gather: fp32 (rows, H, D) accumulators for the atomic adds; otherwise packed gradients in the input dtype.
-    grad_dtype = torch.float32 if gather else q.dtype
-    dq = torch.zeros(q.shape, dtype=grad_dtype, device=q.device)
-    dk = torch.zeros(k.shape, dtype=grad_dtype, device=q.device)
-    dv = torch.zeros(v.shape, dtype=grad_dtype, device=q.device)
+    # Packed (total, H, D) gradients in the input dtype; zeros for rows no sequence covers.
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=q.device)
     if total == 0 or max_seqlen == 0 or B == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    block_m, block_n, warps, stages = _blocks(max_seqlen, max(D, Dv), q.dtype, q.device)
+        return dq, dk, dv
+    block_m, block_n, warps, stages = default_attention_tiles(max_seqlen, max(D, Dv), q.dtype, q.device)
     delta = torch.empty(total, H, dtype=torch.float32, device=q.device)
     _varlen_attn_bwd_preprocess_kernel[(triton.cdiv(total, 64), H)](
-        out, dout, delta, total, H, *_strides3(out), *_strides3(dout), HEAD_DIM_V=Dv, BLOCK_M=64,
+        out, dout, delta, total, H, *out.stride(), *dout.stride(), HEAD_DIM_V=Dv, BLOCK_M=64,
     )
-    idx = indices if gather else cu_seqlens
-    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout))
-    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, GATHER=gather,
-                PRECISION=dot_precision(q.dtype), INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    meta = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
+                INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
     _varlen_attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), B * H)](
-        q, k, v, idx, cu_seqlens, dout, lse, delta, dk, dv, *common,
+        q, k, v, cu_seqlens, dout, lse, delta, dk, dv, *common,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), H, scale, scale * LOG2E, **meta,
     )
     _varlen_attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), B * H)](
-        q, k, v, idx, cu_seqlens, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
+        q, k, v, cu_seqlens, dout, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
         H, scale, scale * LOG2E, **meta,
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------- autograd + entry
@@ -393,22 +338,23 @@ def _varlen_bwd(q, k, v, indices, cu_seqlens, max_seqlen: int, scale: float, out
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, cu_seqlens, max_seqlen, scale):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
         with device_guard(q):
-            out, lse = _varlen_fwd(q, k, v, indices, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, indices, cu_seqlens, out, lse)
+            out, lse = _varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, indices, cu_seqlens, out, lse = ctx.saved_tensors
+        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
         with device_guard(q):
-            dq, dk, dv = _varlen_bwd(q, k, v, indices, cu_seqlens, ctx.max_seqlen, ctx.scale, out, lse, dout)
-        return dq, dk, dv, None, None, None, None
+            dq, dk, dv = _varlen_bwd(q, k, v, cu_seqlens, ctx.max_seqlen, ctx.scale, out, lse, dout)
+        return dq, dk, dv, None, None, None
 
 
-def _reasons(q, k, v, indices, cu_seqlens, max_seqlen) -> list[str]:
+def varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen, *, scale: float | None = None) -> list[str]:
+    """Why :func:`varlen_attention` cannot run these inputs (empty: it can); device checks are the dispatcher's."""
     reasons = []
     if q.dtype not in DTYPES:
         reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
@@ -425,26 +371,9 @@ def _reasons(q, k, v, indices, cu_seqlens, max_seqlen) -> list[str]:
             reasons.append(f"B * H exceeds the grid limit {MAX_GRID_Y}")
     if cu_seqlens is None or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
         reasons.append("cu_seqlens must be a 1-D int32 tensor")
-    if indices is not None and (indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32)):
-        reasons.append("indices must be a 1-D int64 (or int32) tensor")
     if max_seqlen is None or int(max_seqlen) < 0:
         reasons.append(f"max_seqlen must be >= 0, got {max_seqlen}")
     return reasons
-
-
-def varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen, *, scale: float | None = None) -> list[str]:
-    """Why :func:`varlen_attention` cannot run these inputs (empty: it can); device checks are the dispatcher's."""
-    return _reasons(q, k, v, None, cu_seqlens, max_seqlen)
-
-
-def varlen_attention_gather_reasons(q, k, v, indices, cu_seqlens, max_seqlen, *,
-                                    scale: float | None = None) -> list[str]:
-    """Why :func:`varlen_attention_gather` cannot run these inputs (empty: it can); devices: the dispatcher's."""
-    return _reasons(q, k, v, indices, cu_seqlens, max_seqlen)
-
-
-def _scale(q: torch.Tensor, scale: float | None) -> float:
-    return float(scale) if scale is not None else q.shape[-1] ** -0.5
 
 
 def varlen_attention(
@@ -468,26 +397,5 @@ def varlen_attention(
     reasons = varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen)
     if reasons:
         raise NotImplementedError("varlen_attention (triton): " + "; ".join(reasons))
-    return _VarlenAttention.apply(q, k, v, None, cu_seqlens, int(max_seqlen), _scale(q, scale))
-
-
-def varlen_attention_gather(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor,
-    max_seqlen: int, *, scale: float | None = None,
-) -> torch.Tensor:
-    """Varlen attention over rows ``indices`` of q, k, v, read in place (the packed copy is never written).
-
-    Args:
-        q, k: (rows, H, D) fp16, bf16 or fp32, D in {16, 32, 64, 128}; any strides.
-        v: (rows, H, Dv) same dtype.
-        indices: (total,) int64 (or int32) rows of q/k/v in packed order.
-        cu_seqlens: (B + 1,) int32, over packed positions; max_seqlen, scale: as in :func:`varlen_attention`.
-
-    Returns:
-        (total, H, Dv) in packed order, q's dtype. Gradients of q, k, v are (rows, H, D), zero on rows not
-        in ``indices`` and summed over repeated ones.
-    """
-    reasons = varlen_attention_gather_reasons(q, k, v, indices, cu_seqlens, max_seqlen)
-    if reasons:
-        raise NotImplementedError("varlen_attention_gather (triton): " + "; ".join(reasons))
-    return _VarlenAttention.apply(q, k, v, indices, cu_seqlens, int(max_seqlen), _scale(q, scale))
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)

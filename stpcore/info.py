@@ -43,11 +43,6 @@ def example_inputs(op: str, device: torch.device, dtype: torch.dtype = torch.flo
         "slot_topk_gather": ((t(B, N), t(B, N, C), S, 34), {}),
         "predictor_pool": ((t(B, N, C), t(B, N), S), {}),
         "varlen_attention": ((t(400, H, D), t(400, H, D), t(400, H, D), cu, 200), {"scale": None}),
-        "varlen_attention_gather": (
-            (t(B * N, H, D), t(B * N, H, D), t(B * N, H, D), torch.zeros(400, dtype=torch.int64, device=device), cu,
-             200),
-            {"scale": None},
-        ),
     }
     return table[op]
 

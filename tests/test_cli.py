@@ -59,7 +59,7 @@ def test_every_flag_has_a_description(cls):
 
 def test_help_shows_descriptions():
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    assert "clips per step and process. (default: 32)" in " ".join(text.split())
+    assert "clips per step and process [G: 32]. (default: 32)" in " ".join(text.split())
     assert "(required)" in text
 
 

@@ -35,7 +35,7 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
     files = list(tmp_path.iterdir())
     assert len(files) <= 8 and all(f.is_file() and f.name in harvest.OUT_FILES for f in files), files
     log = (tmp_path / "log.txt").read_text()
-    for step in ("install", "machine", "warm", "bench-policy", "bench-varlen", "bench-select", "bench-inference",
+    for step in ("install", "machine", "warm", "bench-policy", "bench-varlen", "bench-tokens", "bench-inference",
                  "bench-phase2", "tests", "profile", "tiles"):
         assert f"== {step} " in log, step
         assert f"-- {step}: ok" in log or f"== {step} (limit" in log and "(nothing to plan)" in log, step

@@ -12,7 +12,7 @@ step cut by its limit loses only itself.
 What comes back from the GPU machine is at most 8 files, so everything goes into these, directly in OUT:
 
     machine.txt   GPU, driver, torch/triton/CUDA/cuDNN versions, `stpcore info`, compile seconds
-    kernels.json  pytest-benchmark JSON of the kernel groups (attention, selection), merged
+    kernels.json  pytest-benchmark JSON of the kernel groups (attention, tokens), merged
     model.json    pytest-benchmark JSON of the whole-model groups, merged
     table.md      the table and every target's PASS / MISS (benchmarks/gpu/table.py)
     tests.txt     the GPU test run, one line per test
@@ -101,7 +101,7 @@ def default_plan(py: str) -> list[Step]:
              json_into="kernels.json", pytest=True),
         Step("bench-varlen", 30, [*pytest_, bench_attention, "-k", "varlen_attention_fwd_bwd and B32"],
              json_into="kernels.json", pytest=True),
-        Step("bench-select", 20, [*pytest_, "benchmarks/bench_tokens.py"], json_into="kernels.json", pytest=True),
+        Step("bench-tokens", 20, [*pytest_, "benchmarks/bench_tokens.py"], json_into="kernels.json", pytest=True),
         Step("bench-inference", 25, [*pytest_, "benchmarks/bench_model.py", "-k", "inference"],
              json_into="model.json", pytest=True),
         Step("bench-phase2", 35, [*pytest_, "benchmarks/bench_model.py", "-k", "phase2"], json_into="model.json",

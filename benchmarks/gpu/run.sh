@@ -7,7 +7,7 @@
 #
 # Steps, in order of value, each a subprocess with its own limit, killed when it overruns (the limits add up to
 # at most 300 s; extras are dropped from the end to fit): install, machine facts, a parallel Triton warm-up of
-# every specialisation the benchmarks use, the kernel benchmark groups (policy attention, varlen, selection),
+# every specialisation the benchmarks use, the kernel benchmark groups (policy attention, varlen, tokens),
 # the whole-model benchmarks (inference, phase-2 step), the GPU tests (tests/kernels and tests/models in full,
 # every `gpu` test elsewhere; parallel workers), then the extras: a torch.profiler table, the tile sweep, the
 # phase-1 step, flex attention. Every step writes its files as it ends, so a step cut by its limit loses only

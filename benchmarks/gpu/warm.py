@@ -42,9 +42,8 @@ def jobs() -> list[tuple[str, str, str, dict, str]]:
     out.append(("phase-2 step B=32", mod, "build_phase2_step", dict(batch=32, provider="auto"), "call"))
     out.append(("inference B=8", mod, "build_inference", dict(batch=8, provider="auto"), "call"))
     for kind in ("equal272", "equal192", "equal128", "var"):
-        for provider in ("triton", "triton_gather"):
-            out.append((f"varlen {provider} {kind}", att, "build_varlen_step",
-                        dict(provider=provider, kind=kind, B=32, H=6, N=392, D=64, dtype="fp16"), "call"))
+        out.append((f"varlen triton {kind}", att, "build_varlen_step",
+                    dict(provider="triton", kind=kind, B=32, H=6, N=392, D=64, dtype="fp16"), "call"))
     for N, k in ((392, 34), (272, 24), (192, 16)):
         out.append((f"select N{N}", tok, "build_select_step", dict(provider="triton", N=N, k=k), "call"))
         out.append((f"select N{N} (graph, noise)", tok, "build_select_step", dict(provider="triton", N=N, k=k),

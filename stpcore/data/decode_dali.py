@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD
 from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_position, resized_size
+from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_GPU_CODECS = frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"})

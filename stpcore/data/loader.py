@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD, VideoError, VideoInfo
+from stpcore.data.decode_pyav import VideoError, VideoInfo
 from stpcore.data.labels import PRIVACY_ATTRIBUTES, load_labels
 from stpcore.data.sampling import (
     CROP_SIZE,
@@ -39,6 +39,7 @@ from stpcore.data.sampling import (
     train_clip,
 )
 from stpcore.data.splits import VideoRecord, detect_kind, list_records
+from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 
 class DataWarning(UserWarning):

@@ -23,12 +23,7 @@ from stpcore.ops.tokens import (
     slot_topk_ref,
     unpack,
 )
-from stpcore.ops.varlen_attention import (
-    varlen_attention,
-    varlen_attention_gather,
-    varlen_attention_gather_ref,
-    varlen_attention_ref,
-)
+from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_ref
 
 __all__ = [
     "PackedTokens",
@@ -55,7 +50,5 @@ __all__ = [
     "slot_topk_ref",
     "unpack",
     "varlen_attention",
-    "varlen_attention_gather",
-    "varlen_attention_gather_ref",
     "varlen_attention_ref",
 ]

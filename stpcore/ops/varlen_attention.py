@@ -51,11 +51,6 @@ def varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     return out
 
 
-def varlen_attention_gather_ref(q, k, v, indices, cu_seqlens, max_seqlen, *, scale=None):
-    """Varlen attention over rows ``indices`` of q, k, v (rows, H, D): the packed copy made explicitly."""
-    return varlen_attention_ref(q[indices], k[indices], v[indices], cu_seqlens, max_seqlen, scale=scale)
-
-
 def _xformers_reasons(explicit, q, k, v, cu_seqlens, max_seqlen, **_):
     try:
         found = importlib.util.find_spec("xformers") is not None
@@ -84,14 +79,6 @@ dispatch.register(
 )
 dispatch.register("varlen_attention", dispatch.Backend("xformers", _xformers_varlen, _xformers_reasons))
 dispatch.register("varlen_attention", dispatch.Backend("reference", varlen_attention_ref))
-dispatch.register(
-    "varlen_attention_gather",
-    dispatch.triton_backend(
-        "varlen_attention", "varlen_attention_gather", lambda q, k, v, idx, cu, *a, **kw: [q, k, v, idx, cu],
-        reasons="varlen_attention_gather_reasons",
-    ),
-)
-dispatch.register("varlen_attention_gather", dispatch.Backend("reference", varlen_attention_gather_ref))
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float | None = None,
@@ -100,15 +87,3 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float | Non
     _check(q, k, v, cu_seqlens, max_seqlen)
     return dispatch.call("varlen_attention", backend, q, k, v, cu_seqlens, max_seqlen, scale=scale)
 
-
-def varlen_attention_gather(q, k, v, indices, cu_seqlens, max_seqlen: int, *, scale: float | None = None,
-                            backend: str | None = None) -> torch.Tensor:
-    """Varlen attention reading q, k, v (rows, H, D) through ``indices`` (total,) int64.
-
-    The Triton backend reads the rows in place, so the packed copy is never written.
-    Returns (total, H, Dv) in packed order.
-    """
-    _check(q, k, v, cu_seqlens, max_seqlen)
-    if indices.dim() != 1:
-        raise ValueError(f"varlen_attention_gather: indices must be (total,), got {tuple(indices.shape)}")
-    return dispatch.call("varlen_attention_gather", backend, q, k, v, indices, cu_seqlens, max_seqlen, scale=scale)

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from stpcore.data.decode_dali import dali_available
-from stpcore.data.decode_pyav import IMAGENET_MEAN, IMAGENET_STD, clip_tensor, crop_normalize, decode_frames, probe
+from stpcore.data.decode_pyav import clip_tensor, crop_normalize, decode_frames, probe
 from stpcore.data.loader import DataConfig, DataWarning, get_loader
 from stpcore.data.sampling import ClipSpec, clip_frames, crop_position, eval_clips, shard_indices, train_clip
 from stpcore.data.synth import make_synthetic_dataset, render_video, write_video
+from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 pytest.importorskip("av")
 

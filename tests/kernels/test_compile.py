@@ -10,7 +10,8 @@ modules are imported, and conftest.py sets it for this process. So one subproces
 script) imports them without it, installs a stand-in for Triton's CUDA driver that only answers "current
 device 0, target sm_90", and calls ``kernel.warmup(...)``: the same binder as a real launch, so integer
 arguments get the same specialisations (== 1, divisible by 16) and constexprs the same values. Block
-sizes, warps and stages come from the launchers' own ``_blocks`` helpers for a CUDA device. Compiled
+sizes, warps and stages come from ``stpcore.kernels._tiles.default_attention_tiles`` for a CUDA device (and the
+tile sweep's candidates). Compiled
 kernels land in Triton's usual cache (TRITON_CACHE_DIR), so a rerun of unchanged kernels is quick.
 
 Configurations: one per distinct constexpr set the launchers produce at the paper's shapes (B=32, H=6,
@@ -18,8 +19,8 @@ N=392, D=64; 8 slots x 49 tokens; C=384) plus the extremes of the supported rang
 IEEE and TF32 dots), each kernel once per configuration.
 
 ``python tests/kernels/test_compile.py --report`` prints every kernel's registers per thread, stack/local
-bytes per thread (spills) and shared memory per block. At the paper's shape (bf16, D = 64, 64 x 64 tiles,
-4 warps) the policy kernels use 209 (fwd) and 255 (dkdv, dq) registers without spilling, 50-76 KB shared.
+bytes per thread (spills), shared memory per block and wgmma / mma instructions; the committed report is
+benchmarks/results/sm90-compile.txt (figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ CONFIGS: list[tuple[str, str, dict]] = [
     *[(f"policy-tiles-{pass_}-{'x'.join(map(str, t))}", "policy", {"dtype": "bf16", "D": 64, "tf32": False,
                                                                     "passes": (pass_,), pass_: t})
       for pass_, cands in POLICY_TILE_CANDIDATES.items() for t in cands[1:]],
-    # Varlen attention: inference runs the gather variant (atomics into fp32) on the kept tokens.
-    ("varlen-gather-bf16-D64", "varlen", dict(dtype="bf16", D=64, tf32=False, gather=True)),
-    ("varlen-packed-bf16-D64", "varlen", dict(dtype="bf16", D=64, tf32=False, gather=False)),
-    ("varlen-packed-fp16-D128", "varlen", dict(dtype="fp16", D=128, tf32=False, gather=False)),
-    ("varlen-gather-fp32-D64-ieee", "varlen", dict(dtype="fp32", D=64, tf32=False, gather=True)),
-    ("varlen-packed-fp32-D128-ieee", "varlen", dict(dtype="fp32", D=128, tf32=False, gather=False)),
+    # Varlen attention over packed kept tokens: the paper's head, the wide-block branch (D = 128 fp16), and fp32
+    # with FMA (IEEE) dots in both of its tile sizes.
+    ("varlen-packed-bf16-D64", "varlen", dict(dtype="bf16", D=64, tf32=False)),
+    ("varlen-packed-fp16-D128", "varlen", dict(dtype="fp16", D=128, tf32=False)),
+    ("varlen-packed-fp32-D64-ieee", "varlen", dict(dtype="fp32", D=64, tf32=False)),
+    ("varlen-packed-fp32-D128-ieee", "varlen", dict(dtype="fp32", D=128, tf32=False)),
     ("gumbel-fwd-seeded-hard-bf16", "gumbel_fwd", dict(dtype="bf16", noise=False, hard=True)),
     ("gumbel-fwd-noise-soft-fp16", "gumbel_fwd", dict(dtype="fp16", noise=True, hard=False)),
     ("gumbel-bwd-seeded-hard-bf16", "gumbel_bwd", dict(dtype="bf16", noise=False, hard=True)),
@@ -123,6 +124,7 @@ def _compile_family(family: str, s: dict) -> list:
     import torch
 
     from stpcore.kernels._launch import LOG2E, dot_precision
+    from stpcore.kernels._tiles import default_attention_tiles
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
@@ -136,7 +138,7 @@ def _compile_family(family: str, s: dict) -> list:
         D, n, h = s["D"], s.get("N", N), s.get("H", H)  # n = 1 or h = 1 become constexprs in the binder
         torch.backends.cuda.matmul.allow_tf32 = s["tf32"]
         passes = s.get("passes", ("fwd", "bwd"))
-        tiles = {p: tuple(s[p]) if p in s else m._default_blocks(n, D, dt, cuda) for p in passes}
+        tiles = {p: tuple(s[p]) if p in s else default_attention_tiles(n, D, dt, cuda) for p in passes}
         prec = dot_precision(dt)
         qkv = _strides(B, n, 3, h, D, permute=(2, 0, 3, 1, 4), index=0)  # q, k, v: views of a fused qkv
         bhnd = _strides(B, h, n, D)
@@ -166,30 +168,26 @@ def _compile_family(family: str, s: dict) -> list:
     elif family == "varlen":
         from stpcore.kernels import varlen_attention as m
 
-        D, gather = s["D"], s["gather"]
+        D = s["D"]
         torch.backends.cuda.matmul.allow_tf32 = s["tf32"]
         total = B * 272  # stage-1 kept tokens of every video
-        rows = B * N if gather else total
-        bm, bn, warps, stages = m._blocks(272, D, dt, cuda)
+        bm, bn, warps, stages = default_attention_tiles(272, D, dt, cuda)
         prec = dot_precision(dt)
-        qkv = _strides(rows, 3, H, D, permute=(1, 0, 2, 3), index=0)  # (rows, H, D) views of a fused qkv
+        qkv = _strides(total, 3, H, D, permute=(1, 0, 2, 3), index=0)  # (total, H, D) views of a fused qkv
         thd = _strides(total, H, D)
-        grad = _strides(rows, H, D)
-        idx = i64 if gather else i32
-        gdt = f32 if gather else dt
-        meta = dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=bm, BLOCK_N=bn, GATHER=gather, PRECISION=prec,
+        meta = dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=bm, BLOCK_N=bn, PRECISION=prec,
                     INTERPRET=False, num_warps=warps, num_stages=stages, grid=(1,))
         qk_scale = D**-0.5 * LOG2E
         out.append(("fwd", m._varlen_attn_fwd_kernel.warmup(
-            dt, dt, dt, idx, i32, dt, f32, *qkv, *qkv, *qkv, *thd, H, qk_scale, **meta)))
+            dt, dt, dt, i32, dt, f32, *qkv, *qkv, *qkv, *thd, H, qk_scale, **meta)))
         out.append(("bwd_preprocess", m._varlen_attn_bwd_preprocess_kernel.warmup(
             dt, dt, f32, total, H, *thd, *thd, HEAD_DIM_V=D, BLOCK_M=64, grid=(1,))))
         common = (*qkv, *qkv, *qkv, *thd)
         out.append(("bwd_dkdv", m._varlen_attn_bwd_dkdv_kernel.warmup(
-            dt, dt, dt, idx, i32, dt, f32, f32, gdt, gdt, *common, grad[0], grad[1], grad[0], grad[1],
+            dt, dt, dt, i32, dt, f32, f32, dt, dt, *common, thd[0], thd[1], thd[0], thd[1],
             H, D**-0.5, qk_scale, **meta)))
         out.append(("bwd_dq", m._varlen_attn_bwd_dq_kernel.warmup(
-            dt, dt, dt, idx, i32, dt, f32, f32, gdt, *common, grad[0], grad[1], H, D**-0.5, qk_scale, **meta)))
+            dt, dt, dt, i32, dt, f32, f32, dt, *common, thd[0], thd[1], H, D**-0.5, qk_scale, **meta)))
     elif family in ("gumbel_fwd", "gumbel_bwd", "gumbel_noise"):
         from stpcore.kernels import gumbel_select as m
 

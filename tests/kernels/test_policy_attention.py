@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stpcore.kernels import _launch
+from stpcore.kernels import _launch, _tiles
 from stpcore.kernels import policy_attention as kernel
 from stpcore.kernels._launch import LOG2E
 from stpcore.ops import dispatch
@@ -184,26 +184,31 @@ def test_tf32_switch_read_through_either_torch_api(api):
         matmul.allow_tf32 = saved  # the legacy setter sets both APIs' flags, leaving them consistent
 
 
-def test_gpu_default_blocks(monkeypatch):
-    """The launcher's default GPU tiles: fp32 with IEEE dots (FMA units) gets small tiles over 8 warps, since
-    64 x 32 tiles spill kilobytes per thread there (measured in tests/kernels/test_compile.py)."""
-    monkeypatch.setattr(kernel, "INTERPRET", False)
+def test_gpu_default_tiles(monkeypatch):
+    """The attention launchers' default GPU tiles: fp32 with IEEE dots (FMA units) gets small tiles over 8 warps,
+    since 64 x 32 tiles spill kilobytes per thread there (measured in tests/kernels/test_compile.py)."""
+    default_attention_tiles = _tiles.default_attention_tiles
+    monkeypatch.setattr(_tiles, "INTERPRET", False)
     monkeypatch.setattr(_launch, "tf32_enabled", lambda: False)
     cuda = torch.device("cuda")  # only its type is read
-    assert kernel._default_blocks(392, 64, torch.bfloat16, cuda) == (64, 64, 4, 3)
-    assert kernel._default_blocks(392, 128, torch.float16, cuda) == (64, 32, 4, 2)
-    assert kernel._default_blocks(392, 64, torch.float32, cuda) == (32, 32, 8, 2)
-    assert kernel._default_blocks(392, 128, torch.float32, cuda) == (16, 16, 8, 2)
+    assert default_attention_tiles(392, 64, torch.bfloat16, cuda) == (64, 64, 4, 3)
+    assert default_attention_tiles(392, 128, torch.float16, cuda) == (64, 32, 4, 2)
+    assert default_attention_tiles(392, 64, torch.float32, cuda) == (32, 32, 8, 2)
+    assert default_attention_tiles(392, 128, torch.float32, cuda) == (16, 16, 8, 2)
     monkeypatch.setattr(_launch, "tf32_enabled", lambda: True)
-    assert kernel._default_blocks(392, 128, torch.float32, cuda) == (64, 32, 4, 2)
-    assert kernel._default_blocks(392, 32, torch.float32, cuda) == (64, 64, 4, 3)
+    assert default_attention_tiles(392, 128, torch.float32, cuda) == (64, 32, 4, 2)
+    assert default_attention_tiles(392, 32, torch.float32, cuda) == (64, 64, 4, 3)
+
+
+@pytest.mark.parametrize("n, blk", [(0, 16), (1, 16), (16, 16), (17, 32), (97, 128), (392, 128)])
+def test_interpreter_tiles(n, blk):
+    """On CPU (and in the interpreter) one square power-of-two block of 16-128 covers up to n tokens."""
+    assert _tiles.default_attention_tiles(n, 64, torch.float32, torch.device("cpu")) == (blk, blk, 4, 1)
 
 
 def test_measured_tiles_are_used_per_pass_and_gpu(monkeypatch, tmp_path):
     """The launchers take the committed tiles for this GPU model, dtype and head dim, pass by pass; anything
     absent (file, GPU, key, pass) or malformed falls back to the defaults; the sweep's override wins."""
-    from stpcore.kernels import _tiles
-
     table = {"policy_attention": {"NVIDIA H200": {
         "bf16-D64": {"fwd": [128, 64, 8, 3], "bwd": [32, 64, 4, 3]},
         "fp16-D64": {"fwd": [64, 48, 4, 3]},  # 48 is not a power of two: ignored with a warning
@@ -215,6 +220,7 @@ def test_measured_tiles_are_used_per_pass_and_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(_tiles, "device_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(_tiles, "cuda_available", lambda: True)
     monkeypatch.setattr(kernel, "INTERPRET", False)
+    monkeypatch.setattr(_tiles, "INTERPRET", False)
     monkeypatch.setattr(_launch, "tf32_enabled", lambda: False)
     _tiles.load_table.cache_clear()
     cuda = torch.device("cuda")
@@ -222,8 +228,8 @@ def test_measured_tiles_are_used_per_pass_and_gpu(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="fp16-D64/fwd"):
             assert kernel._blocks(392, 64, torch.bfloat16, cuda, "fwd") == (128, 64, 8, 3)
         assert kernel._blocks(392, 64, torch.bfloat16, cuda, "bwd") == (32, 64, 4, 3)
-        assert kernel._blocks(392, 64, torch.float16, cuda, "fwd") == kernel._default_blocks(392, 64, torch.float16,
-                                                                                                cuda)
+        assert kernel._blocks(392, 64, torch.float16, cuda, "fwd") == _tiles.default_attention_tiles(
+            392, 64, torch.float16, cuda)
         assert kernel._blocks(392, 64, torch.float32, cuda, "bwd") == (16, 16, 8, 2)
         assert kernel._blocks(392, 64, torch.float32, cuda, "fwd") == (32, 32, 8, 2)  # no fwd entry: default
         assert kernel._blocks(392, 128, torch.bfloat16, cuda, "fwd") == (64, 32, 4, 2)  # no D128 entry: default

@@ -1,4 +1,4 @@
-"""The Triton varlen attention kernels (packed and gather) against the fp32 reference, with gradients.
+"""The Triton varlen attention kernels against the fp32 reference, with gradients.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are
 small; the full dtype/shape matrix is marked ``gpu``.
@@ -13,12 +13,7 @@ from hypothesis import strategies as st
 
 from stpcore.kernels import varlen_attention as kernel
 from stpcore.ops import dispatch
-from stpcore.ops.varlen_attention import (
-    varlen_attention,
-    varlen_attention_gather,
-    varlen_attention_gather_ref,
-    varlen_attention_ref,
-)
+from stpcore.ops.varlen_attention import varlen_attention, varlen_attention_ref
 from stpcore.testing import assert_close
 
 OP = "varlen_attention"
@@ -95,50 +90,10 @@ def test_scale_argument():
     assert_close(got, varlen_attention_ref(q, k, v, cu, max_len, scale=0.7), op=OP)
 
 
-def make_gather(lengths: list[int], rows: int, H: int, D: int, dtype: torch.dtype, repeat: bool = False):
-    """(rows, H, D) q, k, v, and indices (total,) int64 picking distinct rows (or repeated ones)."""
-    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
-    total = int(cu[-1])
-    q, k, v = torch.randn(rows, 3, H, D, device=DEVICE).to(dtype).unbind(1)
-    if repeat:
-        indices = torch.randint(0, rows, (total,), device=DEVICE)
-    else:
-        indices = torch.randperm(rows, device=DEVICE)[:total]
-    return q, k, v, indices, cu, max(lengths)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_gather_equals_varlen_on_packed_copy(dtype):
-    q, k, v, indices, cu, max_len = make_gather([20, 0, 45, 1], 90, 2, 32, dtype)
-    dout = torch.randn(indices.numel(), 2, 32, device=DEVICE).to(dtype)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    got = kernel.varlen_attention_gather(*leaves, indices, cu, max_len)
-    got.backward(dout)
-    packed = [t.detach()[indices].requires_grad_() for t in (q, k, v)]  # the explicit (total, H, D) copy
-    want = kernel.varlen_attention(*packed, cu, max_len)
-    want.backward(dout)
-    assert torch.equal(got, want)
-    for leaf, copy, name in zip(leaves, packed, ("dq", "dk", "dv"), strict=True):
-        scattered = torch.zeros_like(leaf).index_add_(0, indices, copy.grad)
-        assert torch.equal(leaf.grad, scattered), name  # exact: one fp32 add into zero per row, then a cast
-        assert not leaf.grad[~torch.isin(torch.arange(q.shape[0], device=DEVICE), indices)].any(), name
-
-
-def test_gather_matches_reference_with_repeated_indices():
-    # Repeated rows accumulate their gradients, as autograd through q[indices] does.
-    q, k, v, indices, cu, max_len = make_gather([30, 26], 40, 2, 16, torch.float32, repeat=True)
-    check_against_reference(kernel.varlen_attention_gather, varlen_attention_gather_ref, q, k, v, indices, cu,
-                            max_len, total=indices.numel())
-
-
-@pytest.mark.parametrize("gather", [False, True], ids=["packed", "gather"])
-def test_all_sequences_empty(gather):
+def test_all_sequences_empty():
     q, k, v = (torch.randn(6, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     cu = torch.zeros(4, dtype=torch.int32, device=DEVICE)
-    if gather:
-        out = kernel.varlen_attention_gather(q, k, v, torch.zeros(0, dtype=torch.int64, device=DEVICE), cu, 0)
-    else:
-        out = kernel.varlen_attention(q[:0], k[:0], v[:0], cu, 0)
+    out = kernel.varlen_attention(q[:0], k[:0], v[:0], cu, 0)
     assert out.shape == (0, 2, 16)
     out.sum().backward()
     for t in (q, k, v):
@@ -150,9 +105,6 @@ def test_dispatch_runs_the_kernels_when_named():
     q, k, v, cu, max_len = make_packed([7, 12], 2, 16, torch.float32)
     assert_close(varlen_attention(q, k, v, cu, max_len, backend="triton"), varlen_attention_ref(q, k, v, cu, max_len),
                  op=OP)
-    indices = torch.arange(q.shape[0] - 1, -1, -1, device=DEVICE)
-    assert_close(varlen_attention_gather(q, k, v, indices, cu, max_len, backend="triton"),
-                 varlen_attention_gather_ref(q, k, v, indices, cu, max_len), op=OP)
 
 
 def test_cpu_tensors_run_the_kernels_only_in_the_interpreter():
@@ -168,24 +120,16 @@ def test_cpu_tensors_run_the_kernels_only_in_the_interpreter():
 def test_dispatch_auto_on_cpu_does_not_pick_triton():
     q, k, v, cu, max_len = make_packed([7, 12], 2, 16, torch.float32, device="cpu")
     assert dispatch.select("varlen_attention", None, q, k, v, cu, max_len, scale=None).name != "triton"
-    indices = torch.arange(q.shape[0])
-    assert dispatch.select("varlen_attention_gather", None, q, k, v, indices, cu, max_len, scale=None).name != "triton"
 
 
-def test_reasons_per_entry_point():
+def test_reasons():
     q, k, v, cu, max_len = make_packed([7, 12], 2, 16, torch.float32)
-    indices = torch.arange(q.shape[0], device=DEVICE)
     assert kernel.varlen_attention_reasons(q, k, v, cu, max_len, scale=None) == []
-    assert kernel.varlen_attention_gather_reasons(q, k, v, indices, cu, max_len, scale=None) == []
     odd = torch.randn(q.shape[0], 2, 24, device=DEVICE)
-    for reasons in (kernel.varlen_attention_reasons(odd, odd, odd, cu, max_len, scale=None),
-                    kernel.varlen_attention_gather_reasons(odd, odd, odd, indices, cu, max_len, scale=None)):
-        assert any("head dim 24" in r for r in reasons), reasons
-    assert any("indices" in r for r in kernel.varlen_attention_gather_reasons(q, k, v, indices.float(), cu, max_len))
+    reasons = kernel.varlen_attention_reasons(odd, odd, odd, cu, max_len, scale=None)
+    assert any("head dim 24" in r for r in reasons), reasons
     with pytest.raises(NotImplementedError, match="head dim 24"):
         varlen_attention(odd, odd, odd, cu, max_len, backend="triton")
-    with pytest.raises(NotImplementedError, match="indices must be"):
-        varlen_attention_gather(q, k, v, indices.float(), cu, max_len, backend="triton")
 
 
 GPU_LENGTHS = {
@@ -211,11 +155,3 @@ def test_matches_reference_gpu(lengths, H, D, dtype):
     q, k, v, cu, max_len = make_packed(lengths, H, D, dtype)
     check_against_reference(kernel.varlen_attention, varlen_attention_ref, q, k, v, cu, max_len, total=q.shape[0])
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_gather_matches_reference_gpu(dtype):
-    lengths = [int(392 * f) for f in torch.linspace(0.3, 0.7, 16).tolist()]
-    q, k, v, indices, cu, max_len = make_gather(lengths, 16 * 392, 6, 64, dtype)
-    check_against_reference(kernel.varlen_attention_gather, varlen_attention_gather_ref, q, k, v, indices, cu,
-                            max_len, total=indices.numel())

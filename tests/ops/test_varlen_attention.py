@@ -1,4 +1,4 @@
-"""The varlen_attention references: dense attention per packed sequence, the gather variant, bad input."""
+"""The varlen_attention reference: dense attention per packed sequence, and bad input."""
 
 from __future__ import annotations
 
@@ -20,14 +20,6 @@ def test_varlen_attention_matches_dense_per_sequence_and_handles_empty():
         if e > s:
             dense = F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
             torch.testing.assert_close(out[s:e], dense)
-
-
-def test_varlen_attention_gather_equals_packed_copy():
-    x = torch.randn(2 * 6, 2, 4)
-    idx = torch.tensor([0, 2, 3, 7, 8, 9, 11])
-    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    out = ops.varlen_attention_gather(x, x, x, idx, cu, 4)
-    torch.testing.assert_close(out, ops.varlen_attention(x[idx], x[idx], x[idx], cu, 4))
 
 
 def test_varlen_attention_bad_input():
