@@ -4,7 +4,7 @@ in that file, at the precision shown.
 How a table names its data: the section (or the paragraph above the table) has a line ``Data:
 `benchmarks/results/FILE``` and the table a column ``data`` holding the benchmark's name in that file
 (pytest-benchmark JSON), the method or sweep label (the demo's summary.json), or the run's name
-(variants.jsonl, the last line of that name). Each other column whose header is in :data:`COLUMNS` is then
+(variants.jsonl, the last line of that name) or the workload's name (benchmarks/ab.py's JSON). Each other column whose header is in :data:`COLUMNS` is then
 compared with the value it names; the first number of the cell counts ("71.4 (−2.9)" is 71.4), and a cell
 whose number carries a unit (ms, s) is converted first. Columns not listed are prose.
 """
@@ -56,7 +56,11 @@ VARIANT_COLUMNS = {
     "skin AP": lambda r: r["stprivacy"]["ap"]["skin_color"],
     "nudity AP": lambda r: r["stprivacy"]["ap"]["nudity"],
 }
-COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS}
+# header -> value from a benchmarks/ab.py workload
+AB_COLUMNS = {
+    "new/old speed": lambda r: r["median_ratio"],
+}
+COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -107,6 +111,8 @@ def _load(path: Path):
                 runs[run["name"]] = run  # the last line of a name is its latest run
         return "variants", runs
     data = json.loads(path.read_text())
+    if "workloads" in data:
+        return "ab", data["workloads"]
     if "benchmarks" in data:
         return "bench", {b["name"]: b for b in data["benchmarks"]}
     entries = {r["method"]: r for r in data.get("results", [])}
@@ -134,7 +140,8 @@ def test_tables_name_their_data():
     files = {c[0] for c in CLAIMS}
     assert {"benchmarks/results/cpu-model.json", "benchmarks/results/cpu-attention.json",
             "benchmarks/results/cpu-inference.json", "benchmarks/results/cpu-int8-bound.json",
-            "benchmarks/results/demo/summary.json", "benchmarks/results/demo/variants.jsonl"} <= files, files
+            "benchmarks/results/demo/summary.json", "benchmarks/results/demo/variants.jsonl",
+            "benchmarks/results/ab-restructure.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -143,7 +150,8 @@ def test_tables_name_their_data():
 def test_every_figure_equals_its_data(path, line, name, header, cell):
     kind, entries = _load(ROOT / path)
     assert name in entries, f"BENCHMARKS.md:{line}: {name!r} is not in {path}"
-    columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS}[kind]
+    columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
+               "ab": AB_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
