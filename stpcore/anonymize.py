@@ -1,17 +1,34 @@
 """Anonymize whole video files with a trained STPrivacy model (``stpcore anonymize``).
 
-Each input is decoded frame by frame, resized (short side = the model's image size, aspect kept) and
-centre-cropped to the model's square input [G: the output shows exactly what the model saw; nothing
-outside the crop is ever written]. Frames are cut into clips of ``num_frames`` frames taken ``stride``
-apart; with a stride s > 1 the s interleaved phases of a chunk are processed as separate clips, so every
-frame of the video is anonymized and the output keeps the source's frame rate and length. The last
-partial chunk is padded by repeating its last frame; padded outputs are discarded.
+Each input is decoded frame by frame and brought to the working scale the model was trained and evaluated
+at (``stpcore.data.preprocess``: short side 8/7 of the model's image size, antialiased bilinear). Then:
+
+- ``view="full"`` (the default): the whole frame is covered by model windows (``stpcore.data.windows``: the
+  fewest square windows that cover it, spread evenly; seams in the middle of each overlap, every pixel
+  from exactly one window); each window is anonymized and the outputs are stitched back into the frame.
+  The windows of several clips run in one batch.
+- ``view="center"``: only the centre window (the evaluation's centre view) is anonymized and written.
+
+Frames are cut into clips of ``num_frames`` frames taken ``stride`` apart; with a stride s > 1 the s
+interleaved phases of a chunk are processed as separate clips, so every frame of the video is anonymized and
+the output keeps the source's frame rate and length. The last partial chunk is padded by repeating its last
+frame; padded outputs are discarded, and so are the keep masks of phases that hold only padding. Windows are
+collected over chunks until they fill whole batches of ``batch_size``. A frame side shorter than the window
+(only possible with a ``short_side`` below the model's image size) is padded at its end with the mean colour
+(0 after the normalisation) and cut off again; the padding is recorded in the keep file.
+
+The output is written at the working scale, or with ``output_size="source"`` (full view only) resized to
+the source's size (bilinear; the dropped-pixel mask is resized by nearest neighbour, so dropped tubelets
+stay exactly black).
 
 Outputs per input, named after it (``<stem>``, made unique within one run; see :func:`output_paths`):
 - ``<stem>.anonymized.mp4``: the anonymized video (dropped tubelets black);
-- ``<stem>.keep.npz``: ``keep`` uint8 (clips, N) masks in t-major tubelet order, ``start`` and ``phase`` of
-  each clip (first source frame, stride phase), ``stride``, ``grid``, ``tubelet``;
-- ``<stem>.side_by_side.mp4`` on request: the model's input and output next to each other.
+- ``<stem>.keep.npz``: ``keep`` uint8 (clips, windows, N) masks in t-major tubelet order; ``start`` and
+  ``phase`` of each clip (first source frame, stride phase); ``window`` (windows, 2) each window's (y, x)
+  origin and ``owned`` (windows, 4) the (y0, y1, x0, x1) it contributes, in working-scale pixels of the
+  padded frame; ``window_size``, ``work_size`` (H, W), ``source_size`` (H, W), ``pad`` (bottom, right),
+  ``view``, ``output_size``, ``stride``, ``grid``, ``tubelet``;
+- ``<stem>.side_by_side.mp4`` on request: the input (at the output's size and view) and the output.
 A file that cannot be read is reported and skipped; the others are still written.
 """
 
@@ -26,9 +43,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stpcore import media
+from stpcore.data.preprocess import normalize, to_working_scale, working_short_side
+from stpcore.data.windows import WindowGrid, centre_window, window_grid
 from stpcore.tubelets import keep_to_pixels
+
+VIEWS = ("full", "center")
+OUTPUT_SIZES = ("work", "source")
 
 
 @dataclass
@@ -55,8 +78,13 @@ class AnonymizeReport:
 
 def _chunks(frames: Iterator[np.ndarray], length: int) -> Iterator[tuple[int, np.ndarray, int]]:
     """(start, frames (length, H, W, 3) padded by repeating the last frame, number of real frames)."""
-    buf, start = [], 0
-    for f in frames:
+    buf, start, first = [], 0, None
+    for i, f in enumerate(frames):
+        if first is None:
+            first = f.shape
+        elif f.shape != first:
+            raise ValueError(f"the frame size changes mid-video, at frame {i} ({first[1]}x{first[0]} to "
+                             f"{f.shape[1]}x{f.shape[0]}); transcode it to one size first")
         buf.append(f)
         if len(buf) == length:
             yield start, np.stack(buf), length
@@ -68,12 +96,102 @@ def _chunks(frames: Iterator[np.ndarray], length: int) -> Iterator[tuple[int, np
         yield start, np.stack(buf), real
 
 
-def _to_clip(frames: np.ndarray, mean, std) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> normalised float (3, T, H, W)."""
-    x = torch.from_numpy(frames).float().div_(255).permute(3, 0, 1, 2)
-    m = torch.tensor(mean).reshape(3, 1, 1, 1)
-    s = torch.tensor(std).reshape(3, 1, 1, 1)
-    return (x - m) / s
+def plan_windows(height: int, width: int, window: int, view: str = "full", min_overlap: int = 0) -> WindowGrid:
+    """The windows of a frame at the working scale for ``view`` ("full" or "center")."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    return window_grid(height, width, window, min_overlap) if view == "full" else centre_window(height, width, window)
+
+
+@dataclass
+class Stitched:
+    """One chunk after :meth:`WindowAnonymizer.run`.
+
+    Attributes:
+        frames: uint8 (L, h, w, 3): the output over the view's region (full: the whole working-scale frame).
+        visible: bool (L, h, w): False where the owning window dropped the tubelet (those pixels are 0).
+        keep: uint8 (stride, windows, N) keep masks, phase-major.
+    """
+
+    frames: np.ndarray
+    visible: np.ndarray
+    keep: np.ndarray
+
+
+class WindowAnonymizer:
+    """Anonymize chunks of working-scale frames window by window and stitch the results (no file I/O; the GPU
+    benchmark drives it directly).
+
+    Args:
+        anonymizer: ``anonymizer(clips, keep_ratio=..., adaptive_threshold=...)`` as in :func:`anonymize_file`.
+        grid: the windows (:func:`plan_windows`), whose side must be the model's image size.
+        stride, batch_size, keep_ratio, adaptive_threshold, mean, std: as in :func:`anonymize_file`.
+    """
+
+    def __init__(self, anonymizer, grid: WindowGrid, *, stride: int = 1, batch_size: int = 8,
+                 keep_ratio: float | None = None, adaptive_threshold: float | None = None,
+                 mean=media.IMAGENET_MEAN, std=media.IMAGENET_STD) -> None:
+        cfg = anonymizer.cfg
+        if grid.window != cfg.image_size:
+            raise ValueError(f"the windows are {grid.window} px but the model takes {cfg.image_size}")
+        self.anonymizer, self.grid, self.stride, self.batch_size = anonymizer, grid, stride, batch_size
+        self.kwargs = {"keep_ratio": keep_ratio, "adaptive_threshold": adaptive_threshold}
+        self.mean, self.std = mean, std
+        self.num_frames, self.tubelet_grid, self.tubelet = cfg.num_frames, cfg.grid, cfg.tubelet
+        owned = grid.owned
+        self.box = (min(o[0] for o in owned), max(o[1] for o in owned), min(o[2] for o in owned),
+                    max(o[3] for o in owned))
+
+    def run(self, chunks: list[torch.Tensor]) -> list[Stitched]:
+        """chunks: uint8 (L, 3, H, W) at the working scale, L = num_frames * stride -> one :class:`Stitched` each."""
+        g, w, s = self.grid, self.grid.window, self.stride
+        ph, pw = g.pad
+        clips = []
+        for work in chunks:
+            if tuple(work.shape[-2:]) != (g.height, g.width) or work.shape[0] != self.num_frames * s:
+                raise ValueError(f"chunk of shape {tuple(work.shape)}; the windows were planned for "
+                                 f"({self.num_frames * s}, 3, {g.height}, {g.width})")
+            x = normalize(work, self.mean, self.std)  # (3, L, H, W)
+            if ph or pw:
+                x = F.pad(x, (0, pw, 0, ph))  # the mean colour
+            for p in range(s):
+                xp = x[:, p::s]
+                clips += [xp[:, :, y : y + w, x0 : x0 + w] for y, x0 in g.origins]
+        videos, keeps = [], []
+        for i in range(0, len(clips), self.batch_size):
+            with torch.no_grad():
+                result = self.anonymizer(torch.stack(clips[i : i + self.batch_size]), **self.kwargs)
+            videos.append(result.video.float().cpu())
+            keeps.append(result.keep.cpu())
+        video, keep = torch.cat(videos), torch.cat(keeps)
+        masks = keep_to_pixels(keep.float(), self.tubelet_grid, self.tubelet)  # (n, 1, T, w, w)
+        y0, y1, x0, x1 = self.box
+        out, n = [], len(g)
+        for c, work in enumerate(chunks):
+            L = work.shape[0]
+            frames = np.zeros((L, g.height + ph, g.width + pw, 3), dtype=np.uint8)
+            visible = np.zeros((L, g.height + ph, g.width + pw), dtype=bool)
+            for p in range(s):
+                for k, ((oy, ox), (a, b, cc, d)) in enumerate(zip(g.origins, g.owned, strict=True)):
+                    j = (c * s + p) * n + k
+                    pixels = media.to_uint8(video[j], self.mean, self.std, mask=masks[j])  # (T, w, w, 3)
+                    frames[p::s, a:b, cc:d] = pixels[:, a - oy : b - oy, cc - ox : d - ox]
+                    visible[p::s, a:b, cc:d] = masks[j][0, :, a - oy : b - oy, cc - ox : d - ox].numpy() > 0
+            k0 = c * s * n
+            out.append(Stitched(frames[:, y0:y1, x0:x1], visible[:, y0:y1, x0:x1],
+                                keep[k0 : k0 + s * n].reshape(s, n, -1).to(torch.uint8).numpy()))
+        return out
+
+
+def to_source_size(frames: np.ndarray, visible: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize stitched uint8 (L, h, w, 3) frames to ``height`` x ``width`` (bilinear, antialiased when shrinking);
+    pixels whose nearest working-scale pixel was dropped are set to exactly 0."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
+                      antialias=height < frames.shape[1] or width < frames.shape[2])
+    m = F.interpolate(torch.from_numpy(visible)[:, None].float(), size=(height, width), mode="nearest-exact")
+    x = (x.round().clamp(0, 255) * m).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def anonymize_file(
@@ -86,6 +204,10 @@ def anonymize_file(
     keep_ratio: float | None = None,
     adaptive_threshold: float | None = None,
     side_by_side: bool = False,
+    view: str = "full",
+    output_size: str = "work",
+    min_overlap: int = 0,
+    short_side: int | None = None,
     stem: str | None = None,
     mean=media.IMAGENET_MEAN,
     std=media.IMAGENET_STD,
@@ -96,55 +218,76 @@ def anonymize_file(
     (B, 3, T, H, W) and returns an object with ``video`` (B, 3, T, H, W) and ``keep`` (B, N); its ``cfg`` (an
     :class:`~stpcore.models.STPrivacyConfig`: an ``STPrivacy`` or a ``ClipAnonymizer``) gives the clip size
     (``num_frames``, ``image_size``) and the tubelet grid (``grid``, ``tubelet``).
+
+    Args:
+        view: "full" (the whole frame, in windows) or "center" (the centre window only).
+        output_size: "work" (the working scale) or "source" (the source's size; full view only).
+        min_overlap: least overlap in pixels between neighbouring windows (full view).
+        short_side: the working scale's short side (default: the one the model was trained at, 8/7 of its
+            image size; another value shows the model objects at a scale it was not trained on).
+        batch_size: windows per forward.
     """
     cfg = anonymizer.cfg
-    num_frames, image_size, grid, tubelet = cfg.num_frames, cfg.image_size, cfg.grid, cfg.tubelet
+    num_frames, image_size = cfg.num_frames, cfg.image_size
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
+    if view not in VIEWS or output_size not in OUTPUT_SIZES:
+        raise ValueError(f"view must be one of {VIEWS} and output_size one of {OUTPUT_SIZES}, got {view!r} and "
+                         f"{output_size!r}")
+    if output_size == "source" and view != "full":
+        raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+    short_side = short_side or working_short_side(image_size)
     path, out_dir = Path(path), Path(out_dir)
     stem = stem or path.stem
     fps = media.video_fps(path)
     out_path, keep_path, sbs_path = output_paths(out_dir, stem, side_by_side=True)
     keeps, starts, phases = [], [], []
     chunk_len = num_frames * stride
-    kwargs = {"keep_ratio": keep_ratio, "adaptive_threshold": adaptive_threshold}
+    runner: WindowAnonymizer | None = None
+    source: tuple[int, int] = (0, 0)
     with media.VideoWriter(out_path, fps) as writer, (
         media.VideoWriter(sbs_path, fps) if side_by_side else _NullWriter()
     ) as sbs:
-        pending: list[tuple[int, np.ndarray, int]] = []
+        pending: list[tuple[int, np.ndarray, int, torch.Tensor]] = []
 
         def flush() -> None:
-            # Every chunk contributes `stride` clips (its interleaved phases); run them as one batch.
-            clips = [_to_clip(chunk[p::stride], mean, std) for _, chunk, _ in pending for p in range(stride)]
-            outputs = []
-            for i in range(0, len(clips), batch_size):
-                with torch.no_grad():
-                    result = anonymizer(torch.stack(clips[i : i + batch_size]), **kwargs)
-                outputs += list(zip(result.video.float().cpu(), result.keep.cpu(), strict=True))
-            for c, (start, chunk, real) in enumerate(pending):
-                out = np.empty_like(chunk)
-                for p in range(stride):
-                    video, keep = outputs[c * stride + p]
-                    mask = keep_to_pixels(keep.float()[None], grid, tubelet)[0]  # (1, T, H, W)
-                    out[p::stride] = media.to_uint8(video, mean, std, mask=mask)
-                    keeps.append(keep.to(torch.uint8).numpy())
+            for (start, chunk, real, work), res in zip(pending, runner.run([p[3] for p in pending]), strict=True):
+                out = res.frames
+                if output_size == "source":
+                    out, shown = to_source_size(out, res.visible, *source), chunk
+                else:
+                    y0, y1, x0, x1 = runner.box
+                    shown = work.permute(0, 2, 3, 1).numpy()[:, y0:y1, x0:x1]
+                writer.write(out[:real])
+                if side_by_side:
+                    sbs.write(media.side_by_side(np.ascontiguousarray(shown[:real]), out[:real]))
+                for p in range(min(stride, real)):  # a phase of only padding frames is not recorded
+                    keeps.append(res.keep[p])
                     starts.append(start + p)
                     phases.append(p)
-                writer.write(out[:real])
-                sbs.write(media.side_by_side(chunk[:real], out[:real]))
             pending.clear()
 
-        frames = media.read_frames(path, short_side=image_size, crop=image_size)
-        for item in _chunks(frames, chunk_len):
-            pending.append(item)
-            if len(pending) * stride >= batch_size:
+        for start, chunk, real in _chunks(media.read_frames(path), chunk_len):
+            work = to_working_scale(chunk, short_side)
+            if runner is None:
+                source = chunk.shape[1:3]
+                grid = plan_windows(*work.shape[-2:], image_size, view, min_overlap)
+                runner = WindowAnonymizer(anonymizer, grid, stride=stride, batch_size=batch_size,
+                                          keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold,
+                                          mean=mean, std=std)
+            pending.append((start, chunk, real, work))
+            if len(pending) * stride * len(runner.grid) % batch_size == 0:  # whole batches only, until the end
                 flush()
         if pending:
             flush()
+    g = runner.grid
     with media.atomic_path(keep_path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, keep=np.stack(keeps), start=np.array(starts), phase=np.array(phases),
-                                stride=stride, grid=np.array(grid), tubelet=np.array(tubelet))
+            np.savez_compressed(
+                f, keep=np.stack(keeps), start=np.array(starts), phase=np.array(phases), stride=stride,
+                grid=np.array(cfg.grid), tubelet=np.array(cfg.tubelet), window=np.array(g.origins),
+                owned=np.array(g.owned), window_size=g.window, work_size=np.array([g.height, g.width]),
+                source_size=np.array(source), pad=np.array(g.pad), view=view, output_size=output_size)
     return [out_path, keep_path] + ([sbs_path] if side_by_side else [])
 
 

@@ -54,9 +54,17 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     from stpcore.anonymize import anonymize_files, prepare_output_dir
     from stpcore.inference import load_trained
 
+    if args.output_size == "source" and args.view != "full":
+        print("stpcore anonymize: --output-size source needs --view full (the centre view is one window)",
+              file=sys.stderr)
+        return 2
     prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
     anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads)
     cfg = anonymizer.model.cfg
+    if args.overlap >= cfg.image_size:
+        print(f"stpcore anonymize: --overlap {args.overlap} must be below the window, {cfg.image_size} px",
+              file=sys.stderr)
+        return 2
     print(f"STPrivacy {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} from {args.checkpoint} "
           f"({anonymizer.description})")
     # SIGTERM (a service manager, `kill`) stops like Ctrl-C: the file being written is dropped, no temp file
@@ -66,6 +74,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         report = anonymize_files(
             args.inputs, args.output, anonymizer, stride=args.stride, batch_size=args.batch_size,
             keep_ratio=args.keep_ratio, adaptive_threshold=args.adaptive, side_by_side=args.side_by_side,
+            view=args.view, output_size=args.output_size, min_overlap=args.overlap, short_side=args.short_side,
             skip_existing=args.skip_existing,
         )
     except KeyboardInterrupt as exc:
@@ -91,6 +100,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
 
 
@@ -194,11 +213,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "anonymize", help="anonymize video files with a trained STPrivacy checkpoint",
-        description="Anonymize whole videos, clip by clip at their own frame rate. Frames are resized (short side "
-                    "= the model's image size) and centre-cropped to the model's square input; the outputs show "
-                    "exactly that square (nothing outside it is written). Per input: <name>.anonymized.mp4 "
-                    "(dropped tubelets black), <name>.keep.npz (keep masks) and, with --side-by-side, "
-                    "<name>.side_by_side.mp4. A file that cannot be read is reported and skipped.")
+        description="Anonymize whole videos, clip by clip at their own frame rate. Frames are resized to the scale "
+                    "the model was trained at (short side 8/7 of its image size) and, with --view full (the "
+                    "default), covered by model windows whose outputs are stitched back into the whole frame; "
+                    "--view center anonymizes and writes the centre window only. Per input: "
+                    "<name>.anonymized.mp4 (dropped tubelets black), <name>.keep.npz (keep masks per window, "
+                    "with the windows' positions) and, with --side-by-side, <name>.side_by_side.mp4. A file "
+                    "that cannot be read is reported and skipped.")
     p.add_argument("inputs", nargs="+", help="video files (any format FFmpeg reads)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--checkpoint", required=True, help="stprivacy.pt (or last.pt) written by `stpcore train`")
@@ -208,6 +229,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ratio.add_argument("--adaptive", type=_fraction(high_closed=False), metavar="T",
                        help="keep tubelets whose keep probability is above T, in (0, 1)")
     p.add_argument("--side-by-side", action="store_true", help="also write input and output side by side")
+    p.add_argument("--view", choices=("full", "center"), default="full",
+                   help="full: the whole frame in model windows (default); center: the centre window only")
+    p.add_argument("--output-size", choices=("work", "source"), default="work",
+                   help="work: the working scale (default); source: resized back to the input's size (--view full)")
+    p.add_argument("--overlap", type=_non_negative_int, default=0, metavar="PX",
+                   help="least overlap in pixels between neighbouring windows (default 0: only what covering "
+                        "the frame evenly needs)")
+    p.add_argument("--short-side", type=_positive_int, default=None, metavar="PX",
+                   help="working scale: the frames' short side before windowing (default: the training scale, "
+                        "8/7 of the model's image size)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip inputs whose outputs are already in the folder (resume an interrupted run)")
     p.add_argument("--stride", type=_positive_int, default=1, help="frame stride inside a clip (default 1)")

@@ -13,7 +13,8 @@
 4. with ``--sweep``, sweeps the trained model over keep ratios and the adaptive mode (no retraining), with a
    plot (fresh phase-3 recognizers per point: as long again as step 3, so off by default; ``stpcore sweep``
    does the same on any checkpoint);
-5. anonymizes a few test videos side by side with ``stpcore anonymize``'s code path.
+5. anonymizes a few test videos over the whole frame (model windows stitched back, ``stpcore anonymize``'s
+   code path and default view), written side by side with the input.
 
 Everything lands in one output folder. Finished steps are kept: running the demo again on the same
 folder reuses the dataset and resumes or reuses the training (delete the folder to start over).
@@ -190,9 +191,9 @@ def run_demo(cfg: DemoConfig) -> int:
     # 5. Anonymized side-by-side videos of a few test videos.
     model = load_anonymizer(checkpoint)
     videos = sorted({test_loader.records[i].path for i in range(min(3, len(test_loader.records)))})
-    print(f"[5/5] anonymizing {len(videos)} test videos side by side")
+    print(f"[5/5] anonymizing {len(videos)} test videos, full frame, side by side")
     report = anonymize_files(
-        videos, out / "anonymized", model, stride=cfg.stride, side_by_side=True, verbose=False,
+        videos, out / "anonymized", model, stride=cfg.stride, side_by_side=True, output_size="source", verbose=False,
     )
     step("anonymize")
 

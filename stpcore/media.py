@@ -165,12 +165,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, 
     return Path(path)
 
 
-def read_frames(path: str | os.PathLike, short_side: int | None = None, crop: int | None = None):
-    """Decode a video's frames in order: yields uint8 (H, W, 3), optionally resized and centre-cropped.
-
-    short_side: resize so the shorter side has this many pixels (aspect kept, FFmpeg's scaler).
-    crop: then cut a centred crop x crop square.
-    """
+def read_frames(path: str | os.PathLike):
+    """Decode a video's frames in order: yields uint8 (H, W, 3) RGB (PyAV's conversion, as the loaders decode)."""
     import av
 
     with av.open(str(path)) as container:
@@ -179,19 +175,7 @@ def read_frames(path: str | os.PathLike, short_side: int | None = None, crop: in
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            if short_side is not None:
-                h, w = frame.height, frame.width
-                scale = short_side / min(h, w)
-                frame = frame.reformat(width=max(short_side, round(w * scale)),
-                                       height=max(short_side, round(h * scale)), format="rgb24")
-            img = frame.to_ndarray(format="rgb24")
-            if crop is not None:
-                h, w = img.shape[:2]
-                if h < crop or w < crop:
-                    raise ValueError(f"{path}: frame {w}x{h} is smaller than the crop {crop}")
-                y, x = (h - crop) // 2, (w - crop) // 2
-                img = img[y : y + crop, x : x + crop]
-            yield np.ascontiguousarray(img)
+            yield np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
 
 
 def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:

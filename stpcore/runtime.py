@@ -106,8 +106,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def clip_loader(root, *, train: bool, num_frames: int, crop: int, short_side: int | None = None, **fields):
     """A loader of ``root``'s clips (``stpcore.data.get_loader``) at this geometry: the short side resized to
-    ``short_side`` (default 8/7 of the crop, 128 for 112 [G: the usual resize-then-crop of video ViTs; the paper
-    gives only the 112 crop]), ``drop_last`` in train mode.
+    ``short_side`` (default: the working scale, 8/7 of the crop; see ``stpcore.data.preprocess``), ``drop_last``
+    in train mode.
 
     Args:
         fields: other ``stpcore.data.DataConfig`` fields (labels, batch_size, stride, decoder, seed, ...).
@@ -115,5 +115,5 @@ def clip_loader(root, *, train: bool, num_frames: int, crop: int, short_side: in
     from stpcore.data import DataConfig, get_loader
 
     config = DataConfig(root=root, train=train, num_frames=num_frames, crop=crop,
-                        short_side=short_side or round(crop * 8 / 7), **{"drop_last": train, **fields})
+                        short_side=short_side, **{"drop_last": train, **fields})
     return get_loader(config)

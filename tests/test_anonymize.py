@@ -9,7 +9,8 @@ import torch
 av = pytest.importorskip("av")  # PyAV: CI installs it; a GPU machine without it skips these modules
 
 from stpcore import media  # noqa: E402
-from stpcore.anonymize import anonymize_files  # noqa: E402
+from stpcore.anonymize import WindowAnonymizer, anonymize_files, plan_windows, to_source_size  # noqa: E402
+from stpcore.data.preprocess import to_working_scale  # noqa: E402
 from stpcore.models import STPrivacy, STPrivacyConfig  # noqa: E402
 from stpcore.tubelets import keep_to_pixels  # noqa: E402
 
@@ -31,34 +32,48 @@ def _source(path, frames=21, h=40, w=56, fps=12):
     return media.write_video(path, video, fps=fps)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_anonymize_whole_file_black_where_dropped(tmp_path, model, stride):
-    src = _source(tmp_path / "cam.mp4")
+def _working(src, short_side=37):
+    """The source's frames at the working scale, uint8 (T, H', W', 3): what every window is cut from."""
+    return to_working_scale(_decode(src), short_side).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("stride, view", [(1, "full"), (2, "full"), (2, "center")])
+def test_anonymize_whole_file_black_where_dropped(tmp_path, model, stride, view):
+    src = _source(tmp_path / "cam.mp4")  # 56 x 40: at the working scale (short side 37) 52 x 37
     cfg = model.cfg
     report = anonymize_files(
-        [src], tmp_path / "out", model, stride=stride, batch_size=3, side_by_side=True, verbose=False,
+        [src], tmp_path / "out", model, stride=stride, batch_size=3, side_by_side=True, verbose=False, view=view,
     )
     assert not report.failed
     out = _decode(tmp_path / "out" / "cam.anonymized.mp4")
-    assert out.shape == (21, 32, 32, 3)  # every source frame, at the model's crop
+    size = (37, 52) if view == "full" else (32, 32)
+    assert out.shape[:3] == (21, size[0] + size[0] % 2, size[1])  # every source frame; odd sizes padded by 1
     with av.open(str(tmp_path / "out" / "cam.anonymized.mp4")) as c:
         assert abs(float(c.streams.video[0].average_rate) - 12) < 0.01
     saved = np.load(tmp_path / "out" / "cam.keep.npz")
+    windows = [(0, 0), (0, 20), (5, 0), (5, 20)] if view == "full" else [(2, 10)]
+    assert saved["window"].tolist() == [list(w) for w in windows] and str(saved["view"]) == view
+    assert saved["work_size"].tolist() == [37, 52] and saved["source_size"].tolist() == [40, 56]
+    assert saved["pad"].tolist() == [0, 0] and int(saved["window_size"]) == 32
     chunk = cfg.num_frames * stride
     n_chunks = -(-21 // chunk)
-    assert saved["keep"].shape == (n_chunks * stride, cfg.num_tokens)
-    assert saved["keep"].sum(1).tolist() == [cfg.num_slots * cfg.kept_per_slot()[-1]] * (n_chunks * stride)
-    # Pixels of dropped tubelets are black (up to H.264's rounding); kept ones are not all black.
+    assert saved["keep"].shape == (n_chunks * stride, len(windows), cfg.num_tokens)
+    assert (saved["keep"].sum(-1) == cfg.num_slots * cfg.kept_per_slot()[-1]).all()
+    # Pixels whose owning window dropped the tubelet are black (up to H.264's rounding); kept ones are not.
     for i, (start, phase) in enumerate(zip(saved["start"], saved["phase"], strict=True)):
-        mask = keep_to_pixels(torch.from_numpy(saved["keep"][i]).float()[None], cfg.grid, cfg.tubelet)[0, 0]
         frame_ids = np.arange(start - phase, start - phase + chunk)[phase::stride]
         valid = frame_ids < 21
-        clip = out[frame_ids[valid]].astype(float)  # (T', H, W, 3)
-        dropped = ~mask.bool().numpy()[valid]
-        assert clip[dropped].mean() < 12
-        assert clip[~dropped].mean() > 30
+        for k, (y0, y1, x0, x1) in enumerate(saved["owned"]):
+            oy, ox = saved["window"][k]
+            mask = keep_to_pixels(torch.from_numpy(saved["keep"][i, k]).float()[None], cfg.grid, cfg.tubelet)[0, 0]
+            mask = mask[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].bool().numpy()[valid]
+            if view == "center":
+                y0, y1, x0, x1 = 0, 32, 0, 32
+            clip = out[frame_ids[valid], y0:y1, x0:x1].astype(float)
+            assert clip[~mask].mean() < 12
+            assert clip[mask].mean() > 30
     sbs = _decode(tmp_path / "out" / "cam.side_by_side.mp4")
-    assert sbs.shape == (21, 32, 32 * 2 + 4, 3)
+    assert sbs.shape[:3] == (21, out.shape[1], 2 * size[1] + 4)
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, model, capsys):
@@ -150,19 +165,183 @@ class _Identity:
         return SimpleNamespace(video=clips, keep=torch.ones(clips.shape[0], 64))
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_frames_come_back_in_order_with_their_content(tmp_path, stride):
+@pytest.mark.parametrize("stride, view", [(1, "full"), (2, "full"), (2, "center")])
+def test_frames_come_back_in_order_with_their_content(tmp_path, stride, view):
     """Every source frame is written once, in order, with its own content (stride phases interleaved back,
-    the padded last chunk cut): each frame's brightness encodes its index."""
+    the padded last chunk cut): each frame's brightness encodes its index. With a model that returns its
+    input, the output is the working-scale input (full) or its centre window."""
     frames = 21
     levels = (np.arange(frames) * 9 + 20).astype(np.uint8)  # frame i: grey level 20 + 9 i
     ramp = np.linspace(0, 30, 56, dtype=np.float32)[None, None, :, None]
     video = np.clip(levels[:, None, None, None] + ramp + np.zeros((1, 40, 56, 3), np.float32), 0, 255)
     src = media.write_video(tmp_path / "ramp.mp4", video.astype(np.uint8), fps=12)
-    report = anonymize_files([src], tmp_path / "out", _Identity(), stride=stride, batch_size=3, verbose=False)
+    report = anonymize_files([src], tmp_path / "out", _Identity(), stride=stride, batch_size=3, verbose=False,
+                             view=view)
     assert not report.failed
     out = _decode(tmp_path / "out" / "ramp.anonymized.mp4").astype(float)
-    want = np.stack(list(media.read_frames(src, short_side=32, crop=32))).astype(float)
-    assert out.shape == want.shape == (frames, 32, 32, 3)
+    want = _working(src).astype(float)
+    if view == "center":
+        want = want[:, 2:34, 10:42]
+    else:
+        out = out[:, :37]  # the encoder's padding row of the odd height
+    assert out.shape == want.shape
     assert np.abs(out.mean(axis=(1, 2, 3)) - want.mean(axis=(1, 2, 3))).max() < 3  # order and content
     assert np.abs(out - want).mean() < 3
+
+
+class _WindowStamp:
+    """Keeps every tubelet and paints window k of each batch-wide call with the grey level of its index, so a
+    stitched frame shows which window each pixel came from."""
+
+    cfg = STPrivacyConfig.from_name("tiny")
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, clips, **kwargs):
+        from types import SimpleNamespace
+
+        ids = torch.arange(self.seen, self.seen + clips.shape[0], dtype=torch.float32)
+        self.seen += clips.shape[0]
+        level = (ids + 1).view(-1, 1, 1, 1, 1) / 255  # grey (k + 1) / 255 on the [0, 1] scale
+        mean = torch.tensor(media.IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+        std = torch.tensor(media.IMAGENET_STD).view(1, 3, 1, 1, 1)
+        video = ((level - mean) / std).expand_as(clips).clone()
+        return SimpleNamespace(video=video, keep=torch.ones(clips.shape[0], 64))
+
+
+@pytest.mark.parametrize("height, width, overlap", [(37, 52, 0), (37, 52, 9), (64, 96, 0), (20, 70, 0), (33, 33, 3)])
+def test_stitched_windows_cover_every_pixel_once(height, width, overlap):
+    """Each pixel of the frame comes from exactly the window that owns it: nothing lost, nothing doubled."""
+    grid = plan_windows(height, width, 32, "full", overlap)
+    stamp = _WindowStamp()
+    runner = WindowAnonymizer(stamp, grid, stride=1, batch_size=5)
+    chunk = torch.zeros(8, 3, height, width, dtype=torch.uint8)
+    (res,) = runner.run([chunk])
+    assert res.frames.shape == (8, height, width, 3) and res.visible.all()
+    expected = np.zeros((height, width), dtype=int)
+    for k, (y0, y1, x0, x1) in enumerate(grid.owned):
+        assert (expected[y0:y1, x0:x1] == 0).all()  # owned regions do not overlap
+        expected[y0:y1, x0:x1] = k + 1
+    assert (expected > 0).all()  # and cover the frame
+    assert (res.frames[..., 0] == expected).all()
+    assert res.keep.shape == (1, len(grid), 64)
+
+
+def _expected_visible(res, grid, cfg, stride):
+    """Where each pixel's owning window kept its tubelet, rebuilt from the saved keep masks alone."""
+    L = res.frames.shape[0]
+    want = np.zeros((L, grid.height, grid.width), dtype=bool)
+    for p in range(stride):
+        for k, ((oy, ox), (y0, y1, x0, x1)) in enumerate(zip(grid.origins, grid.owned, strict=True)):
+            kept = torch.from_numpy(res.keep[p, k]).bool().view(cfg.grid)  # (slots, rows, cols)
+            t, h, w = cfg.tubelet
+            for f in range(p, L, stride):
+                slot = (f // stride) // t
+                ys, xs = np.arange(y0, y1) - oy, np.arange(x0, x1) - ox
+                want[f, y0:y1, x0:x1] = kept[slot][ys[:, None] // h, xs[None, :] // w].numpy()
+    return want
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_full_frame_of_a_real_model_is_exactly_black_where_dropped(model, stride):
+    """Before any encoding, a stitched pixel is exactly 0 where the window owning it dropped its tubelet, by
+    the keep masks the run reports (rebuilt here tubelet by tubelet, every phase and window), and the model's
+    output elsewhere."""
+    torch.manual_seed(1)
+    chunks = [torch.randint(0, 256, (8 * stride, 3, 37, 52), dtype=torch.uint8) for _ in range(2)]
+    grid = plan_windows(37, 52, 32)
+    results = WindowAnonymizer(model, grid, stride=stride, batch_size=3).run(chunks)
+    for res in results:
+        want = _expected_visible(res, grid, model.cfg, stride)
+        assert want.any() and not want.all()
+        assert np.array_equal(res.visible, want)
+        assert (res.frames[~want] == 0).all()
+        assert (res.frames[want].reshape(-1, 3).max(1) > 0).mean() > 0.9
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_windows_phases_and_chunks_come_back_in_their_places(stride):
+    """Windows of two chunks and every stride phase share batches that split them anywhere (batch 5): window
+    k of phase p of chunk c is the (c * stride + p) * windows + k -th clip the model sees, and its pixels land
+    on that window's owned region of that phase's frames."""
+    grid = plan_windows(37, 52, 32)
+    stamp = _WindowStamp()
+    chunks = [torch.zeros(8 * stride, 3, 37, 52, dtype=torch.uint8) for _ in range(2)]
+    results = WindowAnonymizer(stamp, grid, stride=stride, batch_size=5).run(chunks)
+    n = len(grid)
+    for c, res in enumerate(results):
+        for p in range(stride):
+            for k, (y0, y1, x0, x1) in enumerate(grid.owned):
+                j = (c * stride + p) * n + k
+                assert (res.frames[p::stride, y0:y1, x0:x1, 0] == j + 1).all(), (c, p, k)
+
+
+def test_frames_smaller_than_a_window_are_padded_and_the_padding_recorded(tmp_path, model):
+    src = _source(tmp_path / "small.mp4", frames=9, h=24, w=60)
+    report = anonymize_files([src], tmp_path / "out", model, short_side=20, verbose=False)
+    assert not report.failed
+    saved = np.load(tmp_path / "out" / "small.keep.npz")
+    assert saved["work_size"].tolist() == [20, 50] and saved["pad"].tolist() == [12, 0]
+    assert saved["owned"][:, :2].tolist() == [[0, 20], [0, 20]]
+    assert _decode(tmp_path / "out" / "small.anonymized.mp4").shape == (9, 20, 50, 3)
+
+
+def test_source_size_output_keeps_dropped_pixels_black(tmp_path, model):
+    yy, xx = np.mgrid[0:40, 0:56]
+    smooth = np.stack([yy * 4 + 20, xx * 3 + 30, 180 - yy - xx], -1)[None] + np.arange(9)[:, None, None, None] * 5
+    src = media.write_video(tmp_path / "cam.mp4", smooth.clip(0, 255).astype(np.uint8), fps=12)
+    report = anonymize_files([src], tmp_path / "out", _Identity(), output_size="source", side_by_side=True,
+                             verbose=False)
+    assert not report.failed
+    out = _decode(tmp_path / "out" / "cam.anonymized.mp4")
+    assert out.shape == (9, 40, 56, 3)
+    assert np.abs(out.astype(float) - _decode(src).astype(float)).mean() < 4  # the source, through 37 px
+    assert _decode(tmp_path / "out" / "cam.side_by_side.mp4").shape == (9, 40, 116, 3)
+
+
+@pytest.mark.parametrize("height, width", [(40, 56), (111, 156), (30, 41)])
+def test_source_size_resize_of_a_real_model_is_black_exactly_where_dropped(model, height, width):
+    """A real model's stitched frame (37 x 52) resized to the source's size: a source pixel (i, j) is exactly 0
+    if and only if the working pixel under its centre, (floor((i + 1/2) 37 / H), floor((j + 1/2) 52 / W)), was
+    dropped (mapped here by hand, not by the resize the code uses)."""
+    torch.manual_seed(2)
+    chunk = torch.randint(30, 256, (8, 3, 37, 52), dtype=torch.uint8)
+    (res,) = WindowAnonymizer(model, plan_windows(37, 52, 32), batch_size=4).run([chunk])
+    big = to_source_size(res.frames, res.visible, height, width)
+    rows = np.floor((np.arange(height) + 0.5) * 37 / height).astype(int)
+    cols = np.floor((np.arange(width) + 0.5) * 52 / width).astype(int)
+    dropped = ~res.visible[:, rows[:, None], cols[None, :]]
+    assert dropped.any() and not dropped.all()
+    assert (big[dropped] == 0).all()
+    assert (big[~dropped].reshape(-1, 3).max(1) > 0).mean() > 0.9
+
+
+def test_frame_size_change_at_a_chunk_boundary_is_a_clear_error(tmp_path, model, monkeypatch):
+    """The size may change exactly where a new chunk starts; it is still caught, with the frame's index."""
+    src = _source(tmp_path / "cam.mp4", frames=4)
+
+    def frames(_path):
+        for i in range(16):
+            yield np.full((40, 56, 3) if i < 8 else (60, 84, 3), 100, dtype=np.uint8)
+
+    monkeypatch.setattr(media, "read_frames", frames)
+    report = anonymize_files([src], tmp_path / "out", model, output_size="source", verbose=False)
+    assert "frame size changes mid-video, at frame 8 (56x40 to 84x60)" in report.failed[str(src)]
+    assert not (tmp_path / "out" / "cam.anonymized.mp4").exists()
+
+
+def test_phases_of_only_padding_are_not_recorded(tmp_path, model):
+    """A 3-frame video at stride 4: one chunk, phases 0-2 hold a real frame, phase 3 only padding."""
+    src = _source(tmp_path / "short.mp4", frames=3)
+    report = anonymize_files([src], tmp_path / "out", model, stride=4, verbose=False)
+    assert not report.failed
+    saved = np.load(tmp_path / "out" / "short.keep.npz")
+    assert saved["start"].tolist() == [0, 1, 2] and saved["phase"].tolist() == [0, 1, 2]
+    assert saved["keep"].shape[0] == 3
+
+
+def test_output_size_source_needs_the_full_view(tmp_path, model):
+    src = _source(tmp_path / "cam.mp4", frames=4)
+    report = anonymize_files([src], tmp_path / "out", model, view="center", output_size="source", verbose=False)
+    assert "needs view='full'" in report.failed[str(src)]

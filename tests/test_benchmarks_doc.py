@@ -3,10 +3,11 @@ in that file, at the precision shown.
 
 How a table names its data: the section (or the paragraph above the table) has a line ``Data:
 `benchmarks/results/FILE``` and the table a column ``data`` holding the benchmark's name in that file
-(pytest-benchmark JSON), the method or sweep label (the demo's summary.json), or the run's name
-(variants.jsonl, the last line of that name) or the workload's name (benchmarks/ab.py's JSON). Each other column whose header is in :data:`COLUMNS` is then
-compared with the value it names; the first number of the cell counts ("71.4 (−2.9)" is 71.4), and a cell
-whose number carries a unit (ms, s) is converted first. Columns not listed are prose.
+(pytest-benchmark JSON), the method or sweep label (the demo's summary.json), the run's name (variants.jsonl,
+the last line of that name), the workload's name (benchmarks/ab.py's JSON), or the preprocessing choice or
+``short side S: method`` (benchmarks/preprocess_choice.py's JSON). Each other column whose header is in
+:data:`COLUMNS` is then compared with the value it names; the first number of the cell counts ("71.4 (−2.9)"
+is 71.4), and a cell whose number carries a unit (ms, s) is converted first. Columns not listed are prose.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ BENCH_COLUMNS = {
     "speedup vs fp32": _bench_extra("speedup_vs_fp32"),
     "keep agreement": _bench_extra("keep_agreement"),
     "GFLOP/s": _bench_extra("gflop_per_s"),
+    "frames/s": _bench_extra("frames_per_s"),
+    "windows per clip": _bench_extra("windows"),
 }
 # header -> value from a demo result (summary.json "results" or "sweep" entry)
 DEMO_COLUMNS = {
@@ -60,7 +63,14 @@ VARIANT_COLUMNS = {
 AB_COLUMNS = {
     "new/old speed": lambda r: r["median_ratio"],
 }
-COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS}
+# header -> value from benchmarks/preprocess_choice.py's JSON: a choice's keep masks, or a phase-3 result
+PREPROCESS_COLUMNS = {
+    "same decision": lambda r: r["same_decision"],
+    "Jaccard": lambda r: r["jaccard"],
+    "top-1 %": lambda r: r["top1"],
+    "cMAP %": lambda r: r["cmap"],
+}
+COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -113,6 +123,12 @@ def _load(path: Path):
     data = json.loads(path.read_text())
     if "workloads" in data:
         return "ab", data["workloads"]
+    if "keep_masks" in data:
+        entries = dict(data["keep_masks"]["choices"])
+        crop = data.get("phase3_crop_scale")
+        if crop:
+            entries.update({f"short side {crop['short_side']}: {m}": r for m, r in crop["results"].items()})
+        return "preprocess", entries
     if "benchmarks" in data:
         return "bench", {b["name"]: b for b in data["benchmarks"]}
     entries = {r["method"]: r for r in data.get("results", [])}
@@ -141,7 +157,8 @@ def test_tables_name_their_data():
     assert {"benchmarks/results/cpu-model.json", "benchmarks/results/cpu-attention.json",
             "benchmarks/results/cpu-inference.json", "benchmarks/results/cpu-int8-bound.json",
             "benchmarks/results/demo/summary.json", "benchmarks/results/demo/variants.jsonl",
-            "benchmarks/results/ab-restructure.json"} <= files, files
+            "benchmarks/results/ab-restructure.json", "benchmarks/results/preprocess-choice.json",
+            "benchmarks/results/cpu-fullframe.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -151,7 +168,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     kind, entries = _load(ROOT / path)
     assert name in entries, f"BENCHMARKS.md:{line}: {name!r} is not in {path}"
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
-               "ab": AB_COLUMNS}[kind]
+               "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)

@@ -36,7 +36,7 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
     assert len(files) <= 8 and all(f.is_file() and f.name in harvest.OUT_FILES for f in files), files
     log = (tmp_path / "log.txt").read_text()
     for step in ("install", "machine", "warm", "bench-policy", "bench-varlen", "bench-tokens", "bench-inference",
-                 "bench-phase2", "tests", "profile", "tiles"):
+                 "bench-phase2", "bench-fullframe", "tests", "profile", "tiles"):
         assert f"== {step} " in log, step
         assert f"-- {step}: ok" in log or f"== {step} (limit" in log and "(nothing to plan)" in log, step
     assert "TIMEOUT" not in log and "exit " not in log.split("steps:")[-1]
@@ -48,7 +48,8 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
                  "test_varlen_attention_fwd_bwd[keep272 B32-H6-N392-D64-fp16-sdpa_flash]",
                  "test_select_stage[stage1 N392-k34-triton]",
                  "test_inference_vit_small_b8[masked]", "test_inference_vit_small_b8[auto]",
-                 "test_phase2_step_vit_small[reference]", "test_phase2_step_vit_small[auto]"):
+                 "test_phase2_step_vit_small[reference]", "test_phase2_step_vit_small[auto]",
+                 "test_fullframe_frames[vit_small-1280x720]", "test_fullframe_frames[vit_small-320x240]"):
         assert name in log, name
     # The test step takes the kernel and model suite whole, plus gpu tests elsewhere, and not the rest.
     tests = log.split("== tests ")[1].split("-- tests:")[0]

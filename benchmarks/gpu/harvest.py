@@ -88,11 +88,11 @@ def default_plan(py: str) -> list[Step]:
     return [
         # No network there: --no-index and no version check, so pip cannot wait on one; then prove the editable
         # install maps stpcore.kernels (every later step needs it).
-        Step("install", 15, ["bash", "-c", f"set -o pipefail; {shlex.quote(py)} -m pip install -q --no-deps --no-index "
+        Step("install", 10, ["bash", "-c", f"set -o pipefail; {shlex.quote(py)} -m pip install -q --no-deps --no-index "
                                            "--disable-pip-version-check --no-build-isolation -e . 2>&1 | tail -3 && "
                                            f"{shlex.quote(py)} -c 'import stpcore.kernels.policy_attention as m; "
                                            "print(\"stpcore.kernels imports from\", m.__file__)'"]),
-        Step("machine", 15, [py, "benchmarks/gpu/machine.py"], output_into="machine.txt",
+        Step("machine", 10, [py, "benchmarks/gpu/machine.py"], output_into="machine.txt",
              plan_argv=[py, "benchmarks/gpu/machine.py"]),
         Step("warm", 30, [py, "benchmarks/gpu/warm.py", "--workers", "16", "--deadline", "25"],
              output_into="machine.txt",
@@ -106,6 +106,8 @@ def default_plan(py: str) -> list[Step]:
              json_into="model.json", pytest=True),
         Step("bench-phase2", 35, [*pytest_, "benchmarks/bench_model.py", "-k", "phase2"], json_into="model.json",
              pytest=True),
+        Step("bench-fullframe", 10, [*pytest_, "benchmarks/bench_fullframe.py", "-k", "frames"],
+             json_into="model.json", pytest=True),
         # The normal suite's kernel and model tests (no marker filter) and every gpu test elsewhere, in parallel
         # workers (each compiles its own Triton specialisations), one result line per test as it finishes.
         # loadgroup keeps the sm_90 compile test's module on one worker (its fixture compiles every kernel once).

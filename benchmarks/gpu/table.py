@@ -63,6 +63,7 @@ def rows(data: dict) -> list[dict]:
             "tflops": tflops,
             "gbps": gbps,
             "peak_mib": info.get("peak_mib"),
+            "frames_per_s": info.get("frames_per_s"),
         })
     return out
 
@@ -163,6 +164,9 @@ def targets(all_rows: list[dict]) -> str:
         speed(inference, "auto", "reference", 3.0, "inference vs reference (both gather the kept tokens)"),
         speed(inference, "auto", "masked", 3.0, "inference vs masked (every token computed)"),
     ]
+    for group, providers in by_group.items():  # reported, no target
+        lines += [f"- {group} {name}: {r['frames_per_s']} frames/s (no target)"
+                  for name, r in providers.items() if r.get("frames_per_s") is not None]
     return "\n".join(lines)
 
 

@@ -1,5 +1,9 @@
 """NVIDIA DALI decoding: `fn.decoders.video` on "mixed" (GPU, NVDEC) or "cpu", then resize/crop/normalise in DALI.
 
+The resize, crop and normalisation are `stpcore.data.preprocess`'s choices (working scale, antialiased linear
+filter to uint8, ImageNet statistics) written as DALI operators; `tests/data/test_preprocess.py` bounds the
+difference from the PyAV path.
+
 The pipeline takes each sample's encoded file bytes and its frame indices, resize size, crop position and
 flip from `fn.external_source`, so clip sampling (sampling.py) and sharding are the same code as the PyAV
 path and both paths cut the same clips for the same seed. The CPU backend decodes VP8/VP9/MJPEG only; the
@@ -17,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_position, resized_size
+from stpcore.data.preprocess import working_short_side
+from stpcore.data.sampling import CROP_SIZE, ClipSpec, crop_position, resized_size
 from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -56,7 +61,8 @@ class DaliClipDecoder:
         max_batch: most clips per call.
         num_threads: DALI CPU threads.
         device_id: CUDA device index (ignored on CPU).
-        short_side, crop, mean, std: as in decode_pyav.clip_tensor (mean/std on the [0, 1] scale).
+        short_side, crop, mean, std: as in ``preprocess.clip_tensor`` (short_side None: 8/7 of the crop; mean/std
+            on the [0, 1] scale).
     """
 
     def __init__(
@@ -65,7 +71,7 @@ class DaliClipDecoder:
         max_batch: int = 8,
         num_threads: int = 2,
         device_id: int = 0,
-        short_side: int = RESIZE_SHORT,
+        short_side: int | None = None,
         crop: int = CROP_SIZE,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
@@ -76,7 +82,7 @@ class DaliClipDecoder:
         self.max_batch = max_batch
         self.num_threads = num_threads
         self.device_id = device_id
-        self.short_side = short_side
+        self.short_side = short_side or working_short_side(crop)
         self.crop = crop
         self.mean = tuple(float(m) * 255.0 for m in mean)
         self.std = tuple(float(s) * 255.0 for s in std)

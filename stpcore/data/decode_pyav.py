@@ -1,9 +1,9 @@
-"""CPU decoding with PyAV (FFmpeg) and the clip transform shared by the CPU path.
+"""CPU decoding with PyAV (FFmpeg).
 
 `probe` reads a video's codec, size and frame count without decoding pictures; `decode_frames` decodes
 sequentially from the start and stops at the last frame a clip needs (clips are short and the published
-videos are a few seconds, so a seek-free decode is simpler and exact); `clip_tensor` resizes the short side,
-crops, flips and normalises to the model's input.
+videos are a few seconds, so a seek-free decode is simpler and exact). The frames then go through
+`stpcore.data.preprocess`, the one transform into the model's input.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-from stpcore.data.sampling import CROP_SIZE, RESIZE_SHORT, ClipSpec, crop_origin, crop_position, resized_size
-from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 
 class VideoError(RuntimeError):
@@ -134,64 +129,3 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
             return frames, count
         indices = wrapped
     return np.stack([got[int(i)] for i in indices]), count
-
-
-def resize_frames(frames: np.ndarray | torch.Tensor, short_side: int = RESIZE_SHORT) -> torch.Tensor:
-    """Resize the short side to `short_side` (bilinear, antialiased when shrinking), keeping the aspect ratio.
-
-    Args:
-        frames: uint8 (T, H, W, 3) RGB.
-    Returns:
-        float32 (T, 3, H', W') on the [0, 255] scale.
-    """
-    x = torch.as_tensor(frames)
-    _, h, w, _ = x.shape
-    x = x.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    rh, rw = resized_size(h, w, short_side)
-    if (rh, rw) != (h, w):
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
-    return x
-
-
-def crop_normalize(
-    resized: torch.Tensor,
-    spec: ClipSpec,
-    crop: int = CROP_SIZE,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Crop `crop` x `crop` at the spec's position, flip if asked, normalise with mean/std ([0, 1] scale).
-
-    Args:
-        resized: float32 (T, 3, H', W') on the [0, 255] scale (from `resize_frames`).
-    Returns:
-        float32 (3, T, crop, crop).
-    """
-    rh, rw = resized.shape[-2:]
-    pos_y, pos_x = crop_position(spec, rh, rw)
-    y0, x0 = crop_origin(rh, crop, pos_y), crop_origin(rw, crop, pos_x)
-    x = resized[:, :, y0 : y0 + crop, x0 : x0 + crop]
-    if spec.flip:
-        x = x.flip(-1)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    x = (x - m) / s
-    return x.permute(1, 0, 2, 3).contiguous()  # (3, T, crop, crop)
-
-
-def clip_tensor(
-    frames: np.ndarray | torch.Tensor,
-    spec: ClipSpec,
-    short_side: int = RESIZE_SHORT,
-    crop: int = CROP_SIZE,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> torch.Tensor:
-    """`resize_frames` then `crop_normalize`: the whole CPU transform of one clip.
-
-    Args:
-        frames: uint8 (T, H, W, 3) RGB, the clip's frames in order.
-    Returns:
-        float32 (3, T, crop, crop).
-    """
-    return crop_normalize(resize_frames(frames, short_side), spec, crop, mean, std)

@@ -29,7 +29,6 @@ from stpcore.data.sampling import (
     CROP_SIZE,
     DEFAULT_STRIDE,
     NUM_FRAMES,
-    RESIZE_SHORT,
     TEST_CLIPS,
     TEST_CROPS,
     ClipSpec,
@@ -62,7 +61,8 @@ class DataConfig:
         decoder: "auto" (DALI when a GPU and DALI are present, else PyAV), "pyav" or "dali".
         device: "auto", "cpu" or "cuda": where DALI decodes ("cuda" = mixed backend).
         stride: frame stride; None = the paper's (2 for HMDB51, 4 for UCF101).
-        num_frames, short_side, crop: clip length, resize target of the short side, crop size.
+        num_frames, short_side, crop: clip length, resize target of the short side (None: the working scale,
+            ``preprocess.working_short_side(crop)``, 8/7 of the crop), crop size.
         mean, std: normalisation on the [0, 1] scale (ImageNet by default).
         flip: random horizontal flip in train mode.
         shard_id, num_shards: this rank's shard (torchrun: RANK, WORLD_SIZE).
@@ -85,7 +85,7 @@ class DataConfig:
     device: str = "auto"
     stride: int | None = None
     num_frames: int = NUM_FRAMES
-    short_side: int = RESIZE_SHORT
+    short_side: int | None = None
     crop: int = CROP_SIZE
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -95,6 +95,12 @@ class DataConfig:
     seed: int = 0
     drop_last: bool = False
     cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.short_side is None:
+            from stpcore.data.preprocess import working_short_side
+
+            object.__setattr__(self, "short_side", working_short_side(self.crop))
 
 
 @dataclass
@@ -195,15 +201,17 @@ class _ClipDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _cached_video(self, index: int, info: VideoInfo) -> torch.Tensor:
-        from stpcore.data.decode_pyav import decode_frames, resize_frames
+        from stpcore.data.decode_pyav import decode_frames
+        from stpcore.data.preprocess import to_working_scale
 
         if index not in self._frames:
             frames, _ = decode_frames(self.records[index].path, np.arange(info.num_frames))
-            self._frames[index] = resize_frames(frames, self.cfg.short_side).round().clamp(0, 255).to(torch.uint8)
+            self._frames[index] = to_working_scale(frames, self.cfg.short_side)
         return self._frames[index]
 
     def __getitem__(self, index: int) -> dict:
-        from stpcore.data.decode_pyav import crop_normalize, decode_frames, resize_frames
+        from stpcore.data.decode_pyav import decode_frames
+        from stpcore.data.preprocess import crop_normalize, to_working_scale
 
         rec = self.records[index]
         cfg = self.cfg
@@ -216,12 +224,12 @@ class _ClipDataset(torch.utils.data.Dataset):
                                                       f"{clip_span(cfg.num_frames, self.stride)})"))
             # Decode and resize every frame any view needs once, then cut the views from them.
             if cfg.cache:
-                resized = self._cached_video(index, info).float()  # (F, 3, H', W'), every frame
+                resized = self._cached_video(index, info)  # uint8 (F, 3, H', W'), every frame
                 pos = {f: f for f in range(resized.shape[0])}
             else:
                 wanted = np.unique(np.concatenate([s.frames for s in specs]))
                 frames, _ = decode_frames(rec.path, wanted)
-                resized = resize_frames(frames, cfg.short_side)  # (F, 3, H', W')
+                resized = to_working_scale(frames, cfg.short_side)  # uint8 (F, 3, H', W')
                 pos = {int(f): i for i, f in enumerate(wanted)}
             clips = [
                 crop_normalize(resized[[pos[int(f)] for f in s.frames]], s, cfg.crop, cfg.mean, cfg.std)
