@@ -16,8 +16,8 @@ H200 (``extra_info["cudagraph_median_us"]``; a benchmark, not a test).
 ``extra_info``: GB/s from the explicit byte counts below and the mean time; on CUDA also the medians of
 ``triton.testing.do_bench`` (eager: the host-side launch and dispatch cost counts where the GPU waits on it)
 and of ``do_bench_cudagraph`` (the step replayed from a CUDA graph: GPU time), see benchmarks/timing.py. The
-Gumbel kernel draws its seed on the host (a CPU generator), which a graph would freeze, so the graph replays
-the same stage with explicit noise (the kernel's HAS_NOISE path: 8 more bytes read per token).
+Gumbel kernel reads its seed from a device tensor drawn from the default generator, so the graph replays the
+same stage as the eager run, with fresh noise each replay.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from stpcore.ops import (
     gather_tokens_ref,
     gumbel_select,
     predictor_pool,
-    sample_gumbel,
     scatter_tokens,
     slot_topk_gather,
 )
@@ -73,7 +72,7 @@ def _record(benchmark, nbytes: int, step) -> None:
     if mean:
         benchmark.extra_info["gbps"] = round(nbytes / mean / 1e9, 2)
     if CUDA and mean:
-        times = gpu_times(step, graph_step=getattr(step, "graph_step", None))
+        times = gpu_times(step)
         ms = times["do_bench_median_ms"]
         benchmark.extra_info["do_bench_median_us"] = round(ms * 1e3, 2)
         benchmark.extra_info["do_bench_gbps"] = round(nbytes / (ms * 1e-3) / 1e9, 2)
@@ -113,21 +112,13 @@ def build_select_step(provider: str, N: int, k: int):
     log_probs = torch.randn(B, N, 2, device=DEVICE).log_softmax(-1).to(DTYPE)
     prev_keep = torch.ones(B, N, device=DEVICE, dtype=DTYPE)
     x = torch.randn(B, N, D, device=DEVICE, dtype=DTYPE)
-    # The reference draws its noise on the tensors' device; the kernel draws only a seed, from a CPU
-    # generator (no device sync).
-    generator = torch.Generator(device="cuda" if provider == "reference" and CUDA else "cpu").manual_seed(0)
-
-    noise = sample_gumbel((B, N, 2), device=DEVICE)
+    # Noise from the device's default generator (seeded above): the reference draws (B, N, 2) samples, the
+    # kernel a (1,) seed tensor it reads in-kernel. Both are capturable, and a replay draws afresh.
 
     def step():
-        keep = gumbel_select(log_probs, prev_keep, generator=generator, backend=provider)
+        keep = gumbel_select(log_probs, prev_keep, backend=provider)
         return keep, slot_topk_gather(log_probs[..., 0], x, SLOTS, k, backend=provider)
 
-    def graph_step():  # capturable: no seed drawn on the host
-        keep = gumbel_select(log_probs, prev_keep, noise=noise, backend=provider)
-        return keep, slot_topk_gather(log_probs[..., 0], x, SLOTS, k, backend=provider)
-
-    step.graph_step = graph_step
     return step
 
 

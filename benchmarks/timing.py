@@ -18,15 +18,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def gpu_times(step: Callable, grad_to_none: Sequence[torch.Tensor] | None = None,
-              graph_step: Callable | None = None) -> dict:
+def gpu_times(step: Callable, grad_to_none: Sequence[torch.Tensor] | None = None) -> dict:
     """{"do_bench_median_ms", "cudagraph_median_ms" or "cudagraph_error"} of ``step``.
 
     Args:
         step: the eager step.
         grad_to_none: leaf tensors whose .grad is reset before each call.
-        graph_step: the step to capture when ``step`` itself cannot be (e.g. explicit noise instead of a
-            seed drawn on the host); default ``step``.
     """
     import triton.testing
 
@@ -35,7 +32,7 @@ def gpu_times(step: Callable, grad_to_none: Sequence[torch.Tensor] | None = None
     ms = triton.testing.do_bench(step, grad_to_none=grads, return_mode="median")
     out["do_bench_median_ms"] = round(ms, 5)
     try:
-        graph_ms = triton.testing.do_bench_cudagraph(graph_step or step, grad_to_none=grads, return_mode="median")
+        graph_ms = triton.testing.do_bench_cudagraph(step, grad_to_none=grads, return_mode="median")
         out["cudagraph_median_ms"] = round(graph_ms, 5)
     except Exception as exc:  # noqa: BLE001 - recorded beside the eager figure, which stands on its own
         out["cudagraph_error"] = f"{type(exc).__name__}: {exc}"[:300]

@@ -1,7 +1,8 @@
 """Fused hard straight-through Gumbel-softmax keep decision (the score predictor's tail), in Triton.
 
 One elementwise pass per token: load the two log-probabilities, add Gumbel noise (injected, or drawn
-in-kernel from Philox with a seed taken from the caller's torch.Generator), softmax over the pair with
+in-kernel from Philox with a seed the kernel reads from a device tensor drawn from the caller's
+torch.Generator, so a captured CUDA graph draws fresh noise on every replay), softmax over the pair with
 temperature tau, take the argmax as a 0/1 keep decision (ties keep, as torch.argmax picks index 0), and
 multiply by the previous decision. The forward writes only the (B, N) decision; the backward
 recomputes the soft sample from the saved inputs (and regenerates in-kernel noise from its seed), so
@@ -63,7 +64,7 @@ def _exp(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau,
+def _soft_sample(lp_ptr, noise_ptr, seed_ptr, offs, mask, tau,
                  HAS_NOISE: tl.constexpr, U_MIN: tl.constexpr, U_MAX: tl.constexpr, INTERPRET: tl.constexpr):
     """(y0, y1) = softmax((log_probs + g) / tau), each step rounded to log_probs' dtype like the reference."""
     lp0 = tl.load(lp_ptr + 2 * offs, mask=mask, other=0.0)
@@ -73,7 +74,7 @@ def _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau,
         g0 = tl.load(noise_ptr + 2 * offs, mask=mask, other=0.0).to(dt).to(tl.float32)
         g1 = tl.load(noise_ptr + 2 * offs + 1, mask=mask, other=0.0).to(dt).to(tl.float32)
     else:
-        g0, g1 = _gumbel_pair(seed, offs, U_MIN, U_MAX)
+        g0, g1 = _gumbel_pair(tl.load(seed_ptr), offs, U_MIN, U_MAX)
         g0 = g0.to(dt).to(tl.float32)
         g1 = g1.to(dt).to(tl.float32)
     z0 = (lp0.to(tl.float32) + g0).to(dt).to(tl.float32)
@@ -90,16 +91,16 @@ def _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau,
     return y0, y1
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+@triton.jit
 def _gumbel_select_fwd_kernel(
-    lp_ptr, noise_ptr, prev_ptr, out_ptr,
-    seed, tau, n_tokens,
+    lp_ptr, noise_ptr, prev_ptr, out_ptr, seed_ptr,
+    tau, n_tokens,
     HAS_NOISE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
     U_MIN: tl.constexpr, U_MAX: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
-    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
+    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed_ptr, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
     if HARD:
         keep = tl.where(y0 >= y1, 1.0, 0.0)  # ties keep: torch.argmax returns the first maximum
         keep = tl.where(y0 != y0, y0, keep)  # a NaN log-prob gives NaN, as the reference's does: never "drop"
@@ -109,16 +110,16 @@ def _gumbel_select_fwd_kernel(
     tl.store(out_ptr + offs, (keep * prev).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
+@triton.jit
 def _gumbel_select_bwd_kernel(
-    lp_ptr, noise_ptr, prev_ptr, dout_ptr, dlp_ptr, dprev_ptr,
-    seed, tau, n_tokens,
+    lp_ptr, noise_ptr, prev_ptr, dout_ptr, dlp_ptr, dprev_ptr, seed_ptr,
+    tau, n_tokens,
     HAS_NOISE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
     U_MIN: tl.constexpr, U_MAX: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
-    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
+    y0, y1 = _soft_sample(lp_ptr, noise_ptr, seed_ptr, offs, mask, tau, HAS_NOISE, U_MIN, U_MAX, INTERPRET)
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     prev = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(lp_ptr.dtype.element_ty).to(tl.float32)
     dz0 = tl.div_rn(dout * prev * y0 * y1, tau)  # d y0 / d z0 = y0 y1 = -d y0 / d z1; IEEE as torch's
@@ -132,23 +133,27 @@ def _gumbel_select_bwd_kernel(
     tl.store(dprev_ptr + offs, (dout * kept).to(dprev_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])  # one compile for every seed
-def _gumbel_noise_kernel(out_ptr, seed, n_tokens, BLOCK: tl.constexpr, U_MIN: tl.constexpr, U_MAX: tl.constexpr):
+@triton.jit
+def _gumbel_noise_kernel(out_ptr, seed_ptr, n_tokens, BLOCK: tl.constexpr, U_MIN: tl.constexpr, U_MAX: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_tokens
-    g0, g1 = _gumbel_pair(seed, offs, U_MIN, U_MAX)
+    g0, g1 = _gumbel_pair(tl.load(seed_ptr), offs, U_MIN, U_MAX)
     tl.store(out_ptr + 2 * offs, g0, mask=mask)
     tl.store(out_ptr + 2 * offs + 1, g1, mask=mask)
 
 
-def draw_seed(generator: torch.Generator | None) -> int:
-    """A Philox seed in [0, 2**31 - 1) drawn from ``generator`` (the CPU default generator when None).
+def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """A Philox seed in [0, 2**31 - 1), drawn from ``generator`` as a (1,) int64 tensor on ``device``, which the
+    kernels read: no host sync, and inside a captured CUDA graph every replay draws a fresh seed.
 
-    Drawing on the generator's own device keeps CUDA generators usable; a CPU generator (or None) costs
-    no device sync.
+    ``generator`` None: the default generator of ``device`` (so ``torch.manual_seed`` fixes the noise and the
+    CUDA RNG state in a checkpoint reproduces it). A generator on another device draws there and the seed is
+    copied over.
     """
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+    device = torch.device(device)
+    where = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where, dtype=torch.int64)
+    return seed.to(device, non_blocking=True)
 
 
 def _grid(n_tokens: int) -> tuple[int]:
@@ -167,7 +172,7 @@ def gumbel_noise(shape: tuple[int, ...], *, generator: torch.Generator | None = 
     Returns:
         (B, N, 2) float32 standard Gumbel samples (for tests and debugging).
     """
-    seed = draw_seed(generator)
+    seed = draw_seed(generator, device)
     out = torch.empty(shape, device=device, dtype=torch.float32)
     n_tokens = out.numel() // 2
     if n_tokens:
@@ -182,7 +187,7 @@ def _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard):
     if n_tokens:
         _gumbel_select_fwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, out,
-            seed, tau, n_tokens,
+            seed if seed is not None else prev_keep, tau, n_tokens,
             HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=INTERPRET,
         )
     return out
@@ -195,7 +200,7 @@ def _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out, seed, tau, hard):
     if n_tokens:
         _gumbel_select_bwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, grad_out, grad_lp, grad_prev,
-            seed, tau, n_tokens,
+            seed if seed is not None else prev_keep, tau, n_tokens,
             HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=INTERPRET,
         )
     return grad_lp, grad_prev
@@ -206,15 +211,15 @@ class _GumbelSelect(torch.autograd.Function):
     def forward(ctx, log_probs, prev_keep, noise, seed, tau, hard):
         with device_guard(log_probs):
             out = _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard)
-        ctx.save_for_backward(log_probs, prev_keep, noise)
-        ctx.seed, ctx.tau, ctx.hard = seed, tau, hard
+        ctx.save_for_backward(log_probs, prev_keep, noise, seed)
+        ctx.tau, ctx.hard = tau, hard
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        log_probs, prev_keep, noise = ctx.saved_tensors
+        log_probs, prev_keep, noise, seed = ctx.saved_tensors
         with device_guard(log_probs):
-            grad_lp, grad_prev = _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out.contiguous(), ctx.seed,
+            grad_lp, grad_prev = _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out.contiguous(), seed,
                                                     ctx.tau, ctx.hard)
         return (
             grad_lp if ctx.needs_input_grad[0] else None,
@@ -242,19 +247,39 @@ def gumbel_select(
         tau: softmax temperature (> 0).
         hard: straight-through one-hot (True) or the soft sample.
         noise: (B, N, 2) float standard Gumbel samples; when None they are drawn in-kernel from Philox,
-            seeded by one draw from ``generator`` (the CPU default generator when None), so the same
-            generator state gives the same decisions (not the reference's: it draws differently).
+            seeded by one draw from ``generator`` (the tensors' device's default generator when None) into a
+            device tensor (:func:`draw_seed`), so the same generator state gives the same decisions (not the
+            reference's: it draws differently).
         generator: see ``noise``.
 
     Returns:
         (B, N) in log_probs' dtype: exactly onehot0 * prev_keep (hard) or y0 * prev_keep (soft) in the
         forward; differentiable in log_probs and prev_keep.
     """
-    seed = 0 if noise is not None else draw_seed(generator)
+    seed = None if noise is not None else draw_seed(generator, log_probs.device)
     return _GumbelSelect.apply(
         log_probs.contiguous(), prev_keep.contiguous(), None if noise is None else noise.contiguous(),
         seed, float(tau), bool(hard),
     )
+
+
+def gumbel_select_fwd(log_probs, prev_keep, noise, seed, tau: float, hard: bool) -> torch.Tensor:
+    """The forward of ``torch.ops.stpcore.gumbel_select``: the (B, N) decision, from ``noise`` or, when it is
+    None, from in-kernel noise seeded by ``seed`` ((1,) int64 on the device, :func:`draw_seed`)."""
+    with device_guard(log_probs):
+        return _gumbel_select_fwd(log_probs.contiguous(), None if noise is None else noise.contiguous(),
+                                  prev_keep.contiguous(), seed, tau, hard)
+
+
+def gumbel_select_bwd(log_probs, prev_keep, noise, seed, grad_out, tau: float, hard: bool):
+    """The backward of ``torch.ops.stpcore.gumbel_select``: (grad_log_probs, grad_prev_keep, grad_noise); the
+    noise's gradient is the log-probabilities' (zeros without noise)."""
+    with device_guard(log_probs):
+        grad_lp, grad_prev = _gumbel_select_bwd(log_probs.contiguous(),
+                                                None if noise is None else noise.contiguous(),
+                                                prev_keep.contiguous(), grad_out.contiguous(), seed, tau, hard)
+    grad_noise = grad_lp.to(noise.dtype, copy=True) if noise is not None else torch.zeros(0, device=log_probs.device)
+    return grad_lp, grad_prev, grad_noise
 
 
 def gumbel_select_from_logits(
@@ -300,3 +325,12 @@ def not_supported_reasons(
     if noise is not None and not noise.is_floating_point():
         reasons.append(f"noise must be a float tensor, got {noise.dtype}")
     return reasons + interpreter_reasons(log_probs, prev_keep, noise)
+
+
+def gumbel_select_fwd_reasons(log_probs, prev_keep, noise, seed, tau: float, hard: bool) -> list[str]:
+    """:func:`not_supported_reasons` for the op's arguments (:func:`gumbel_select_fwd`)."""
+    reasons = not_supported_reasons(log_probs, prev_keep, tau=tau, hard=hard, noise=noise)
+    if noise is None and (seed is None or seed.dtype != torch.int64 or seed.numel() != 1):
+        reasons.append("without noise, seed must be a (1,) int64 tensor")
+    return reasons
+

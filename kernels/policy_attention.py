@@ -468,6 +468,18 @@ class _PolicyAttention(torch.autograd.Function):
         return dq, dk, dv, dp if ctx.needs_input_grad[3] else None, None
 
 
+def policy_attention_fwd(q, k, v, policy, eps: float):
+    """The forward of ``torch.ops.stpcore.policy_attention``: (out, v_sum, row_max, inv_den, arg_max)."""
+    with device_guard(q):
+        return _policy_attn_fwd(q, k, v, policy, eps)
+
+
+def policy_attention_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps: float):
+    """The backward of ``torch.ops.stpcore.policy_attention``: (dq, dk, dv, dpolicy)."""
+    with device_guard(q):
+        return _policy_attn_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps)
+
+
 def not_supported_reasons(q, k, v, policy, *, eps: float = 1e-6, **_) -> list[str]:
     """Why these inputs cannot run in these kernels (empty list: they can). Device checks are the dispatcher's.
 

@@ -224,6 +224,18 @@ def predictor_pool(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> torch
     return _PredictorPool.apply(x, keep, num_slots)
 
 
+def predictor_pool_fwd(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The forward of ``torch.ops.stpcore.predictor_pool``."""
+    with device_guard(x):
+        return _forward(x.contiguous() if x.stride(-1) != 1 else x, keep, num_slots)
+
+
+def predictor_pool_bwd(x: torch.Tensor, keep: torch.Tensor, num_slots: int, grad_out: torch.Tensor):
+    """The backward of ``torch.ops.stpcore.predictor_pool``: (dx, dkeep)."""
+    with device_guard(x):
+        return _backward(x.contiguous() if x.stride(-1) != 1 else x, keep, grad_out.contiguous(), num_slots)
+
+
 def not_supported_reasons(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> list[str]:
     """Why the kernel cannot run these inputs (empty: it can); devices are checked by the dispatcher."""
     reasons = []

@@ -283,6 +283,31 @@ def slot_topk_gather(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: i
     return _SlotTopkGather.apply(scores.detach(), x, num_slots, k)
 
 
+def slot_topk_fwd(scores: torch.Tensor, num_slots: int, k: int) -> torch.Tensor:
+    """``torch.ops.stpcore.slot_topk``: :func:`slot_topk` without autograd."""
+    with device_guard(scores):
+        return _slot_topk_gather(scores, None, num_slots, k)[0]
+
+
+def gather_tokens_fwd(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``torch.ops.stpcore.gather_tokens``: :func:`gather_tokens` without autograd."""
+    with device_guard(x):
+        return _gather(x, idx)
+
+
+def scatter_tokens_fwd(x: torch.Tensor, idx: torch.Tensor, seqlen: int, accumulate: bool = False) -> torch.Tensor:
+    """``torch.ops.stpcore.scatter_tokens``: :func:`scatter_tokens` without autograd; ``accumulate`` sums rows
+    sent to one position (the adjoint of a gather whose indices repeat)."""
+    with device_guard(x):
+        return _scatter(x, idx, seqlen, accumulate=accumulate)
+
+
+def slot_topk_gather_fwd(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: int):
+    """``torch.ops.stpcore.slot_topk_gather``: :func:`slot_topk_gather` without autograd."""
+    with device_guard(x):
+        return _slot_topk_gather(scores, x, num_slots, k)
+
+
 def _scores_reasons(scores: torch.Tensor, num_slots: int) -> list[str]:
     reasons = []
     if scores.dtype not in _FLOATS:
@@ -314,7 +339,7 @@ def gather_tokens_reasons(x: torch.Tensor, idx: torch.Tensor) -> list[str]:
     return _rows_reasons(x, idx)
 
 
-def scatter_tokens_reasons(x: torch.Tensor, idx: torch.Tensor, seqlen: int) -> list[str]:
+def scatter_tokens_reasons(x: torch.Tensor, idx: torch.Tensor, seqlen: int, accumulate: bool = False) -> list[str]:
     """Why :func:`scatter_tokens` cannot run these inputs (empty: it can)."""
     return _rows_reasons(x, idx)
 

@@ -353,6 +353,18 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+    """The forward of ``torch.ops.stpcore.varlen_attention``: (out, lse)."""
+    with device_guard(q):
+        return _varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale))
+
+
+def varlen_attention_bwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, out, lse, dout):
+    """The backward of ``torch.ops.stpcore.varlen_attention``: (dq, dk, dv)."""
+    with device_guard(q):
+        return _varlen_bwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale), out, lse, dout)
+
+
 def varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen, *, scale: float | None = None) -> list[str]:
     """Why :func:`varlen_attention` cannot run these inputs (empty: it can); device checks are the dispatcher's."""
     reasons = []

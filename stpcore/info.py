@@ -36,13 +36,14 @@ def example_inputs(op: str, device: torch.device, dtype: torch.dtype = torch.flo
     cu = torch.tensor([0, 200, 400], dtype=torch.int32, device=device)
     table = {
         "policy_attention": ((t(B, H, N, D), t(B, H, N, D), t(B, H, N, D), t(B, N)), {"eps": 1e-6}),
-        "gumbel_select": ((t(B, N, 2), t(B, N)), {"tau": 1.0, "hard": True, "noise": None, "generator": None}),
+        "gumbel_select": ((t(B, N, 2), t(B, N), None, torch.zeros(1, dtype=torch.int64, device=device), 1.0, True),
+                          {}),
         "slot_topk": ((t(B, N), S, 34), {}),
         "gather_tokens": ((t(B, N, C), idx), {}),
         "scatter_tokens": ((t(B, 272, C), idx, N), {}),
         "slot_topk_gather": ((t(B, N), t(B, N, C), S, 34), {}),
         "predictor_pool": ((t(B, N, C), t(B, N), S), {}),
-        "varlen_attention": ((t(400, H, D), t(400, H, D), t(400, H, D), cu, 200), {"scale": None}),
+        "varlen_attention": ((t(400, H, D), t(400, H, D), t(400, H, D), cu, 200), {"scale": D**-0.5}),
     }
     return table[op]
 

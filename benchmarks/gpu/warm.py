@@ -30,7 +30,7 @@ PAPER = dict(B=32, H=6, N=392, D=64)
 
 
 def jobs() -> list[tuple[str, str, str, dict, str]]:
-    """(name, module, builder, kwargs, how): how = "call" runs step(), "graph" step.graph_step(), and
+    """(name, module, builder, kwargs, how): how = "call" runs step(), and
     "fwd:BM,BN,W,S" / "bwd:..." runs step() under kernels.policy_attention.use_tiles (the tile sweep)."""
     from stpcore.kernels._tiles import POLICY_TILE_CANDIDATES
 
@@ -46,8 +46,6 @@ def jobs() -> list[tuple[str, str, str, dict, str]]:
                     dict(provider="triton", kind=kind, B=32, H=6, N=392, D=64, dtype="fp16"), "call"))
     for N, k in ((392, 34), (272, 24), (192, 16)):
         out.append((f"select N{N}", tok, "build_select_step", dict(provider="triton", N=N, k=k), "call"))
-        out.append((f"select N{N} (graph, noise)", tok, "build_select_step", dict(provider="triton", N=N, k=k),
-                    "graph"))
         out.append((f"scatter N{N}", tok, "build_scatter_step", dict(provider="triton", N=N, k=k), "call"))
         out.append((f"pool N{N}", tok, "build_pool_step", dict(provider="triton", N=N), "call"))
     for pass_, candidates in POLICY_TILE_CANDIDATES.items():
@@ -69,8 +67,6 @@ def _run_job(job: tuple[str, str, str, dict, str]) -> tuple[str, float, str | No
         step = getattr(importlib.import_module(module), builder)(**kwargs)
         if how == "call":
             step()
-        elif how == "graph":
-            step.graph_step()
         else:
             from stpcore.kernels.policy_attention import use_tiles
 

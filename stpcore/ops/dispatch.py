@@ -8,6 +8,15 @@ comma separated) forces one; a backend named explicitly that cannot run raises w
 
 Triton runs CUDA tensors. Under ``TRITON_INTERPRET=1`` an explicitly named ``triton`` backend also runs
 CPU tensors (Triton's interpreter, for tests), but automatic dispatch never picks it for CPU tensors.
+
+Every public op is a ``torch.library`` custom op (``torch.ops.stpcore.<op>``, with a fake implementation and
+registered autograd, its backward a custom op of its own), so ``torch.compile`` traces a model that calls
+them as single graph nodes. The backend is chosen inside the op, when it runs on real tensors: the
+choice is outside any traced region, ``STPCORE_BACKEND`` keeps working, and a choice depends only on the
+inputs' metadata (device, dtype, shape, strides) and the other arguments, so it is cached per that key.
+A backend gives ``fwd`` (the op's outputs, plus the statistics its backward reads, in a layout fixed per op)
+and ``bwd``; a backend without its own ``bwd`` is differentiated by running ``fwd`` again under autograd
+(:func:`recompute_backward`), which suits the references.
 """
 
 from __future__ import annotations
@@ -63,13 +72,16 @@ class Backend:
 
     Args:
         name: "reference", "triton", "xformers", ...
-        fn: the implementation; called with the op's arguments.
+        fn: the implementation's forward; called with the op's arguments (no autograd recorded).
         reasons: ``reasons(explicit, *args, **kwargs) -> list[str]``; empty when ``fn`` can run them.
+        bwd: the backward, with the arguments the op's backward gives (see each op); None: recompute ``fn``
+            under autograd.
     """
 
     name: str
     fn: Callable
     reasons: Callable[..., list[str]] = field(default=lambda explicit, *a, **k: [])
+    bwd: Callable | None = None
 
 
 _REGISTRY: dict[str, list[Backend]] = {}
@@ -105,8 +117,36 @@ def _forced(op: str) -> str | None:
     return None
 
 
+def _meta(value):
+    """A hashable stand-in for an argument: what backends' reasons may read of it."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.device, value.dtype, tuple(value.shape), value.stride())
+    if isinstance(value, (list, tuple)):
+        return tuple(_meta(v) for v in value)
+    if isinstance(value, torch.Generator):
+        return ("generator", value.device)
+    return value
+
+
+_CHOICES: dict = {}
+_MAX_CHOICES = 4096
+
+
 def select(op: str, backend: str | None, *args, **kwargs) -> Backend:
-    """The backend that runs ``op`` on these inputs (see the module docstring for the rules)."""
+    """The backend that runs ``op`` on these inputs (see the module docstring for the rules); cached per the
+    inputs' metadata, the environment and the backends registered."""
+    key = (op, backend, os.environ.get(ENV_VAR, ""), triton_interpret(), len(_REGISTRY.get(op, ())),
+           _meta(args), tuple((k, _meta(v)) for k, v in sorted(kwargs.items())))
+    found = _CHOICES.get(key)
+    if found is None:
+        found = _select(op, backend, *args, **kwargs)
+        if len(_CHOICES) >= _MAX_CHOICES:
+            _CHOICES.clear()
+        _CHOICES[key] = found
+    return found
+
+
+def _select(op: str, backend: str | None, *args, **kwargs) -> Backend:
     candidates = backends(op)
     named = backend if backend is not None else _forced(op)
     if named is not None:
@@ -135,8 +175,40 @@ def explain(op: str, *args, **kwargs) -> dict[str, list[str]]:
     return {b.name: b.reasons(False, *args, **kwargs) for b in backends(op)}
 
 
+def recompute_backward(fn: Callable, inputs: Sequence[torch.Tensor | None], grads: Sequence[torch.Tensor],
+                       *args, **kwargs) -> list[torch.Tensor]:
+    """Gradients of ``fn(*inputs, *args, **kwargs)`` with respect to its float ``inputs``, given the gradients of
+    its first ``len(grads)`` outputs, by running ``fn`` again under ``torch.func.vjp`` (plain autograd does not
+    record inside a custom op's implementation). Inputs that are None or not floating point get zeros (a custom
+    op's backward returns a tensor per input)."""
+    floats = [i for i, t in enumerate(inputs) if t is not None and t.is_floating_point()]
+
+    def differentiable(*primals):
+        full = list(inputs)
+        for i, t in zip(floats, primals, strict=True):
+            full[i] = t
+        outs = fn(*full, *args, **kwargs)
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        return outs[: len(grads)]
+
+    _, vjp = torch.func.vjp(differentiable, *[inputs[i] for i in floats])
+    found = dict(zip(floats, vjp(tuple(grads)), strict=True))
+    taken = {t.data_ptr() for t in (*inputs, *grads) if t is not None and t.numel()}
+    result = []
+    for i, t in enumerate(inputs):
+        g = found.get(i)
+        if g is None:
+            g = torch.zeros_like(t) if t is not None else torch.zeros(0)
+        elif g.numel() and g.data_ptr() in taken:
+            g = g.clone()  # a custom op's outputs may alias neither its inputs nor each other
+        if g.numel():
+            taken.add(g.data_ptr())
+        result.append(g)
+    return result
+
+
 def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.Tensor]],
-                   reasons: str = "not_supported_reasons") -> Backend:
+                   reasons: str = "not_supported_reasons", bwd: str | None = None) -> Backend:
     """A backend that calls ``stpcore.kernels.<module>.<fn>``, importing it only when first needed.
 
     ``stpcore.kernels.<module>.<reasons>(*args, **kwargs) -> list[str]`` takes ``fn``'s arguments and says why
@@ -162,5 +234,8 @@ def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.T
     def run(*args, **kwargs):
         return getattr(load(), fn)(*args, **kwargs)
 
+    def run_bwd(*args, **kwargs):
+        return getattr(load(), bwd)(*args, **kwargs)
+
     run.__name__ = f"triton_{fn}"
-    return Backend("triton", run, not_supported)
+    return Backend("triton", run, not_supported, run_bwd if bwd is not None else None)

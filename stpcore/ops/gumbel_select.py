@@ -22,6 +22,17 @@ def sample_gumbel(shape: tuple[int, ...], *, generator: torch.Generator | None =
     return -e.log()
 
 
+def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    """A Philox seed in [0, 2**31 - 1) as a (1,) int64 tensor on ``device``, drawn from ``generator`` (the
+    device's default generator when None; another device's generator draws there and the seed is copied):
+    no host sync, and a fresh seed on every replay of a captured CUDA graph. The same draw as
+    ``stpcore.kernels.gumbel_select.draw_seed``, which the kernel module's own entry points use."""
+    device = torch.device(device)
+    where = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=where, dtype=torch.int64)
+    return seed.to(device, non_blocking=True)
+
+
 def gumbel_select_ref(
     log_probs: torch.Tensor,
     prev_keep: torch.Tensor,
@@ -68,11 +79,68 @@ def _check(log_probs, prev_keep, tau, noise):
         raise ValueError(f"gumbel_select: tau must be > 0, got {tau}")
 
 
-dispatch.register(
-    "gumbel_select",
-    dispatch.triton_backend("gumbel_select", "gumbel_select", lambda lp, pk, **k: [lp, pk, k.get("noise")]),
-)
-dispatch.register("gumbel_select", dispatch.Backend("reference", gumbel_select_ref))
+def _reference_fwd(log_probs, prev_keep, noise, seed, tau, hard):
+    """The reference as the op runs it. Given a seed instead of noise (a CUDA call forced to the reference),
+    it draws the noise from a generator seeded with it: one host sync, only in that case."""
+    if noise is None:
+        generator = torch.Generator(device=log_probs.device).manual_seed(int(seed.item()))
+        noise = sample_gumbel(tuple(log_probs.shape), generator=generator, device=log_probs.device,
+                              dtype=log_probs.dtype)
+    return gumbel_select_ref(log_probs, prev_keep, tau=tau, hard=hard, noise=noise)
+
+
+dispatch.register("gumbel_select", dispatch.triton_backend(
+    "gumbel_select", "gumbel_select_fwd", lambda lp, pk, noise, seed, *a, **k: [lp, pk, noise, seed],
+    reasons="gumbel_select_fwd_reasons", bwd="gumbel_select_bwd"))
+dispatch.register("gumbel_select", dispatch.Backend("reference", _reference_fwd))
+
+
+@torch.library.custom_op("stpcore::gumbel_select", mutates_args=())
+def _op(log_probs: torch.Tensor, prev_keep: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
+        tau: float, hard: bool, backend: str) -> torch.Tensor:
+    chosen = dispatch.select("gumbel_select", backend or None, log_probs, prev_keep, noise, seed, tau, hard)
+    return chosen.fn(log_probs, prev_keep, noise, seed, tau, hard)
+
+
+@_op.register_fake
+def _(log_probs, prev_keep, noise, seed, tau, hard, backend):
+    return log_probs.new_empty(log_probs.shape[:2])
+
+
+@torch.library.custom_op("stpcore::gumbel_select_backward", mutates_args=())
+def _backward_op(log_probs: torch.Tensor, prev_keep: torch.Tensor, noise: torch.Tensor | None,
+                 seed: torch.Tensor | None, grad_out: torch.Tensor, tau: float, hard: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("gumbel_select", backend or None, log_probs, prev_keep, noise, seed, tau, hard)
+    if chosen.bwd is not None:
+        return tuple(chosen.bwd(log_probs, prev_keep, noise, seed, grad_out, tau, hard))
+    d_lp, d_prev, d_noise, _ = dispatch.recompute_backward(chosen.fn, (log_probs, prev_keep, noise, seed),
+                                                           (grad_out,), tau, hard)
+    return d_lp, d_prev, d_noise if noise is not None else torch.zeros(0, device=log_probs.device)
+
+
+@_backward_op.register_fake
+def _(log_probs, prev_keep, noise, seed, grad_out, tau, hard, backend):
+    d_noise = torch.empty_like(noise) if noise is not None else log_probs.new_empty(0)
+    return torch.empty_like(log_probs), torch.empty_like(prev_keep), d_noise
+
+
+def _setup_context(ctx, inputs, output):
+    log_probs, prev_keep, noise, seed, tau, hard, backend = inputs
+    ctx.save_for_backward(log_probs, prev_keep, noise, seed)
+    ctx.tau, ctx.hard, ctx.backend = tau, hard, backend
+
+
+def _backward(ctx, grad_out):
+    log_probs, prev_keep, noise, seed = ctx.saved_tensors
+    d_lp, d_prev, d_noise = torch.ops.stpcore.gumbel_select_backward(log_probs, prev_keep, noise, seed, grad_out,
+                                                                      ctx.tau, ctx.hard, ctx.backend)
+    needs = ctx.needs_input_grad
+    return (d_lp if needs[0] else None, d_prev if needs[1] else None,
+            d_noise.to(noise.dtype) if noise is not None and needs[2] else None, None, None, None, None)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gumbel_select(
@@ -87,10 +155,19 @@ def gumbel_select(
 ) -> torch.Tensor:
     """Keep decision of one sparsification stage (see :func:`gumbel_select_ref`).
 
-    With ``noise`` given, every backend returns the same decision. Without it, each backend draws its
-    own noise (the reference from ``generator``; Triton from a counter-based RNG seeded from it), so
-    the decisions are deterministic per seed but differ between backends.
+    With ``noise`` given, every backend returns the same decision. Without it, the noise is drawn here:
+    for CUDA tensors (unless the reference is named) as a seed on the device from ``generator`` (its
+    default generator when None), which the Triton kernel expands in-kernel, with no host sync, and afresh
+    on every replay of a captured CUDA graph; otherwise as Gumbel samples from ``generator``. So the
+    decisions are deterministic per seed but differ between the two. The op is
+    ``torch.ops.stpcore.gumbel_select(log_probs, prev_keep, noise, seed, tau, hard, backend)``.
     """
     _check(log_probs, prev_keep, tau, noise)
-    return dispatch.call("gumbel_select", backend, log_probs, prev_keep, tau=tau, hard=hard, noise=noise,
-                         generator=generator)
+    seed = None
+    if noise is None:
+        if backend == "triton" or (log_probs.device.type == "cuda" and backend != "reference"):
+            seed = draw_seed(generator, log_probs.device)
+        else:
+            noise = sample_gumbel(tuple(log_probs.shape), generator=generator, device=log_probs.device,
+                                  dtype=log_probs.dtype)
+    return torch.ops.stpcore.gumbel_select(log_probs, prev_keep, noise, seed, float(tau), bool(hard), backend or "")

@@ -95,77 +95,92 @@ def _chunk_rows(B: int, H: int, N: int, chunk_size: int | None) -> int:
     return max(1, min(N, (1 << 20) // max(1, B * H * N)))
 
 
+def _chunked_fwd(q, k, v, policy, eps: float, chunk_size: int | None = None):
+    """The chunked forward: (out, v_sum, row_max, inv_den, arg_max), the op's outputs (see :func:`policy_attention`)."""
+    # Views of a fused qkv projection are strided; every chunk's matmuls would copy them again (in the
+    # forward and twice in the backward), so copy once here.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, N, D = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = D**-0.5
+    rows = _chunk_rows(B, H, N, chunk_size)
+    c = eps / N
+    vf = v.to(acc)
+    vsum = vf.sum(dim=-2, keepdim=True)  # (B, H, 1, Dv)
+    pf = policy.to(acc).reshape(B, 1, 1, N)
+    out = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
+    row_max = torch.empty(B, H, N, dtype=acc, device=q.device)
+    inv_den = torch.empty(B, H, N, dtype=acc, device=q.device)
+    arg_max = torch.empty(B, H, N, dtype=torch.int32, device=q.device)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale  # (B, H, r, N)
+        m, am = S.max(dim=-1, keepdim=True)
+        E = (S - m).exp_()
+        W = _apply_policy(E, pf, s, e)
+        Z = W.sum(dim=-1, keepdim=True) + eps
+        out[:, :, s:e] = (W @ vf + c * vsum) / Z
+        row_max[:, :, s:e] = m.squeeze(-1)
+        inv_den[:, :, s:e] = Z.squeeze(-1).reciprocal()
+        arg_max[:, :, s:e] = am.squeeze(-1)
+    return out.to(q.dtype), vsum.squeeze(-2), row_max, inv_den, arg_max
+
+
+def _chunked_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps: float,
+                 chunk_size: int | None = None):
+    """The closed-form backward of :func:`_chunked_fwd` (module docstring): (dq, dk, dv, dpolicy)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, N, D = q.shape
+    acc = row_max.dtype
+    scale = D**-0.5
+    rows = _chunk_rows(B, H, N, chunk_size)
+    c = eps / N
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    pf = policy.to(acc).reshape(B, 1, 1, N)
+    dof = dout.to(acc)
+    delta = (dof * out.to(acc)).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
+    dq = torch.empty_like(qf)
+    dk = torch.zeros_like(kf)
+    dv = torch.zeros_like(vf)
+    dp = torch.zeros(B, N, dtype=acc, device=q.device)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        # Recompute the scores exactly as the forward did (same ops, same dtype), so the saved row maxima
+        # and argmax positions agree with them.
+        S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale
+        E = (S - row_max[:, :, s:e, None]).exp_()
+        W = _apply_policy(E, pf, s, e)
+        inv = inv_den[:, :, s:e, None]
+        A = (W + c) * inv
+        do = dof[:, :, s:e]
+        dv += A.transpose(-2, -1) @ do
+        dW = ((do @ vf.transpose(-2, -1)) - delta[:, :, s:e]) * inv  # (B, H, r, N)
+        EdW = E * dW
+        # d(policy): column sums over heads and queries, the diagonal (i == j) excluded.
+        diag = torch.arange(s, e, device=q.device)
+        rows_idx = torch.arange(e - s, device=q.device)
+        dp += EdW.sum(dim=(1, 2)) - _diag_add(EdW[..., rows_idx, diag].sum(dim=1), N, s, e)
+        dS = W * dW
+        dm = -dS.sum(dim=-1, keepdim=True)
+        dS.scatter_add_(-1, arg_max[:, :, s:e, None].long(), dm)
+        dS *= scale
+        dq[:, :, s:e] = dS @ kf
+        dk += dS.transpose(-2, -1) @ qf[:, :, s:e]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dp.to(policy.dtype)
+
+
 class _ChunkedPolicyAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, policy, eps, chunk_size):
-        # Views of a fused qkv projection are strided; every chunk's matmuls would copy them again (in the
-        # forward and twice in the backward), so copy once here.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, N, D = q.shape
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scale = D**-0.5
-        rows = _chunk_rows(B, H, N, chunk_size)
-        c = eps / N
-        vf = v.to(acc)
-        vsum = vf.sum(dim=-2, keepdim=True)  # (B, H, 1, Dv)
-        pf = policy.to(acc).reshape(B, 1, 1, N)
-        out = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
-        row_max = torch.empty(B, H, N, dtype=acc, device=q.device)
-        den = torch.empty(B, H, N, dtype=acc, device=q.device)
-        for s in range(0, N, rows):
-            e = min(N, s + rows)
-            S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale  # (B, H, r, N)
-            m = S.amax(dim=-1, keepdim=True)
-            E = (S - m).exp_()
-            W = _apply_policy(E, pf, s, e)
-            Z = W.sum(dim=-1, keepdim=True) + eps
-            out[:, :, s:e] = (W @ vf + c * vsum) / Z
-            row_max[:, :, s:e] = m.squeeze(-1)
-            den[:, :, s:e] = Z.squeeze(-1)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, policy, out, row_max, den)
-        ctx.eps, ctx.rows = eps, rows
+        out, *stats = _chunked_fwd(q, k, v, policy, eps, chunk_size)
+        ctx.save_for_backward(q, k, v, policy, out, *stats)
+        ctx.eps, ctx.chunk_size = eps, chunk_size
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, policy, out, row_max, den = ctx.saved_tensors
-        B, H, N, D = q.shape
-        acc = row_max.dtype
-        scale = D**-0.5
-        c = ctx.eps / N
-        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-        pf = policy.to(acc).reshape(B, 1, 1, N)
-        dof = dout.to(acc)
-        delta = (dof * out.to(acc)).sum(dim=-1, keepdim=True)  # (B, H, N, 1)
-        dq = torch.empty_like(qf)
-        dk = torch.zeros_like(kf)
-        dv = torch.zeros_like(vf)
-        dp = torch.zeros(B, N, dtype=acc, device=q.device)
-        for s in range(0, N, ctx.rows):
-            e = min(N, s + ctx.rows)
-            # Recompute the scores exactly as the forward did (same ops, same dtype), so the saved
-            # row maxima and argmax positions agree.
-            S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale
-            E = (S - row_max[:, :, s:e, None]).exp_()
-            W = _apply_policy(E, pf, s, e)
-            Z = den[:, :, s:e, None]
-            A = (W + c) / Z
-            do = dof[:, :, s:e]
-            dv += A.transpose(-2, -1) @ do
-            dW = ((do @ vf.transpose(-2, -1)) - delta[:, :, s:e]) / Z  # (B, H, r, N)
-            EdW = E * dW
-            # d(policy): column sums over heads and queries, the diagonal (i == j) excluded.
-            diag = torch.arange(s, e, device=q.device)
-            rows_idx = torch.arange(e - s, device=q.device)
-            dp += EdW.sum(dim=(1, 2)) - _diag_add(EdW[..., rows_idx, diag].sum(dim=1), N, s, e)
-            dS = W * dW
-            dm = -dS.sum(dim=-1, keepdim=True)
-            dS.scatter_add_(-1, S.argmax(dim=-1, keepdim=True), dm)
-            dS *= scale
-            dq[:, :, s:e] = dS @ kf
-            dk += dS.transpose(-2, -1) @ qf[:, :, s:e]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dp.to(policy.dtype), None, None
+        grads = _chunked_bwd(*ctx.saved_tensors, dout, ctx.eps, ctx.chunk_size)
+        return (*grads, None, None)
 
 
 def _apply_policy(E: torch.Tensor, pf: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -207,15 +222,68 @@ def _tensors(q, k, v, policy, **_):
     return [q, k, v, policy]
 
 
-dispatch.register("policy_attention", dispatch.triton_backend("policy_attention", "policy_attention", _tensors))
-dispatch.register(
-    "policy_attention",
-    dispatch.Backend("chunked", lambda q, k, v, policy, eps: policy_attention_chunked(q, k, v, policy, eps=eps)),
-)
-dispatch.register(
-    "policy_attention",
-    dispatch.Backend("reference", lambda q, k, v, policy, eps: policy_attention_ref(q, k, v, policy, eps=eps)),
-)
+def _reference_fwd(q, k, v, policy, eps):
+    """The direct formulation; its statistics are zeros (its backward reruns it under autograd)."""
+    B, H, N, _ = q.shape
+    out = policy_attention_ref(q, k, v, policy, eps=eps)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    zeros = q.new_zeros(B, H, N, dtype=acc)
+    return out, q.new_zeros(B, H, v.shape[-1], dtype=acc), zeros, zeros.clone(), q.new_zeros(B, H, N, dtype=torch.int32)
+
+
+dispatch.register("policy_attention", dispatch.triton_backend(
+    "policy_attention", "policy_attention_fwd", _tensors, bwd="policy_attention_bwd"))
+dispatch.register("policy_attention", dispatch.Backend(
+    "chunked", lambda q, k, v, policy, eps: _chunked_fwd(q, k, v, policy, eps), bwd=_chunked_bwd))
+dispatch.register("policy_attention", dispatch.Backend("reference", _reference_fwd))
+
+
+# The op as torch sees it: one graph node under torch.compile; the backend is chosen when it runs.
+@torch.library.custom_op("stpcore::policy_attention", mutates_args=())
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, eps: float,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("policy_attention", backend or None, q, k, v, policy, eps=eps)
+    return tuple(chosen.fn(q, k, v, policy, eps))
+
+
+@_op.register_fake
+def _(q, k, v, policy, eps, backend):
+    B, H, N, _ = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    return (q.new_empty(B, H, N, v.shape[-1]), q.new_empty(B, H, v.shape[-1], dtype=acc),
+            q.new_empty(B, H, N, dtype=acc), q.new_empty(B, H, N, dtype=acc), q.new_empty(B, H, N, dtype=torch.int32))
+
+
+@torch.library.custom_op("stpcore::policy_attention_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, out: torch.Tensor,
+                 v_sum: torch.Tensor, row_max: torch.Tensor, inv_den: torch.Tensor, arg_max: torch.Tensor,
+                 dout: torch.Tensor, eps: float, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("policy_attention", backend or None, q, k, v, policy, eps=eps)
+    if chosen.bwd is not None:
+        return tuple(chosen.bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps))
+    return tuple(dispatch.recompute_backward(chosen.fn, (q, k, v, policy), (dout,), eps))
+
+
+@_backward_op.register_fake
+def _(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(policy)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, policy, eps, backend = inputs
+    ctx.save_for_backward(q, k, v, policy, *output)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _backward(ctx, dout, *_stats):
+    dq, dk, dv, dp = torch.ops.stpcore.policy_attention_backward(*ctx.saved_tensors, dout, ctx.eps, ctx.backend)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, dp if needs[3] else None,
+            None, None)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def policy_attention(
@@ -228,6 +296,10 @@ def policy_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Masked attention with a per-key keep policy (see the module docstring for the formula).
+
+    The custom op ``torch.ops.stpcore.policy_attention(q, k, v, policy, eps, backend)`` returns the output and
+    the statistics the backward reads: v_sum (B, H, Dv), row_max and inv_den (B, H, N), in fp32 (fp64 for fp64
+    inputs), and arg_max (B, H, N) int32 (zeros from the reference backend, whose backward reruns it).
 
     Args:
         q, k: (B, H, N, D) float.
@@ -243,4 +315,4 @@ def policy_attention(
     _check(q, k, v, policy)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"policy_attention: eps must be a finite number >= 0, got {eps}")
-    return dispatch.call("policy_attention", backend, q, k, v, policy, eps=eps)
+    return torch.ops.stpcore.policy_attention(q, k, v, policy, float(eps), backend or "")[0]

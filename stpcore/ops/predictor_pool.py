@@ -44,13 +44,52 @@ def _check(x, keep, num_slots):
         raise ValueError(f"predictor_pool: N={x.shape[1]} must be a positive multiple of num_slots={num_slots}")
 
 
-dispatch.register(
-    "predictor_pool", dispatch.triton_backend("predictor_pool", "predictor_pool", lambda x, keep, *a, **k: [x, keep])
-)
+dispatch.register("predictor_pool", dispatch.triton_backend(
+    "predictor_pool", "predictor_pool_fwd", lambda x, keep, *a, **k: [x, keep], bwd="predictor_pool_bwd"))
 dispatch.register("predictor_pool", dispatch.Backend("reference", predictor_pool_ref))
 
 
+@torch.library.custom_op("stpcore::predictor_pool", mutates_args=())
+def _op(x: torch.Tensor, keep: torch.Tensor, num_slots: int, backend: str) -> torch.Tensor:
+    return dispatch.select("predictor_pool", backend or None, x, keep, num_slots).fn(x, keep, num_slots)
+
+
+@_op.register_fake
+def _(x, keep, num_slots, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("stpcore::predictor_pool_backward", mutates_args=())
+def _backward_op(x: torch.Tensor, keep: torch.Tensor, num_slots: int, grad_out: torch.Tensor,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("predictor_pool", backend or None, x, keep, num_slots)
+    if chosen.bwd is not None:
+        return tuple(chosen.bwd(x, keep, num_slots, grad_out))
+    return tuple(dispatch.recompute_backward(chosen.fn, (x, keep), (grad_out,), num_slots))
+
+
+@_backward_op.register_fake
+def _(x, keep, num_slots, grad_out, backend):
+    return torch.empty_like(x), torch.empty_like(keep)
+
+
+def _setup_context(ctx, inputs, output):
+    x, keep, num_slots, backend = inputs
+    ctx.save_for_backward(x, keep)
+    ctx.num_slots, ctx.backend = num_slots, backend
+
+
+def _backward(ctx, grad_out):
+    x, keep = ctx.saved_tensors
+    dx, dkeep = torch.ops.stpcore.predictor_pool_backward(x, keep, ctx.num_slots, grad_out, ctx.backend)
+    needs = ctx.needs_input_grad
+    return dx if needs[0] else None, dkeep if needs[1] else None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def predictor_pool(x: torch.Tensor, keep: torch.Tensor, num_slots: int, *, backend: str | None = None) -> torch.Tensor:
-    """See :func:`predictor_pool_ref`."""
+    """See :func:`predictor_pool_ref`. The op is ``torch.ops.stpcore.predictor_pool(x, keep, num_slots, backend)``."""
     _check(x, keep, num_slots)
-    return dispatch.call("predictor_pool", backend, x, keep, num_slots)
+    return torch.ops.stpcore.predictor_pool(x, keep, int(num_slots), backend or "")

@@ -72,16 +72,113 @@ def _check_idx(name, x, idx):
         raise ValueError(f"{name}: idx must be an integer tensor, got {idx.dtype}")
 
 
+def _scatter_ref(x: torch.Tensor, idx: torch.Tensor, seqlen: int, accumulate: bool = False) -> torch.Tensor:
+    """:func:`scatter_tokens_ref`, or with ``accumulate`` the sum of the rows sent to one position (the adjoint
+    of :func:`gather_tokens_ref`, whose indices may repeat)."""
+    if not accumulate:
+        return scatter_tokens_ref(x, idx, seqlen)
+    out = x.new_zeros(x.shape[0], seqlen, x.shape[-1])
+    return out.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+
+
 def _register_ref_and_triton(op, ref, tensors):
-    """The reference and the kernel of ``op`` in stpcore.kernels.tokens, with the kernel's ``<op>_reasons``."""
-    dispatch.register(op, dispatch.triton_backend("tokens", op, tensors, reasons=f"{op}_reasons"))
+    """The reference and the kernel of ``op`` in stpcore.kernels.tokens (``<op>_fwd``, ``<op>_reasons``)."""
+    dispatch.register(op, dispatch.triton_backend("tokens", f"{op}_fwd", tensors, reasons=f"{op}_reasons"))
     dispatch.register(op, dispatch.Backend("reference", ref))
 
 
 _register_ref_and_triton("slot_topk", slot_topk_ref, lambda s, *a, **k: [s])
 _register_ref_and_triton("gather_tokens", gather_tokens_ref, lambda x, i, *a, **k: [x, i])
-_register_ref_and_triton("scatter_tokens", scatter_tokens_ref, lambda x, i, *a, **k: [x, i])
+_register_ref_and_triton("scatter_tokens", _scatter_ref, lambda x, i, *a, **k: [x, i])
 _register_ref_and_triton("slot_topk_gather", slot_topk_gather_ref, lambda s, x, *a, **k: [s, x])
+
+
+# The ops as torch sees them. The backward of a gather is an accumulating scatter, of a scatter a gather,
+# of the top-k gather a plain scatter (its indices are distinct): each a call of the other op.
+@torch.library.custom_op("stpcore::slot_topk", mutates_args=())
+def _slot_topk_op(scores: torch.Tensor, num_slots: int, k: int, backend: str) -> torch.Tensor:
+    return dispatch.select("slot_topk", backend or None, scores, num_slots, k).fn(scores, num_slots, k)
+
+
+@_slot_topk_op.register_fake
+def _(scores, num_slots, k, backend):
+    return scores.new_empty(scores.shape[0], num_slots * k, dtype=torch.int64)
+
+
+@torch.library.custom_op("stpcore::gather_tokens", mutates_args=())
+def _gather_op(x: torch.Tensor, idx: torch.Tensor, backend: str) -> torch.Tensor:
+    return dispatch.select("gather_tokens", backend or None, x, idx).fn(x, idx)
+
+
+@_gather_op.register_fake
+def _(x, idx, backend):
+    return x.new_empty(x.shape[0], idx.shape[1], x.shape[-1])
+
+
+def _gather_setup(ctx, inputs, output):
+    x, idx, backend = inputs
+    ctx.save_for_backward(idx)
+    ctx.seqlen, ctx.backend = x.shape[1], backend
+
+
+def _gather_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return torch.ops.stpcore.scatter_tokens(grad, idx, ctx.seqlen, True, ctx.backend), None, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+@torch.library.custom_op("stpcore::scatter_tokens", mutates_args=())
+def _scatter_op(x: torch.Tensor, idx: torch.Tensor, seqlen: int, accumulate: bool, backend: str) -> torch.Tensor:
+    chosen = dispatch.select("scatter_tokens", backend or None, x, idx, seqlen, accumulate=accumulate)
+    return chosen.fn(x, idx, seqlen, accumulate)
+
+
+@_scatter_op.register_fake
+def _(x, idx, seqlen, accumulate, backend):
+    return x.new_empty(x.shape[0], seqlen, x.shape[-1])
+
+
+def _scatter_setup(ctx, inputs, output):
+    x, idx, seqlen, accumulate, backend = inputs
+    ctx.save_for_backward(idx)
+    ctx.backend = backend
+
+
+def _scatter_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    return torch.ops.stpcore.gather_tokens(grad, idx, ctx.backend), None, None, None, None
+
+
+_scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+@torch.library.custom_op("stpcore::slot_topk_gather", mutates_args=())
+def _slot_topk_gather_op(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: int,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("slot_topk_gather", backend or None, scores, x, num_slots, k)
+    return tuple(chosen.fn(scores, x, num_slots, k))
+
+
+@_slot_topk_gather_op.register_fake
+def _(scores, x, num_slots, k, backend):
+    B = x.shape[0]
+    return x.new_empty(B, num_slots * k, dtype=torch.int64), x.new_empty(B, num_slots * k, x.shape[-1])
+
+
+def _slot_topk_gather_setup(ctx, inputs, output):
+    scores, x, num_slots, k, backend = inputs
+    ctx.save_for_backward(output[0])
+    ctx.seqlen, ctx.backend = x.shape[1], backend
+
+
+def _slot_topk_gather_backward(ctx, _grad_idx, grad_kept):
+    (idx,) = ctx.saved_tensors
+    return None, torch.ops.stpcore.scatter_tokens(grad_kept, idx, ctx.seqlen, False, ctx.backend), None, None, None
+
+
+_slot_topk_gather_op.register_autograd(_slot_topk_gather_backward, setup_context=_slot_topk_gather_setup)
 
 
 def slot_topk(scores: torch.Tensor, num_slots: int, k: int, *, backend: str | None = None) -> torch.Tensor:
@@ -89,13 +186,13 @@ def slot_topk(scores: torch.Tensor, num_slots: int, k: int, *, backend: str | No
     if scores.dim() != 2:
         raise ValueError(f"slot_topk: scores must be (B, N), got {tuple(scores.shape)}")
     _check_slots("slot_topk", scores.shape[1], num_slots, k)
-    return dispatch.call("slot_topk", backend, scores, num_slots, k)
+    return torch.ops.stpcore.slot_topk(scores.detach(), int(num_slots), int(k), backend or "")
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """The tokens of x (B, N, C) at idx (B, K): (B, K, C)."""
     _check_idx("gather_tokens", x, idx)
-    return dispatch.call("gather_tokens", backend, x, idx)
+    return torch.ops.stpcore.gather_tokens(x, idx, backend or "")
 
 
 def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, seqlen: int, *, backend: str | None = None) -> torch.Tensor:
@@ -103,7 +200,7 @@ def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, seqlen: int, *, backend: 
     _check_idx("scatter_tokens", x, idx)
     if idx.shape[1] != x.shape[1] or seqlen < x.shape[1]:
         raise ValueError(f"scatter_tokens: idx {tuple(idx.shape)} must match x {tuple(x.shape)}, seqlen >= K")
-    return dispatch.call("scatter_tokens", backend, x, idx, seqlen)
+    return torch.ops.stpcore.scatter_tokens(x, idx, int(seqlen), False, backend or "")
 
 
 def slot_topk_gather(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: int, *, backend: str | None = None):
@@ -111,7 +208,8 @@ def slot_topk_gather(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: i
     if scores.shape != x.shape[:2]:
         raise ValueError(f"slot_topk_gather: scores {tuple(scores.shape)} must be x's (B, N) {tuple(x.shape[:2])}")
     _check_slots("slot_topk_gather", scores.shape[1], num_slots, k)
-    return dispatch.call("slot_topk_gather", backend, scores, x, num_slots, k)
+    idx, kept = torch.ops.stpcore.slot_topk_gather(scores.detach(), x, int(num_slots), int(k), backend or "")
+    return idx, kept
 
 
 class PackedTokens(NamedTuple):

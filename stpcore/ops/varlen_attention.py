@@ -72,18 +72,76 @@ def _xformers_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     return out[0]
 
 
-dispatch.register(
-    "varlen_attention",
-    dispatch.triton_backend("varlen_attention", "varlen_attention", lambda q, k, v, cu, *a, **kw: [q, k, v, cu],
-                            reasons="varlen_attention_reasons"),
-)
-dispatch.register("varlen_attention", dispatch.Backend("xformers", _xformers_varlen, _xformers_reasons))
-dispatch.register("varlen_attention", dispatch.Backend("reference", varlen_attention_ref))
+def _zeros_lse(q):
+    return q.new_zeros(q.shape[0], q.shape[1], dtype=torch.float32)
+
+
+def _reference_fwd(q, k, v, cu_seqlens, max_seqlen, scale):
+    """The reference as the op runs it: (out, lse), lse zeros (its backward reruns it)."""
+    return varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, scale=scale), _zeros_lse(q)
+
+
+def _xformers_fwd(q, k, v, cu_seqlens, max_seqlen, scale):
+    return _xformers_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale), _zeros_lse(q)
+
+
+dispatch.register("varlen_attention", dispatch.triton_backend(
+    "varlen_attention", "varlen_attention_fwd", lambda q, k, v, cu, *a, **kw: [q, k, v, cu],
+    reasons="varlen_attention_reasons", bwd="varlen_attention_bwd"))
+dispatch.register("varlen_attention", dispatch.Backend("xformers", _xformers_fwd, _xformers_reasons))
+dispatch.register("varlen_attention", dispatch.Backend("reference", _reference_fwd))
+
+
+@torch.library.custom_op("stpcore::varlen_attention", mutates_args=())
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("varlen_attention", backend or None, q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    return tuple(chosen.fn(q, k, v, cu_seqlens, max_seqlen, scale))
+
+
+@_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), _zeros_lse(q)
+
+
+@torch.library.custom_op("stpcore::varlen_attention_backward", mutates_args=())
+def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 scale: float, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = dispatch.select("varlen_attention", backend or None, q, k, v, cu_seqlens, max_seqlen, scale=scale)
+    if chosen.bwd is not None:
+        return tuple(chosen.bwd(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, dout))
+    dq, dk, dv, _ = dispatch.recompute_backward(chosen.fn, (q, k, v, cu_seqlens), (dout,), max_seqlen, scale)
+    return dq, dk, dv
+
+
+@_backward_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, dout, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens, *output)
+    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.stpcore.varlen_attention_backward(q, k, v, cu_seqlens, ctx.max_seqlen, ctx.scale, out,
+                                                              lse, dout, ctx.backend)
+    needs = ctx.needs_input_grad
+    return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float | None = None,
                      backend: str | None = None) -> torch.Tensor:
-    """Attention within each packed sequence; see :func:`varlen_attention_ref` for shapes."""
+    """Attention within each packed sequence; see :func:`varlen_attention_ref` for shapes. ``max_seqlen`` may be
+    an upper bound of the longest sequence (no host sync is needed to find the exact one). The op is
+    ``torch.ops.stpcore.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, backend)`` -> (out, lse)."""
     _check(q, k, v, cu_seqlens, max_seqlen)
-    return dispatch.call("varlen_attention", backend, q, k, v, cu_seqlens, max_seqlen, scale=scale)
-
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    return torch.ops.stpcore.varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), scale, backend or "")[0]

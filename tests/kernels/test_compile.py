@@ -193,18 +193,17 @@ def _compile_family(family: str, s: dict) -> list:
 
         n_tokens = B * N
         consts = dict(BLOCK=m._BLOCK, U_MIN=m._U_MIN, U_MAX=m._U_MAX, grid=(1,))
-        seed = 1234567
         if family == "gumbel_noise":
-            out.append(("noise", m._gumbel_noise_kernel.warmup(f32, seed, n_tokens, **consts)))
+            out.append(("noise", m._gumbel_noise_kernel.warmup(f32, i64, n_tokens, **consts)))
         else:
             flags = dict(HAS_NOISE=s["noise"], HARD=s["hard"], INTERPRET=False, **consts)
             noise = f32 if s["noise"] else dt
             if family == "gumbel_fwd":
                 out.append(("fwd", m._gumbel_select_fwd_kernel.warmup(
-                    dt, noise, dt, dt, seed, 1.0, n_tokens, **flags)))
+                    dt, noise, dt, dt, i64, 1.0, n_tokens, **flags)))
             else:
                 out.append(("bwd", m._gumbel_select_bwd_kernel.warmup(
-                    dt, noise, dt, dt, dt, dt, seed, 1.0, n_tokens, **flags)))
+                    dt, noise, dt, dt, dt, dt, i64, 1.0, n_tokens, **flags)))
     elif family in ("topk", "gather_rows", "scatter_rows"):
         from stpcore.kernels import tokens as m
 

@@ -172,7 +172,7 @@ def test_not_supported_reasons():
 def test_dispatch_picks_reference_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     lp, pk = torch.zeros(2, 3, 2), torch.ones(2, 3)
-    assert dispatch.select("gumbel_select", None, lp, pk, tau=1.0, hard=True, noise=None, generator=None).name == (
+    assert dispatch.select("gumbel_select", None, lp, pk, None, torch.zeros(1, dtype=torch.int64), 1.0, True).name == (
         "reference"
     )
 
