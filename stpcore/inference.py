@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from stpcore.models import STPrivacy, load_anonymizer
+from stpcore.tubelets import check_finite
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
@@ -151,6 +152,12 @@ class ClipAnonymizer:
             on CPUs with native bf16, else int8 on CPU when available.
         threads: CPU threads for intra-op parallelism (``torch.set_num_threads``, a process-wide
             setting); None leaves the current setting.
+        compile: run the model through ``torch.compile`` (Inductor), the batch dimension dynamic so a new
+            batch size does not recompile. The first call compiles (BENCHMARKS.md gives the seconds); the
+            adaptive mode's data-dependent packing runs outside the compiled graphs.
+
+    The clips' values are checked here, once per call (finite; one host sync), and the model's own
+    per-forward checks are off (``validate``), so the compiled forward has no host sync in top-k mode.
 
     Raises:
         ValueError: unknown precision (the message names the choices), int8 off CPU or unavailable,
@@ -158,7 +165,7 @@ class ClipAnonymizer:
     """
 
     def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, compile: bool = False) -> None:
         if not isinstance(model, STPrivacy):
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         self.device = torch.device(device)
@@ -175,8 +182,11 @@ class ClipAnonymizer:
             net.score_predictor = nn.ModuleList(_Fp32Predictor(p) for p in net.score_predictor)
         elif self.precision == "int8":
             _quantize_blocks_int8(net)
+        net.validate = False  # checked in __call__, once per batch
         self.model = net
         self.cfg = net.cfg
+        self.compiled = bool(compile)
+        self._forward = torch.compile(net) if compile else net
 
     @property
     def description(self) -> str:
@@ -186,7 +196,7 @@ class ClipAnonymizer:
             where += f", {_LABELS[self.precision]}, {torch.get_num_threads()} threads"
         else:
             where += f", {_LABELS[self.precision]}"
-        return where
+        return where + (", compiled" if self.compiled else "")
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -215,8 +225,12 @@ class ClipAnonymizer:
             what = clips.dtype if isinstance(clips, torch.Tensor) else type(clips).__name__
             raise ValueError(f"clips must be a float tensor (B, 3, T, H, W), got {what}")
         video = clips.to(self.device, torch.float32)
+        self.model.check_video(video)  # shapes (the model's validate is off: values are checked next)
+        check_finite(video, name="clips")
+        if self.compiled and video.shape[0] > 1:
+            torch._dynamo.mark_dynamic(video, 0)  # one graph for every batch size >= 2 (1 is specialised)
         with torch.inference_mode(), self._autocast():
-            out = self.model(video, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+            out = self._forward(video, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
         # Casting a bf16 video to fp32 keeps exact zeros exact.
         return AnonymizedClips(out.video.float(), out.keep.float(), out.kept_positions)
 

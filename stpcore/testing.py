@@ -132,3 +132,23 @@ class RandomClipLoader:
                 clip_index=torch.zeros(B, dtype=torch.int64),
                 video_ids=[f"{self.classes[a]}/v{i}" for a, i in zip(actions.tolist(), index.tolist(), strict=True)],
             )
+
+
+def separate_keep_scores(model, scale: float = 100.0):
+    """Give an STPrivacy model's score predictors keep scores far apart (the tests' stand-in for trained weights).
+
+    With the default initialisation (std 0.02) the predictors' logits are ~1e-5 apart, so rounding differences
+    between two code paths (kernel and reference, compiled and eager, fp32 and bf16) can reorder them and flip
+    a keep decision. Unit-gain weights with zero biases (activations of order 1, about half kept per stage, so
+    comparisons are not trivial) and the last Linear scaled by ``scale`` put the logits far apart. At 100 most
+    kept tokens' log-probs round to exactly 0.0 in fp32; comparisons of low-precision top-k use 10, so that
+    they measure precision rather than tie-breaking. Modifies ``model`` in place and returns it.
+    """
+    with torch.no_grad():
+        for pred in model.score_predictor:
+            for layer in (pred.in_conv[1], pred.out_conv[0], pred.out_conv[2], pred.out_conv[4]):
+                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+                layer.bias.zero_()
+            pred.out_conv[4].weight.mul_(scale)
+    return model
+

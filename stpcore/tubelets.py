@@ -26,6 +26,13 @@ def check_clip(video: torch.Tensor, tubelet: tuple[int, int, int], *, name: str 
                              f"{tubelet}); crop or resize the clip so that it is")
 
 
+def check_finite(video: torch.Tensor, *, name: str = "video") -> None:
+    """Raise ValueError if ``video`` holds NaN or Inf values: one host sync (a reduction read back), so the
+    callers at the API boundary run it once per batch, outside any compiled or captured region."""
+    if not bool(torch.isfinite(video).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; expected finite pixel values")
+
+
 def grid_shape(video_shape: tuple[int, ...] | torch.Size, tubelet: tuple[int, int, int]) -> tuple[int, int, int]:
     """(slots, rows, cols) of the tubelet grid of a (B, C, T, H, W) clip."""
     T, H, W = video_shape[-3:]

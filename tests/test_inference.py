@@ -18,6 +18,7 @@ from stpcore.inference import (
     load_trained,
 )
 from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.testing import separate_keep_scores
 from stpcore.tubelets import keep_to_pixels
 
 CFG = STPrivacyConfig.from_name("tiny")  # 8 x 32 x 32 clips, 4 slots x 16 tokens, kept per slot 11, 7, 5
@@ -26,18 +27,9 @@ VARIANTS = ["fp32", "bf16", "auto"] + ([] if int8_unavailable_reason() else ["in
 LOW_PRECISION = [p for p in VARIANTS if p in ("bf16", "int8")]
 
 
-def _separated(model: STPrivacy, scale: float = 10.0) -> STPrivacy:
-    # As in tests/models/test_stprivacy.py: unit-gain predictor weights and a scaled last Linear, so the
-    # keep logits are far apart and low-precision rounding rarely reorders them (the stand-in for trained
-    # weights). scale 10 rather than 100: at 100 most kept tokens' log-probs round to exactly 0.0 in fp32,
-    # and the top-k among those ties would measure tie-breaking, not precision.
-    with torch.no_grad():
-        for pred in model.score_predictor:
-            for layer in (pred.in_conv[1], pred.out_conv[0], pred.out_conv[2], pred.out_conv[4]):
-                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
-                layer.bias.zero_()
-            pred.out_conv[4].weight.mul_(scale)
-    return model
+def _separated(model: STPrivacy) -> STPrivacy:
+    # scale 10 rather than 100: low-precision top-k must measure precision, not tie-breaking (see the helper).
+    return separate_keep_scores(model, scale=10.0)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from stpcore import ops
 from stpcore.layers import Block, TubeletEmbed
 from stpcore.models.checkpoints import LoadReport, load_official_state_dict
 from stpcore.models.config import BackboneConfig, RecognizerConfig
-from stpcore.tubelets import check_clip
+from stpcore.tubelets import check_clip, check_finite
 
 
 class VideoTransformer(nn.Module):
@@ -25,6 +25,12 @@ class VideoTransformer(nn.Module):
 
     Args:
         cfg: the backbone's shapes.
+
+    Attributes:
+        validate: check the values of each input in ``forward`` (finite clips, keep masks in [0, 1]): a
+            host sync per call, True by default for direct use. ``ClipAnonymizer`` and the trainer check
+            their batches once at their boundary and turn it off; under ``torch.compile`` the value checks
+            are skipped (a sync would break the graph), the shape checks stay.
     """
 
     # Modules stpcore adds that the release's model has no weights for: loading a release checkpoint
@@ -34,6 +40,7 @@ class VideoTransformer(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.validate = True
         self.patch_embed = TubeletEmbed(cfg.embed_dim, cfg.tubelet)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.embed_dim))
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -64,9 +71,12 @@ class VideoTransformer(nn.Module):
             raise ValueError("video must hold at least one clip (B >= 1), got B=0")
         if not video.is_floating_point():
             raise ValueError(f"video must be a float tensor, got {video.dtype}")
-        # One host sync per forward; catching a corrupt clip here beats a NaN loss many steps later.
-        if not bool(torch.isfinite(video).all()):
-            raise ValueError("video contains NaN or Inf values; expected finite pixel values")
+        if self.checks_values():
+            check_finite(video)
+
+    def checks_values(self) -> bool:
+        """Whether ``forward`` checks its inputs' values (:attr:`validate`, and not while being compiled)."""
+        return self.validate and not torch.compiler.is_compiling()
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, 3, T, H, W) float -> tokens (B, N, D) with positional embedding, t-major."""
@@ -133,7 +143,7 @@ class VideoRecognizer(VideoTransformer):
                 x = blk(x)
             pooled = x.mean(dim=1)
         else:
-            _check_keep(keep, B, N)
+            _check_keep(keep, B, N, values=self.checks_values())
             if mode == "gather":
                 idx = _equal_count_indices(keep)  # (B, K)
                 x = ops.gather_tokens(x, idx)  # (B, K, D)
@@ -148,14 +158,14 @@ class VideoRecognizer(VideoTransformer):
         return self.head_new(self.fc_norm(pooled))
 
 
-def _check_keep(keep: torch.Tensor, batch: int, num_tokens: int) -> None:
+def _check_keep(keep: torch.Tensor, batch: int, num_tokens: int, values: bool = True) -> None:
     if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != (batch, num_tokens):
         shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
         raise ValueError(f"keep must be a (B, N) = ({batch}, {num_tokens}) tensor, got {shape}")
     if keep.dtype != torch.bool:
         if not keep.is_floating_point():
             raise ValueError(f"keep must be a bool or float tensor, got {keep.dtype}")
-        if not bool(((keep >= 0) & (keep <= 1)).all()):
+        if values and not bool(((keep >= 0) & (keep <= 1)).all()):
             raise ValueError("keep must lie in [0, 1] (and be finite)")
 
 

@@ -235,7 +235,8 @@ class STPrivacy(VideoTransformer):
                 log_probs.append(lp.masked_fill(~keep, -math.inf))
                 keep = keep & (lp.exp() > threshold)
                 decisions.append(keep.to(x.dtype))
-                packed = ops.pack(grid, keep)
+                # N bounds every kept set: no read-back of the longest (pack's nonzero is the one sync left).
+                packed = ops.pack(grid, keep, seqlen_bound=N)
                 x = packed.values  # (total, D)
                 stage += 1
             if packed is None:

@@ -157,23 +157,26 @@ _scatter_op.register_autograd(_scatter_backward, setup_context=_scatter_setup)
 @torch.library.custom_op("stpcore::slot_topk_gather", mutates_args=())
 def _slot_topk_gather_op(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: int,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (kept (B, S*k, C), idx (B, S*k) int64)."""
     chosen = dispatch.select("slot_topk_gather", backend or None, scores, x, num_slots, k)
-    return tuple(chosen.fn(scores, x, num_slots, k))
+    idx, kept = chosen.fn(scores, x, num_slots, k)
+    return kept, idx  # the float output first: opcheck's harness sums the outputs into the first one's dtype
 
 
 @_slot_topk_gather_op.register_fake
 def _(scores, x, num_slots, k, backend):
     B = x.shape[0]
-    return x.new_empty(B, num_slots * k, dtype=torch.int64), x.new_empty(B, num_slots * k, x.shape[-1])
+    return x.new_empty(B, num_slots * k, x.shape[-1]), x.new_empty(B, num_slots * k, dtype=torch.int64)
 
 
 def _slot_topk_gather_setup(ctx, inputs, output):
     scores, x, num_slots, k, backend = inputs
-    ctx.save_for_backward(output[0])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
     ctx.seqlen, ctx.backend = x.shape[1], backend
 
 
-def _slot_topk_gather_backward(ctx, _grad_idx, grad_kept):
+def _slot_topk_gather_backward(ctx, grad_kept, _grad_idx):
     (idx,) = ctx.saved_tensors
     return None, torch.ops.stpcore.scatter_tokens(grad_kept, idx, ctx.seqlen, False, ctx.backend), None, None, None
 
@@ -208,7 +211,7 @@ def slot_topk_gather(scores: torch.Tensor, x: torch.Tensor, num_slots: int, k: i
     if scores.shape != x.shape[:2]:
         raise ValueError(f"slot_topk_gather: scores {tuple(scores.shape)} must be x's (B, N) {tuple(x.shape[:2])}")
     _check_slots("slot_topk_gather", scores.shape[1], num_slots, k)
-    idx, kept = torch.ops.stpcore.slot_topk_gather(scores.detach(), x, int(num_slots), int(k), backend or "")
+    kept, idx = torch.ops.stpcore.slot_topk_gather(scores.detach(), x, int(num_slots), int(k), backend or "")
     return idx, kept
 
 
@@ -218,7 +221,7 @@ class PackedTokens(NamedTuple):
     values: (total, ...) the kept rows, video after video, each in ascending original order.
     indices: (total,) int64 flat positions b * N + n in the (B, N) grid.
     cu_seqlens: (B + 1,) int32 cumulative lengths.
-    max_seqlen: longest kept set.
+    max_seqlen: longest kept set, or an upper bound of it (``pack(..., seqlen_bound=...)``).
     """
 
     values: torch.Tensor
@@ -241,8 +244,12 @@ def max_seqlen(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
 
 
-def pack(x: torch.Tensor, keep_mask: torch.Tensor) -> PackedTokens:
-    """Pack the kept tokens of x (B, N, ...) where keep_mask (B, N) is nonzero."""
+def pack(x: torch.Tensor, keep_mask: torch.Tensor, seqlen_bound: int | None = None) -> PackedTokens:
+    """Pack the kept tokens of x (B, N, ...) where keep_mask (B, N) is nonzero.
+
+    The packed size is data-dependent: finding it (``nonzero``) is a host sync on CUDA. ``seqlen_bound`` given
+    (an upper bound of every kept set, e.g. N) becomes ``max_seqlen`` and saves a second sync; None computes
+    the exact longest set."""
     if keep_mask.shape != x.shape[:2]:
         raise ValueError(f"pack: keep_mask must be x's (B, N) {tuple(x.shape[:2])}, got {tuple(keep_mask.shape)}")
     B, N = keep_mask.shape
@@ -250,7 +257,7 @@ def pack(x: torch.Tensor, keep_mask: torch.Tensor) -> PackedTokens:
     indices = flat.nonzero().squeeze(-1)  # ascending: video-major, original order inside a video
     cu = cu_seqlens((keep_mask != 0).sum(dim=1))
     values = x.reshape(B * N, *x.shape[2:]).index_select(0, indices)
-    return PackedTokens(values, indices, cu, max_seqlen(cu))
+    return PackedTokens(values, indices, cu, max_seqlen(cu) if seqlen_bound is None else int(seqlen_bound))
 
 
 def unpack(values: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:

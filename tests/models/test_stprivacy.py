@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stpcore.models import STPrivacy, STPrivacyConfig, STPrivacyOutput
+from stpcore.testing import separate_keep_scores
 from stpcore.tubelets import keep_to_pixels
 
 CFG = STPrivacyConfig.from_name("tiny")  # 8 x 32 x 32 clips, 4 slots x 16 tokens, prune before blocks 1, 2, 3
@@ -121,18 +122,7 @@ def test_backward_reaches_every_parameter(model, video):
 
 
 def _separated(model: STPrivacy) -> STPrivacy:
-    # With the default init (std 0.02) the predictors' logits are ~1e-5 apart. Re-initialise them with
-    # unit-gain weights (activations of order 1) and scale the last Linear by 100, so the keep logits sit
-    # far from the 0.5 boundary and floating-point differences between the two attention paths cannot
-    # flip a decision; zero biases keep the decisions balanced (about half kept per stage), so the
-    # comparison is not trivial.
-    with torch.no_grad():
-        for pred in model.score_predictor:
-            for layer in (pred.in_conv[1], pred.out_conv[0], pred.out_conv[2], pred.out_conv[4]):
-                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
-                layer.bias.zero_()
-            pred.out_conv[4].weight.mul_(100.0)
-    return model
+    return separate_keep_scores(model, scale=100.0)
 
 
 def test_train_with_zero_noise_keeps_what_adaptive_keeps_at_one_half(model, video):

@@ -1,0 +1,179 @@
+"""stpcore inside compiled models: torch.compile(fullgraph=True) traces STPrivacy with no graph break (the ops are
+custom ops, the value checks live at the API boundary), in eval and in a training step, and gives eager's
+values, keep masks and gradients; ClipAnonymizer(compile=True); CUDA-graph capture and replay (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stpcore.inference import ClipAnonymizer
+from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.testing import separate_keep_scores
+
+CFG = STPrivacyConfig.from_name("tiny")
+
+
+def _model(seed: int = 0) -> STPrivacy:
+    torch.manual_seed(seed)
+    return separate_keep_scores(STPrivacy(CFG), scale=10.0)
+
+
+def _clips(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, CFG.num_frames, CFG.image_size, CFG.image_size, generator=g)
+
+
+def _noise(batch: int = 3, seed: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [-torch.empty(batch, CFG.num_tokens, 2).exponential_(generator=g).log() for _ in CFG.prune_locations]
+
+
+def _assert_separated(out, margin: float = 1e-3) -> None:
+    """Every top-k decision of an eval forward had a clear margin: the lowest kept and the highest dropped score
+    of each slot differ by more than ``margin``, so rounding differences between compiled and eager code cannot
+    flip a keep mask (the comparison below would otherwise test luck)."""
+    for lp, before, after in zip(out.keep_log_probs, [None, *out.decisions[:-1]], out.decisions, strict=True):
+        entered = torch.isfinite(lp) if before is None else before.bool()
+        kept, dropped = after.bool(), entered & ~after.bool()
+        lp = lp.view(lp.shape[0], CFG.num_slots, -1)
+        low = lp.masked_fill(~kept.view_as(lp), float("inf")).amin(-1)
+        high = lp.masked_fill(~dropped.view_as(lp), float("-inf")).amax(-1)
+        assert (low - high).min() > margin
+
+
+def _train_loss(out) -> torch.Tensor:
+    return out.action_logits.logsumexp(-1).mean() + out.video.square().mean() + out.keep.mean()
+
+
+def test_eval_compiles_fullgraph_and_equals_eager():
+    model = _model().eval()
+    clips = _clips()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        eager, comp = model(clips), compiled(clips)
+    _assert_separated(eager)
+    assert torch.equal(comp.keep, eager.keep) and torch.equal(comp.kept_positions, eager.kept_positions)
+    torch.testing.assert_close(comp.video, eager.video, rtol=0, atol=0)
+    torch.testing.assert_close(comp.action_logits, eager.action_logits, rtol=0, atol=0)
+    assert (comp.video == 0).any()  # dropped tubelets exactly zero in the compiled output too
+
+
+def test_training_step_compiles_fullgraph_and_gradients_equal_eager():
+    model = _model().train()
+    clips, noise = _clips(), _noise()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    runs = []
+    for fn in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        out = fn(clips, noise)
+        _train_loss(out).backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager, g_eager), (comp, g_comp) = runs
+    assert [torch.equal(a, b) for a, b in zip(comp.decisions, eager.decisions, strict=True)] == [True] * 3
+    torch.testing.assert_close(comp.video, eager.video, rtol=1e-6, atol=1e-6)
+    assert g_comp.keys() == g_eager.keys() and len(g_eager) > 10
+    assert g_eager["score_predictor.0.out_conv.2.weight" if "score_predictor.0.out_conv.2.weight" in g_eager
+                   else next(n for n in g_eager if n.startswith("score_predictor"))].abs().sum() > 0
+    for name in g_eager:
+        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_inductor_compiles_the_eval_forward():
+    """Inductor once (its C++ compile costs CI time): the values of eager within fp32 rounding, the same keep
+    masks (the scores are separated by more than that rounding)."""
+    model = _model().eval()
+    clips = _clips()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager, comp = model(clips), compiled(clips)
+    _assert_separated(eager)
+    assert torch.equal(comp.keep, eager.keep)
+    torch.testing.assert_close(comp.video, eager.video, rtol=1e-4, atol=1e-4)
+
+
+def test_value_checks_live_at_the_boundary():
+    """Compiled, the model skips its value check (a host sync); ClipAnonymizer checks each batch itself, with the
+    message the model gave, and the shape checks still hold inside the compiled model."""
+    model = _model().eval()
+    bad = _clips()
+    bad[1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(bad)  # direct use: validate is on
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(bad)  # no check, no graph break
+    # A wrong shape still raises the model's ValueError (compiled without fullgraph, dynamo hands the raise to
+    # eager Python; with fullgraph it is reported inside torch's Unsupported error).
+    with pytest.raises(ValueError, match=r"video must be \(B, 3, 8, 32, 32\)"):
+        torch.compile(model, backend="aot_eager")(bad[:, :, :4])
+    anonymizer = ClipAnonymizer(model, precision="fp32", compile=True)
+    with pytest.raises(ValueError, match="clips contains NaN or Inf"):
+        anonymizer(bad)
+
+
+def test_clip_anonymizer_compiled_equals_eager_for_new_batch_sizes():
+    model = _model().eval()
+    eager = ClipAnonymizer(model, precision="fp32")
+    compiled = ClipAnonymizer(model, precision="fp32", compile=True)
+    assert "compiled" in compiled.description
+    for batch in (3, 5, 2):  # dynamic batch: one graph for all three
+        clips = _clips(batch, seed=batch)
+        a, b = eager(clips), compiled(clips)
+        assert torch.equal(a.keep, b.keep)
+        torch.testing.assert_close(b.video, a.video, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- CUDA graphs
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_inference_on_new_inputs():
+    model = _model().eval().cuda()
+    static = _clips().cuda()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(static)  # warm-up (Triton compiles) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(static)
+        for seed in (5, 6):
+            fresh = _clips(seed=seed).cuda()
+            static.copy_(fresh)
+            graph.replay()
+            want = model(fresh)
+            assert torch.equal(out.keep, want.keep)
+            torch.testing.assert_close(out.video, want.video, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_step_draws_fresh_gumbel_noise_and_reproduces_per_seed():
+    """A captured train-mode forward + backward: each replay draws new Gumbel noise (the seed is read on the
+    device), and resetting the CUDA generator reproduces the first replay exactly."""
+    model = _model().train().cuda()
+    static = _clips().cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model.zero_grad(set_to_none=False)
+            _train_loss(model(static)).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        out = model(static)
+        _train_loss(out).backward()
+    torch.cuda.manual_seed(7)
+    graph.replay()
+    first = [d.clone() for d in out.decisions]
+    grad = model.pos_embed.grad.clone()
+    graph.replay()
+    assert any(not torch.equal(a, b) for a, b in zip(first, out.decisions, strict=True))
+    torch.cuda.manual_seed(7)
+    graph.replay()
+    assert all(torch.equal(a, b) for a, b in zip(first, out.decisions, strict=True))
+    torch.testing.assert_close(model.pos_embed.grad, grad, rtol=0, atol=0)
