@@ -4,9 +4,14 @@
 
 vit_small, B=8 clips of 16 x 112 x 112, eval mode (per-slot top-k: 392 -> 272 -> 192 -> 128 tokens).
 Providers: ``fp32-eager`` (the reference: ``STPrivacy(cfg).eval()`` under ``torch.no_grad``) and one
-per :class:`stpcore.inference.ClipAnonymizer` precision. The model has separated keep scores (the
-predictors re-initialised with unit gain, last Linear x10, as in tests/test_inference.py), standing in
-for trained weights so that mask agreement means something.
+per :class:`stpcore.inference.ClipAnonymizer` precision. The model has separated keep scores
+(``stpcore.testing.separate_keep_scores``, scale 10), standing in for trained weights so that mask agreement
+means something.
+
+``test_compiled_inference_vit_small_b8``: ``ClipAnonymizer(compile=True)`` (Inductor, dynamic batch) against the
+eager ``ClipAnonymizer`` of the same precision, timed back to back in each round; extra_info adds
+``speedup_vs_eager`` (the median of eager time / compiled time), ``compile_s`` (the first call, which
+compiles) and ``keep_agreement`` against the eager anonymizer.
 
 extra_info:
     clips_per_s: from pytest-benchmark's median.
@@ -28,6 +33,7 @@ import torch
 
 from stpcore.inference import ClipAnonymizer, int8_unavailable_reason, quantize_linears_int8
 from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.testing import separate_keep_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 8
@@ -40,14 +46,7 @@ INTERLEAVED_ROUNDS = 3
 def _model_and_clips(preset: str = "vit_small", batch: int = BATCH) -> tuple[STPrivacy, torch.Tensor]:
     torch.manual_seed(0)
     cfg = STPrivacyConfig.from_name(preset)
-    model = STPrivacy(cfg)
-    with torch.no_grad():
-        for pred in model.score_predictor:
-            for layer in (pred.in_conv[1], pred.out_conv[0], pred.out_conv[2], pred.out_conv[4]):
-                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
-                layer.bias.zero_()
-            pred.out_conv[4].weight.mul_(10.0)
-    model = model.to(DEVICE).eval()
+    model = separate_keep_scores(STPrivacy(cfg), scale=10.0).to(DEVICE).eval()
     clips = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=DEVICE)
     return model, clips
 
@@ -103,6 +102,33 @@ def test_inference_vit_small_b8(benchmark, provider, request):
     if ratios:
         benchmark.extra_info["speedup_vs_fp32"] = round(statistics.median(ratios), 2)
         benchmark.extra_info["fp32_clips_per_s"] = round(BATCH / statistics.median(ref_times), 2)
+
+
+COMPILED = ["fp32"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
+
+
+@pytest.mark.parametrize("precision", COMPILED)
+def test_compiled_inference_vit_small_b8(benchmark, precision, request):
+    benchmark.group = f"anonymize vit_small B={BATCH}, torch.compile ({DEVICE})"
+    model, clips = _model_and_clips()
+    eager = ClipAnonymizer(model, device=DEVICE, precision=precision)
+    compiled = ClipAnonymizer(model, device=DEVICE, precision=precision, compile=True)
+    start = time.perf_counter()
+    keep = compiled(clips).keep
+    _sync()
+    benchmark.extra_info["compile_s"] = round(time.perf_counter() - start, 1)
+    benchmark.extra_info["keep_agreement"] = round((keep == eager(clips).keep).float().mean().item(), 4)
+    benchmark.extra_info["description"] = compiled.description
+    benchmark.pedantic(lambda: compiled(clips), rounds=5, iterations=1, warmup_rounds=1)
+    if request.config.getoption("benchmark_disable"):
+        return
+    benchmark.extra_info["clips_per_s"] = round(BATCH / benchmark.stats.stats.median, 2)
+    ratios, eager_times = [], []
+    for _ in range(5):
+        eager_times.append(_timed(lambda: eager(clips)))
+        ratios.append(eager_times[-1] / _timed(lambda: compiled(clips)))
+    benchmark.extra_info["speedup_vs_eager"] = round(statistics.median(ratios), 3)
+    benchmark.extra_info["eager_clips_per_s"] = round(BATCH / statistics.median(eager_times), 2)
 
 
 # -- why the CPU target is out of reach on AVX2-only CPUs ------------------------------------------------

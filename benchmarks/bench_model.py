@@ -103,9 +103,11 @@ def build_train_step(preset: str = "vit_small", batch: int = 4, provider: str = 
     return _synced(step, device)
 
 
-def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE):
+def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str = "auto", device: str = DEVICE,
+                      compile: bool = False):
     """A callable running one phase-2 step: STPrivacy (adversarial loss through both frozen recognizers),
-    then the action and privacy recognizers on the detached transformed video (three optimizer steps)."""
+    then the action and privacy recognizers on the detached transformed video (three optimizer steps);
+    ``compile``: the trainer's models through torch.compile (TrainConfig.compile)."""
     from stpcore.testing import RandomClipLoader
     from stpcore.training import TrainConfig, Trainer
 
@@ -113,7 +115,7 @@ def build_phase2_step(preset: str = "vit_small", batch: int = 4, provider: str =
     cfg_model = STPrivacyConfig.from_name(preset)
     loader = RandomClipLoader(1, batch, cfg_model.num_frames, cfg_model.image_size, num_classes=51)
     cfg = TrainConfig(data_root="unused", out_dir="/tmp/stpcore-bench", preset=preset, batch_size=batch,
-                      progress=False)
+                      progress=False, compile=compile)
     trainer = Trainer(cfg, loader, device=device)
     for m in trainer.models.values():
         m.train()
@@ -179,3 +181,59 @@ def test_train_step_vit_small(benchmark, provider, request):
     peak = None if disabled else _peak(benchmark, "build_train_step", batch=batch, provider=provider)
     _record(benchmark, batch, peak)
     _set_backend("auto")
+
+
+# -- torch.compile on the GPU (the harvest's compile steps) ----------------------------------------------
+
+
+def _compiled_vs_eager(benchmark, eager, compiled, batch: int, rounds: int = 5) -> None:
+    """Compile seconds (the first call), then the compiled step timed, then eager and compiled back to back."""
+    import statistics
+    import time
+
+    start = time.perf_counter()
+    compiled()
+    torch.cuda.synchronize()
+    benchmark.extra_info["compile_s"] = round(time.perf_counter() - start, 1)
+    eager()
+    benchmark.pedantic(compiled, rounds=rounds, iterations=1, warmup_rounds=1)
+    ratios = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        eager()
+        t1 = time.perf_counter()
+        compiled()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    benchmark.extra_info["speedup_vs_eager"] = round(statistics.median(ratios), 3)
+    _record(benchmark, batch, None)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU compile target (compiled + CUDA graphs, bf16, B=32)")
+def test_compiled_cudagraph_inference_vit_small_b32(benchmark):
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.testing import separate_keep_scores
+
+    batch = 32
+    benchmark.group = f"stprivacy inference vit_small B={batch}, torch.compile + CUDA graphs vs eager auto"
+    _set_backend("auto")
+    torch.manual_seed(0)
+    cfg = STPrivacyConfig.from_name("vit_small")
+    model = separate_keep_scores(STPrivacy(cfg), scale=10.0).eval()
+    clips = torch.randn(batch, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=DEVICE)
+    eager = ClipAnonymizer(model, device=DEVICE)
+    compiled = ClipAnonymizer(model, device=DEVICE, compile="reduce-overhead")
+    benchmark.extra_info["keep_agreement"] = round((eager(clips).keep == compiled(clips).keep).float().mean().item(), 4)
+    benchmark.extra_info["description"] = compiled.description
+    _compiled_vs_eager(benchmark, _synced(lambda: eager(clips), DEVICE), _synced(lambda: compiled(clips), DEVICE),
+                       batch)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU compile target (compiled phase-2 step, bf16, B=32)")
+def test_compiled_phase2_step_vit_small(benchmark):
+    batch = TRAIN_BATCH
+    benchmark.group = f"stprivacy phase-2 step vit_small B={batch}, torch.compile vs eager auto"
+    eager = build_phase2_step(batch=batch, provider="auto")
+    compiled = build_phase2_step(batch=batch, provider="auto", compile=True)
+    _compiled_vs_eager(benchmark, eager, compiled, batch, rounds=3)
+

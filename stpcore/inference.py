@@ -153,7 +153,8 @@ class ClipAnonymizer:
         threads: CPU threads for intra-op parallelism (``torch.set_num_threads``, a process-wide
             setting); None leaves the current setting.
         compile: run the model through ``torch.compile`` (Inductor), the batch dimension dynamic so a new
-            batch size does not recompile. The first call compiles (BENCHMARKS.md gives the seconds); the
+            batch size does not recompile; a string is the compile mode (``"reduce-overhead"`` adds CUDA
+            graphs on a GPU). The first call compiles (BENCHMARKS.md gives the seconds); the
             adaptive mode's data-dependent packing runs outside the compiled graphs.
 
     The clips' values are checked here, once per call (finite; one host sync), and the model's own
@@ -165,7 +166,7 @@ class ClipAnonymizer:
     """
 
     def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
-                 threads: int | None = None, compile: bool = False) -> None:
+                 threads: int | None = None, compile: bool | str = False) -> None:
         if not isinstance(model, STPrivacy):
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         self.device = torch.device(device)
@@ -186,7 +187,8 @@ class ClipAnonymizer:
         self.model = net
         self.cfg = net.cfg
         self.compiled = bool(compile)
-        self._forward = torch.compile(net) if compile else net
+        mode = compile if isinstance(compile, str) else None
+        self._forward = torch.compile(net, mode=mode) if compile else net
 
     @property
     def description(self) -> str:

@@ -118,6 +118,24 @@ def test_sigterm_stops_cleanly_with_a_summary(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a.anonymized.mp4", "a.keep.npz"]  # no partial or temp file
 
 
+def test_anonymize_compile_flag_reaches_the_anonymizer(tmp_path, monkeypatch):
+    from stpcore import inference
+    from stpcore.models import STPrivacy, STPrivacyConfig
+
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        return inference.ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), **kwargs)
+
+    monkeypatch.setattr(inference, "load_trained", fake_load)
+    frames = (np.random.default_rng(0).random((8, 40, 40, 3)) * 255).astype(np.uint8)
+    src = media.write_video(tmp_path / "a.mp4", frames, fps=8)
+    assert main(["anonymize", str(src), "-o", str(tmp_path / "out"), "--checkpoint", "unused.pt", "--compile",
+                 "--precision", "fp32"]) == 0
+    assert seen["compile"] is True and (tmp_path / "out" / "a.anonymized.mp4").is_file()
+
+
 def test_commands_load_only_what_they_use():
     """`stpcore info` and the parser of `stpcore anonymize` load no training, evaluation or demo code (the
     config dataclasses are imported only for the command whose flags they make)."""

@@ -124,6 +124,18 @@ def test_plan_fits_the_budget_by_dropping_extras_from_the_end():
         harvest.fit(small, 9)
 
 
+def test_the_compile_plan_is_a_second_call_within_the_budget():
+    """The torch.compile benchmarks (compile seconds inside their limits) are the default plan's last extras,
+    which its budget drops, and the whole of ``--plan compile``, which fits on its own."""
+    dropped = [s.name for s in harvest.fit(harvest.default_plan("python3"))[1]]
+    assert dropped[-2:] == ["bench-compile-inference", "bench-compile-phase2"]
+    plan = harvest.compile_plan("python3")
+    assert [s.name for s in plan] == ["install", "machine", "bench-compile-inference", "bench-compile-phase2"]
+    assert harvest.fit(plan)[1] == [] and sum(s.limit_s for s in plan) <= harvest.BUDGET_S
+    for step in plan[2:]:
+        assert "benchmarks/bench_model.py" in step.argv and step.json_into == "model.json"
+
+
 def test_every_warm_and_profile_job_names_a_real_builder():
     """A typo in a job would cost the GPU run its compile step: each names a builder whose signature takes its
     arguments, and each tile candidate job names a pass and four integers."""

@@ -123,7 +123,28 @@ def default_plan(py: str) -> list[Step]:
              extra=True, pytest=True),
         Step("bench-flex", 30, [*pytest_, bench_attention, "-k", "policy_attention_fwd_bwd and paper and flex"],
              json_into="kernels.json", extra=True, pytest=True),
+        *compile_steps(py, pytest_),
     ]
+
+
+def compile_steps(py: str, pytest_: list[str]) -> list[Step]:
+    """torch.compile on the GPU, compile seconds included in each limit: the last extras of the default plan
+    (which its 300 s leave out), and the whole of ``--plan compile`` (a second device call)."""
+    timeout = [a if not a.startswith("--timeout=") else "--timeout=150" for a in pytest_]
+    return [
+        Step("bench-compile-inference", 120, [*timeout, "benchmarks/bench_model.py", "-k", "compiled_cudagraph"],
+             json_into="model.json", extra=True, pytest=True),
+        Step("bench-compile-phase2", 150, [*timeout, "benchmarks/bench_model.py", "-k", "compiled_phase2"],
+             json_into="model.json", extra=True, pytest=True),
+    ]
+
+
+def compile_plan(py: str) -> list[Step]:
+    """``--plan compile``: install and machine facts, then the compile steps (run after the default plan)."""
+    steps = default_plan(py)
+    pytest_ = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
+               "--benchmark-only", "--timeout=20"]
+    return [steps[0], steps[1], *compile_steps(py, pytest_)]
 
 
 def fit(steps: list[Step], budget_s: int = BUDGET_S) -> tuple[list[Step], list[Step]]:
@@ -308,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="results folder ($OUT on the GPU machine)")
     parser.add_argument("--dry-run", action="store_true", help="plan and collect only (any machine)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the steps")
+    parser.add_argument("--plan", choices=("default", "compile"), default="default",
+                        help="default: every number in order of value; compile: the torch.compile steps alone")
     args = parser.parse_args(argv)
     harvest = Harvest(Path(args.out), dry_run=args.dry_run)
-    harvest.run(default_plan(args.python))
+    harvest.run((compile_plan if args.plan == "compile" else default_plan)(args.python))
     return 0
 
 

@@ -17,6 +17,9 @@
 # RESULTS_DIR/tiles.json` puts the measured tiles into kernels/tiles.json.
 # Wall time: the limits add up to 300 s; a step killed at its limit takes up to ~13 s more (SIGINT grace, SIGTERM,
 # SIGKILL), so give the device call a timeout of 360 s or more, and leave room for one rerun.
+# PLAN=compile bash benchmarks/gpu/run.sh DIR runs only the torch.compile benchmarks (compiled + CUDA-graph
+# inference at B=32, a compiled phase-2 step; 290 s of limits, compile time included): a second device call
+# when time is left after the default plan, whose 300 s leave them out.
 # DALI cannot be carried to the H200 (199 MB): its GPU decoder is verified by the CPU DALI tests and review.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,4 +29,4 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 DRY=()
 if [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != 0 ]; then DRY=(--dry-run); fi
-exec "$PY" benchmarks/gpu/harvest.py "$RESULTS" --python "$PY" "${DRY[@]}"
+exec "$PY" benchmarks/gpu/harvest.py "$RESULTS" --python "$PY" --plan "${PLAN:-default}" "${DRY[@]}"

@@ -50,6 +50,7 @@ from stpcore.training import state
 from stpcore.training.config import TrainConfig
 from stpcore.training.distributed import any_rank, sharding_report, wrap_models
 from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due
+from stpcore.tubelets import check_finite
 
 PHASES = ("phase1", "phase2")
 
@@ -137,6 +138,8 @@ class Trainer:
         # Each phase leaves some heads unused (phase 1: reconstruction; phase 2: the own action head); the
         # forward skips them (reconstruct= / classify=), and DDP's find_unused_parameters skips their grads.
         models = {"anonymizer": self.anonymizer, "action": self.action_rec, "privacy": self.privacy_rec}
+        for m in models.values():
+            m.validate = False  # the batch is checked once per step (_clips); no host sync inside the models
         self.models = wrap_models(models, self.dist, self.device, compile=self.cfg.compile)
 
     def _autocast(self):
@@ -193,9 +196,16 @@ class Trainer:
         return [sample_gumbel(shape, generator=self.noise_gen, device=self.device)
                 for _ in range(self.model_cfg.num_stages)]
 
+    def _clips(self, batch) -> torch.Tensor:
+        """The batch's clips on the device, checked for NaN/Inf once (the models' own checks are off)."""
+        clips = batch.clips.to(self.device)
+        shown = ", ".join(batch.video_ids[:3]) + (", ..." if len(batch.video_ids) > 3 else "")
+        check_finite(clips, name=f"the clips of a batch ({shown})")
+        return clips
+
     def phase1_step(self, batch) -> dict[str, float]:
         anonymizer = self.models["anonymizer"]
-        clips, actions = batch.clips.to(self.device), batch.actions.to(self.device)
+        clips, actions = self._clips(batch), batch.actions.to(self.device)
         with self._autocast():
             # Phase 1 needs no reconstruction: skipping it saves work and leaves DDP no unused outputs.
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), reconstruct=False)
@@ -211,7 +221,7 @@ class Trainer:
     def phase2_step(self, batch) -> dict[str, float]:
         cfg = self.cfg
         anonymizer, action_rec, privacy_rec = (self.models[k] for k in ("anonymizer", "action", "privacy"))
-        clips, actions = batch.clips.to(self.device), batch.actions.to(self.device)
+        clips, actions = self._clips(batch), batch.actions.to(self.device)
         privacy, has_privacy = batch.privacy.to(self.device), batch.has_privacy.to(self.device)
         # 1) STPrivacy: keep the action, defeat the privacy recognizer. The recognizers are frozen here and
         # called unwrapped (no DDP gradient sync for a step that does not update them).

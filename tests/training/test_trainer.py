@@ -254,6 +254,24 @@ def test_nan_guard_stops_with_checkpoint(tmp_path):
     assert all(torch.equal(weights[k], loader.before[k]) for k in loader.before)
 
 
+@pytest.mark.parametrize("phase", ["phase1", "phase2"])
+def test_a_batch_with_nan_clips_is_refused_at_the_boundary_naming_its_videos(tmp_path, phase):
+    """The models' own value checks are off in training (no host sync inside them); the trainer checks each
+    batch once and names the batch's videos."""
+    class NanLoader(RandomClipLoader):
+        def __iter__(self):
+            for i, b in enumerate(super().__iter__()):
+                if i == 1:
+                    b.clips[2, 0, 0, 0, 0] = float("nan")
+                yield b
+
+    cfg = _cfg(tmp_path, **({"phase2_epochs": 0} if phase == "phase1" else {"phase1_epochs": 0}))
+    trainer = Trainer(cfg, NanLoader(3, 4, 8, 32))
+    assert not any(m.validate for m in (trainer.anonymizer, trainer.action_rec, trainer.privacy_rec))
+    with pytest.raises(ValueError, match=r"the clips of a batch \(.+/v4, .+/v5, .+/v6, \.\.\.\): NaN or Inf"):
+        trainer.fit()
+
+
 def test_config_file_and_flag_overrides(tmp_path):
     from stpcore.cli import build_parser
     from stpcore.config import dataclass_from_args
