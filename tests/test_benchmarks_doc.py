@@ -44,6 +44,8 @@ BENCH_COLUMNS = {
     "GFLOP/s": _bench_extra("gflop_per_s"),
     "frames/s": _bench_extra("frames_per_s"),
     "windows per clip": _bench_extra("windows"),
+    "speedup vs eager": _bench_extra("speedup_vs_eager"),
+    "compile s": _bench_extra("compile_s"),
 }
 # header -> value from a demo result (summary.json "results" or "sweep" entry)
 DEMO_COLUMNS = {
@@ -70,7 +72,14 @@ PREPROCESS_COLUMNS = {
     "top-1 %": lambda r: r["top1"],
     "cMAP %": lambda r: r["cmap"],
 }
-COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS}
+# header -> value from benchmarks/compile_options.py's JSON (a setting's entry)
+COMPILE_OPTION_COLUMNS = {
+    "speedup vs eager": lambda r: r["speedup_vs_eager"],
+    "keep agreement": lambda r: r["keep_agreement"],
+    "compile s": lambda r: r["compile_s"],
+}
+COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
+           **COMPILE_OPTION_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -123,6 +132,8 @@ def _load(path: Path):
     data = json.loads(path.read_text())
     if "workloads" in data:
         return "ab", data["workloads"]
+    if "settings" in data:  # benchmarks/compile_options.py
+        return "bench_extra", data["settings"]
     if "keep_masks" in data:
         entries = dict(data["keep_masks"]["choices"])
         crop = data.get("phase3_crop_scale")
@@ -158,7 +169,8 @@ def test_tables_name_their_data():
             "benchmarks/results/cpu-inference.json", "benchmarks/results/cpu-int8-bound.json",
             "benchmarks/results/demo/summary.json", "benchmarks/results/demo/variants.jsonl",
             "benchmarks/results/ab-restructure.json", "benchmarks/results/preprocess-choice.json",
-            "benchmarks/results/cpu-fullframe.json"} <= files, files
+            "benchmarks/results/cpu-fullframe.json", "benchmarks/results/cpu-compile.json",
+            "benchmarks/results/cpu-compile-options.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -168,7 +180,8 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     kind, entries = _load(ROOT / path)
     assert name in entries, f"BENCHMARKS.md:{line}: {name!r} is not in {path}"
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
-               "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS}[kind]
+               "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
+               "bench_extra": COMPILE_OPTION_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
