@@ -105,3 +105,35 @@ def test_reference_gumbel_given_a_seed_is_deterministic():
     lp, prev, _, seed, tau, hard, backend = _gumbel_args("reference", with_noise=False)
     other = torch.ops.stpcore.gumbel_select(lp, prev, None, seed + 1, tau, hard, backend)
     assert not torch.equal(a, other)
+
+
+def test_the_eval_forward_exports_and_decomposes_into_aten_ops():
+    """torch.export of STPrivacy's eval forward holds stpcore's ops as nodes; run_decompositions with
+    stpcore.ops.export.decompositions() leaves aten ops only (what an ONNX exporter translates), with the same
+    output as eager."""
+    from stpcore.models import STPrivacy, STPrivacyConfig
+    from stpcore.ops.export import decompositions
+
+    class VideoAndKeep(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, clips):
+            out = self.model(clips)
+            return out.video, out.keep
+
+    torch.manual_seed(0)
+    module = VideoAndKeep(STPrivacy(STPrivacyConfig.from_name("tiny")).eval())
+    clips = torch.randn(2, 3, 8, 32, 32)
+
+    def stpcore_nodes(ep):
+        return sorted({str(n.target) for n in ep.graph.nodes if str(n.target).startswith("stpcore.")})
+
+    ep = torch.export.export(module, (clips,))
+    assert stpcore_nodes(ep) == ["stpcore.predictor_pool.default", "stpcore.scatter_tokens.default",
+                                 "stpcore.slot_topk_gather.default"]
+    flat = ep.run_decompositions(decompositions())
+    assert stpcore_nodes(flat) == []
+    for got, want in zip(flat.module()(clips), module(clips), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
