@@ -9,7 +9,9 @@
    are 1.0 (action) and 4.0 (privacy). ``--privacy-objective bce --decoder-init random
    --action-weight 0.5 --privacy-weight 0.5`` runs the paper's setting;
 3. evaluates as the paper does (phase 3: fresh recognizers on the transformed videos): raw video,
-   STPrivacy and one baseline, and prints them beside the paper's numbers (for orientation only);
+   STPrivacy and one baseline, and prints them beside the paper's numbers (for orientation only); the
+   privacy attackers are the paper's ViT and the appearance-statistics attacker (``stats``), and the
+   worst case over them is printed beside the ViT's figure;
 4. with ``--sweep``, sweeps the trained model over keep ratios and the adaptive mode (no retraining), with a
    plot (fresh phase-3 recognizers per point: as long again as step 3, so off by default; ``stpcore sweep``
    does the same on any checkpoint);
@@ -118,7 +120,7 @@ def eval_config(cfg: DemoConfig, data: Path, out_dir: Path, **overrides):
     fields = dict(
         data_root=str(data), labels=str(data / "vp_labels.csv"), preset=cfg.preset, epochs=cfg.eval_epochs,
         stride=cfg.stride, batch_size=cfg.batch_size, base_lr=cfg.lr * 512 / cfg.batch_size, warmup_epochs=2,
-        out_dir=str(out_dir), seed=cfg.seed, device="cpu",
+        out_dir=str(out_dir), seed=cfg.seed, device="cpu", attackers="vit,stats",
     )
     return EvalConfig(**(fields | overrides))
 
@@ -230,6 +232,13 @@ def _print_summary(results, points, report, out, checkpoint, sweep_png, timings)
     print(f"STPrivacy vs raw video: action top-1 {-d_top1:+.2f} points, privacy cMAP {-d_cmap:+.2f} points "
           f"(target: top-1 within 10 points, cMAP down by at least 15); kept {ours.kept_fraction:.2f} of the "
           f"tubelets")
+    if ours.attackers:
+        from stpcore.evaluation.results import worst_case
+
+        w = worst_case(raw, ours)
+        drops = ", ".join(f"{n} {d:+.2f}" for n, d in w["drops"].items())
+        print(f"privacy against every attacker (cMAP drop from raw video): {drops}; worst case "
+              f"{w['worst_drop']:.2f} points ({w['best_attacker']}; target: at least 15)")
     print(f"{base.method}: top-1 {base.top1:.2f}, cMAP {base.cmap:.2f}")
     if points:
         print("trade-off sweep: " + "; ".join(f"{p.label} top-1 {p.top1:.1f} cMAP {p.cmap:.1f}" for p in points))

@@ -41,6 +41,9 @@ class EvalConfig:
             in their transform.
         device: "auto" (CUDA when available), "cpu" or "cuda".
         progress: progress (a bar on a terminal, a line per epoch in a log).
+        attackers: the privacy attackers trained and scored, comma separated, from
+            ``stpcore.evaluation.attackers.ATTACKERS`` ("vit", "frame_cnn", "stats"; default all). The table gives
+            each one's scores and the worst case; the top-level cMAP / F1 / AP are vit's when it runs.
     """
 
     data_root: str
@@ -68,8 +71,16 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    attackers: str = "vit,frame_cnn,stats"
+
+    @property
+    def attacker_names(self) -> tuple[str, ...]:
+        from stpcore.evaluation.attackers import check_attackers
+
+        return check_attackers([a.strip() for a in self.attackers.split(",") if a.strip()])
 
     def __post_init__(self) -> None:
+        self.attacker_names  # noqa: B018 - validates: an unknown name is a ValueError listing the choices
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.test_batch_size < 1:

@@ -97,14 +97,27 @@ def video_metrics(
     Returns:
         :class:`Metrics`.
     """
-    from sklearn.metrics import average_precision_score, f1_score
-
-    action_probs, privacy_probs = action_probs.detach().float().cpu(), privacy_probs.detach().float().cpu()
-    video_index = video_index.cpu()
+    action_probs, video_index = action_probs.detach().float().cpu(), video_index.cpu()
     _, action_mean = average_views(action_probs, video_index)  # (V, C)
     labels = _per_video_labels(actions.cpu(), video_index, "actions")  # (V,)
     top1 = 100.0 * (action_mean.argmax(-1) == labels).double().mean().item()
 
+    privacy_part = privacy_metrics(privacy_probs, privacy, has_privacy, video_index, attributes)
+    return Metrics(top1, *privacy_part[:5], len(labels), privacy_part[5])
+
+
+def privacy_metrics(
+    privacy_probs: torch.Tensor,
+    privacy: torch.Tensor,
+    has_privacy: torch.Tensor,
+    video_index: torch.Tensor,
+    attributes: Sequence[str] = PRIVACY_ATTRIBUTES,
+) -> tuple[float, float, dict[str, float], dict[str, float], list[str], int]:
+    """The privacy half of :func:`video_metrics` (same arguments): (cmap %, mean F1, AP per attribute, F1 per
+    attribute, skipped attributes, videos with privacy labels)."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    privacy_probs, video_index = privacy_probs.detach().float().cpu(), video_index.cpu()
     _, privacy_mean = average_views(privacy_probs, video_index)  # (V, A)
     truth = _per_video_labels(privacy.float().cpu(), video_index, "privacy")  # (V, A)
     has = _per_video_labels(has_privacy.cpu(), video_index, "has_privacy")  # (V,)
@@ -127,4 +140,4 @@ def video_metrics(
     defined = [v for v in ap.values() if not math.isnan(v)]
     cmap = 100.0 * float(np.mean(defined)) if defined else math.nan
     mean_f1 = float(np.mean(list(f1.values()))) if len(truth) else math.nan
-    return Metrics(top1, cmap, mean_f1, ap, f1, skipped, len(labels), int(has.sum()))
+    return cmap, mean_f1, ap, f1, skipped, int(has.sum())

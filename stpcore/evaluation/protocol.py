@@ -31,9 +31,10 @@ from torch import nn
 
 from stpcore import losses
 from stpcore.data.labels import PRIVACY_ATTRIBUTES
+from stpcore.evaluation.attackers import FrameCNN, StatsAttacker, appearance_features, budget_for
 from stpcore.evaluation.config import EvalConfig, check_geometry
 from stpcore.evaluation.methods import METHODS, MethodTransform, STPrivacyTransform, make_transform
-from stpcore.evaluation.metrics import Metrics, video_metrics
+from stpcore.evaluation.metrics import Metrics, privacy_metrics, video_metrics
 from stpcore.evaluation.report import PAPER_RESULTS, write_results, write_sweep
 from stpcore.evaluation.results import MethodResult, SweepPoint
 from stpcore.models import BackboneConfig, RecognizerConfig, STPrivacy, VideoRecognizer, load_anonymizer
@@ -109,16 +110,20 @@ def _check_clips(clips: torch.Tensor, rec_cfg: RecognizerConfig) -> None:
                          f"num_frames / image_size); fix the data config")
 
 
-def _train_epoch(cfg, transform, recs, opts, scheds, loader, rec_cfg, device, epoch, method) -> dict:
-    action_rec, privacy_rec = recs
+def _train_epoch(cfg, transform, models, opts, scheds, totals, loader, rec_cfg, device, epoch, method,
+                 stats_sink: list | None) -> dict:
+    """One epoch of every trainable model on the transformed clips (one transform per batch): "action" and the
+    attackers in ``models`` that have steps left of their ``totals``; the clips' appearance features go to
+    ``stats_sink`` (the stats attacker) when it is a list."""
     mode = transform.keep_mode or "policy"
-    for m in recs:
+    active = {k: m for k, m in models.items() if scheds[k].last_epoch < totals[k]}
+    for m in active.values():
         m.train()
     loader.set_epoch(epoch)
     bar = _progress(cfg, len(loader), f"{method} epoch {epoch + 1}/{cfg.epochs}")
     start = time.perf_counter()
     # Running sums stay on the device; one host copy per epoch.
-    sums = torch.zeros(3, device=device)  # ce * clips, bce * clips, correct
+    sums = torch.zeros(3, device=device)  # ce * clips, vit bce * clips, correct
     clips_seen = 0
     for step, batch in enumerate(loader):
         clips = batch.clips.to(device, non_blocking=True)
@@ -127,21 +132,29 @@ def _train_epoch(cfg, transform, recs, opts, scheds, loader, rec_cfg, device, ep
         actions = batch.actions.to(device, non_blocking=True)
         privacy = batch.privacy.to(device, non_blocking=True)
         has = batch.has_privacy.to(device, non_blocking=True)
+        losses_ = {}
         with autocast(device, cfg.amp):
-            video, keep = transform(clips, batch.video_ids)  # one transform, two updates
-            action_logits = action_rec(video, keep, mode=mode)
-            ce = losses.action_loss(action_logits, actions)
-            bce = losses.masked_privacy_loss(privacy_rec(video, keep, mode=mode), privacy, has)
-        for name, loss, model in (("action", ce, action_rec), ("privacy", bce, privacy_rec)):
+            video, keep = transform(clips, batch.video_ids)  # one transform, every update
+            action_logits = active["action"](video, keep, mode=mode) if "action" in active else None
+            if action_logits is not None:
+                losses_["action"] = losses.action_loss(action_logits, actions)
+            for name, model in active.items():
+                if name != "action":
+                    losses_[name] = losses.masked_privacy_loss(model(video, keep, mode=mode), privacy, has)
+        if stats_sink is not None:
+            stats_sink.append((appearance_features(video).cpu(), batch.privacy.cpu(), batch.has_privacy.cpu()))
+        for name, loss in losses_.items():
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                nn.utils.clip_grad_norm_(models[name].parameters(), cfg.clip_grad)
             opts[name].step()
             scheds[name].step()
         n = clips.shape[0]
-        correct = (action_logits.detach().argmax(-1) == actions).sum()
-        sums += torch.stack([ce.detach() * n, bce.detach() * n, correct.float()])
+        correct = (action_logits.detach().argmax(-1) == actions).sum() if action_logits is not None else 0
+        bce = losses_.get("vit", torch.zeros((), device=device)).detach()
+        sums += torch.stack([losses_["action"].detach() * n if "action" in losses_ else torch.zeros((), device=device),
+                             bce * n, torch.as_tensor(correct, device=device).float()])
         clips_seen += n
         if bar is not None:
             bar.update(1)
@@ -155,12 +168,14 @@ def _train_epoch(cfg, transform, recs, opts, scheds, loader, rec_cfg, device, ep
 
 
 @torch.no_grad()
-def _test(cfg, transform, recs, loader, rec_cfg, device, method) -> tuple[Metrics, float]:
-    action_rec, privacy_rec = recs
+def _test(cfg, transform, models, stats, loader, rec_cfg, device, method) -> tuple[Metrics, dict, float]:
+    """Metrics of the action recognizer (with vit's privacy scores, or the first attacker's), every attacker's
+    privacy scores, and the kept fraction."""
     mode = transform.keep_mode or "policy"
-    for m in recs:
+    for m in models.values():
         m.eval()
-    outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("action", "privacy", "actions", "labels", "has", "video")}
+    attackers = [k for k in models if k != "action"] + (["stats"] if stats is not None else [])
+    outs: dict[str, list] = {k: [] for k in ("action", "actions", "labels", "has", "video", "features", *attackers)}
     kept, tokens = torch.zeros((), device=device), 0  # kept tokens (on the device), all tokens
     bar = _progress(cfg, len(loader), f"{method} test")
     for step, batch in enumerate(loader):
@@ -169,25 +184,35 @@ def _test(cfg, transform, recs, loader, rec_cfg, device, method) -> tuple[Metric
             _check_clips(clips, rec_cfg)
         with autocast(device, cfg.amp):
             video, keep = transform(clips, batch.video_ids)
-            outs["action"].append(action_rec(video, keep, mode=mode).float().softmax(-1))
-            outs["privacy"].append(privacy_rec(video, keep, mode=mode).float().sigmoid())
+            outs["action"].append(models["action"](video, keep, mode=mode).float().softmax(-1))
+            for name, model in models.items():
+                if name != "action":
+                    outs[name].append(model(video, keep, mode=mode).float().sigmoid())
+        if stats is not None:
+            outs["features"].append(appearance_features(video).cpu())
         if keep is not None:
             kept += keep.float().sum()
             tokens += keep.numel()
-        video_index = batch.video_index
         outs["actions"].append(batch.actions)
         outs["labels"].append(batch.privacy)
         outs["has"].append(batch.has_privacy)
-        outs["video"].append(video_index)
+        outs["video"].append(batch.video_index)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if not outs["action"]:
         raise ValueError(f"{method}: the test loader yielded no batch")
-    cat = {k: torch.cat([t.cpu() for t in v]) for k, v in outs.items()}
-    metrics = video_metrics(cat["action"], cat["actions"], cat["privacy"], cat["labels"], cat["has"], cat["video"])
-    return metrics, (kept.item() / tokens if tokens else 1.0)
+    cat = {k: torch.cat([t.cpu() for t in v]) for k, v in outs.items() if v}
+    if stats is not None:
+        cat["stats"] = torch.from_numpy(stats.predict_proba(cat["features"].numpy()))
+    scores = {}
+    for name in attackers:
+        cmap, f1, ap, f1_per, skipped, _ = privacy_metrics(cat[name], cat["labels"], cat["has"], cat["video"])
+        scores[name] = {"cmap": cmap, "f1": f1, "ap": ap, "f1_per_attribute": f1_per, "skipped_attributes": skipped}
+    headline = "vit" if "vit" in attackers else attackers[0]
+    metrics = video_metrics(cat["action"], cat["actions"], cat[headline], cat["labels"], cat["has"], cat["video"])
+    return metrics, scores, (kept.item() / tokens if tokens else 1.0)
 
 
 def evaluate_method(
@@ -232,27 +257,40 @@ def evaluate_method(
         raise ValueError(f"{transform.name}: the recognizers' tubelet grid {action_cfg.grid} (tubelet "
                          f"{action_cfg.tubelet}, preset {cfg.preset!r}) differs from STPrivacy's {model_cfg.grid} "
                          f"(tubelet {model_cfg.tubelet}); its keep mask cannot be read. Use preset=None")
-    torch.manual_seed(cfg.seed)  # every method starts from the same recognizer weights
-    recs = (VideoRecognizer(action_cfg).to(dev),
-            VideoRecognizer(dataclasses.replace(action_cfg, num_outputs=len(PRIVACY_ATTRIBUTES))).to(dev))
+    attackers = cfg.attacker_names
+    budget = budget_for(cfg.preset, action_cfg.image_size)
+    torch.manual_seed(cfg.seed)  # every method starts from the same recognizer (and attacker) weights
+    models: dict[str, nn.Module] = {"action": VideoRecognizer(action_cfg).to(dev)}
+    if "vit" in attackers:
+        models["vit"] = VideoRecognizer(dataclasses.replace(action_cfg, num_outputs=len(PRIVACY_ATTRIBUTES))).to(dev)
     if cfg.init_2d:
         from stpcore.models import load_inflated_2d_vit
 
-        for m in recs:
+        for m in models.values():
             load_inflated_2d_vit(m, cfg.init_2d)
+    if "frame_cnn" in attackers:
+        models["frame_cnn"] = FrameCNN(budget.cnn_widths, len(PRIVACY_ATTRIBUTES)).to(dev)
     steps_per_epoch = max(1, len(train_loader))
-    total, warm = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     lr = cfg.base_lr * cfg.batch_size / 512
-    opts, scheds = {}, {}
-    for name, model in zip(("action", "privacy"), recs, strict=True):
-        opts[name], scheds[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
-                                                  cfg.min_lr_ratio)
+    opts, scheds, totals = {}, {}, {}
+    for name, model in models.items():
+        epochs = min(cfg.epochs, budget.cnn_max_epochs) if name == "frame_cnn" else cfg.epochs
+        total, warm = epochs * steps_per_epoch, int(min(cfg.warmup_epochs, epochs) * steps_per_epoch)
+        opts[name], scheds[name] = make_optimizer(model, budget.cnn_lr if name == "frame_cnn" else lr, total,
+                                                  min(warm, total), cfg.weight_decay, cfg.min_lr_ratio)
+        totals[name] = total
+    stats_sink: list | None = [] if "stats" in attackers else None
     out_dir = Path(cfg.out_dir)
     for epoch in range(cfg.epochs):
-        record = _train_epoch(cfg, transform, recs, opts, scheds, train_loader, action_cfg, dev, epoch,
-                              transform.name)
+        record = _train_epoch(cfg, transform, models, opts, scheds, totals, train_loader, action_cfg, dev, epoch,
+                              transform.name, stats_sink)
         _log(out_dir, record)
-    metrics, kept_fraction = _test(cfg, transform, recs, test_loader, action_cfg, dev, transform.name)
+    stats = None
+    if stats_sink is not None:
+        feats, labels, has = (torch.cat(parts).numpy() for parts in zip(*stats_sink, strict=True))
+        stats = StatsAttacker(budget.stats_c, cfg.seed).fit(feats, labels, has.astype(bool))
+    metrics, scores, kept_fraction = _test(cfg, transform, models, stats, test_loader, action_cfg, dev,
+                                           transform.name)
     notes = []
     if metrics.skipped_attributes and metrics.num_privacy_videos:
         notes.append(f"cMAP over {5 - len(metrics.skipped_attributes)} of 5 attributes (skipped, test labels all "
@@ -267,7 +305,7 @@ def evaluate_method(
         f1_per_attribute=metrics.f1_per_attribute, skipped_attributes=metrics.skipped_attributes,
         num_test_videos=metrics.num_videos, num_privacy_videos=metrics.num_privacy_videos,
         kept_fraction=kept_fraction, seconds=round(time.perf_counter() - start, 3), epochs=cfg.epochs,
-        note="; ".join(notes),
+        note="; ".join(notes), attackers=scores,
     )
     _log(out_dir, {"method": result.method, "test": dataclasses.asdict(result)})
     return result
@@ -351,7 +389,8 @@ def sweep(
     device: str | torch.device | None = None,
 ) -> list[SweepPoint]:
     """The same trained STPrivacy at several keep ratios and adaptive thresholds, fresh recognizers per point
-    (no retraining of STPrivacy). sweep.csv and sweep.png are rewritten in cfg.out_dir after every point.
+    (no retraining of STPrivacy); the privacy attacker is vit alone, whatever cfg.attackers says. sweep.csv and
+    sweep.png are rewritten in cfg.out_dir after every point.
 
     Args:
         cfg: the evaluation config.
@@ -366,6 +405,7 @@ def sweep(
         one :class:`SweepPoint` per keep ratio, then per threshold.
     """
     anonymizer = load_checkpoint(checkpoint, cfg)
+    cfg = dataclasses.replace(cfg, attackers="vit")  # the sweep's points are compared on one attacker
     train_loader = train_loader if train_loader is not None else default_loader(cfg, True, anonymizer.cfg)
     test_loader = test_loader if test_loader is not None else default_loader(cfg, False, anonymizer.cfg)
     settings = [("keep_ratio", float(r)) for r in keep_ratios] + [("threshold", float(t)) for t in thresholds]

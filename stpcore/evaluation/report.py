@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stpcore.evaluation.results import MethodResult, SweepPoint
+from stpcore.evaluation.results import MethodResult, SweepPoint, worst_case
 from stpcore.media import atomic_path
 
 # The paper's Table 1 (top-1 % up, F1 down, cMAP % down); for orientation only: different data and runs.
@@ -66,6 +66,7 @@ def results_table(results: Sequence[MethodResult], dataset: str | None = None) -
     notes = [f"- {r.method}: {r.note}" for r in results if r.note]
     if notes:
         lines += ["", "Notes:", *notes]
+    lines += attackers_section(results)
     epochs = sorted({r.epochs for r in results})
     lines += ["", f"Recognizers trained for {', '.join(map(str, epochs)) or '?'} epoch(s); top-1 averages the "
               f"softmax over each test video's views; cMAP and F1 (threshold 0.5) over videos with privacy labels.",
@@ -82,16 +83,71 @@ def results_table(results: Sequence[MethodResult], dataset: str | None = None) -
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
+    names = _attacker_names(results)
+    raw = _raw(results)
     writer.writerow(["source", "dataset", "method", "top1", "f1", "cmap", "kept_fraction", "test_videos",
-                     "privacy_videos", "seconds", "note"])
+                     "privacy_videos", "seconds", "note", *[f"cmap_{n}" for n in names], "worst_drop",
+                     "best_attacker"])
     for r in results:
+        worst = worst_case(raw, r) if raw is not None else None
         writer.writerow(["ours", dataset or "", r.method, _csv_num(r.top1), _csv_num(r.f1), _csv_num(r.cmap),
-                         _csv_num(r.kept_fraction), r.num_test_videos, r.num_privacy_videos, r.seconds, r.note])
+                         _csv_num(r.kept_fraction), r.num_test_videos, r.num_privacy_videos, r.seconds, r.note,
+                         *[_csv_num(r.attackers[n]["cmap"]) if n in r.attackers else "" for n in names],
+                         _csv_num(worst["worst_drop"]) if worst else "", worst["best_attacker"] if worst else ""])
     for d in datasets:
         for row in paper_table(d):
             writer.writerow(["paper", d, row["method"], row["top1"], row["f1"], row["cmap"], "", "", "", "",
-                             "for orientation; different data"])
+                             "for orientation; different data", *[""] * len(names), "", ""])
     return markdown, buf.getvalue()
+
+
+def _attacker_names(results: Sequence[MethodResult]) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        names += [n for n in r.attackers if n not in names]
+    return names
+
+
+def _raw(results: Sequence[MethodResult]) -> MethodResult | None:
+    return next((r for r in results if r.method == "raw"), None)
+
+
+def attackers_section(results: Sequence[MethodResult]) -> list[str]:
+    """Markdown lines: every attacker's cMAP, F1 and AP per attribute for every method, its drop from raw video,
+    then per method the worst-case drop (the smallest over attackers), the best attacker and the highest AP per
+    attribute on the transformed video."""
+    names = _attacker_names(results)
+    if not names:
+        return []
+    attrs = list(next(iter(results[0].attackers.values()))["ap"]) if results[0].attackers else []
+    raw = _raw(results)
+    lines = ["", "## Privacy attackers", "",
+             "Each attacker is trained on the method's transformed training videos and tested on its transformed "
+             "test videos. drop = the attacker's cMAP on raw video minus on the method's (points); the raw rows "
+             "show each attacker's strength.", "",
+             "| method | attacker | cMAP (%) | F1 | " + " | ".join(f"AP {a}" for a in attrs) + " | drop |",
+             "|---|---|---|---|" + "---|" * len(attrs) + "---|"]
+    for r in results:
+        for n in names:
+            if n not in r.attackers:
+                continue
+            a = r.attackers[n]
+            drop = raw.attackers[n]["cmap"] - a["cmap"] if raw is not None and n in raw.attackers else math.nan
+            lines.append(f"| {r.method} | {n} | {_fmt(a['cmap'], 'pct')} | {_fmt(a['f1'], 'f1')} | "
+                         + " | ".join(_fmt(100 * a["ap"][k], "pct") for k in attrs)
+                         + f" | {'—' if r is raw else _fmt(drop, 'pct')} |")
+    if raw is not None:
+        lines += ["", "Worst case over the attackers (the smallest drop; the highest AP per attribute on the "
+                  "transformed video):", "",
+                  "| method | worst-case drop | best attacker | " + " | ".join(f"max AP {a}" for a in attrs) + " |",
+                  "|---|---|---|" + "---|" * len(attrs)]
+        for r in results:
+            if r is raw or not r.attackers:
+                continue
+            w = worst_case(raw, r)
+            lines.append(f"| {r.method} | {_fmt(w['worst_drop'], 'pct')} | {w['best_attacker'] or 'n/a'} | "
+                         + " | ".join(_fmt(100 * w["max_ap"][k], "pct") for k in attrs) + " |")
+    return lines
 
 
 def _csv_num(value: float) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,6 +22,9 @@ class MethodResult:
         seconds: wall time of training and testing.
         epochs: recognizer epochs.
         note: anything the reader must know (e.g. skipped attributes, videos without a box).
+        attackers: every privacy attacker's scores, {name: {"cmap", "f1", "ap", "f1_per_attribute",
+            "skipped_attributes"}} (see ``stpcore.evaluation.attackers``); cmap, f1 and ap above are vit's when it
+            ran, else the first attacker's.
     """
 
     method: str
@@ -37,6 +40,7 @@ class MethodResult:
     seconds: float
     epochs: int
     note: str = ""
+    attackers: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,3 +72,29 @@ class SweepPoint:
     @classmethod
     def from_result(cls, result: MethodResult, setting: str = "raw", value: float = math.nan) -> SweepPoint:
         return cls(setting, value, result.kept_fraction, result.top1, result.cmap, result.f1)
+
+
+def worst_case(raw: MethodResult, result: MethodResult) -> dict:
+    """The worst-case privacy outcome of ``result`` against the raw video, over the attackers both ran.
+
+    For each attacker, drop = its cMAP on raw video minus its cMAP on the transformed video (points; the higher,
+    the more privacy the transform took away from that attacker). The worst-case drop is the smallest, and
+    the attacker with it is the best attacker. Per attribute, the highest AP any attacker reached on the
+    transformed video.
+
+    Returns:
+        {"drops": {attacker: drop}, "worst_drop": float, "best_attacker": str, "max_ap": {attribute: AP}};
+        drops NaN where an attacker's cMAP is undefined; worst_drop NaN when no drop is defined.
+    """
+    names = [n for n in result.attackers if n in raw.attackers]
+    drops = {n: raw.attackers[n]["cmap"] - result.attackers[n]["cmap"] for n in names}
+    defined = {n: d for n, d in drops.items() if not math.isnan(d)}
+    best = min(defined, key=defined.get) if defined else ""
+    attrs = list(next(iter(result.attackers.values()))["ap"]) if result.attackers else []
+    max_ap = {}
+    for a in attrs:
+        values = [r["ap"][a] for r in result.attackers.values() if not math.isnan(r["ap"][a])]
+        max_ap[a] = max(values) if values else math.nan
+    return {"drops": drops, "worst_drop": defined[best] if defined else math.nan, "best_attacker": best,
+            "max_ap": max_ap}
+

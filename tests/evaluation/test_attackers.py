@@ -1,0 +1,149 @@
+"""The attacker zoo of phase 3: each attacker learns a visible attribute, the worst case is the smallest drop,
+appearance features describe only the visible pixels, and bad attacker names are refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stpcore.data import Batch
+from stpcore.evaluation import EvalConfig, MethodResult, evaluate_method, make_transform, results_table
+from stpcore.evaluation.attackers import ATTACKERS, FrameCNN, appearance_features
+from stpcore.evaluation.results import worst_case
+
+T, S, C = 8, 32, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TintLoader:
+    """In-memory videos: the action is a bright band (row per class); privacy attribute 0 (skin_color) is a
+    red tint over the whole clip, the others are random labels with nothing in the pixels (chance)."""
+
+    def __init__(self, num_videos: int, batch_videos: int, train: bool, views: int = 2, seed: int = 0):
+        self.num_videos, self.batch_videos, self.train = num_videos, batch_videos, train
+        self.views = 1 if train else views
+        self.seed, self.epoch = seed, 0
+        self.classes = [f"class{i}" for i in range(C)]
+        g = torch.Generator().manual_seed(500 + seed)
+        self.actions = torch.arange(num_videos) % C
+        self.privacy = torch.randint(0, 2, (num_videos, 5), generator=g).float()
+        self.privacy[:, 0] = (torch.arange(num_videos) // C) % 2  # balanced, independent of the action
+
+    def __len__(self) -> int:
+        return -(-self.num_videos // self.batch_videos)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + (self.epoch if self.train else 0))
+        order = torch.randperm(self.num_videos, generator=g) if self.train else torch.arange(self.num_videos)
+        band = S // C
+        for start in range(0, self.num_videos, self.batch_videos):
+            vids = order[start:start + self.batch_videos].repeat_interleave(self.views)
+            clips = torch.randn(len(vids), 3, T, S, S, generator=g) * 0.5
+            for i, v in enumerate(vids.tolist()):
+                clips[i, :, :, int(self.actions[v]) * band:(int(self.actions[v]) + 1) * band] += 2.0
+                clips[i, 0] += 1.0 * self.privacy[v, 0]  # the tint
+            yield Batch(clips=clips, actions=self.actions[vids], privacy=self.privacy[vids],
+                        has_privacy=torch.ones(len(vids), dtype=torch.bool), video_index=vids,
+                        clip_index=torch.arange(len(vids)) % self.views,
+                        video_ids=[f"class{int(self.actions[v])}/v{v}" for v in vids.tolist()])
+
+
+def _cfg(tmp_path, **kw) -> EvalConfig:
+    base = dict(data_root="unused", out_dir=str(tmp_path / "eval"), preset="tiny", epochs=6, batch_size=8,
+                base_lr=0.5, warmup_epochs=0.5, progress=False, device="cpu")
+    return EvalConfig(**(base | kw))
+
+
+def test_every_attacker_learns_a_visible_attribute_on_raw_video(tmp_path):
+    result = evaluate_method(make_transform("raw"), _cfg(tmp_path), TintLoader(48, 8, True), TintLoader(24, 6, False))
+    assert list(result.attackers) == list(ATTACKERS)
+    for name, scores in result.attackers.items():
+        assert scores["ap"]["skin_color"] > 0.9, (name, scores["ap"])  # chance: the prevalence, 0.5
+    assert result.cmap == result.attackers["vit"]["cmap"]  # the headline figures stay the ViT's
+    lines = (tmp_path / "eval" / "eval_metrics.jsonl").read_text().splitlines()
+    assert '"frame_cnn"' in lines[-1] and '"stats"' in lines[-1]
+
+
+def test_attackers_can_be_chosen_and_the_headline_follows(tmp_path):
+    result = evaluate_method(make_transform("raw"), _cfg(tmp_path, attackers="stats", epochs=2),
+                             TintLoader(24, 8, True), TintLoader(12, 6, False))
+    assert list(result.attackers) == ["stats"] and result.cmap == result.attackers["stats"]["cmap"]
+
+
+def _result(method: str, cmaps: dict[str, float], aps: dict[str, dict[str, float]]) -> MethodResult:
+    attackers = {n: {"cmap": c, "f1": 0.5, "ap": aps[n], "f1_per_attribute": {}, "skipped_attributes": []}
+                 for n, c in cmaps.items()}
+    return MethodResult(method=method, top1=50.0, cmap=cmaps.get("vit", math.nan), f1=0.5, ap=aps.get("vit", {}),
+                        f1_per_attribute={}, skipped_attributes=[], num_test_videos=10, num_privacy_videos=10,
+                        kept_fraction=0.3, seconds=1.0, epochs=1, attackers=attackers)
+
+
+def test_worst_case_is_the_smallest_drop_and_the_highest_ap_per_attribute():
+    ap = lambda a, b: {"skin_color": a, "face": b}  # noqa: E731
+    raw = _result("raw", {"vit": 80.0, "frame_cnn": 70.0, "stats": 75.0},
+                  {"vit": ap(0.9, 0.7), "frame_cnn": ap(0.8, 0.6), "stats": ap(0.85, 0.65)})
+    ours = _result("stprivacy@0.7", {"vit": 60.0, "frame_cnn": 62.0, "stats": 70.0},
+                   {"vit": ap(0.5, 0.7), "frame_cnn": ap(0.66, 0.58), "stats": ap(0.8, 0.6)})
+    w = worst_case(raw, ours)
+    assert w["drops"] == {"vit": 20.0, "frame_cnn": 8.0, "stats": 5.0}
+    assert w["worst_drop"] == 5.0 and w["best_attacker"] == "stats"
+    assert w["max_ap"] == {"skin_color": 0.8, "face": 0.7}
+    undefined = _result("x", {"vit": math.nan, "stats": 71.0}, {"vit": ap(math.nan, math.nan), "stats": ap(0.7, 0.6)})
+    w = worst_case(raw, undefined)
+    assert math.isnan(w["drops"]["vit"]) and w["worst_drop"] == 4.0 and w["max_ap"]["skin_color"] == 0.7
+    markdown, csv = results_table([raw, ours], "hmdb51")
+    assert "## Privacy attackers" in markdown
+    assert "| stprivacy@0.7 | 5.00 | stats | 80.00 | 70.00 |" in markdown
+    assert "| stprivacy@0.7 | frame_cnn | 62.00 | .500 | 66.00 | 58.00 | 8.00 |" in markdown
+    header, _, ours_row = csv.splitlines()[:3]
+    assert header.endswith("cmap_vit,cmap_frame_cnn,cmap_stats,worst_drop,best_attacker")
+    assert ours_row.endswith("60,62,70,5,stats")
+
+
+def test_appearance_features_describe_only_the_visible_pixels():
+    torch.manual_seed(0)
+    clip = torch.randn(1, 3, 4, 16, 16)
+    half = clip.clone()
+    half[..., 8:] = 0  # dropped tubelets: exactly the blank (normalised mean colour)
+    full_left = appearance_features(clip[..., :8])
+    only_left = appearance_features(half)
+    # Moments and histograms see the same pixels; the visible fraction halves.
+    torch.testing.assert_close(only_left[:, :33], full_left[:, :33], rtol=1e-5, atol=1e-5)
+    assert only_left[0, -1] == pytest.approx(0.5) and full_left[0, -1] == pytest.approx(1.0)
+    hist = only_left[0, 9:33].view(3, 8)
+    torch.testing.assert_close(hist.sum(1), torch.ones(3))
+    assert torch.equal(appearance_features(torch.zeros(2, 3, 4, 8, 8)), torch.zeros(2, 40))
+
+
+def test_frame_cnn_maps_clips_to_attribute_logits():
+    net = FrameCNN((8, 16), 5)
+    assert net(torch.randn(2, 3, 4, 32, 32), torch.ones(2, 64)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("vit,cnn", r"unknown attacker\(s\) \['cnn'\]; choose from \['vit', 'frame_cnn', 'stats'\]"),
+    ("", "no attacker given"),
+    ("vit,vit", "attackers repeated"),
+])
+def test_bad_attacker_names_are_refused_with_the_choices(tmp_path, value, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(tmp_path, attackers=value)
+
+
+def test_eval_cli_refuses_an_unknown_attacker(tmp_path, capsys):
+    from stpcore.cli import main
+
+    assert main(["eval", "--data-root", str(tmp_path), "--attackers", "vit,resnet", "--no-progress"]) == 2
+    assert "choose from ['vit', 'frame_cnn', 'stats']" in capsys.readouterr().err
