@@ -31,6 +31,8 @@ and the gradient above sums to zero over the pair (so the log-softmax's Jacobian
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,6 +158,13 @@ def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> 
     return seed.to(device, non_blocking=True)
 
 
+@functools.cache
+def _no_seed(device: torch.device) -> torch.Tensor:
+    """An int64 stand-in for the seed pointer when noise is given (never read): one pointer type per kernel
+    signature, so the HAS_NOISE variants compile once, as the warm-up compiles them."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def _grid(n_tokens: int) -> tuple[int]:
     return (triton.cdiv(n_tokens, _BLOCK),)
 
@@ -187,7 +196,7 @@ def _gumbel_select_fwd(log_probs, noise, prev_keep, seed, tau, hard):
     if n_tokens:
         _gumbel_select_fwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, out,
-            seed if seed is not None else prev_keep, tau, n_tokens,
+            seed if seed is not None else _no_seed(log_probs.device), tau, n_tokens,
             HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=INTERPRET,
         )
     return out
@@ -200,7 +209,7 @@ def _gumbel_select_bwd(log_probs, noise, prev_keep, grad_out, seed, tau, hard):
     if n_tokens:
         _gumbel_select_bwd_kernel[_grid(n_tokens)](
             log_probs, noise if noise is not None else log_probs, prev_keep, grad_out, grad_lp, grad_prev,
-            seed if seed is not None else prev_keep, tau, n_tokens,
+            seed if seed is not None else _no_seed(log_probs.device), tau, n_tokens,
             HAS_NOISE=noise is not None, HARD=hard, BLOCK=_BLOCK, U_MIN=_U_MIN, U_MAX=_U_MAX, INTERPRET=INTERPRET,
         )
     return grad_lp, grad_prev
@@ -278,7 +287,7 @@ def gumbel_select_bwd(log_probs, prev_keep, noise, seed, grad_out, tau: float, h
         grad_lp, grad_prev = _gumbel_select_bwd(log_probs.contiguous(),
                                                 None if noise is None else noise.contiguous(),
                                                 prev_keep.contiguous(), grad_out.contiguous(), seed, tau, hard)
-    grad_noise = grad_lp.to(noise.dtype, copy=True) if noise is not None else torch.zeros(0, device=log_probs.device)
+    grad_noise = grad_lp.to(noise.dtype, copy=True) if noise is not None else log_probs.new_zeros(0)
     return grad_lp, grad_prev, grad_noise
 
 

@@ -228,13 +228,18 @@ class ClipAnonymizer:
             raise ValueError(f"clips must be a float tensor (B, 3, T, H, W), got {what}")
         video = clips.to(self.device, torch.float32)
         self.model.check_video(video)  # shapes (the model's validate is off: values are checked next)
-        check_finite(video, name="clips")
+        check_finite(video, name="video")
         if self.compiled and video.shape[0] > 1:
             torch._dynamo.mark_dynamic(video, 0)  # one graph for every batch size >= 2 (1 is specialised)
         with torch.inference_mode(), self._autocast():
             out = self._forward(video, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
         # Casting a bf16 video to fp32 keeps exact zeros exact.
-        return AnonymizedClips(out.video.float(), out.keep.float(), out.kept_positions)
+        video, keep, positions = out.video.float(), out.keep.float(), out.kept_positions
+        if self.compiled and self.device.type == "cuda":
+            # A CUDA-graph mode ("reduce-overhead") hands out buffers the next call overwrites: own copies.
+            video, keep = video.clone(), keep.clone()
+            positions = positions.clone() if positions is not None else None
+        return AnonymizedClips(video, keep, positions)
 
     def __repr__(self) -> str:
         return f"ClipAnonymizer({self.description})"

@@ -30,7 +30,7 @@ def check_finite(video: torch.Tensor, *, name: str = "video") -> None:
     """Raise ValueError if ``video`` holds NaN or Inf values: one host sync (a reduction read back), so the
     callers at the API boundary run it once per batch, outside any compiled or captured region."""
     if not bool(torch.isfinite(video).all()):
-        raise ValueError(f"{name}: NaN or Inf values found; expected finite pixel values")
+        raise ValueError(f"{name} contains NaN or Inf values; expected finite pixel values")
 
 
 def grid_shape(video_shape: tuple[int, ...] | torch.Size, tubelet: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -15,8 +15,9 @@ them as single graph nodes. The backend is chosen inside the op, when it runs on
 choice is outside any traced region, ``STPCORE_BACKEND`` keeps working, and a choice depends only on the
 inputs' metadata (device, dtype, shape, strides) and the other arguments, so it is cached per that key.
 A backend gives ``fwd`` (the op's outputs, plus the statistics its backward reads, in a layout fixed per op)
-and ``bwd``; a backend without its own ``bwd`` is differentiated by running ``fwd`` again under autograd
-(:func:`recompute_backward`), which suits the references.
+and ``bwd``; a backend without its own ``bwd`` (the references, xformers) is differentiated by running the
+reference again under ``torch.func.vjp`` (:func:`recompute_backward`). The backward op chooses its backend again
+from the forward's inputs: changing ``STPCORE_BACKEND`` between a forward and its backward is not supported.
 """
 
 from __future__ import annotations
@@ -193,18 +194,25 @@ def recompute_backward(fn: Callable, inputs: Sequence[torch.Tensor | None], grad
 
     _, vjp = torch.func.vjp(differentiable, *[inputs[i] for i in floats])
     found = dict(zip(floats, vjp(tuple(grads)), strict=True))
-    taken = {t.data_ptr() for t in (*inputs, *grads) if t is not None and t.numel()}
+    taken = {t.untyped_storage().data_ptr() for t in (*inputs, *grads) if t is not None and t.numel()}
     result = []
     for i, t in enumerate(inputs):
         g = found.get(i)
         if g is None:
-            g = torch.zeros_like(t) if t is not None else torch.zeros(0)
-        elif g.numel() and g.data_ptr() in taken:
-            g = g.clone()  # a custom op's outputs may alias neither its inputs nor each other
+            g = t.new_zeros(t.shape) if t is not None else torch.zeros(0)
+        elif g.numel() and g.untyped_storage().data_ptr() in taken:
+            g = g.clone(memory_format=torch.contiguous_format)  # outputs alias neither inputs nor each other
+        g = g.contiguous()  # the backward ops' fakes promise dense gradients, whatever the inputs' strides
         if g.numel():
-            taken.add(g.data_ptr())
+            taken.add(g.untyped_storage().data_ptr())
         result.append(g)
     return result
+
+
+def reference(op: str) -> Backend:
+    """The reference backend of ``op``: what a backward without a ``bwd`` of its own reruns under vjp (the same
+    function, so the same gradient, whichever backend ran the forward)."""
+    return next(b for b in backends(op) if b.name == "reference")
 
 
 def triton_backend(module: str, fn: str, tensors: Callable[..., Sequence[torch.Tensor]],

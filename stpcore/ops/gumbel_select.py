@@ -114,15 +114,15 @@ def _backward_op(log_probs: torch.Tensor, prev_keep: torch.Tensor, noise: torch.
     chosen = dispatch.select("gumbel_select", backend or None, log_probs, prev_keep, noise, seed, tau, hard)
     if chosen.bwd is not None:
         return tuple(chosen.bwd(log_probs, prev_keep, noise, seed, grad_out, tau, hard))
-    d_lp, d_prev, d_noise, _ = dispatch.recompute_backward(chosen.fn, (log_probs, prev_keep, noise, seed),
-                                                           (grad_out,), tau, hard)
-    return d_lp, d_prev, d_noise if noise is not None else torch.zeros(0, device=log_probs.device)
+    d_lp, d_prev, d_noise, _ = dispatch.recompute_backward(dispatch.reference("gumbel_select").fn,
+                                                           (log_probs, prev_keep, noise, seed), (grad_out,), tau, hard)
+    return d_lp, d_prev, d_noise if noise is not None else log_probs.new_zeros(0)
 
 
 @_backward_op.register_fake
 def _(log_probs, prev_keep, noise, seed, grad_out, tau, hard, backend):
-    d_noise = torch.empty_like(noise) if noise is not None else log_probs.new_empty(0)
-    return torch.empty_like(log_probs), torch.empty_like(prev_keep), d_noise
+    d_noise = noise.new_empty(noise.shape) if noise is not None else log_probs.new_empty(0)
+    return log_probs.new_empty(log_probs.shape), prev_keep.new_empty(prev_keep.shape), d_noise
 
 
 def _setup_context(ctx, inputs, output):

@@ -262,12 +262,14 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torc
     chosen = dispatch.select("policy_attention", backend or None, q, k, v, policy, eps=eps)
     if chosen.bwd is not None:
         return tuple(chosen.bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps))
-    return tuple(dispatch.recompute_backward(chosen.fn, (q, k, v, policy), (dout,), eps))
+    return tuple(dispatch.recompute_backward(dispatch.reference("policy_attention").fn, (q, k, v, policy), (dout,),
+                                             eps))
 
 
 @_backward_op.register_fake
 def _(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(policy)
+    # Dense, whatever the inputs' strides (views of a fused qkv): every backend returns contiguous gradients.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), policy.new_empty(policy.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -65,12 +65,13 @@ def _backward_op(x: torch.Tensor, keep: torch.Tensor, num_slots: int, grad_out: 
     chosen = dispatch.select("predictor_pool", backend or None, x, keep, num_slots)
     if chosen.bwd is not None:
         return tuple(chosen.bwd(x, keep, num_slots, grad_out))
-    return tuple(dispatch.recompute_backward(chosen.fn, (x, keep), (grad_out,), num_slots))
+    return tuple(dispatch.recompute_backward(dispatch.reference("predictor_pool").fn, (x, keep), (grad_out,),
+                                             num_slots))
 
 
 @_backward_op.register_fake
 def _(x, keep, num_slots, grad_out, backend):
-    return torch.empty_like(x), torch.empty_like(keep)
+    return x.new_empty(x.shape), keep.new_empty(keep.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -111,13 +111,15 @@ def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     chosen = dispatch.select("varlen_attention", backend or None, q, k, v, cu_seqlens, max_seqlen, scale=scale)
     if chosen.bwd is not None:
         return tuple(chosen.bwd(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, dout))
-    dq, dk, dv, _ = dispatch.recompute_backward(chosen.fn, (q, k, v, cu_seqlens), (dout,), max_seqlen, scale)
+    # xformers (forward only here) and the reference: the reference's gradient, by vjp.
+    dq, dk, dv, _ = dispatch.recompute_backward(dispatch.reference("varlen_attention").fn, (q, k, v, cu_seqlens),
+                                                (dout,), max_seqlen, scale)
     return dq, dk, dv
 
 
 @_backward_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, scale, out, lse, dout, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -22,7 +22,7 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     Returns:
         the clips seen over all ranks; 0 means no fit (the head keeps its initialisation, with a warning).
     """
-    from stpcore.tubelets import to_tubelets
+    from stpcore.tubelets import check_finite, to_tubelets
 
     cfg = model.cfg
     dim, pixels = cfg.embed_dim, cfg.tubelet_dim
@@ -36,6 +36,7 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
         with torch.no_grad(), autocast(device, amp):
             for batch in loader:
                 clips = batch.clips.to(device)
+                check_finite(clips, name="video")  # the model's own check is off in training (Trainer._clips)
                 seen += clips.shape[0]
                 captured.clear()
                 out = model(clips)

@@ -200,7 +200,7 @@ class Trainer:
         """The batch's clips on the device, checked for NaN/Inf once (the models' own checks are off)."""
         clips = batch.clips.to(self.device)
         shown = ", ".join(batch.video_ids[:3]) + (", ..." if len(batch.video_ids) > 3 else "")
-        check_finite(clips, name=f"the clips of a batch ({shown})")
+        check_finite(clips, name=f"video (a batch of {shown})")
         return clips
 
     def phase1_step(self, batch) -> dict[str, float]:

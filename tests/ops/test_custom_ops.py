@@ -13,10 +13,14 @@ from stpcore.ops import dispatch
 B, H, N, D, S = 2, 2, 12, 8, 3
 
 
-def _policy_args(backend):
+def _policy_args(backend, dtype=torch.float32, fused=False):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, generator=g, requires_grad=True) for _ in range(3))
-    policy = (torch.rand(B, N, generator=g) > 0.4).float().requires_grad_()
+    if fused:  # views of one fused qkv projection, as the model passes them: strided, not dense
+        qkv = torch.randn(B, N, 3, H, D, generator=g).to(dtype).requires_grad_()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    policy = (torch.rand(B, N, generator=g) > 0.4).to(dtype).requires_grad_()
     return (q, k, v, policy, 1e-6, backend)
 
 
@@ -27,9 +31,9 @@ def _varlen_args(backend):
     return (q, k, v, cu, 7, D**-0.5, backend)
 
 
-def _gumbel_args(backend, with_noise=True):
+def _gumbel_args(backend, with_noise=True, dtype=torch.float32):
     g = torch.Generator().manual_seed(2)
-    lp = torch.randn(B, N, 2, generator=g).log_softmax(-1).requires_grad_()
+    lp = torch.randn(B, N, 2, generator=g).log_softmax(-1).to(dtype).requires_grad_()
     prev = (torch.rand(B, N, generator=g) > 0.3).float().requires_grad_()
     noise = -torch.empty(B, N, 2).exponential_(generator=g).log() if with_noise else None
     seed = None if with_noise else torch.tensor([123], dtype=torch.int64)
@@ -60,9 +64,13 @@ CASES = [
     ("policy_attention", _policy_args, "reference"),
     ("policy_attention", _policy_args, "chunked"),
     ("policy_attention", _policy_args, ""),
+    ("policy_attention", lambda b: _policy_args(b, fused=True), ""),
+    ("policy_attention", lambda b: _policy_args(b, fused=True), "reference"),
+    ("policy_attention", lambda b: _policy_args(b, dtype=torch.float16), "chunked"),
     ("varlen_attention", _varlen_args, "reference"),
     ("gumbel_select", _gumbel_args, ""),
     ("gumbel_select", lambda b: _gumbel_args(b, with_noise=False), "reference"),
+    ("gumbel_select", lambda b: _gumbel_args(b, with_noise=False, dtype=torch.float16), "reference"),
     ("predictor_pool", _pool_args, ""),
     *[(op, lambda b, op=op: _tokens_args(op, b), "") for op in
       ("slot_topk", "gather_tokens", "scatter_tokens", "slot_topk_gather")],

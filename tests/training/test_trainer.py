@@ -268,7 +268,22 @@ def test_a_batch_with_nan_clips_is_refused_at_the_boundary_naming_its_videos(tmp
     cfg = _cfg(tmp_path, **({"phase2_epochs": 0} if phase == "phase1" else {"phase1_epochs": 0}))
     trainer = Trainer(cfg, NanLoader(3, 4, 8, 32))
     assert not any(m.validate for m in (trainer.anonymizer, trainer.action_rec, trainer.privacy_rec))
-    with pytest.raises(ValueError, match=r"the clips of a batch \(.+/v4, .+/v5, .+/v6, \.\.\.\): NaN or Inf"):
+    with pytest.raises(ValueError, match=r"video \(a batch of .+/v4, .+/v5, .+/v6, \.\.\.\) contains NaN or Inf"):
+        trainer.fit()
+
+
+def test_a_nan_batch_is_refused_by_the_decoder_fit_too(tmp_path):
+    """decoder_init='lstsq' reads a pass of the data through the anonymizer (whose own check is off): a NaN clip
+    stops the fit with the model's message instead of poisoning the least-squares solve."""
+    class NanLoader(RandomClipLoader):
+        def __iter__(self):
+            for i, b in enumerate(super().__iter__()):
+                if i == 1:
+                    b.clips[0, 1, 2, 3, 4] = float("inf")
+                yield b
+
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, decoder_init="lstsq"), NanLoader(3, 4, 8, 32))
+    with pytest.raises(ValueError, match="video contains NaN or Inf values"):
         trainer.fit()
 
 
