@@ -96,7 +96,9 @@ def _chunk_rows(B: int, H: int, N: int, chunk_size: int | None) -> int:
 
 
 def _chunked_fwd(q, k, v, policy, eps: float, chunk_size: int | None = None):
-    """The chunked forward: (out, v_sum, row_max, inv_den, arg_max), the op's outputs (see :func:`policy_attention`)."""
+    """The chunked forward: (out, v_sum, row_max, den, arg_max), the op's outputs (see :func:`policy_attention`); this
+    backend keeps the softmax denominator itself in the slot where the Triton kernel keeps its inverse, so its
+    backward divides exactly as the direct formulation does."""
     # Views of a fused qkv projection are strided; every chunk's matmuls would copy them again (in the
     # forward and twice in the backward), so copy once here.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -110,7 +112,7 @@ def _chunked_fwd(q, k, v, policy, eps: float, chunk_size: int | None = None):
     pf = policy.to(acc).reshape(B, 1, 1, N)
     out = torch.empty(B, H, N, v.shape[-1], dtype=acc, device=q.device)
     row_max = torch.empty(B, H, N, dtype=acc, device=q.device)
-    inv_den = torch.empty(B, H, N, dtype=acc, device=q.device)
+    den = torch.empty(B, H, N, dtype=acc, device=q.device)
     arg_max = torch.empty(B, H, N, dtype=torch.int32, device=q.device)
     for s in range(0, N, rows):
         e = min(N, s + rows)
@@ -121,12 +123,12 @@ def _chunked_fwd(q, k, v, policy, eps: float, chunk_size: int | None = None):
         Z = W.sum(dim=-1, keepdim=True) + eps
         out[:, :, s:e] = (W @ vf + c * vsum) / Z
         row_max[:, :, s:e] = m.squeeze(-1)
-        inv_den[:, :, s:e] = Z.squeeze(-1).reciprocal()
+        den[:, :, s:e] = Z.squeeze(-1)
         arg_max[:, :, s:e] = am.squeeze(-1)
-    return out.to(q.dtype), vsum.squeeze(-2), row_max, inv_den, arg_max
+    return out.to(q.dtype), vsum.squeeze(-2), row_max, den, arg_max
 
 
-def _chunked_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps: float,
+def _chunked_bwd(q, k, v, policy, out, v_sum, row_max, den, arg_max, dout, eps: float,
                  chunk_size: int | None = None):
     """The closed-form backward of :func:`_chunked_fwd` (module docstring): (dq, dk, dv, dpolicy)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -150,11 +152,11 @@ def _chunked_bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, e
         S = (q[:, :, s:e] @ k.transpose(-2, -1)).to(acc) * scale
         E = (S - row_max[:, :, s:e, None]).exp_()
         W = _apply_policy(E, pf, s, e)
-        inv = inv_den[:, :, s:e, None]
-        A = (W + c) * inv
+        Z = den[:, :, s:e, None]
+        A = (W + c) / Z
         do = dof[:, :, s:e]
         dv += A.transpose(-2, -1) @ do
-        dW = ((do @ vf.transpose(-2, -1)) - delta[:, :, s:e]) * inv  # (B, H, r, N)
+        dW = ((do @ vf.transpose(-2, -1)) - delta[:, :, s:e]) / Z  # (B, H, r, N)
         EdW = E * dW
         # d(policy): column sums over heads and queries, the diagonal (i == j) excluded.
         diag = torch.arange(s, e, device=q.device)
@@ -256,18 +258,18 @@ def _(q, k, v, policy, eps, backend):
 
 @torch.library.custom_op("stpcore::policy_attention_backward", mutates_args=())
 def _backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor, out: torch.Tensor,
-                 v_sum: torch.Tensor, row_max: torch.Tensor, inv_den: torch.Tensor, arg_max: torch.Tensor,
+                 v_sum: torch.Tensor, row_max: torch.Tensor, den_stat: torch.Tensor, arg_max: torch.Tensor,
                  dout: torch.Tensor, eps: float, backend: str
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen = dispatch.select("policy_attention", backend or None, q, k, v, policy, eps=eps)
     if chosen.bwd is not None:
-        return tuple(chosen.bwd(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps))
+        return tuple(chosen.bwd(q, k, v, policy, out, v_sum, row_max, den_stat, arg_max, dout, eps))
     return tuple(dispatch.recompute_backward(dispatch.reference("policy_attention").fn, (q, k, v, policy), (dout,),
                                              eps))
 
 
 @_backward_op.register_fake
-def _(q, k, v, policy, out, v_sum, row_max, inv_den, arg_max, dout, eps, backend):
+def _(q, k, v, policy, out, v_sum, row_max, den_stat, arg_max, dout, eps, backend):
     # Dense, whatever the inputs' strides (views of a fused qkv): every backend returns contiguous gradients.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), policy.new_empty(policy.shape)
 
@@ -300,8 +302,9 @@ def policy_attention(
     """Masked attention with a per-key keep policy (see the module docstring for the formula).
 
     The custom op ``torch.ops.stpcore.policy_attention(q, k, v, policy, eps, backend)`` returns the output and
-    the statistics the backward reads: v_sum (B, H, Dv), row_max and inv_den (B, H, N), in fp32 (fp64 for fp64
-    inputs), and arg_max (B, H, N) int32 (zeros from the reference backend, whose backward reruns it).
+    the statistics the backward reads: v_sum (B, H, Dv), row_max and the denominator (B, H, N; its inverse from
+    the Triton kernel, the denominator itself from the chunked path), in fp32 (fp64 for fp64 inputs), and arg_max
+    (B, H, N) int32 (zeros from the reference backend, whose backward reruns it).
 
     Args:
         q, k: (B, H, N, D) float.
