@@ -78,8 +78,15 @@ COMPILE_OPTION_COLUMNS = {
     "keep agreement": lambda r: r["keep_agreement"],
     "compile s": lambda r: r["compile_s"],
 }
+# header -> value from benchmarks/demo_attackers.py's JSON (an attacker's scores on one method)
+ATTACKER_COLUMNS = {
+    "cMAP %": lambda r: r["cmap"],
+    "F1": lambda r: r["f1"],
+    "drop": lambda r: r["drop"],
+    "skin AP": lambda r: 100 * r["ap"]["skin_color"],
+}
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
-           **COMPILE_OPTION_COLUMNS}
+           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -132,6 +139,12 @@ def _load(path: Path):
     data = json.loads(path.read_text())
     if "workloads" in data:
         return "ab", data["workloads"]
+    if "worst_case" in data:  # benchmarks/demo_attackers.py: "<method> / <attacker>" and "<method> / worst case"
+        raw = {a: r["cmap"] for a, r in data["results"][0]["attackers"].items()}
+        entries = {f"{r['method']} / {a}": dict(s, drop=raw[a] - s["cmap"]) for r in data["results"]
+                   for a, s in r["attackers"].items()}
+        entries.update({f"{m} / worst case": {"drop": w["worst_drop"]} for m, w in data["worst_case"].items()})
+        return "attackers", entries
     if "settings" in data:  # benchmarks/compile_options.py
         return "bench_extra", data["settings"]
     if "keep_masks" in data:
@@ -170,7 +183,8 @@ def test_tables_name_their_data():
             "benchmarks/results/demo/summary.json", "benchmarks/results/demo/variants.jsonl",
             "benchmarks/results/ab-restructure.json", "benchmarks/results/preprocess-choice.json",
             "benchmarks/results/cpu-fullframe.json", "benchmarks/results/cpu-compile.json",
-            "benchmarks/results/cpu-compile-options.json"} <= files, files
+            "benchmarks/results/cpu-compile-options.json",
+            "benchmarks/results/demo-attackers.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -181,7 +195,8 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     assert name in entries, f"BENCHMARKS.md:{line}: {name!r} is not in {path}"
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
                "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
-               "bench_extra": COMPILE_OPTION_COLUMNS}[kind]
+               "bench_extra": COMPILE_OPTION_COLUMNS,
+               "attackers": ATTACKER_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
@@ -192,7 +207,8 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     expected = columns[header](entries[name])
     assert expected is not None, f"BENCHMARKS.md:{line}: {path} has no {header} for {name}"
     scale = {"ms": 1e3, "µs": 1e6, "us": 1e6}.get(unit, 1.0)
-    if header in ("top-1 %", "cMAP %") and kind == "demo" or header in VARIANT_COLUMNS and kind == "variants":
+    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind == "attackers" or header in VARIANT_COLUMNS \
+            and kind == "variants":
         scale = 1.0
     expected = expected * scale
     tolerance = 0.5 * 10 ** -decimals + 1e-9
