@@ -29,6 +29,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
     cfg = dataclass_from_args(TrainConfig, args)
+    if args.select and not (cfg.validation > 0 and cfg.candidate_every > 0):
+        print("stpcore train: --select needs a validation part and candidates: add --validation FRACTION (e.g. 0.2) "
+              "and --candidate-every N", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg)
     # The ranks agree on how fit() ends (finished, interrupted, diverged), so all of them leave the process group
     # together on those paths; an unexpected error propagates at once (a barrier there could wait forever).
@@ -45,7 +49,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     shutdown_distributed()
     if trainer.dist.main:
         print(f"trained STPrivacy: {Path(cfg.out_dir) / 'stprivacy.pt'} (full state: {Path(cfg.out_dir) / 'last.pt'})")
+        if args.select:
+            _select(cfg, args)
     return 0
+
+
+def _select(cfg, args: argparse.Namespace) -> None:
+    """Score the candidates of a finished run and deploy the chosen one as stprivacy.pt (the final model stays
+    in candidates/)."""
+    import shutil
+
+    from stpcore.evaluation import EvalConfig
+    from stpcore.evaluation.selection import SELECTION_ATTACKERS, select_candidate
+
+    out = Path(cfg.out_dir)
+    candidates = sorted((out / "candidates").glob("phase2-epoch*.pt"))
+    eval_cfg = EvalConfig(data_root=cfg.data_root, labels=cfg.labels, kind=cfg.kind, split=cfg.split,
+                          epochs=args.select_epochs, batch_size=cfg.batch_size, workers=cfg.workers,
+                          decoder=cfg.decoder, stride=cfg.stride, short_side=cfg.short_side, base_lr=cfg.base_lr,
+                          warmup_epochs=min(cfg.warmup_epochs, args.select_epochs / 4), amp=cfg.amp,
+                          out_dir=str(out / "selection"), seed=cfg.seed, progress=cfg.progress,
+                          attackers=SELECTION_ATTACKERS)
+    record = select_candidate(candidates, eval_cfg, cfg.validation, target=args.select_target,
+                              out=out / "selection.json")
+    chosen = Path(record["chosen"]["path"])
+    shutil.copyfile(chosen, out / "stprivacy.pt.tmp")
+    os.replace(out / "stprivacy.pt.tmp", out / "stprivacy.pt")
+    print(f"selected {chosen.name} ({record['rule']}); deployed as {out / 'stprivacy.pt'}; scores in "
+          f"{out / 'selection.json'}")
 
 
 def _cmd_anonymize(args: argparse.Namespace) -> int:
@@ -206,6 +237,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train STPrivacy (phases 1 and 2); torchrun for several processes")
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
     p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
+    p.add_argument("--select", action="store_true",
+                   help="after training, score the phase-2 candidates on the validation part (needs --validation "
+                        "and --candidate-every) and deploy the one the rule picks as stprivacy.pt (selection.json "
+                        "records every score; stpcore.evaluation.selection)")
+    p.add_argument("--select-target", type=float, default=15.0, metavar="POINTS",
+                   help="the worst-case cMAP drop a candidate must reach (default 15)")
+    p.add_argument("--select-epochs", type=_positive_int, default=20, metavar="N",
+                   help="epochs of the selection's quick recognizers and attackers (default 20)")
     if wanted("train"):
         from stpcore.training.config import TrainConfig
 

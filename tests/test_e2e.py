@@ -196,3 +196,30 @@ def test_demo_variants_script_scores_a_variant(tmp_path):
     assert line["train_overrides"] == {"privacy_weight": 2.0}
     assert line["stprivacy"]["kept"] < 1.0 and line["1.0"]["kept"] == 1.0
     assert (tmp_path / "v1" / "train" / "stprivacy.pt").is_file()
+
+
+def test_train_select_scores_candidates_on_held_out_training_videos(tmp_path):
+    """`stpcore train --select` on real (synthetic) files: the validation part is held out of training, every
+    phase-2 candidate is scored on it, and the chosen one is deployed as stprivacy.pt."""
+    data = tmp_path / "synth"
+    assert main(["data", "synth", str(data), "--videos", "42", "--seed", "0", "--width", "64", "--height", "48",
+                 "--frames", "20"]) == 0
+    out = tmp_path / "run"
+    assert main(_train_args(data, out, "--phase1-epochs", "1", "--phase2-epochs", "2", "--validation", "0.3",
+                            "--candidate-every", "1", "--select", "--select-epochs", "2")) == 0
+    record = json.loads((out / "selection.json").read_text())
+    assert [Path(c["path"]).name for c in record["candidates"]] == ["phase2-epoch001.pt", "phase2-epoch002.pt"]
+    assert record["validation"] == 0.3 and set(record["raw"]["cmap"]) == {"vit", "stats"}
+    chosen = Path(record["chosen"]["path"])
+    assert (out / "stprivacy.pt").read_bytes() == chosen.read_bytes()
+    # The parts: disjoint, 21 + 7 of the 28 training videos; the validation part sampled like a test split.
+    from stpcore.runtime import clip_loader
+
+    common = dict(num_frames=8, crop=32, labels=data / "vp_labels.csv", decoder="pyav", stride=2, validation=0.3,
+                  batch_size=2, workers=0)
+    fit = clip_loader(data, train=True, part="fit", **common)
+    val = clip_loader(data, train=True, part="validation", **common)
+    assert len(fit.records) == 21 and len(val.records) == 7
+    assert not {r.video_id for r in fit.records} & {r.video_id for r in val.records}
+    batch = next(iter(val))
+    assert batch.video_index.tolist() == [0] * 15 + [1] * 15 and batch.clip_index.max() == 14

@@ -37,7 +37,7 @@ from stpcore.data.sampling import (
     shard_indices,
     train_clip,
 )
-from stpcore.data.splits import VideoRecord, detect_kind, list_records
+from stpcore.data.splits import VideoRecord, detect_kind, list_records, validation_partition
 from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -71,6 +71,11 @@ class DataConfig:
         cache: PyAV path: keep every decoded, resized video in memory (uint8) so each is decoded once per
             run instead of once per epoch; for small datasets (the synthetic one). Decoding then runs in the
             main process (workers is ignored), since worker processes would not keep the cache.
+        validation: the fraction of the training split's videos held out for model selection (0: none);
+            ``splits.validation_partition`` draws them per class, the same in every run.
+        part: which videos of the training split: "all", "fit" (without the held-out ones) or "validation"
+            (the held-out ones, sampled like a test split: 5 clips x 3 crops each, in order); "fit" and
+            "validation" need ``validation`` > 0 and the training split.
     """
 
     root: str | Path
@@ -95,8 +100,25 @@ class DataConfig:
     seed: int = 0
     drop_last: bool = False
     cache: bool = False
+    validation: float = 0.0
+    part: str = "all"
+
+    @property
+    def sampled_for_training(self) -> bool:
+        """Random clips, shuffled (training), or every test view in order (test split, and the validation part,
+        which is scored like a test split)."""
+        return self.train and self.part != "validation"
 
     def __post_init__(self) -> None:
+        from stpcore.data.splits import PARTS
+
+        if self.part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {self.part!r}")
+        if self.part != "all" and not 0 < self.validation < 1:
+            raise ValueError(f"part={self.part!r} needs a validation fraction in (0, 1), got {self.validation}")
+        if self.part != "all" and not self.train:
+            raise ValueError("the validation part is carved from the training split (train=True), never the test "
+                             "split")
         if self.short_side is None:
             from stpcore.data.preprocess import working_short_side
 
@@ -180,7 +202,7 @@ def _probe_cached(path: Path, cache: dict[str, VideoInfo | VideoError]) -> Video
 
 
 def _video_specs(cfg: DataConfig, stride: int, info: VideoInfo, index: int, epoch: int) -> list[ClipSpec]:
-    if cfg.train:
+    if cfg.sampled_for_training:
         rng = np.random.default_rng([cfg.seed, epoch, index])
         return [train_clip(info.num_frames, rng, cfg.num_frames, stride, flip=cfg.flip)]
     return eval_clips(info.num_frames, cfg.num_frames, stride, TEST_CLIPS, TEST_CROPS)
@@ -297,6 +319,9 @@ class _LoaderBase:
         listing = list_records(cfg.root, self.kind, cfg.split, cfg.train, split_dir, labels)
         self.records: list[VideoRecord] = listing.records
         self.classes: list[str] = listing.classes
+        if cfg.part != "all":
+            fit, held = validation_partition(self.records, self.classes, cfg.validation)
+            self.records = [self.records[i] for i in (fit if cfg.part == "fit" else held)]
         self.epoch = 0
         self._start = 0  # first batch of the next iteration (start_at)
         self._report = DataReport()
@@ -330,8 +355,8 @@ class _LoaderBase:
         """This shard's video indices for the current epoch (shuffled and padded in train mode)."""
         cfg = self.cfg
         return shard_indices(
-            len(self.records), cfg.shard_id, cfg.num_shards, shuffle=cfg.train, seed=cfg.seed, epoch=self.epoch,
-            pad=cfg.train,
+            len(self.records), cfg.shard_id, cfg.num_shards, shuffle=cfg.sampled_for_training, seed=cfg.seed,
+            epoch=self.epoch, pad=cfg.sampled_for_training,
         )
 
     def report(self) -> DataReport:
@@ -341,7 +366,7 @@ class _LoaderBase:
     def __len__(self) -> int:
         n = len(self.shard())
         b = self.cfg.batch_size
-        return n // b if (self.cfg.train and self.cfg.drop_last) else -(-n // b)
+        return n // b if (self.cfg.sampled_for_training and self.cfg.drop_last) else -(-n // b)
 
     def _event(self, reason: str, detail: str) -> None:
         self._report.add(reason, detail)
@@ -373,7 +398,7 @@ class PyAVClipLoader(_LoaderBase):
             sampler=order,
             num_workers=0 if cfg.cache else cfg.workers,
             collate_fn=_collate,
-            drop_last=cfg.train and cfg.drop_last,
+            drop_last=cfg.sampled_for_training and cfg.drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )
@@ -398,7 +423,7 @@ class DaliClipLoader(_LoaderBase):
 
         self.device = decoder_for_env(None if cfg.device == "auto" else cfg.device)
         self.codecs = dali_codecs(self.device)
-        views = 1 if cfg.train else TEST_CLIPS * TEST_CROPS
+        views = 1 if cfg.sampled_for_training else TEST_CLIPS * TEST_CROPS
         self.decoder = DaliClipDecoder(
             self.device, max_batch=cfg.batch_size * views, num_threads=max(cfg.workers, 1),
             short_side=cfg.short_side, crop=cfg.crop, mean=cfg.mean, std=cfg.std,
@@ -466,7 +491,7 @@ class DaliClipLoader(_LoaderBase):
                 pending, videos = [], 0
                 if batch is not None:
                     yield batch
-        if pending and not (cfg.train and cfg.drop_last):
+        if pending and not (cfg.sampled_for_training and cfg.drop_last):
             batch = flush()
             if batch is not None:
                 yield batch

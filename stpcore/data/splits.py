@@ -198,6 +198,51 @@ def list_records(
     return SplitListing(records=records, classes=classes, missing=missing)
 
 
+PARTS = ("all", "fit", "validation")
+
+
+def validation_partition(records: list[VideoRecord], classes: list[str], fraction: float,
+                         seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of the training videos kept for fitting and of those held out for validation (model selection).
+
+    Per class, ``round(fraction * n)`` videos (at least one where the class has two or more) are drawn with a
+    generator seeded by ``seed`` alone, so the partition is the same in every run and on every rank. The
+    validation part must let the selection measure what it scores: it must hold every class, and, among its
+    videos with privacy labels, both values of every attribute; otherwise a ValueError says what is missing.
+
+    Returns:
+        (fit, validation): sorted indices into ``records``.
+    """
+    from stpcore.data.labels import PRIVACY_ATTRIBUTES
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for c in range(len(classes)):
+        members = [i for i, r in enumerate(records) if r.action == c]
+        take = min(max(round(fraction * len(members)), 1 if len(members) >= 2 else 0), len(members) - 1)
+        held += rng.permutation(members)[:max(take, 0)].tolist()
+    held = sorted(held)
+    fit = sorted(set(range(len(records))) - set(held))
+    if not held:
+        raise ValueError(f"the validation part is empty: {len(records)} training video(s) and fraction {fraction}; "
+                         f"raise the fraction or add videos")
+    missing = [classes[c] for c in range(len(classes)) if not any(records[i].action == c for i in held)]
+    if missing:
+        raise ValueError(f"the validation part ({len(held)} videos, fraction {fraction}) has no video of class(es) "
+                         f"{missing} (each needs two or more training videos); raise the fraction or add videos")
+    labelled = [records[i].privacy for i in held if records[i].privacy is not None]
+    if labelled:
+        values = np.stack(labelled)
+        lacking = [f"{a}={v}" for j, a in enumerate(PRIVACY_ATTRIBUTES) for v in (0, 1)
+                   if not (values[:, j] == v).any()]
+        if lacking:
+            raise ValueError(f"the validation part's {len(labelled)} labelled video(s) lack attribute value(s) "
+                             f"{lacking}, so their AP is undefined; raise the validation fraction")
+    return fit, held
+
+
 def _check_split(split: int) -> None:
     if split not in (1, 2, 3):
         raise ValueError(f"split must be 1, 2 or 3, got {split}")

@@ -66,6 +66,10 @@ class TrainConfig:
         progress: progress on rank 0 (a bar on a terminal, a line per epoch in a log).
         model_overrides: STPrivacyConfig fields changed from the preset (config file only, e.g.
             {"tau": 0.5}); those the recognizers share (the backbone's) apply to them too.
+        validation: the fraction of the training videos held out for model selection and never trained on
+            (``stpcore.data.splits.validation_partition``; 0: train on all) [G: 0].
+        candidate_every: phase-2 epochs between candidate checkpoints, ``candidates/phase2-epochNNN.pt`` (the
+            deployable format; 0: none). The last phase-2 epoch is always a candidate when this is set [G: 0].
     """
 
     data_root: str
@@ -105,8 +109,14 @@ class TrainConfig:
     init_2d: str | None = None
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    validation: float = 0.0
+    candidate_every: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.validation < 1:
+            raise ValueError(f"validation must be a fraction in [0, 1), got {self.validation}")
+        if self.candidate_every < 0:
+            raise ValueError(f"candidate_every must be >= 0 (0: no candidates), got {self.candidate_every}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.phase1_epochs < 0 or self.phase2_epochs < 0:

@@ -132,6 +132,7 @@ class Trainer:
             batch_size=cfg.batch_size, workers=cfg.workers, decoder=cfg.decoder,
             device="cuda" if torch.cuda.is_available() else "cpu", stride=cfg.stride,
             shard_id=self.dist.rank, num_shards=self.dist.world_size, seed=cfg.seed,
+            **({"validation": cfg.validation, "part": "fit"} if cfg.validation else {}),
         )
 
     def _wrap_models(self) -> None:
@@ -345,6 +346,9 @@ class Trainer:
                     self.epoch += 1
                     self.step_in_epoch = 0
                     self.save_checkpoint()
+                    if phase == "phase2" and self.dist.main and self._candidate_due(epochs):
+                        # atomic_path creates the folder
+                        self.export_anonymizer(self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt")
             self.phase = "done"
             self.save_checkpoint()
             if getattr(self, "_tb_writer", None) is not None:
@@ -355,6 +359,11 @@ class Trainer:
             for sig, h in previous.items():
                 signal.signal(sig, h)
         return history
+
+    def _candidate_due(self, epochs: int) -> bool:
+        """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""
+        every = self.cfg.candidate_every
+        return every > 0 and (self.epoch % every == 0 or self.epoch == epochs)
 
     def _fit_decoder(self) -> None:
         """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py)."""

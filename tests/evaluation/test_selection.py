@@ -1,0 +1,140 @@
+"""Model selection on validation data: the rule picks the candidate it names, the validation part is carved from
+the training videos with clear errors, phase 2 saves its candidates, and `train --select` refuses a run with
+nothing to select from."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stpcore.data.splits import VideoRecord, validation_partition
+from stpcore.evaluation import EvalConfig
+from stpcore.evaluation.selection import choose, select_candidate, trade_off
+from stpcore.models import STPrivacy, STPrivacyConfig, save_anonymizer
+
+
+def test_the_rule_takes_the_best_action_among_candidates_reaching_the_target():
+    scores = [{"top1": 70.0, "worst_drop": 16.0}, {"top1": 74.0, "worst_drop": 15.0},
+              {"top1": 80.0, "worst_drop": 10.0}, {"top1": 72.0, "worst_drop": 22.0}]
+    index, rule = choose(scores, raw_top1=80.0, target=15.0)
+    assert index == 1 and "among the 3 candidate(s)" in rule
+
+
+def test_without_an_eligible_candidate_the_rule_takes_the_best_trade_off():
+    # trade-offs against raw top-1 80: 10 - 0 = 10, 12 - 6 = 6, NaN never, 9 - 0 = 9
+    scores = [{"top1": 80.0, "worst_drop": 10.0}, {"top1": 74.0, "worst_drop": 12.0},
+              {"top1": 90.0, "worst_drop": math.nan}, {"top1": 85.0, "worst_drop": 9.0}]
+    index, rule = choose(scores, raw_top1=80.0, target=15.0)
+    assert index == 0 and "best trade-off" in rule
+    assert trade_off(12.0, 74.0, 80.0) == 6.0 and trade_off(9.0, 85.0, 80.0) == 9.0
+    tie = [{"top1": 1.0, "worst_drop": 5.0}, {"top1": 1.0, "worst_drop": 5.0}]
+    assert choose(tie, 1.0, 15.0)[0] == 1  # ties go to the later candidate
+    with pytest.raises(ValueError, match="no candidate to choose from"):
+        choose([], 80.0, 15.0)
+    with pytest.raises(ValueError, match="no candidate has a defined worst-case drop"):
+        choose([{"top1": 1.0, "worst_drop": math.nan}], 1.0, 15.0)
+
+
+def _records(per_class=(6, 6, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, n in enumerate(per_class):
+        for i in range(n):
+            privacy = rng.integers(0, 2, 5)
+            privacy[:] = (i + np.arange(5)) % 2  # both values of every attribute in any two consecutive videos
+            out.append(VideoRecord(path=f"c{c}/v{i}.avi", video_id=f"c{c}/v{i}", action=c, privacy=privacy))
+    return out
+
+
+def test_validation_part_is_per_class_and_the_same_in_every_run():
+    records, classes = _records(), ["a", "b", "c"]
+    fit, held = validation_partition(records, classes, 0.34)
+    assert (fit, held) == validation_partition(records, classes, 0.34)
+    assert sorted(fit + held) == list(range(len(records))) and not set(fit) & set(held)
+    assert [sum(records[i].action == c for i in held) for c in range(3)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("per_class, fraction, match", [
+    ((1, 1), 0.5, "the validation part is empty"),
+    ((4, 1), 0.5, r"has no video of class\(es\) \['b'\]"),
+])
+def test_a_validation_part_that_cannot_score_is_refused(per_class, fraction, match):
+    with pytest.raises(ValueError, match=match):
+        validation_partition(_records(per_class), ["a", "b"], fraction)
+
+
+def test_a_validation_part_lacking_an_attribute_value_is_refused():
+    records = _records((4, 4))
+    for r in records:
+        r.privacy[3] = 1  # nudity identifiable everywhere: its AP is undefined
+    with pytest.raises(ValueError, match=r"lack attribute value\(s\) \['nudity=0'\]"):
+        validation_partition(records, ["a", "b"], 0.5)
+
+
+class _Loader:
+    """In-memory clips: attribute 0 is a red tint, the action a band (as tests/evaluation/test_attackers.py)."""
+
+    def __init__(self, n: int, train: bool, seed: int):
+        self.n, self.train, self.seed, self.epoch = n, train, seed, 0
+        self.classes = ["a", "b"]
+
+    def __len__(self):
+        return -(-self.n // 6)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        from stpcore.data import Batch
+
+        g = torch.Generator().manual_seed(self.seed * 31 + (self.epoch if self.train else 0))
+        for s in range(0, self.n, 6):
+            vids = torch.arange(s, min(s + 6, self.n))
+            clips = torch.randn(len(vids), 3, 8, 32, 32, generator=g) * 0.5
+            actions, tint = vids % 2, (vids // 2) % 2
+            privacy = torch.stack([tint, *[(vids + k) % 2 for k in range(1, 5)]], 1).float()
+            for i in range(len(vids)):
+                clips[i, :, :, 16 * int(actions[i]):16 * int(actions[i]) + 16] += 2.0
+                clips[i, 0] += float(tint[i])
+            yield Batch(clips=clips, actions=actions, privacy=privacy, has_privacy=torch.ones(len(vids), dtype=bool),
+                        video_index=vids, clip_index=torch.zeros(len(vids), dtype=torch.int64),
+                        video_ids=[f"x/v{int(v)}" for v in vids])
+
+
+def test_select_candidate_scores_every_candidate_and_records_the_choice(tmp_path):
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        paths.append(save_anonymizer(STPrivacy(STPrivacyConfig.from_name("tiny", num_classes=2)),
+                                     tmp_path / f"phase2-epoch00{seed}.pt"))
+    cfg = EvalConfig(data_root="unused", out_dir=str(tmp_path / "sel"), epochs=2, batch_size=6, base_lr=0.5,
+                     warmup_epochs=0.5, progress=False, device="cpu", attackers="stats")
+    record = select_candidate(paths, cfg, 0.3, target=15.0, out=tmp_path / "selection.json",
+                              train_loader=_Loader(24, True, 0), val_loader=_Loader(12, False, 1))
+    assert [c["path"] for c in record["candidates"]] == [str(p) for p in paths]
+    assert set(record["raw"]["cmap"]) == {"stats"} and all("stats" in c["drops"] for c in record["candidates"])
+    rows = record["candidates"]
+    want, _ = choose(rows, record["raw"]["top1"], 15.0)
+    assert record["chosen"] == {"index": want, "path": rows[want]["path"]}
+    assert (tmp_path / "selection.json").is_file()
+
+
+def test_phase2_saves_candidates_every_k_epochs_and_the_last(tmp_path):
+    from stpcore.testing import RandomClipLoader
+    from stpcore.training import TrainConfig, Trainer
+
+    cfg = TrainConfig(data_root="unused", out_dir=str(tmp_path / "run"), preset="tiny", batch_size=4,
+                      phase1_epochs=1, phase2_epochs=3, candidate_every=2, progress=False, labels="unused.csv")
+    Trainer(cfg, RandomClipLoader(2, 4, 8, 32)).fit()
+    names = sorted(p.name for p in (tmp_path / "run" / "candidates").iterdir())
+    assert names == ["phase2-epoch002.pt", "phase2-epoch003.pt"]
+
+
+def test_train_select_needs_a_validation_part_and_candidates(tmp_path, capsys):
+    from stpcore.cli import main
+
+    assert main(["train", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--select"]) == 2
+    assert "--select needs a validation part and candidates" in capsys.readouterr().err
