@@ -29,9 +29,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
     cfg = dataclass_from_args(TrainConfig, args)
-    if args.select and not (cfg.validation > 0 and cfg.candidate_every > 0):
-        print("stpcore train: --select needs a validation part and candidates: add --validation FRACTION (e.g. 0.2) "
-              "and --candidate-every N", file=sys.stderr)
+    if args.select and not (cfg.validation > 0 and cfg.candidate_every > 0 and cfg.phase2_epochs > 0):
+        print("stpcore train: --select needs a validation part and phase-2 candidates: add --validation FRACTION "
+              "(e.g. 0.2) and --candidate-every N, with --phase2-epochs > 0", file=sys.stderr)
         return 2
     trainer = Trainer(cfg)
     # The ranks agree on how fit() ends (finished, interrupted, diverged), so all of them leave the process group
@@ -50,7 +50,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.dist.main:
         print(f"trained STPrivacy: {Path(cfg.out_dir) / 'stprivacy.pt'} (full state: {Path(cfg.out_dir) / 'last.pt'})")
         if args.select:
-            _select(cfg, args)
+            try:
+                _select(cfg, args)
+            except ValueError as exc:
+                print(f"stpcore train: selection failed ({exc}); the final model stays in "
+                      f"{Path(cfg.out_dir) / 'stprivacy.pt'}", file=sys.stderr)
+                return 1
     return 0
 
 

@@ -12,6 +12,7 @@ reported in `SplitListing.missing`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -205,8 +206,10 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
                          seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices of the training videos kept for fitting and of those held out for validation (model selection).
 
-    Per class, ``round(fraction * n)`` videos (at least one where the class has two or more) are drawn with a
-    generator seeded by ``seed`` alone, so the partition is the same in every run and on every rank. The
+    Per class, ``round(fraction * n)`` videos (at least one where the class has two or more) are held out: those
+    whose SHA-256 of ``"<seed>:<video_id>"`` sorts first. The choice of each video depends on its id and its
+    class's size alone, not on a random stream or on which other files exist, so training and a later
+    ``--select`` hold out the same videos, on every rank. The
     validation part must let the selection measure what it scores: it must hold every class, and, among its
     videos with privacy labels, both values of every attribute; otherwise a ValueError says what is missing.
 
@@ -217,12 +220,12 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
 
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
     held: list[int] = []
     for c in range(len(classes)):
         members = [i for i, r in enumerate(records) if r.action == c]
         take = min(max(round(fraction * len(members)), 1 if len(members) >= 2 else 0), len(members) - 1)
-        held += rng.permutation(members)[:max(take, 0)].tolist()
+        members.sort(key=lambda i: hashlib.sha256(f"{seed}:{records[i].video_id}".encode()).hexdigest())
+        held += members[:max(take, 0)]
     held = sorted(held)
     fit = sorted(set(range(len(records))) - set(held))
     if not held:
@@ -233,6 +236,9 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
         raise ValueError(f"the validation part ({len(held)} videos, fraction {fraction}) has no video of class(es) "
                          f"{missing} (each needs two or more training videos); raise the fraction or add videos")
     labelled = [records[i].privacy for i in held if records[i].privacy is not None]
+    if not labelled and any(r.privacy is not None for r in records):
+        raise ValueError(f"none of the validation part's {len(held)} videos has privacy labels, so no attacker can be "
+                         f"scored on it; raise the validation fraction or check the labels")
     if labelled:
         values = np.stack(labelled)
         lacking = [f"{a}={v}" for j, a in enumerate(PRIVACY_ATTRIBUTES) for v in (0, 1)

@@ -139,9 +139,13 @@ def appearance_features(video: torch.Tensor, visible: torch.Tensor | None = None
     var = centred.square().sum(dim=dims) / count
     sd = var.sqrt()
     skew = centred.pow(3).sum(dim=dims) / count / sd.clamp_min(1e-6).pow(3)
-    bins = (rgb * HIST_BINS).long().clamp_(0, HIST_BINS - 1)  # (B, 3, T, H, W)
-    hist = torch.zeros(x.shape[0], 3, HIST_BINS, device=x.device)
-    hist.scatter_add_(2, bins.flatten(2), w.expand_as(rgb).flatten(2))
+    B = x.shape[0]
+    offsets = (torch.arange(B, device=x.device) * HIST_BINS).view(B, 1, 1, 1)
+    weights = w[:, 0].flatten()
+    hist = torch.stack([  # one channel at a time: no (B, 3, T, H, W) index or weight copies
+        torch.bincount((((rgb[:, c] * HIST_BINS).long().clamp_(0, HIST_BINS - 1)) + offsets).flatten(),
+                       weights=weights, minlength=B * HIST_BINS).view(B, HIST_BINS)
+        for c in range(3)], dim=1)  # (B, 3, bins)
     hist = hist / count[:, :, None]
     texture = []
     for axis in (4, 3):  # horizontal, vertical neighbours
@@ -155,8 +159,8 @@ def appearance_features(video: torch.Tensor, visible: torch.Tensor | None = None
 class StatsAttacker:
     """One logistic regression per attribute on :func:`appearance_features` (standardised).
 
-    An attribute whose training labels are all one class predicts that class's frequency (there is nothing to
-    learn).
+    An attribute whose training labels are all one class predicts that class (there is nothing to learn); with no
+    labelled clip at all every attribute predicts 0.5 (and the metrics are NaN without test labels anyway).
 
     Args:
         c: inverse L2 regularisation of scikit-learn's LogisticRegression.
@@ -174,8 +178,9 @@ class StatsAttacker:
         from sklearn.preprocessing import StandardScaler
 
         x, y = features[has], labels[has].astype(np.int64)
-        if len(x) == 0:
-            raise ValueError("the stats attacker has no training clip with privacy labels")
+        if len(x) == 0:  # no privacy labels (phase 3 without --labels): nothing to learn, and nothing to score
+            self.models = [0.5] * labels.shape[1]
+            return self
         self.models = []
         for a in range(y.shape[1]):
             if y[:, a].min() == y[:, a].max():

@@ -110,13 +110,13 @@ def _check_clips(clips: torch.Tensor, rec_cfg: RecognizerConfig) -> None:
                          f"num_frames / image_size); fix the data config")
 
 
-def _train_epoch(cfg, transform, models, opts, scheds, totals, loader, rec_cfg, device, epoch, method,
+def _train_epoch(cfg, transform, models, opts, scheds, cnn_epochs, loader, rec_cfg, device, epoch, method,
                  stats_sink: list | None) -> dict:
-    """One epoch of every trainable model on the transformed clips (one transform per batch): "action" and the
-    attackers in ``models`` that have steps left of their ``totals``; the clips' appearance features go to
-    ``stats_sink`` (the stats attacker) when it is a list."""
+    """One epoch on the transformed clips (one transform per batch) of "action", "vit" and, in its first
+    ``cnn_epochs`` epochs, "frame_cnn"; the clips' appearance features go to ``stats_sink`` (the stats attacker)
+    when it is a list (on the device; one host copy per epoch)."""
     mode = transform.keep_mode or "policy"
-    active = {k: m for k, m in models.items() if scheds[k].last_epoch < totals[k]}
+    active = {k: m for k, m in models.items() if k != "frame_cnn" or epoch < cnn_epochs}
     for m in active.values():
         m.train()
     loader.set_epoch(epoch)
@@ -125,6 +125,8 @@ def _train_epoch(cfg, transform, models, opts, scheds, totals, loader, rec_cfg, 
     # Running sums stay on the device; one host copy per epoch.
     sums = torch.zeros(3, device=device)  # ce * clips, vit bce * clips, correct
     clips_seen = 0
+    epoch_features: list[torch.Tensor] = []
+    epoch_labels: list[tuple[torch.Tensor, torch.Tensor]] = []
     for step, batch in enumerate(loader):
         clips = batch.clips.to(device, non_blocking=True)
         if step == 0:
@@ -135,14 +137,13 @@ def _train_epoch(cfg, transform, models, opts, scheds, totals, loader, rec_cfg, 
         losses_ = {}
         with autocast(device, cfg.amp):
             video, keep = transform(clips, batch.video_ids)  # one transform, every update
-            action_logits = active["action"](video, keep, mode=mode) if "action" in active else None
-            if action_logits is not None:
-                losses_["action"] = losses.action_loss(action_logits, actions)
+            action_logits = models["action"](video, keep, mode=mode)
+            losses_["action"] = losses.action_loss(action_logits, actions)
             for name, model in active.items():
                 if name != "action":
                     losses_[name] = losses.masked_privacy_loss(model(video, keep, mode=mode), privacy, has)
         if stats_sink is not None:
-            stats_sink.append((appearance_features(video).cpu(), batch.privacy.cpu(), batch.has_privacy.cpu()))
+            epoch_features.append(appearance_features(video))
         for name, loss in losses_.items():
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
@@ -151,15 +152,19 @@ def _train_epoch(cfg, transform, models, opts, scheds, totals, loader, rec_cfg, 
             opts[name].step()
             scheds[name].step()
         n = clips.shape[0]
-        correct = (action_logits.detach().argmax(-1) == actions).sum() if action_logits is not None else 0
+        correct = (action_logits.detach().argmax(-1) == actions).sum()
         bce = losses_.get("vit", torch.zeros((), device=device)).detach()
-        sums += torch.stack([losses_["action"].detach() * n if "action" in losses_ else torch.zeros((), device=device),
-                             bce * n, torch.as_tensor(correct, device=device).float()])
+        sums += torch.stack([losses_["action"].detach() * n, bce * n, correct.float()])
+        if stats_sink is not None:
+            epoch_labels.append((batch.privacy, batch.has_privacy))
         clips_seen += n
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if stats_sink is not None and epoch_features:
+        stats_sink.append((torch.cat(epoch_features).cpu(), torch.cat([p for p, _ in epoch_labels]),
+                           torch.cat([h for _, h in epoch_labels])))
     ce_sum, bce_sum, correct = sums.tolist()
     clips_seen = max(clips_seen, 1)
     return {"method": method, "epoch": epoch, "lr": opts["action"].param_groups[0]["lr"],
@@ -272,17 +277,17 @@ def evaluate_method(
         models["frame_cnn"] = FrameCNN(budget.cnn_widths, len(PRIVACY_ATTRIBUTES)).to(dev)
     steps_per_epoch = max(1, len(train_loader))
     lr = cfg.base_lr * cfg.batch_size / 512
-    opts, scheds, totals = {}, {}, {}
+    opts, scheds = {}, {}
+    cnn_epochs = min(cfg.epochs, budget.cnn_max_epochs)
     for name, model in models.items():
-        epochs = min(cfg.epochs, budget.cnn_max_epochs) if name == "frame_cnn" else cfg.epochs
+        epochs = cnn_epochs if name == "frame_cnn" else cfg.epochs
         total, warm = epochs * steps_per_epoch, int(min(cfg.warmup_epochs, epochs) * steps_per_epoch)
         opts[name], scheds[name] = make_optimizer(model, budget.cnn_lr if name == "frame_cnn" else lr, total,
                                                   min(warm, total), cfg.weight_decay, cfg.min_lr_ratio)
-        totals[name] = total
     stats_sink: list | None = [] if "stats" in attackers else None
     out_dir = Path(cfg.out_dir)
     for epoch in range(cfg.epochs):
-        record = _train_epoch(cfg, transform, models, opts, scheds, totals, train_loader, action_cfg, dev, epoch,
+        record = _train_epoch(cfg, transform, models, opts, scheds, cnn_epochs, train_loader, action_cfg, dev, epoch,
                               transform.name, stats_sink)
         _log(out_dir, record)
     stats = None

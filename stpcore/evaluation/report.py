@@ -89,7 +89,7 @@ def results_table(results: Sequence[MethodResult], dataset: str | None = None) -
                      "privacy_videos", "seconds", "note", *[f"cmap_{n}" for n in names], "worst_drop",
                      "best_attacker"])
     for r in results:
-        worst = worst_case(raw, r) if raw is not None else None
+        worst = worst_case(raw, r) if raw is not None and r is not raw else None
         writer.writerow(["ours", dataset or "", r.method, _csv_num(r.top1), _csv_num(r.f1), _csv_num(r.cmap),
                          _csv_num(r.kept_fraction), r.num_test_videos, r.num_privacy_videos, r.seconds, r.note,
                          *[_csv_num(r.attackers[n]["cmap"]) if n in r.attackers else "" for n in names],
@@ -119,7 +119,8 @@ def attackers_section(results: Sequence[MethodResult]) -> list[str]:
     names = _attacker_names(results)
     if not names:
         return []
-    attrs = list(next(iter(results[0].attackers.values()))["ap"]) if results[0].attackers else []
+    first = next(r for r in results if r.attackers)
+    attrs = list(next(iter(first.attackers.values()))["ap"])
     raw = _raw(results)
     lines = ["", "## Privacy attackers", "",
              "Each attacker is trained on the method's transformed training videos and tested on its transformed "

@@ -14,6 +14,11 @@ split; ``TrainConfig.validation``, ``stpcore.data.splits.validation_partition``)
   (points for points). Ties go to the later candidate.
 
 Everything is recorded in ``selection.json``: every candidate's scores, the raw scores, the rule and the choice.
+
+Cost: (K + 1) evaluations (raw video and K candidates), each training the action recognizer, a ViT attacker and
+the statistics attacker for ``epochs`` epochs on the fit part, with the recognizers at the checkpoint's backbone:
+with many candidates and a large backbone it approaches the cost of training; fewer candidates (a larger
+``candidate_every``) or fewer epochs keep it small.
 """
 
 from __future__ import annotations
@@ -83,8 +88,7 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
 
     if not candidates:
         raise ValueError("no candidate checkpoints to select from: train with candidate_every > 0")
-    models = [load_checkpoint(c, cfg) for c in candidates]
-    geometry = models[0].cfg
+    geometry = load_checkpoint(candidates[0], cfg).cfg
     common = dict(num_frames=geometry.num_frames, crop=geometry.image_size, short_side=cfg.short_side, kind=cfg.kind,
                   split=cfg.split, labels=cfg.labels, workers=cfg.workers, decoder=cfg.decoder, stride=cfg.stride,
                   seed=cfg.seed, validation=validation)
@@ -101,8 +105,8 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
 
     raw = run(make_transform("raw"), "raw")
     rows = []
-    for path, model in zip(candidates, models, strict=True):
-        result = run(STPrivacyTransform(model), Path(path).stem)
+    for path in candidates:  # one model at a time (on a GPU, K candidates would otherwise all stay there)
+        result = run(STPrivacyTransform(load_checkpoint(path, cfg)), Path(path).stem)
         w = worst_case(raw, result)
         rows.append({"path": str(path), "top1": result.top1,
                      "cmap": {n: a["cmap"] for n, a in result.attackers.items()}, "drops": w["drops"],

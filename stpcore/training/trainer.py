@@ -329,6 +329,10 @@ class Trainer:
             if self.dist.main and not (self.out_dir / "stprivacy.pt").is_file():
                 self.export_anonymizer(self.out_dir / "stprivacy.pt")
             return history
+        if resume is None and self.dist.main and self.cfg.candidate_every and (self.out_dir / "candidates").is_dir():
+            # A fresh run: candidates of an earlier run in this folder must not be selected with this one's.
+            for stale in (self.out_dir / "candidates").glob("phase2-epoch*.pt"):
+                stale.unlink()
         previous = self._install_signal_handlers()
         try:
             for phase in PHASES[PHASES.index(self.phase):]:
@@ -345,10 +349,11 @@ class Trainer:
                     self._run_epoch(phase, epochs, step_fn, history)
                     self.epoch += 1
                     self.step_in_epoch = 0
-                    self.save_checkpoint()
+                    # The candidate before the checkpoint: a run killed between the two redoes the export on
+                    # resume (an atomic rewrite) instead of losing it.
                     if phase == "phase2" and self.dist.main and self._candidate_due(epochs):
-                        # atomic_path creates the folder
                         self.export_anonymizer(self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt")
+                    self.save_checkpoint()
             self.phase = "done"
             self.save_checkpoint()
             if getattr(self, "_tb_writer", None) is not None:

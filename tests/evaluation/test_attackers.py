@@ -76,6 +76,18 @@ def test_every_attacker_learns_a_visible_attribute_on_raw_video(tmp_path):
     assert '"frame_cnn"' in lines[-1] and '"stats"' in lines[-1]
 
 
+def test_without_privacy_labels_every_attacker_reports_nan_instead_of_failing(tmp_path):
+    class Unlabelled(TintLoader):
+        def __iter__(self):
+            for b in super().__iter__():
+                b.has_privacy[:] = False
+                yield b
+
+    result = evaluate_method(make_transform("raw"), _cfg(tmp_path, epochs=1), Unlabelled(12, 6, True),
+                             Unlabelled(6, 6, False))
+    assert all(math.isnan(a["cmap"]) for a in result.attackers.values()) and math.isnan(result.cmap)
+
+
 def test_attackers_can_be_chosen_and_the_headline_follows(tmp_path):
     result = evaluate_method(make_transform("raw"), _cfg(tmp_path, attackers="stats", epochs=2),
                              TintLoader(24, 8, True), TintLoader(12, 6, False))
@@ -125,6 +137,15 @@ def test_appearance_features_describe_only_the_visible_pixels():
     hist = only_left[0, 9:33].view(3, 8)
     torch.testing.assert_close(hist.sum(1), torch.ones(3))
     assert torch.equal(appearance_features(torch.zeros(2, 3, 4, 8, 8)), torch.zeros(2, 40))
+    # Texture: only pairs of visible neighbours count. A visible half of one colour beside a blank half has no
+    # difference; an alternating pattern differs by its step horizontally and not vertically.
+    flat = torch.zeros(1, 3, 2, 8, 8)
+    flat[..., :4] = 1.0
+    assert torch.equal(appearance_features(flat)[0, 33:39], torch.zeros(6))
+    stripes = torch.zeros(1, 3, 2, 8, 8) + 0.5
+    stripes[..., ::2] = 1.5  # normalised: columns alternate between two colours
+    tex = appearance_features(stripes)[0, 33:39]
+    assert (tex[:3] > 0.1).all() and torch.equal(tex[3:], torch.zeros(3))
 
 
 def test_frame_cnn_maps_clips_to_attribute_logits():

@@ -4,7 +4,10 @@ nothing to select from."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +69,26 @@ def test_a_validation_part_that_cannot_score_is_refused(per_class, fraction, mat
         validation_partition(_records(per_class), ["a", "b"], fraction)
 
 
+def test_a_validation_part_without_labels_is_refused():
+    records = _records((4, 4))
+    _, held = validation_partition(records, ["a", "b"], 0.5)
+    records = [dataclasses.replace(r, privacy=None) if i in held else r for i, r in enumerate(records)]
+    with pytest.raises(ValueError, match="none of the validation part's 4 videos has privacy labels"):
+        validation_partition(records, ["a", "b"], 0.5)
+
+
+def test_the_held_out_videos_depend_on_their_ids_alone():
+    """A video that goes missing from the listing (not a held-out one) moves no other video between the parts:
+    with 5 instead of 6 videos per class the part still holds round(0.34 * 5) = 2 per class, the same two."""
+    records = _records((6, 6))
+    _, held = validation_partition(records, ["a", "b"], 0.34)
+    held_ids = {records[i].video_id for i in held}
+    gone = {next(r.video_id for r in records if r.action == c and r.video_id not in held_ids) for c in (0, 1)}
+    fewer = [r for r in records if r.video_id not in gone]
+    _, held_fewer = validation_partition(fewer, ["a", "b"], 0.34)
+    assert {fewer[i].video_id for i in held_fewer} == held_ids and len(held_ids) == 4
+
+
 def test_a_validation_part_lacking_an_attribute_value_is_refused():
     records = _records((4, 4))
     for r in records:
@@ -104,6 +127,38 @@ class _Loader:
                         video_ids=[f"x/v{int(v)}" for v in vids])
 
 
+def test_select_candidate_deploys_what_the_rule_names_on_known_scores(tmp_path, monkeypatch):
+    """evaluate_method replaced by fixed results: raw (top-1 80, cMAP vit 80 / stats 90) and three candidates with
+    worst-case drops 10, 16, 20 and top-1 70, 75, 72; the rule must pick the second (the best action among
+    those reaching 15), and selection.json must hold every score."""
+    from stpcore.evaluation import MethodResult, protocol
+
+    table = {"raw": (80.0, 80.0, 90.0), "phase2-epoch001": (70.0, 70.0, 78.0), "phase2-epoch002": (75.0, 60.0, 74.0),
+             "phase2-epoch003": (72.0, 60.0, 70.0)}
+
+    def fake(transform, cfg, *a, **k):
+        top1, vit, stats = table[Path(cfg.out_dir).name]
+        attackers = {n: {"cmap": c, "f1": 0.5, "ap": {}, "f1_per_attribute": {}, "skipped_attributes": []}
+                     for n, c in (("vit", vit), ("stats", stats))}
+        return MethodResult(method="m", top1=top1, cmap=vit, f1=0.5, ap={}, f1_per_attribute={}, skipped_attributes=[],
+                            num_test_videos=1, num_privacy_videos=1, kept_fraction=1.0, seconds=0.0, epochs=1,
+                            attackers=attackers)
+
+    monkeypatch.setattr(protocol, "evaluate_method", fake)
+    paths = []
+    for epoch in (1, 2, 3):
+        torch.manual_seed(epoch)
+        paths.append(save_anonymizer(STPrivacy(STPrivacyConfig.from_name("tiny", num_classes=2)),
+                                     tmp_path / f"phase2-epoch00{epoch}.pt"))
+    cfg = EvalConfig(data_root="unused", out_dir=str(tmp_path / "sel"), epochs=1, progress=False, device="cpu")
+    record = select_candidate(paths, cfg, 0.3, target=15.0, out=tmp_path / "selection.json", train_loader=[],
+                              val_loader=[])
+    assert [c["worst_drop"] for c in record["candidates"]] == [10.0, 16.0, 20.0]
+    assert record["chosen"] == {"index": 1, "path": str(paths[1])} and "reaches 15" in record["rule"]
+    saved = json.loads((tmp_path / "selection.json").read_text())
+    assert saved["chosen"]["index"] == 1 and len(saved["candidates"]) == 3
+
+
 def test_select_candidate_scores_every_candidate_and_records_the_choice(tmp_path):
     paths = []
     for seed in (1, 2):
@@ -137,4 +192,4 @@ def test_train_select_needs_a_validation_part_and_candidates(tmp_path, capsys):
     from stpcore.cli import main
 
     assert main(["train", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--select"]) == 2
-    assert "--select needs a validation part and candidates" in capsys.readouterr().err
+    assert "--select needs a validation part and phase-2 candidates" in capsys.readouterr().err
