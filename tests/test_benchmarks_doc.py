@@ -85,8 +85,17 @@ ATTACKER_COLUMNS = {
     "drop": lambda r: r["drop"],
     "skin AP": lambda r: 100 * r["ap"]["skin_color"],
 }
+# header -> value from benchmarks/selection_seeds.py's runs (a seed's final or selected model on the test split)
+SELECTION_COLUMNS = {
+    "top-1 %": lambda r: r["top1"],
+    "action loss": lambda r: r["action_loss"],
+    "worst drop": lambda r: r["worst_drop"],
+    "vit drop": lambda r: r["drops"]["vit"],
+    "frame_cnn drop": lambda r: r["drops"]["frame_cnn"],
+    "stats drop": lambda r: r["drops"]["stats"],
+}
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
-           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS}
+           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -139,6 +148,10 @@ def _load(path: Path):
     data = json.loads(path.read_text())
     if "workloads" in data:
         return "ab", data["workloads"]
+    if "runs" in data and "selection" in data["runs"][0]:  # benchmarks/selection_seeds.py, gathered
+        entries = {f"seed {r['seed']} {k}": dict(r[k], action_loss=r[k]["raw_top1"] - r[k]["top1"])
+                   for r in data["runs"] for k in ("final", "selected")}
+        return "selection", entries
     if "worst_case" in data:  # benchmarks/demo_attackers.py: "<method> / <attacker>" and "<method> / worst case"
         raw = {a: r["cmap"] for a, r in data["results"][0]["attackers"].items()}
         entries = {f"{r['method']} / {a}": dict(s, drop=raw[a] - s["cmap"]) for r in data["results"]
@@ -196,7 +209,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
                "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
                "bench_extra": COMPILE_OPTION_COLUMNS,
-               "attackers": ATTACKER_COLUMNS}[kind]
+               "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
@@ -207,7 +220,8 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     expected = columns[header](entries[name])
     assert expected is not None, f"BENCHMARKS.md:{line}: {path} has no {header} for {name}"
     scale = {"ms": 1e3, "µs": 1e6, "us": 1e6}.get(unit, 1.0)
-    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind == "attackers" or header in VARIANT_COLUMNS \
+    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind in ("attackers", "selection") \
+            or header in VARIANT_COLUMNS \
             and kind == "variants":
         scale = 1.0
     expected = expected * scale
