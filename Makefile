@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 # The demo runs on the CPU: no triton (the GPU kernels), no DALI (199 MB), no test tools; the tests need everything.
 DEMO_EXTRAS ?= video,eval
-TEST_EXTRAS ?= triton,video,eval,dali,dev
+TEST_EXTRAS ?= triton,video,eval,dali,deploy,dev
 DEMO_STAMP := $(VENV)/.stpcore-demo
 STAMP := $(VENV)/.stpcore-test
 PYTEST_ARGS ?=

@@ -84,6 +84,24 @@ def _select(cfg, args: argparse.Namespace) -> None:
           f"{out / 'selection.json'}")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stpcore.deploy import export_onnx
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(args.checkpoint)
+    try:
+        report = export_onnx(model, args.out, keep_ratio=args.keep_ratio, verify=not args.no_verify)
+    except RuntimeError as exc:  # the deploy extra missing, or an operator ONNX cannot express: said by name
+        print(f"stpcore export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {report.path} (keep ratio {report.keep_ratio:g} per stage, batch axis dynamic; the adaptive "
+          f"mode stays in PyTorch)")
+    if not args.no_verify:
+        print(f"ONNX Runtime vs PyTorch on batches {list(report.batches)}: keep decisions equal "
+              f"{100 * report.keep_agreement:.2f}%, largest video difference {report.max_video_diff:.3g}")
+    return 0
+
+
 def _cmd_anonymize(args: argparse.Namespace) -> int:
     import signal
 
@@ -255,6 +273,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a trained STPrivacy to ONNX (inference path, top-k; needs "
+                                      "stpcore[deploy])",
+                       description="Export the inference path (per-slot top-k at a fixed keep ratio, batch axis "
+                                   "dynamic) to ONNX and check it against PyTorch with ONNX Runtime. The adaptive "
+                                   "mode stays in PyTorch.")
+    p.add_argument("checkpoint", help="stprivacy.pt (or last.pt) from stpcore train")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--keep-ratio", type=_fraction(), default=None, help="alpha per stage (default: the trained one)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "anonymize", help="anonymize video files with a trained STPrivacy checkpoint",

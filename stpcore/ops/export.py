@@ -35,7 +35,31 @@ def _reference(op: str) -> Callable:
     return decomposed
 
 
-def decompositions() -> dict:
+def _slot_topk_by_topk(scores: torch.Tensor, num_slots: int, k: int) -> torch.Tensor:
+    """Per-slot top-k with ``topk`` instead of the reference's stable sort, which ONNX has no operator for: the
+    same indices wherever the k-th and (k+1)-th scores of a slot differ (ONNX's TopK, like torch's on CPU, takes
+    equal scores lowest index first, as the reference does; NaN scores may be ranked differently)."""
+    B, N = scores.shape
+    per_slot = N // num_slots
+    top = scores.reshape(B, num_slots, per_slot).topk(k, dim=-1).indices  # (B, S, k)
+    top = -(-top).topk(k, dim=-1).values  # ascending
+    offsets = torch.arange(num_slots, device=scores.device).reshape(1, num_slots, 1) * per_slot
+    return (top + offsets).reshape(B, num_slots * k)
+
+
+def decompositions(onnx: bool = False) -> dict:
     """{``torch.ops.stpcore.<op>.default``: its reference} for every op (forwards; their backwards are ops of
-    their own and not needed to export inference)."""
-    return {getattr(torch.ops.stpcore, op).default: _reference(op) for op in dispatch.ops()}
+    their own and not needed to export inference). ``onnx``: the per-slot top-k by ``topk`` rather than by a
+    stable sort (:func:`_slot_topk_by_topk`), for exporters without a stable sort."""
+    table = {getattr(torch.ops.stpcore, op).default: _reference(op) for op in dispatch.ops()}
+    if onnx:
+        from stpcore.ops.tokens import gather_tokens_ref
+
+        def slot_topk_gather(scores, x, num_slots, k, backend):
+            idx = _slot_topk_by_topk(scores, num_slots, k)
+            return gather_tokens_ref(x, idx), idx
+
+        table[torch.ops.stpcore.slot_topk.default] = lambda scores, num_slots, k, backend: _slot_topk_by_topk(
+            scores, num_slots, k)
+        table[torch.ops.stpcore.slot_topk_gather.default] = slot_topk_gather
+    return table

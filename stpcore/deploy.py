@@ -1,0 +1,155 @@
+"""Deploying the anonymizer outside PyTorch: ONNX export of the inference path (``stpcore export``).
+
+:func:`export_onnx` exports STPrivacy's eval forward (per-slot top-k at the trained or a given keep ratio: every k
+is a constant, as ONNX Runtime, OpenVINO and TensorRT need) with a dynamic batch axis. The graph takes normalised
+clips (B, 3, T, H, W) float32, the shared preprocessing's output (``stpcore.data.preprocess``), and returns
+``video`` (B, 3, T, H, W), dropped tubelets exactly 0, and ``keep`` (B, N) 0/1. stpcore's custom ops are
+decomposed into their references (``stpcore.ops.export.decompositions(onnx=True)``), so the file holds standard
+ONNX operators only. The adaptive (variable-count) mode has data-dependent shapes and stays in PyTorch.
+
+Each export is checked against PyTorch with ONNX Runtime (:func:`verify_onnx`): the share of equal keep
+decisions and the largest video difference, on random clips at two batch sizes.
+
+Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime): ``pip install 'stpcore[deploy]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stpcore.models import STPrivacy
+
+DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime)"
+
+
+class _VideoAndKeep(nn.Module):
+    """STPrivacy's eval forward as (video, keep) at a fixed keep ratio: what the ONNX graph computes."""
+
+    def __init__(self, model: STPrivacy, keep_ratio: float | None) -> None:
+        super().__init__()
+        self.model, self.keep_ratio = model, keep_ratio
+
+    def forward(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(clips, keep_ratio=self.keep_ratio)
+        return out.video, out.keep
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"{module} is not installed ({exc}); {DEPLOY_EXTRA}") from exc
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how the file agrees with PyTorch.
+
+    Attributes:
+        path: the .onnx file.
+        keep_ratio: the per-stage alpha baked in.
+        keep_agreement: the share of equal keep decisions (ONNX Runtime against PyTorch fp32).
+        max_video_diff: the largest absolute difference of the videos, where both kept the same tokens.
+        batches: the batch sizes compared.
+    """
+
+    path: Path
+    keep_ratio: float
+    keep_agreement: float
+    max_video_diff: float
+    batches: tuple[int, ...]
+
+
+def _unsupported_op(exc: BaseException) -> str | None:
+    """The operator an exporter error names, e.g. "aten.sort.stable"."""
+    text = "".join(str(e) for e in (exc, exc.__cause__, exc.__context__) if e is not None)
+    found = re.search(r"op='([\w.]+)', overload='(\w+)'", text) or re.search(r"target=(torch\.ops\.[\w.]+)", text)
+    if not found:
+        return None
+    return ".".join(found.groups()) if found.lastindex == 2 else found.group(1)
+
+
+def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float | None = None,
+                verify: bool = True, opset: int | None = None) -> ExportReport:
+    """Export ``model``'s eval forward to ``path`` (see the module docstring) and, with ``verify``, check it.
+
+    Args:
+        model: the trained STPrivacy (a copy is exported in eval mode; the model is not modified).
+        path: the .onnx file (written atomically).
+        keep_ratio: alpha in (0, 1] per stage (None: the model's trained ratio).
+        verify: compare with PyTorch through ONNX Runtime (:func:`verify_onnx`).
+        opset: the ONNX opset (None: the exporter's default).
+
+    Raises:
+        RuntimeError: the deploy extra is missing (the message names it), or an operator cannot be exported
+            (the message names it).
+    """
+    import copy
+
+    _require("onnx")
+    _require("onnxscript")
+    from stpcore.media import atomic_path
+    from stpcore.ops.export import decompositions
+
+    ratio = model.cfg.keep_ratio if keep_ratio is None else float(keep_ratio)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    net = copy.deepcopy(model).eval().float()
+    net.validate = False  # a value check would be a data-dependent branch in the graph
+    module = _VideoAndKeep(net, ratio)
+    cfg = net.cfg
+    example = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            program = program.run_decompositions(decompositions(onnx=True))
+            onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
+                                             input_names=["clips"], output_names=["video", "keep"])
+    except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one message naming the operator
+        op = _unsupported_op(exc)
+        where = f" at operator {op}" if op else ""
+        raise RuntimeError(f"ONNX export failed{where}: {str(exc).splitlines()[0][:300]}") from exc
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx_program.save(str(tmp))
+    report = ExportReport(path, ratio, float("nan"), float("nan"), ())
+    if verify:
+        agreement, diff, batches = verify_onnx(path, module)
+        report.keep_agreement, report.max_video_diff, report.batches = agreement, diff, batches
+    return report
+
+
+def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, ...] = (1, 3),
+                seed: int = 0) -> tuple[float, float, tuple[int, ...]]:
+    """(keep agreement, max video difference where the keep masks agree, batches) of the ONNX file at ``path``
+    run by ONNX Runtime against ``module`` (a (video, keep) PyTorch module) on random normalised clips."""
+    ort = _require("onnxruntime")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files
+        raise ValueError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from exc
+    shape = session.get_inputs()[0].shape
+    g = torch.Generator().manual_seed(seed)
+    equal = total = 0
+    diff = 0.0
+    for b in batches:
+        clips = torch.randn(b, *[int(s) for s in shape[1:]], generator=g)
+        video, keep = session.run(None, {session.get_inputs()[0].name: clips.numpy()})
+        with torch.no_grad():
+            want_video, want_keep = module(clips)
+        keep = torch.from_numpy(keep)
+        equal += int((keep == want_keep).sum())
+        total += keep.numel()
+        same = (keep == want_keep).all(dim=1)
+        if same.any():
+            diff = max(diff, float((torch.from_numpy(video)[same] - want_video[same]).abs().max()))
+    return equal / total, diff, tuple(batches)

@@ -1,0 +1,84 @@
+"""`stpcore export`: the inference path in ONNX, checked against PyTorch with ONNX Runtime; bad input named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+onnxruntime = pytest.importorskip("onnxruntime")  # the deploy extra: CI installs it
+pytest.importorskip("onnxscript")
+
+from stpcore.deploy import _VideoAndKeep, export_onnx, verify_onnx  # noqa: E402
+from stpcore.models import STPrivacy, STPrivacyConfig  # noqa: E402
+from stpcore.testing import RandomClipLoader, separate_keep_scores  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny STPrivacy the test trains itself (a few steps of phases 1 and 2)."""
+    from stpcore.training import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig(data_root="unused", out_dir=str(out), preset="tiny", batch_size=4, phase1_epochs=2,
+                      phase2_epochs=1, base_lr=0.5, warmup_epochs=0, progress=False, labels="unused.csv")
+    Trainer(cfg, RandomClipLoader(3, 4, 8, 32)).fit()
+    return out / "stprivacy.pt"
+
+
+def test_a_trained_tiny_model_exports_and_matches_pytorch(trained_tiny, tmp_path):
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    report = export_onnx(model, tmp_path / "tiny.onnx")
+    assert report.keep_agreement >= 0.99 and report.max_video_diff < 1e-4, report
+    session = onnxruntime.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    (clips,) = session.get_inputs()
+    assert clips.name == "clips" and isinstance(clips.shape[0], str)  # the batch axis is dynamic
+    assert [o.name for o in session.get_outputs()] == ["video", "keep"]
+    # Another keep ratio is another graph with other constants.
+    half = export_onnx(model, tmp_path / "half.onnx", keep_ratio=0.5)
+    assert half.keep_ratio == 0.5 and half.keep_agreement >= 0.99
+
+
+def test_vit_small_with_separated_scores_exports_and_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model = separate_keep_scores(STPrivacy(STPrivacyConfig.from_name("vit_small")), scale=10.0)
+    report = export_onnx(model, tmp_path / "vit_small.onnx")
+    assert report.keep_agreement >= 0.99 and report.max_video_diff < 1e-3, report
+
+
+def test_export_cli_reports_the_check(trained_tiny, tmp_path, capsys):
+    from stpcore.cli import main
+
+    assert main(["export", str(trained_tiny), str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "keep decisions equal 100.00%" in out and "adaptive mode stays in PyTorch" in out
+
+
+def test_an_operator_onnx_cannot_express_is_named(tmp_path, monkeypatch):
+    """Without the decompositions the custom ops reach the exporter, which has no translation for them."""
+    import stpcore.ops.export as ops_export
+
+    monkeypatch.setattr(ops_export, "decompositions", lambda onnx=False: {})
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"ONNX export failed at operator stpcore\.\w+"):
+        export_onnx(STPrivacy(STPrivacyConfig.from_name("tiny")), tmp_path / "x.onnx", verify=False)
+
+
+def test_a_corrupt_onnx_file_is_an_error_not_a_crash(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    module = _VideoAndKeep(STPrivacy(STPrivacyConfig.from_name("tiny")).eval(), None)
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        verify_onnx(bad, module)
+
+
+def test_a_missing_runtime_names_the_extra(tmp_path, monkeypatch, trained_tiny, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # importing it now raises ImportError
+    from stpcore.cli import main
+
+    assert main(["export", str(trained_tiny), str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "onnxscript is not installed" in err and "stpcore[deploy]" in err and not (tmp_path / "m.onnx").exists()
