@@ -3,8 +3,9 @@
     .venv/bin/python -m pytest benchmarks/bench_inference.py --benchmark-only
 
 vit_small, B=8 clips of 16 x 112 x 112, eval mode (per-slot top-k: 392 -> 272 -> 192 -> 128 tokens).
-Providers: ``fp32-eager`` (the reference: ``STPrivacy(cfg).eval()`` under ``torch.no_grad``) and one
-per :class:`stpcore.inference.ClipAnonymizer` precision. The model has separated keep scores
+Providers: ``fp32-eager`` (the reference: ``STPrivacy(cfg).eval()`` under ``torch.no_grad``), one per
+:class:`stpcore.inference.ClipAnonymizer` precision, and ``onnxruntime`` (fp32 through ONNX Runtime, where the
+deploy extra is installed). The model has separated keep scores
 (``stpcore.testing.separate_keep_scores``, scale 10), standing in for trained weights so that mask agreement
 means something.
 
@@ -37,7 +38,14 @@ from stpcore.testing import separate_keep_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 8
-PROVIDERS = ["fp32-eager", "fp32", "bf16"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
+def _onnxruntime_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
+
+
+PROVIDERS = (["fp32-eager", "fp32", "bf16"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
+             + (["onnxruntime"] if DEVICE == "cpu" and _onnxruntime_available() else []))
 ROUNDS = {"bf16": 2}  # bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX
 INTERLEAVED_ROUNDS = 3
 
@@ -61,7 +69,10 @@ def build(provider: str, preset: str = "vit_small", batch: int = BATCH):
                 return model(clips).keep
 
         return step, f"{DEVICE}, fp32 eager (torch.no_grad), {torch.get_num_threads()} threads"
-    anon = ClipAnonymizer(model, device=DEVICE, precision=provider)
+    if provider == "onnxruntime":  # fp32 in ONNX Runtime (stpcore.deploy), the first call exports
+        anon = ClipAnonymizer(model, device=DEVICE, runtime="onnxruntime")
+    else:
+        anon = ClipAnonymizer(model, device=DEVICE, precision=provider)
 
     def step():
         return anon(clips).keep

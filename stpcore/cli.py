@@ -114,7 +114,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         return 2
     prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
     anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
-                              compile=args.compile)
+                              compile=args.compile, runtime=args.runtime)
     cfg = anonymizer.model.cfg
     if args.overlap >= cfg.image_size:
         print(f"stpcore anonymize: --overlap {args.overlap} must be below the window, {cfg.image_size} px",
@@ -322,6 +322,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
                         "(see stpcore.inference)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                   help="torch, or onnxruntime: the model exported to ONNX and run by ONNX Runtime (fp32, CPU; "
+                        "needs stpcore[deploy]; not with --adaptive)")
     p.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile (the first batch compiles; later batches of any size "
                         "reuse the graph; see BENCHMARKS.md for when it pays)")

@@ -40,7 +40,8 @@ class _VideoAndKeep(nn.Module):
         return out.video, out.keep
 
 
-def _require(module: str):
+def require(module: str):
+    """Import ``module`` of the deploy extra, or a RuntimeError naming the extra."""
     import importlib
 
     try:
@@ -94,8 +95,8 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
     """
     import copy
 
-    _require("onnx")
-    _require("onnxscript")
+    require("onnx")
+    require("onnxscript")
     from stpcore.media import atomic_path
     from stpcore.ops.export import decompositions
 
@@ -132,7 +133,7 @@ def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, 
                 seed: int = 0) -> tuple[float, float, tuple[int, ...]]:
     """(keep agreement, max video difference where the keep masks agree, batches) of the ONNX file at ``path``
     run by ONNX Runtime against ``module`` (a (video, keep) PyTorch module) on random normalised clips."""
-    ort = _require("onnxruntime")
+    ort = require("onnxruntime")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable files

@@ -28,6 +28,7 @@ import copy
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ from stpcore.models import STPrivacy, load_anonymizer
 from stpcore.tubelets import check_finite
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -154,7 +156,10 @@ class ClipAnonymizer:
             setting); None leaves the current setting.
         compile: run the model through ``torch.compile`` (Inductor), the batch dimension dynamic so a new
             batch size does not recompile; a string is the compile mode (``"reduce-overhead"`` adds CUDA
-            graphs on a GPU). The first call compiles (BENCHMARKS.md gives the seconds); the
+            graphs on a GPU).
+        runtime: "torch", or "onnxruntime": the model exported to ONNX (``stpcore.deploy``, one graph per keep
+            ratio, exported on first use) and run by ONNX Runtime on the CPU, fp32 (needs ``stpcore[deploy]``;
+            the adaptive mode stays in PyTorch). The first call compiles (BENCHMARKS.md gives the seconds); the
             adaptive mode's data-dependent packing runs outside the compiled graphs.
 
     The clips' values are checked here, once per call (finite; one host sync), and the model's own
@@ -166,9 +171,19 @@ class ClipAnonymizer:
     """
 
     def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
-                 threads: int | None = None, compile: bool | str = False) -> None:
+                 threads: int | None = None, compile: bool | str = False, runtime: str = "torch") -> None:
         if not isinstance(model, STPrivacy):
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+        if runtime == "onnxruntime" and (precision not in ("auto", "fp32") or torch.device(device).type != "cpu"
+                                         or compile):
+            raise ValueError(f"runtime='onnxruntime' runs fp32 on the CPU without torch.compile, got precision="
+                             f"{precision!r}, device {device}, compile={compile!r}")
+        self.runtime = runtime
+        self._sessions: dict[float, object] = {}
+        if runtime == "onnxruntime":
+            precision = "fp32"
         self.device = torch.device(device)
         self.precision = _resolve_precision(precision, self.device)
         if threads is not None:
@@ -198,6 +213,8 @@ class ClipAnonymizer:
             where += f", {_LABELS[self.precision]}, {torch.get_num_threads()} threads"
         else:
             where += f", {_LABELS[self.precision]}"
+        if self.runtime != "torch":
+            return f"cpu, {self.runtime} fp32, {torch.get_num_threads()} threads"
         return where + (", compiled" if self.compiled else "")
 
     def _autocast(self):
@@ -229,6 +246,8 @@ class ClipAnonymizer:
         video = clips.to(self.device, torch.float32)
         self.model.check_video(video)  # shapes (the model's validate is off: values are checked next)
         check_finite(video, name="video")
+        if self.runtime == "onnxruntime":
+            return self._run_onnx(video, keep_ratio, adaptive_threshold)
         if self.compiled and video.shape[0] > 1:
             torch._dynamo.mark_dynamic(video, 0)  # one graph for every batch size >= 2 (1 is specialised)
         with torch.inference_mode(), self._autocast():
@@ -240,6 +259,32 @@ class ClipAnonymizer:
             video, keep = video.clone(), keep.clone()
             positions = positions.clone() if positions is not None else None
         return AnonymizedClips(video, keep, positions)
+
+    def _run_onnx(self, video: torch.Tensor, keep_ratio: float | None,
+                  adaptive_threshold: float | None) -> AnonymizedClips:
+        if adaptive_threshold is not None:
+            raise ValueError("adaptive_threshold: the adaptive mode has data-dependent shapes and runs in PyTorch "
+                             "only; use runtime='torch'")
+        ratio = float(self.cfg.keep_ratio if keep_ratio is None else keep_ratio)
+        if not 0 < ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+        session = self._sessions.get(ratio)
+        if session is None:  # one ONNX graph per keep ratio (every k is a constant in it)
+            import tempfile
+
+            from stpcore.deploy import export_onnx, require
+
+            ort = require("onnxruntime")
+            path = Path(tempfile.mkdtemp(prefix="stpcore-onnx-")) / f"stprivacy-{ratio:g}.onnx"
+            export_onnx(self.model, path, keep_ratio=ratio, verify=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._sessions[ratio] = session
+        out_video, keep = session.run(None, {"clips": video.numpy()})
+        keep = torch.from_numpy(keep).float()
+        positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode
+        return AnonymizedClips(torch.from_numpy(out_video), keep, positions)
 
     def __repr__(self) -> str:
         return f"ClipAnonymizer({self.description})"

@@ -82,3 +82,33 @@ def test_a_missing_runtime_names_the_extra(tmp_path, monkeypatch, trained_tiny, 
     assert main(["export", str(trained_tiny), str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "onnxscript is not installed" in err and "stpcore[deploy]" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_clip_anonymizer_on_onnxruntime_matches_torch(trained_tiny):
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    clips = torch.randn(5, 3, 8, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch_run = ClipAnonymizer(model, precision="fp32")(clips)
+    ort = ClipAnonymizer(model, runtime="onnxruntime")
+    assert "onnxruntime fp32" in ort.description
+    got = ort(clips)
+    assert torch.equal(got.keep, torch_run.keep) and torch.equal(got.kept_positions, torch_run.kept_positions)
+    torch.testing.assert_close(got.video, torch_run.video, rtol=1e-4, atol=1e-4)
+    half = ort(clips[:2], keep_ratio=0.5)  # another ratio: another graph, exported on first use
+    assert torch.equal(half.keep, ClipAnonymizer(model, precision="fp32")(clips[:2], keep_ratio=0.5).keep)
+    with pytest.raises(ValueError, match="adaptive mode has data-dependent shapes"):
+        ort(clips, adaptive_threshold=0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"runtime": "tensorrt"}, r"runtime must be one of \['torch', 'onnxruntime'\]"),
+    ({"runtime": "onnxruntime", "precision": "int8"}, "runs fp32 on the CPU"),
+    ({"runtime": "onnxruntime", "compile": True}, "without torch.compile"),
+])
+def test_bad_runtime_settings_are_refused(kwargs, match):
+    from stpcore.inference import ClipAnonymizer
+
+    with pytest.raises(ValueError, match=match):
+        ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), **kwargs)
