@@ -26,26 +26,27 @@ extra_info:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import statistics
 import time
 
 import pytest
 import torch
 
-from stpcore.inference import ClipAnonymizer, int8_unavailable_reason, quantize_linears_int8
+from stpcore.inference import ClipAnonymizer, cpu_has_native_bf16, int8_unavailable_reason, quantize_linears_int8
 from stpcore.models import STPrivacy, STPrivacyConfig
 from stpcore.testing import separate_keep_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 8
 def _onnxruntime_available() -> bool:
-    import importlib.util
-
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript", "onnx"))
 
 
 PROVIDERS = (["fp32-eager", "fp32", "bf16"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
-             + (["onnxruntime"] if DEVICE == "cpu" and _onnxruntime_available() else []))
+             + (["onnxruntime"] if DEVICE == "cpu" and _onnxruntime_available() else [])
+             + (["openvino-fp32"] + (["openvino-bf16"] if cpu_has_native_bf16() else [])
+                if DEVICE == "cpu" and _onnxruntime_available() and importlib.util.find_spec("openvino") else []))
 ROUNDS = {"bf16": 2}  # bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX
 INTERLEAVED_ROUNDS = 3
 
@@ -71,6 +72,8 @@ def build(provider: str, preset: str = "vit_small", batch: int = BATCH):
         return step, f"{DEVICE}, fp32 eager (torch.no_grad), {torch.get_num_threads()} threads"
     if provider == "onnxruntime":  # fp32 in ONNX Runtime (stpcore.deploy), the first call exports
         anon = ClipAnonymizer(model, device=DEVICE, runtime="onnxruntime")
+    elif provider.startswith("openvino-"):  # OpenVINO on the exported graph, at its precision hint
+        anon = ClipAnonymizer(model, device=DEVICE, runtime="openvino", precision=provider.split("-")[1])
     else:
         anon = ClipAnonymizer(model, device=DEVICE, precision=provider)
 

@@ -322,9 +322,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
                         "(see stpcore.inference)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
-                   help="torch, or onnxruntime: the model exported to ONNX and run by ONNX Runtime (fp32, CPU; "
-                        "needs stpcore[deploy]; not with --adaptive)")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                   help="torch; onnxruntime or openvino: the model exported to ONNX and run by that runtime on the "
+                        "CPU (onnxruntime fp32; openvino fp32 or bf16, --precision auto picks bf16 where the CPU has "
+                        "it); needs stpcore[deploy]; not with --adaptive")
     p.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile (the first batch compiles; later batches of any size "
                         "reuse the graph; see BENCHMARKS.md for when it pays)")

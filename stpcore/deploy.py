@@ -10,7 +10,8 @@ ONNX operators only. The adaptive (variable-count) mode has data-dependent shape
 Each export is checked against PyTorch with ONNX Runtime (:func:`verify_onnx`): the share of equal keep
 decisions and the largest video difference, on random clips at two batch sizes.
 
-Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime): ``pip install 'stpcore[deploy]'``.
+Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime, openvino): ``pip install 'stpcore[deploy]'``.
+``stpcore.inference.ClipAnonymizer(runtime="onnxruntime" | "openvino")`` runs the exported graphs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 from stpcore.models import STPrivacy
 
-DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime)"
+DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime, openvino)"
 
 
 class _VideoAndKeep(nn.Module):

@@ -37,7 +37,7 @@ from stpcore.models import STPrivacy, load_anonymizer
 from stpcore.tubelets import check_finite
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass
@@ -157,9 +157,10 @@ class ClipAnonymizer:
         compile: run the model through ``torch.compile`` (Inductor), the batch dimension dynamic so a new
             batch size does not recompile; a string is the compile mode (``"reduce-overhead"`` adds CUDA
             graphs on a GPU).
-        runtime: "torch", or "onnxruntime": the model exported to ONNX (``stpcore.deploy``, one graph per keep
-            ratio, exported on first use) and run by ONNX Runtime on the CPU, fp32 (needs ``stpcore[deploy]``;
-            the adaptive mode stays in PyTorch). The first call compiles (BENCHMARKS.md gives the seconds); the
+        runtime: "torch"; "onnxruntime" or "openvino": the model exported to ONNX (``stpcore.deploy``, one graph
+            per keep ratio, exported on first use) and run on the CPU by ONNX Runtime (fp32) or OpenVINO (fp32, or
+            bf16 where the CPU has native bf16: ``precision="auto"`` picks it there). Needs ``stpcore[deploy]``;
+            the adaptive mode stays in PyTorch. The first call compiles (BENCHMARKS.md gives the seconds); the
             adaptive mode's data-dependent packing runs outside the compiled graphs.
 
     The clips' values are checked here, once per call (finite; one host sync), and the model's own
@@ -176,14 +177,17 @@ class ClipAnonymizer:
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-        if runtime == "onnxruntime" and (precision not in ("auto", "fp32") or torch.device(device).type != "cpu"
-                                         or compile):
-            raise ValueError(f"runtime='onnxruntime' runs fp32 on the CPU without torch.compile, got precision="
-                             f"{precision!r}, device {device}, compile={compile!r}")
+        allowed = {"onnxruntime": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}.get(runtime)
+        if allowed is not None and (precision not in allowed or torch.device(device).type != "cpu" or compile):
+            raise ValueError(f"runtime={runtime!r} runs {'/'.join(allowed[1:])} on the CPU without torch.compile, got "
+                             f"precision={precision!r}, device {device}, compile={compile!r}")
         self.runtime = runtime
         self._sessions: dict[float, object] = {}
-        if runtime == "onnxruntime":
-            precision = "fp32"
+        self.runtime_precision = "fp32"
+        if runtime == "openvino" and (precision == "bf16" or precision == "auto" and cpu_has_native_bf16()):
+            self.runtime_precision = "bf16"
+        if allowed is not None:
+            precision = "fp32"  # the PyTorch copy the graphs are exported from
         self.device = torch.device(device)
         self.precision = _resolve_precision(precision, self.device)
         if threads is not None:
@@ -214,7 +218,7 @@ class ClipAnonymizer:
         else:
             where += f", {_LABELS[self.precision]}"
         if self.runtime != "torch":
-            return f"cpu, {self.runtime} fp32, {torch.get_num_threads()} threads"
+            return f"cpu, {self.runtime} {self.runtime_precision}, {torch.get_num_threads()} threads"
         return where + (", compiled" if self.compiled else "")
 
     def _autocast(self):
@@ -246,7 +250,7 @@ class ClipAnonymizer:
         video = clips.to(self.device, torch.float32)
         self.model.check_video(video)  # shapes (the model's validate is off: values are checked next)
         check_finite(video, name="video")
-        if self.runtime == "onnxruntime":
+        if self.runtime != "torch":
             return self._run_onnx(video, keep_ratio, adaptive_threshold)
         if self.compiled and video.shape[0] > 1:
             torch._dynamo.mark_dynamic(video, 0)  # one graph for every batch size >= 2 (1 is specialised)
@@ -274,14 +278,23 @@ class ClipAnonymizer:
 
             from stpcore.deploy import export_onnx, require
 
-            ort = require("onnxruntime")
             path = Path(tempfile.mkdtemp(prefix="stpcore-onnx-")) / f"stprivacy-{ratio:g}.onnx"
             export_onnx(self.model, path, keep_ratio=ratio, verify=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            if self.runtime == "onnxruntime":
+                ort = require("onnxruntime")
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()
+                onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                session = lambda x, s=onnx: s.run(None, {"clips": x})  # noqa: E731
+            else:
+                ov = require("openvino")
+                core = ov.Core()
+                compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                    "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
+                session = lambda x, c=compiled: tuple(c({"clips": x}).values())  # noqa: E731
             self._sessions[ratio] = session
-        out_video, keep = session.run(None, {"clips": video.numpy()})
+        out_video, keep = session(video.numpy())
         keep = torch.from_numpy(keep).float()
         positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode
         return AnonymizedClips(torch.from_numpy(out_video), keep, positions)

@@ -102,9 +102,27 @@ def test_clip_anonymizer_on_onnxruntime_matches_torch(trained_tiny):
         ort(clips, adaptive_threshold=0.5)
 
 
+def test_clip_anonymizer_on_openvino_matches_torch(trained_tiny):
+    pytest.importorskip("openvino")
+    from stpcore.inference import ClipAnonymizer, cpu_has_native_bf16
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    clips = torch.randn(4, 3, 8, 32, 32, generator=torch.Generator().manual_seed(4))
+    want = ClipAnonymizer(model, precision="fp32")(clips)
+    fp32 = ClipAnonymizer(model, runtime="openvino", precision="fp32")
+    got = fp32(clips)
+    assert torch.equal(got.keep, want.keep) and "openvino fp32" in fp32.description
+    torch.testing.assert_close(got.video, want.video, rtol=1e-4, atol=1e-4)
+    auto = ClipAnonymizer(model, runtime="openvino")
+    assert auto.runtime_precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert (auto(clips).keep == want.keep).float().mean() >= 0.95
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    ({"runtime": "tensorrt"}, r"runtime must be one of \['torch', 'onnxruntime'\]"),
+    ({"runtime": "tensorrt"}, r"runtime must be one of \['torch', 'onnxruntime', 'openvino'\]"),
     ({"runtime": "onnxruntime", "precision": "int8"}, "runs fp32 on the CPU"),
+    ({"runtime": "openvino", "precision": "int8"}, "runs fp32/bf16 on the CPU"),
     ({"runtime": "onnxruntime", "compile": True}, "without torch.compile"),
 ])
 def test_bad_runtime_settings_are_refused(kwargs, match):
