@@ -8,56 +8,10 @@ import math
 import pytest
 import torch
 
-from stpcore.data import Batch
 from stpcore.evaluation import EvalConfig, MethodResult, evaluate_method, make_transform, results_table
 from stpcore.evaluation.attackers import ATTACKERS, FrameCNN, appearance_features
 from stpcore.evaluation.results import worst_case
-
-T, S, C = 8, 32, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TintLoader:
-    """In-memory videos: the action is a bright band (row per class); privacy attribute 0 (skin_color) is a
-    red tint over the whole clip, the others are random labels with nothing in the pixels (chance)."""
-
-    def __init__(self, num_videos: int, batch_videos: int, train: bool, views: int = 2, seed: int = 0):
-        self.num_videos, self.batch_videos, self.train = num_videos, batch_videos, train
-        self.views = 1 if train else views
-        self.seed, self.epoch = seed, 0
-        self.classes = [f"class{i}" for i in range(C)]
-        g = torch.Generator().manual_seed(500 + seed)
-        self.actions = torch.arange(num_videos) % C
-        self.privacy = torch.randint(0, 2, (num_videos, 5), generator=g).float()
-        self.privacy[:, 0] = (torch.arange(num_videos) // C) % 2  # balanced, independent of the action
-
-    def __len__(self) -> int:
-        return -(-self.num_videos // self.batch_videos)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 7919 + (self.epoch if self.train else 0))
-        order = torch.randperm(self.num_videos, generator=g) if self.train else torch.arange(self.num_videos)
-        band = S // C
-        for start in range(0, self.num_videos, self.batch_videos):
-            vids = order[start:start + self.batch_videos].repeat_interleave(self.views)
-            clips = torch.randn(len(vids), 3, T, S, S, generator=g) * 0.5
-            for i, v in enumerate(vids.tolist()):
-                clips[i, :, :, int(self.actions[v]) * band:(int(self.actions[v]) + 1) * band] += 2.0
-                clips[i, 0] += 1.0 * self.privacy[v, 0]  # the tint
-            yield Batch(clips=clips, actions=self.actions[vids], privacy=self.privacy[vids],
-                        has_privacy=torch.ones(len(vids), dtype=torch.bool), video_index=vids,
-                        clip_index=torch.arange(len(vids)) % self.views,
-                        video_ids=[f"class{int(self.actions[v])}/v{v}" for v in vids.tolist()])
+from tests.evaluation.clips import TintLoader
 
 
 def _cfg(tmp_path, **kw) -> EvalConfig:

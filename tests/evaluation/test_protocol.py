@@ -11,7 +11,6 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from stpcore.data import Batch
 from stpcore.evaluation import (
     EvalConfig,
     MethodResult,
@@ -29,60 +28,7 @@ from stpcore.evaluation import (
 )
 from stpcore.models import STPrivacy, STPrivacyConfig, save_anonymizer
 from stpcore.tubelets import to_tubelets
-
-T, S, C = 8, 32, 3  # the "tiny" preset's clips; 3 action classes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared CPU: more threads than free cores makes every step several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class BandLoader:
-    """In-memory videos whose action is a bright band (row depends on the class), as RandomClipLoader.
-
-    Train mode: one random clip per video per batch entry. Test mode: ``views`` clips per video kept together
-    in one batch, with video_index / clip_index / video_ids like the real loader. Every fifth video has no
-    privacy labels; privacy attribute 0 follows the class (so a privacy recognizer can learn it).
-    """
-
-    def __init__(self, num_videos: int, batch_videos: int, train: bool, views: int = 3, seed: int = 0):
-        self.num_videos, self.batch_videos, self.train = num_videos, batch_videos, train
-        self.views = 1 if train else views
-        self.seed = seed
-        self.classes = [f"class{i}" for i in range(C)]
-        self.epoch = 0
-        g = torch.Generator().manual_seed(1000 + seed)
-        self.actions = torch.arange(num_videos) % C
-        self.privacy = torch.randint(0, 2, (num_videos, 5), generator=g).float()
-        self.privacy[:, 0] = (self.actions == 0).float()
-        self.has = torch.arange(num_videos) % 5 != 4
-
-    def __len__(self) -> int:
-        return -(-self.num_videos // self.batch_videos)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 7919 + (self.epoch if self.train else 0))
-        order = torch.randperm(self.num_videos, generator=g) if self.train else torch.arange(self.num_videos)
-        band = S // C
-        for start in range(0, self.num_videos, self.batch_videos):
-            vids = order[start:start + self.batch_videos].repeat_interleave(self.views)  # (B,) views together
-            clips = torch.randn(len(vids), 3, T, S, S, generator=g) * 0.5
-            for i, v in enumerate(vids.tolist()):
-                a = int(self.actions[v])
-                clips[i, :, :, a * band:(a + 1) * band] += 2.0
-            yield Batch(
-                clips=clips, actions=self.actions[vids], privacy=self.privacy[vids] * self.has[vids, None],
-                has_privacy=self.has[vids], video_index=vids, clip_index=torch.arange(len(vids)) % self.views,
-                video_ids=[f"class{int(self.actions[v])}/v{v}" for v in vids.tolist()],
-            )
+from tests.evaluation.clips import BandLoader, C, S, T
 
 
 def _cfg(tmp_path, **kw) -> EvalConfig:
