@@ -113,6 +113,10 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
+    if args.runtime != "torch" and args.adaptive is not None:
+        print(f"stpcore anonymize: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
+              f"{args.runtime} or --adaptive", file=sys.stderr)
+        return 2
     anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
                               compile=args.compile, runtime=args.runtime)
     cfg = anonymizer.model.cfg

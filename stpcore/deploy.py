@@ -119,7 +119,8 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
     except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one message naming the operator
         op = _unsupported_op(exc)
         where = f" at operator {op}" if op else ""
-        raise RuntimeError(f"ONNX export failed{where}: {str(exc).splitlines()[0][:300]}") from exc
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0][:300]  # without the exporter's colours
+        raise RuntimeError(f"ONNX export failed{where}: {first}") from exc
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx_program.save(str(tmp))

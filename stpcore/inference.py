@@ -181,8 +181,16 @@ class ClipAnonymizer:
         if allowed is not None and (precision not in allowed or torch.device(device).type != "cpu" or compile):
             raise ValueError(f"runtime={runtime!r} runs {'/'.join(allowed[1:])} on the CPU without torch.compile, got "
                              f"precision={precision!r}, device {device}, compile={compile!r}")
+        if allowed is not None:  # the extras, named now rather than at the first batch
+            from stpcore.deploy import require
+
+            try:
+                for module in ("onnx", "onnxscript", runtime):
+                    require(module)
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from exc
         self.runtime = runtime
-        self._sessions: dict[float, object] = {}
+        self._sessions: dict[tuple[int, ...], object] = {}
         self.runtime_precision = "fp32"
         if runtime == "openvino" and (precision == "bf16" or precision == "auto" and cpu_has_native_bf16()):
             self.runtime_precision = "bf16"
@@ -269,35 +277,41 @@ class ClipAnonymizer:
         if adaptive_threshold is not None:
             raise ValueError("adaptive_threshold: the adaptive mode has data-dependent shapes and runs in PyTorch "
                              "only; use runtime='torch'")
-        ratio = float(self.cfg.keep_ratio if keep_ratio is None else keep_ratio)
-        if not 0 < ratio <= 1:
+        ratio = self.cfg.keep_ratio if keep_ratio is None else keep_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-        session = self._sessions.get(ratio)
-        if session is None:  # one ONNX graph per keep ratio (every k is a constant in it)
+        ratio = float(ratio)
+        key = tuple(self.cfg.kept_per_slot(ratio))  # ratios with the same per-slot counts share one graph
+        session = self._sessions.get(key)
+        if session is None:  # one ONNX graph per set of counts (every k is a constant in it)
             import tempfile
 
             from stpcore.deploy import export_onnx, require
 
-            path = Path(tempfile.mkdtemp(prefix="stpcore-onnx-")) / f"stprivacy-{ratio:g}.onnx"
-            export_onnx(self.model, path, keep_ratio=ratio, verify=False)
-            if self.runtime == "onnxruntime":
-                ort = require("onnxruntime")
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = torch.get_num_threads()
-                onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                session = lambda x, s=onnx: s.run(None, {"clips": x})  # noqa: E731
-            else:
-                ov = require("openvino")
-                core = ov.Core()
-                compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                    "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
-                session = lambda x, c=compiled: tuple(c({"clips": x}).values())  # noqa: E731
-            self._sessions[ratio] = session
-        out_video, keep = session(video.numpy())
+            with tempfile.TemporaryDirectory(prefix="stpcore-onnx-") as tmp:  # the runtimes load it into memory
+                path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
+                export_onnx(self.model, path, keep_ratio=ratio, verify=False)
+                session = self._load_session(path, require)
+            self._sessions[key] = session
+        out_video, keep = session(video.detach().numpy())
         keep = torch.from_numpy(keep).float()
         positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode
         return AnonymizedClips(torch.from_numpy(out_video), keep, positions)
+
+    def _load_session(self, path: Path, require):
+        """A callable numpy clips -> (video, keep) of the runtime, on the ONNX file at ``path``."""
+        if self.runtime == "onnxruntime":
+            ort = require("onnxruntime")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return lambda x: onnx.run(None, {"clips": x})
+        ov = require("openvino")
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
+        return lambda x: tuple(compiled({"clips": x}).values())
 
     def __repr__(self) -> str:
         return f"ClipAnonymizer({self.description})"
@@ -305,6 +319,7 @@ class ClipAnonymizer:
 
 def load_trained(path: str | os.PathLike, **kwargs) -> ClipAnonymizer:
     """A :class:`ClipAnonymizer` for the model saved at ``path`` by ``stpcore.models.save_anonymizer``
-    (or a training checkpoint); ``kwargs`` go to :class:`ClipAnonymizer` (device, precision, threads)."""
+    (or a training checkpoint); ``kwargs`` go to :class:`ClipAnonymizer` (device, precision, threads, compile,
+    runtime)."""
 
     return ClipAnonymizer(load_anonymizer(path, map_location="cpu"), **kwargs)

@@ -130,3 +130,29 @@ def test_bad_runtime_settings_are_refused(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), **kwargs)
+
+
+def test_runtime_anonymizers_name_a_missing_extra_up_front_and_leave_no_files(trained_tiny, monkeypatch):
+    import glob
+    import sys
+    import tempfile
+
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    pattern = f"{tempfile.gettempdir()}/stpcore-onnx-*"
+    before = set(glob.glob(pattern))
+    ClipAnonymizer(model, runtime="onnxruntime")(torch.randn(1, 3, 8, 32, 32))
+    assert set(glob.glob(pattern)) == before  # the exported graph lives in the session, not in /tmp
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ValueError, match=r"onnxscript is not installed.*stpcore\[deploy\]"):
+        ClipAnonymizer(model, runtime="onnxruntime")
+
+
+def test_anonymize_refuses_adaptive_with_an_onnx_runtime(tmp_path, capsys):
+    from stpcore.cli import main
+
+    assert main(["anonymize", "x.mp4", "-o", str(tmp_path), "--checkpoint", "c.pt", "--runtime", "onnxruntime",
+                 "--adaptive", "0.5"]) == 2
+    assert "--adaptive runs in PyTorch only" in capsys.readouterr().err

@@ -37,8 +37,10 @@ def _reference(op: str) -> Callable:
 
 def _slot_topk_by_topk(scores: torch.Tensor, num_slots: int, k: int) -> torch.Tensor:
     """Per-slot top-k with ``topk`` instead of the reference's stable sort, which ONNX has no operator for: the
-    same indices wherever the k-th and (k+1)-th scores of a slot differ (ONNX's TopK, like torch's on CPU, takes
-    equal scores lowest index first, as the reference does; NaN scores may be ranked differently)."""
+    same indices wherever the k-th and (k+1)-th scores of a slot differ. ONNX's TopK takes equal scores lowest
+    index first, as the reference does (measured with ONNX Runtime and OpenVINO); torch's own ``topk`` on CPU
+    does not promise that, so run eagerly this function may break ties differently; NaN scores may be ranked
+    differently too."""
     B, N = scores.shape
     per_slot = N // num_slots
     top = scores.reshape(B, num_slots, per_slot).topk(k, dim=-1).indices  # (B, S, k)
