@@ -286,20 +286,22 @@ class ClipAnonymizer:
         if session is None:  # one ONNX graph per set of counts (every k is a constant in it)
             import tempfile
 
-            from stpcore.deploy import export_onnx, require
+            from stpcore.deploy import export_onnx
 
             with tempfile.TemporaryDirectory(prefix="stpcore-onnx-") as tmp:  # the runtimes load it into memory
                 path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
                 export_onnx(self.model, path, keep_ratio=ratio, verify=False)
-                session = self._load_session(path, require)
+                session = self._load_session(path)
             self._sessions[key] = session
         out_video, keep = session(video.detach().numpy())
         keep = torch.from_numpy(keep).float()
         positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode
         return AnonymizedClips(torch.from_numpy(out_video), keep, positions)
 
-    def _load_session(self, path: Path, require):
+    def _load_session(self, path: Path):
         """A callable numpy clips -> (video, keep) of the runtime, on the ONNX file at ``path``."""
+        from stpcore.deploy import require
+
         if self.runtime == "onnxruntime":
             ort = require("onnxruntime")
             options = ort.SessionOptions()

@@ -75,8 +75,8 @@ class Backend:
         name: "reference", "triton", "xformers", ...
         fn: the implementation's forward; called with the op's arguments (no autograd recorded).
         reasons: ``reasons(explicit, *args, **kwargs) -> list[str]``; empty when ``fn`` can run them.
-        bwd: the backward, with the arguments the op's backward gives (see each op); None: recompute ``fn``
-            under autograd.
+        bwd: the backward, with the arguments the op's backward gives (see each op); None: the op's backward
+            reruns the reference backend under ``torch.func.vjp`` (:func:`recompute_backward`).
     """
 
     name: str

@@ -254,19 +254,26 @@ def test_nan_guard_stops_with_checkpoint(tmp_path):
     assert all(torch.equal(weights[k], loader.before[k]) for k in loader.before)
 
 
+class _BadPixelLoader(RandomClipLoader):
+    """RandomClipLoader whose second batch carries ``value`` (NaN or Inf) at ``where`` in its clips."""
+
+    def __init__(self, where: tuple[int, ...], value: float, *args) -> None:
+        super().__init__(*args)
+        self.where, self.value = where, value
+
+    def __iter__(self):
+        for i, b in enumerate(super().__iter__()):
+            if i == 1:
+                b.clips[self.where] = self.value
+            yield b
+
+
 @pytest.mark.parametrize("phase", ["phase1", "phase2"])
 def test_a_batch_with_nan_clips_is_refused_at_the_boundary_naming_its_videos(tmp_path, phase):
     """The models' own value checks are off in training (no host sync inside them); the trainer checks each
     batch once and names the batch's videos."""
-    class NanLoader(RandomClipLoader):
-        def __iter__(self):
-            for i, b in enumerate(super().__iter__()):
-                if i == 1:
-                    b.clips[2, 0, 0, 0, 0] = float("nan")
-                yield b
-
     cfg = _cfg(tmp_path, **({"phase2_epochs": 0} if phase == "phase1" else {"phase1_epochs": 0}))
-    trainer = Trainer(cfg, NanLoader(3, 4, 8, 32))
+    trainer = Trainer(cfg, _BadPixelLoader((2, 0, 0, 0, 0), float("nan"), 3, 4, 8, 32))
     assert not any(m.validate for m in (trainer.anonymizer, trainer.action_rec, trainer.privacy_rec))
     with pytest.raises(ValueError, match=r"video \(a batch of .+/v4, .+/v5, .+/v6, \.\.\.\) contains NaN or Inf"):
         trainer.fit()
@@ -275,14 +282,8 @@ def test_a_batch_with_nan_clips_is_refused_at_the_boundary_naming_its_videos(tmp
 def test_a_nan_batch_is_refused_by_the_decoder_fit_too(tmp_path):
     """decoder_init='lstsq' reads a pass of the data through the anonymizer (whose own check is off): a NaN clip
     stops the fit with the model's message instead of poisoning the least-squares solve."""
-    class NanLoader(RandomClipLoader):
-        def __iter__(self):
-            for i, b in enumerate(super().__iter__()):
-                if i == 1:
-                    b.clips[0, 1, 2, 3, 4] = float("inf")
-                yield b
-
-    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, decoder_init="lstsq"), NanLoader(3, 4, 8, 32))
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, decoder_init="lstsq"),
+                      _BadPixelLoader((0, 1, 2, 3, 4), float("inf"), 3, 4, 8, 32))
     with pytest.raises(ValueError, match="video contains NaN or Inf values"):
         trainer.fit()
 
