@@ -102,21 +102,34 @@ def test_clip_anonymizer_on_onnxruntime_matches_torch(trained_tiny):
         ort(clips, adaptive_threshold=0.5)
 
 
-def test_clip_anonymizer_on_openvino_matches_torch(trained_tiny):
-    pytest.importorskip("openvino")
-    from stpcore.inference import ClipAnonymizer, cpu_has_native_bf16
-    from stpcore.models import load_anonymizer
+_OPENVINO_CHECK = """
+import sys, torch
+from stpcore.inference import ClipAnonymizer, cpu_has_native_bf16
+from stpcore.models import load_anonymizer
+model = load_anonymizer(sys.argv[1])
+clips = torch.randn(4, 3, 8, 32, 32, generator=torch.Generator().manual_seed(4))
+want = ClipAnonymizer(model, precision="fp32")(clips)
+fp32 = ClipAnonymizer(model, runtime="openvino", precision="fp32")
+got = fp32(clips)
+assert torch.equal(got.keep, want.keep) and "openvino fp32" in fp32.description
+torch.testing.assert_close(got.video, want.video, rtol=1e-4, atol=1e-4)
+auto = ClipAnonymizer(model, runtime="openvino")
+assert auto.runtime_precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+assert (auto(clips).keep == want.keep).float().mean() >= 0.95
+print("ok")
+"""
 
-    model = load_anonymizer(trained_tiny)
-    clips = torch.randn(4, 3, 8, 32, 32, generator=torch.Generator().manual_seed(4))
-    want = ClipAnonymizer(model, precision="fp32")(clips)
-    fp32 = ClipAnonymizer(model, runtime="openvino", precision="fp32")
-    got = fp32(clips)
-    assert torch.equal(got.keep, want.keep) and "openvino fp32" in fp32.description
-    torch.testing.assert_close(got.video, want.video, rtol=1e-4, atol=1e-4)
-    auto = ClipAnonymizer(model, runtime="openvino")
-    assert auto.runtime_precision == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert (auto(clips).keep == want.keep).float().mean() >= 0.95
+
+def test_clip_anonymizer_on_openvino_matches_torch(trained_tiny):
+    """In a process of its own: with OpenVINO loaded, a later test in the same process that sends itself SIGTERM
+    during training crashed (segfault; not understood yet), so the suite's workers never load it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("openvino")
+    run = subprocess.run([sys.executable, "-c", _OPENVINO_CHECK, str(trained_tiny)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kwargs, match", [
