@@ -54,7 +54,17 @@ class TrainConfig:
         privacy_restart_every: re-initialise the privacy recognizer (weights and optimizer state) every this
             many phase-2 epochs after the warm-up, so STPrivacy must hide the attributes from fresh
             recognizers (as phase 3 trains) rather than from the one it co-adapted with ("model restarting",
-            Wu et al., TPAMI 2020) [G: 0, off].
+            Wu et al., TPAMI 2020) [G: 0, off]. With several adversaries (``privacy_adversaries``), one is
+            restarted at a time, in turn, so the others keep what they learned.
+        privacy_adversaries: ViT privacy recognizers trained side by side from different initialisations;
+            STPrivacy's privacy term is the worst case over them (the one that reads the attributes best), as in
+            SPAct's model ensemble (Dave et al., CVPR 2022) [G: 1, the paper's single adversary].
+        stats_adversary_weight: weight of a second privacy term, from an appearance-statistics adversary
+            (``stpcore.training.adversaries.StatsAdversary``: colour moments and soft histograms of the kept
+            pixels, then an MLP), trained beside the ViT adversary with the same objective [G: 0, off].
+        colour_spread_weight: weight of a penalty on how much the kept pixels' colour statistics vary between
+            the clips of a batch (``adversaries.colour_spread``): a constraint on what STPrivacy may write into
+            the kept tubelets, whatever the attributes [G: 0, off].
         amp: "auto" (bf16 autocast on CUDA, none on CPU) [G], "bf16" or "none".
         compile: torch.compile the models.
         checkpoint_every: steps between checkpoints (0: epoch ends only).
@@ -100,6 +110,9 @@ class TrainConfig:
     recognizer_lr_scale: float = 1.0
     recognizer_warmup_epochs: int = 0
     privacy_restart_every: int = 0
+    privacy_adversaries: int = 1
+    stats_adversary_weight: float = 0.0
+    colour_spread_weight: float = 0.0
     amp: str = "auto"
     compile: bool = False
     checkpoint_every: int = 500
@@ -130,13 +143,16 @@ class TrainConfig:
             raise ValueError(f"decoder_init must be 'random' or 'lstsq', got {self.decoder_init!r}")
         if self.privacy_restart_every < 0:
             raise ValueError(f"privacy_restart_every must be >= 0 (0: off), got {self.privacy_restart_every}")
+        if self.privacy_adversaries < 1:
+            raise ValueError(f"privacy_adversaries must be >= 1, got {self.privacy_adversaries}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
         negative = {name: getattr(self, name) for name in (
             "weight_decay", "warmup_epochs", "min_lr_ratio", "clip_grad", "action_weight", "privacy_weight",
-            "sparsity_weight", "recognizer_lr_scale", "checkpoint_every", "log_every", "workers")
+            "sparsity_weight", "stats_adversary_weight", "colour_spread_weight", "recognizer_lr_scale",
+            "checkpoint_every", "log_every", "workers")
             if getattr(self, name) < 0}
         if negative:
             raise ValueError(f"these settings must be >= 0 (a negative weight would flip its loss): {negative}")

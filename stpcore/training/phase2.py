@@ -74,6 +74,14 @@ def restart_due(cfg: TrainConfig, phase: str, epoch: int, step_in_epoch: int) ->
     return bool(phase == "phase2" and every and step_in_epoch == 0 and epoch > first and (epoch - first) % every == 0)
 
 
+def restart_target(cfg: TrainConfig, epoch: int) -> str:
+    """The privacy recognizer restarted at a restart epoch: with several (privacy_adversaries), each in turn,
+    the first at the first restart ("privacy", then "privacy_1", ...)."""
+    turn = (epoch - cfg.recognizer_warmup_epochs) // cfg.privacy_restart_every - 1
+    index = turn % cfg.privacy_adversaries
+    return "privacy" if index == 0 else f"privacy_{index}"
+
+
 def fresh_privacy_recognizer(cfg: TrainConfig, epoch: int) -> dict:
     """The weights of a new privacy recognizer, seeded by (seed, epoch) so a resumed run restarts to the same."""
     with torch.random.fork_rng(devices=[]):

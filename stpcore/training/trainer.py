@@ -49,7 +49,8 @@ from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimi
 from stpcore.training import state
 from stpcore.training.config import TrainConfig
 from stpcore.training.distributed import any_rank, sharding_report, wrap_models
-from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due
+from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
+from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due, restart_target
 from stpcore.tubelets import check_finite
 
 PHASES = ("phase1", "phase2")
@@ -94,10 +95,17 @@ class Trainer:
         self.anonymizer = STPrivacy(self.model_cfg).to(self.device)
         self.action_rec = VideoRecognizer(cfg.recognizer_config(self.num_classes)).to(self.device)
         self.privacy_rec = VideoRecognizer(cfg.recognizer_config(5)).to(self.device)
+        # Extra ensemble members (privacy_adversaries) and the statistics adversary are built after the paper's
+        # three models, so a run without them initialises exactly as before.
+        self.privacy_names = ["privacy"] + [f"privacy_{i}" for i in range(1, cfg.privacy_adversaries)]
+        self.extra_privacy = {name: VideoRecognizer(cfg.recognizer_config(5)).to(self.device)
+                              for name in self.privacy_names[1:]}
+        self.stats_adv = (StatsAdversary(self.model_cfg.tubelet).to(self.device)
+                          if cfg.stats_adversary_weight > 0 else None)
         if cfg.init_2d:
             from stpcore.models import load_inflated_2d_vit
 
-            for m in (self.anonymizer, self.action_rec, self.privacy_rec):
+            for m in (self.anonymizer, self.action_rec, self.privacy_rec, *self.extra_privacy.values()):
                 load_inflated_2d_vit(m, cfg.init_2d)
         self.steps_per_epoch = max(1, len(self.loader))
         world_batch = cfg.batch_size * self.dist.world_size
@@ -109,6 +117,9 @@ class Trainer:
         rec_lr = self.lr * cfg.recognizer_lr_scale
         schedules = {"phase1": (self.anonymizer, self.lr, p1), "phase2": (self.anonymizer, self.lr, p2_game),
                      "action": (self.action_rec, rec_lr, p2), "privacy": (self.privacy_rec, rec_lr, p2)}
+        schedules.update({name: (m, rec_lr, p2) for name, m in self.extra_privacy.items()})
+        if self.stats_adv is not None:
+            schedules["stats"] = (self.stats_adv, rec_lr, p2)
         self.opt, self.sched = {}, {}
         for name, (model, lr, total) in schedules.items():
             self.opt[name], self.sched[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
@@ -138,7 +149,10 @@ class Trainer:
     def _wrap_models(self) -> None:
         # Each phase leaves some heads unused (phase 1: reconstruction; phase 2: the own action head); the
         # forward skips them (reconstruct= / classify=), and DDP's find_unused_parameters skips their grads.
-        models = {"anonymizer": self.anonymizer, "action": self.action_rec, "privacy": self.privacy_rec}
+        models = {"anonymizer": self.anonymizer, "action": self.action_rec, "privacy": self.privacy_rec,
+                  **self.extra_privacy}
+        if self.stats_adv is not None:
+            models["stats"] = self.stats_adv
         for m in models.values():
             m.validate = False  # the batch is checked once per step (_clips); no host sync inside the models
         self.models = wrap_models(models, self.dist, self.device, compile=self.cfg.compile)
@@ -228,41 +242,68 @@ class Trainer:
         # called unwrapped (no DDP gradient sync for a step that does not update them).
         # During the recognizer warm-up STPrivacy only transforms (no graph, no update).
         game = self.epoch >= cfg.recognizer_warmup_epochs
-        frozen = [unwrap(action_rec), unwrap(privacy_rec)]
-        for m in frozen:
+        adversaries = [n for n in (*self.privacy_names, "stats") if n in self.models]  # privacy recognizers
+        frozen = {name: unwrap(self.models[name]) for name in ("action", *adversaries)}
+        for m in frozen.values():
             m.requires_grad_(False)
+        extra: dict[str, torch.Tensor] = {}
         with self._autocast(), torch.set_grad_enabled(game):
             # Phase 2 does not use STPrivacy's own action head.
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
-            ce = losses.action_loss(frozen[0](out.video, out.keep, mode="policy"), actions)
-            privacy_logits = frozen[1](out.video, out.keep, mode="policy")
-            bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
-            term = bce if cfg.privacy_objective == "bce" else losses.masked_privacy_entropy(privacy_logits, has_privacy)
+            ce = losses.action_loss(frozen["action"](out.video, out.keep, mode="policy"), actions)
+            terms, bce = [], None
+            for name in self.privacy_names:
+                privacy_logits = frozen[name](out.video, out.keep, mode="policy")
+                bce_i = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
+                bce = bce_i if bce is None else bce
+                terms.append(self._privacy_term(privacy_logits, bce_i, has_privacy))
+            term = worst_privacy_term(terms)
             loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, term, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
+            if self.stats_adv is not None:
+                stats_logits = frozen["stats"](out.video, out.keep)
+                extra["stats_term"] = self._privacy_term(
+                    stats_logits, losses.masked_privacy_loss(stats_logits, privacy, has_privacy), has_privacy)
+                loss = loss - cfg.stats_adversary_weight * extra["stats_term"]
+            if cfg.colour_spread_weight > 0:
+                extra["colour_spread"] = colour_spread(kept_colour_statistics(out.video, out.keep,
+                                                                              self.model_cfg.tubelet))
+                loss = loss + cfg.colour_spread_weight * extra["colour_spread"]
         self._check_finite({"anonymizer loss": loss})
         if game:
             self._update("phase2", loss, anonymizer)
-        for m in frozen:
+        for m in frozen.values():
             m.requires_grad_(True)
         # 2) The recognizers, on the detached transformed video and mask.
         video, keep = out.video.detach(), out.keep.detach()
         with self._autocast():
             action_logits = action_rec(video, keep, mode="policy")
             rec_ce = losses.action_loss(action_logits, actions)
-            privacy_logits = privacy_rec(video, keep, mode="policy")
-            rec_bce = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
-        self._check_finite({"action recognizer loss": rec_ce, "privacy recognizer loss": rec_bce})
+            rec_losses, privacy_logits = {}, None
+            for name in adversaries:
+                logits = self.models[name](video, keep, mode="policy")
+                privacy_logits = logits if privacy_logits is None else privacy_logits
+                rec_losses[name] = losses.masked_privacy_loss(logits, privacy, has_privacy)
+        self._check_finite({"action recognizer loss": rec_ce,
+                            **{f"{name} recognizer loss": v for name, v in rec_losses.items()}})
         self._update("action", rec_ce, action_rec)
-        self._update("privacy", rec_bce, privacy_rec)
+        for name, value in rec_losses.items():
+            self._update(name, value, self.models[name])
         acc = (action_logits.argmax(-1) == actions).float().mean()
         priv_acc = ((privacy_logits > 0).float() == privacy).float()[has_privacy].mean() if has_privacy.any() \
             else torch.tensor(float("nan"))
-        return {"loss": loss.item(), "sparsity": sparsity.item(), "ce_action": ce.item(), "bce_privacy": bce.item(),
-                "privacy_term": term.item(),
-                "rec_ce_action": rec_ce.item(), "rec_bce_privacy": rec_bce.item(), "acc_action": acc.item(),
-                "acc_privacy": priv_acc.item(), "kept": keep.float().mean().item()}
+        metrics = {"loss": loss.item(), "sparsity": sparsity.item(), "ce_action": ce.item(), "bce_privacy": bce.item(),
+                   "privacy_term": term.item(),
+                   "rec_ce_action": rec_ce.item(), "rec_bce_privacy": rec_losses["privacy"].item(),
+                   "acc_action": acc.item(), "acc_privacy": priv_acc.item(), "kept": keep.float().mean().item()}
+        metrics.update({k: v.item() for k, v in extra.items()})
+        metrics.update({f"rec_bce_{name}": v.item() for name, v in rec_losses.items() if name != "privacy"})
+        return metrics
+
+    def _privacy_term(self, logits: torch.Tensor, bce: torch.Tensor, has_privacy: torch.Tensor) -> torch.Tensor:
+        """What STPrivacy maximises against one adversary: its BCE, or its entropy (privacy_objective)."""
+        return bce if self.cfg.privacy_objective == "bce" else losses.masked_privacy_entropy(logits, has_privacy)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -381,10 +422,12 @@ class Trainer:
         """privacy_restart_every: a fresh privacy recognizer at the start of every such epoch (phase2.py)."""
         if not restart_due(self.cfg, self.phase, self.epoch, self.step_in_epoch):
             return
-        self.privacy_rec.load_state_dict(fresh_privacy_recognizer(self.cfg, self.epoch))  # in place: wrappers stay
-        self.opt["privacy"].state.clear()
+        name = restart_target(self.cfg, self.epoch)  # one ensemble member at a time, in turn
+        unwrap(self.models[name]).load_state_dict(fresh_privacy_recognizer(self.cfg, self.epoch))  # in place
+        self.opt[name].state.clear()
         if self.dist.main:
-            self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy recognizer restarted"})
+            self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy recognizer restarted",
+                       "recognizer": name})
 
     def _run_epoch(self, phase: str, epochs: int, step_fn, history) -> None:
         self._maybe_restart_privacy()

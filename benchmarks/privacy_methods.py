@@ -1,0 +1,91 @@
+"""Privacy methods of phase 2 over training seeds (issue 16): the demo trained with TrainConfig overrides and one
+seed, scored as the demo scores STPrivacy (phase 3 on the test split) by every attacker, worst case included.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED '{"privacy_adversaries": 3}' \
+        [--workdir out/privacy_methods] [--json-lines OUT.jsonl]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py raw 0 --raw    # raw video, once per workdir
+
+The data is the demo's (DemoConfig, written once into the work folder); training uses the demo's settings
+(``stpcore.demo.train_config``) with the seed changed (model initialisation, Gumbel noise and data order) and the
+JSON overrides; phase 3 uses the demo's evaluation settings and seed for every run, with the attackers vit,
+frame_cnn and stats. The raw video's scores (``--raw``) are written to WORKDIR/raw.json; each method run reads
+them to compute the drops. One JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ATTACKERS = "vit,frame_cnn,stats"
+
+
+def _scores(result) -> dict:
+    return {"top1": result.top1, "cmap": result.cmap, "kept": result.kept_fraction,
+            "attackers": {name: {"cmap": r["cmap"], "ap": r["ap"]} for name, r in result.attackers.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("train_overrides", nargs="?", default="{}", help="JSON object of TrainConfig fields")
+    parser.add_argument("--workdir", type=Path, default=Path("out/privacy_methods"))
+    parser.add_argument("--raw", action="store_true", help="score raw video (needs one trained run's checkpoint "
+                        "for the clip geometry: the run NAME SEED is trained first)")
+    parser.add_argument("--json-lines", type=Path)
+    args = parser.parse_args()
+
+    from stpcore.data.synth import make_synthetic_dataset
+    from stpcore.demo import DemoConfig, _loaders, eval_config, train_config
+    from stpcore.evaluation import evaluate
+    from stpcore.evaluation.results import MethodResult, worst_case
+    from stpcore.models import STPrivacyConfig
+    from stpcore.runtime import clip_loader
+    from stpcore.training import Trainer
+
+    demo = DemoConfig()
+    model_cfg = STPrivacyConfig.from_name(demo.preset)
+    data = args.workdir / "data"
+    if not (data / "vp_labels.csv").is_file():
+        make_synthetic_dataset(data, videos=demo.videos, seed=demo.seed, width=demo.width, height=demo.height,
+                               frames=demo.frames)
+    overrides = json.loads(args.train_overrides)
+    run = args.workdir / f"{args.name}_s{args.seed}"
+    train_all, test = _loaders(demo, data, model_cfg.num_frames, model_cfg.image_size)
+    fit = clip_loader(data, train=True, batch_size=demo.batch_size, labels=data / "vp_labels.csv",
+                      num_frames=model_cfg.num_frames, crop=model_cfg.image_size, stride=demo.stride, decoder="pyav",
+                      cache=True, seed=args.seed)
+    start = time.perf_counter()
+    checkpoint = run / "train" / "stprivacy.pt"
+    if not checkpoint.is_file():
+        tcfg = train_config(demo, data, run / "train", seed=args.seed, progress=False, **overrides)
+        Trainer(tcfg, fit).fit()
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ecfg = eval_config(demo, data, run / "eval", attackers=ATTACKERS, progress=False)
+    raw_path = args.workdir / "raw.json"
+    if args.raw:
+        (raw,) = evaluate(ecfg, checkpoint=checkpoint, methods=("raw",), train_loader=train_all, test_loader=test)
+        raw_path.write_text(json.dumps({"scores": _scores(raw), "result": raw.__dict__}, default=float, indent=1))
+        print(json.dumps(_scores(raw), default=float))
+        return
+    (ours,) = evaluate(ecfg, checkpoint=checkpoint, methods=("stprivacy",), train_loader=train_all, test_loader=test)
+    while not raw_path.is_file():  # the --raw run may still be going in another process
+        time.sleep(10)
+    raw = MethodResult(**json.loads(raw_path.read_text())["result"])
+    w = worst_case(raw, ours)
+    line = {"name": args.name, "seed": args.seed, "train_overrides": overrides, **_scores(ours),
+            "raw_top1": raw.top1, "top1_vs_raw": ours.top1 - raw.top1, "drops": w["drops"],
+            "worst_drop": w["worst_drop"], "best_attacker": w["best_attacker"],
+            "seconds": {"train": round(train_s, 1), "evaluate": round(time.perf_counter() - start, 1)}}
+    print(json.dumps(line, default=float))
+    if args.json_lines:
+        with open(args.json_lines, "a") as f:
+            f.write(json.dumps(line, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
