@@ -117,9 +117,23 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         print(f"stpcore anonymize: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
               f"{args.runtime} or --adaptive", file=sys.stderr)
         return 2
-    anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
-                              compile=args.compile, runtime=args.runtime)
+    if args.onnx and args.runtime == "torch":
+        print("stpcore anonymize: --onnx needs --runtime onnxruntime or --runtime openvino", file=sys.stderr)
+        return 2
+    try:
+        anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
+                                  compile=args.compile, runtime=args.runtime,
+                                  **({"onnx": args.onnx} if args.onnx else {}))
+    except ValueError as exc:
+        print(f"stpcore anonymize: {exc}", file=sys.stderr)
+        return 2
     cfg = anonymizer.model.cfg
+    meta = anonymizer.onnx_meta
+    if meta and args.keep_ratio is not None and list(cfg.kept_per_slot(args.keep_ratio)) != meta["kept_per_slot"]:
+        print(f"stpcore anonymize: --keep-ratio {args.keep_ratio:g}, but {args.onnx} was exported at "
+              f"{meta['keep_ratio']:g}; export one at this ratio (stpcore export --keep-ratio {args.keep_ratio:g}) "
+              f"or drop --keep-ratio", file=sys.stderr)
+        return 2
     if args.overlap >= cfg.image_size:
         print(f"stpcore anonymize: --overlap {args.overlap} must be below the window, {cfg.image_size} px",
               file=sys.stderr)
@@ -328,8 +342,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
                    help="torch; onnxruntime or openvino: the model exported to ONNX and run by that runtime on the "
-                        "CPU (onnxruntime fp32; openvino fp32 or bf16, --precision auto picks bf16 where the CPU has "
-                        "it); needs stpcore[deploy]; not with --adaptive")
+                        "CPU (onnxruntime fp32 or int8; openvino fp32, bf16 or int8 calibrated on the first batch; "
+                        "--precision auto picks fp32, or bf16 for openvino where the CPU has it); needs "
+                        "stpcore[deploy]; not with --adaptive")
+    p.add_argument("--onnx", metavar="FILE",
+                   help="with --runtime onnxruntime/openvino: run this graph from stpcore export (of the same "
+                        "checkpoint; its keep ratio is used) instead of exporting one at start")
     p.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile (the first batch compiles; later batches of any size "
                         "reuse the graph; see BENCHMARKS.md for when it pays)")

@@ -10,7 +10,17 @@ ONNX operators only. The adaptive (variable-count) mode has data-dependent shape
 Each export is checked against PyTorch with ONNX Runtime (:func:`verify_onnx`): the share of equal keep
 decisions and the largest video difference, on random clips at two batch sizes.
 
-Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime, openvino): ``pip install 'stpcore[deploy]'``.
+int8: :func:`quantize_onnxruntime_int8` (ONNX Runtime's dynamic quantization) and :func:`quantize_openvino_int8`
+(NNCF's post-training quantization for OpenVINO, calibrated on clips) quantize the transformer blocks' linear
+layers (qkv, proj, fc1, fc2: :func:`block_linear_nodes`), as torch's int8 path does; the patch embedding, the
+keep-score predictors, the attention products and the reconstruction head stay in float, which keeps the keep
+decisions close to fp32 (measured in BENCHMARKS.md).
+
+The exported file carries its geometry and keep ratio as ONNX metadata (:func:`read_onnx`), so a graph exported once
+(``stpcore export``) can be run later (``stpcore anonymize --onnx``) and is checked against the model it is
+meant for.
+
+Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime, openvino, nncf): ``pip install 'stpcore[deploy]'``.
 ``stpcore.inference.ClipAnonymizer(runtime="onnxruntime" | "openvino")`` runs the exported graphs.
 """
 
@@ -26,7 +36,9 @@ from torch import nn
 
 from stpcore.models import STPrivacy
 
-DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime, openvino)"
+DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime, openvino, nncf)"
+BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
+METADATA = ("num_frames", "image_size", "tubelet", "keep_ratio", "kept_per_slot")  # stpcore.<key> in the file
 
 
 class _VideoAndKeep(nn.Module):
@@ -124,6 +136,8 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx_program.save(str(tmp))
+        _write_metadata(tmp, {"num_frames": cfg.num_frames, "image_size": cfg.image_size, "tubelet": list(cfg.tubelet),
+                              "keep_ratio": ratio, "kept_per_slot": list(cfg.kept_per_slot(ratio))})
     report = ExportReport(path, ratio, float("nan"), float("nan"), ())
     if verify:
         agreement, diff, batches = verify_onnx(path, module)
@@ -156,3 +170,101 @@ def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, 
         if same.any():
             diff = max(diff, float((torch.from_numpy(video)[same] - want_video[same]).abs().max()))
     return equal / total, diff, tuple(batches)
+
+
+def _write_metadata(path: Path, values: dict) -> None:
+    import json
+
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"stpcore.{key}", json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
+    """The stpcore metadata of an exported graph ({num_frames, image_size, tubelet, keep_ratio, kept_per_slot}),
+    after checking that the file is a readable ONNX model with stpcore's input and outputs.
+
+    Args:
+        path: the .onnx file.
+        expect: values the file must hold (e.g. the geometry of the model it will stand for); a difference is an
+            error naming both.
+
+    Raises:
+        ValueError: the file is missing, unreadable or corrupt, not an stpcore export (no metadata, other inputs or
+            outputs), or differs from ``expect``.
+    """
+    import json
+
+    onnx = require("onnx")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such ONNX file (write one with: stpcore export CHECKPOINT {path})")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - protobuf and the checker raise their own types
+        raise ValueError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]}); export it again "
+                         f"with stpcore export") from exc
+    props = {p.key.removeprefix("stpcore."): p.value for p in model.metadata_props if p.key.startswith("stpcore.")}
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if set(props) != set(METADATA) or inputs != ["clips"] or outputs != ["video", "keep"]:
+        raise ValueError(f"{path}: not a graph written by stpcore export (inputs {inputs}, outputs {outputs}, "
+                         f"stpcore metadata {sorted(props)}); export it with stpcore export")
+    meta = {k: json.loads(v) for k, v in props.items()}
+    for key, want in (expect or {}).items():
+        if json.loads(json.dumps(want)) != meta[key]:
+            raise ValueError(f"{path}: exported with {key}={meta[key]}, but the model here has {key}={want}; "
+                             f"export this model again (stpcore export)")
+    return meta
+
+
+def block_linear_nodes(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(the MatMul/Gemm nodes of the transformer blocks' linear layers qkv, proj, fc1 and fc2, every other
+    MatMul/Gemm node) of an exported graph, found by the module scope the exporter records on each node."""
+    onnx = require("onnx")
+    blocks, other = [], []
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        scope = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        inside = ".blocks." in scope and any(f".{name}'" in scope for name in BLOCK_LINEARS)
+        (blocks if inside else other).append(node.name)
+    return blocks, other
+
+
+def quantize_onnxruntime_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """ONNX Runtime's dynamic int8 quantization (int8 weights, activations quantized per call) of the blocks'
+    linear layers of the graph at ``src``, written to ``dst``."""
+    require("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    blocks, _ = block_linear_nodes(src)
+    if not blocks:
+        raise ValueError(f"{src}: no transformer-block linear layers found to quantize (not an stpcore export?)")
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_quantize=blocks)
+    return Path(dst)
+
+
+def quantize_openvino_int8(path: str | os.PathLike, calibration):
+    """NNCF's post-training int8 quantization of the graph at ``path`` for OpenVINO (an ``openvino.Model``),
+    calibrated on ``calibration`` (a list of (B, 3, T, H, W) float32 numpy batches); the blocks' linear layers
+    only (:func:`block_linear_nodes`)."""
+    import contextlib
+    import io
+    import logging
+
+    ov = require("openvino")
+    nncf = require("nncf")
+    _, other = block_linear_nodes(path)
+    model = ov.Core().read_model(str(path))
+    names = {op.get_friendly_name() for op in model.get_ops()}
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        return nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                             model_type=nncf.ModelType.TRANSFORMER,
+                             ignored_scope=nncf.IgnoredScope(names=[n for n in other if n in names], validate=False))

@@ -158,10 +158,16 @@ class ClipAnonymizer:
             batch size does not recompile; a string is the compile mode (``"reduce-overhead"`` adds CUDA
             graphs on a GPU).
         runtime: "torch"; "onnxruntime" or "openvino": the model exported to ONNX (``stpcore.deploy``, one graph
-            per keep ratio, exported on first use) and run on the CPU by ONNX Runtime (fp32) or OpenVINO (fp32, or
-            bf16 where the CPU has native bf16: ``precision="auto"`` picks it there). Needs ``stpcore[deploy]``;
-            the adaptive mode stays in PyTorch. The first call compiles (BENCHMARKS.md gives the seconds); the
-            adaptive mode's data-dependent packing runs outside the compiled graphs.
+            per keep ratio, exported on first use) and run on the CPU by ONNX Runtime (fp32, or int8: dynamic
+            quantization of the blocks' linear layers) or OpenVINO (fp32; bf16 where the CPU has native bf16,
+            which ``precision="auto"`` picks there; int8: NNCF's quantization of the blocks' linear layers,
+            calibrated on ``calibration``). Needs ``stpcore[deploy]``; the adaptive mode stays in PyTorch.
+            The first call compiles (BENCHMARKS.md gives the seconds); the adaptive mode's data-dependent
+            packing runs outside the compiled graphs.
+        onnx: with an ONNX runtime, a graph written by ``stpcore export`` to run instead of exporting one (checked
+            against ``model``'s geometry; its keep ratio is fixed, so a call may not ask for another).
+        calibration: OpenVINO int8: (N, 3, T, H, W) clips to calibrate the quantization on (None: the first
+            batch this anonymizer is given).
 
     The clips' values are checked here, once per call (finite; one host sync), and the model's own
     per-forward checks are off (``validate``), so the compiled forward has no host sync in top-k mode.
@@ -172,12 +178,13 @@ class ClipAnonymizer:
     """
 
     def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
-                 threads: int | None = None, compile: bool | str = False, runtime: str = "torch") -> None:
+                 threads: int | None = None, compile: bool | str = False, runtime: str = "torch",
+                 onnx: str | os.PathLike | None = None, calibration: torch.Tensor | None = None) -> None:
         if not isinstance(model, STPrivacy):
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-        allowed = {"onnxruntime": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16")}.get(runtime)
+        allowed = {"onnxruntime": ("auto", "fp32", "int8"), "openvino": ("auto", "fp32", "bf16", "int8")}.get(runtime)
         if allowed is not None and (precision not in allowed or torch.device(device).type != "cpu" or compile):
             raise ValueError(f"runtime={runtime!r} runs {'/'.join(allowed[1:])} on the CPU without torch.compile, got "
                              f"precision={precision!r}, device {device}, compile={compile!r}")
@@ -185,15 +192,33 @@ class ClipAnonymizer:
             from stpcore.deploy import require
 
             try:
-                for module in ("onnx", "onnxscript", runtime):
+                for module in ("onnx", "onnxscript", runtime) + (("nncf",) if runtime == "openvino" and
+                                                                  precision == "int8" else ()):
                     require(module)
             except RuntimeError as exc:
                 raise ValueError(str(exc)) from exc
+        elif onnx is not None or calibration is not None:
+            raise ValueError("onnx= and calibration= belong to runtime='onnxruntime' or 'openvino'")
         self.runtime = runtime
         self._sessions: dict[tuple[int, ...], object] = {}
         self.runtime_precision = "fp32"
         if runtime == "openvino" and (precision == "bf16" or precision == "auto" and cpu_has_native_bf16()):
             self.runtime_precision = "bf16"
+        if allowed is not None and precision == "int8":
+            self.runtime_precision = "int8"
+        if calibration is not None and (not isinstance(calibration, torch.Tensor) or calibration.ndim != 5):
+            raise ValueError(f"calibration must be clips (N, 3, T, H, W), got "
+                             f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+        self._calibration = calibration
+        self.onnx_meta = None
+        self._onnx_file = None
+        if onnx is not None:
+            from stpcore.deploy import read_onnx
+
+            cfg = model.cfg
+            self.onnx_meta = read_onnx(onnx, expect={"num_frames": cfg.num_frames, "image_size": cfg.image_size,
+                                                     "tubelet": list(cfg.tubelet)})
+            self._onnx_file = Path(onnx)
         if allowed is not None:
             precision = "fp32"  # the PyTorch copy the graphs are exported from
         self.device = torch.device(device)
@@ -277,11 +302,16 @@ class ClipAnonymizer:
         if adaptive_threshold is not None:
             raise ValueError("adaptive_threshold: the adaptive mode has data-dependent shapes and runs in PyTorch "
                              "only; use runtime='torch'")
-        ratio = self.cfg.keep_ratio if keep_ratio is None else keep_ratio
+        default = self.onnx_meta["keep_ratio"] if self.onnx_meta else self.cfg.keep_ratio
+        ratio = default if keep_ratio is None else keep_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
         ratio = float(ratio)
         key = tuple(self.cfg.kept_per_slot(ratio))  # ratios with the same per-slot counts share one graph
+        if self.onnx_meta and list(key) != self.onnx_meta["kept_per_slot"]:
+            raise ValueError(f"keep_ratio={ratio:g}: the graph {self._onnx_file} was exported at keep ratio "
+                             f"{self.onnx_meta['keep_ratio']:g} (tokens per slot {self.onnx_meta['kept_per_slot']}); "
+                             f"export one at this ratio (stpcore export --keep-ratio {ratio:g})")
         session = self._sessions.get(key)
         if session is None:  # one ONNX graph per set of counts (every k is a constant in it)
             import tempfile
@@ -289,30 +319,46 @@ class ClipAnonymizer:
             from stpcore.deploy import export_onnx
 
             with tempfile.TemporaryDirectory(prefix="stpcore-onnx-") as tmp:  # the runtimes load it into memory
-                path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
-                export_onnx(self.model, path, keep_ratio=ratio, verify=False)
-                session = self._load_session(path)
+                path = self._onnx_file
+                if path is None:
+                    path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
+                    export_onnx(self.model, path, keep_ratio=ratio, verify=False)
+                session = self._load_session(path, Path(tmp), video)
             self._sessions[key] = session
         out_video, keep = session(video.detach().numpy())
         keep = torch.from_numpy(keep).float()
         positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode
         return AnonymizedClips(torch.from_numpy(out_video), keep, positions)
 
-    def _load_session(self, path: Path):
-        """A callable numpy clips -> (video, keep) of the runtime, on the ONNX file at ``path``."""
-        from stpcore.deploy import require
+    def _load_session(self, path: Path, scratch: Path, first: torch.Tensor):
+        """A callable numpy clips -> (video, keep) of the runtime, on the ONNX file at ``path`` (int8: quantized
+        into ``scratch``; OpenVINO's calibrated on ``calibration``, else on ``first``, the batch being run)."""
+        from stpcore.deploy import quantize_onnxruntime_int8, quantize_openvino_int8, require
 
-        if self.runtime == "onnxruntime":
-            ort = require("onnxruntime")
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return lambda x: onnx.run(None, {"clips": x})
-        ov = require("openvino")
-        core = ov.Core()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
+        try:
+            if self.runtime == "onnxruntime":
+                ort = require("onnxruntime")
+                if self.runtime_precision == "int8":
+                    path = quantize_onnxruntime_int8(path, scratch / "int8.onnx")
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = torch.get_num_threads()
+                onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                return lambda x: onnx.run(None, {"clips": x})
+            ov = require("openvino")
+            core = ov.Core()
+            if self.runtime_precision == "int8":
+                clips = self._calibration if self._calibration is not None else first
+                model = quantize_openvino_int8(path, [c.detach().cpu().float().numpy() for c in clips.split(4)])
+            else:
+                model = core.read_model(str(path))
+            compiled = core.compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
+        except (RuntimeError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for a graph they refuse
+            raise ValueError(f"{self.runtime} could not load the graph {path}: {str(exc).splitlines()[0][:300]}") \
+                from exc
         return lambda x: tuple(compiled({"clips": x}).values())
 
     def __repr__(self) -> str:
