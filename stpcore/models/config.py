@@ -111,6 +111,9 @@ class STPrivacyConfig(BackboneConfig):
         num_classes: classes of the model's own action head (51 for HMDB51).
         attn_eps: smoothing of the training-mode policy attention (1e-6).
         tau: Gumbel-softmax temperature (1.0).
+        zero_mean_tubelets: subtract from each reconstructed tubelet its own mean colour (per channel, over its
+            pixels), so a kept tubelet carries structure and motion but no colour of its own: its mean is the
+            normalised 0 that dropped tubelets hold [G: False, the paper's free reconstruction; issue 16].
     """
 
     prune_locations: tuple[int, ...] = (3, 6, 9)
@@ -118,6 +121,7 @@ class STPrivacyConfig(BackboneConfig):
     num_classes: int = 51
     attn_eps: float = 1e-6
     tau: float = 1.0
+    zero_mean_tubelets: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -157,8 +157,13 @@ class STPrivacy(VideoTransformer):
         return list(gumbel_noise)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final tokens (..., D) -> tubelet pixels (..., pt*ph*pw*3)."""
-        return self.head_recon(self.norm_recon(tokens))
+        """Final tokens (..., D) -> tubelet pixels (..., pt*ph*pw*3) (channel innermost); with
+        ``zero_mean_tubelets``, each tubelet's mean colour removed."""
+        pixels = self.head_recon(self.norm_recon(tokens))
+        if not self.cfg.zero_mean_tubelets:
+            return pixels
+        per_channel = pixels.unflatten(-1, (-1, 3))  # (..., pt*ph*pw, 3)
+        return (per_channel - per_channel.mean(dim=-2, keepdim=True)).flatten(-2)
 
     def _classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(self.fc_norm(pooled))

@@ -286,3 +286,31 @@ def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch)
     """The whole model on CUDA, fp32 (TF32 off): dispatch's choice (the kernels) against the references."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _compare_backends(STPrivacyConfig.from_name(preset, **overrides), "cuda", "auto", monkeypatch)
+
+
+@pytest.mark.parametrize("mode", ["train", "topk", "adaptive"])
+def test_zero_mean_tubelets_remove_each_tubelets_own_colour(mode):
+    from stpcore.tubelets import to_tubelets
+
+    torch.manual_seed(0)
+    cfg = STPrivacyConfig.from_name("tiny", zero_mean_tubelets=True)
+    model = STPrivacy(cfg)
+    free = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    free.load_state_dict(model.state_dict())
+    clips = torch.randn(2, 3, 8, 32, 32)
+    kwargs = {"adaptive": {"adaptive_threshold": 0.3}}.get(mode, {})
+    model.train(mode == "train")
+    free.train(mode == "train")
+    torch.manual_seed(1)
+    out = model(clips, **kwargs)
+    torch.manual_seed(1)
+    ref = free(clips, **kwargs)
+    pixels = to_tubelets(out.video, cfg.tubelet).unflatten(-1, (-1, 3))  # (B, N, pixels, 3)
+    means = pixels.mean(dim=-2)
+    assert means.abs().max() < 1e-5  # kept tubelets: no colour of their own; dropped: exactly 0
+    want = to_tubelets(ref.video, cfg.tubelet).unflatten(-1, (-1, 3))
+    if mode != "train":  # the same decisions: the free output minus its tubelet means, where kept
+        assert torch.equal(out.keep, ref.keep)
+        torch.testing.assert_close(pixels, (want - want.mean(dim=-2, keepdim=True)) * out.keep[..., None, None],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pixels, want)
