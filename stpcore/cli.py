@@ -112,7 +112,18 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         print("stpcore anonymize: --output-size source needs --view full (the centre view is one window)",
               file=sys.stderr)
         return 2
-    prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
+    from stpcore.stream import is_stream
+
+    live = [x for x in args.inputs if is_stream(x)]
+    if live:
+        bad = ("several inputs" if len(args.inputs) > 1 else "--adaptive" if args.adaptive is not None else
+               "--side-by-side" if args.side_by_side else "--skip-existing" if args.skip_existing else None)
+        if bad:
+            print(f"stpcore anonymize: {live[0]} is a live stream, which is anonymized alone and without {bad} "
+                  f"(streams: one input, top-k, segments only)", file=sys.stderr)
+            return 2
+    else:
+        prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
     if args.runtime != "torch" and args.adaptive is not None:
         print(f"stpcore anonymize: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
               f"{args.runtime} or --adaptive", file=sys.stderr)
@@ -140,6 +151,8 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         return 2
     print(f"STPrivacy {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} from {args.checkpoint} "
           f"({anonymizer.description})")
+    if live:
+        return _anonymize_stream(args, anonymizer)
     # SIGTERM (a service manager, `kill`) stops like Ctrl-C: the file being written is dropped, no temp file
     # is left, and the summary of what finished is printed.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -160,6 +173,31 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     print(report.summary())
     return 1 if report.failed else 0
+
+
+def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
+    """``stpcore anonymize`` on a live source (stpcore.stream): SIGTERM and Ctrl-C end it cleanly."""
+    import signal
+    import threading
+
+    from stpcore.stream import StreamError, anonymize_stream
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        report = anonymize_stream(
+            args.inputs[0], args.output, anonymizer, name=args.name, segment_seconds=args.segment_seconds,
+            stride=args.stride, batch_size=args.batch_size, keep_ratio=args.keep_ratio, view=args.view,
+            output_size=args.output_size, min_overlap=args.overlap, short_side=args.short_side,
+            input_format=args.input_format, timeout=args.stream_timeout, stop=stop, verbose=True)
+    except StreamError as exc:
+        print(f"stpcore anonymize: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(report.summary())
+    return 1 if report.ended.startswith("stream lost") else 0
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -312,7 +350,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     "<name>.anonymized.mp4 (dropped tubelets black), <name>.keep.npz (keep masks per window, "
                     "with the windows' positions) and, with --side-by-side, <name>.side_by_side.mp4. A file "
                     "that cannot be read is reported and skipped.")
-    p.add_argument("inputs", nargs="+", help="video files (any format FFmpeg reads)")
+    p.add_argument("inputs", nargs="+", help="video files (any format FFmpeg reads), or one live stream: an rtsp://, "
+                   "udp://, tcp://, srt://, rtmp:// or http(s):// URL, a V4L2 device /dev/videoN, or - (stdin)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--checkpoint", required=True, help="stprivacy.pt (or last.pt) written by `stpcore train`")
     ratio = p.add_mutually_exclusive_group()
@@ -351,6 +390,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile (the first batch compiles; later batches of any size "
                         "reuse the graph; see BENCHMARKS.md for when it pays)")
+    live = p.add_argument_group("live streams", "rolling segments <name>.NNNNN.mp4 and <name>.segments.jsonl; a "
+                                "chunk is dropped (and counted) when compute falls behind; SIGTERM ends cleanly")
+    live.add_argument("--segment-seconds", type=float, default=10.0, help="length of each segment file (default 10)")
+    live.add_argument("--name", default="stream", help="segment file prefix (default 'stream')")
+    live.add_argument("--input-format", help="the container of the stream when FFmpeg cannot probe it (e.g. mpegts)")
+    live.add_argument("--stream-timeout", type=float, default=10.0, metavar="S",
+                      help="seconds to open the stream, and without data before it counts as lost (default 10)")
     p.set_defaults(func=_cmd_anonymize)
 
     p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")

@@ -1,0 +1,360 @@
+"""Anonymize a live stream (``stpcore anonymize rtsp://... -o OUT``): frames in as they arrive, rolling segment files
+out, with bounded latency.
+
+Sources (PyAV / FFmpeg): ``rtsp://``, ``rtsps://``, ``rtmp://``, ``udp://``, ``tcp://``, ``srt://``, ``http://``,
+``https://`` URLs, a V4L2 device (``/dev/videoN``), or ``-`` for standard input (a container FFmpeg can probe, or
+name it with ``input_format``, e.g. "mpegts").
+
+How it runs. A reader thread decodes frames as they arrive and cuts them into chunks of one clip's span
+(``num_frames * stride`` frames), the unit the model works on. The model side takes the newest finished chunk and
+anonymizes it with the full-frame path of ``stpcore anonymize`` (:class:`stpcore.anonymize.WindowAnonymizer`:
+working scale, model windows stitched back). At most one finished chunk waits: when a new one is finished while
+another still waits (compute has fallen behind), the waiting one is dropped and its frames are counted in
+``frames_dropped``, so the output never drifts further and further behind the camera. A frame's latency, from its
+arrival to its anonymized frame being handed to the encoder, is therefore at most the rest of its chunk's span,
+plus the wait for the chunk in progress, plus its own chunk's compute: one clip plus two computes at worst, one
+clip plus one compute when compute keeps up. The exception is the last partial chunk, which waits for the stream's
+end or for its loss to be declared (``timeout``); the report gives that wait apart (``tail_wait``).
+
+Output: ``<name>.NNNNN.mp4`` segment files of about ``segment_seconds`` each (whole chunks), each written to a
+temporary name and renamed when complete, so a finished segment is always intact; and ``<name>.segments.jsonl``,
+one line per finished segment (file, frames, size, frame rate, first input frame, frames dropped before it, wall
+times). A change of frame size or of frame rate (measured per chunk from the frames' timestamps, more than 25%
+away from the current rate) ends the segment and starts the next one at the new size or rate. Dropped chunks leave
+gaps in time that the index shows (``first_frame`` of each chunk is in the input's frame count).
+
+Ending: at the end of the stream, on stream loss (a read error, or nothing for ``timeout`` seconds), or when
+``stop`` is set (the CLI sets it on SIGTERM and Ctrl-C), the last partial chunk is anonymized (padded as for files;
+after ``stop``, only if the reader hands it over within a second, which a stalled source may not), the open segment
+is closed intact, and :class:`StreamReport` says what happened. A source that cannot be opened
+raises :class:`StreamError` naming it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stpcore import media
+from stpcore.anonymize import WindowAnonymizer, plan_windows, prepare_output_dir, to_source_size
+from stpcore.data.preprocess import to_working_scale, working_short_side
+
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
+RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
+
+
+class StreamError(ValueError):
+    """The stream cannot be opened (the message names it and why)."""
+
+
+def is_stream(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names a live source: a URL of :data:`STREAM_SCHEMES`, a V4L2 device or ``-`` (stdin)."""
+    text = str(source)
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    return text == "-" or scheme in STREAM_SCHEMES or text.startswith("/dev/video")
+
+
+def open_source(source: str, *, input_format: str | None = None, timeout: float = 10.0):
+    """An open PyAV container with a video stream for ``source`` (see the module docstring).
+
+    Raises:
+        StreamError: it cannot be opened within ``timeout`` seconds, or holds no video stream.
+    """
+    import sys
+
+    import av
+
+    fmt = input_format or ("v4l2" if str(source).startswith("/dev/video") else None)
+    target = sys.stdin.buffer if source == "-" else source
+    options = {}
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if scheme in ("udp", "tcp", "http", "https", "rtmp", "srt"):
+        options["rw_timeout"] = str(int(timeout * 1e6))  # microseconds: a stalled read fails instead of hanging
+    if scheme in ("rtsp", "rtsps"):
+        options["timeout"] = str(int(timeout * 1e6))
+    shown = "standard input" if source == "-" else source
+    try:
+        container = av.open(target, mode="r", format=fmt, options=options, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - FFmpeg raises one of many types; all mean "cannot open"
+        raise StreamError(f"cannot open the stream {shown}: {str(exc).splitlines()[0][:300]}") from exc
+    if not container.streams.video:
+        container.close()
+        raise StreamError(f"the stream {shown} has no video stream")
+    return container
+
+
+@dataclass
+class _Chunk:
+    first: int  # index of its first frame in the input
+    frames: list[np.ndarray]
+    arrivals: list[float]  # time.monotonic() of each frame's arrival
+    fps: float
+    real: int = 0  # frames from the input (the rest repeat the last one)
+    last: bool = False  # the partial chunk left when the stream ended or was lost
+
+
+@dataclass
+class StreamReport:
+    """What :func:`anonymize_stream` did.
+
+    Attributes:
+        source: the source as given.
+        segments: the segment files written, in order.
+        frames_in, frames_out, frames_dropped: frames decoded, written, dropped (compute fell behind).
+        chunks: chunks anonymized.
+        ended: why it ended ("end of stream", "stream lost: ...", "stopped").
+        latency: per written frame of a whole chunk, seconds from arrival to output: {"p50", "p95", "max"} (empty
+            if none).
+        changes: what started new segments besides their length ("size 320x240 -> 640x480 at frame 90", ...).
+        tail_wait: seconds the last partial chunk waited after its last frame for the stream to end or be declared
+            lost (not in ``latency``: it is the source's silence, up to ``timeout``, not compute); None if none.
+        chunk_latency: (first input frame, latency of its first frame) per whole chunk written. A demuxer hands a
+            frame over when the next one starts, so the last whole chunk before the stream falls silent waits for
+            that silence to end too.
+    """
+
+    source: str
+    segments: list[Path] = field(default_factory=list)
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_dropped: int = 0
+    chunks: int = 0
+    ended: str = ""
+    latency: dict[str, float] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    tail_wait: float | None = None
+    chunk_latency: list[tuple[int, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lat = (f", latency p50 {self.latency['p50']:.2f} s, p95 {self.latency['p95']:.2f} s, max "
+               f"{self.latency['max']:.2f} s" if self.latency else "")
+        lines = [f"stream {self.source}: {self.ended}; {self.frames_in} frames in, {self.frames_out} written in "
+                 f"{len(self.segments)} segment(s), {self.frames_dropped} dropped{lat}"]
+        lines += [f"  {c}" for c in self.changes]
+        lines += [f"  segment {p}" for p in self.segments]
+        return "\n".join(lines)
+
+
+class _Reader(threading.Thread):
+    """Decodes frames into chunks; at most one finished chunk waits in ``mailbox`` (older ones are dropped)."""
+
+    def __init__(self, container, chunk_len: int, fps: float, report: StreamReport, stop: threading.Event) -> None:
+        super().__init__(daemon=True, name="stpcore-stream-reader")
+        self.container, self.chunk_len, self.fps, self.report, self.stop = container, chunk_len, fps, report, stop
+        self.mailbox: queue.Queue = queue.Queue(maxsize=1)
+        self.lock = threading.Lock()
+        self.ended = ""
+
+    def _post(self, chunk: _Chunk) -> None:
+        with self.lock:
+            try:
+                old = self.mailbox.get_nowait()
+                if old is not None:
+                    self.report.frames_dropped += old.real
+            except queue.Empty:
+                pass
+            self.mailbox.put_nowait(chunk)
+
+    def _rate(self, times: list[float | None]) -> float:
+        """The chunk's frame rate from its timestamps when they disagree with the current one by > RATE_CHANGE."""
+        if len(times) > 2 and all(t is not None for t in times) and times[-1] > times[0]:
+            measured = (len(times) - 1) / (times[-1] - times[0])
+            if abs(measured / self.fps - 1) > RATE_CHANGE:
+                self.fps = round(measured, 2)
+        return self.fps
+
+    def run(self) -> None:
+        frames, arrivals, times, first, index = [], [], [], 0, 0
+        size = None
+        try:
+            stream = self.container.streams.video[0]
+            for frame in self.container.decode(stream):
+                if self.stop.is_set():
+                    self.ended = "stopped"
+                    break
+                image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+                now = time.monotonic()
+                self.report.frames_in += 1
+                if size is not None and image.shape != size and frames:  # a new size: the partial chunk ends here
+                    self._post(self._finish(frames, arrivals, times, first))
+                    frames, arrivals, times, first = [], [], [], index
+                size = image.shape
+                frames.append(image)
+                arrivals.append(now)
+                times.append(frame.time)
+                index += 1
+                if len(frames) == self.chunk_len:
+                    self._post(self._finish(frames, arrivals, times, first))
+                    frames, arrivals, times, first = [], [], [], index
+            else:
+                self.ended = "end of stream"
+        except Exception as exc:  # noqa: BLE001 - any read failure is the stream's loss, reported in the summary
+            self.ended = f"stream lost: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        finally:
+            if frames:
+                chunk = self._finish(frames, arrivals, times, first)
+                chunk.last = True
+                self._post(chunk)
+            self._post_end()
+            try:
+                self.container.close()
+            except Exception:  # noqa: BLE001, S110 - closing a broken stream may fail too; nothing is lost
+                pass
+
+    def _finish(self, frames, arrivals, times, first) -> _Chunk:
+        real = len(frames)
+        fps = self._rate(times)
+        frames = frames + [frames[-1]] * (self.chunk_len - real)  # padded as for files; the padding is not written
+        return _Chunk(first, frames, arrivals, fps, real)
+
+    def _post_end(self) -> None:
+        while True:  # the end marker must not drop a waiting chunk: wait for the model side to take it
+            try:
+                self.mailbox.put(None, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
+def anonymize_stream(
+    source: str,
+    out_dir: str | os.PathLike,
+    anonymizer,
+    *,
+    name: str = "stream",
+    segment_seconds: float = 10.0,
+    stride: int = 1,
+    batch_size: int = 8,
+    keep_ratio: float | None = None,
+    view: str = "full",
+    output_size: str = "work",
+    min_overlap: int = 0,
+    short_side: int | None = None,
+    input_format: str | None = None,
+    timeout: float = 10.0,
+    stop: threading.Event | None = None,
+    verbose: bool = False,
+) -> StreamReport:
+    """Anonymize ``source`` into rolling segments in ``out_dir`` until it ends, is lost, or ``stop`` is set (see the
+    module docstring). ``anonymizer``, ``stride``, ``batch_size``, ``keep_ratio``, ``view``, ``output_size``,
+    ``min_overlap`` and ``short_side`` are as for :func:`stpcore.anonymize.anonymize_file` (top-k only: the adaptive
+    mode's variable cost does not fit a real-time budget).
+
+    Raises:
+        StreamError: the source cannot be opened (nothing is written then).
+        ValueError: bad settings.
+    """
+    if segment_seconds <= 0:
+        raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
+    if stride < 1 or batch_size < 1:
+        raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
+    if output_size == "source" and view != "full":
+        raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+    cfg = anonymizer.cfg
+    chunk_len = cfg.num_frames * stride
+    short_side = short_side or working_short_side(cfg.image_size)
+    stop = stop or threading.Event()
+    container = open_source(source, input_format=input_format, timeout=timeout)  # before any output
+    try:
+        out_dir = prepare_output_dir(out_dir)
+    except ValueError:
+        container.close()
+        raise
+    video = container.streams.video[0]
+    rate = video.average_rate or video.guessed_rate or video.base_rate
+    report = StreamReport(str(source))
+    reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop)
+    reader.start()
+    index_path = out_dir / f"{name}.segments.jsonl"
+    latencies: list[float] = []
+    writer = None
+    segment: dict = {}
+    runner = None
+    plan_key = None
+    stopped_at = None
+    try:
+        while True:
+            try:
+                chunk = reader.mailbox.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():  # the reader posts its last partial chunk at its next frame; a stalled one is
+                    stopped_at = stopped_at or time.monotonic()  # not waited for beyond a second
+                    if not reader.is_alive() or time.monotonic() - stopped_at > 1.0:
+                        break
+                continue
+            if chunk is None:
+                break
+            stack = np.stack(chunk.frames)
+            work = to_working_scale(stack, short_side)
+            key = (stack.shape[1:3], chunk.fps)
+            if key != plan_key:
+                if plan_key is not None:
+                    what = (f"size {plan_key[0][1]}x{plan_key[0][0]} -> {key[0][1]}x{key[0][0]}"
+                            if key[0] != plan_key[0] else f"frame rate {plan_key[1]:g} -> {key[1]:g}")
+                    report.changes.append(f"{what} at frame {chunk.first}: a new segment")
+                if key[0] != (plan_key or (None,))[0]:
+                    grid = plan_windows(*work.shape[-2:], cfg.image_size, view, min_overlap)
+                    runner = WindowAnonymizer(anonymizer, grid, stride=stride, batch_size=batch_size,
+                                              keep_ratio=keep_ratio)
+                writer = _close(writer, segment, report, index_path)
+                plan_key = key
+            (result,) = runner.run([work])
+            frames = result.frames[: chunk.real]
+            if output_size == "source":
+                frames = to_source_size(frames, result.visible[: chunk.real], *stack.shape[1:3])
+            if writer is not None and segment["frames"] >= segment_seconds * segment["fps"]:
+                writer = _close(writer, segment, report, index_path)
+            if writer is None:
+                path = out_dir / f"{name}.{len(report.segments):05d}.mp4"
+                writer = media.VideoWriter(path, chunk.fps).__enter__()
+                segment.clear()
+                segment.update(path=path, fps=chunk.fps, frames=0, first_frame=chunk.first,
+                               dropped_before=report.frames_dropped, opened=time.time(),
+                               size=[int(frames.shape[2]), int(frames.shape[1])])
+            writer.write(np.ascontiguousarray(frames))
+            done = time.monotonic()
+            if chunk.last:  # its frames waited for the end (or the loss timeout) of the stream, not for compute
+                report.tail_wait = done - chunk.arrivals[-1]
+            else:
+                latencies += [done - t for t in chunk.arrivals[: chunk.real]]
+                report.chunk_latency.append((chunk.first, done - chunk.arrivals[0]))
+            segment["frames"] += chunk.real
+            report.frames_out += chunk.real
+            report.chunks += 1
+            if verbose:
+                print(f"chunk at frame {chunk.first}: {chunk.real} frames, latency "
+                      f"{done - chunk.arrivals[0]:.2f} s, {report.frames_dropped} dropped so far", flush=True)
+    finally:
+        stop.set()  # the reader stops at its next frame
+        _close(writer, segment, report, index_path)
+    reader.join(timeout=1.0)
+    report.ended = reader.ended or "stopped"
+    if latencies:
+        values = np.array(latencies)
+        report.latency = {"p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95)),
+                          "max": float(values.max())}
+    return report
+
+
+def _close(writer, segment: dict, report: StreamReport, index_path: Path):
+    """Close the open segment (renamed into place, complete) and append its line to the index; returns None."""
+    if writer is None:
+        return None
+    writer.__exit__(None, None, None)
+    report.segments.append(segment["path"])
+    line = {"file": segment["path"].name, "frames": segment["frames"], "size": segment["size"], "fps": segment["fps"],
+            "first_frame": segment["first_frame"], "dropped_before": segment["dropped_before"],
+            "opened": segment["opened"], "closed": time.time()}
+    with open(index_path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return None
+
