@@ -131,15 +131,10 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     if args.onnx and args.runtime == "torch":
         print("stpcore anonymize: --onnx needs --runtime onnxruntime or --runtime openvino", file=sys.stderr)
         return 2
-    try:
-        anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
-                                  compile=args.compile, runtime=args.runtime,
-                                  **({"onnx": args.onnx} if args.onnx else {}))
-    except ValueError as exc:
-        print(f"stpcore anonymize: {exc}", file=sys.stderr)
-        return 2
+    anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
+                              compile=args.compile, runtime=args.runtime, **({"onnx": args.onnx} if args.onnx else {}))
     cfg = anonymizer.model.cfg
-    meta = anonymizer.onnx_meta
+    meta = getattr(anonymizer, "onnx_meta", None)
     if meta and args.keep_ratio is not None and list(cfg.kept_per_slot(args.keep_ratio)) != meta["kept_per_slot"]:
         print(f"stpcore anonymize: --keep-ratio {args.keep_ratio:g}, but {args.onnx} was exported at "
               f"{meta['keep_ratio']:g}; export one at this ratio (stpcore export --keep-ratio {args.keep_ratio:g}) "
