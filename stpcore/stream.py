@@ -37,6 +37,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from stpcore.anonymize import WindowAnonymizer, plan_windows, prepare_output_dir
 from stpcore.data.preprocess import to_working_scale, working_short_side
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
+HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
 RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
 
 
@@ -110,14 +112,16 @@ class StreamReport:
         frames_in, frames_out, frames_dropped: frames decoded, written, dropped (compute fell behind).
         chunks: chunks anonymized.
         ended: why it ended ("end of stream", "stream lost: ...", "stopped").
-        latency: per written frame of a whole chunk, seconds from arrival to output: {"p50", "p95", "max"} (empty
-            if none).
+        latency: per written frame of a whole chunk (the last HISTORY of them), seconds from arrival to output:
+            {"p50", "p95", "max"} (empty if none).
         changes: what started new segments besides their length ("size 320x240 -> 640x480 at frame 90", ...).
         tail_wait: seconds the last partial chunk waited after its last frame for the stream to end or be declared
             lost (not in ``latency``: it is the source's silence, up to ``timeout``, not compute); None if none.
-        chunk_latency: (first input frame, latency of its first frame) per whole chunk written. A demuxer hands a
+        chunk_latency: (first input frame, latency of its first frame: the chunk's longest) per whole chunk written
+            (the last HISTORY). A demuxer hands a
             frame over when the next one starts, so the last whole chunk before the stream falls silent waits for
             that silence to end too.
+        chunk_seconds: the model side's seconds per chunk (working scale, windows, model, stitching, encoding).
     """
 
     source: str
@@ -130,7 +134,8 @@ class StreamReport:
     latency: dict[str, float] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     tail_wait: float | None = None
-    chunk_latency: list[tuple[int, float]] = field(default_factory=list)
+    chunk_latency: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    chunk_seconds: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
     def summary(self) -> str:
         lat = (f", latency p50 {self.latency['p50']:.2f} s, p95 {self.latency['p95']:.2f} s, max "
@@ -273,7 +278,7 @@ def anonymize_stream(
     reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop)
     reader.start()
     index_path = out_dir / f"{name}.segments.jsonl"
-    latencies: list[float] = []
+    latencies: deque = deque(maxlen=HISTORY)
     writer = None
     segment: dict = {}
     runner = None
@@ -291,6 +296,7 @@ def anonymize_stream(
                 continue
             if chunk is None:
                 break
+            began = time.monotonic()
             stack = np.stack(chunk.frames)
             work = to_working_scale(stack, short_side)
             key = (stack.shape[1:3], chunk.fps)
@@ -325,6 +331,7 @@ def anonymize_stream(
             else:
                 latencies += [done - t for t in chunk.arrivals[: chunk.real]]
                 report.chunk_latency.append((chunk.first, done - chunk.arrivals[0]))
+            report.chunk_seconds.append(done - began)
             segment["frames"] += chunk.real
             report.frames_out += chunk.real
             report.chunks += 1

@@ -176,7 +176,7 @@ def test_udp_stream_in_real_time_keeps_up_with_bounded_latency_and_ends_on_loss(
     # One clip of 8 frames at 25 fps is 0.32 s; compute of a tiny model's chunk is a few ms. The demuxer releases a
     # frame when the next one begins, so the last chunk before the silence waits for the loss timeout.
     assert report.latency["p50"] < 0.32 + 0.5, report.latency
-    assert max(lat for _, lat in report.chunk_latency[:-1]) < 0.32 + 1.0, report.chunk_latency
+    assert max(lat for _, lat in list(report.chunk_latency)[:-1]) < 0.32 + 1.0, report.chunk_latency
     with av.open(str(report.segments[0])) as c:
         assert float(c.streams.video[0].average_rate) == pytest.approx(25, rel=0.01)
 
