@@ -126,7 +126,7 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
         with torch.no_grad():
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
             program = program.run_decompositions(decompositions(onnx=True))
-            onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,
+            onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset, verbose=False,
                                              input_names=["clips"], output_names=["video", "keep"])
     except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one message naming the operator
         op = _unsupported_op(exc)
