@@ -62,6 +62,11 @@ class TrainConfig:
         stats_adversary_weight: weight of a second privacy term, from an appearance-statistics adversary
             (``stpcore.training.adversaries.StatsAdversary``: colour moments and soft histograms of the kept
             pixels, then an MLP), trained beside the ViT adversary with the same objective [G: 0, off].
+        privacy_steps: updates of each privacy adversary per phase-2 step, on the same (detached) batch, so the
+            adversaries catch up with a moving anonymizer faster than one step each allows [G: 1, the paper's].
+        adversary_noise: standard deviation of Gaussian noise (in normalised pixel units) added to the video the
+            privacy adversaries read, in STPrivacy's step and in theirs: an adversary that ignores small
+            perturbations can only be fooled by changes larger than the noise [G: 0, off].
         colour_spread_weight: weight of a penalty on how much the kept pixels' colour statistics vary between
             the clips of a batch (``adversaries.colour_spread``): a constraint on what STPrivacy may write into
             the kept tubelets, whatever the attributes [G: 0, off].
@@ -112,6 +117,8 @@ class TrainConfig:
     privacy_restart_every: int = 0
     privacy_adversaries: int = 1
     stats_adversary_weight: float = 0.0
+    privacy_steps: int = 1
+    adversary_noise: float = 0.0
     colour_spread_weight: float = 0.0
     amp: str = "auto"
     compile: bool = False
@@ -145,14 +152,16 @@ class TrainConfig:
             raise ValueError(f"privacy_restart_every must be >= 0 (0: off), got {self.privacy_restart_every}")
         if self.privacy_adversaries < 1:
             raise ValueError(f"privacy_adversaries must be >= 1, got {self.privacy_adversaries}")
+        if self.privacy_steps < 1:
+            raise ValueError(f"privacy_steps must be >= 1, got {self.privacy_steps}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
         negative = {name: getattr(self, name) for name in (
             "weight_decay", "warmup_epochs", "min_lr_ratio", "clip_grad", "action_weight", "privacy_weight",
-            "sparsity_weight", "stats_adversary_weight", "colour_spread_weight", "recognizer_lr_scale",
-            "checkpoint_every", "log_every", "workers")
+            "sparsity_weight", "stats_adversary_weight", "colour_spread_weight", "adversary_noise",
+            "recognizer_lr_scale", "checkpoint_every", "log_every", "workers")
             if getattr(self, name) < 0}
         if negative:
             raise ValueError(f"these settings must be >= 0 (a negative weight would flip its loss): {negative}")

@@ -191,7 +191,7 @@ class Trainer:
         if self._any_rank(bool(bad))[0]:
             raise self._diverged(", ".join(bad) or "a loss on another rank", "before this step")
 
-    def _update(self, name: str, loss: torch.Tensor, model: nn.Module) -> float:
+    def _update(self, name: str, loss: torch.Tensor, model: nn.Module, schedule: bool = True) -> float:
         opt = self.opt[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,7 +203,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             raise self._diverged(f"the gradient of the {name} update", "before this update")
         opt.step()
-        self.sched[name].step()
+        if schedule:
+            self.sched[name].step()
         return grad_norm
 
     def _gumbel_noise(self, batch_size: int) -> list[torch.Tensor]:
@@ -253,8 +254,9 @@ class Trainer:
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(frozen["action"](out.video, out.keep, mode="policy"), actions)
             terms, bce = [], None
+            seen = self._adversary_view(out.video)  # what the privacy adversaries read (adversary_noise)
             for name in self.privacy_names:
-                privacy_logits = frozen[name](out.video, out.keep, mode="policy")
+                privacy_logits = frozen[name](seen, out.keep, mode="policy")
                 bce_i = losses.masked_privacy_loss(privacy_logits, privacy, has_privacy)
                 bce = bce_i if bce is None else bce
                 terms.append(self._privacy_term(privacy_logits, bce_i, has_privacy))
@@ -262,7 +264,7 @@ class Trainer:
             loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, term, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
             if self.stats_adv is not None:
-                stats_logits = frozen["stats"](out.video, out.keep)
+                stats_logits = frozen["stats"](seen, out.keep)
                 extra["stats_term"] = self._privacy_term(
                     stats_logits, losses.masked_privacy_loss(stats_logits, privacy, has_privacy), has_privacy)
                 loss = loss - cfg.stats_adversary_weight * extra["stats_term"]
@@ -277,19 +279,27 @@ class Trainer:
             m.requires_grad_(True)
         # 2) The recognizers, on the detached transformed video and mask.
         video, keep = out.video.detach(), out.keep.detach()
+
+        def adversary_losses() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            with self._autocast():
+                seen = self._adversary_view(video)
+                logits = {name: self.models[name](seen, keep, mode="policy") for name in adversaries}
+            return {n: losses.masked_privacy_loss(v, privacy, has_privacy) for n, v in logits.items()}, logits["privacy"]
+
         with self._autocast():
             action_logits = action_rec(video, keep, mode="policy")
             rec_ce = losses.action_loss(action_logits, actions)
-            rec_losses, privacy_logits = {}, None
-            for name in adversaries:
-                logits = self.models[name](video, keep, mode="policy")
-                privacy_logits = logits if privacy_logits is None else privacy_logits
-                rec_losses[name] = losses.masked_privacy_loss(logits, privacy, has_privacy)
+        rec_losses, privacy_logits = adversary_losses()  # the metrics report these, the first update's
+        step_losses = rec_losses
         self._check_finite({"action recognizer loss": rec_ce,
                             **{f"{name} recognizer loss": v for name, v in rec_losses.items()}})
         self._update("action", rec_ce, action_rec)
-        for name, value in rec_losses.items():
-            self._update(name, value, self.models[name])
+        for step in range(cfg.privacy_steps):  # privacy_steps updates of each adversary on this batch
+            if step:
+                step_losses = adversary_losses()[0]
+                self._check_finite({f"{name} recognizer loss": v for name, v in step_losses.items()})
+            for name, value in step_losses.items():  # the lr schedules advance once per training step
+                self._update(name, value, self.models[name], schedule=step == cfg.privacy_steps - 1)
         acc = (action_logits.argmax(-1) == actions).float().mean()
         priv_acc = ((privacy_logits > 0).float() == privacy).float()[has_privacy].mean() if has_privacy.any() \
             else torch.tensor(float("nan"))
@@ -300,6 +310,14 @@ class Trainer:
         metrics.update({k: v.item() for k, v in extra.items()})
         metrics.update({f"rec_bce_{name}": v.item() for name, v in rec_losses.items() if name != "privacy"})
         return metrics
+
+    def _adversary_view(self, video: torch.Tensor) -> torch.Tensor:
+        """The video as the privacy adversaries read it: with adversary_noise, plus Gaussian noise of that standard
+        deviation (from the trainer's own generator, so a resumed run draws the same)."""
+        if not self.cfg.adversary_noise:
+            return video
+        noise = torch.randn(video.shape, generator=self.noise_gen, device=video.device, dtype=torch.float32)
+        return video + self.cfg.adversary_noise * noise.to(video.dtype)
 
     def _privacy_term(self, logits: torch.Tensor, bce: torch.Tensor, has_privacy: torch.Tensor) -> torch.Tensor:
         """What STPrivacy maximises against one adversary: its BCE, or its entropy (privacy_objective)."""

@@ -127,7 +127,8 @@ class _StopAfter(RandomClipLoader):
             yield b
 
 
-OPTIONS = dict(privacy_adversaries=2, privacy_restart_every=1, stats_adversary_weight=2.0, colour_spread_weight=3.0)
+OPTIONS = dict(privacy_adversaries=2, privacy_restart_every=1, stats_adversary_weight=2.0, colour_spread_weight=3.0,
+               privacy_steps=2, adversary_noise=0.3)
 
 
 def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp_path):
@@ -152,6 +153,11 @@ def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp
         assert "rec_bce_privacy_1" in rec and "rec_bce_stats" in rec
     for name, state in before.items():  # each adversary was updated
         assert any(not torch.equal(v, full.models[name].state_dict()[n]) for n, v in state.items()), name
+    # privacy_steps=2: two updates of each adversary per step; their lr schedules still advance once per step.
+    steps = len(history["phase2"])
+    assert full.sched["privacy_1"].last_epoch == full.sched["action"].last_epoch == steps
+    assert all(s["step"] == 2 * steps for s in full.opt["stats"].state.values())
+    assert all(s["step"] == steps for s in full.opt["action"].state.values())
     events = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["recognizer"]) for e in events if e.get("event") == "privacy recognizer restarted"] \
         == [(1, "privacy"), (2, "privacy_1")]
@@ -179,3 +185,18 @@ def test_the_options_are_train_flags():
                                       "--stats-adversary-weight", "2", "--colour-spread-weight", "1.5"])
     cfg = dataclass_from_args(TrainConfig, args)
     assert (cfg.privacy_adversaries, cfg.stats_adversary_weight, cfg.colour_spread_weight) == (3, 2.0, 1.5)
+
+
+def test_adversary_noise_changes_what_the_adversaries_read_and_nothing_else(tmp_path):
+    from stpcore.training import Trainer as T
+
+    trainer = T(_cfg(tmp_path / "a", adversary_noise=0.5), _loader())
+    video = torch.zeros(2, 3, 8, 32, 32)
+    seen = trainer._adversary_view(video)
+    assert 0.4 < seen.std().item() < 0.6 and torch.equal(video, torch.zeros_like(video))
+    plain = T(_cfg(tmp_path / "b"), _loader())
+    assert plain._adversary_view(video) is video  # off: the same tensor, no noise drawn
+    with pytest.raises(ValueError, match="privacy_steps"):
+        _cfg(tmp_path, privacy_steps=0)
+    with pytest.raises(ValueError, match="adversary_noise"):
+        _cfg(tmp_path, adversary_noise=-0.1)
