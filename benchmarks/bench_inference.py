@@ -4,8 +4,9 @@
 
 vit_small, B=8 clips of 16 x 112 x 112, eval mode (per-slot top-k: 392 -> 272 -> 192 -> 128 tokens).
 Providers: ``fp32-eager`` (the reference: ``STPrivacy(cfg).eval()`` under ``torch.no_grad``), one per
-:class:`stpcore.inference.ClipAnonymizer` precision, and ``onnxruntime`` (fp32 through ONNX Runtime, where the
-deploy extra is installed). The model has separated keep scores
+:class:`stpcore.inference.ClipAnonymizer` precision, and, where the deploy extra is installed, ``onnxruntime``
+(fp32) and ``onnxruntime-int8`` (dynamic int8) through ONNX Runtime, and ``openvino-fp32``, ``openvino-bf16`` (CPUs
+with native bf16) and ``openvino-int8`` (NNCF, calibrated on 8 other random clips) through OpenVINO. The model has separated keep scores
 (``stpcore.testing.separate_keep_scores``, scale 10), standing in for trained weights so that mask agreement
 means something.
 
@@ -44,8 +45,9 @@ def _onnxruntime_available() -> bool:
 
 
 PROVIDERS = (["fp32-eager", "fp32", "bf16"] + ([] if int8_unavailable_reason() or DEVICE != "cpu" else ["int8"])
-             + (["onnxruntime"] if DEVICE == "cpu" and _onnxruntime_available() else [])
+             + (["onnxruntime", "onnxruntime-int8"] if DEVICE == "cpu" and _onnxruntime_available() else [])
              + (["openvino-fp32"] + (["openvino-bf16"] if cpu_has_native_bf16() else [])
+                + (["openvino-int8"] if importlib.util.find_spec("nncf") else [])
                 if DEVICE == "cpu" and _onnxruntime_available() and importlib.util.find_spec("openvino") else []))
 ROUNDS = {"bf16": 2}  # bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX
 INTERLEAVED_ROUNDS = 3
@@ -70,8 +72,12 @@ def build(provider: str, preset: str = "vit_small", batch: int = BATCH):
                 return model(clips).keep
 
         return step, f"{DEVICE}, fp32 eager (torch.no_grad), {torch.get_num_threads()} threads"
-    if provider == "onnxruntime":  # fp32 in ONNX Runtime (stpcore.deploy), the first call exports
-        anon = ClipAnonymizer(model, device=DEVICE, runtime="onnxruntime")
+    if provider.startswith("onnxruntime"):  # ONNX Runtime (stpcore.deploy), the first call exports (and quantizes)
+        anon = ClipAnonymizer(model, device=DEVICE, runtime="onnxruntime",
+                              precision="int8" if provider.endswith("int8") else "fp32")
+    elif provider == "openvino-int8":  # NNCF int8, calibrated on other clips than the timed ones
+        calibration = torch.randn(clips.shape, generator=torch.Generator().manual_seed(1))
+        anon = ClipAnonymizer(model, device=DEVICE, runtime="openvino", precision="int8", calibration=calibration)
     elif provider.startswith("openvino-"):  # OpenVINO on the exported graph, at its precision hint
         anon = ClipAnonymizer(model, device=DEVICE, runtime="openvino", precision=provider.split("-")[1])
     else:
