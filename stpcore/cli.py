@@ -124,6 +124,8 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
             return 2
     else:
         prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
+    if args.runtime == "auto" and args.adaptive is not None:
+        args.runtime = "torch"  # the adaptive mode runs in PyTorch only
     if args.runtime != "torch" and args.adaptive is not None:
         print(f"stpcore anonymize: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
               f"{args.runtime} or --adaptive", file=sys.stderr)
@@ -374,8 +376,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
                         "(see stpcore.inference)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
-                   help="torch; onnxruntime or openvino: the model exported to ONNX and run by that runtime on the "
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino", "auto"),
+                   help="auto: the path measured fastest on this kind of CPU (stpcore.inference.AUTO_CHOICES; torch "
+                        "where none was measured); torch; onnxruntime or openvino: the model exported to ONNX and run by that runtime on the "
                         "CPU (onnxruntime fp32 or int8; openvino fp32, bf16 or int8 calibrated on the first batch; "
                         "--precision auto picks fp32, or bf16 for openvino where the CPU has it); needs "
                         "stpcore[deploy]; not with --adaptive")

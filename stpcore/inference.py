@@ -37,7 +37,13 @@ from stpcore.models import STPrivacy, load_anonymizer
 from stpcore.tubelets import check_finite
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "auto")
+# runtime="auto": per CPU kind (cpu_kind), the fastest (runtime, precision) measured for vit_small at B=8 among those
+# whose keep decisions equal fp32's on at least 98% of tokens (BENCHMARKS.md, "ONNX Runtime and OpenVINO"; data:
+# benchmarks/results/cpu-runtimes.json; tests/test_deploy.py checks the table against that data). A committed table,
+# not a probe at start: a probe would export and quantize every candidate first. A CPU kind without a measurement,
+# or a machine without the runtime's packages, runs torch at precision "auto".
+AUTO_CHOICES: dict[str, tuple[str, str]] = {"avx512_bf16": ("openvino", "bf16")}
 
 
 @dataclass
@@ -75,6 +81,28 @@ def cpu_has_native_bf16() -> bool:
     fast CPU precision; False on AVX2-only CPUs, where torch emulates it (slower than fp32)."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(bool(check()) for check in checks if check is not None)
+
+
+def cpu_kind() -> str:
+    """"amx", "avx512_bf16", "avx2" or "other": the CPU kinds whose best inference path differs."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return "avx2" if getattr(torch.cpu, "_is_avx2_supported", lambda: False)() else "other"
+
+
+def auto_runtime() -> tuple[str, str]:
+    """(runtime, precision) that ``runtime="auto"`` runs on this CPU (see :data:`AUTO_CHOICES`)."""
+    import importlib.util
+
+    choice = AUTO_CHOICES.get(cpu_kind())
+    if choice is None:
+        return "torch", "auto"
+    needed = ("onnx", "onnxscript", choice[0]) + (("nncf",) if choice == ("openvino", "int8") else ())
+    if any(importlib.util.find_spec(m) is None for m in needed):
+        return "torch", "auto"
+    return choice
 
 
 def int8_unavailable_reason() -> str | None:
@@ -157,7 +185,9 @@ class ClipAnonymizer:
         compile: run the model through ``torch.compile`` (Inductor), the batch dimension dynamic so a new
             batch size does not recompile; a string is the compile mode (``"reduce-overhead"`` adds CUDA
             graphs on a GPU).
-        runtime: "torch"; "onnxruntime" or "openvino": the model exported to ONNX (``stpcore.deploy``, one graph
+        runtime: "auto": on a CPU with precision "auto", the path measured fastest on this CPU kind at 98% keep
+            agreement (:data:`AUTO_CHOICES`, a committed table; :func:`auto_runtime`), else torch; "torch";
+            "onnxruntime" or "openvino": the model exported to ONNX (``stpcore.deploy``, one graph
             per keep ratio, exported on first use) and run on the CPU by ONNX Runtime (fp32, or int8: dynamic
             quantization of the blocks' linear layers) or OpenVINO (fp32; bf16 where the CPU has native bf16,
             which ``precision="auto"`` picks there; int8: NNCF's quantization of the blocks' linear layers,
@@ -184,6 +214,9 @@ class ClipAnonymizer:
             raise ValueError(f"model must be an STPrivacy, got {type(model).__name__}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+        if runtime == "auto":  # the measured choice on a CPU; torch elsewhere or with explicit settings
+            usable = torch.device(device).type == "cpu" and precision == "auto" and not compile and onnx is None
+            runtime, precision = auto_runtime() if usable else ("torch", precision)
         allowed = {"onnxruntime": ("auto", "fp32", "int8"), "openvino": ("auto", "fp32", "bf16", "int8")}.get(runtime)
         if allowed is not None and (precision not in allowed or torch.device(device).type != "cpu" or compile):
             raise ValueError(f"runtime={runtime!r} runs {'/'.join(allowed[1:])} on the CPU without torch.compile, got "
