@@ -138,7 +138,7 @@ def test_clip_anonymizer_on_openvino_matches_torch(trained_tiny):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"runtime": "tensorrt"}, r"runtime must be one of \['torch', 'onnxruntime', 'openvino'\]"),
+    ({"runtime": "tensorrt"}, r"runtime must be one of \['torch', 'onnxruntime', 'openvino', 'auto'\]"),
     ({"runtime": "onnxruntime", "precision": "bf16"}, "runs fp32/int8 on the CPU"),
     ({"runtime": "openvino", "device": "cuda"}, "runs fp32/bf16/int8 on the CPU"),
     ({"onnx": "m.onnx"}, "onnx= and calibration= belong to runtime="),
@@ -257,3 +257,24 @@ def test_corrupt_foreign_and_mismatched_onnx_files_are_errors(trained_tiny, tmp_
     assert main(["anonymize", "x.mp4", "-o", str(out), "--checkpoint", str(trained_tiny), "--onnx",
                  str(truncated)]) == 2
     assert "--onnx needs --runtime onnxruntime or --runtime openvino" in capsys.readouterr().err
+
+
+def test_runtime_auto_follows_the_measured_table_and_falls_back_to_torch(monkeypatch):
+    import importlib.util
+
+    import stpcore.inference as inference
+    from stpcore.inference import ClipAnonymizer
+
+    model = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    monkeypatch.setattr(inference, "AUTO_CHOICES", {"avx512_bf16": ("onnxruntime", "int8")})
+    monkeypatch.setattr(inference, "cpu_kind", lambda: "avx512_bf16")
+    anon = ClipAnonymizer(model, runtime="auto")
+    assert (anon.runtime, anon.runtime_precision) == ("onnxruntime", "int8")
+    # Explicit settings, another device kind, or compile: torch.
+    assert ClipAnonymizer(model, runtime="auto", precision="fp32").runtime == "torch"
+    monkeypatch.setattr(inference, "cpu_kind", lambda: "avx2")  # no measurement for this kind
+    assert ClipAnonymizer(model, runtime="auto").runtime == "torch"
+    monkeypatch.setattr(inference, "cpu_kind", lambda: "avx512_bf16")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert ClipAnonymizer(model, runtime="auto").runtime == "torch"  # the runtime is not installed
