@@ -130,7 +130,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         print(f"stpcore anonymize: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
               f"{args.runtime} or --adaptive", file=sys.stderr)
         return 2
-    if args.onnx and args.runtime == "torch":
+    if args.onnx and args.runtime in ("torch", "auto"):
         print("stpcore anonymize: --onnx needs --runtime onnxruntime or --runtime openvino", file=sys.stderr)
         return 2
     anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
@@ -199,6 +199,27 @@ def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _positive_seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _segment_name(text: str) -> str:
+    from stpcore.stream import SEGMENT_NAME
+
+    if not SEGMENT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a plain file name (letters, digits, '.', '_', '-'; not starting "
+                                         f"with '.'), got {text!r}")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -390,11 +411,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "reuse the graph; see BENCHMARKS.md for when it pays)")
     live = p.add_argument_group("live streams", "rolling segments <name>.NNNNN.mp4 and <name>.segments.jsonl; a "
                                 "chunk is dropped (and counted) when compute falls behind; SIGTERM ends cleanly")
-    live.add_argument("--segment-seconds", type=float, default=10.0, help="length of each segment file (default 10)")
-    live.add_argument("--name", default="stream", help="segment file prefix (default 'stream')")
+    live.add_argument("--segment-seconds", type=_positive_seconds, default=10.0,
+                      help="length of each segment file (default 10)")
+    live.add_argument("--name", type=_segment_name, default="stream",
+                      help="segment file prefix, a plain file name (default 'stream')")
     live.add_argument("--input-format", help="the container of the stream when FFmpeg cannot probe it (e.g. mpegts)")
-    live.add_argument("--stream-timeout", type=float, default=10.0, metavar="S",
-                      help="seconds to open the stream, and without data before it counts as lost (default 10)")
+    live.add_argument("--stream-timeout", type=_positive_seconds, default=10.0, metavar="S",
+                      help="seconds to open the stream, and without data before a network stream counts as lost "
+                           "(default 10; stdin and V4L2 have no read timeout)")
     p.set_defaults(func=_cmd_anonymize)
 
     p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")

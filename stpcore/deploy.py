@@ -215,7 +215,11 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
     if set(props) != set(METADATA) or inputs != ["clips"] or outputs != ["video", "keep"]:
         raise ValueError(f"{path}: not a graph written by stpcore export (inputs {inputs}, outputs {outputs}, "
                          f"stpcore metadata {sorted(props)}); export it with stpcore export")
-    meta = {k: json.loads(v) for k, v in props.items()}
+    try:
+        meta = {k: json.loads(v) for k, v in props.items()}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: its stpcore metadata is damaged ({exc}); export it again with stpcore export") \
+            from exc
     for key, want in (expect or {}).items():
         if json.loads(json.dumps(want)) != meta[key]:
             raise ValueError(f"{path}: exported with {key}={meta[key]}, but the model here has {key}={want}; "
@@ -260,11 +264,21 @@ def quantize_openvino_int8(path: str | os.PathLike, calibration):
 
     ov = require("openvino")
     nncf = require("nncf")
-    _, other = block_linear_nodes(path)
+    blocks, other = block_linear_nodes(path)
     model = ov.Core().read_model(str(path))
     names = {op.get_friendly_name() for op in model.get_ops()}
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
-        return nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
-                             model_type=nncf.ModelType.TRANSFORMER,
-                             ignored_scope=nncf.IgnoredScope(names=[n for n in other if n in names], validate=False))
+    missing = [n for n in blocks + other if n not in names]
+    if not blocks or missing:  # the layers to keep in float must be found by name, or int8 would cover them too
+        raise ValueError(f"{path}: cannot map the graph's matrix products onto OpenVINO's ({len(blocks)} block linear "
+                         f"layers found, {len(missing)} names missing, e.g. {missing[:3]}); use precision='fp32' or "
+                         f"'bf16', or runtime='onnxruntime' for int8")
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:  # NNCF draws progress bars on the terminal; they would interleave with stpcore's own lines
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                                 model_type=nncf.ModelType.TRANSFORMER,
+                                 ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    finally:
+        log.setLevel(level)

@@ -184,7 +184,8 @@ class ClipAnonymizer:
             setting); None leaves the current setting.
         compile: run the model through ``torch.compile`` (Inductor), the batch dimension dynamic so a new
             batch size does not recompile; a string is the compile mode (``"reduce-overhead"`` adds CUDA
-            graphs on a GPU).
+            graphs on a GPU). The first call compiles (BENCHMARKS.md gives the seconds); the adaptive mode's
+            data-dependent packing runs outside the compiled graphs.
         runtime: "auto": on a CPU with precision "auto", the path measured fastest on this CPU kind at 98% keep
             agreement (:data:`AUTO_CHOICES`, a committed table; :func:`auto_runtime`), else torch; "torch";
             "onnxruntime" or "openvino": the model exported to ONNX (``stpcore.deploy``, one graph
@@ -192,8 +193,6 @@ class ClipAnonymizer:
             quantization of the blocks' linear layers) or OpenVINO (fp32; bf16 where the CPU has native bf16,
             which ``precision="auto"`` picks there; int8: NNCF's quantization of the blocks' linear layers,
             calibrated on ``calibration``). Needs ``stpcore[deploy]``; the adaptive mode stays in PyTorch.
-            The first call compiles (BENCHMARKS.md gives the seconds); the adaptive mode's data-dependent
-            packing runs outside the compiled graphs.
         onnx: with an ONNX runtime, a graph written by ``stpcore export`` to run instead of exporting one (checked
             against ``model``'s geometry; its keep ratio is fixed, so a call may not ask for another).
         calibration: OpenVINO int8: (N, 3, T, H, W) clips to calibrate the quantization on (None: the first
@@ -215,7 +214,8 @@ class ClipAnonymizer:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
         if runtime == "auto":  # the measured choice on a CPU; torch elsewhere or with explicit settings
-            usable = torch.device(device).type == "cpu" and precision == "auto" and not compile and onnx is None
+            usable = (torch.device(device).type == "cpu" and precision == "auto" and not compile and onnx is None
+                      and calibration is None)
             runtime, precision = auto_runtime() if usable else ("torch", precision)
         allowed = {"onnxruntime": ("auto", "fp32", "int8"), "openvino": ("auto", "fp32", "bf16", "int8")}.get(runtime)
         if allowed is not None and (precision not in allowed or torch.device(device).type != "cpu" or compile):
@@ -368,16 +368,16 @@ class ClipAnonymizer:
         into ``scratch``; OpenVINO's calibrated on ``calibration``, else on ``first``, the batch being run)."""
         from stpcore.deploy import quantize_onnxruntime_int8, quantize_openvino_int8, require
 
+        ort = require("onnxruntime") if self.runtime == "onnxruntime" else None
+        ov = require("openvino") if self.runtime == "openvino" else None
         try:
             if self.runtime == "onnxruntime":
-                ort = require("onnxruntime")
                 if self.runtime_precision == "int8":
                     path = quantize_onnxruntime_int8(path, scratch / "int8.onnx")
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = torch.get_num_threads()
                 onnx = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 return lambda x: onnx.run(None, {"clips": x})
-            ov = require("openvino")
             core = ov.Core()
             if self.runtime_precision == "int8":
                 clips = self._calibration if self._calibration is not None else first
@@ -387,9 +387,9 @@ class ClipAnonymizer:
             compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                 "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
-        except (RuntimeError, ValueError):
+        except ValueError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types for a graph they refuse
+        except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types (OpenVINO: RuntimeError)
             raise ValueError(f"{self.runtime} could not load the graph {path}: {str(exc).splitlines()[0][:300]}") \
                 from exc
         return lambda x: tuple(compiled({"clips": x}).values())

@@ -25,16 +25,23 @@ gaps in time that the index shows (``first_frame`` of each chunk is in the input
 
 Ending: at the end of the stream, on stream loss (a read error, or nothing for ``timeout`` seconds), or when
 ``stop`` is set (the CLI sets it on SIGTERM and Ctrl-C), the last partial chunk is anonymized (padded as for files;
-after ``stop``, only if the reader hands it over within a second, which a stalled source may not), the open segment
-is closed intact, and :class:`StreamReport` says what happened. A source that cannot be opened
+after ``stop``, only if the reader hands it over within a second, which a stalled source may not: its frames are then
+counted as dropped), the open segment is closed intact, and :class:`StreamReport` says what happened. An error on
+the model side abandons the open segment (its temporary file is removed) and is raised. The loss timeout applies to
+network sources; standard input and V4L2 devices have none (FFmpeg has no read timeout for them), so a silent one
+ends only when it closes or the run is stopped. A rerun into the same folder numbers its segments after the ones
+already there. A source that cannot be opened
 raises :class:`StreamError` naming it, before anything is written.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -49,7 +56,8 @@ from stpcore.data.preprocess import to_working_scale, working_short_side
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
 HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
-RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
+RATE_CHANGE = 0.25
+SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
 
 
 class StreamError(ValueError):
@@ -100,6 +108,7 @@ class _Chunk:
     fps: float
     real: int = 0  # frames from the input (the rest repeat the last one)
     last: bool = False  # the partial chunk left when the stream ended or was lost
+    posted: float = 0.0  # time.monotonic() when the reader handed it over
 
 
 @dataclass
@@ -155,10 +164,15 @@ class _Reader(threading.Thread):
         self.container, self.chunk_len, self.fps, self.report, self.stop = container, chunk_len, fps, report, stop
         self.mailbox: queue.Queue = queue.Queue(maxsize=1)
         self.lock = threading.Lock()
+        self.consumer_gone = threading.Event()  # the model side has returned: nothing more is taken
         self.ended = ""
 
     def _post(self, chunk: _Chunk) -> None:
+        chunk.posted = time.monotonic()
         with self.lock:
+            if self.consumer_gone.is_set():  # nobody will take it: its frames are dropped
+                self.report.frames_dropped += chunk.real
+                return
             try:
                 old = self.mailbox.get_nowait()
                 if old is not None:
@@ -166,6 +180,17 @@ class _Reader(threading.Thread):
             except queue.Empty:
                 pass
             self.mailbox.put_nowait(chunk)
+
+    def drain(self) -> None:
+        """The model side is gone: count what still waits as dropped, and let the reader end without waiting."""
+        with self.lock:
+            self.consumer_gone.set()
+            try:
+                old = self.mailbox.get_nowait()
+                if old is not None:
+                    self.report.frames_dropped += old.real
+            except queue.Empty:
+                pass
 
     def _rate(self, times: list[float | None]) -> float:
         """The chunk's frame rate from its timestamps when they disagree with the current one by > RATE_CHANGE."""
@@ -220,7 +245,7 @@ class _Reader(threading.Thread):
         return _Chunk(first, frames, arrivals, fps, real)
 
     def _post_end(self) -> None:
-        while True:  # the end marker must not drop a waiting chunk: wait for the model side to take it
+        while not self.consumer_gone.is_set():  # the end marker must not drop a waiting chunk: wait for it to go
             try:
                 self.mailbox.put(None, timeout=0.1)
                 return
@@ -256,8 +281,13 @@ def anonymize_stream(
         StreamError: the source cannot be opened (nothing is written then).
         ValueError: bad settings.
     """
-    if segment_seconds <= 0:
-        raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
+    if not (math.isfinite(segment_seconds) and segment_seconds > 0):
+        raise ValueError(f"the segment length must be a number of seconds > 0, got {segment_seconds}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"the stream timeout must be a number of seconds > 0, got {timeout}")
+    if not SEGMENT_NAME.fullmatch(name):
+        raise ValueError(f"the segment name {name!r} must be a plain file name (letters, digits, '.', '_', '-'; not "
+                         f"starting with '.'), so the segments stay inside the output folder")
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
     if output_size == "source" and view != "full":
@@ -278,6 +308,10 @@ def anonymize_stream(
     reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop)
     reader.start()
     index_path = out_dir / f"{name}.segments.jsonl"
+    # A rerun into the same folder continues the numbering: an earlier recording's segments are never overwritten.
+    taken = [int(m.group(1)) for p in out_dir.glob(f"{glob.escape(name)}.*.mp4")
+             if (m := re.fullmatch(re.escape(name) + r"\.(\d{5,})\.mp4", p.name))]
+    first_number = max(taken, default=-1) + 1
     latencies: deque = deque(maxlen=HISTORY)
     writer = None
     segment: dict = {}
@@ -318,7 +352,7 @@ def anonymize_stream(
             if writer is not None and segment["frames"] >= segment_seconds * segment["fps"]:
                 writer = _close(writer, segment, report, index_path)
             if writer is None:
-                path = out_dir / f"{name}.{len(report.segments):05d}.mp4"
+                path = out_dir / f"{name}.{first_number + len(report.segments):05d}.mp4"
                 writer = media.VideoWriter(path, chunk.fps).__enter__()
                 segment.clear()
                 segment.update(path=path, fps=chunk.fps, frames=0, first_frame=chunk.first,
@@ -327,7 +361,7 @@ def anonymize_stream(
             writer.write(np.ascontiguousarray(frames))
             done = time.monotonic()
             if chunk.last:  # its frames waited for the end (or the loss timeout) of the stream, not for compute
-                report.tail_wait = done - chunk.arrivals[-1]
+                report.tail_wait = chunk.posted - chunk.arrivals[-1]
             else:
                 latencies += [done - t for t in chunk.arrivals[: chunk.real]]
                 report.chunk_latency.append((chunk.first, done - chunk.arrivals[0]))
@@ -338,10 +372,17 @@ def anonymize_stream(
             if verbose:
                 print(f"chunk at frame {chunk.first}: {chunk.real} frames, latency "
                       f"{done - chunk.arrivals[0]:.2f} s, {report.frames_dropped} dropped so far", flush=True)
+    except BaseException as exc:  # the open segment is abandoned (its temporary file removed), not passed as complete
+        if writer is not None:
+            writer.__exit__(type(exc), exc, exc.__traceback__)
+            writer = None
+        raise
     finally:
         stop.set()  # the reader stops at its next frame
-        _close(writer, segment, report, index_path)
-    reader.join(timeout=1.0)
+        reader.drain()
+        if writer is not None:
+            _close(writer, segment, report, index_path)
+    reader.join(timeout=timeout + 1.0)  # a read blocked on a silent source ends at its timeout
     report.ended = reader.ended or "stopped"
     if latencies:
         values = np.array(latencies)

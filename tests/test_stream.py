@@ -232,22 +232,115 @@ def test_sigterm_ends_a_live_run_cleanly(checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "stpcore", "anonymize", f"udp://127.0.0.1:{port}", "-o", str(out),
                              "--checkpoint", str(checkpoint), "--segment-seconds", "0.5", "--threads", "1",
-                             "--name", "cam"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    sender = _send_udp(port, _frames(250), fps=25, delay=3.0)  # 10 s of video; the process needs time to start
+                             "--name", "cam", "--stream-timeout", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    lines, ready = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("STPrivacy"):  # the model is loaded: the stream is opened next
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert ready.wait(120), "".join(lines) + proc.stderr.read()
+    sender = _send_udp(port, _frames(250), fps=25, delay=1.0)  # 10 s of video
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out / "cam.segments.jsonl").is_file():
         time.sleep(0.2)
     proc.send_signal(15)
-    stdout, stderr = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
     sender.join()
-    assert proc.returncode == 0, stderr.decode()[-2000:]
-    assert "stopped" in stdout.decode() and "segment" in stdout.decode()
+    stdout = "".join(lines)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert "stopped" in stdout and "segment" in stdout
     lines = [json.loads(x) for x in (out / "cam.segments.jsonl").read_text().splitlines()]
     files = sorted(out.glob("cam.*.mp4"))
     assert [f.name for f in files] == [line["file"] for line in lines]  # every file finished and indexed
     for f, line in zip(files, lines, strict=True):
         with av.open(str(f)) as c:
             assert sum(1 for _ in c.decode(video=0)) == line["frames"]
+
+
+def test_a_rerun_into_the_same_folder_continues_the_numbering(anonymizer, tmp_path):
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "cam.ts").write_bytes(_ts(_frames(24)))
+    server = _serve_http(tmp_path / "www")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/cam.ts"
+        first = anonymize_stream(url, tmp_path / "out", anonymizer, segment_seconds=0.2, timeout=5)
+        kept = {p: p.read_bytes() for p in first.segments}
+        second = anonymize_stream(url, tmp_path / "out", anonymizer, segment_seconds=0.2, timeout=5)
+    finally:
+        server.shutdown()
+    assert first.segments and second.segments and not set(first.segments) & set(second.segments)
+    assert all(p.read_bytes() == data for p, data in kept.items())  # the first recording is untouched
+    numbers = [int(p.name.split(".")[1]) for p in first.segments + second.segments]
+    assert numbers == list(range(len(numbers)))
+    files = [json.loads(x)["file"] for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    assert files == [p.name for p in first.segments + second.segments]
+
+
+def test_an_error_on_the_model_side_abandons_the_open_segment_and_keeps_the_finished(anonymizer, tmp_path):
+    class FailsThird:
+        def __init__(self):
+            self.cfg, self.calls = anonymizer.cfg, 0
+
+        def __call__(self, clips, **kw):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("the accelerator went away")
+            return anonymizer(clips, **kw)
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "cam.ts").write_bytes(_ts(_frames(48)))
+    server = _serve_http(tmp_path / "www")
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(RuntimeError, match="accelerator went away"):
+            # 8-frame chunks, 1-chunk segments (0.32 s at 25 fps): the first segment closes before the third chunk
+            anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", out, _Slow(FailsThird(), 0.0),
+                             segment_seconds=0.3, timeout=5)
+    finally:
+        server.shutdown()
+    lines = [json.loads(x) for x in (out / "stream.segments.jsonl").read_text().splitlines()]
+    assert [line["file"] for line in lines] == ["stream.00000.mp4"]  # the finished one only
+    assert sorted(p.name for p in out.iterdir()) == ["stream.00000.mp4", "stream.segments.jsonl"]
+    with av.open(str(out / "stream.00000.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == lines[0]["frames"]
+
+
+def test_stop_with_a_silent_source_returns_and_counts_every_frame(anonymizer, tmp_path):
+    port = _free_port(socket.SOCK_DGRAM)
+    frames = _frames(12)  # a chunk and a half, then silence
+    sender = _send_udp(port, frames, fps=25)
+    stop = threading.Event()
+    threading.Timer(3.0, stop.set).start()
+    start = time.monotonic()
+    report = anonymize_stream(f"udp://127.0.0.1:{port}", tmp_path / "out", anonymizer, timeout=4, stop=stop)
+    sender.join()
+    assert time.monotonic() - start < 3.0 + 1.5 + 4 + 2  # stop, a second's grace, the read timeout, slack
+    assert report.frames_in == report.frames_out + report.frames_dropped
+    assert report.frames_out >= 8
+
+
+@pytest.mark.parametrize("flag, value", [("--name", "../escape"), ("--name", "/abs/cam"), ("--name", ".hidden"),
+                                         ("--stream-timeout", "0"), ("--stream-timeout", "-1"),
+                                         ("--segment-seconds", "nan"), ("--segment-seconds", "inf")])
+def test_bad_stream_flags_are_refused_by_the_parser(flag, value, capsys):
+    from stpcore.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["anonymize", "udp://127.0.0.1:9", "-o", "o", "--checkpoint", "c.pt", flag, value])
+    assert "expected" in capsys.readouterr().err
+
+
+def test_a_segment_name_that_would_leave_the_folder_is_refused(anonymizer, tmp_path):
+    with pytest.raises(ValueError, match="plain file name"):
+        anonymize_stream("udp://127.0.0.1:9", tmp_path / "out", anonymizer, name="../x")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.segments.jsonl").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
