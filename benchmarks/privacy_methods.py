@@ -4,6 +4,7 @@ seed, scored as the demo scores STPrivacy (phase 3 on the test split) by every a
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED '{"privacy_adversaries": 3}' \
         [--workdir out/privacy_methods] [--json-lines OUT.jsonl]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py raw 0 --raw    # raw video, once per workdir
+    .venv/bin/python benchmarks/privacy_methods.py - 0 --gather OUT.json --json-lines RUNS.jsonl --workdir W
 
 The data is the demo's (DemoConfig, written once into the work folder); training uses the demo's settings
 (``stpcore.demo.train_config``) with the seed changed (model initialisation, Gumbel noise and data order) and the
@@ -27,6 +28,37 @@ def _scores(result) -> dict:
             "attackers": {name: {"cmap": r["cmap"], "ap": r["ap"]} for name, r in result.attackers.items()}}
 
 
+def gather(lines_path: Path, raw_path: Path, out: Path, target: float = 15.0, action_margin: float = 10.0) -> dict:
+    """One JSON of every run in ``lines_path`` (the last line per (name, seed)), by method, with per-method summaries:
+    the worst-case drop's mean and standard deviation over seeds, the seeds at or above ``target``, and the seeds
+    whose top-1 is within ``action_margin`` points of raw video."""
+    import statistics
+
+    runs: dict[tuple[str, int], dict] = {}
+    for line in lines_path.read_text().splitlines():
+        if line.strip():
+            run = json.loads(line)
+            runs[(run["name"], run["seed"])] = run
+    methods: dict[str, dict] = {}
+    for (name, _), run in sorted(runs.items()):
+        entry = methods.setdefault(name, {"train_overrides": run["train_overrides"], "runs": []})
+        entry["runs"].append({k: run[k] for k in ("seed", "top1", "cmap", "kept", "raw_top1", "top1_vs_raw", "drops",
+                                                 "worst_drop", "best_attacker", "seconds")}
+                             | {"ap": {a: r["ap"] for a, r in run["attackers"].items()}})
+    for entry in methods.values():
+        worst = [r["worst_drop"] for r in entry["runs"]]
+        entry["seeds"] = len(worst)
+        entry["worst_drop_mean"] = statistics.mean(worst)
+        entry["worst_drop_std"] = statistics.stdev(worst) if len(worst) > 1 else 0.0
+        entry["seeds_at_target"] = sum(w >= target for w in worst)
+        entry["seeds_action_kept"] = sum(r["top1_vs_raw"] >= -action_margin for r in entry["runs"])
+        entry["top1_vs_raw_mean"] = statistics.mean(r["top1_vs_raw"] for r in entry["runs"])
+    raw = json.loads(raw_path.read_text())["scores"]
+    data = {"target": target, "action_margin": action_margin, "raw": raw, "methods": methods}
+    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
@@ -36,7 +68,13 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="score raw video (needs one trained run's checkpoint "
                         "for the clip geometry: the run NAME SEED is trained first)")
     parser.add_argument("--json-lines", type=Path)
+    parser.add_argument("--gather", type=Path, metavar="OUT.json",
+                        help="instead of a run: gather --json-lines and WORKDIR/raw.json into one file (NAME and SEED "
+                             "are ignored)")
     args = parser.parse_args()
+    if args.gather:
+        gather(args.json_lines, args.workdir / "raw.json", args.gather)
+        return
 
     from stpcore.data.synth import make_synthetic_dataset
     from stpcore.demo import DemoConfig, _loaders, eval_config, train_config

@@ -67,6 +67,11 @@ class TrainConfig:
         adversary_noise: standard deviation of Gaussian noise (in normalised pixel units) added to the video the
             privacy adversaries read, in STPrivacy's step and in theirs: an adversary that ignores small
             perturbations can only be fooled by changes larger than the noise [G: 0, off].
+        privacy_replay: past phase-2 batches (STPrivacy's detached outputs, stored in fp16, with their labels) kept
+            in a buffer; each privacy-adversary update adds one drawn from it, so the adversaries keep reading the
+            codes STPrivacy used before and it cannot escape them by moving to a new one (the image history of
+            Shrivastava et al., CVPR 2017). The buffer is part of the checkpoint (rank 0's: with several processes, every
+            rank resumes with it, so such a resume is not exact) [G: 0, off].
         colour_spread_weight: weight of a penalty on how much the kept pixels' colour statistics vary between
             the clips of a batch (``adversaries.colour_spread``): a constraint on what STPrivacy may write into
             the kept tubelets, whatever the attributes [G: 0, off].
@@ -119,6 +124,7 @@ class TrainConfig:
     stats_adversary_weight: float = 0.0
     privacy_steps: int = 1
     adversary_noise: float = 0.0
+    privacy_replay: int = 0
     colour_spread_weight: float = 0.0
     amp: str = "auto"
     compile: bool = False
@@ -152,6 +158,8 @@ class TrainConfig:
             raise ValueError(f"privacy_restart_every must be >= 0 (0: off), got {self.privacy_restart_every}")
         if self.privacy_adversaries < 1:
             raise ValueError(f"privacy_adversaries must be >= 1, got {self.privacy_adversaries}")
+        if self.privacy_replay < 0:
+            raise ValueError(f"privacy_replay must be >= 0 (0: off), got {self.privacy_replay}")
         if self.privacy_steps < 1:
             raise ValueError(f"privacy_steps must be >= 1, got {self.privacy_steps}")
         if self.amp not in AMP_CHOICES:

@@ -71,6 +71,7 @@ def state_dict(trainer: Trainer) -> dict:
         "schedulers": {k: s.state_dict() for k, s in trainer.sched.items()},
         "rng": rng_state(),
         "noise_rng": trainer.noise_gen.get_state(),
+        "replay": [{k: v.cpu() for k, v in entry.items()} for entry in trainer.replay],
         "position": {"phase": trainer.phase, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
                      "global_step": trainer.global_step, "steps_per_epoch": trainer.steps_per_epoch,
                      "world_size": trainer.dist.world_size},
@@ -109,6 +110,7 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     rng = dict(state["rng"])
     rng["python"] = _to_tuples(rng["python"])
     set_rng_state(rng)
+    trainer.replay = [{k: v.to(trainer.device) for k, v in entry.items()} for entry in state.get("replay", [])]
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     trainer.noise_gen.set_state(per_rank[trainer.dist.rank])
     pos = state["position"]

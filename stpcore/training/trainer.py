@@ -128,6 +128,7 @@ class Trainer:
         # Gumbel noise comes from the trainer's own generator (one stream per rank), not the global RNG that
         # data loaders also draw from, so a resumed run draws exactly the noise an uninterrupted one would.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1009 + self.dist.rank + 1)
+        self.replay: list[dict[str, torch.Tensor]] = []  # privacy_replay: past batches for the adversaries
         self._stop_signal: int | None = None
         self.out_dir = Path(cfg.out_dir)
         self._wrap_models()
@@ -280,11 +281,21 @@ class Trainer:
         # 2) The recognizers, on the detached transformed video and mask.
         video, keep = out.video.detach(), out.keep.detach()
 
+        past = self._replayed()  # privacy_replay: one earlier batch joins each adversary update
+        self._remember(video, keep, privacy, has_privacy)
+
         def adversary_losses() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             with self._autocast():
                 seen = self._adversary_view(video)
                 logits = {name: self.models[name](seen, keep, mode="policy") for name in adversaries}
-            return {n: losses.masked_privacy_loss(v, privacy, has_privacy) for n, v in logits.items()}, logits["privacy"]
+                result = {n: losses.masked_privacy_loss(v, privacy, has_privacy) for n, v in logits.items()}
+                if past is not None:
+                    old = self._adversary_view(past["video"])
+                    for name in adversaries:
+                        old_logits = self.models[name](old, past["keep"], mode="policy")
+                        result[name] = 0.5 * (result[name] + losses.masked_privacy_loss(
+                            old_logits, past["privacy"], past["has_privacy"]))
+            return result, logits["privacy"]
 
         with self._autocast():
             action_logits = action_rec(video, keep, mode="policy")
@@ -310,6 +321,28 @@ class Trainer:
         metrics.update({k: v.item() for k, v in extra.items()})
         metrics.update({f"rec_bce_{name}": v.item() for name, v in rec_losses.items() if name != "privacy"})
         return metrics
+
+    def _remember(self, video, keep, privacy, has_privacy) -> None:
+        """privacy_replay: keep this batch (fp16 video) in the buffer, replacing a random old one when full."""
+        size = self.cfg.privacy_replay
+        if not size:
+            return
+        entry = {"video": video.to(torch.float16), "keep": keep.to(torch.float16), "privacy": privacy.clone(),
+                 "has_privacy": has_privacy.clone()}
+        if len(self.replay) < size:
+            self.replay.append(entry)
+        else:
+            slot = int(torch.randint(size, (1,), generator=self.noise_gen, device=self.noise_gen.device))
+            self.replay[slot] = entry
+
+    def _replayed(self) -> dict[str, torch.Tensor] | None:
+        """A batch drawn from the privacy_replay buffer (float32 again), or None when it is off or empty."""
+        if not self.replay:
+            return None
+        slot = int(torch.randint(len(self.replay), (1,), generator=self.noise_gen, device=self.noise_gen.device))
+        entry = self.replay[slot]
+        return {"video": entry["video"].float(), "keep": entry["keep"].float(), "privacy": entry["privacy"],
+                "has_privacy": entry["has_privacy"]}
 
     def _adversary_view(self, video: torch.Tensor) -> torch.Tensor:
         """The video as the privacy adversaries read it: with adversary_noise, plus Gaussian noise of that standard

@@ -128,7 +128,7 @@ class _StopAfter(RandomClipLoader):
 
 
 OPTIONS = dict(privacy_adversaries=2, privacy_restart_every=1, stats_adversary_weight=2.0, colour_spread_weight=3.0,
-               privacy_steps=2, adversary_noise=0.3)
+               privacy_steps=2, adversary_noise=0.3, privacy_replay=2)
 
 
 def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp_path):
@@ -175,6 +175,9 @@ def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp
     for name in ("privacy_1", "stats"):
         a, b = second.models[name].state_dict(), full.models[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    # privacy_replay=2: the buffer holds two past batches, in fp16, and came back with the checkpoint
+    assert len(full.replay) == len(second.replay) == 2 and full.replay[0]["video"].dtype == torch.float16
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(full.replay, second.replay, strict=True))
 
 
 def test_the_options_are_train_flags():
