@@ -6,9 +6,9 @@ vit_small, B=8 clips of 16 x 112 x 112, eval mode (per-slot top-k: 392 -> 272 ->
 Providers: ``fp32-eager`` (the reference: ``STPrivacy(cfg).eval()`` under ``torch.no_grad``), one per
 :class:`stpcore.inference.ClipAnonymizer` precision, and, where the deploy extra is installed, ``onnxruntime``
 (fp32) and ``onnxruntime-int8`` (dynamic int8) through ONNX Runtime, and ``openvino-fp32``, ``openvino-bf16`` (CPUs
-with native bf16) and ``openvino-int8`` (NNCF, calibrated on 8 other random clips) through OpenVINO. The model has separated keep scores
-(``stpcore.testing.separate_keep_scores``, scale 10), standing in for trained weights so that mask agreement
-means something.
+with native bf16) and ``openvino-int8`` (NNCF, calibrated on 8 other random clips) through OpenVINO. The model has
+separated keep scores (``stpcore.testing.separate_keep_scores``, scale 10), standing in for trained weights so
+that mask agreement means something.
 
 ``test_compiled_inference_vit_small_b8``: ``ClipAnonymizer(compile=True)`` (Inductor, dynamic batch) against the
 eager ``ClipAnonymizer`` of the same precision, timed back to back in each round; extra_info adds

@@ -124,7 +124,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         model_only = statistics.median(times)
 
-        def live(fps: float, seconds: float):
+        def live(fps: float, seconds: float, anonymizer=anonymizer):
             port = _free_udp_port()
             sender = threading.Thread(target=_send, args=(port, frames, fps, seconds), daemon=True)
             sender.start()

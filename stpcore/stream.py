@@ -56,8 +56,8 @@ from stpcore.data.preprocess import to_working_scale, working_short_side
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
 HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
-RATE_CHANGE = 0.25
-SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
+RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
+SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a plain file name: segments stay in the folder
 
 
 class StreamError(ValueError):

@@ -22,7 +22,7 @@ av = pytest.importorskip("av")  # the video extra: CI installs it
 
 from stpcore.inference import ClipAnonymizer  # noqa: E402
 from stpcore.models import STPrivacy, STPrivacyConfig, save_anonymizer  # noqa: E402
-from stpcore.stream import StreamError, _Reader, anonymize_stream, is_stream, open_source  # noqa: E402
+from stpcore.stream import StreamError, _Reader, anonymize_stream, is_stream  # noqa: E402
 from stpcore.testing import separate_keep_scores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

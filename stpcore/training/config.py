@@ -70,8 +70,8 @@ class TrainConfig:
         privacy_replay: past phase-2 batches (STPrivacy's detached outputs, stored in fp16, with their labels) kept
             in a buffer; each privacy-adversary update adds one drawn from it, so the adversaries keep reading the
             codes STPrivacy used before and it cannot escape them by moving to a new one (the image history of
-            Shrivastava et al., CVPR 2017). The buffer is part of the checkpoint (rank 0's: with several processes, every
-            rank resumes with it, so such a resume is not exact) [G: 0, off].
+            Shrivastava et al., CVPR 2017). The buffer is part of the checkpoint (rank 0's: with several processes,
+            every rank resumes with it, so such a resume is not exact) [G: 0, off].
         colour_spread_weight: weight of a penalty on how much the kept pixels' colour statistics vary between
             the clips of a batch (``adversaries.colour_spread``): a constraint on what STPrivacy may write into
             the kept tubelets, whatever the attributes [G: 0, off].

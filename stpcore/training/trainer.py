@@ -47,9 +47,9 @@ from stpcore.ops import sample_gumbel
 from stpcore.progress import progress
 from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimizer, unwrap
 from stpcore.training import state
+from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.config import TrainConfig
 from stpcore.training.distributed import any_rank, sharding_report, wrap_models
-from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due, restart_target
 from stpcore.tubelets import check_finite
 

@@ -11,8 +11,13 @@ import torch
 from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
 from stpcore.testing import RandomClipLoader
 from stpcore.training import TrainConfig, Trainer, TrainingInterrupted
-from stpcore.training.adversaries import (COLOUR_BINS, StatsAdversary, colour_spread, kept_colour_statistics,
-                                          worst_privacy_term)
+from stpcore.training.adversaries import (
+    COLOUR_BINS,
+    StatsAdversary,
+    colour_spread,
+    kept_colour_statistics,
+    worst_privacy_term,
+)
 from stpcore.training.phase2 import restart_target
 
 TUBELET = (2, 8, 8)
