@@ -59,6 +59,24 @@ def gather(lines_path: Path, raw_path: Path, out: Path, target: float = 15.0, ac
     return data
 
 
+def tables(data: dict) -> str:
+    """The two markdown tables of BENCHMARKS.md (per method, per run) from a gathered file."""
+    out = ["| data | mean worst drop | std | seeds at 15 | seeds within 10 | mean top-1 vs raw |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for name, m in data["methods"].items():
+        out.append(f"| `{name}` | {m['worst_drop_mean']:.2f} | {m['worst_drop_std']:.2f} | {m['seeds_at_target']} | "
+                   f"{m['seeds_action_kept']} | {m['top1_vs_raw_mean']:.1f} |")
+    out += ["", "| data | top-1 % | top-1 vs raw | vit drop | frame_cnn drop | stats drop | worst drop | skin AP |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in data["methods"].items():
+        for r in m["runs"]:
+            d = r["drops"]
+            out.append(f"| `{name} seed {r['seed']}` | {r['top1']:.2f} | {r['top1_vs_raw']:.2f} | {d['vit']:.2f} | "
+                       f"{d['frame_cnn']:.2f} | {d['stats']:.2f} | {r['worst_drop']:.2f} | "
+                       f"{100 * r['ap']['vit']['skin_color']:.1f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
@@ -73,7 +91,7 @@ def main() -> None:
                              "are ignored)")
     args = parser.parse_args()
     if args.gather:
-        gather(args.json_lines, args.workdir / "raw.json", args.gather)
+        print(tables(gather(args.json_lines, args.workdir / "raw.json", args.gather)))
         return
 
     from stpcore.data.synth import make_synthetic_dataset

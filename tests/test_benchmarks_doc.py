@@ -94,8 +94,23 @@ SELECTION_COLUMNS = {
     "frame_cnn drop": lambda r: r["drops"]["frame_cnn"],
     "stats drop": lambda r: r["drops"]["stats"],
 }
+# header -> value from benchmarks/privacy_methods.py --gather: "<method> seed <s>" (a run) and "<method>" (its summary)
+METHOD_COLUMNS = {
+    "top-1 %": lambda r: r["top1"],
+    "top-1 vs raw": lambda r: r["top1_vs_raw"],
+    "worst drop": lambda r: r["worst_drop"],
+    "vit drop": lambda r: r["drops"]["vit"],
+    "frame_cnn drop": lambda r: r["drops"]["frame_cnn"],
+    "stats drop": lambda r: r["drops"]["stats"],
+    "skin AP": lambda r: 100 * r["ap"]["vit"]["skin_color"],
+    "mean worst drop": lambda r: r["worst_drop_mean"],
+    "std": lambda r: r["worst_drop_std"],
+    "seeds at 15": lambda r: r["seeds_at_target"],
+    "seeds within 10": lambda r: r["seeds_action_kept"],
+    "mean top-1 vs raw": lambda r: r["top1_vs_raw_mean"],
+}
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
-           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS}
+           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS, **METHOD_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -152,6 +167,12 @@ def _load(path: Path):
         entries = {f"seed {r['seed']} {k}": dict(r[k], action_loss=r[k]["raw_top1"] - r[k]["top1"])
                    for r in data["runs"] for k in ("final", "selected")}
         return "selection", entries
+    if "methods" in data and "target" in data:  # benchmarks/privacy_methods.py --gather
+        entries = {}
+        for name, method in data["methods"].items():
+            entries[name] = method
+            entries.update({f"{name} seed {r['seed']}": r for r in method["runs"]})
+        return "methods", entries
     if "worst_case" in data:  # benchmarks/demo_attackers.py: "<method> / <attacker>" and "<method> / worst case"
         raw = {a: r["cmap"] for a, r in data["results"][0]["attackers"].items()}
         entries = {f"{r['method']} / {a}": dict(s, drop=raw[a] - s["cmap"]) for r in data["results"]
@@ -209,7 +230,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
                "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
                "bench_extra": COMPILE_OPTION_COLUMNS,
-               "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS}[kind]
+               "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS, "methods": METHOD_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
@@ -220,7 +241,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     expected = columns[header](entries[name])
     assert expected is not None, f"BENCHMARKS.md:{line}: {path} has no {header} for {name}"
     scale = {"ms": 1e3, "µs": 1e6, "us": 1e6}.get(unit, 1.0)
-    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind in ("attackers", "selection") \
+    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind in ("attackers", "selection", "methods") \
             or header in VARIANT_COLUMNS \
             and kind == "variants":
         scale = 1.0
