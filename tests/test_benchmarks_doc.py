@@ -218,7 +218,7 @@ def test_tables_name_their_data():
             "benchmarks/results/ab-restructure.json", "benchmarks/results/preprocess-choice.json",
             "benchmarks/results/cpu-fullframe.json", "benchmarks/results/cpu-compile.json",
             "benchmarks/results/cpu-compile-options.json",
-            "benchmarks/results/demo-attackers.json"} <= files, files
+            "benchmarks/results/demo-attackers.json", "benchmarks/results/privacy-methods.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
