@@ -18,7 +18,8 @@ compiles) and ``keep_agreement`` against the eager anonymizer.
 extra_info:
     clips_per_s: from pytest-benchmark's median.
     speedup_vs_fp32: median over rounds of (reference time / variant time), the two timed back to back
-        in each round; on a shared CPU this ratio is steadier than comparing two separate runs.
+        in each round (3 rounds; STPCORE_BENCH_ROUNDS=N for more); on a shared CPU this ratio is steadier than
+        comparing two separate runs.
     fp32_clips_per_s: the reference's clips/s over those same rounds.
     keep_agreement: fraction of the B x 392 final keep decisions equal to the reference's.
     threads, description.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import statistics
 import time
 
@@ -50,7 +52,7 @@ PROVIDERS = (["fp32-eager", "fp32", "bf16"] + ([] if int8_unavailable_reason() o
                 + (["openvino-int8"] if importlib.util.find_spec("nncf") else [])
                 if DEVICE == "cpu" and _onnxruntime_available() and importlib.util.find_spec("openvino") else []))
 ROUNDS = {"bf16": 2}  # bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX
-INTERLEAVED_ROUNDS = 3
+INTERLEAVED_ROUNDS = int(os.environ.get("STPCORE_BENCH_ROUNDS", "3"))  # alternating rounds against the reference
 
 
 @functools.cache

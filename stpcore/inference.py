@@ -43,7 +43,7 @@ RUNTIMES = ("torch", "onnxruntime", "openvino", "auto")
 # benchmarks/results/cpu-runtimes.json; tests/test_deploy.py checks the table against that data). A committed table,
 # not a probe at start: a probe would export and quantize every candidate first. A CPU kind without a measurement,
 # or a machine without the runtime's packages, runs torch at precision "auto".
-AUTO_CHOICES: dict[str, tuple[str, str]] = {"avx512_bf16": ("openvino", "bf16")}
+AUTO_CHOICES: dict[str, tuple[str, str]] = {"avx512_bf16": ("openvino", "int8")}
 
 
 @dataclass
@@ -192,7 +192,8 @@ class ClipAnonymizer:
             per keep ratio, exported on first use) and run on the CPU by ONNX Runtime (fp32, or int8: dynamic
             quantization of the blocks' linear layers) or OpenVINO (fp32; bf16 where the CPU has native bf16,
             which ``precision="auto"`` picks there; int8: NNCF's quantization of the blocks' linear layers,
-            calibrated on ``calibration``). Needs ``stpcore[deploy]``; the adaptive mode stays in PyTorch.
+            calibrated on ``calibration``, the other layers in bf16 where the CPU has native bf16, else fp32).
+            Needs ``stpcore[deploy]``; the adaptive mode stays in PyTorch.
         onnx: with an ONNX runtime, a graph written by ``stpcore export`` to run instead of exporting one (checked
             against ``model``'s geometry; its keep ratio is fixed, so a call may not ask for another).
         calibration: OpenVINO int8: (N, 3, T, H, W) clips to calibrate the quantization on (None: the first
@@ -284,7 +285,9 @@ class ClipAnonymizer:
         else:
             where += f", {_LABELS[self.precision]}"
         if self.runtime != "torch":
-            return f"cpu, {self.runtime} {self.runtime_precision}, {torch.get_num_threads()} threads"
+            extra = " (bf16 elsewhere)" if self.runtime == "openvino" and self.runtime_precision == "int8" \
+                and self._openvino_hint() == "bf16" else ""
+            return f"cpu, {self.runtime} {self.runtime_precision}{extra}, {torch.get_num_threads()} threads"
         return where + (", compiled" if self.compiled else "")
 
     def _autocast(self):
@@ -363,6 +366,12 @@ class ClipAnonymizer:
         positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode
         return AnonymizedClips(torch.from_numpy(out_video), keep, positions)
 
+    def _openvino_hint(self) -> str:
+        """OpenVINO's precision for what is not int8: bf16 for "bf16", and for "int8" where the CPU has native bf16
+        (the quantized layers run int8, the rest bf16; measured in BENCHMARKS.md); f32 otherwise."""
+        bf16 = self.runtime_precision == "bf16" or self.runtime_precision == "int8" and cpu_has_native_bf16()
+        return "bf16" if bf16 else "f32"
+
     def _load_session(self, path: Path, scratch: Path, first: torch.Tensor):
         """A callable numpy clips -> (video, keep) of the runtime, on the ONNX file at ``path`` (int8: quantized
         into ``scratch``; OpenVINO's calibrated on ``calibration``, else on ``first``, the batch being run)."""
@@ -386,7 +395,7 @@ class ClipAnonymizer:
                 model = core.read_model(str(path))
             compiled = core.compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                "INFERENCE_PRECISION_HINT": "bf16" if self.runtime_precision == "bf16" else "f32"})
+                "INFERENCE_PRECISION_HINT": self._openvino_hint()})
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types (OpenVINO: RuntimeError)

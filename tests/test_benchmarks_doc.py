@@ -109,8 +109,22 @@ METHOD_COLUMNS = {
     "seeds within 10": lambda r: r["seeds_action_kept"],
     "mean top-1 vs raw": lambda r: r["top1_vs_raw_mean"],
 }
+# header -> value from benchmarks/bench_stream.py's JSON: "<model>" (its summary) and "<model> @ <fps>" (a rate tried)
+STREAM_COLUMNS = {
+    "windows": lambda r: r["windows"],
+    "s per chunk": lambda r: r["seconds_per_chunk"],
+    "estimated fps": lambda r: r["estimated_fps"],
+    "held fps": lambda r: r["max_fps_without_drops"],
+    "fps": lambda r: r["fps"],
+    "frames in": lambda r: r["frames_in"],
+    "dropped": lambda r: r["frames_dropped"],
+    "latency p50 s": lambda r: r["latency"]["p50"],
+    "latency p95 s": lambda r: r["latency"]["p95"],
+    "latency max s": lambda r: r["latency"]["max"],
+}
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
-           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS, **METHOD_COLUMNS}
+           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS, **METHOD_COLUMNS,
+           **STREAM_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -167,6 +181,12 @@ def _load(path: Path):
         entries = {f"seed {r['seed']} {k}": dict(r[k], action_loss=r[k]["raw_top1"] - r[k]["top1"])
                    for r in data["runs"] for k in ("final", "selected")}
         return "selection", entries
+    if "models" in data and "seconds_per_rate" in data:  # benchmarks/bench_stream.py
+        entries = {}
+        for name, model in data["models"].items():
+            entries[name] = model
+            entries.update({f"{name} @ {r['fps']:g}": r for r in model["runs"]})
+        return "stream", entries
     if "methods" in data and "target" in data:  # benchmarks/privacy_methods.py --gather
         entries = {}
         for name, method in data["methods"].items():
@@ -218,7 +238,8 @@ def test_tables_name_their_data():
             "benchmarks/results/ab-restructure.json", "benchmarks/results/preprocess-choice.json",
             "benchmarks/results/cpu-fullframe.json", "benchmarks/results/cpu-compile.json",
             "benchmarks/results/cpu-compile-options.json",
-            "benchmarks/results/demo-attackers.json", "benchmarks/results/privacy-methods.json"} <= files, files
+            "benchmarks/results/demo-attackers.json", "benchmarks/results/privacy-methods.json",
+            "benchmarks/results/cpu-stream.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -230,7 +251,8 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
                "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
                "bench_extra": COMPILE_OPTION_COLUMNS,
-               "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS, "methods": METHOD_COLUMNS}[kind]
+               "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS, "methods": METHOD_COLUMNS,
+               "stream": STREAM_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
@@ -241,7 +263,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     expected = columns[header](entries[name])
     assert expected is not None, f"BENCHMARKS.md:{line}: {path} has no {header} for {name}"
     scale = {"ms": 1e3, "µs": 1e6, "us": 1e6}.get(unit, 1.0)
-    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind in ("attackers", "selection", "methods") \
+    if header in ("top-1 %", "cMAP %") and kind == "demo" or kind in ("attackers", "selection", "methods", "stream") \
             or header in VARIANT_COLUMNS \
             and kind == "variants":
         scale = 1.0

@@ -364,3 +364,20 @@ def test_rtsp_and_v4l2_through_the_cli_name_the_source(checkpoint, tmp_path, cap
                      "--stream-timeout", "2"]) == 2
         assert f"cannot open the stream {source}" in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+
+
+def test_a_frame_rate_change_midway_starts_a_new_segment_at_the_new_rate(anonymizer, tmp_path):
+    (tmp_path / "www").mkdir()
+    data = _ts(_frames(24), fps=25) + _ts(_frames(32, seed=2), fps=10)  # the rate falls at frame 24
+    (tmp_path / "www" / "cam.ts").write_bytes(data)
+    server = _serve_http(tmp_path / "www")
+    try:
+        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", tmp_path / "out", _Slow(anonymizer,
+                                  0.0), timeout=5)
+    finally:
+        server.shutdown()
+    assert any("frame rate 25 -> 10" in c for c in report.changes), report.changes
+    lines = [json.loads(x) for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    assert {line["fps"] for line in lines} == {25.0, 10.0}
+    with av.open(str(tmp_path / "out" / lines[-1]["file"])) as c:
+        assert float(c.streams.video[0].average_rate) == pytest.approx(10, rel=0.01)
