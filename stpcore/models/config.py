@@ -113,7 +113,8 @@ class STPrivacyConfig(BackboneConfig):
         tau: Gumbel-softmax temperature (1.0).
         zero_mean_tubelets: subtract from each reconstructed tubelet its own mean colour (per channel, over its
             pixels), so a kept tubelet carries structure and motion but no colour of its own: its mean is the
-            normalised 0 that dropped tubelets hold [G: False, the paper's free reconstruction; issue 16].
+            normalised 0 that dropped tubelets hold at inference (in training they are masked, not zeroed)
+            [G: False, the paper's free reconstruction; issue 16].
     """
 
     prune_locations: tuple[int, ...] = (3, 6, 9)

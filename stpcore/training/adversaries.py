@@ -80,17 +80,21 @@ class StatsAdversary(nn.Module):
         self.norm = nn.BatchNorm1d(STATS_FEATURES, affine=False)
         self.mlp = nn.Sequential(nn.Linear(STATS_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, num_outputs))
 
-    def forward(self, video: torch.Tensor, keep: torch.Tensor, *, mode: str = "policy") -> torch.Tensor:
-        """``mode`` is accepted for the recognizers' call signature and ignored."""
+    def forward(self, video: torch.Tensor, keep: torch.Tensor, *, mode: str = "policy",
+                update_stats: bool = True) -> torch.Tensor:
+        """``mode`` is accepted for the recognizers' call signature and ignored. ``update_stats=False`` (the frozen
+        adversary in STPrivacy's step): in training, batch statistics without updating the running ones."""
         stats = kept_colour_statistics(video, keep, self.tubelet)
         if self.training and stats.shape[0] < 2:  # one clip has no batch statistics: use the running ones
             stats = nn.functional.batch_norm(stats, self.norm.running_mean, self.norm.running_var, training=False)
+        elif self.training and not update_stats:
+            stats = nn.functional.batch_norm(stats, None, None, training=True)
         else:
             stats = self.norm(stats)
         return self.mlp(stats)
 
 
 def worst_privacy_term(terms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The privacy term STPrivacy maximises against an ensemble: the smallest over the adversaries (the one that
-    reads the attributes best: lowest BCE, or lowest entropy)."""
+    """The privacy term STPrivacy maximises against an ensemble: the smallest over the adversaries (the lowest BCE:
+    the one that reads the attributes best; or the lowest entropy: the most certain one, right or wrong)."""
     return terms[0] if len(terms) == 1 else torch.stack(list(terms)).min()

@@ -61,7 +61,9 @@ class TrainConfig:
             SPAct's model ensemble (Dave et al., CVPR 2022) [G: 1, the paper's single adversary].
         stats_adversary_weight: weight of a second privacy term, from an appearance-statistics adversary
             (``stpcore.training.adversaries.StatsAdversary``: colour moments and soft histograms of the kept
-            pixels, then an MLP), trained beside the ViT adversary with the same objective [G: 0, off].
+            pixels, then an MLP), trained beside the ViT adversary with BCE; STPrivacy's term against it follows
+            ``privacy_objective`` and is scaled by this weight alone (not by ``privacy_weight``). It is never
+            restarted [G: 0, off].
         privacy_steps: updates of each privacy adversary per phase-2 step, on the same (detached) batch, so the
             adversaries catch up with a moving anonymizer faster than one step each allows [G: 1, the paper's].
         adversary_noise: standard deviation of Gaussian noise (in normalised pixel units) added to the video the
@@ -70,8 +72,10 @@ class TrainConfig:
         privacy_replay: past phase-2 batches (STPrivacy's detached outputs, stored in fp16, with their labels) kept
             in a buffer; each privacy-adversary update adds one drawn from it, so the adversaries keep reading the
             codes STPrivacy used before and it cannot escape them by moving to a new one (the image history of
-            Shrivastava et al., CVPR 2017). The buffer is part of the checkpoint (rank 0's: with several processes,
-            every rank resumes with it, so such a resume is not exact) [G: 0, off].
+            Shrivastava et al., CVPR 2017). The buffer lives on the training device and is part of the checkpoint
+            (rank 0's: with several processes, every rank resumes with it, so such a resume is not exact); its size
+            is n x one batch of videos in fp16 (the demo's: 0.8 MB a batch; vit_small at batch 32: 39 MB a batch)
+            [G: 0, off].
         colour_spread_weight: weight of a penalty on how much the kept pixels' colour statistics vary between
             the clips of a batch (``adversaries.colour_spread``): a constraint on what STPrivacy may write into
             the kept tubelets, whatever the attributes [G: 0, off].
@@ -170,7 +174,7 @@ class TrainConfig:
             "weight_decay", "warmup_epochs", "min_lr_ratio", "clip_grad", "action_weight", "privacy_weight",
             "sparsity_weight", "stats_adversary_weight", "colour_spread_weight", "adversary_noise",
             "recognizer_lr_scale", "checkpoint_every", "log_every", "workers")
-            if getattr(self, name) < 0}
+            if not getattr(self, name) >= 0}  # NaN too
         if negative:
             raise ValueError(f"these settings must be >= 0 (a negative weight would flip its loss): {negative}")
 

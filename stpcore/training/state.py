@@ -110,7 +110,8 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     rng = dict(state["rng"])
     rng["python"] = _to_tuples(rng["python"])
     set_rng_state(rng)
-    trainer.replay = [{k: v.to(trainer.device) for k, v in entry.items()} for entry in state.get("replay", [])]
+    saved = state.get("replay", [])[: trainer.cfg.privacy_replay]  # a resume with a smaller (or no) buffer cuts it
+    trainer.replay = [{k: v.to(trainer.device) for k, v in entry.items()} for entry in saved]
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     trainer.noise_gen.set_state(per_rank[trainer.dist.rank])
     pos = state["position"]

@@ -254,7 +254,7 @@ class Trainer:
             out = anonymizer(clips, self._gumbel_noise(clips.shape[0]), classify=False)
             sparsity = losses.sparsity_loss(out.decisions, self.model_cfg.keep_ratio, self.model_cfg.num_slots)
             ce = losses.action_loss(frozen["action"](out.video, out.keep, mode="policy"), actions)
-            terms, bce = [], None
+            terms, bce = [], None  # bce: the first adversary's (the paper's single one), for the metrics
             seen = self._adversary_view(out.video)  # what the privacy adversaries read (adversary_noise)
             for name in self.privacy_names:
                 privacy_logits = frozen[name](seen, out.keep, mode="policy")
@@ -262,10 +262,12 @@ class Trainer:
                 bce = bce_i if bce is None else bce
                 terms.append(self._privacy_term(privacy_logits, bce_i, has_privacy))
             term = worst_privacy_term(terms)
+            if len(terms) > 1:
+                extra.update({f"privacy_term_{name}": t for name, t in zip(self.privacy_names, terms, strict=True)})
             loss = losses.anonymizer_loss(cfg.sparsity_weight * sparsity, ce, term, action_weight=cfg.action_weight,
                                           privacy_weight=cfg.privacy_weight)
             if self.stats_adv is not None:
-                stats_logits = frozen["stats"](seen, out.keep)
+                stats_logits = frozen["stats"](seen, out.keep, update_stats=False)  # frozen: no running-stat update
                 extra["stats_term"] = self._privacy_term(
                     stats_logits, losses.masked_privacy_loss(stats_logits, privacy, has_privacy), has_privacy)
                 loss = loss - cfg.stats_adversary_weight * extra["stats_term"]
@@ -285,17 +287,21 @@ class Trainer:
         self._remember(video, keep, privacy, has_privacy)
 
         def adversary_losses() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            # The replayed batch joins the current one in a single forward per adversary: one BatchNorm update, and
+            # one forward per backward, which DDP's buffer broadcast needs.
+            clips_in, keep_in = video, keep
+            if past is not None:
+                clips_in, keep_in = torch.cat([video, past["video"]]), torch.cat([keep, past["keep"]])
+            n = video.shape[0]
             with self._autocast():
-                seen = self._adversary_view(video)
-                logits = {name: self.models[name](seen, keep, mode="policy") for name in adversaries}
-                result = {n: losses.masked_privacy_loss(v, privacy, has_privacy) for n, v in logits.items()}
+                seen = self._adversary_view(clips_in)
+                logits = {name: self.models[name](seen, keep_in, mode="policy") for name in adversaries}
+                result = {k: losses.masked_privacy_loss(v[:n], privacy, has_privacy) for k, v in logits.items()}
                 if past is not None:
-                    old = self._adversary_view(past["video"])
-                    for name in adversaries:
-                        old_logits = self.models[name](old, past["keep"], mode="policy")
-                        result[name] = 0.5 * (result[name] + losses.masked_privacy_loss(
-                            old_logits, past["privacy"], past["has_privacy"]))
-            return result, logits["privacy"]
+                    result = {k: 0.5 * (result[k] + losses.masked_privacy_loss(v[n:], past["privacy"],
+                                                                                past["has_privacy"]))
+                              for k, v in logits.items()}
+            return result, logits["privacy"][:n]
 
         with self._autocast():
             action_logits = action_rec(video, keep, mode="policy")
@@ -337,7 +343,7 @@ class Trainer:
 
     def _replayed(self) -> dict[str, torch.Tensor] | None:
         """A batch drawn from the privacy_replay buffer (float32 again), or None when it is off or empty."""
-        if not self.replay:
+        if not self.cfg.privacy_replay or not self.replay:
             return None
         slot = int(torch.randint(len(self.replay), (1,), generator=self.noise_gen, device=self.noise_gen.device))
         entry = self.replay[slot]

@@ -5,10 +5,12 @@
 Scenarios: "nan_on_rank1" (rank 1's second batch overflows inside the model), "short_rank1" (rank 1's loader
 has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, after its second batch),
 "unsynced" (the trainer's steps call the bare models instead of their DistributedDataParallel wrappers, so
-gradients are not averaged: the control that shows the ranks' data differ enough to tell).
+gradients are not averaged: the control that shows the ranks' data differ enough to tell), "adversaries" (issue
+16's phase-2 options on: two ViT adversaries, the statistics adversary, replay, two adversary steps, noise, colour
+spread).
 Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
 (clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
-"final": {name: tensor}}, the parameters of the three models before and after fit().
+"final": {name: tensor}}, the parameters of every model before and after fit().
 """
 
 from __future__ import annotations
@@ -44,15 +46,20 @@ class _Loader(RandomClipLoader):
 
 
 def _parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    from stpcore.runtime import unwrap
+
     models = {"anonymizer": trainer.anonymizer, "action": trainer.action_rec, "privacy": trainer.privacy_rec}
+    models.update({k: unwrap(m) for k, m in trainer.models.items() if k not in models})  # issue 16's adversaries
     return {f"{k}.{n}": p.detach().clone() for k, m in models.items() for n, p in m.named_parameters()}
 
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
+    options = dict(privacy_adversaries=2, stats_adversary_weight=1.0, privacy_replay=2, privacy_steps=2,
+                   adversary_noise=0.1, colour_spread_weight=1.0) if scenario == "adversaries" else {}
     cfg = TrainConfig(data_root="unused", out_dir=str(out / "run"), preset="tiny", batch_size=2, phase1_epochs=1,
-                      phase2_epochs=1, progress=False, checkpoint_every=0, base_lr=0.2, warmup_epochs=0.5)
+                      phase2_epochs=1, progress=False, checkpoint_every=0, base_lr=0.2, warmup_epochs=0.5, **options)
     loader = _Loader(scenario, rank)
     trainer = Trainer(cfg, loader)
     loader.trainer = trainer

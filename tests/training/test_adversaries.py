@@ -150,8 +150,8 @@ def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp
     for rec in history["phase2"]:
         # loss = sparsity + CE - 0.5 * worst BCE - 2 * stats term + 3 * spread (the bce objective, 2 adversaries)
         assert rec["stats_term"] > 0 and rec["colour_spread"] >= 0
-        worst = min(rec["bce_privacy"], rec["privacy_term"])
-        assert rec["privacy_term"] == pytest.approx(worst)
+        members = [rec["privacy_term_privacy"], rec["privacy_term_privacy_1"]]  # each adversary's term, logged
+        assert rec["privacy_term"] == pytest.approx(min(members)) and rec["privacy_term_privacy"] == rec["bce_privacy"]
         expected = rec["sparsity"] + 0.5 * rec["ce_action"] - 0.5 * rec["privacy_term"] - 2.0 * rec["stats_term"] \
             + 3.0 * rec["colour_spread"]
         assert rec["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
@@ -161,8 +161,8 @@ def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp
     # privacy_steps=2: two updates of each adversary per step; their lr schedules still advance once per step.
     steps = len(history["phase2"])
     assert full.sched["privacy_1"].last_epoch == full.sched["action"].last_epoch == steps
-    assert all(s["step"] == 2 * steps for s in full.opt["stats"].state.values())
-    assert all(s["step"] == steps for s in full.opt["action"].state.values())
+    assert full.opt["stats"].state and all(s["step"] == 2 * steps for s in full.opt["stats"].state.values())
+    assert full.opt["action"].state and all(s["step"] == steps for s in full.opt["action"].state.values())
     events = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["recognizer"]) for e in events if e.get("event") == "privacy recognizer restarted"] \
         == [(1, "privacy"), (2, "privacy_1")]
@@ -208,3 +208,32 @@ def test_adversary_noise_changes_what_the_adversaries_read_and_nothing_else(tmp_
         _cfg(tmp_path, privacy_steps=0)
     with pytest.raises(ValueError, match="adversary_noise"):
         _cfg(tmp_path, adversary_noise=-0.1)
+
+
+def test_the_frozen_statistics_adversary_keeps_its_running_statistics(tmp_path):
+    """STPrivacy's step reads the statistics adversary with batch statistics and leaves its running ones alone; its
+    own update moves them once per update."""
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, phase2_epochs=1, stats_adversary_weight=1.0), _loader())
+    norm = trainer.stats_adv.norm
+    batch = next(iter(trainer.loader))
+    before = norm.num_batches_tracked.item()
+    trainer.phase2_step(batch)
+    assert norm.num_batches_tracked.item() == before + 1  # the adversary's own update only
+
+
+def test_a_resume_without_replay_drops_the_saved_buffer(tmp_path):
+    first = Trainer(_cfg(tmp_path / "a", phase1_epochs=0, phase2_epochs=1, privacy_replay=4), _loader())
+    first.fit()
+    assert len(first.replay) == 3
+    second = Trainer(_cfg(tmp_path / "a", phase1_epochs=0, phase2_epochs=1, privacy_replay=2), _loader())
+    second.load_checkpoint(tmp_path / "a" / "run" / "last.pt")
+    assert len(second.replay) == 2
+    third = Trainer(_cfg(tmp_path / "a", phase1_epochs=0, phase2_epochs=1), _loader())
+    third.load_checkpoint(tmp_path / "a" / "run" / "last.pt")
+    assert third.replay == [] and third._replayed() is None
+
+
+def test_nan_settings_are_refused(tmp_path):
+    for name in ("adversary_noise", "stats_adversary_weight", "colour_spread_weight"):
+        with pytest.raises(ValueError, match=name):
+            _cfg(tmp_path, **{name: float("nan")})

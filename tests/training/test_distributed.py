@@ -87,3 +87,18 @@ def test_a_signal_on_one_rank_stops_both(tmp_path):
     assert [r["outcome"] for r in results] == ["interrupted", "interrupted"]
     assert results[0]["steps"] == results[1]["steps"] == 3  # the step during which rank 1 saw it, on both
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_the_phase2_privacy_options_train_one_model_on_both_ranks(tmp_path):
+    """Issue 16's options under DDP: both ranks finish, and every model, the extra adversaries included, holds the
+    same parameters on both, moved from the initial ones."""
+    results = _run("adversaries", tmp_path)
+    assert [r["outcome"] for r in results] == ["finished", "finished"], results
+    ranks = _parameters(tmp_path)
+    names = ranks[0]["final"].keys()
+    assert any(n.startswith("privacy_1.") for n in names) and any(n.startswith("stats.") for n in names)
+    for name in names:
+        torch.testing.assert_close(ranks[0]["final"][name], ranks[1]["final"][name], msg=name)
+    for model in ("privacy_1", "stats"):
+        assert any(not torch.equal(ranks[0]["initial"][n], ranks[0]["final"][n]) for n in names
+                   if n.startswith(f"{model}.")), model
