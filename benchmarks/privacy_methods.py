@@ -16,6 +16,7 @@ them to compute the drops. One JSON line per run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -99,7 +100,6 @@ def main() -> None:
     from stpcore.evaluation import evaluate
     from stpcore.evaluation.results import MethodResult, worst_case
     from stpcore.models import STPrivacyConfig
-    from stpcore.runtime import clip_loader
     from stpcore.training import Trainer
 
     demo = DemoConfig()
@@ -111,9 +111,7 @@ def main() -> None:
     overrides = json.loads(args.train_overrides)
     run = args.workdir / f"{args.name}_s{args.seed}"
     train_all, test = _loaders(demo, data, model_cfg.num_frames, model_cfg.image_size)
-    fit = clip_loader(data, train=True, batch_size=demo.batch_size, labels=data / "vp_labels.csv",
-                      num_frames=model_cfg.num_frames, crop=model_cfg.image_size, stride=demo.stride, decoder="pyav",
-                      cache=True, seed=args.seed)
+    fit, _ = _loaders(dataclasses.replace(demo, seed=args.seed), data, model_cfg.num_frames, model_cfg.image_size)
     start = time.perf_counter()
     checkpoint = run / "train" / "stprivacy.pt"
     if not checkpoint.is_file():

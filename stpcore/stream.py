@@ -167,30 +167,29 @@ class _Reader(threading.Thread):
         self.consumer_gone = threading.Event()  # the model side has returned: nothing more is taken
         self.ended = ""
 
+    def _drop_waiting(self) -> None:
+        """Take the chunk waiting in the mailbox, if any, and count its frames as dropped (under ``lock``)."""
+        try:
+            old = self.mailbox.get_nowait()
+        except queue.Empty:
+            return
+        if old is not None:
+            self.report.frames_dropped += old.real
+
     def _post(self, chunk: _Chunk) -> None:
         chunk.posted = time.monotonic()
         with self.lock:
             if self.consumer_gone.is_set():  # nobody will take it: its frames are dropped
                 self.report.frames_dropped += chunk.real
                 return
-            try:
-                old = self.mailbox.get_nowait()
-                if old is not None:
-                    self.report.frames_dropped += old.real
-            except queue.Empty:
-                pass
+            self._drop_waiting()
             self.mailbox.put_nowait(chunk)
 
     def drain(self) -> None:
         """The model side is gone: count what still waits as dropped, and let the reader end without waiting."""
         with self.lock:
             self.consumer_gone.set()
-            try:
-                old = self.mailbox.get_nowait()
-                if old is not None:
-                    self.report.frames_dropped += old.real
-            except queue.Empty:
-                pass
+            self._drop_waiting()
 
     def _rate(self, times: list[float | None]) -> float:
         """The chunk's frame rate from its timestamps when they disagree with the current one by > RATE_CHANGE."""

@@ -39,18 +39,26 @@ def _frames(n: int, width: int = 96, height: int = 72, seed: int = 0) -> np.ndar
     return frames
 
 
-def _ts(frames: np.ndarray, fps: int = 25) -> bytes:
-    """MPEG-TS bytes (MPEG-4 part 2) of the frames."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mpegts") as out:
+def _mux_ts(target, frames: np.ndarray, fps: int, real_time: bool = False) -> None:
+    """Encode the frames as MPEG-TS (MPEG-4 part 2) into ``target`` (a file object or a URL); with ``real_time``,
+    one frame every 1 / fps seconds."""
+    with av.open(target, "w", format="mpegts") as out:
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"qscale": "3"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 out.mux(packet)
+            if real_time:
+                time.sleep(1 / fps)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def _ts(frames: np.ndarray, fps: int = 25) -> bytes:
+    """MPEG-TS bytes (MPEG-4 part 2) of the frames."""
+    buf = io.BytesIO()
+    _mux_ts(buf, frames, fps)
     return buf.getvalue()
 
 
@@ -147,16 +155,7 @@ def test_http_stream_faster_than_compute_drops_whole_chunks_and_keeps_every_segm
 def _send_udp(port: int, frames: np.ndarray, fps: int, delay: float = 0.5) -> threading.Thread:
     def send():
         time.sleep(delay)  # the receiver listens by then
-        with av.open(f"udp://127.0.0.1:{port}?pkt_size=1316", "w", format="mpegts") as out:
-            stream = out.add_stream("mpeg4", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-            stream.options = {"qscale": "3"}
-            for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    out.mux(packet)
-                time.sleep(1 / fps)  # real time
-            for packet in stream.encode():
-                out.mux(packet)
+        _mux_ts(f"udp://127.0.0.1:{port}?pkt_size=1316", frames, fps, real_time=True)
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
-from stpcore.testing import RandomClipLoader
+from stpcore.testing import RandomClipLoader, StopAfter
 from stpcore.training import TrainConfig, Trainer, TrainingInterrupted
 from stpcore.training.adversaries import (
     COLOUR_BINS,
@@ -117,21 +117,6 @@ def _loader():
     return RandomClipLoader(num_batches=3, batch_size=4, num_frames=8, size=32)
 
 
-class _StopAfter(RandomClipLoader):
-    """Sends SIGTERM's effect (the trainer's stop flag) after ``n`` batches in all."""
-
-    def __init__(self, n):
-        super().__init__(num_batches=3, batch_size=4, num_frames=8, size=32)
-        self.n, self.seen, self.trainer = n, 0, None
-
-    def __iter__(self):
-        for b in super().__iter__():
-            self.seen += 1
-            if self.seen == self.n:
-                self.trainer._stop_signal = 15
-            yield b
-
-
 OPTIONS = dict(privacy_adversaries=2, privacy_restart_every=1, stats_adversary_weight=2.0, colour_spread_weight=3.0,
                privacy_steps=2, adversary_noise=0.3, privacy_replay=2)
 
@@ -168,7 +153,7 @@ def test_the_options_enter_the_loss_train_every_adversary_and_resume_exactly(tmp
         == [(1, "privacy"), (2, "privacy_1")]
     losses = [r["loss"] for p in ("phase1", "phase2") for r in history[p]]
 
-    wrapped = _StopAfter(7)  # stops in phase-2 epoch 1, after a restart
+    wrapped = StopAfter(_loader(), 7)  # stops in phase-2 epoch 1, after a restart
     first = Trainer(_cfg(tmp_path / "b", **OPTIONS), wrapped)
     wrapped.trainer = first
     with pytest.raises(TrainingInterrupted):

@@ -10,7 +10,7 @@ import torch
 
 from stpcore.models import STPrivacy, STPrivacyConfig, load_anonymizer
 from stpcore.runtime import lr_factor, param_groups
-from stpcore.testing import RandomClipLoader
+from stpcore.testing import RandomClipLoader, StopAfter
 from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
 
@@ -66,33 +66,12 @@ def test_phase1_loss_falls(tmp_path):
     assert sum(ce[-4:]) / 4 < 0.7 * sum(ce[:4]) / 4, ce
 
 
-class _StopAfter:
-    """Wraps a loader; asks the trainer to stop (as SIGTERM would) after `n` batches in total."""
-
-    def __init__(self, loader, n):
-        self.loader, self.n, self.trainer, self.seen = loader, n, None, 0
-        self.classes = loader.classes
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, e):
-        self.loader.set_epoch(e)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.seen += 1
-            if self.seen == self.n:
-                self.trainer._stop_signal = 15
-            yield batch
-
-
 @pytest.mark.parametrize("stop_after", [2, 7], ids=["mid-phase1-epoch", "mid-phase2"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, stop_after):
     full = Trainer(_cfg(tmp_path / "a"), _loader()).fit()
     losses = [r["loss"] for p in ("phase1", "phase2") for r in full[p]]
 
-    wrapped = _StopAfter(_loader(), stop_after)
+    wrapped = StopAfter(_loader(), stop_after)
     first = Trainer(_cfg(tmp_path / "b"), wrapped)
     wrapped.trainer = first
     with pytest.raises(TrainingInterrupted, match="--resume"):
@@ -131,7 +110,7 @@ def test_privacy_restarts_are_seeded_and_resume_exactly(tmp_path, stop_after):
     events = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e.get("event") == "privacy recognizer restarted"] == [2, 3]
 
-    wrapped = _StopAfter(_loader(), stop_after)
+    wrapped = StopAfter(_loader(), stop_after)
     first = Trainer(_cfg(tmp_path / "b", **kw), wrapped)
     wrapped.trainer = first
     with pytest.raises(TrainingInterrupted):
@@ -184,7 +163,7 @@ def test_resume_with_lstsq_decoder(tmp_path, stop_after):
     full = Trainer(_cfg(tmp_path / "a", decoder_init="lstsq"), _loader())
     history = full.fit()
     losses = [r["loss"] for p in ("phase1", "phase2") for r in history[p]]
-    wrapped = _StopAfter(_loader(), stop_after)
+    wrapped = StopAfter(_loader(), stop_after)
     first = Trainer(_cfg(tmp_path / "b", decoder_init="lstsq"), wrapped)
     wrapped.trainer = first
     with pytest.raises(TrainingInterrupted):
