@@ -48,7 +48,9 @@ def main() -> None:
     start = time.perf_counter()
     checkpoint = out / "train" / "stprivacy.pt"
     if not checkpoint.is_file():
-        Trainer(train_config(cfg, data, out / "train", **({"progress": False} | overrides)), train_loader).fit()
+        last = out / "train" / "last.pt"  # an interrupted run continues
+        Trainer(train_config(cfg, data, out / "train", **({"progress": False} | overrides)), train_loader).fit(
+            resume=last if last.is_file() else None)
     trained = time.perf_counter()
     eval_cfg = eval_config(cfg, data, out / "eval", progress=False)
     runs: list[tuple[str, dict]] = [("stprivacy", {"methods": ("stprivacy",)})]

@@ -116,7 +116,8 @@ def main() -> None:
     checkpoint = run / "train" / "stprivacy.pt"
     if not checkpoint.is_file():
         tcfg = train_config(demo, data, run / "train", seed=args.seed, progress=False, **overrides)
-        Trainer(tcfg, fit).fit()
+        last = run / "train" / "last.pt"  # an interrupted run continues
+        Trainer(tcfg, fit).fit(resume=last if last.is_file() else None)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     ecfg = eval_config(demo, data, run / "eval", attackers=ATTACKERS, progress=False)

@@ -53,7 +53,8 @@ def main() -> None:
     tcfg = train_config(demo, data, run / "train", seed=args.seed, validation=args.validation,
                         candidate_every=args.every, progress=False)
     if not (run / "train" / "stprivacy.pt").is_file():
-        Trainer(tcfg, fit).fit()
+        last = run / "train" / "last.pt"  # an interrupted run continues
+        Trainer(tcfg, fit).fit(resume=last if last.is_file() else None)
     train_s = time.perf_counter() - start
     candidates = sorted((run / "train" / "candidates").glob("phase2-epoch*.pt"))
     quick = eval_config(demo, data, run / "selection", epochs=args.select_epochs, attackers=SELECTION_ATTACKERS,

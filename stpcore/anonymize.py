@@ -27,16 +27,28 @@ Outputs per input, named after it (``<stem>``, made unique within one run; see :
   ``phase`` of each clip (first source frame, stride phase); ``window`` (windows, 2) each window's (y, x)
   origin and ``owned`` (windows, 4) the (y0, y1, x0, x1) it contributes, in working-scale pixels of the
   padded frame; ``window_size``, ``work_size`` (H, W), ``source_size`` (H, W), ``pad`` (bottom, right),
-  ``view``, ``output_size``, ``stride``, ``grid``, ``tubelet``;
+  ``view``, ``output_size``, ``stride``, ``grid``, ``tubelet``; and the record of what the outputs were made
+  from: ``source`` (the input's resolved path), ``source_bytes`` and ``source_mtime_ns`` (its size and
+  modification time when it was read), ``settings`` (JSON: :func:`output_settings`) and ``outputs`` (JSON: name
+  -> [bytes, mtime_ns] of each video written with it);
 - ``<stem>.side_by_side.mp4`` on request: the input (at the output's size and view) and the output.
 A file that cannot be read is reported and skipped; the others are still written.
+
+A later run into the same folder replaces an input's own outputs (or, with ``skip_existing``, leaves them when
+its record shows the same unchanged input, the same settings and the same videos), but never outputs of the same
+name made from another input, or with no record to tell: that input is reported as failed, and the fix is
+another output folder or removing the old outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import os
 import sys
 import traceback
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +206,49 @@ def to_source_size(frames: np.ndarray, visible: np.ndarray, height: int, width: 
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+# The arguments of anonymize_file that shape its output (batch_size and side_by_side do not).
+_OUTPUT_SETTINGS = ("stride", "keep_ratio", "adaptive_threshold", "view", "output_size", "min_overlap", "short_side",
+                    "mean", "std")
+
+
+def output_settings(anonymizer, **kwargs) -> dict:
+    """What shapes an output besides its input, as the keep file records it (JSON types): the settings of
+    :func:`anonymize_file` among ``kwargs`` (defaults filled in, the working scale resolved) and the model's config.
+    The config names the architecture only: two checkpoints of one architecture are not told apart."""
+    params = inspect.signature(anonymize_file).parameters
+    settings = {name: kwargs.get(name, params[name].default) for name in _OUTPUT_SETTINGS}
+    cfg = anonymizer.cfg
+    settings["short_side"] = settings["short_side"] or working_short_side(cfg.image_size)
+    settings["model"] = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _stamp(path: Path) -> list[int]:
+    """[bytes, mtime_ns] of a file: what a record keeps of the files it names, to notice one changed or replaced."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    """np.savez_compressed, atomically (a temporary name, then a rename)."""
+    with media.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def read_record(keep_path: str | os.PathLike) -> dict | None:
+    """The record in a keep file (``source``, ``source_bytes``, ``source_mtime_ns``, ``settings``, ``outputs``; see
+    the module docstring), or None when there is no file, it cannot be read, or it predates records (an older
+    stpcore)."""
+    try:
+        with np.load(keep_path, allow_pickle=False) as saved:  # reads only the members asked for
+            return {"source": str(saved["source"]), "source_bytes": int(saved["source_bytes"]),
+                    "source_mtime_ns": int(saved["source_mtime_ns"]), "settings": json.loads(str(saved["settings"])),
+                    "outputs": json.loads(str(saved["outputs"]))}
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError):  # missing, damaged, or no record in it
+        return None
+
+
 def anonymize_file(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -236,11 +291,17 @@ def anonymize_file(
                          f"{output_size!r}")
     if output_size == "source" and view != "full":
         raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+    settings = output_settings(anonymizer, stride=stride, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold,
+                               view=view, output_size=output_size, min_overlap=min_overlap, short_side=short_side,
+                               mean=mean, std=std)
     short_side = short_side or working_short_side(image_size)
     path, out_dir = Path(path), Path(out_dir)
     stem = stem or path.stem
     fps = media.video_fps(path)
+    source_bytes, source_mtime_ns = _stamp(path)  # before the frames are read: a change while reading shows next time
     out_path, keep_path, sbs_path = output_paths(out_dir, stem, side_by_side=True)
+    record = dict(source=str(path.resolve()), source_bytes=np.int64(source_bytes),
+                  source_mtime_ns=np.int64(source_mtime_ns), settings=json.dumps(settings, sort_keys=True))
     keeps, starts, phases = [], [], []
     chunk_len = num_frames * stride
     runner: WindowAnonymizer | None = None
@@ -280,14 +341,19 @@ def anonymize_file(
                 flush()
         if pending:
             flush()
+        # Every frame is encoded; the videos are renamed into place as this block ends. Their record comes first,
+        # naming no videos yet: a run stopped between those renames and the final keep file leaves outputs that
+        # still say which input they belong to, and they are redone on resume.
+        _save_npz(keep_path, **record, outputs=json.dumps({}))
     g = runner.grid
-    with media.atomic_path(keep_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(
-                f, keep=np.stack(keeps), start=np.array(starts), phase=np.array(phases), stride=stride,
-                grid=np.array(cfg.grid), tubelet=np.array(cfg.tubelet), window=np.array(g.origins),
-                owned=np.array(g.owned), window_size=g.window, work_size=np.array([g.height, g.width]),
-                source_size=np.array(source), pad=np.array(g.pad), view=view, output_size=output_size)
+    # The videos are in place: the record stamps them, so a video replaced after its record (a run stopped
+    # between the renames) does not pass for the one the record describes.
+    videos = [out_path] + ([sbs_path] if side_by_side else [])
+    _save_npz(keep_path, keep=np.stack(keeps), start=np.array(starts), phase=np.array(phases), stride=stride,
+              grid=np.array(cfg.grid), tubelet=np.array(cfg.tubelet), window=np.array(g.origins),
+              owned=np.array(g.owned), window_size=g.window, work_size=np.array([g.height, g.width]),
+              source_size=np.array(source), pad=np.array(g.pad), view=view, output_size=output_size, **record,
+              outputs=json.dumps({v.name: _stamp(v) for v in videos}))
     return [out_path, keep_path] + ([sbs_path] if side_by_side else [])
 
 
@@ -336,6 +402,34 @@ def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+def _previous_outputs(out_dir: Path, stem: str, source: Path, path: Path) -> dict | None:
+    """The record of the outputs already named ``stem`` in ``out_dir``, or None when there are none; a ValueError
+    when they were made from another input than ``source`` (``path`` resolved), or have no record to tell."""
+    present = [o for o in output_paths(out_dir, stem, side_by_side=True) if o.exists()]
+    if not present:
+        return None
+    record = read_record(out_dir / f"{stem}.keep.npz")
+    if record is not None and record["source"] == str(source):
+        return record
+    if record is None:
+        held = (f"{present[0]} is already there with no record of its input ({stem}.keep.npz is missing or from an "
+                f"older stpcore)")
+    else:
+        held = f"{present[0]} was made from {record['source']}, another input with the same name"
+    raise ValueError(f"output name taken: {held}, so {path} is not written over it; write {path} to another -o "
+                     f"folder, or remove {', '.join(o.name for o in present)} from {out_dir} first")
+
+
+def _is_current(record: dict, path: Path, outs: list[Path], settings: dict) -> bool:
+    """Whether ``record`` describes ``outs`` made from ``path`` as it is now, with ``settings``."""
+    try:
+        if _stamp(path) != [record["source_bytes"], record["source_mtime_ns"]] or record["settings"] != settings:
+            return False
+        return all(o.suffix == ".npz" or record["outputs"].get(o.name) == _stamp(o) for o in outs)
+    except OSError:  # the input or an output is gone
+        return False
+
+
 def _why(exc: Exception) -> str:
     from stpcore.data.decode_pyav import VideoError
 
@@ -354,16 +448,20 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
 
     A file that cannot be read or fails midway is reported in ``failed`` and the others are still written
     (each output appears only complete: written to a temporary name, then renamed). An input given twice
-    (the same file) is processed once. With ``skip_existing``, an input whose outputs all exist already
-    (from an earlier, interrupted run over the same inputs in the same order) is skipped, so a run can be
-    resumed. Ctrl-C / SIGTERM (KeyboardInterrupt) stops at once, leaving no partial file; the report
-    filled so far is attached to the exception as ``exc.report``.
+    (the same file) is processed once. An input's outputs from an earlier run are replaced, but outputs of the
+    same name made from another input (or with no record of their input) are not: that input fails, with the
+    paths and the fix. With ``skip_existing``, an input whose outputs all exist already and whose record shows
+    this input unchanged (path, size, modification time) and the same settings (:func:`output_settings`) is
+    skipped, so an interrupted run over the same inputs in the same order can be resumed; a changed input or
+    other settings are done again. Ctrl-C / SIGTERM (KeyboardInterrupt) stops at once, leaving no partial file;
+    the report filled so far is attached to the exception as ``exc.report``.
     """
     from stpcore.data.decode_pyav import probe
 
     report = AnonymizeReport()
     out_dir = prepare_output_dir(out_dir)
     paths = [Path(p) for p in paths]
+    settings = output_settings(anonymizer, **kwargs)
     seen: dict[Path, Path] = {}
     try:
         for path, stem in zip(paths, _unique_stems(paths), strict=True):
@@ -373,12 +471,13 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
                 continue
             seen[key] = path
             outs = output_paths(out_dir, stem, kwargs.get("side_by_side", False))
-            if skip_existing and all(o.is_file() for o in outs):
-                report.skipped.append((str(path), f"already done ({outs[0]} exists; --skip-existing)"))
-                if verbose:
-                    print(f"done already: {path} -> {outs[0]}")
-                continue
             try:
+                record = _previous_outputs(out_dir, stem, key, path)
+                if skip_existing and record is not None and _is_current(record, path, outs, settings):
+                    report.skipped.append((str(path), f"already done ({outs[0]} exists; --skip-existing)"))
+                    if verbose:
+                        print(f"done already: {path} -> {outs[0]}")
+                    continue
                 if path.is_dir():
                     raise ValueError("a folder, not a video file; give the video files inside it")
                 probe(path)  # a clear reason (missing, empty, unreadable, no video stream) before any output

@@ -37,7 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # The ranks agree on how fit() ends (finished, interrupted, diverged), so all of them leave the process group
     # together on those paths; an unexpected error propagates at once (a barrier there could wait forever).
     try:
-        trainer.fit(resume=args.resume)
+        trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as exc:
         shutdown_distributed()
         print(f"stopped: {exc}", file=sys.stderr)
@@ -264,6 +264,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+def _fractions(high_closed: bool = True):
+    """An argparse type for comma-separated numbers, each in (0, 1] (or (0, 1) with high_closed=False)."""
+    one = _fraction(high_closed)
+
+    def parse(text: str) -> tuple[float, ...]:
+        return tuple(one(v.strip()) for v in text.split(",") if v.strip())
+
+    return parse
+
+
 def _load_boxes(path: str | None) -> dict[str, tuple[float, float, float, float]] | None:
     """Person boxes for the blackening baseline: JSON {"<class>/<stem>": [x0, y0, x1, y1]} in [0, 1]."""
     if path is None:
@@ -278,8 +288,10 @@ def _load_boxes(path: str | None) -> dict[str, tuple[float, float, float, float]
     boxes = {}
     for key, box in raw.items():
         validate_key(key, where=str(path))
-        if not (isinstance(box, list) and len(box) == 4 and all(0 <= float(v) <= 1 for v in box)):
-            raise ValueError(f"{path}: box of {key!r} must be [x0, y0, x1, y1] with values in [0, 1], got {box!r}")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and 0 <= box[0] <= box[2] <= 1 and 0 <= box[1] <= box[3] <= 1):
+            raise ValueError(f"{path}: box of {key!r} must be [x0, y0, x1, y1] with 0 <= x0 <= x1 <= 1 and "
+                             f"0 <= y0 <= y1 <= 1, got {box!r}")
         boxes[key] = tuple(float(v) for v in box)
     return boxes
 
@@ -334,6 +346,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train STPrivacy (phases 1 and 2); torchrun for several processes")
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
     p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that holds an earlier run (its checkpoints and metrics are "
+                        "removed); without it such a folder is refused")
     p.add_argument("--select", action="store_true",
                    help="after training, score the phase-2 candidates on the validation part (needs --validation "
                         "and --candidate-every) and deploy the one the rule picks as stprivacy.pt (selection.json "
@@ -389,7 +404,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="working scale: the frames' short side before windowing (default: the training scale, "
                         "8/7 of the model's image size)")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose outputs are already in the folder (resume an interrupted run)")
+                   help="resume an interrupted run: skip an input whose outputs are in the folder and whose keep "
+                        "file records that same, unchanged input and the same settings (others are redone)")
     p.add_argument("--stride", type=_positive_int, default=1, help="frame stride inside a clip (default 1)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="clips per forward (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -428,8 +444,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="raw,stprivacy,downsample4",
                    help="comma-separated: raw, stprivacy, downsample2, downsample4, blur_weak, blur_strong, blacken")
     ratio = p.add_mutually_exclusive_group()
-    ratio.add_argument("--keep-ratio", type=float, help="STPrivacy keep ratio (default: the trained one)")
-    ratio.add_argument("--adaptive", type=float, metavar="T", help="STPrivacy adaptive mode at threshold T")
+    ratio.add_argument("--keep-ratio", type=_fraction(), help="STPrivacy keep ratio per stage, in (0, 1] (default: "
+                                                              "the trained one)")
+    ratio.add_argument("--adaptive", type=_fraction(high_closed=False), metavar="T",
+                       help="STPrivacy adaptive mode at threshold T, in (0, 1)")
     p.add_argument("--boxes", help="JSON {video_id: [x0, y0, x1, y1]} person boxes for the blacken baseline")
     if wanted("eval"):
         from stpcore.evaluation.config import EvalConfig
@@ -440,8 +458,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="privacy/utility trade-off of one trained model over keep ratios")
     p.add_argument("--config", help="JSON file of EvalConfig fields (flags override it)")
     p.add_argument("--checkpoint", required=True, help="trained STPrivacy")
-    p.add_argument("--keep-ratios", type=_floats, default=(1.0, 0.85, 0.7, 0.55, 0.4))
-    p.add_argument("--thresholds", type=_floats, default=(0.5,), help="adaptive-mode thresholds")
+    p.add_argument("--keep-ratios", type=_fractions(), default=(1.0, 0.85, 0.7, 0.55, 0.4),
+                   help="comma-separated keep ratios per stage, each in (0, 1]")
+    p.add_argument("--thresholds", type=_fractions(high_closed=False), default=(0.5,),
+                   help="comma-separated adaptive-mode thresholds, each in (0, 1); \"\" for none")
     p.add_argument("--with-raw", action="store_true", help="also evaluate raw video, drawn for reference")
     if wanted("sweep"):
         from stpcore.evaluation.config import EvalConfig

@@ -48,6 +48,19 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def steps_per_epoch(loader, batch_size: int, what: str = "training") -> int:
+    """The number of batches an epoch of ``loader`` yields; ValueError when it yields none (a batch size above
+    the videos a process sees, with the last partial batch dropped), which would otherwise train nothing."""
+    steps = len(loader)
+    if steps < 1:
+        records = getattr(loader, "records", None)
+        videos = f"the {len(records)} {what} videos" if records is not None else f"the {what} videos"
+        raise ValueError(
+            f"the {what} loader yields no batch: batch_size {batch_size} is more than {videos} one process sees "
+            f"(the last partial batch is dropped); lower --batch-size, or add videos")
+    return steps
+
+
 def make_optimizer(model: nn.Module, lr: float, total_steps: int, warmup_steps: int, weight_decay: float,
                    min_lr_ratio: float) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over :func:`param_groups` and its per-step :func:`lr_factor` schedule [G: betas (0.9, 0.999), no decay

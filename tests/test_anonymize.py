@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,14 @@ import torch
 av = pytest.importorskip("av")  # PyAV: CI installs it; a GPU machine without it skips these modules
 
 from stpcore import media  # noqa: E402
-from stpcore.anonymize import WindowAnonymizer, anonymize_files, plan_windows, to_source_size  # noqa: E402
+from stpcore.anonymize import (  # noqa: E402
+    WindowAnonymizer,
+    anonymize_files,
+    output_settings,
+    plan_windows,
+    read_record,
+    to_source_size,
+)
 from stpcore.data.preprocess import to_working_scale  # noqa: E402
 from stpcore.models import STPrivacy, STPrivacyConfig  # noqa: E402
 from stpcore.tubelets import keep_to_pixels  # noqa: E402
@@ -26,8 +35,8 @@ def model():
     return STPrivacy(STPrivacyConfig.from_name("tiny")).eval()
 
 
-def _source(path, frames=21, h=40, w=56, fps=12):
-    rng = np.random.default_rng(0)
+def _source(path, frames=21, h=40, w=56, fps=12, seed=0):
+    rng = np.random.default_rng(seed)
     video = (rng.random((frames, h, w, 3)) * 255).astype(np.uint8)
     return media.write_video(path, video, fps=fps)
 
@@ -128,8 +137,115 @@ def test_skip_existing_resumes_without_rewriting(tmp_path, model):
     assert list(report.written) == [str(srcs[1])]
     assert report.skipped == [(str(srcs[0]), f"already done ({done} exists; --skip-existing)")]
     assert done.stat().st_mtime_ns == stamp
+    record = read_record(tmp_path / "out" / "a.keep.npz")  # what told the skip that a.mp4 is done
+    assert record["source"] == str(srcs[0].resolve())
+    assert [record["source_bytes"], record["source_mtime_ns"]] == [srcs[0].stat().st_size, srcs[0].stat().st_mtime_ns]
+    assert record["settings"] == output_settings(model) and record["settings"]["short_side"] == 37
+    assert record["outputs"] == {"a.anonymized.mp4": [done.stat().st_size, stamp]}
     # Without the flag everything is written again.
     assert len(anonymize_files(srcs, tmp_path / "out", model, **kwargs).written) == 2
+
+
+@pytest.mark.parametrize("change", ["new content", "same size, touched", "other settings", "video newer than record"])
+def test_skip_existing_redoes_what_no_longer_matches_its_record(tmp_path, model, change):
+    """--skip-existing skips only an output made from the input as it is now, with the same settings: an input
+    rewritten in place, only touched, or run with another stride is done again, and so is an output whose video was
+    replaced after its record was written (a run stopped between the two renames)."""
+    src = _source(tmp_path / "a.mp4", frames=6)
+    out = tmp_path / "out"
+    assert not anonymize_files([src], out, model, verbose=False).failed
+    video, frames, kwargs = out / "a.anonymized.mp4", 6, {}
+    if change == "new content":
+        _source(src, frames=9, seed=1)
+        frames = 9
+    elif change == "same size, touched":
+        st = src.stat()
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif change == "other settings":
+        kwargs = {"stride": 2}
+    else:
+        st = video.stat()
+        os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    report = anonymize_files([src], out, model, skip_existing=True, verbose=False, **kwargs)
+    assert list(report.written) == [str(src)] and not report.skipped and not report.failed
+    assert len(_decode(video)) == frames
+    assert read_record(out / "a.keep.npz")["source_mtime_ns"] == src.stat().st_mtime_ns
+    # Now the record matches again, and the next resume skips it.
+    assert len(anonymize_files([src], out, model, skip_existing=True, verbose=False, **kwargs).skipped) == 1
+
+
+def test_a_run_stopped_between_the_video_and_its_keep_file_resumes(tmp_path, model, monkeypatch):
+    """Killed after the video's rename but before the final keep file: the record written first still names
+    the input, so the resume redoes that video instead of refusing it as another input's."""
+    import stpcore.anonymize as anonymize_module
+
+    src = _source(tmp_path / "a.mp4", frames=6)
+    out = tmp_path / "out"
+    real, calls = anonymize_module._save_npz, []
+
+    def stop_at_the_final_keep_file(path, **arrays):
+        calls.append(path)
+        if "keep" in arrays:
+            raise KeyboardInterrupt
+        real(path, **arrays)
+
+    monkeypatch.setattr(anonymize_module, "_save_npz", stop_at_the_final_keep_file)
+    with pytest.raises(KeyboardInterrupt):
+        anonymize_files([src], out, model, verbose=False)
+    monkeypatch.setattr(anonymize_module, "_save_npz", real)
+    assert (out / "a.anonymized.mp4").is_file() and read_record(out / "a.keep.npz")["outputs"] == {}
+    report = anonymize_files([src], out, model, skip_existing=True, verbose=False)
+    assert list(report.written) == [str(src)] and not report.failed and not report.skipped
+    assert "a.anonymized.mp4" in read_record(out / "a.keep.npz")["outputs"]
+
+
+@pytest.mark.parametrize("record", ["keep file missing", "keep file from an older stpcore"])
+def test_outputs_with_no_record_are_neither_skipped_nor_overwritten(tmp_path, model, record):
+    """An output whose keep file is gone, or holds no record of its input (written before records were), may be
+    another input's: with or without --skip-existing that input fails with the fix, and nothing is written."""
+    src = _source(tmp_path / "a.mp4", frames=6)
+    out = tmp_path / "out"
+    assert not anonymize_files([src], out, model, verbose=False).failed
+    keep = out / "a.keep.npz"
+    if record == "keep file missing":
+        keep.unlink()
+    else:
+        with np.load(keep) as saved:
+            old = {k: saved[k] for k in saved.files if k not in ("source", "source_bytes", "source_mtime_ns",
+                                                                     "settings", "outputs")}
+        np.savez_compressed(keep, **old)
+    assert read_record(keep) is None
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for skip_existing in (True, False):
+        report = anonymize_files([src], out, model, skip_existing=skip_existing, verbose=False)
+        assert not report.skipped and not report.written, skip_existing
+        why = report.failed[str(src)]
+        assert "no record of its input" in why and str(out / "a.anonymized.mp4") in why and str(src) in why, why
+        assert "another -o folder" in why
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_same_name_from_another_input_is_neither_skipped_nor_overwritten(tmp_path, model):
+    """cam1/clip.mp4, then in a later run into the same folder cam2/clip.mp4, another video with the same name: it
+    was taken for done by its output's name alone (--skip-existing), or written over the first's output. Now it
+    fails, naming the output, both inputs and the way out, and the first output stays as it was."""
+    (tmp_path / "cam1").mkdir()
+    (tmp_path / "cam2").mkdir()
+    first = _source(tmp_path / "cam1" / "clip.mp4", frames=6)
+    second = _source(tmp_path / "cam2" / "clip.mp4", frames=9, seed=1)
+    out = tmp_path / "out"
+    assert not anonymize_files([first], out, model, verbose=False).failed
+    done = out / "clip.anonymized.mp4"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for skip_existing in (True, False):
+        report = anonymize_files([second], out, model, skip_existing=skip_existing, verbose=False)
+        assert not report.skipped and not report.written, skip_existing
+        why = report.failed[str(second)]
+        assert str(done) in why and str(first.resolve()) in why and str(second) in why, why
+        assert "another -o folder" in why and "remove" in why, why
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing left over
+    assert len(_decode(done)) == 6
+    assert "FAILED" in report.summary()
 
 
 def test_unreadable_inputs_say_why(tmp_path, model):

@@ -114,6 +114,8 @@ class DataConfig:
 
         if self.part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {self.part!r}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1 frame (None: the dataset's default), got {self.stride}")
         if self.part != "all" and not 0 < self.validation < 1:
             raise ValueError(f"part={self.part!r} needs a validation fraction in (0, 1), got {self.validation}")
         if self.part != "all" and not self.train:

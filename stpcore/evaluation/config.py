@@ -88,6 +88,8 @@ class EvalConfig:
                              f"{self.test_batch_size}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1 frame (None: the dataset's default), got {self.stride}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -160,6 +160,7 @@ class STPrivacyTransform(MethodTransform):
     def __init__(self, model: STPrivacy, keep_ratio: float | None = None, threshold: float | None = None) -> None:
         if keep_ratio is not None and threshold is not None:
             raise ValueError("pass keep_ratio or threshold, not both")
+        model.check_keep_setting(keep_ratio, threshold)
         self.model = model.eval().requires_grad_(False)
         self.model_config = model.cfg
         self.keep_ratio, self.threshold = keep_ratio, threshold

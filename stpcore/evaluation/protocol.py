@@ -40,6 +40,7 @@ from stpcore.evaluation.results import MethodResult, SweepPoint
 from stpcore.models import BackboneConfig, RecognizerConfig, STPrivacy, VideoRecognizer, load_anonymizer
 from stpcore.progress import progress
 from stpcore.runtime import autocast, clip_loader, make_optimizer
+from stpcore.runtime import steps_per_epoch as runtime_steps_per_epoch
 
 
 def _device(cfg: EvalConfig, device: str | torch.device | None) -> torch.device:
@@ -275,7 +276,7 @@ def evaluate_method(
             load_inflated_2d_vit(m, cfg.init_2d)
     if "frame_cnn" in attackers:
         models["frame_cnn"] = FrameCNN(budget.cnn_widths, len(PRIVACY_ATTRIBUTES)).to(dev)
-    steps_per_epoch = max(1, len(train_loader))
+    steps_per_epoch = runtime_steps_per_epoch(train_loader, cfg.batch_size)
     lr = cfg.base_lr * cfg.batch_size / 512
     opts, scheds = {}, {}
     cnn_epochs = min(cfg.epochs, budget.cnn_max_epochs)
@@ -361,15 +362,19 @@ def evaluate(
     # Baselines are run at the checkpoint's geometry too, so every row of the table sees the same clips.
     train_loader = train_loader if train_loader is not None else default_loader(cfg, True, model_cfg)
     test_loader = test_loader if test_loader is not None else default_loader(cfg, False, model_cfg)
+    # Every method's transform is built (and its settings checked) before the first recognizer trains, so a bad
+    # keep ratio, threshold or box fails at once rather than after the methods before it.
+    transforms = {name: make_transform(name, anonymizer=anonymizer, keep_ratio=keep_ratio, threshold=threshold,
+                                       boxes=boxes)
+                  for name in methods if not (name == "blacken" and boxes is None)}
     results = []
     for name in methods:
-        if name == "blacken" and boxes is None:
+        if name not in transforms:
             warnings.warn("method 'blacken' skipped: no person boxes supplied (pass boxes={video_id: (x0, y0, x1, "
                           "y1)} in relative coordinates)", UserWarning, stacklevel=2)
             _log(Path(cfg.out_dir), {"method": name, "skipped": "no person boxes supplied"})
             continue
-        transform = make_transform(name, anonymizer=anonymizer, keep_ratio=keep_ratio, threshold=threshold,
-                                   boxes=boxes)
+        transform = transforms[name]
         # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
         results.append(evaluate_method(transform, cfg, train_loader, test_loader, backbone=model_cfg,
                                        device=device))
@@ -414,10 +419,11 @@ def sweep(
     train_loader = train_loader if train_loader is not None else default_loader(cfg, True, anonymizer.cfg)
     test_loader = test_loader if test_loader is not None else default_loader(cfg, False, anonymizer.cfg)
     settings = [("keep_ratio", float(r)) for r in keep_ratios] + [("threshold", float(t)) for t in thresholds]
+    # Every point's transform is built (and checked) before the first one trains.
+    transforms = [STPrivacyTransform(anonymizer, keep_ratio=value) if setting == "keep_ratio"
+                  else STPrivacyTransform(anonymizer, threshold=value) for setting, value in settings]
     points: list[SweepPoint] = []
-    for setting, value in settings:
-        transform = (STPrivacyTransform(anonymizer, keep_ratio=value) if setting == "keep_ratio"
-                     else STPrivacyTransform(anonymizer, threshold=value))
+    for (setting, value), transform in zip(settings, transforms, strict=True):
         result = evaluate_method(transform, cfg, train_loader, test_loader, device=device)
         points.append(SweepPoint.from_result(result, setting, value))
         write_sweep(points, cfg.out_dir, raw=raw)

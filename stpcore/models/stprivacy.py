@@ -128,16 +128,23 @@ class STPrivacy(VideoTransformer):
             return self._forward_train(video, self._check_noise(gumbel_noise, video), reconstruct, classify)
         if gumbel_noise is not None:
             raise ValueError("gumbel_noise applies in train mode only (call model.train()); eval mode is deterministic")
+        self.check_keep_setting(keep_ratio, adaptive_threshold)
+        if adaptive_threshold is not None:
+            return self._forward_adaptive(video, float(adaptive_threshold))
+        return self._forward_topk(video, float(self.cfg.keep_ratio if keep_ratio is None else keep_ratio))
+
+    def check_keep_setting(self, keep_ratio: float | None = None, adaptive_threshold: float | None = None) -> None:
+        """ValueError unless the inference setting is valid: at most one of them, keep_ratio in (0, 1],
+        adaptive_threshold in (0, 1). Callers that run many forwards check it once, up front."""
         if adaptive_threshold is not None:
             if keep_ratio is not None:
                 raise ValueError("keep_ratio and adaptive_threshold cannot be combined; pass one of them")
             if not (isinstance(adaptive_threshold, (int, float)) and 0 < adaptive_threshold < 1):
                 raise ValueError(f"adaptive_threshold must be a number in (0, 1), got {adaptive_threshold!r}")
-            return self._forward_adaptive(video, float(adaptive_threshold))
+            return
         ratio = self.cfg.keep_ratio if keep_ratio is None else keep_ratio
         if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-        return self._forward_topk(video, float(ratio))
 
     # -- helpers ---------------------------------------------------------------------------------------
 

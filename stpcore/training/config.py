@@ -149,6 +149,8 @@ class TrainConfig:
             raise ValueError(f"candidate_every must be >= 0 (0: no candidates), got {self.candidate_every}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1 frame (None: the dataset's default), got {self.stride}")
         if self.phase1_epochs < 0 or self.phase2_epochs < 0:
             raise ValueError("phase1_epochs and phase2_epochs must be >= 0")
         if not 0 <= self.recognizer_warmup_epochs <= self.phase2_epochs:

@@ -134,6 +134,34 @@ def check_resumable(trainer: Trainer, path, state: dict) -> None:
     now = {k: _jsonable(getattr(cfg, k)) for k in dataclasses.asdict(cfg) if k not in RESUME_FREE}
     changed = {k: (_jsonable(v), now[k]) for k, v in state.get("config", {}).items()
                if k in now and _jsonable(v) != now[k]}
+    _check_same_models(trainer, path, state, changed)
+    if pos["phase"] == "done":
+        lengths = {k: v for k, v in changed.items() if k in ("phase1_epochs", "phase2_epochs")}
+        if lengths:
+            raise ValueError(
+                f"{path}: this run has finished, and a finished run cannot be extended ({lengths}, saved and now: "
+                f"its lr schedules have ended); start a new run (another --out-dir), with --init-2d or the "
+                f"settings you want")
     if changed and trainer.dist.main:
         warnings.warn(f"{path}: resuming with changed settings {changed} (saved, now); the run is no longer the "
                       f"one that was saved", RuntimeWarning, stacklevel=4)
+
+
+def _check_same_models(trainer: Trainer, path, state: dict, changed: dict) -> None:
+    """ValueError when the checkpoint's models are not the ones this run builds (another preset, clip size,
+    model override, number of adversaries, or the statistics adversary on or off): such a resume cannot load."""
+    saved, built = state.get("models", {}), trainer.models
+    problems = [f"model {k!r} is {'not in the checkpoint' if k not in saved else 'not built by this run'}"
+                for k in sorted(set(built) ^ set(saved))]
+    for name in sorted(set(built) & set(saved)):
+        want = {k: tuple(v.shape) for k, v in unwrap(built[name]).state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in saved[name].items()}
+        diff = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        if diff:
+            first = diff[0]
+            problems.append(f"{name}: {len(diff)} parameter(s) differ, e.g. {first} (checkpoint "
+                            f"{have.get(first, 'absent')}, this run {want.get(first, 'absent')})")
+    if problems:
+        settings = f"; changed settings (saved, now): {changed}" if changed else ""
+        raise ValueError(f"{path}: its models differ from this run's: {'; '.join(problems)}{settings}. Resume with "
+                         f"the settings it was saved with, or start a new run")

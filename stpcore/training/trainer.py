@@ -45,7 +45,7 @@ from stpcore.models import STPrivacy, VideoRecognizer
 from stpcore.models.checkpoints import save_anonymizer
 from stpcore.ops import sample_gumbel
 from stpcore.progress import progress
-from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimizer, unwrap
+from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimizer, steps_per_epoch, unwrap
 from stpcore.training import state
 from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.config import TrainConfig
@@ -107,7 +107,7 @@ class Trainer:
 
             for m in (self.anonymizer, self.action_rec, self.privacy_rec, *self.extra_privacy.values()):
                 load_inflated_2d_vit(m, cfg.init_2d)
-        self.steps_per_epoch = max(1, len(self.loader))
+        self.steps_per_epoch = steps_per_epoch(self.loader, cfg.batch_size)
         world_batch = cfg.batch_size * self.dist.world_size
         self.lr = cfg.base_lr * world_batch / 512
         warm = int(cfg.warmup_epochs * self.steps_per_epoch)
@@ -414,10 +414,18 @@ class Trainer:
             self._tb_writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         return self._tb_writer
 
-    def fit(self, resume: str | os.PathLike | None = None) -> dict[str, list[dict]]:
-        """Run (or continue) phases 1 and 2; returns the per-step metrics of this call by phase."""
+    def fit(self, resume: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, list[dict]]:
+        """Run (or continue) phases 1 and 2; returns the per-step metrics of this call by phase.
+
+        Args:
+            resume: a checkpoint (``last.pt``) to continue.
+            overwrite: a fresh run (no ``resume``) into an out_dir that holds an earlier run's checkpoint is a
+                ValueError unless this is set; then that run's checkpoints and metrics are removed first.
+        """
         if resume is not None:
             self.load_checkpoint(resume)
+        else:
+            self._claim_out_dir(overwrite)
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
@@ -462,6 +470,19 @@ class Trainer:
             for sig, h in previous.items():
                 signal.signal(sig, h)
         return history
+
+    def _claim_out_dir(self, overwrite: bool) -> None:
+        """A fresh run's out_dir: refuse (or, with ``overwrite``, clear) an earlier run's checkpoints, and start
+        metrics.jsonl anew, so two runs never share a folder's files. Every rank refuses when any rank sees one."""
+        earlier = [p for p in (self.out_dir / "last.pt", self.out_dir / "stprivacy.pt") if p.is_file()]
+        if self._any_rank(bool(earlier) and not overwrite)[0]:
+            found = ", ".join(p.name for p in earlier) or "a checkpoint"
+            raise ValueError(
+                f"{self.out_dir} holds an earlier run ({found}); continue it with --resume "
+                f"{self.out_dir / 'last.pt'}, train into another --out-dir, or pass --overwrite to replace it")
+        if self.dist.main:
+            for stale in (*earlier, self.out_dir / "metrics.jsonl"):
+                stale.unlink(missing_ok=True)
 
     def _candidate_due(self, epochs: int) -> bool:
         """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""

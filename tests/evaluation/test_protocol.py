@@ -293,6 +293,32 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     assert csv_path.read_text().count("\n") == 5 and png_path.stat().st_size > 5000
 
 
+@pytest.mark.parametrize("run", ["evaluate_ratio", "evaluate_threshold", "evaluate_box", "sweep_ratio",
+                                 "sweep_threshold"])
+def test_bad_settings_fail_before_any_recognizer_trains(tmp_path, run):
+    """A bad keep ratio, threshold or box is an error before the first method's recognizers train (they take
+    hours at real sizes), not after the methods before it."""
+    _, path = _tiny_checkpoint(tmp_path)
+    cfg = _cfg(tmp_path, epochs=1, preset=None)
+    loaders = dict(train_loader=BandLoader(num_videos=8, batch_videos=4, train=True),
+                   test_loader=BandLoader(num_videos=4, batch_videos=2, train=False))
+    call, match = {
+        "evaluate_ratio": (lambda: evaluate(cfg, checkpoint=path, methods=("raw", "stprivacy"), keep_ratio=1.5,
+                                            **loaders), "keep_ratio must be a number in \\(0, 1\\], got 1.5"),
+        "evaluate_threshold": (lambda: evaluate(cfg, checkpoint=path, methods=("raw", "stprivacy"), threshold=1.5,
+                                                **loaders), "adaptive_threshold must be a number in \\(0, 1\\)"),
+        "evaluate_box": (lambda: evaluate(cfg, methods=("raw", "blacken"), boxes={"a/b": (0.6, 0.0, 0.4, 1.0)},
+                                          **loaders), "x0 <= x1"),
+        "sweep_ratio": (lambda: sweep(cfg, path, keep_ratios=(0.5, 2.0), thresholds=(), **loaders),
+                        "keep_ratio must be a number in \\(0, 1\\], got 2.0"),
+        "sweep_threshold": (lambda: sweep(cfg, path, keep_ratios=(0.5,), thresholds=(0.0,), **loaders),
+                            "adaptive_threshold must be"),
+    }[run]
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert not (tmp_path / "eval").exists() or not list((tmp_path / "eval").iterdir())  # nothing trained
+
+
 def test_geometry_mismatch_raises(tmp_path):
     _, path = _tiny_checkpoint(tmp_path)
     train = BandLoader(num_videos=8, batch_videos=4, train=True)

@@ -175,9 +175,16 @@ def test_resume_with_lstsq_decoder(tmp_path, stop_after):
     assert torch.equal(second.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
 
 
+class _AllVideosFail(RandomClipLoader):
+    """A loader that promises batches but yields none (every video skipped as undecodable)."""
+
+    def __iter__(self):
+        return iter(())
+
+
 def test_decoder_init_lstsq_without_batches_warns_and_keeps_the_head(tmp_path):
     trainer = Trainer(_cfg(tmp_path, phase1_epochs=0, phase2_epochs=0, decoder_init="lstsq"),
-                      RandomClipLoader(num_batches=0, batch_size=4, num_frames=8, size=32))
+                      _AllVideosFail(num_batches=2, batch_size=4, num_frames=8, size=32))
     before = trainer.anonymizer.head_recon.weight.clone()
     with pytest.warns(RuntimeWarning, match="no batches"):
         trainer.fit()
@@ -448,3 +455,54 @@ def test_bf16_autocast_training_on_cpu(tmp_path):
     hook.remove()
     assert dtypes == {torch.bfloat16}
     assert all(math.isfinite(r["loss"]) for phase in history.values() for r in phase)
+
+
+def test_a_loader_without_batches_is_refused_before_training(tmp_path):
+    """batch_size above the videos a process sees (drop_last): no step would run and an untrained model
+    would be exported as the result."""
+    with pytest.raises(ValueError, match="yields no batch: batch_size 4"):
+        Trainer(_cfg(tmp_path), RandomClipLoader(num_batches=0, batch_size=4, num_frames=8, size=32))
+    assert not (tmp_path / "run" / "stprivacy.pt").exists()
+
+
+@pytest.mark.parametrize("config", [TrainConfig, "eval", "data"])
+def test_stride_below_one_is_refused(config):
+    from stpcore.data.loader import DataConfig
+    from stpcore.evaluation import EvalConfig
+
+    make = {TrainConfig: lambda: TrainConfig(data_root="x", out_dir="y", stride=0),
+            "eval": lambda: EvalConfig(data_root="x", stride=0),
+            "data": lambda: DataConfig(root="x", stride=0)}[config]
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        make()
+
+
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_run(tmp_path):
+    """Without --resume, an earlier run's checkpoints are never replaced silently; --overwrite replaces them and
+    starts metrics.jsonl anew (two runs never mix in one file)."""
+    Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in (run / "last.pt", run / "stprivacy.pt", run / "metrics.jsonl")}
+    with pytest.raises(ValueError, match="holds an earlier run .*--resume .*last.pt.*--overwrite"):
+        Trainer(_cfg(tmp_path, phase2_epochs=0, seed=5), _loader()).fit()
+    assert {p: p.read_bytes() for p in before} == before
+    Trainer(_cfg(tmp_path, phase2_epochs=0, seed=5), _loader()).fit(overwrite=True)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(before[run / "metrics.jsonl"].decode().splitlines())  # this run's lines only
+    assert (run / "stprivacy.pt").read_bytes() != before[run / "stprivacy.pt"]
+
+
+@pytest.mark.parametrize("change", [{"privacy_adversaries": 2}, {"stats_adversary_weight": 0.5},
+                                    {"model_overrides": {"depth": 5}}])
+def test_resume_with_other_models_is_a_clear_error(tmp_path, change):
+    Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=0), _loader()).fit()
+    other = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=0, **change), _loader())
+    with pytest.raises(ValueError, match="its models differ from this run's: .*Resume with the settings"):
+        other.fit(resume=tmp_path / "run" / "last.pt")
+
+
+def test_a_finished_run_is_not_silently_extended(tmp_path):
+    Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
+    longer = Trainer(_cfg(tmp_path, phase2_epochs=2), _loader())
+    with pytest.raises(ValueError, match="has finished, and a finished run cannot be extended"):
+        longer.fit(resume=tmp_path / "run" / "last.pt")
