@@ -16,9 +16,10 @@ layers (qkv, proj, fc1, fc2: :func:`block_linear_nodes`), as torch's int8 path d
 keep-score predictors, the attention products and the reconstruction head stay in float, which keeps the keep
 decisions close to fp32 (measured in BENCHMARKS.md).
 
-The exported file carries its geometry and keep ratio as ONNX metadata (:func:`read_onnx`), so a graph exported once
-(``stpcore export``) can be run later (``stpcore anonymize --onnx``) and is checked against the model it is
-meant for.
+The exported file carries its geometry, its keep ratio and a fingerprint of the weights it was exported from as ONNX
+metadata (:func:`read_onnx`, :func:`weights_fingerprint`), so a graph exported once (``stpcore export``) can be run
+later (``stpcore anonymize --onnx``) and is checked against the model it is meant for: a graph of other weights with
+the same geometry is refused, not run in that model's name.
 
 Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime, openvino, nncf): ``pip install 'stpcore[deploy]'``.
 ``stpcore.inference.ClipAnonymizer(runtime="onnxruntime" | "openvino")`` runs the exported graphs.
@@ -38,7 +39,8 @@ from stpcore.models import STPrivacy
 
 DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime, openvino, nncf)"
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
-METADATA = ("num_frames", "image_size", "tubelet", "keep_ratio", "kept_per_slot")  # stpcore.<key> in the file
+WEIGHTS_KEY = "weights_sha256"  # the fingerprint of the exported weights (weights_fingerprint)
+METADATA = ("num_frames", "image_size", "tubelet", "keep_ratio", "kept_per_slot", WEIGHTS_KEY)  # stpcore.<key>
 
 
 class _VideoAndKeep(nn.Module):
@@ -80,6 +82,26 @@ class ExportReport:
     keep_agreement: float
     max_video_diff: float
     batches: tuple[int, ...]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """The SHA-256 (hex) of ``model``'s weights: every tensor of its ``state_dict`` (parameters and buffers), names
+    sorted, each hashed as its name, dtype, shape and raw bytes (on the CPU, contiguous). Equal weights give equal
+    fingerprints whatever the device; one changed bit changes it.
+
+    :func:`export_onnx` stores the fingerprint of the float32 eval copy it exports (the weights the graph holds, before
+    any int8 quantization, so an int8 graph quantized from that file still names them), and
+    ``ClipAnonymizer(model, onnx=FILE)`` compares it with the fingerprint of its own float32 copy of ``model``.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # view: bf16 has no numpy dtype
+    return digest.hexdigest()
 
 
 def _unsupported_op(exc: BaseException) -> str | None:
@@ -137,7 +159,8 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
     with atomic_path(path) as tmp:
         onnx_program.save(str(tmp))
         _write_metadata(tmp, {"num_frames": cfg.num_frames, "image_size": cfg.image_size, "tubelet": list(cfg.tubelet),
-                              "keep_ratio": ratio, "kept_per_slot": list(cfg.kept_per_slot(ratio))})
+                              "keep_ratio": ratio, "kept_per_slot": list(cfg.kept_per_slot(ratio)),
+                              WEIGHTS_KEY: weights_fingerprint(net)})
     report = ExportReport(path, ratio, float("nan"), float("nan"), ())
     if verify:
         agreement, diff, batches = verify_onnx(path, module)
@@ -185,17 +208,18 @@ def _write_metadata(path: Path, values: dict) -> None:
 
 
 def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
-    """The stpcore metadata of an exported graph ({num_frames, image_size, tubelet, keep_ratio, kept_per_slot}),
-    after checking that the file is a readable ONNX model with stpcore's input and outputs.
+    """The stpcore metadata of an exported graph ({num_frames, image_size, tubelet, keep_ratio, kept_per_slot,
+    weights_sha256}), after checking that the file is a readable ONNX model with stpcore's input and outputs.
 
     Args:
         path: the .onnx file.
-        expect: values the file must hold (e.g. the geometry of the model it will stand for); a difference is an
-            error naming both.
+        expect: values the file must hold (e.g. the geometry and the :func:`weights_fingerprint` of the model it will
+            stand for); a difference is an error naming both (for the fingerprint: that the graph holds other
+            weights).
 
     Raises:
         ValueError: the file is missing, unreadable or corrupt, not an stpcore export (no metadata, other inputs or
-            outputs), or differs from ``expect``.
+            outputs), exported before the fingerprint was recorded, or differs from ``expect``.
     """
     import json
 
@@ -212,6 +236,9 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
     props = {p.key.removeprefix("stpcore."): p.value for p in model.metadata_props if p.key.startswith("stpcore.")}
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
+    if set(props) == set(METADATA) - {WEIGHTS_KEY} and inputs == ["clips"] and outputs == ["video", "keep"]:
+        raise ValueError(f"{path}: exported by an older stpcore, without the fingerprint of the weights it holds, so "
+                         f"it cannot be checked against a model; export it again (stpcore export CHECKPOINT {path})")
     if set(props) != set(METADATA) or inputs != ["clips"] or outputs != ["video", "keep"]:
         raise ValueError(f"{path}: not a graph written by stpcore export (inputs {inputs}, outputs {outputs}, "
                          f"stpcore metadata {sorted(props)}); export it with stpcore export")
@@ -220,10 +247,17 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: its stpcore metadata is damaged ({exc}); export it again with stpcore export") \
             from exc
-    for key, want in (expect or {}).items():
+    expect = dict(expect or {})
+    weights = expect.pop(WEIGHTS_KEY, None)  # checked after the geometry, whose message says more
+    for key, want in expect.items():
         if json.loads(json.dumps(want)) != meta[key]:
             raise ValueError(f"{path}: exported with {key}={meta[key]}, but the model here has {key}={want}; "
                              f"export this model again (stpcore export)")
+    if weights is not None and weights != meta[WEIGHTS_KEY]:
+        raise ValueError(f"{path}: the graph was exported from other weights than the model here (weights "
+                         f"fingerprint {meta[WEIGHTS_KEY][:12]}..., the model's {weights[:12]}...); it would anonymize "
+                         f"with those weights, not this model's. Export the graph again from this model's checkpoint: "
+                         f"stpcore export CHECKPOINT {path}")
     return meta
 
 

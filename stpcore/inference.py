@@ -195,7 +195,8 @@ class ClipAnonymizer:
             calibrated on ``calibration``, the other layers in bf16 where the CPU has native bf16, else fp32).
             Needs ``stpcore[deploy]``; the adaptive mode stays in PyTorch.
         onnx: with an ONNX runtime, a graph written by ``stpcore export`` to run instead of exporting one (checked
-            against ``model``'s geometry; its keep ratio is fixed, so a call may not ask for another).
+            against ``model``'s geometry and weights, :func:`stpcore.deploy.weights_fingerprint`: a graph exported
+            from other weights is refused; its keep ratio is fixed, so a call may not ask for another).
         calibration: OpenVINO int8: (N, 3, T, H, W) clips to calibrate the quantization on (None: the first
             batch this anonymizer is given).
 
@@ -204,7 +205,7 @@ class ClipAnonymizer:
 
     Raises:
         ValueError: unknown precision (the message names the choices), int8 off CPU or unavailable,
-            threads < 1, a CUDA device where CUDA is not available.
+            threads < 1, a CUDA device where CUDA is not available, an ``onnx`` file that is not this model's export.
     """
 
     def __init__(self, model: STPrivacy, *, device: str | torch.device = "cpu", precision: str = "auto",
@@ -244,15 +245,6 @@ class ClipAnonymizer:
             raise ValueError(f"calibration must be clips (N, 3, T, H, W), got "
                              f"{getattr(calibration, 'shape', type(calibration).__name__)}")
         self._calibration = calibration
-        self.onnx_meta = None
-        self._onnx_file = None
-        if onnx is not None:
-            from stpcore.deploy import read_onnx
-
-            cfg = model.cfg
-            self.onnx_meta = read_onnx(onnx, expect={"num_frames": cfg.num_frames, "image_size": cfg.image_size,
-                                                     "tubelet": list(cfg.tubelet)})
-            self._onnx_file = Path(onnx)
         if allowed is not None:
             precision = "fp32"  # the PyTorch copy the graphs are exported from
         self.device = torch.device(device)
@@ -265,6 +257,16 @@ class ClipAnonymizer:
         net = copy.deepcopy(model).eval().to(self.device, torch.float32)
         for p in net.parameters():
             p.requires_grad_(False)
+        self.onnx_meta = None
+        self._onnx_file = None
+        if onnx is not None:  # the graph must hold this model's geometry and weights (fp32, as export_onnx's copy)
+            from stpcore.deploy import WEIGHTS_KEY, read_onnx, weights_fingerprint
+
+            cfg = net.cfg
+            self.onnx_meta = read_onnx(onnx, expect={"num_frames": cfg.num_frames, "image_size": cfg.image_size,
+                                                     "tubelet": list(cfg.tubelet),
+                                                     WEIGHTS_KEY: weights_fingerprint(net)})
+            self._onnx_file = Path(onnx)
         if self.precision == "bf16":
             net.score_predictor = nn.ModuleList(_Fp32Predictor(p) for p in net.score_predictor)
         elif self.precision == "int8":

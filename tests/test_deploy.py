@@ -8,7 +8,7 @@ import torch
 onnxruntime = pytest.importorskip("onnxruntime")  # the deploy extra: CI installs it
 pytest.importorskip("onnxscript")
 
-from stpcore.deploy import _VideoAndKeep, export_onnx, verify_onnx  # noqa: E402
+from stpcore.deploy import _VideoAndKeep, export_onnx, verify_onnx, weights_fingerprint  # noqa: E402
 from stpcore.models import STPrivacy, STPrivacyConfig  # noqa: E402
 from stpcore.testing import RandomClipLoader, separate_keep_scores  # noqa: E402
 
@@ -212,7 +212,7 @@ def test_an_exported_graph_carries_its_geometry_and_runs_as_given(trained_tiny, 
     export_onnx(model, tmp_path / "half.onnx", keep_ratio=0.5, verify=False)
     meta = read_onnx(tmp_path / "half.onnx")
     assert meta == {"num_frames": 8, "image_size": 32, "tubelet": list(model.cfg.tubelet), "keep_ratio": 0.5,
-                    "kept_per_slot": list(model.cfg.kept_per_slot(0.5))}
+                    "kept_per_slot": list(model.cfg.kept_per_slot(0.5)), "weights_sha256": weights_fingerprint(model)}
     clips = torch.randn(3, 3, 8, 32, 32, generator=torch.Generator().manual_seed(6))
     anon = ClipAnonymizer(model, runtime="onnxruntime", onnx=tmp_path / "half.onnx")
     got = anon(clips)  # the file's keep ratio, not the trained one
@@ -258,6 +258,92 @@ def test_corrupt_foreign_and_mismatched_onnx_files_are_errors(trained_tiny, tmp_
     assert main(["anonymize", "x.mp4", "-o", str(out), "--checkpoint", str(trained_tiny), "--onnx",
                  str(truncated)]) == 2
     assert "--onnx needs --runtime onnxruntime or --runtime openvino" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(trained_tiny, tmp_path_factory):
+    """trained_tiny's graph at its trained keep ratio (not verified: other tests check export against PyTorch)."""
+    from stpcore.models import load_anonymizer
+
+    path = tmp_path_factory.mktemp("graph") / "tiny.onnx"
+    export_onnx(load_anonymizer(trained_tiny), path, verify=False)
+    return path
+
+
+def test_the_weights_fingerprint_is_deterministic_and_sees_one_ulp():
+    import copy
+
+    torch.manual_seed(0)
+    model = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    first = weights_fingerprint(model)
+    assert len(first) == 64 and weights_fingerprint(model) == first == weights_fingerprint(copy.deepcopy(model))
+    torch.manual_seed(0)
+    assert weights_fingerprint(STPrivacy(STPrivacyConfig.from_name("tiny"))) == first  # same seed, same weights
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = changed.blocks[0].mlp.fc1.weight.view(-1)
+        weight[7] = torch.nextafter(weight[7], torch.tensor(float("inf")))  # the next float32 up
+    assert weights_fingerprint(changed) != first
+
+
+def test_a_graph_exported_from_other_weights_is_refused(trained_tiny, tiny_graph, tmp_path, capsys):
+    """Same geometry, other weights: running it would anonymize with those weights in this model's name."""
+    from stpcore.cli import main
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    torch.manual_seed(1)
+    other = STPrivacy(model.cfg)  # same config, so the same geometry and keep ratio
+    export_onnx(other, tmp_path / "other.onnx", verify=False)
+    match = r"other\.onnx: the graph was exported from other weights .*stpcore export CHECKPOINT .*other\.onnx"
+    with pytest.raises(ValueError, match=match):
+        ClipAnonymizer(model, runtime="onnxruntime", onnx=tmp_path / "other.onnx")
+    with pytest.raises(ValueError, match=match):
+        ClipAnonymizer(model, runtime="onnxruntime", precision="int8", onnx=tmp_path / "other.onnx")
+    out = tmp_path / "out"
+    assert main(["anonymize", "x.mp4", "-o", str(out), "--checkpoint", str(trained_tiny), "--runtime",
+                 "onnxruntime", "--onnx", str(tmp_path / "other.onnx")]) == 2
+    assert "exported from other weights" in capsys.readouterr().err and not list(out.glob("*.mp4"))
+    ClipAnonymizer(other, runtime="onnxruntime", onnx=tmp_path / "other.onnx")  # its own model: accepted
+    ClipAnonymizer(model, runtime="onnxruntime", onnx=tiny_graph)
+
+
+def test_an_int8_graph_of_this_model_loads_for_it(trained_tiny, tiny_graph, tmp_path):
+    """Quantizing keeps the fingerprint of the float weights the graph was exported from."""
+    from stpcore.deploy import quantize_onnxruntime_int8, read_onnx
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    clips = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(7))
+    want = ClipAnonymizer(model, precision="fp32")(clips)
+    got = ClipAnonymizer(model, runtime="onnxruntime", precision="int8", onnx=tiny_graph)(clips)
+    assert (got.keep == want.keep).float().mean() >= 0.95
+    quantized = quantize_onnxruntime_int8(tiny_graph, tmp_path / "int8.onnx")
+    assert read_onnx(quantized, expect={"weights_sha256": weights_fingerprint(model)})["weights_sha256"] == \
+        weights_fingerprint(model)
+
+
+def test_a_graph_without_the_weights_fingerprint_is_refused(trained_tiny, tiny_graph, tmp_path):
+    """A graph exported before the fingerprint was recorded cannot be checked: export it again."""
+    import onnx
+
+    from stpcore.deploy import read_onnx
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    graph = onnx.load(str(tiny_graph))
+    kept = [p for p in graph.metadata_props if p.key != "stpcore.weights_sha256"]
+    assert len(kept) == len(graph.metadata_props) - 1
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(tmp_path / "old.onnx"))
+    match = r"old\.onnx: exported by an older stpcore, without the fingerprint .*export it again \(stpcore export"
+    with pytest.raises(ValueError, match=match):
+        ClipAnonymizer(load_anonymizer(trained_tiny), runtime="onnxruntime", onnx=tmp_path / "old.onnx")
+    with pytest.raises(ValueError, match=match):
+        read_onnx(tmp_path / "old.onnx")
 
 
 def test_runtime_auto_follows_the_measured_table_and_falls_back_to_torch(monkeypatch):
