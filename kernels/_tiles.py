@@ -1,4 +1,5 @@
-"""Measured tile sizes per GPU model, committed in ``kernels/tiles.json`` (torch and json only: no triton).
+"""Measured tile sizes per GPU model, read from ``kernels/tiles.json`` once a GPU run has written it (none has
+yet: the defaults below run until then). torch and json only: no triton.
 
 The GPU script's tile sweep (``benchmarks/gpu/tiles.py``, run by ``benchmarks/gpu/run.sh``) times a few
 candidate tiles per kernel pass on the GPU at hand and writes the fastest correct ones; ``python

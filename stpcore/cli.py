@@ -264,6 +264,19 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+def _device(text: str) -> str:
+    """An argparse type for a torch device name of a kind stpcore runs on (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def _fractions(high_closed: bool = True):
     """An argparse type for comma-separated numbers, each in (0, 1] (or (0, 1) with high_closed=False)."""
     one = _fraction(high_closed)
@@ -408,7 +421,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "file records that same, unchanged input and the same settings (others are redone)")
     p.add_argument("--stride", type=_positive_int, default=1, help="frame stride inside a clip (default 1)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="clips per forward (default 8)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
                         "(see stpcore.inference)")

@@ -1,8 +1,9 @@
 """Frozen-dataclass configs on the command line: one flag per field, a JSON config file for defaults.
 
 ``add_dataclass_arguments(parser, Cls)`` adds ``--field-name`` for every field of ``Cls`` (bools as
-``--flag/--no-flag``); ``dataclass_from_args(Cls, args)`` builds the config from, in increasing priority,
-the class defaults, ``--config FILE`` (JSON object of field values), and the flags given.
+``--flag/--no-flag``, ``tuple[float, ...]`` as comma-separated values); ``dataclass_from_args(Cls, args)``
+builds the config from, in increasing priority, the class defaults, ``--config FILE`` (JSON object of field
+values), and the flags given.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ def _base_type(tp: Any) -> Any:
     if tp in (int, float, str, bool):
         return tp
     return None
+
+
+def _list_type(tp: Any) -> Any:
+    """For ``tuple[X, ...]`` of a scalar X: an argparse type reading comma-separated values ("1,0.5"); else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is not tuple or len(args) != 2 or args[1] is not Ellipsis or args[0] not in (int, float):
+        return None
+    scalar = args[0]
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(scalar(v) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {scalar.__name__}s, got {text!r}") from exc
+
+    parse.__name__ = f"{scalar.__name__}s"  # argparse names the type in its error messages
+    return parse
 
 
 def _checked(value: Any, tp: Any, where: str) -> Any:
@@ -112,9 +130,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip:
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        tp = _base_type(hints[f.name])
+        tp = _base_type(hints[f.name]) or _list_type(hints[f.name])
         if tp is None:
-            continue  # structured fields (dicts, tuples) come from the config file only
+            continue  # structured fields (dicts, fixed-length tuples) come from the config file only
         flag = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = "required" if required else f"default: {f.default if f.default is not dataclasses.MISSING else '-'}"
@@ -132,7 +150,11 @@ def dataclass_from_args(cls: type[_T], args: argparse.Namespace, **fixed: Any) -
     names = {f.name for f in dataclasses.fields(cls)}
     config = getattr(args, "config", None)
     if config:
-        loaded = json.loads(Path(config).read_text())
+        try:
+            loaded = json.loads(Path(config).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config}: not valid JSON ({exc}); a config file holds one JSON object of "
+                             f"{cls.__name__} fields") from exc
         if not isinstance(loaded, dict):
             raise ValueError(f"{config}: a config file must hold a JSON object of field values")
         unknown = sorted(set(loaded) - names)

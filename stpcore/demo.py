@@ -19,7 +19,8 @@
    code path and default view), written side by side with the input.
 
 Everything lands in one output folder. Finished steps are kept: running the demo again on the same
-folder reuses the dataset and resumes or reuses the training (delete the folder to start over).
+folder reuses the dataset and resumes or reuses the training (delete the folder to start over). A rerun with
+other data or training settings than the folder's is refused (another ``--out``, or delete the folder).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from pathlib import Path
 import torch
 
 from stpcore import media
+
+# The DemoConfig fields that make the synthetic dataset (recorded beside it, checked when it is reused).
+DATA_FIELDS = ("videos", "seed", "width", "height", "frames")
 
 
 @dataclass(frozen=True)
@@ -145,11 +149,20 @@ def run_demo(cfg: DemoConfig) -> int:
 
     # 1. Data.
     data = out / "data"
+    data_settings = {k: getattr(cfg, k) for k in DATA_FIELDS}
+    stamp = data / "demo-data.json"
     if not (data / "vp_labels.csv").is_file():
         print(f"[1/5] writing {cfg.videos} synthetic videos to {data}")
         make_synthetic_dataset(data, videos=cfg.videos, seed=cfg.seed, width=cfg.width, height=cfg.height,
                                frames=cfg.frames, workers=2, progress=True)
+        with media.atomic_path(stamp) as tmp:
+            tmp.write_text(json.dumps(data_settings))
     else:
+        saved = json.loads(stamp.read_text()) if stamp.is_file() else None  # None: made before it was recorded
+        if saved is not None and saved != data_settings:
+            changed = {k: (saved.get(k), v) for k, v in data_settings.items() if saved.get(k) != v}
+            raise ValueError(f"{data} holds a dataset made with other settings {changed} (saved, now); run the "
+                             f"demo into another --out, or delete {out} to start over")
         print(f"[1/5] reusing the synthetic dataset in {data}")
     model_cfg = STPrivacyConfig.from_name(cfg.preset)
     train_loader, test_loader = _loaders(cfg, data, model_cfg.num_frames, model_cfg.image_size)
@@ -159,6 +172,7 @@ def run_demo(cfg: DemoConfig) -> int:
     train_dir = out / "train"
     checkpoint = train_dir / "stprivacy.pt"
     train_cfg = train_config(cfg, data, train_dir)
+    _check_same_training(train_cfg, train_dir, out)
     if checkpoint.is_file():
         print(f"[2/5] reusing the trained STPrivacy {checkpoint}")
     else:
@@ -211,6 +225,22 @@ def run_demo(cfg: DemoConfig) -> int:
     with media.atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=float))
     return 0
+
+
+def _check_same_training(train_cfg, train_dir: Path, out: Path) -> None:
+    """ValueError when train_dir holds a model (or a run to resume) trained with other settings than
+    ``train_cfg``: the demo would report that model under settings it was not trained with."""
+    from stpcore.training.state import RESUME_FREE
+
+    saved_file = train_dir / "config.json"
+    if not (saved_file.is_file() and ((train_dir / "stprivacy.pt").is_file() or (train_dir / "last.pt").is_file())):
+        return
+    saved = json.loads(saved_file.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(train_cfg)))
+    changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{train_dir} holds a model trained with other settings {changed} (saved, now); run the "
+                         f"demo into another --out, or delete {out} to start over")
 
 
 def _print_summary(results, points, report, out, checkpoint, sweep_png, timings) -> None:

@@ -47,6 +47,11 @@ def test_config_file_json_numbers_and_lists_become_the_fields_types(tmp_path):
     path.write_text(json.dumps({"sweep_ratios": [1, 0.5]}))
     demo = dataclass_from_args(DemoConfig, build_parser().parse_args(["demo", "--config", str(path)]))
     assert demo.sweep_ratios == (1.0, 0.5)
+    # A list field is a flag too (comma-separated), and the flag wins over the file.
+    args = build_parser().parse_args(["demo", "--config", str(path), "--sweep-ratios", "0.6,0.4"])
+    assert dataclass_from_args(DemoConfig, args).sweep_ratios == (0.6, 0.4)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--sweep-ratios", "0.6,x"])
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, EvalConfig, DemoConfig])
@@ -149,3 +154,18 @@ def test_commands_load_only_what_they_use():
             "print('stpcore.training.config' in sys.modules, 'stpcore.training.trainer' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]  # the flags need the config, not the trainer
+
+
+def test_an_unknown_device_is_rejected_up_front(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["anonymize", "x.mp4", "-o", str(tmp_path), "--checkpoint", "c.pt", "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--device" in err and "expected cpu, cuda or cuda:N, got 'gpu'" in err
+
+
+def test_a_config_file_that_is_not_json_names_itself(tmp_path, capsys):
+    config = tmp_path / "train.json"
+    config.write_text('{"batch_size": 4,\n}')
+    assert main(["train", "--config", str(config), "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {config}: not valid JSON" in err and "Traceback" not in err, err

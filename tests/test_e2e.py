@@ -168,6 +168,15 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
                  "--phase1-epochs", "1", "--phase2-epochs", "1", "--eval-epochs", "1", "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "reusing the trained STPrivacy" in printed and "sweep skipped" in printed  # no --sweep: none run
+    # Other settings on the same folder: refused, not reported under settings the folder's model never had.
+    small = ["demo", "--out", str(out), "--width", "64", "--height", "48", "--frames", "24", "--phase1-epochs", "1",
+             "--phase2-epochs", "1", "--eval-epochs", "1", "--batch-size", "4"]
+    summary_before = (out / "summary.json").read_bytes()
+    assert main([*small, "--videos", "21", "--privacy-objective", "bce"]) == 2
+    assert "trained with other settings {'privacy_objective': ('entropy', 'bce')}" in capsys.readouterr().err
+    assert main([*small, "--videos", "28"]) == 2
+    assert "made with other settings {'videos': (21, 28)}" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == summary_before
 
 
 def test_sweep_cli_writes_csv_and_plot(dataset, trained, tmp_path, capsys):

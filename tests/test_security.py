@@ -163,3 +163,18 @@ def test_train_resume_refuses_a_checkpoint_that_runs_code(tmp_path, marker, monk
     evil = _poisoned(legit, tmp_path / "evil.pt", fmt, marker)
     code = _exit_code(_train(tmp_path, evil))
     _check_refused_on_the_command_line(code, capsys.readouterr().err, evil, marker)
+
+
+@pytest.mark.parametrize("content", [b"video,skin_color\na/b,1\n", bytes(range(256)) * 4,
+                                     pickle.dumps({"a": 1}, protocol=4)], ids=["csv", "binary", "plain-pickle"])
+def test_a_file_that_is_no_checkpoint_is_not_called_dangerous(tmp_path, content):
+    """Only a refused global earns "refused ... could run code"; a CSV, random bytes or a plain pickle is simply
+    not a torch checkpoint, and the message says so."""
+    from stpcore.models.checkpoints import load_weights_only
+
+    path = tmp_path / "not-a-checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as exc:
+        load_weights_only(path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: not a torch checkpoint") and "could run code" not in message, message

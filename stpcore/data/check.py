@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stpcore.data.decode_pyav import VideoError, probe
-from stpcore.data.labels import load_labels, match_labels
+from stpcore.data.labels import VIDEO_EXTENSIONS, load_labels, match_labels
 from stpcore.data.sampling import DEFAULT_STRIDE, NUM_FRAMES, clip_span
-from stpcore.data.splits import VIDEO_EXTENSIONS, detect_kind, index_videos, list_records
+from stpcore.data.splits import detect_kind, index_videos, list_records
 
 TOO_SHORT = "too short (will be looped)"
 TRUNCATED = "truncated (ends before its header says; decoding wraps)"

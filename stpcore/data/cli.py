@@ -52,9 +52,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         "transcode", help="published .avi -> constant-frame-rate H.264/VP9 that DALI reads",
         description="Mirror the videos of SRC into DST as constant-frame-rate H.264 (.mp4) or VP9 (.webm): "
                     "SRC/<class>/<video> (a dataset root) -> DST/<class>/<video>, and SRC/<video> (a folder of "
-                    "videos, e.g. one class folder) -> DST/<video>. Split and label files (*.txt, *.pickle, *.csv) "
-                    "at the top of SRC are copied; outputs already in DST are skipped, so a rerun resumes. Exit 1 if "
-                    "a file failed, 2 if SRC holds no video in either place.")
+                    "videos, e.g. one class folder) -> DST/<video>. Split and label files (*.txt, *.pickle, *.pkl, "
+                    "*.csv) at the top of SRC are copied; outputs already in DST are skipped, so a rerun resumes. Exit "
+                    "1 if a file failed, 2 if SRC holds no video in either place.")
     tr.add_argument("src", help="dataset root (SRC/<class>/<video>) or folder of videos (SRC/<video>)")
     tr.add_argument("dst", help="output folder, laid out as SRC")
     tr.add_argument("--codec", required=True, choices=("h264", "vp9"))

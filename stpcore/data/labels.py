@@ -66,10 +66,16 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return getattr(mod, name)
 
 
+# The video containers stpcore reads; a key's suffix is dropped only when it is one of these.
+VIDEO_EXTENSIONS: tuple[str, ...] = (".avi", ".mp4", ".webm", ".mkv", ".mov")
+
+
 def video_key(path: str | os.PathLike[str]) -> str:
-    """The matching key "<class>/<stem>" of a video path (extension dropped, last two components kept)."""
+    """The matching key "<class>/<stem>" of a video path (last two components kept, a video extension dropped:
+    "wave/Mr.Bean_wave_0" and "wave/Mr.Bean_wave_0.avi" are both "wave/Mr.Bean_wave_0")."""
     p = PurePosixPath(str(path).replace(os.sep, "/"))
-    return f"{p.parent.name}/{p.stem}"
+    name = p.stem if p.suffix.lower() in VIDEO_EXTENSIONS else p.name
+    return f"{p.parent.name}/{name}"
 
 
 def validate_key(key: str, where: str = "") -> str:
@@ -102,7 +108,14 @@ def load_privacy_pickle(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         LabelError if the content is not a dict of (1, 5) or (5,) 0/1 arrays.
     """
     with open(path, "rb") as f:
-        obj = _NumpyOnlyUnpickler(f).load()
+        try:
+            obj = _NumpyOnlyUnpickler(f).load()
+        except UnsafePickleError:
+            raise
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            why = "empty or truncated file" if isinstance(exc, EOFError) else str(exc) or type(exc).__name__
+            raise LabelError(f"{path}: not a readable label pickle ({why}); use the released VP-HMDB51/VP-UCF101 "
+                             f"pickle or a label CSV") from exc
     if not isinstance(obj, dict):
         raise LabelError(f"{path}: expected a dict of label arrays, got {type(obj).__name__}")
     out: dict[str, np.ndarray] = {}
@@ -135,7 +148,10 @@ def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         {"<class>/<stem>": int64 array (5,)}
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM from spreadsheet exports
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a BOM from spreadsheet exports
+    except UnicodeDecodeError as exc:
+        raise LabelError(f"{path}: not UTF-8 text ({exc}); save the label CSV as UTF-8") from exc
     reader = csv.reader(io.StringIO(text))
     rows = list(reader)
     if not rows:

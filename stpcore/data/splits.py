@@ -22,7 +22,6 @@ import numpy as np
 
 from stpcore.data.labels import video_key
 
-VIDEO_EXTENSIONS: tuple[str, ...] = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 DATASET_KINDS: tuple[str, ...] = ("hmdb51", "ucf101")
 _HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<split>[123])\.txt$")
 

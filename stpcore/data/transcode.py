@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-from stpcore.data.splits import VIDEO_EXTENSIONS
+from stpcore.data.labels import VIDEO_EXTENSIONS
 from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
 from stpcore.media import atomic_path
 

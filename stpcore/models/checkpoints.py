@@ -73,10 +73,16 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
         # torch names the refused global as "Unsupported global: GLOBAL x.y was not an allowed global" or, for
         # modules it blocks outright (os, posix, subprocess, ...), "unsupported GLOBAL posix.system whose module".
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        if found is None:  # no refused global: the reader stopped at bytes that are not a checkpoint's
+            operand = re.search(r"Unsupported operand \S+|invalid load key[^\n]*", str(exc))
+            raise ValueError(
+                f"{os.fspath(path)}: not a torch checkpoint (the weights-only reader stopped: "
+                f"{operand.group(0) if operand else 'unreadable'}); give a .pt file written by stpcore or torch.save"
+            ) from None
         raise ValueError(
             f"{os.fspath(path)}: refused: the checkpoint holds Python objects besides tensors and plain data"
-            f"{f' ({found.group(1)})' if found else ''}, and stpcore never unpickles those (it could run code). Use "
-            f"a file written by stpcore, or re-save the model's state_dict() with torch.save") from None
+            f" ({found.group(1)}), and stpcore never unpickles those (it could run code). Use a file written by "
+            f"stpcore, or re-save the model's state_dict() with torch.save") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types (KeyError, RuntimeError, EOFError) for non-checkpoints
         raise ValueError(f"{os.fspath(path)}: not a readable torch checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from exc

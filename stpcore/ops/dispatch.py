@@ -106,16 +106,25 @@ def ops() -> list[str]:
 
 
 def _forced(op: str) -> str | None:
+    """The backend STPCORE_BACKEND names for ``op``: "NAME" for every op, "op=NAME,..." per op, or both
+    ("reference,slot_top_k=triton": the pairs win). An op name that is not an op is an error (a typo would
+    otherwise leave the backend unforced without a word)."""
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return None
-    if "=" not in value:
-        return value
-    for pair in value.split(","):
-        name, _, backend = pair.partition("=")
-        if name.strip() == op:
-            return backend.strip()
-    return None
+    default, per_op = None, {}
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        name, sep, backend = (part.strip() for part in item.partition("="))
+        if not sep:
+            if default is not None:
+                raise ValueError(f"{ENV_VAR}={value!r}: two backends for every op ({default!r}, {name!r}); name one, "
+                                 f"or give the others as op=backend pairs")
+            default = name
+        elif name not in _REGISTRY:
+            raise ValueError(f"{ENV_VAR}={value!r}: {name!r} is not an op; the ops are {sorted(_REGISTRY)}")
+        else:
+            per_op[name] = backend
+    return per_op.get(op, default)
 
 
 def _meta(value):

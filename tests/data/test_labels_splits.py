@@ -15,6 +15,7 @@ from stpcore.data.labels import (
     load_privacy_pickle,
     match_labels,
     read_labels_csv,
+    save_privacy_pickle,
     validate_key,
     write_labels_csv,
 )
@@ -131,6 +132,39 @@ def test_pickle_frombuffer_cannot_make_object_arrays(tmp_path):
     path.write_bytes(pickle.dumps({"a/b.mp4": _ObjectFromBuffer()}, protocol=5))
     with pytest.raises(ValueError, match="(?i)object"):
         load_privacy_pickle(path)
+
+
+def test_keys_with_dots_survive_the_csv_round_trip(tmp_path):
+    """A name with a dot ("Mr.Bean_wave_0") lost everything after it when read back from a CSV, which stores
+    keys without an extension; only a video extension is dropped now."""
+    from stpcore.data.labels import video_key
+
+    assert video_key("wave/Mr.Bean_wave_0") == video_key("wave/Mr.Bean_wave_0.avi") == "wave/Mr.Bean_wave_0"
+    assert video_key("data/wave/Mr.Bean_wave_0.MP4") == "wave/Mr.Bean_wave_0"
+    labels = {"wave/Mr.Bean_wave_0": np.array([1, 0, 1, 0, 1])}
+    save_privacy_pickle(labels, tmp_path / "l.pickle")
+    from_pickle = load_privacy_pickle(tmp_path / "l.pickle")
+    write_labels_csv(from_pickle, tmp_path / "l.csv")
+    assert list(read_labels_csv(tmp_path / "l.csv")) == list(from_pickle) == ["wave/Mr.Bean_wave_0"]
+
+
+@pytest.mark.parametrize("content, match", [(b"", "empty or truncated"),
+                                            (pickle.dumps({"a/b.mp4": np.zeros((1, 5), np.int64)})[:-9],
+                                             "not a readable label pickle")],
+                         ids=["empty", "truncated"])
+def test_an_unreadable_pickle_is_a_label_error_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "labels.pickle"
+    path.write_bytes(content)
+    with pytest.raises(LabelError, match=match) as exc:
+        load_privacy_pickle(path)
+    assert str(path) in str(exc.value)
+
+
+def test_a_csv_that_is_not_utf8_is_a_label_error_naming_the_file(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"video,skin_color,face,gender,nudity,relationship\n\xffa/b,1,0,1,0,1\n")
+    with pytest.raises(LabelError, match="labels.csv: not UTF-8 text"):
+        read_labels_csv(path)
 
 
 def test_csv_round_trip(tmp_path):

@@ -125,6 +125,20 @@ def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("STPCORE_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="STPCORE_BACKEND"):
         ops.policy_attention(q, k, v, p)
+    # A name for every op, with pairs that override it: the pair wins for its op.
+    monkeypatch.setenv("STPCORE_BACKEND", "nonsense, policy_attention=reference")
+    assert ops.dispatch.select("policy_attention", None, q, k, v, p, eps=1e-6).name == "reference"
+
+
+@pytest.mark.parametrize("value, match", [("policy_atention=reference", "'policy_atention' is not an op; the ops"),
+                                          ("reference,triton", "two backends for every op")])
+def test_env_var_with_a_misspelt_op_is_an_error(monkeypatch, value, match):
+    """A typo in an op's name used to leave that op unforced without a word (the user believes the reference
+    runs); now every call says what is wrong."""
+    q, k, v, p = _inputs(1, 1, 4, 4, dtype=torch.float32)
+    monkeypatch.setenv("STPCORE_BACKEND", value)
+    with pytest.raises(ValueError, match=match):
+        ops.policy_attention(q, k, v, p)
 
 
 @pytest.mark.parametrize(
