@@ -121,10 +121,13 @@ class DataConfig:
         if self.part != "all" and not self.train:
             raise ValueError("the validation part is carved from the training split (train=True), never the test "
                              "split")
-        if self.short_side is None:
-            from stpcore.data.preprocess import working_short_side
+        from stpcore.data.preprocess import working_short_side
 
+        if self.short_side is None:
             object.__setattr__(self, "short_side", working_short_side(self.crop))
+        if self.short_side < self.crop:
+            raise ValueError(f"short_side ({self.short_side}) must be >= crop ({self.crop}): the frames are resized to "
+                             f"that short side and the crop cut from them (default: {working_short_side(self.crop)})")
 
 
 @dataclass

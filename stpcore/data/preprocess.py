@@ -71,6 +71,9 @@ def crop_normalize(
         float32 (3, T, crop, crop).
     """
     rh, rw = resized.shape[-2:]
+    if min(rh, rw) < crop:
+        raise ValueError(f"a {rh}x{rw} frame is smaller than the {crop}x{crop} crop: the working short side must be "
+                         f">= the crop")
     pos_y, pos_x = crop_position(spec, rh, rw)
     y0, x0 = crop_origin(rh, crop, pos_y), crop_origin(rw, crop, pos_x)
     x = resized[:, :, y0 : y0 + crop, x0 : x0 + crop]

@@ -6,7 +6,9 @@
   sigmoid probabilities are averaged],
   averaged over the 5 attributes; [G] an attribute whose test labels are all one class has no defined AP and
   is left out of the mean (named in ``Metrics.skipped_attributes``);
-- privacy F1: class-wise F1 at threshold 0.5 (scikit-learn, zero_division=0) averaged over the 5 attributes.
+- privacy F1: class-wise F1 at threshold 0.5 (scikit-learn) averaged over the same attributes as cMAP [G: one whose
+  test labels are all one class is left out here too: with no positive video its F1 is 0 whatever the predictions,
+  which would read as privacy].
 Only test videos with privacy labels count for the privacy metrics.
 """
 
@@ -56,10 +58,10 @@ class Metrics:
     Attributes:
         top1: action top-1 accuracy in %.
         cmap: mean AP over the attributes with a defined AP, in % (NaN when none has one).
-        f1: mean F1 over all attributes at threshold 0.5, in [0, 1] (NaN without privacy labels).
+        f1: mean F1 at threshold 0.5 over the attributes cMAP averages, in [0, 1] (NaN when none).
         ap: per-attribute AP in [0, 1] (NaN where undefined).
-        f1_per_attribute: per-attribute F1 in [0, 1].
-        skipped_attributes: attributes left out of cMAP (test labels all one class).
+        f1_per_attribute: per-attribute F1 in [0, 1] (NaN where the attribute is skipped).
+        skipped_attributes: attributes left out of cMAP and F1 (test labels all one class).
         num_videos: test videos.
         num_privacy_videos: test videos with privacy labels.
     """
@@ -131,13 +133,16 @@ def privacy_metrics(
             skipped.append(name)
             continue
         y = truth[:, a]
-        f1[name] = float(f1_score(y, scores[:, a] > 0.5, zero_division=0))
-        if y.min() == y.max():  # all positive or all negative: AP is undefined (or trivially 1)
-            ap[name] = math.nan
+        if y.min() == y.max():
+            # All positive or all negative: AP is undefined (or trivially 1), and F1 with no positive video is 0
+            # whatever the predictions; both are left out, so cMAP and F1 average the same attributes.
+            ap[name], f1[name] = math.nan, math.nan
             skipped.append(name)
         else:
             ap[name] = float(average_precision_score(y, scores[:, a]))
+            f1[name] = float(f1_score(y, scores[:, a] > 0.5, zero_division=0))
     defined = [v for v in ap.values() if not math.isnan(v)]
     cmap = 100.0 * float(np.mean(defined)) if defined else math.nan
-    mean_f1 = float(np.mean(list(f1.values()))) if len(truth) else math.nan
+    defined_f1 = [v for v in f1.values() if not math.isnan(v)]
+    mean_f1 = float(np.mean(defined_f1)) if defined_f1 else math.nan
     return cmap, mean_f1, ap, f1, skipped, int(has.sum())

@@ -15,7 +15,7 @@ class MethodResult:
         top1: action top-1 (%), views averaged per video.
         cmap: privacy cMAP (%) over the attributes with a defined AP.
         f1: privacy F1 at 0.5, mean over attributes, in [0, 1].
-        ap, f1_per_attribute: per-attribute AP and F1 in [0, 1] (AP NaN where undefined).
+        ap, f1_per_attribute: per-attribute AP and F1 in [0, 1] (NaN where the attribute is skipped).
         skipped_attributes: attributes left out of cMAP because their test labels are all one class.
         num_test_videos, num_privacy_videos: test videos, and those with privacy labels.
         kept_fraction: mean fraction of tubelets kept on the test clips (1.0 for the baselines).

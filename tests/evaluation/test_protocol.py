@@ -89,7 +89,7 @@ def test_cmap_and_f1_match_sklearn_on_averaged_views():
     assert m.num_privacy_videos == int(has.sum())
 
 
-def test_attribute_with_one_class_is_left_out_of_cmap():
+def test_attribute_with_one_class_is_left_out_of_cmap_and_f1():
     g = torch.Generator().manual_seed(1)
     V = 30
     labels = torch.randint(0, 2, (V, 5), generator=g).float()
@@ -101,9 +101,14 @@ def test_attribute_with_one_class_is_left_out_of_cmap():
     assert m.skipped_attributes == ["nudity"] and math.isnan(m.ap["nudity"])
     defined = [average_precision_score(labels[:, a].int().numpy(), probs[:, a].numpy()) for a in (0, 1, 2, 4)]
     assert m.cmap == pytest.approx(100 * np.mean(defined))
-    # F1 stays defined for it (all-negative truth: 0 with zero_division=0 or when predictions are positive).
-    assert m.f1_per_attribute["nudity"] == pytest.approx(f1_score(labels[:, 3].int().numpy(), probs[:, 3] > 0.5,
-                                                                  zero_division=0))
+    # F1 leaves it out too: with no positive video its F1 is 0 whatever the predictions, which would read as
+    # privacy. A perfect predictor scores F1 = 1, as it scores cMAP = 100.
+    assert math.isnan(m.f1_per_attribute["nudity"])
+    f1 = [f1_score(labels[:, a].int().numpy(), probs[:, a].numpy() > 0.5, zero_division=0) for a in (0, 1, 2, 4)]
+    assert m.f1 == pytest.approx(np.mean(f1), abs=1e-12)
+    perfect = video_metrics(torch.rand(V, C), torch.zeros(V, dtype=torch.long), labels.clone(), labels,
+                            torch.ones(V, dtype=torch.bool), torch.arange(V))
+    assert perfect.cmap == pytest.approx(100.0) and perfect.f1 == pytest.approx(1.0)
 
 
 def test_inconsistent_view_labels_raise():

@@ -465,6 +465,19 @@ def test_a_loader_without_batches_is_refused_before_training(tmp_path):
     assert not (tmp_path / "run" / "stprivacy.pt").exists()
 
 
+def test_a_short_side_below_the_crop_is_refused():
+    """A working scale smaller than the crop gave non-square clips (100 x 112) that failed much later."""
+    from stpcore.data.loader import DataConfig
+    from stpcore.data.preprocess import crop_normalize
+    from stpcore.data.sampling import eval_clips
+
+    with pytest.raises(ValueError, match=r"short_side \(100\) must be >= crop \(112\)"):
+        DataConfig(root="x", short_side=100, crop=112)
+    assert DataConfig(root="x", short_side=112, crop=112).short_side == 112
+    with pytest.raises(ValueError, match="smaller than the 112x112 crop"):
+        crop_normalize(torch.zeros(16, 3, 100, 133), eval_clips(16, 16, 1)[0], crop=112)
+
+
 @pytest.mark.parametrize("config", [TrainConfig, "eval", "data"])
 def test_stride_below_one_is_refused(config):
     from stpcore.data.loader import DataConfig
