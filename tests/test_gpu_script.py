@@ -51,9 +51,17 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
                  "test_phase2_step_vit_small[reference]", "test_phase2_step_vit_small[auto]",
                  "test_fullframe_frames[vit_small-1280x720]", "test_fullframe_frames[vit_small-320x240]"):
         assert name in log, name
-    # The test step takes the kernel and model suite whole, plus gpu tests elsewhere, and not the rest.
+    # The compiled benchmarks (a minute of compiling each) belong to their own steps only: collected in the
+    # inference or phase-2 group, they would hold those steps past their limits on the GPU (they skip on CPU).
+    for step in ("bench-inference", "bench-phase2"):
+        collected = log.split(f"== {step} ")[1].split(f"-- {step}:")[0]
+        assert "test_inference_vit_small_b8" in collected or "test_phase2_step_vit_small" in collected, step
+        assert "::test_compiled" not in collected, step
+    # The test step takes the kernel and model suite (but the sm_90 compile check, which needs no GPU and runs in
+    # CI), plus gpu tests elsewhere, and not the rest.
     tests = log.split("== tests ")[1].split("-- tests:")[0]
-    assert "tests/kernels/test_compile.py::" in tests and "tests/models/test_checkpoints.py::" in tests
+    assert "tests/kernels/test_compile.py::" not in tests and "tests/kernels/test_policy_attention.py::" in tests
+    assert "tests/models/test_checkpoints.py::" in tests
     assert "tests/evaluation/test_protocol.py::test_sweep_on_cuda_bf16" in tests
     assert "tests/training/test_trainer.py::" not in tests
     assert "warm:" in log and "tiles: fwd candidates" in log and "profile: phase-2 step" in log
@@ -105,6 +113,62 @@ def test_a_step_that_overruns_its_limit_loses_only_itself(tmp_path):
     log = (out / "log.txt").read_text()
     assert "-- overruns: TIMEOUT after 6 s" in log and log.rstrip().endswith("budget: 126 s")
     assert sorted(p.name for p in out.iterdir()) == ["kernels.json", "log.txt", "table.md"]
+
+
+def test_a_failed_install_stops_the_plan(tmp_path):
+    """Without stpcore.kernels every "auto" figure would silently measure the reference code."""
+    steps = [harvest.Step("install", 10, [sys.executable, "-c", "raise SystemExit(3)"]),
+             harvest.Step("machine", 10, [sys.executable, "-c", "print('never')"])]
+    results = harvest.Harvest(tmp_path).run(steps)
+    assert [r["step"] for r in results] == ["install"] and results[0]["status"] == "exit 3"
+    assert "install failed: the plan stops here" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="process groups and SIGTERM")
+def test_stopping_the_harvest_stops_the_running_step(tmp_path):
+    """The device call's timeout (SIGTERM) must not leave a step running on the GPU beside a rerun."""
+    marker = tmp_path / "step.pid"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "benchmarks" / "gpu")!r})
+        import harvest
+        harvest.default_plan = lambda py: [harvest.Step("sleeper", 60, ["bash", "-c",
+            "echo $$ > {marker}; sleep 60"])]
+        raise SystemExit(harvest.main([{str(tmp_path / "out")!r}]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.time() + 30
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.time() < deadline, "the step did not start"
+        time.sleep(0.1)
+    step_pid = int(marker.read_text())
+    proc.terminate()
+    assert proc.wait(timeout=30) == 130
+    for _ in range(50):  # the step's group was killed with the harvest
+        try:
+            os.kill(step_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"step {step_pid} still runs after the harvest stopped")
+    assert "stopped (signal 15)" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_table_names_the_gpu_and_uses_its_ceilings():
+    """An H100 is judged against its own copy rate (3.0 TB/s), not the H200's, and the targets say where they
+    were measured; a JSON without a GPU name falls back to the H200's, saying so."""
+    bench = _bench("select+topk+gather B32-stage1 N392-k34-D384", "triton", 0.1, do_bench_median_us=10.0,
+                   gbps=1500.0, do_bench_gbps=1500.0)
+    h100 = table.rows({"machine_info": {"gpu": "NVIDIA H100 80GB HBM3"}, "benchmarks": [bench]})
+    rendered = table.table(h100)
+    assert rendered.startswith("GPU: H100: 798 TFLOP/s dense bf16, 3.0 TB/s copy") and "% of 3.0 TB/s" in rendered
+    assert "| 1500 | 50.0 |" in rendered
+    assert "set for an H200; measured on NVIDIA H100 80GB HBM3" in table.targets(h100).splitlines()[0]
+    h200 = table.rows({"machine_info": {"gpu": "NVIDIA H200"}, "benchmarks": [bench]})
+    assert "% of 4.3 TB/s" in table.table(h200) and "measured on" not in table.targets(h200)
+    unknown = table.rows({"benchmarks": [bench]})
+    assert "GPU not recorded: the H200's ceilings" in table.table(unknown)
 
 
 def test_plan_fits_the_budget_by_dropping_extras_from_the_end():

@@ -8,15 +8,16 @@
 # Steps, in order of value, each a subprocess with its own limit, killed when it overruns (the limits add up to
 # at most 300 s; extras are dropped from the end to fit): install, machine facts, a parallel Triton warm-up of
 # every specialisation the benchmarks use, the kernel benchmark groups (policy attention, varlen, tokens),
-# the whole-model benchmarks (inference, phase-2 step), the GPU tests (tests/kernels and tests/models in full,
-# every `gpu` test elsewhere; parallel workers), then the extras: a torch.profiler table, the tile sweep, the
+# the whole-model benchmarks (inference, phase-2 step), the GPU tests (tests/kernels and tests/models but the
+# sm_90 compile check that CI runs, every `gpu` test elsewhere; parallel workers), then the extras: a torch.profiler table, the tile sweep, the
 # phase-1 step, flex attention. Every step writes its files as it ends, so a step cut by its limit loses only
 # itself. At most 8 files, directly in RESULTS_DIR: machine.txt kernels.json model.json table.md tests.txt
 # profile.txt tiles.json log.txt (benchmarks/gpu/harvest.py says what each holds). Commit what it wrote:
 # benchmarks/results/gpu-<date>/ and the numbers in BENCHMARKS.md; `python benchmarks/gpu/tiles.py merge
 # RESULTS_DIR/tiles.json` puts the measured tiles into kernels/tiles.json.
 # Wall time: the limits add up to 300 s; a step killed at its limit takes up to ~13 s more (SIGINT grace, SIGTERM,
-# SIGKILL), so give the device call a timeout of 360 s or more, and leave room for one rerun.
+# SIGKILL), so give the device call a timeout of 360 s or more, and leave room for one rerun. A failed install
+# stops the plan; stopping the harvest (SIGTERM, Ctrl-C) kills the running step with it.
 # PLAN=compile bash benchmarks/gpu/run.sh DIR runs only the torch.compile benchmarks (compiled + CUDA-graph
 # inference at B=32, a compiled phase-2 step; 290 s of limits, compile time included): a second device call
 # when time is left after the default plan, whose 300 s leave them out.

@@ -3,12 +3,15 @@
     python benchmarks/gpu/table.py RESULTS.json [MORE.json ...]
 
 Table columns: op / shape, provider, ms (eager), graph ms (CUDA-graph replay, where recorded), TFLOP/s and % of
-790 (dense bf16), GB/s and % of 4.3 TB/s (copy ceiling measured on this project's H200), speedup over the
-``reference`` provider of the same group and over the fastest SDPA backend of the group (named), peak MiB.
+the GPU's dense bf16 rate, GB/s and % of its copy rate (both measured on this project's machines: H200 790
+TFLOP/s and 4.3 TB/s, H100 798 TFLOP/s and 3.0 TB/s; the GPU is named in the JSON's ``machine_info["gpu"]``, by
+benchmarks/conftest.py, and on the table's first line), speedup over the ``reference`` provider of the same
+group and over the fastest SDPA backend of the group (named), peak MiB.
 The eager time is the ``triton.testing.do_bench`` median where the benchmark recorded one
 (``do_bench_median_ms`` or ``do_bench_median_us``), else pytest-benchmark's median.
 
-Targets (the kernel and pipeline issues; bf16 on an H200 unless said):
+Targets (the kernel and pipeline issues; bf16 on an H200 unless said; on another GPU they are reported as measured
+there, with the GPU named):
 - policy attention fwd+bwd at B=32, H=6, N=392, D=64: ``triton`` at least 10x the ``reference``, and at most
   1.3x the time of the fastest SDPA backend without a policy (eager times);
 - varlen attention fwd+bwd (fp16) on each equal-length batch: ``triton`` at most 1.2x the fastest SDPA backend;
@@ -29,9 +32,26 @@ import json
 import sys
 from collections import defaultdict
 
-PEAK_TFLOPS = 790.0
-PEAK_GBPS = 4300.0
+# (dense bf16 TFLOP/s, device-to-device copy GB/s counting bytes read and written), measured on this project's
+# machines (the device library's KINDS.md); matched by name, the H200's for a GPU not listed.
+CEILINGS = {"H200": (790.0, 4300.0), "H100": (798.0, 3000.0)}
 SELECT_TARGET_US = 20.0
+
+
+def ceilings(gpu: str | None) -> tuple[float, float, str]:
+    """(TFLOP/s, GB/s, what they are) for a GPU name."""
+    for key, (tflops, gbps) in CEILINGS.items():
+        if gpu and key in gpu:
+            return tflops, gbps, f"{key}: {tflops:.0f} TFLOP/s dense bf16, {gbps / 1e3:.1f} TB/s copy"
+    tflops, gbps = CEILINGS["H200"]
+    named = f"{gpu or 'GPU not recorded'}: the H200's ceilings"
+    return tflops, gbps, f"{named} ({tflops:.0f} TFLOP/s, {gbps / 1e3:.1f} TB/s)"
+
+
+def gpu_of(all_rows: list[dict]) -> str | None:
+    """The GPU the rows were measured on (the most common name; None when no JSON recorded one)."""
+    names = [r.get("gpu") for r in all_rows if r.get("gpu")]
+    return max(set(names), key=names.count) if names else None
 
 
 def _ms(info: dict, key: str) -> float | None:
@@ -44,6 +64,7 @@ def _ms(info: dict, key: str) -> float | None:
 
 def rows(data: dict) -> list[dict]:
     out = []
+    gpu = (data.get("machine_info") or {}).get("gpu")
     for b in data.get("benchmarks", []):
         info = b.get("extra_info", {})
         stats = b.get("stats") or {}
@@ -64,6 +85,7 @@ def rows(data: dict) -> list[dict]:
             "gbps": gbps,
             "peak_mib": info.get("peak_mib"),
             "frames_per_s": info.get("frames_per_s"),
+            "gpu": gpu,
         })
     return out
 
@@ -86,9 +108,12 @@ def best_sdpa(providers: dict[str, dict]) -> dict | None:
 
 
 def table(all_rows: list[dict]) -> str:
+    peak_tflops, peak_gbps, named = ceilings(gpu_of(all_rows))
     lines = [
-        "| op / shape | provider | ms | graph ms | TFLOP/s | % of 790 | GB/s | % of 4.3 TB/s | x reference "
-        "| x best sdpa | peak MiB |",
+        f"GPU: {named}",
+        "",
+        f"| op / shape | provider | ms | graph ms | TFLOP/s | % of {peak_tflops:.0f} | GB/s | % of "
+        f"{peak_gbps / 1e3:.1f} TB/s | x reference | x best sdpa | peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for group, providers in _groups(all_rows).items():
@@ -97,8 +122,8 @@ def table(all_rows: list[dict]) -> str:
             vs_sdpa = f"{sdpa['ms'] / r['ms']:.2f} ({sdpa['provider']})" if sdpa else ""
             lines.append(
                 f"| {group} | {name} | {r['ms']:.4f} | {_fmt(r['graph_ms'], '.4f')} | {_fmt(r['tflops'], '.1f')} | "
-                f"{_fmt(r['tflops'] and 100 * r['tflops'] / PEAK_TFLOPS, '.1f')} | {_fmt(r['gbps'], '.0f')} | "
-                f"{_fmt(r['gbps'] and 100 * r['gbps'] / PEAK_GBPS, '.1f')} | "
+                f"{_fmt(r['tflops'] and 100 * r['tflops'] / peak_tflops, '.1f')} | {_fmt(r['gbps'], '.0f')} | "
+                f"{_fmt(r['gbps'] and 100 * r['gbps'] / peak_gbps, '.1f')} | "
                 f"{_fmt(ref and ref['ms'] / r['ms'], '.2f')} | {vs_sdpa} | {_fmt(r['peak_mib'], '.0f')} |"
             )
     return "\n".join(lines)
@@ -146,8 +171,10 @@ def targets(all_rows: list[dict]) -> str:
         return f"- {what}: {us:.1f} us GPU time ({_verdict(us < SELECT_TARGET_US)}, target < 20 us); {eager}"
 
     policy = find("policy attention fwd+bwd", "paper", "bf16")
+    gpu = gpu_of(all_rows)
+    where = "" if gpu and "H200" in gpu else f" (set for an H200; measured on {gpu or 'a GPU not recorded'})"
     lines = [
-        "GPU targets (triton / auto = stpcore's kernels):",
+        f"GPU targets{where} (triton / auto = stpcore's kernels):",
         speed(policy, "triton", "reference", 10.0, "policy attention fwd+bwd B32-H6-N392-D64 bf16 vs reference"),
         near_sdpa(policy, "triton", 1.3, "policy attention fwd+bwd B32-H6-N392-D64 bf16 vs the fastest SDPA"),
     ]
