@@ -189,7 +189,7 @@ def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
             input_format=args.input_format, timeout=args.stream_timeout, stop=stop, verbose=True)
     except StreamError as exc:
         print(f"stpcore anonymize: {exc}", file=sys.stderr)
-        return 2
+        return 130 if stop.is_set() else 2  # stopped (SIGTERM, Ctrl-C) before the stream opened
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

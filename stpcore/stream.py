@@ -18,10 +18,11 @@ end or for its loss to be declared (``timeout``); the report gives that wait apa
 
 Output: ``<name>.NNNNN.mp4`` segment files of about ``segment_seconds`` each (whole chunks), each written to a
 temporary name and renamed when complete, so a finished segment is always intact; and ``<name>.segments.jsonl``,
-one line per finished segment (file, frames, size, frame rate, first input frame, frames dropped before it, wall
-times). A change of frame size or of frame rate (measured per chunk from the frames' timestamps, more than 25%
-away from the current rate) ends the segment and starts the next one at the new size or rate. Dropped chunks leave
-gaps in time that the index shows (``first_frame`` of each chunk is in the input's frame count).
+one line per finished segment (file, frames, size, frame rate, first input frame, input frames dropped before it,
+``runs``: the input frames it holds as [first, count] runs, wall times). A change of frame size or of frame rate
+(measured per chunk from the median interval of the frames' timestamps, more than 25% away from the current rate)
+ends the segment and starts the next one at the new size or rate. A segment's frames are written back to back:
+where compute fell behind and chunks were dropped, its ``runs`` show the gaps (in the input's frame count).
 
 Ending: at the end of the stream, on stream loss (a read error, or nothing for ``timeout`` seconds), or when
 ``stop`` is set (the CLI sets it on SIGTERM and Ctrl-C), the last partial chunk is anonymized (padded as for files;
@@ -29,7 +30,8 @@ after ``stop``, only if the reader hands it over within a second, which a stalle
 counted as dropped), the open segment is closed intact, and :class:`StreamReport` says what happened. An error on
 the model side abandons the open segment (its temporary file is removed) and is raised. The loss timeout applies to
 network sources; standard input and V4L2 devices have none (FFmpeg has no read timeout for them), so a silent one
-ends only when it closes or the run is stopped. A rerun into the same folder numbers its segments after the ones
+ends only when it closes or the run is stopped (standard input is read in short polls, so a stop ends it at once,
+also while it is being opened). A rerun into the same folder numbers its segments after the ones
 already there. A source that cannot be opened
 raises :class:`StreamError` naming it, before anything is written.
 """
@@ -71,18 +73,43 @@ def is_stream(source: str | os.PathLike) -> bool:
     return text == "-" or scheme in STREAM_SCHEMES or text.startswith("/dev/video")
 
 
-def open_source(source: str, *, input_format: str | None = None, timeout: float = 10.0):
-    """An open PyAV container with a video stream for ``source`` (see the module docstring).
+class _StoppableStdin:
+    """Standard input for PyAV, read so that a run can stop while the source is silent: each read waits for data in
+    short polls and returns end of file once ``stop`` is set (a plain blocking read of a silent pipe cannot be
+    interrupted, and would keep the reader thread, and the process, alive)."""
+
+    POLL_S = 0.2
+
+    def __init__(self, stop: threading.Event, fd: int | None = None) -> None:
+        import sys
+
+        self.stop, self.fd = stop, sys.stdin.fileno() if fd is None else fd
+
+    def read(self, n: int = -1) -> bytes:
+        import select
+
+        size = n if n and n > 0 else 1 << 16
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.fd], [], [], self.POLL_S)
+            if ready:
+                return os.read(self.fd, size)
+        return b""
+
+
+def open_source(source: str, *, input_format: str | None = None, timeout: float = 10.0,
+                stop: threading.Event | None = None):
+    """An open PyAV container with a video stream for ``source`` (see the module docstring). Standard input is
+    read so that setting ``stop`` ends it, even while it is silent or still being probed.
 
     Raises:
-        StreamError: it cannot be opened within ``timeout`` seconds, or holds no video stream.
+        StreamError: it cannot be opened within ``timeout`` seconds, or holds no video stream, or ``stop`` was set
+            before it opened.
     """
-    import sys
-
     import av
 
     fmt = input_format or ("v4l2" if str(source).startswith("/dev/video") else None)
-    target = sys.stdin.buffer if source == "-" else source
+    stop = stop or threading.Event()
+    target = _StoppableStdin(stop) if source == "-" else source
     options = {}
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
     if scheme in ("udp", "tcp", "http", "https", "rtmp", "srt"):
@@ -93,6 +120,8 @@ def open_source(source: str, *, input_format: str | None = None, timeout: float 
     try:
         container = av.open(target, mode="r", format=fmt, options=options, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - FFmpeg raises one of many types; all mean "cannot open"
+        if stop.is_set():
+            raise StreamError(f"stopped before the stream {shown} could be opened") from exc
         raise StreamError(f"cannot open the stream {shown}: {str(exc).splitlines()[0][:300]}") from exc
     if not container.streams.video:
         container.close()
@@ -109,6 +138,7 @@ class _Chunk:
     real: int = 0  # frames from the input (the rest repeat the last one)
     last: bool = False  # the partial chunk left when the stream ended or was lost
     posted: float = 0.0  # time.monotonic() when the reader handed it over
+    dropped_before: int = 0  # input frames dropped before this chunk (those after it are not counted yet)
 
 
 @dataclass
@@ -183,6 +213,7 @@ class _Reader(threading.Thread):
                 self.report.frames_dropped += chunk.real
                 return
             self._drop_waiting()
+            chunk.dropped_before = self.report.frames_dropped  # every earlier chunk is written or dropped by now
             self.mailbox.put_nowait(chunk)
 
     def drain(self) -> None:
@@ -192,11 +223,16 @@ class _Reader(threading.Thread):
             self._drop_waiting()
 
     def _rate(self, times: list[float | None]) -> float:
-        """The chunk's frame rate from its timestamps when they disagree with the current one by > RATE_CHANGE."""
-        if len(times) > 2 and all(t is not None for t in times) and times[-1] > times[0]:
-            measured = (len(times) - 1) / (times[-1] - times[0])
-            if abs(measured / self.fps - 1) > RATE_CHANGE:
-                self.fps = round(measured, 2)
+        """The chunk's frame rate from its timestamps when they disagree with the current one by > RATE_CHANGE: one
+        over the median interval between consecutive frames, so one jump in the timestamps (a reconnect, a clock
+        step, a burst of lost packets) does not read as a new rate."""
+        if len(times) > 2 and all(t is not None for t in times):
+            gaps = np.diff(np.asarray(times, dtype=np.float64))
+            median = float(np.median(gaps))
+            if median > 0:
+                measured = 1.0 / median
+                if abs(measured / self.fps - 1) > RATE_CHANGE:
+                    self.fps = round(measured, 2)
         return self.fps
 
     def run(self) -> None:
@@ -222,8 +258,8 @@ class _Reader(threading.Thread):
                 if len(frames) == self.chunk_len:
                     self._post(self._finish(frames, arrivals, times, first))
                     frames, arrivals, times, first = [], [], [], index
-            else:
-                self.ended = "end of stream"
+            else:  # standard input ends (as end of file) when the run is stopped
+                self.ended = "stopped" if self.stop.is_set() else "end of stream"
         except Exception as exc:  # noqa: BLE001 - any read failure is the stream's loss, reported in the summary
             self.ended = f"stream lost: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         finally:
@@ -295,7 +331,7 @@ def anonymize_stream(
     chunk_len = cfg.num_frames * stride
     short_side = short_side or working_short_side(cfg.image_size)
     stop = stop or threading.Event()
-    container = open_source(source, input_format=input_format, timeout=timeout)  # before any output
+    container = open_source(source, input_format=input_format, timeout=timeout, stop=stop)  # before any output
     try:
         out_dir = prepare_output_dir(out_dir)
     except ValueError:
@@ -355,9 +391,14 @@ def anonymize_stream(
                 writer = media.VideoWriter(path, chunk.fps).__enter__()
                 segment.clear()
                 segment.update(path=path, fps=chunk.fps, frames=0, first_frame=chunk.first,
-                               dropped_before=report.frames_dropped, opened=time.time(),
+                               dropped_before=chunk.dropped_before, runs=[], opened=time.time(),
                                size=[int(frames.shape[2]), int(frames.shape[1])])
             writer.write(np.ascontiguousarray(frames))
+            runs = segment["runs"]  # the input frames this segment holds, as [first, count] runs
+            if runs and runs[-1][0] + runs[-1][1] == chunk.first:
+                runs[-1][1] += chunk.real
+            else:
+                runs.append([chunk.first, chunk.real])
             done = time.monotonic()
             if chunk.last:  # its frames waited for the end (or the loss timeout) of the stream, not for compute
                 report.tail_wait = chunk.posted - chunk.arrivals[-1]
@@ -398,7 +439,7 @@ def _close(writer, segment: dict, report: StreamReport, index_path: Path):
     report.segments.append(segment["path"])
     line = {"file": segment["path"].name, "frames": segment["frames"], "size": segment["size"], "fps": segment["fps"],
             "first_frame": segment["first_frame"], "dropped_before": segment["dropped_before"],
-            "opened": segment["opened"], "closed": time.time()}
+            "runs": segment["runs"], "opened": segment["opened"], "closed": time.time()}
     with open(index_path, "a") as f:
         f.write(json.dumps(line) + "\n")
         f.flush()

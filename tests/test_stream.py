@@ -7,6 +7,7 @@ import functools
 import http.server
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -102,7 +103,16 @@ def _segments_ok(out: Path, report, name="stream") -> int:
         with av.open(str(out / line["file"])) as c:
             got = sum(1 for _ in c.decode(video=0))
         assert got == line["frames"] > 0, line
+        # The runs account for the segment's frames, start at its first frame, and never overlap or go back.
+        runs = line["runs"]
+        assert runs[0][0] == line["first_frame"] and sum(n for _, n in runs) == line["frames"], line
+        assert all(a[0] + a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False)), line
         total += got
+    # Frames dropped before a segment: exactly the input frames before it that no earlier segment holds.
+    held = 0
+    for line in lines:
+        assert line["dropped_before"] == line["first_frame"] - held, line
+        held += line["frames"]
     assert not list(out.glob("*.tmp*")) and not list(out.glob(".*"))  # no temporary files left
     return total
 
@@ -212,6 +222,69 @@ def test_the_frame_rate_is_measured_per_chunk():
     assert reader._rate([i / 24 for i in range(8)]) == 25.0  # within 25%: the same rate
     assert reader._rate([i / 10 for i in range(8)]) == pytest.approx(10.0)
     assert reader._rate([None] * 8) == pytest.approx(10.0)  # no timestamps: the rate stands
+
+
+def test_one_jump_in_the_timestamps_is_not_a_new_rate():
+    """A reconnect or clock step (+10 s once) made one chunk read as about 1 fps: a bogus segment."""
+    class Stub:
+        frames_dropped = 0
+
+    reader = _Reader(None, 8, 25.0, Stub(), threading.Event())
+    times = [i / 25 + (10.0 if i >= 4 else 0.0) for i in range(8)]
+    assert reader._rate(times) == 25.0
+
+
+def _stdin_run(checkpoint, out, first: bytes, hold: float):
+    """The CLI on standard input: ``first`` written, the pipe then held open (silent) and SIGTERM sent ``hold``
+    seconds after the model is loaded. Returns (returncode, stdout, stderr, seconds from SIGTERM to exit)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stpcore", "anonymize", "-", "-o", str(out), "--checkpoint",
+                             str(checkpoint), "--input-format", "mpegts", "--segment-seconds", "1", "--threads", "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    lines, ready = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.decode())
+            if line.startswith(b"STPrivacy"):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.stdin.write(first)
+    proc.stdin.flush()
+    assert ready.wait(120), "".join(lines)
+    time.sleep(hold)
+    proc.send_signal(15)
+    sent = time.monotonic()
+    try:
+        proc.wait(timeout=30)
+    finally:
+        took = time.monotonic() - sent
+        proc.kill()
+        proc.stdin.close()
+    reader.join(timeout=10)
+    return proc.returncode, "".join(lines), proc.stderr.read().decode(), took
+
+
+@pytest.mark.parametrize("frames, expect", [(5, "opening"), (60, "silent")])
+def test_sigterm_ends_a_silent_stdin_stream_at_once(checkpoint, tmp_path, frames, expect):
+    """A pipe that sent a little and then fell silent (held open): SIGTERM hung the run while FFmpeg probed it, or
+    ended it only after the reader thread's long join, in an interpreter abort (rc -6), frames uncounted."""
+    data = _ts(_frames(frames))
+    if expect == "opening":
+        data = data[: len(data) // 2]  # too little for the probe: the open is still reading
+    rc, stdout, stderr, took = _stdin_run(checkpoint, tmp_path / "out", data, hold=2.0)
+    assert took < 5.0, (took, stdout, stderr[-2000:])
+    assert "Fatal Python error" not in stderr and rc in (0, 130), (rc, stderr[-2000:])
+    if expect == "silent":
+        assert rc == 0 and "stream -: stopped;" in stdout, stdout
+        counts = [int(x) for x in re.findall(r"(\d+) frames in, (\d+) written .*?, (\d+) dropped", stdout)[0]]
+        assert counts[0] == counts[1] + counts[2], stdout  # every frame in is written or counted as dropped
+        assert counts[0] >= frames - 8, stdout  # the demuxer and decoder may still hold a few when the stop comes
+    elif rc == 130:  # stopped while FFmpeg still probed the pipe
+        assert "stopped before the stream - could be opened" in stderr, stderr[-2000:]
+    else:  # the probe had enough: the reader was waiting for more
+        assert "stream -: stopped;" in stdout, stdout
 
 
 def test_stdin_through_the_cli(checkpoint, tmp_path):
