@@ -211,6 +211,16 @@ _OUTPUT_SETTINGS = ("stride", "keep_ratio", "adaptive_threshold", "view", "outpu
                     "mean", "std")
 
 
+def check_view(view: str, output_size: str) -> None:
+    """ValueError unless ``view`` is one of VIEWS and ``output_size`` one of OUTPUT_SIZES, and a source-sized output
+    comes with the full view."""
+    if view not in VIEWS or output_size not in OUTPUT_SIZES:
+        raise ValueError(f"view must be one of {VIEWS} and output_size one of {OUTPUT_SIZES}, got {view!r} and "
+                         f"{output_size!r}")
+    if output_size == "source" and view != "full":
+        raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+
+
 def output_settings(anonymizer, **kwargs) -> dict:
     """What shapes an output besides its input, as the keep file records it (JSON types): the settings of
     :func:`anonymize_file` among ``kwargs`` (defaults filled in, the working scale resolved) and the model's config.
@@ -286,11 +296,7 @@ def anonymize_file(
     num_frames, image_size = cfg.num_frames, cfg.image_size
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
-    if view not in VIEWS or output_size not in OUTPUT_SIZES:
-        raise ValueError(f"view must be one of {VIEWS} and output_size one of {OUTPUT_SIZES}, got {view!r} and "
-                         f"{output_size!r}")
-    if output_size == "source" and view != "full":
-        raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+    check_view(view, output_size)
     settings = output_settings(anonymizer, stride=stride, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold,
                                view=view, output_size=output_size, min_overlap=min_overlap, short_side=short_side,
                                mean=mean, std=std)

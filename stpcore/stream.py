@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from stpcore import media
-from stpcore.anonymize import WindowAnonymizer, plan_windows, prepare_output_dir, to_source_size
+from stpcore.anonymize import WindowAnonymizer, check_view, plan_windows, prepare_output_dir, to_source_size
 from stpcore.data.preprocess import to_working_scale, working_short_side
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
@@ -325,8 +325,7 @@ def anonymize_stream(
                          f"starting with '.'), so the segments stay inside the output folder")
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
-    if output_size == "source" and view != "full":
-        raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+    check_view(view, output_size)  # before the source is opened
     cfg = anonymizer.cfg
     chunk_len = cfg.num_frames * stride
     short_side = short_side or working_short_side(cfg.image_size)

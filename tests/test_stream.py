@@ -449,3 +449,13 @@ def test_a_frame_rate_change_midway_starts_a_new_segment_at_the_new_rate(anonymi
     assert {line["fps"] for line in lines} == {25.0, 10.0}
     with av.open(str(tmp_path / "out" / lines[-1]["file"])) as c:
         assert float(c.streams.video[0].average_rate) == pytest.approx(10, rel=0.01)
+
+
+@pytest.mark.parametrize("kw, match", [({"output_size": "bogus"}, "output_size one of"),
+                                       ({"view": "wide"}, "view must be one of"),
+                                       ({"view": "center", "output_size": "source"}, "needs view='full'")])
+def test_bad_view_settings_are_refused_before_the_source_opens(anonymizer, tmp_path, kw, match):
+    """output_size='bogus' ran silently as 'work' (the CLI's choices hid it; the API did not check)."""
+    with pytest.raises(ValueError, match=match):
+        anonymize_stream("udp://127.0.0.1:9", tmp_path / "out", anonymizer, timeout=1, **kw)
+    assert not (tmp_path / "out").exists()
