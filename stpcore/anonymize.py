@@ -26,7 +26,8 @@ Outputs per input, named after it (``<stem>``, made unique within one run; see :
 - ``<stem>.keep.npz``: ``keep`` uint8 (clips, windows, N) masks in t-major tubelet order; ``start`` and
   ``phase`` of each clip (first source frame, stride phase); ``window`` (windows, 2) each window's (y, x)
   origin and ``owned`` (windows, 4) the (y0, y1, x0, x1) it contributes, in working-scale pixels of the
-  padded frame; ``window_size``, ``work_size`` (H, W), ``source_size`` (H, W), ``pad`` (bottom, right),
+  padded frame; ``window_size``, ``work_size`` (H, W), ``source_size`` (H, W), ``video_size`` (H, W) of the written
+  video (the output size rounded up to even, by repeating the last row or column), ``pad`` (bottom, right),
   ``view``, ``output_size``, ``stride``, ``grid``, ``tubelet``; and the record of what the outputs were made
   from: ``source`` (the input's resolved path), ``source_bytes`` and ``source_mtime_ns`` (its size and
   modification time when it was read), ``settings`` (JSON: :func:`output_settings`) and ``outputs`` (JSON: name
@@ -358,7 +359,8 @@ def anonymize_file(
     _save_npz(keep_path, keep=np.stack(keeps), start=np.array(starts), phase=np.array(phases), stride=stride,
               grid=np.array(cfg.grid), tubelet=np.array(cfg.tubelet), window=np.array(g.origins),
               owned=np.array(g.owned), window_size=g.window, work_size=np.array([g.height, g.width]),
-              source_size=np.array(source), pad=np.array(g.pad), view=view, output_size=output_size, **record,
+              source_size=np.array(source), pad=np.array(g.pad), view=view, output_size=output_size,
+              video_size=np.array(writer.size[::-1]), **record,
               outputs=json.dumps({v.name: _stamp(v) for v in videos}))
     return [out_path, keep_path] + ([sbs_path] if side_by_side else [])
 

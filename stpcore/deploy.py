@@ -27,8 +27,12 @@ Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime, openvino, nncf): ``pi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,19 +123,23 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
 
     Args:
         model: the trained STPrivacy (a copy is exported in eval mode; the model is not modified).
-        path: the .onnx file (written atomically).
+        path: the .onnx file (written atomically; with ``verify``, only once the check has passed, so a failed
+            export or check leaves ``path`` as it was).
         keep_ratio: alpha in (0, 1] per stage (None: the model's trained ratio).
         verify: compare with PyTorch through ONNX Runtime (:func:`verify_onnx`).
         opset: the ONNX opset (None: the exporter's default).
 
     Raises:
-        RuntimeError: the deploy extra is missing (the message names it), or an operator cannot be exported
-            (the message names it).
+        RuntimeError: the deploy extra is missing (the message names it; onnxruntime is checked up front when
+            ``verify`` needs it), or an operator cannot be exported (the message names it).
+        ValueError: ``keep_ratio`` is out of range, or ONNX Runtime cannot load the exported graph.
     """
     import copy
 
     require("onnx")
     require("onnxscript")
+    if verify:
+        require("onnxruntime")  # before the export's seconds to minutes, not after them
     from stpcore.media import atomic_path
     from stpcore.ops.export import decompositions
 
@@ -145,7 +153,7 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
     example = torch.randn(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
             program = program.run_decompositions(decompositions(onnx=True))
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset, verbose=False,
@@ -156,16 +164,50 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0][:300]  # without the exporter's colours
         raise RuntimeError(f"ONNX export failed{where}: {first}") from exc
     path = Path(path)
+    report = ExportReport(path, ratio, float("nan"), float("nan"), ())
     with atomic_path(path) as tmp:
         onnx_program.save(str(tmp))
         _write_metadata(tmp, {"num_frames": cfg.num_frames, "image_size": cfg.image_size, "tubelet": list(cfg.tubelet),
                               "keep_ratio": ratio, "kept_per_slot": list(cfg.kept_per_slot(ratio)),
                               WEIGHTS_KEY: weights_fingerprint(net)})
-    report = ExportReport(path, ratio, float("nan"), float("nan"), ())
-    if verify:
-        agreement, diff, batches = verify_onnx(path, module)
-        report.keep_agreement, report.max_video_diff, report.batches = agreement, diff, batches
+        if verify:  # the temporary file, before the rename: a graph that fails the check never reaches ``path``
+            try:
+                agreement, diff, batches = verify_onnx(tmp, module)
+            except ValueError as exc:
+                reason = str(exc).removeprefix(f"{tmp}: ")  # the temporary name means nothing to the reader
+                raise ValueError(f"{path}: the exported graph failed its check, so it was not written ({reason})") \
+                    from exc
+            report.keep_agreement, report.max_video_diff, report.batches = agreement, diff, batches
     return report
+
+
+class _DropMessages(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence two messages the exporter prints on every export that say nothing about stpcore's graph: torch's
+    FutureWarning that ``isinstance(treespec, LeafSpec)`` is deprecated (raised inside torch.export), and the
+    ONNX exporter's "torchvision is not installed. Skipping torchvision::nms" lines (stpcore uses no torchvision
+    op). Every other warning and log record passes."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    drop = _DropMessages("torchvision is not installed")
+    registration.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(drop)
 
 
 def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, ...] = (1, 3),
@@ -284,7 +326,15 @@ def quantize_onnxruntime_int8(src: str | os.PathLike, dst: str | os.PathLike) ->
     blocks, _ = block_linear_nodes(src)
     if not blocks:
         raise ValueError(f"{src}: no transformer-block linear layers found to quantize (not an stpcore export?)")
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_quantize=blocks)
+    # quantize_dynamic logs "Please consider to run pre-processing before quantization..." on the root logger on
+    # every call, a general hint, printed on every --precision int8 run; it is silenced for this call only.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_quantize=blocks)
+    finally:
+        root.setLevel(level)
     return Path(dst)
 
 

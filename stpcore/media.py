@@ -84,8 +84,16 @@ def to_uint8(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, mask: to
 class VideoWriter:
     """Streaming encoder: ``with VideoWriter(path, fps) as w: w.write(frames)``; atomic on success.
 
-    Frames are uint8 (T, H, W, 3) (or one (H, W, 3) frame); the size is fixed by the first write. Odd sizes
-    are padded by one black pixel (4:2:0 needs even sizes). codec: h264 (.mp4), vp9 (.webm), mpeg4 (.avi).
+    Frames are uint8 (T, H, W, 3) (or one (H, W, 3) frame); the size is fixed by the first write.
+    codec: h264 (.mp4), vp9 (.webm), mpeg4 (.avi).
+
+    4:2:0 chroma needs even sizes, so an odd height or width is padded by one row or column at the bottom or
+    right that repeats the last one (edge pixels, not black: in anonymized output black means a dropped
+    tubelet). The file is then one pixel larger than the frames given; ``size`` says what is encoded.
+
+    Attributes:
+        size: (W, H) of the encoded frames, the given size rounded up to even; None before the first write.
+        frames_written: the number of frames encoded so far.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float = 25.0, codec: str = "h264", crf: int | None = None):
@@ -93,6 +101,7 @@ class VideoWriter:
             raise ValueError(f"VideoWriter: codec must be one of {sorted(CODECS)}, got {codec!r}")
         self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
         self.frames_written = 0
+        self.size: tuple[int, int] | None = None  # (W, H) as encoded, set by the first write
 
     def __enter__(self) -> VideoWriter:
         import av  # optional dependency (stpcore[video])
@@ -108,7 +117,9 @@ class VideoWriter:
 
         encoder, _, pix_fmt = CODECS[self.codec]
         self._stream = self._container.add_stream(encoder, rate=Fraction(self.fps).limit_denominator(1001))
-        self._stream.width, self._stream.height, self._stream.pix_fmt = width + width % 2, height + height % 2, pix_fmt
+        self.size = (width + width % 2, height + height % 2)  # 4:2:0 needs even sizes
+        self._stream.width, self._stream.height = self.size
+        self._stream.pix_fmt = pix_fmt
         if self.crf is not None:
             self._stream.options = {"crf": str(self.crf)}
         self._size = (height, width)
@@ -125,8 +136,8 @@ class VideoWriter:
         if frames.shape[1:3] != self._size:
             raise ValueError(f"VideoWriter: frame size changed from {self._size} to {frames.shape[1:3]}")
         H, W = self._size
-        if H % 2 or W % 2:
-            frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))
+        if H % 2 or W % 2:  # repeat the last row/column: black would read as a dropped tubelet
+            frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
         for frame in frames:
             for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 self._container.mux(packet)

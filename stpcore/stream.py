@@ -393,6 +393,7 @@ def anonymize_stream(
                                dropped_before=chunk.dropped_before, runs=[], opened=time.time(),
                                size=[int(frames.shape[2]), int(frames.shape[1])])
             writer.write(np.ascontiguousarray(frames))
+            segment["size"] = list(writer.size)  # as encoded: an odd size is rounded up to even (edge pixels)
             runs = segment["runs"]  # the input frames this segment holds, as [first, count] runs
             if runs and runs[-1][0] + runs[-1][1] == chunk.first:
                 runs[-1][1] += chunk.real

@@ -461,3 +461,17 @@ def test_output_size_source_needs_the_full_view(tmp_path, model):
     src = _source(tmp_path / "cam.mp4", frames=4)
     report = anonymize_files([src], tmp_path / "out", model, view="center", output_size="source", verbose=False)
     assert "needs view='full'" in report.failed[str(src)]
+
+
+@pytest.mark.parametrize("output_size", ["work", "source"])
+def test_the_keep_file_records_the_written_video_size(tmp_path, model, output_size):
+    """An odd size is rounded up to even for the codec, by repeating the last row or column (never black, which
+    reads as a dropped tubelet); the keep file says what was written."""
+    src = _source(tmp_path / "a.mp4", frames=6, h=42, w=58)  # 42x58 source: the working scale is 37 x 51 (odd)
+    report = anonymize_files([src], tmp_path / "out", model, verbose=False, output_size=output_size)
+    assert not report.failed
+    video = _decode(tmp_path / "out" / "a.anonymized.mp4")
+    with np.load(tmp_path / "out" / "a.keep.npz") as saved:
+        assert tuple(saved["video_size"]) == video.shape[1:3]
+        if output_size == "work":
+            assert tuple(saved["work_size"]) != video.shape[1:3] and all(n % 2 == 0 for n in video.shape[1:3])

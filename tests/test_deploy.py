@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -82,6 +84,62 @@ def test_a_missing_runtime_names_the_extra(tmp_path, monkeypatch, trained_tiny, 
     assert main(["export", str(trained_tiny), str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "onnxscript is not installed" in err and "stpcore[deploy]" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_checks_for_onnxruntime_before_it_exports_and_writes_nothing(tmp_path, monkeypatch):
+    import stpcore.deploy as deploy
+
+    real = deploy.require
+
+    def no_onnxruntime(module):
+        if module == "onnxruntime":
+            raise RuntimeError(f"{module} is not installed (test); {deploy.DEPLOY_EXTRA}")
+        return real(module)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported although the check needs onnxruntime, which is missing")
+
+    monkeypatch.setattr(deploy, "require", no_onnxruntime)
+    monkeypatch.setattr(torch.export, "export", no_export)  # fail fast: the check comes first
+    with pytest.raises(RuntimeError, match=r"onnxruntime is not installed.*stpcore\[deploy\]"):
+        export_onnx(STPrivacy(STPrivacyConfig.from_name("tiny")), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _failing_check(checked):
+    def verify(path, module, *args, **kwargs):
+        checked.append(path)
+        raise ValueError(f"{path}: not a readable ONNX model (test)")
+    return verify
+
+
+def test_a_graph_that_fails_its_check_is_not_written(trained_tiny, tmp_path, monkeypatch, capsys):
+    """The check runs on the temporary file: on failure the CLI says so (rc 2) and nothing reaches the destination,
+    not even a temporary file."""
+    import stpcore.deploy as deploy
+    from stpcore.cli import main
+
+    checked = []
+    monkeypatch.setattr(deploy, "verify_onnx", _failing_check(checked))
+    out = tmp_path / "out"
+    assert main(["export", str(trained_tiny), str(out / "m.onnx")]) == 2
+    assert list(out.iterdir()) == []
+    assert len(checked) == 1 and checked[0] != out / "m.onnx" and checked[0].parent == out  # the temporary file
+    err = capsys.readouterr().err
+    assert "m.onnx: the exported graph failed its check, so it was not written (not a readable ONNX model" in err
+
+
+def test_a_graph_that_fails_its_check_leaves_the_earlier_file_as_it_was(tmp_path, monkeypatch):
+    import stpcore.deploy as deploy
+
+    monkeypatch.setattr(deploy, "verify_onnx", _failing_check([]))
+    earlier = tmp_path / "m.onnx"
+    earlier.write_bytes(b"the graph exported yesterday")
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="not a readable ONNX model") as failure:
+        export_onnx(STPrivacy(STPrivacyConfig.from_name("tiny")), earlier)
+    assert earlier.read_bytes() == b"the graph exported yesterday" and list(tmp_path.iterdir()) == [earlier]
+    assert "failed its check, so it was not written" in str(failure.value)
 
 
 def test_clip_anonymizer_on_onnxruntime_matches_torch(trained_tiny):
@@ -209,7 +267,10 @@ def test_an_exported_graph_carries_its_geometry_and_runs_as_given(trained_tiny, 
     from stpcore.models import load_anonymizer
 
     model = load_anonymizer(trained_tiny)
-    export_onnx(model, tmp_path / "half.onnx", keep_ratio=0.5, verify=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(model, tmp_path / "half.onnx", keep_ratio=0.5, verify=False)
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]  # torch's deprecation notice, silenced
     meta = read_onnx(tmp_path / "half.onnx")
     assert meta == {"num_frames": 8, "image_size": 32, "tubelet": list(model.cfg.tubelet), "keep_ratio": 0.5,
                     "kept_per_slot": list(model.cfg.kept_per_slot(0.5)), "weights_sha256": weights_fingerprint(model)}
@@ -323,6 +384,31 @@ def test_an_int8_graph_of_this_model_loads_for_it(trained_tiny, tiny_graph, tmp_
     quantized = quantize_onnxruntime_int8(tiny_graph, tmp_path / "int8.onnx")
     assert read_onnx(quantized, expect={"weights_sha256": weights_fingerprint(model)})["weights_sha256"] == \
         weights_fingerprint(model)
+
+
+def test_onnxruntime_int8_quantization_logs_no_preprocessing_hint(tiny_graph, tmp_path, caplog, monkeypatch):
+    """quantize_dynamic's "Please consider to run pre-processing" on the root logger is silenced for the call only,
+    and the root logger's level is restored, also when quantization fails."""
+    import logging
+
+    import onnxruntime.quantization
+
+    from stpcore.deploy import quantize_onnxruntime_int8
+
+    root = logging.getLogger()
+    with caplog.at_level(logging.WARNING):
+        quantize_onnxruntime_int8(tiny_graph, tmp_path / "int8.onnx")
+        assert root.level == logging.WARNING
+    assert not [r for r in caplog.records if "pre-processing before quantization" in r.getMessage()]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantization failed (test)")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", broken)
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(RuntimeError, match="quantization failed"):
+            quantize_onnxruntime_int8(tiny_graph, tmp_path / "int8-again.onnx")
+        assert root.level == logging.INFO
 
 
 def test_a_graph_without_the_weights_fingerprint_is_refused(trained_tiny, tiny_graph, tmp_path):

@@ -29,6 +29,24 @@ def test_write_video_round_trip_and_atomic(tmp_path):
     assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)
 
 
+def test_odd_sizes_are_padded_with_the_edge_pixels_not_black(tmp_path):
+    """4:2:0 needs even sizes: a 97x71 frame is encoded as 98x72, its last row and column repeated (black padding
+    would read as a dropped tubelet)."""
+    frames = np.full((3, 71, 97, 3), 128, dtype=np.uint8)  # grey: no chroma, so the luma round trip is near exact
+    frames[:, -1, :] = 220  # the last row and column differ from the inside, so the padding must copy them
+    frames[:, :, -1] = 220
+    with media.VideoWriter(tmp_path / "odd.mp4", fps=10, crf=0) as writer:
+        assert writer.size is None
+        writer.write(frames)
+        assert writer.size == (98, 72)  # (W, H) as encoded
+    decoded = _decode(tmp_path / "odd.mp4").astype(int)
+    assert decoded.shape == (3, 72, 98, 3)
+    assert np.abs(decoded[:, :71, :97] - frames).max() <= 3
+    assert np.abs(decoded[:, 71, :97] - frames[:, 70]).max() <= 3  # the extra row repeats the last one
+    assert np.abs(decoded[:, :71, 97] - frames[:, :, 96]).max() <= 3  # the extra column repeats the last one
+    assert np.abs(decoded[:, 71, 97] - 220).max() <= 3
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         with media.atomic_path(tmp_path / "x.txt") as tmp:

@@ -101,8 +101,10 @@ def _segments_ok(out: Path, report, name="stream") -> int:
     total = 0
     for line in lines:
         with av.open(str(out / line["file"])) as c:
-            got = sum(1 for _ in c.decode(video=0))
+            decoded = list(c.decode(video=0))
+        got = len(decoded)
         assert got == line["frames"] > 0, line
+        assert [decoded[0].width, decoded[0].height] == line["size"], line  # the size as encoded
         # The runs account for the segment's frames, start at its first frame, and never overlap or go back.
         runs = line["runs"]
         assert runs[0][0] == line["first_frame"] and sum(n for _, n in runs) == line["frames"], line
