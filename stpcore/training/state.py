@@ -85,9 +85,15 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
     if trainer.dist.world_size > 1:  # each rank draws its own Gumbel noise: keep every rank's generator
         noise_states = [None] * trainer.dist.world_size
         dist.all_gather_object(noise_states, trainer.noise_gen.get_state().cpu())
+    replay_states = None
+    if trainer.dist.world_size > 1 and trainer.cfg.privacy_replay:  # each rank replays its own past batches
+        replay_states = [None] * trainer.dist.world_size
+        dist.all_gather_object(replay_states, [{k: v.cpu() for k, v in e.items()} for e in trainer.replay])
     if trainer.dist.main:
         state = state_dict(trainer)
         state["noise_rng_per_rank"] = noise_states
+        if replay_states is not None:
+            state["replay_per_rank"] = replay_states
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     if trainer.dist.world_size > 1:
@@ -110,7 +116,9 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     rng = dict(state["rng"])
     rng["python"] = _to_tuples(rng["python"])
     set_rng_state(rng)
-    saved = state.get("replay", [])[: trainer.cfg.privacy_replay]  # a resume with a smaller (or no) buffer cuts it
+    per_rank_replay = state.get("replay_per_rank")  # several processes: every rank's own buffer
+    saved = per_rank_replay[trainer.dist.rank] if per_rank_replay else state.get("replay", [])
+    saved = saved[: trainer.cfg.privacy_replay]  # a resume with a smaller (or no) buffer cuts it
     trainer.replay = [{k: v.to(trainer.device) for k, v in entry.items()} for entry in saved]
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     trainer.noise_gen.set_state(per_rank[trainer.dist.rank])

@@ -509,6 +509,7 @@ class Trainer:
 
     def _run_epoch(self, phase: str, epochs: int, step_fn, history) -> None:
         self._maybe_restart_privacy()
+        from_start = self.step_in_epoch == 0  # not a resume in the middle of this epoch
         bar = None
         if self.cfg.progress and self.dist.main:
             bar = progress(self.steps_per_epoch, f"{phase} epoch {self.epoch + 1}/{epochs}", initial=self.step_in_epoch)
@@ -546,22 +547,35 @@ class Trainer:
                                           f"{path}; continue with --resume {path}")
         if bar is not None:
             bar.close()
+        report = getattr(self.loader, "report", None)
+        counts = dict(report().counts) if report is not None else {}
+        if from_start and not self._any_rank(ran > 0)[0]:
+            # Every video was skipped (e.g. H.264 with --decoder dali on a CPU): training on would end "successfully"
+            # and export an untrained model.
+            raise ValueError(f"{phase} epoch {self.epoch}: no batch could be read; every video was skipped "
+                             f"({counts or 'no data report'}). Check the data with `stpcore data check`; for "
+                             f"--decoder dali on a CPU, transcode to VP9 (`stpcore data transcode`) or use --decoder "
+                             f"pyav")
         if phase == "phase2" and self._any_rank(ran > 0 and labelled == 0)[0] and self.dist.main:
             warnings.warn(f"phase 2 epoch {self.epoch}: a rank trained on no clip with privacy labels, so the "
                           f"privacy adversary learned nothing there; check that the label keys (<class>/<video>) "
                           f"match the videos", RuntimeWarning, stacklevel=2)
             self._log({"phase": phase, "epoch": self.epoch, "event": "no privacy labels seen"})
         if self.dist.world_size > 1 and seen:
-            self._log_sharding(phase, seen)
-        report = getattr(self.loader, "report", None)
-        if report is not None and self.dist.main:
-            counts = dict(report().counts)
-            if counts:
-                self._log({"phase": phase, "epoch": self.epoch, "data_report": counts})
+            self._log_sharding(phase, seen, partial=not from_start)
+        if counts and self.dist.main:  # the loader's counts add up over the run: log this epoch's part, and the sum
+            before = getattr(self, "_reported", {})
+            epoch_counts = {k: v - before.get(k, 0) for k, v in counts.items() if v - before.get(k, 0)}
+            self._reported = counts
+            if epoch_counts:
+                self._log({"phase": phase, "epoch": self.epoch, "data_report": epoch_counts,
+                           "data_report_total": counts})
 
-    def _log_sharding(self, phase: str, seen: list[int]) -> None:
-        """Rank 0 logs which videos each rank trained on this epoch: the shards must not overlap."""
-        self._log({"phase": phase, "epoch": self.epoch, **sharding_report(self.dist, seen)})
+    def _log_sharding(self, phase: str, seen: list[int], partial: bool = False) -> None:
+        """Rank 0 logs which videos each rank trained on this epoch: the shards must not overlap. ``partial``: the
+        epoch was resumed midway, so the record covers its resumed part only."""
+        self._log({"phase": phase, "epoch": self.epoch, **sharding_report(self.dist, seen),
+                   **({"partial": True} if partial else {})})
 
     def export_anonymizer(self, path: str | os.PathLike) -> Path:
         """Write the STPrivacy weights and config alone: what ``stpcore anonymize --checkpoint`` reads."""

@@ -76,6 +76,12 @@ def main() -> None:
         result = {"outcome": "interrupted", "message": str(exc)}
     result["steps"] = trainer.global_step
     result["clip_sums"] = loader.clip_sums
+    if scenario == "adversaries":  # a resume restores this rank's own replay buffer, not rank 0's
+        twin = Trainer(cfg, _Loader(scenario, rank))
+        twin.load_checkpoint(out / "run" / "last.pt")
+        result["replay_restored"] = len(twin.replay) == len(trainer.replay) > 0 and all(
+            torch.equal(a[k], b[k]) for a, b in zip(twin.replay, trainer.replay, strict=True) for k in a)
+        result["replay_sum"] = float(sum(e["video"].double().sum() for e in trainer.replay))
     torch.save({"initial": initial, "final": _parameters(trainer)}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # Leave together: a rank that exits while its peer still talks to it over the gloo sockets can take the

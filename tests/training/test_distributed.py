@@ -102,3 +102,7 @@ def test_the_phase2_privacy_options_train_one_model_on_both_ranks(tmp_path):
     for model in ("privacy_1", "stats"):
         assert any(not torch.equal(ranks[0]["initial"][n], ranks[0]["final"][n]) for n in names
                    if n.startswith(f"{model}.")), model
+    # Each rank replays its own past batches, and a resume gives each its own buffer back (every rank got rank 0's,
+    # so a resumed run drifted from the uninterrupted one).
+    assert results[0]["replay_sum"] != results[1]["replay_sum"]
+    assert [r["replay_restored"] for r in results] == [True, True]

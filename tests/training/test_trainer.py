@@ -457,6 +457,15 @@ def test_bf16_autocast_training_on_cpu(tmp_path):
     assert all(math.isfinite(r["loss"]) for phase in history.values() for r in phase)
 
 
+def test_an_epoch_in_which_every_video_is_skipped_stops_the_run(tmp_path):
+    """A loader that promises batches but skips every video (H.264 with --decoder dali on a CPU) trained nothing
+    and still exported its random weights as the trained model."""
+    trainer = Trainer(_cfg(tmp_path), _AllVideosFail(num_batches=2, batch_size=4, num_frames=8, size=32))
+    with pytest.raises(ValueError, match="phase1 epoch 0: no batch could be read; every video was skipped"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "stprivacy.pt").exists()
+
+
 def test_a_loader_without_batches_is_refused_before_training(tmp_path):
     """batch_size above the videos a process sees (drop_last): no step would run and an untrained model
     would be exported as the result."""
