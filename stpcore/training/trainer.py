@@ -187,10 +187,12 @@ class Trainer:
             f"check the data."
         )
 
-    def _check_finite(self, values: dict[str, torch.Tensor]) -> None:
+    def _check_finite(self, values: dict[str, torch.Tensor], when: str = "before this step") -> None:
+        """TrainingDiverged (and the state saved) when a value is NaN/Inf on any rank; ``when`` says which of this
+        step's updates the saved state already holds."""
         bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
         if self._any_rank(bool(bad))[0]:
-            raise self._diverged(", ".join(bad) or "a loss on another rank", "before this step")
+            raise self._diverged(", ".join(bad) or "a loss on another rank", when)
 
     def _update(self, name: str, loss: torch.Tensor, model: nn.Module, schedule: bool = True) -> float:
         opt = self.opt[name]
@@ -202,7 +204,10 @@ class Trainer:
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
         if not math.isfinite(grad_norm):
             opt.zero_grad(set_to_none=True)
-            raise self._diverged(f"the gradient of the {name} update", "before this update")
+            # In phase 2 the updates before this one (STPrivacy's, then the recognizers' in turn) are in the state.
+            later = name not in ("phase1", "phase2")  # a recognizer's: STPrivacy's update of this step is applied
+            raise self._diverged(f"the gradient of the {name} update", f"before the {name} update (this step's "
+                                 f"updates before it are applied)" if later else "before this update")
         opt.step()
         if schedule:
             self.sched[name].step()
@@ -309,12 +314,14 @@ class Trainer:
         rec_losses, privacy_logits = adversary_losses()  # the metrics report these, the first update's
         step_losses = rec_losses
         self._check_finite({"action recognizer loss": rec_ce,
-                            **{f"{name} recognizer loss": v for name, v in rec_losses.items()}})
+                            **{f"{name} recognizer loss": v for name, v in rec_losses.items()}},
+                           "after this step's STPrivacy update, before the recognizers'")
         self._update("action", rec_ce, action_rec)
         for step in range(cfg.privacy_steps):  # privacy_steps updates of each adversary on this batch
             if step:
                 step_losses = adversary_losses()[0]
-                self._check_finite({f"{name} recognizer loss": v for name, v in step_losses.items()})
+                self._check_finite({f"{name} recognizer loss": v for name, v in step_losses.items()},
+                                   f"after this step's STPrivacy, action and {step} privacy update(s)")
             for name, value in step_losses.items():  # the lr schedules advance once per training step
                 self._update(name, value, self.models[name], schedule=step == cfg.privacy_steps - 1)
         acc = (action_logits.argmax(-1) == actions).float().mean()

@@ -355,6 +355,25 @@ def test_non_finite_gradient_stops_before_the_step(tmp_path):
     assert list((tmp_path / "run").glob("diverged-step*.pt"))
 
 
+def test_a_recognizer_that_diverges_in_phase2_says_which_updates_the_saved_state_holds(tmp_path, monkeypatch):
+    """The recognizers update after STPrivacy in a phase-2 step: the saved state holds that update, and the message
+    said "before this step"."""
+    from stpcore import losses as losses_module
+
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=0), _loader())
+    real = losses_module.action_loss
+    calls = []
+
+    def nan_for_the_recognizer(logits, actions):  # the first call is STPrivacy's own term, the second the recognizer's
+        calls.append(1)
+        value = real(logits, actions)
+        return value * float("nan") if len(calls) == 2 else value
+
+    monkeypatch.setattr(losses_module, "action_loss", nan_for_the_recognizer)
+    with pytest.raises(TrainingDiverged, match="after this step's STPrivacy update, before the recognizers'"):
+        trainer.fit()
+
+
 def test_resume_refuses_another_schedule_and_warns_on_changed_settings(tmp_path):
     Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
     last = tmp_path / "run" / "last.pt"
