@@ -485,6 +485,29 @@ def test_an_epoch_in_which_every_video_is_skipped_stops_the_run(tmp_path):
     assert not (tmp_path / "run" / "stprivacy.pt").exists()
 
 
+def test_the_data_report_is_logged_per_epoch_beside_the_running_total(tmp_path):
+    """A loader's report counts over the whole run; it was logged as if each epoch's."""
+    from types import SimpleNamespace
+
+    class Skips(RandomClipLoader):  # two videos skipped in every epoch
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.total = 0
+
+        def __iter__(self):
+            self.total += 2
+            yield from super().__iter__()
+
+        def report(self):
+            return SimpleNamespace(counts={"unreadable": self.total})
+
+    Trainer(_cfg(tmp_path, phase1_epochs=2, phase2_epochs=1), Skips(3, 4, 8, 32)).fit()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    reports = [(r["data_report"], r["data_report_total"]) for r in lines if "data_report" in r]
+    assert reports == [({"unreadable": 2}, {"unreadable": 2}), ({"unreadable": 2}, {"unreadable": 4}),
+                       ({"unreadable": 2}, {"unreadable": 6})]
+
+
 def test_a_loader_without_batches_is_refused_before_training(tmp_path):
     """batch_size above the videos a process sees (drop_last): no step would run and an untrained model
     would be exported as the result."""
