@@ -11,7 +11,8 @@ on them, so only the selection ops differ between them; the cut in work comes fr
 against ``masked``.
 extra_info: clips/s from the median time, and the peak memory of one call after a warm-up call (``peak_mib``;
 on CPU with glibc tuned so RSS follows the live tensors, plus ``peak_mib_default_first`` / ``_later``: a
-default process's first call and largest later call; see benchmarks/memory.py). On CUDA every timed call
+default process's first call and largest later call; see benchmarks/memory.py); ``backends``: the backend
+dispatch picked per op while the benchmark ran (``stpcore.ops.dispatch.chosen``). On CUDA every timed call
 ends with torch.cuda.synchronize().
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from benchmarks.memory import cpu_peak_default_mib, cpu_peak_mib, cuda_peak_mib
 from stpcore.models import STPrivacy, STPrivacyConfig
+from stpcore.ops import dispatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROVIDERS = ["reference", "auto"]
@@ -135,6 +137,7 @@ def _record(benchmark, batch: int, peak_mib: float | None) -> None:
         benchmark.extra_info["peak_mib"] = round(peak_mib, 1)
     benchmark.extra_info["device"] = DEVICE
     benchmark.extra_info["threads"] = torch.get_num_threads()
+    benchmark.extra_info["backends"] = dispatch.chosen()  # what ran (each test starts with forget_choices)
 
 
 def _peak(benchmark, builder: str, **kwargs) -> float:
@@ -148,6 +151,7 @@ def _peak(benchmark, builder: str, **kwargs) -> float:
 
 @pytest.mark.parametrize("provider", INFERENCE_PROVIDERS)
 def test_inference_vit_small_b8(benchmark, provider, request):
+    dispatch.forget_choices()
     benchmark.group = "stprivacy inference vit_small B=8 16x112x112"
     step = build_inference(batch=8, provider=provider)
     step()  # warm-up
@@ -159,6 +163,7 @@ def test_inference_vit_small_b8(benchmark, provider, request):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_phase2_step_vit_small(benchmark, provider, request):
+    dispatch.forget_choices()
     batch = TRAIN_BATCH
     benchmark.group = f"stprivacy phase-2 step (STPrivacy + both recognizers) vit_small B={batch}"
     step = build_phase2_step(batch=batch, provider=provider)
@@ -172,6 +177,7 @@ def test_phase2_step_vit_small(benchmark, provider, request):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step_vit_small(benchmark, provider, request):
+    dispatch.forget_choices()
     batch = TRAIN_BATCH
     benchmark.group = f"stprivacy phase-1 training step vit_small B={batch} 16x112x112"
     step = build_train_step(batch=batch, provider=provider)

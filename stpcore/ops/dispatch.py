@@ -156,6 +156,20 @@ def select(op: str, backend: str | None, *args, **kwargs) -> Backend:
     return found
 
 
+def chosen() -> dict[str, list[str]]:
+    """The backends dispatch picked, per op, since :func:`forget_choices` (or the start of the process): what ran,
+    for a benchmark or profile to record (a missing Triton install shows here as the reference or chunked backend)."""
+    out: dict[str, set[str]] = {}
+    for key, backend in _CHOICES.items():
+        out.setdefault(key[0], set()).add(backend.name)
+    return {op: sorted(names) for op, names in sorted(out.items())}
+
+
+def forget_choices() -> None:
+    """Empty the cache of choices (the next call of each op chooses afresh; :func:`chosen` starts from nothing)."""
+    _CHOICES.clear()
+
+
 def _select(op: str, backend: str | None, *args, **kwargs) -> Backend:
     candidates = backends(op)
     named = backend if backend is not None else _forced(op)

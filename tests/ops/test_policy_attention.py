@@ -130,6 +130,20 @@ def test_env_var_forces_backend(monkeypatch):
     assert ops.dispatch.select("policy_attention", None, q, k, v, p, eps=1e-6).name == "reference"
 
 
+def test_dispatch_records_what_ran(monkeypatch):
+    """A benchmark records the backends that ran (a missing Triton install on a GPU would show as the reference)."""
+    q, k, v, p = _inputs(1, 1, 4, 4, dtype=torch.float32)
+    monkeypatch.delenv("STPCORE_BACKEND", raising=False)
+    ops.dispatch.forget_choices()
+    ops.policy_attention(q, k, v, p)
+    automatic = ops.dispatch.chosen()
+    assert list(automatic) == ["policy_attention"] and automatic["policy_attention"] != ["reference"]
+    monkeypatch.setenv("STPCORE_BACKEND", "reference")
+    ops.dispatch.forget_choices()
+    ops.policy_attention(q, k, v, p)
+    assert ops.dispatch.chosen() == {"policy_attention": ["reference"]}
+
+
 @pytest.mark.parametrize("value, match", [("policy_atention=reference", "'policy_atention' is not an op; the ops"),
                                           ("reference,triton", "two backends for every op")])
 def test_env_var_with_a_misspelt_op_is_an_error(monkeypatch, value, match):
