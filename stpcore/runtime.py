@@ -48,15 +48,15 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def steps_per_epoch(loader, batch_size: int, what: str = "training") -> int:
+def steps_per_epoch(loader, batch_size: int) -> int:
     """The number of batches an epoch of ``loader`` yields; ValueError when it yields none (a batch size above
     the videos a process sees, with the last partial batch dropped), which would otherwise train nothing."""
     steps = len(loader)
     if steps < 1:
         records = getattr(loader, "records", None)
-        videos = f"the {len(records)} {what} videos" if records is not None else f"the {what} videos"
+        videos = f"the {len(records)} training videos" if records is not None else "the training videos"
         raise ValueError(
-            f"the {what} loader yields no batch: batch_size {batch_size} is more than {videos} one process sees "
+            f"the training loader yields no batch: batch_size {batch_size} is more than {videos} one process sees "
             f"(the last partial batch is dropped); lower --batch-size, or add videos")
     return steps
 

@@ -85,23 +85,23 @@ ATTACKER_COLUMNS = {
     "drop": lambda r: r["drop"],
     "skin AP": lambda r: 100 * r["ap"]["skin_color"],
 }
-# header -> value from benchmarks/selection_seeds.py's runs (a seed's final or selected model on the test split)
-SELECTION_COLUMNS = {
+# header -> value of a run scored against every attacker (selection_seeds.py and privacy_methods.py share these)
+DROP_COLUMNS = {
     "top-1 %": lambda r: r["top1"],
-    "action loss": lambda r: r["action_loss"],
     "worst drop": lambda r: r["worst_drop"],
     "vit drop": lambda r: r["drops"]["vit"],
     "frame_cnn drop": lambda r: r["drops"]["frame_cnn"],
     "stats drop": lambda r: r["drops"]["stats"],
 }
+# header -> value from benchmarks/selection_seeds.py's runs (a seed's final or selected model on the test split)
+SELECTION_COLUMNS = {
+    **DROP_COLUMNS,
+    "action loss": lambda r: r["action_loss"],
+}
 # header -> value from benchmarks/privacy_methods.py --gather: "<method> seed <s>" (a run) and "<method>" (its summary)
 METHOD_COLUMNS = {
-    "top-1 %": lambda r: r["top1"],
+    **DROP_COLUMNS,
     "top-1 vs raw": lambda r: r["top1_vs_raw"],
-    "worst drop": lambda r: r["worst_drop"],
-    "vit drop": lambda r: r["drops"]["vit"],
-    "frame_cnn drop": lambda r: r["drops"]["frame_cnn"],
-    "stats drop": lambda r: r["drops"]["stats"],
     "skin AP": lambda r: 100 * r["ap"]["vit"]["skin_color"],
     "mean worst drop": lambda r: r["worst_drop_mean"],
     "std": lambda r: r["worst_drop_std"],

@@ -54,36 +54,17 @@ def test_train_cli_runs_both_phases_and_exports(trained):
     assert (trained / "stprivacy.pt").is_file()
 
 
-class _Interrupt:
-    """Wraps a trainer's loader and raises the trainer's stop flag (as SIGTERM does) after n batches."""
-
-    def __init__(self, trainer, n):
-        self.inner, self.trainer, self.n, self.seen = trainer.loader, trainer, n, 0
-        self.classes = self.inner.classes
-
-    def __len__(self):
-        return len(self.inner)
-
-    def set_epoch(self, epoch):
-        self.inner.set_epoch(epoch)
-
-    def __iter__(self):
-        for batch in self.inner:
-            self.seen += 1
-            if self.seen == self.n:
-                self.trainer._stop_signal = 15
-            yield batch
-
-
 def test_resume_on_real_data_matches_uninterrupted(dataset, trained, tmp_path):
     """The same run as `trained`, interrupted mid-epoch in phase 1, then resumed: identical losses."""
     from stpcore.config import dataclass_from_args
+    from stpcore.testing import StopAfter
     from stpcore.training import TrainConfig, Trainer, TrainingInterrupted
 
     args = _train_args(dataset, tmp_path / "run", "--phase1-epochs", "2", "--phase2-epochs", "2", "--deterministic")
     cfg = dataclass_from_args(TrainConfig, __import__("stpcore.cli").cli.build_parser().parse_args(args))
     first = Trainer(cfg)
-    first.loader = _Interrupt(first, 5)
+    first.loader = StopAfter(first.loader, 5)
+    first.loader.trainer = first
     with pytest.raises(TrainingInterrupted):
         first.fit()
     assert main([*args, "--resume", str(tmp_path / "run" / "last.pt")]) == 0

@@ -125,6 +125,7 @@ class Trainer:
             self.opt[name], self.sched[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
                                                               cfg.min_lr_ratio)
         self.phase, self.epoch, self.step_in_epoch, self.global_step = "phase1", 0, 0, 0
+        self._reported: dict[str, int] = {}  # the loader's report counts as last logged (they add up over the run)
         # Gumbel noise comes from the trainer's own generator (one stream per rank), not the global RNG that
         # data loaders also draw from, so a resumed run draws exactly the noise an uninterrupted one would.
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1009 + self.dist.rank + 1)
@@ -571,8 +572,7 @@ class Trainer:
         if self.dist.world_size > 1 and seen:
             self._log_sharding(phase, seen, partial=not from_start)
         if counts and self.dist.main:  # the loader's counts add up over the run: log this epoch's part, and the sum
-            before = getattr(self, "_reported", {})
-            epoch_counts = {k: v - before.get(k, 0) for k, v in counts.items() if v - before.get(k, 0)}
+            epoch_counts = {k: v - self._reported.get(k, 0) for k, v in counts.items() if v != self._reported.get(k, 0)}
             self._reported = counts
             if epoch_counts:
                 self._log({"phase": phase, "epoch": self.epoch, "data_report": epoch_counts,
