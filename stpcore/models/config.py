@@ -115,6 +115,11 @@ class STPrivacyConfig(BackboneConfig):
             pixels), so a kept tubelet carries structure and motion but no colour of its own: its mean is the
             normalised 0 that dropped tubelets hold at inference (in training they are masked, not zeroed)
             [G: False, the paper's free reconstruction; issue 16].
+        binary_output: each reconstructed pixel is one of two grey levels, +1 or -1 in normalised units and the
+            same in the three channels: the sign of the decoded pixel's channel mean, with a straight-through
+            gradient (that of the mean clamped to [-1, 1]). A kept tubelet then shows a two-level shape and its
+            motion, and no colour or small-amplitude code; dropped tubelets stay 0 [G: False, the paper's free
+            reconstruction; issue 11]. Applied after ``zero_mean_tubelets`` when both are set.
     """
 
     prune_locations: tuple[int, ...] = (3, 6, 9)
@@ -123,6 +128,7 @@ class STPrivacyConfig(BackboneConfig):
     attn_eps: float = 1e-6
     tau: float = 1.0
     zero_mean_tubelets: bool = False
+    binary_output: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

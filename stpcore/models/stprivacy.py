@@ -165,12 +165,17 @@ class STPrivacy(VideoTransformer):
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final tokens (..., D) -> tubelet pixels (..., pt*ph*pw*3) (channel innermost); with
-        ``zero_mean_tubelets``, each tubelet's mean colour removed."""
+        ``zero_mean_tubelets``, each tubelet's mean colour removed; with ``binary_output``, two grey levels."""
         pixels = self.head_recon(self.norm_recon(tokens))
-        if not self.cfg.zero_mean_tubelets:
-            return pixels
-        per_channel = pixels.unflatten(-1, (-1, 3))  # (..., pt*ph*pw, 3)
-        return (per_channel - per_channel.mean(dim=-2, keepdim=True)).flatten(-2)
+        if self.cfg.zero_mean_tubelets:
+            per_channel = pixels.unflatten(-1, (-1, 3))  # (..., pt*ph*pw, 3)
+            pixels = (per_channel - per_channel.mean(dim=-2, keepdim=True)).flatten(-2)
+        if self.cfg.binary_output:
+            grey = pixels.unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)  # (..., pt*ph*pw, 1)
+            soft = grey.clamp(-1.0, 1.0)
+            # Forward: sign(grey); backward: d clamp(grey) (straight-through).
+            pixels = (soft + (torch.sign(grey) - soft).detach()).expand(*grey.shape[:-1], 3).flatten(-2)
+        return pixels
 
     def _classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(self.fc_norm(pooled))

@@ -314,3 +314,46 @@ def test_zero_mean_tubelets_remove_each_tubelets_own_colour(mode):
         torch.testing.assert_close(pixels, (want - want.mean(dim=-2, keepdim=True)) * out.keep[..., None, None],
                                    rtol=1e-5, atol=1e-5)
     assert not torch.allclose(pixels, want)
+
+
+@pytest.mark.parametrize("mode", ["train", "topk", "adaptive"])
+def test_binary_output_is_two_grey_levels_with_straight_through_gradient(mode):
+    from stpcore.tubelets import to_tubelets
+
+    torch.manual_seed(0)
+    cfg = STPrivacyConfig.from_name("tiny", binary_output=True)
+    model = STPrivacy(cfg)
+    free = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    free.load_state_dict(model.state_dict())
+    clips = torch.randn(2, 3, 8, 32, 32)
+    kwargs = {"adaptive": {"adaptive_threshold": 0.3}}.get(mode, {})
+    model.train(mode == "train")
+    free.train(mode == "train")
+    torch.manual_seed(1)
+    out = model(clips, **kwargs)
+    torch.manual_seed(1)
+    ref = free(clips, **kwargs)
+    pixels = to_tubelets(out.video, cfg.tubelet).unflatten(-1, (-1, 3))  # (B, N, pixels, 3)
+    grey = to_tubelets(ref.video, cfg.tubelet).unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)
+    want = torch.sign(grey).expand_as(pixels)
+    if mode == "train":  # every tubelet decoded
+        torch.testing.assert_close(pixels, want, rtol=0, atol=0)
+    else:  # dropped tubelets exactly 0, kept ones the free output's grey sign in all three channels
+        assert torch.equal(out.keep, ref.keep)
+        torch.testing.assert_close(pixels, want * out.keep[..., None, None], rtol=0, atol=0)
+    assert set(out.video.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_binary_output_gradient_is_the_clamped_grey_mean():
+    cfg = STPrivacyConfig.from_name("tiny", binary_output=True)
+    model = STPrivacy(cfg)
+    tokens = torch.randn(2, 5, cfg.embed_dim, requires_grad=True)
+    weights = torch.randn(2, 5, cfg.tubelet_dim)
+    (model._decode(tokens) * weights).sum().backward()
+    got = tokens.grad.clone()
+    tokens.grad = None
+    free = model.head_recon(model.norm_recon(tokens)).unflatten(-1, (-1, 3))
+    grey = free.mean(dim=-1, keepdim=True)
+    (grey.clamp(-1, 1) * weights.unflatten(-1, (-1, 3)).sum(dim=-1, keepdim=True)).sum().backward()
+    torch.testing.assert_close(got, tokens.grad)
+    assert got.abs().sum() > 0
