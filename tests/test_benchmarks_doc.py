@@ -239,7 +239,9 @@ def test_tables_name_their_data():
             "benchmarks/results/cpu-fullframe.json", "benchmarks/results/cpu-compile.json",
             "benchmarks/results/cpu-compile-options.json",
             "benchmarks/results/demo-attackers.json", "benchmarks/results/privacy-methods.json",
-            "benchmarks/results/cpu-stream.json", "benchmarks/results/demo-sweep/summary.json"} <= files, files
+            "benchmarks/results/cpu-stream.json", "benchmarks/results/demo-sweep/summary.json",
+            "benchmarks/results/demo-machines/intel-avx512.json",
+            "benchmarks/results/demo-machines/intel-avx2-forced.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
