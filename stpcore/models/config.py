@@ -120,6 +120,10 @@ class STPrivacyConfig(BackboneConfig):
             gradient (that of the mean clamped to [-1, 1]). A kept tubelet then shows a two-level shape and its
             motion, and no colour or small-amplitude code; dropped tubelets stay 0 [G: False, the paper's free
             reconstruction; issue 11]. Applied after ``zero_mean_tubelets`` when both are set.
+        sign_free_tubelets: with ``binary_output``, each kept tubelet is flipped so that its majority level is -1
+            (a tie counts as a majority of +1, which is then flipped): which side of an edge was brighter is lost,
+            so a light shape on a dark ground and a dark shape on a light ground look the same. The flip is
+            constant for the gradient [G: False; issue 11].
     """
 
     prune_locations: tuple[int, ...] = (3, 6, 9)
@@ -129,6 +133,7 @@ class STPrivacyConfig(BackboneConfig):
     tau: float = 1.0
     zero_mean_tubelets: bool = False
     binary_output: bool = False
+    sign_free_tubelets: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +145,8 @@ class STPrivacyConfig(BackboneConfig):
             raise ValueError(f"prune_locations must lie in [0, depth={self.depth}), got {locs}")
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.sign_free_tubelets and not self.binary_output:
+            raise ValueError("sign_free_tubelets flips two-level tubelets: set binary_output=True with it")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if not (math.isfinite(self.attn_eps) and self.attn_eps >= 0):

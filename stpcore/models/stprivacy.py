@@ -165,7 +165,8 @@ class STPrivacy(VideoTransformer):
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final tokens (..., D) -> tubelet pixels (..., pt*ph*pw*3) (channel innermost); with
-        ``zero_mean_tubelets``, each tubelet's mean colour removed; with ``binary_output``, two grey levels."""
+        ``zero_mean_tubelets``, each tubelet's mean colour removed; with ``binary_output``, two grey levels (with
+        ``sign_free_tubelets``, each tubelet's majority at -1)."""
         pixels = self.head_recon(self.norm_recon(tokens))
         if self.cfg.zero_mean_tubelets:
             per_channel = pixels.unflatten(-1, (-1, 3))  # (..., pt*ph*pw, 3)
@@ -173,8 +174,11 @@ class STPrivacy(VideoTransformer):
         if self.cfg.binary_output:
             grey = pixels.unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)  # (..., pt*ph*pw, 1)
             soft = grey.clamp(-1.0, 1.0)
-            # Forward: sign(grey); backward: d clamp(grey) (straight-through).
-            pixels = (soft + (torch.sign(grey) - soft).detach()).expand(*grey.shape[:-1], 3).flatten(-2)
+            levels = soft + (torch.sign(grey) - soft).detach()  # forward sign(grey), backward d clamp(grey)
+            if self.cfg.sign_free_tubelets:  # each tubelet's majority level becomes -1
+                flip = torch.where(levels.detach().sum(dim=-2, keepdim=True) >= 0, -1.0, 1.0).to(levels.dtype)
+                levels = levels * flip
+            pixels = levels.expand(*grey.shape[:-1], 3).flatten(-2)
         return pixels
 
     def _classify(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -316,12 +316,13 @@ def test_zero_mean_tubelets_remove_each_tubelets_own_colour(mode):
     assert not torch.allclose(pixels, want)
 
 
+@pytest.mark.parametrize("sign_free", [False, True], ids=["signed", "sign-free"])
 @pytest.mark.parametrize("mode", ["train", "topk", "adaptive"])
-def test_binary_output_is_two_grey_levels_with_straight_through_gradient(mode):
+def test_binary_output_is_two_grey_levels(mode, sign_free):
     from stpcore.tubelets import to_tubelets
 
     torch.manual_seed(0)
-    cfg = STPrivacyConfig.from_name("tiny", binary_output=True)
+    cfg = STPrivacyConfig.from_name("tiny", binary_output=True, sign_free_tubelets=sign_free)
     model = STPrivacy(cfg)
     free = STPrivacy(STPrivacyConfig.from_name("tiny"))
     free.load_state_dict(model.state_dict())
@@ -335,7 +336,11 @@ def test_binary_output_is_two_grey_levels_with_straight_through_gradient(mode):
     ref = free(clips, **kwargs)
     pixels = to_tubelets(out.video, cfg.tubelet).unflatten(-1, (-1, 3))  # (B, N, pixels, 3)
     grey = to_tubelets(ref.video, cfg.tubelet).unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)
-    want = torch.sign(grey).expand_as(pixels)
+    want = torch.sign(grey)
+    if sign_free:  # each tubelet flipped so that -1 is its majority
+        want = want * torch.where(want.sum(dim=-2, keepdim=True) >= 0, -1.0, 1.0)
+        assert (pixels[..., 0].sum(dim=-1) <= 0).all()
+    want = want.expand_as(pixels)
     if mode == "train":  # every tubelet decoded
         torch.testing.assert_close(pixels, want, rtol=0, atol=0)
     else:  # dropped tubelets exactly 0, kept ones the free output's grey sign in all three channels
@@ -357,3 +362,23 @@ def test_binary_output_gradient_is_the_clamped_grey_mean():
     (grey.clamp(-1, 1) * weights.unflatten(-1, (-1, 3)).sum(dim=-1, keepdim=True)).sum().backward()
     torch.testing.assert_close(got, tokens.grad)
     assert got.abs().sum() > 0
+
+
+def test_binary_output_gradient_passes_the_sign_free_flip():
+    """The flip is a constant for the gradient: the grey mean's gradient, times each tubelet's flip."""
+    cfg = STPrivacyConfig.from_name("tiny", binary_output=True, sign_free_tubelets=True)
+    model = STPrivacy(cfg)
+    tokens = torch.randn(2, 5, cfg.embed_dim, requires_grad=True)
+    weights = torch.randn(2, 5, cfg.tubelet_dim)
+    (model._decode(tokens) * weights).sum().backward()
+    got = tokens.grad.clone()
+    tokens.grad = None
+    grey = model.head_recon(model.norm_recon(tokens)).unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)
+    flip = torch.where(torch.sign(grey).sum(dim=-2, keepdim=True) >= 0, -1.0, 1.0).detach()
+    (grey.clamp(-1, 1) * flip * weights.unflatten(-1, (-1, 3)).sum(dim=-1, keepdim=True)).sum().backward()
+    torch.testing.assert_close(got, tokens.grad)
+
+
+def test_sign_free_tubelets_need_binary_output():
+    with pytest.raises(ValueError, match="binary_output=True"):
+        STPrivacyConfig.from_name("tiny", sign_free_tubelets=True)
