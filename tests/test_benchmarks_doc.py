@@ -122,9 +122,17 @@ STREAM_COLUMNS = {
     "latency p95 s": lambda r: r["latency"]["p95"],
     "latency max s": lambda r: r["latency"]["max"],
 }
+# header -> value from benchmarks/leak_probes.py --gather (a probe, by name; APs shown in %)
+PROBE_COLUMNS = {
+    "top-1 %": lambda r: r["top1"],
+    "cMAP %": lambda r: r["cmap"],
+    **{f"{short} AP": (lambda a: lambda r: 100 * r["ap"][a])(attribute)
+       for short, attribute in (("skin", "skin_color"), ("face", "face"), ("gender", "gender"), ("nudity", "nudity"),
+                                ("relationship", "relationship"))},
+}
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
            **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS, **METHOD_COLUMNS,
-           **STREAM_COLUMNS}
+           **STREAM_COLUMNS, **PROBE_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
 
@@ -193,6 +201,8 @@ def _load(path: Path):
             entries[name] = method
             entries.update({f"{name} seed {r['seed']}": r for r in method["runs"]})
         return "methods", entries
+    if "probes" in data:  # benchmarks/leak_probes.py --gather
+        return "probes", data["probes"]
     if "worst_case" in data:  # benchmarks/demo_attackers.py: "<method> / <attacker>" and "<method> / worst case"
         raw = {a: r["cmap"] for a, r in data["results"][0]["attackers"].items()}
         entries = {f"{r['method']} / {a}": dict(s, drop=raw[a] - s["cmap"]) for r in data["results"]
@@ -241,7 +251,8 @@ def test_tables_name_their_data():
             "benchmarks/results/demo-attackers.json", "benchmarks/results/privacy-methods.json",
             "benchmarks/results/cpu-stream.json", "benchmarks/results/demo-sweep/summary.json",
             "benchmarks/results/demo-machines/intel-avx512.json",
-            "benchmarks/results/demo-machines/intel-avx2-forced.json"} <= files, files
+            "benchmarks/results/demo-machines/intel-avx2-forced.json",
+            "benchmarks/results/privacy-methods-intel.json", "benchmarks/results/leak-probes.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -254,7 +265,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
                "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
                "bench_extra": COMPILE_OPTION_COLUMNS,
                "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS, "methods": METHOD_COLUMNS,
-               "stream": STREAM_COLUMNS}[kind]
+               "stream": STREAM_COLUMNS, "probes": PROBE_COLUMNS}[kind]
     if header not in columns:
         pytest.fail(f"BENCHMARKS.md:{line}: column {header!r} has no meaning for {path}")
     shown = cell_value(cell)
