@@ -115,11 +115,12 @@ class STPrivacyConfig(BackboneConfig):
             pixels), so a kept tubelet carries structure and motion but no colour of its own: its mean is the
             normalised 0 that dropped tubelets hold at inference (in training they are masked, not zeroed)
             [G: False, the paper's free reconstruction; issue 16].
-        binary_output: each reconstructed pixel is one of two grey levels, +1 or -1 in normalised units and the
-            same in the three channels: the sign of the decoded pixel's channel mean, with a straight-through
-            gradient (that of the mean clamped to [-1, 1]). A kept tubelet then shows a two-level shape and its
-            motion, and no colour or small-amplitude code; dropped tubelets stay 0 [G: False, the paper's free
-            reconstruction; issue 11]. Applied after ``zero_mean_tubelets`` when both are set.
+        binary_output: each reconstructed pixel is one of two levels, +1 or -1 in normalised units and the same
+            in the three channels (after de-normalisation two tones, not pure greys): the sign of the decoded
+            pixel's channel mean (0 counts as +1), with a straight-through gradient (the identity, that of the
+            mean). A kept tubelet then shows a two-level shape and its motion, and no colour or small-amplitude
+            code; dropped tubelets stay 0 [G: False, the paper's free reconstruction; issue 11]. Applied after
+            ``zero_mean_tubelets`` when both are set.
         sign_free_tubelets: with ``binary_output``, each kept tubelet is flipped so that its majority level is -1
             (a tie counts as a majority of +1, which is then flipped): which side of an edge was brighter is lost,
             so a light shape on a dark ground and a dark shape on a light ground look the same. The flip is

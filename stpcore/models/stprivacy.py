@@ -173,8 +173,9 @@ class STPrivacy(VideoTransformer):
             pixels = (per_channel - per_channel.mean(dim=-2, keepdim=True)).flatten(-2)
         if self.cfg.binary_output:
             grey = pixels.unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)  # (..., pt*ph*pw, 1)
-            soft = grey.clamp(-1.0, 1.0)
-            levels = soft + (torch.sign(grey) - soft).detach()  # forward sign(grey), backward d clamp(grey)
+            # Forward: sign(grey), with a tie at 0 counted as +1 (two levels, never the dropped 0); backward: the
+            # identity (straight-through), so that a pixel far from 0 can still be moved across it.
+            levels = grey + (torch.where(grey >= 0, 1.0, -1.0).to(grey.dtype) - grey).detach()
             if self.cfg.sign_free_tubelets:  # each tubelet's majority level becomes -1
                 flip = torch.where(levels.detach().sum(dim=-2, keepdim=True) >= 0, -1.0, 1.0).to(levels.dtype)
                 levels = levels * flip
