@@ -4,6 +4,7 @@ seed, scored as the demo scores STPrivacy (phase 3 on the test split) by every a
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED '{"privacy_adversaries": 3}' \
         [--workdir out/privacy_methods] [--json-lines OUT.jsonl]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py raw 0 --raw    # raw video, once per workdir
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED --keep-ratio 1   # a trained run at alpha 1
     .venv/bin/python benchmarks/privacy_methods.py - 0 --gather OUT.json --json-lines RUNS.jsonl --workdir W
 
 The data is the demo's (DemoConfig, written once into the work folder); training uses the demo's settings
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="score raw video (needs one trained run's checkpoint "
                         "for the clip geometry: the run NAME SEED is trained first)")
     parser.add_argument("--json-lines", type=Path)
+    parser.add_argument("--keep-ratio", type=float, help="score the trained run NAME SEED at this inference alpha "
+                        "instead of its own (the line's name becomes NAME@ALPHA; the checkpoint is reused)")
     parser.add_argument("--gather", type=Path, metavar="OUT.json",
                         help="instead of a run: gather --json-lines and WORKDIR/raw.json into one file (NAME and SEED "
                              "are ignored)")
@@ -120,19 +123,21 @@ def main() -> None:
         Trainer(tcfg, fit).fit(resume=last if last.is_file() else None)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    ecfg = eval_config(demo, data, run / "eval", attackers=ATTACKERS, progress=False)
+    suffix = "" if args.keep_ratio is None else f"@{args.keep_ratio:g}"
+    ecfg = eval_config(demo, data, run / f"eval{suffix}", attackers=ATTACKERS, progress=False)
     raw_path = args.workdir / "raw.json"
     if args.raw:
         (raw,) = evaluate(ecfg, checkpoint=checkpoint, methods=("raw",), train_loader=train_all, test_loader=test)
         raw_path.write_text(json.dumps({"scores": _scores(raw), "result": raw.__dict__}, default=float, indent=1))
         print(json.dumps(_scores(raw), default=float))
         return
-    (ours,) = evaluate(ecfg, checkpoint=checkpoint, methods=("stprivacy",), train_loader=train_all, test_loader=test)
+    (ours,) = evaluate(ecfg, checkpoint=checkpoint, methods=("stprivacy",), keep_ratio=args.keep_ratio,
+                       train_loader=train_all, test_loader=test)
     while not raw_path.is_file():  # the --raw run may still be going in another process
         time.sleep(10)
     raw = MethodResult(**json.loads(raw_path.read_text())["result"])
     w = worst_case(raw, ours)
-    line = {"name": args.name, "seed": args.seed, "train_overrides": overrides, **_scores(ours),
+    line = {"name": args.name + suffix, "seed": args.seed, "train_overrides": overrides, **_scores(ours),
             "raw_top1": raw.top1, "top1_vs_raw": ours.top1 - raw.top1, "drops": w["drops"],
             "worst_drop": w["worst_drop"], "best_attacker": w["best_attacker"],
             "seconds": {"train": round(train_s, 1), "evaluate": round(time.perf_counter() - start, 1)}}
