@@ -4,7 +4,7 @@ seed, scored as the demo scores STPrivacy (phase 3 on the test split) by every a
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED '{"privacy_adversaries": 3}' \
         [--workdir out/privacy_methods] [--json-lines OUT.jsonl]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py raw 0 --raw    # raw video, once per workdir
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED --keep-ratio 1   # a trained run at alpha 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/privacy_methods.py NAME SEED --keep-ratio 1    # a run at alpha 1
     .venv/bin/python benchmarks/privacy_methods.py - 0 --gather OUT.json --json-lines RUNS.jsonl --workdir W
 
 The data is the demo's (DemoConfig, written once into the work folder); training uses the demo's settings
