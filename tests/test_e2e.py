@@ -140,6 +140,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
                  "--sweep"]) == 0
     printed = capsys.readouterr().out
     assert "paper: STPrivacy" in printed and str(out.resolve()) in printed
+    assert "changes with the training seed and with the machine" in printed  # one run's verdict is no guarantee
     summary = json.loads((out / "summary.json").read_text())
     assert [r["method"] for r in summary["results"]] == ["raw", "stprivacy@0.7", "blur_strong"]
     assert summary["sweep"][0]["setting"] == "keep_ratio" and (out / "eval" / "sweep.png").stat().st_size > 1000
