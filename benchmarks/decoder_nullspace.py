@@ -4,6 +4,8 @@ et al., ACL 2020, applied to a trained STPrivacy; issue 11).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decoder_nullspace.py RUN --rounds K --workdir W \
         [--json-lines OUT.jsonl]
+    .venv/bin/python benchmarks/decoder_nullspace.py --gather OUT.json --json-lines OUT.jsonl \
+        --base-json-lines W_RESULTS.jsonl
 
 RUN names a run trained by ``benchmarks/privacy_methods.py`` in the same work folder (``W/RUN/train/stprivacy.pt``,
 e.g. ``base_s0``), whose ``W/raw.json`` gives raw video's scores. The model runs in inference mode (top-k at its
@@ -49,13 +51,44 @@ def nullspace(features, labels, rounds: int):
     return projection, accuracies
 
 
+def gather(lines_path: Path, base_lines_path: Path, out: Path) -> dict:
+    """{"runs": {name: line}}: every nullspace line (the last of a name), and beside each the privacy_methods.py line
+    of the run it started from, under the run's name (``base_s0``)."""
+    def last_by(path: Path, key) -> dict:
+        found = {}
+        for text in path.read_text().splitlines():
+            if text.strip():
+                line = json.loads(text)
+                found[key(line)] = line
+        return found
+
+    runs = last_by(lines_path, lambda line: line["name"])
+    trained = last_by(base_lines_path, lambda line: f"{line['name']}_s{line['seed']}")
+    for run in sorted({line["run"] for line in runs.values()}):
+        base = trained[run]
+        runs[run] = {k: base[k] for k in ("top1", "cmap", "raw_top1", "top1_vs_raw", "drops", "worst_drop",
+                                          "best_attacker")} | {"ap": {a: r["ap"] for a, r in base["attackers"].items()}}
+    data = {"attackers": ATTACKERS.split(","), "runs": dict(sorted(runs.items()))}
+    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
-    parser.add_argument("--rounds", type=int, required=True)
-    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("run", nargs="?")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json-lines", type=Path)
+    parser.add_argument("--gather", type=Path, metavar="OUT.json")
+    parser.add_argument("--base-json-lines", type=Path, help="privacy_methods.py's lines (with --gather)")
     args = parser.parse_args()
+    if args.gather:
+        if args.json_lines is None or args.base_json_lines is None:
+            parser.error("--gather needs --json-lines and --base-json-lines")
+        gather(args.json_lines, args.base_json_lines, args.gather)
+        return
+    if args.run is None or args.rounds is None or args.workdir is None:
+        parser.error("a run needs RUN, --rounds and --workdir")
 
     import torch
 

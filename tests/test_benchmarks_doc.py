@@ -185,6 +185,8 @@ def _load(path: Path):
     data = json.loads(path.read_text())
     if "workloads" in data:
         return "ab", data["workloads"]
+    if isinstance(data.get("runs"), dict):  # benchmarks/decoder_nullspace.py --gather: runs by name
+        return "methods", data["runs"]
     if "runs" in data and "selection" in data["runs"][0]:  # benchmarks/selection_seeds.py, gathered
         entries = {f"seed {r['seed']} {k}": dict(r[k], action_loss=r[k]["raw_top1"] - r[k]["top1"])
                    for r in data["runs"] for k in ("final", "selected")}
