@@ -8,14 +8,15 @@ et al., ACL 2020, applied to a trained STPrivacy; issue 11).
         --base-json-lines W_RESULTS.jsonl
 
 RUN names a run trained by ``benchmarks/privacy_methods.py`` in the same work folder (``W/RUN/train/stprivacy.pt``,
-e.g. ``base_s0``), whose ``W/raw.json`` gives raw video's scores. The model runs in inference mode (top-k at its
-own keep ratio) over two passes of the training split (two random crops per video); the input of the
-reconstruction head, LayerNorm(final kept token), is collected for every kept token, labelled with its video's
-attributes. Then K rounds over the 5 attributes: a logistic regression (scikit-learn, L2, C = 1) is fitted on the
-projected features, its unit weight direction w is removed (P <- P (I - w w^T)), so 5K directions of the D go. The
-reconstruction head's weight becomes W P (its bias stays), and phase 3 runs as in privacy_methods.py (the demo's
-evaluation settings, attackers vit, frame_cnn and stats). One JSON line per run: the probes' training accuracy
-before each removal, and the scores. Nothing is retrained: the keep decisions are the trained model's.
+e.g. ``base_s0``), whose ``W/raw.json`` gives raw video's scores. The model runs in inference mode (top-k at its own
+keep ratio) over two passes of the training split (two random crops per video); the input of the reconstruction
+head, LayerNorm(final kept token), is collected for every kept token, labelled with its video's attributes (videos
+without privacy labels are left out). Then K rounds over the 5 attributes: a logistic regression (scikit-learn, L2,
+C = 1) is fitted on the projected features, its unit weight direction w is removed (P <- P (I - w w^T)), so 5K
+directions of the D go. The reconstruction head's weight becomes W P (its bias stays), and phase 3 runs as in
+privacy_methods.py (the demo's evaluation settings, attackers vit, frame_cnn and stats). One JSON line per run: the
+probes' training accuracy before each removal, and the scores. Nothing is retrained: the keep decisions are the
+trained model's.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main() -> None:
                        progress=False)
     model = load_checkpoint(args.workdir / args.run / "train" / "stprivacy.pt", ecfg).eval()
 
-    features, labels = [], []
+    features, labels, labelled = [], [], []
     decode = model._decode
 
     def collect(tokens):
@@ -122,8 +123,11 @@ def main() -> None:
                 model(batch.clips)
                 kept = features[-1].shape[0] // len(batch.clips)
                 labels.append(batch.privacy.repeat_interleave(kept, dim=0))
+                labelled.append(batch.has_privacy.repeat_interleave(kept, dim=0))
     del model._decode
-    projection, accuracies = nullspace(torch.cat(features).numpy(), torch.cat(labels).numpy(), args.rounds)
+    keep = torch.cat(labelled)  # videos without privacy labels (privacy 0 there) train no probe
+    projection, accuracies = nullspace(torch.cat(features)[keep].numpy(), torch.cat(labels)[keep].numpy(),
+                                       args.rounds)
     with torch.no_grad():
         weight = model.head_recon.weight.double() @ torch.from_numpy(projection)
         model.head_recon.weight.copy_(weight.to(model.head_recon.weight.dtype))
