@@ -288,27 +288,34 @@ def test_whole_model_kernels_match_reference_gpu(preset, overrides, monkeypatch)
     _compare_backends(STPrivacyConfig.from_name(preset, **overrides), "cuda", "auto", monkeypatch)
 
 
-@pytest.mark.parametrize("mode", ["train", "topk", "adaptive"])
-def test_zero_mean_tubelets_remove_each_tubelets_own_colour(mode):
+def _with_and_without(options: dict, free_options: dict, mode: str):
+    """The tiny model with ``options`` and its twin with ``free_options`` (same weights), run on the same clips and
+    Gumbel noise in ``mode`` ("train", "topk" or "adaptive" at 0.5, which drops most tubelets of this model):
+    (output, twin's output, output's video and twin's video as (B, N, pixels, 3) tubelets)."""
     from stpcore.tubelets import to_tubelets
 
     torch.manual_seed(0)
-    cfg = STPrivacyConfig.from_name("tiny", zero_mean_tubelets=True)
+    cfg = STPrivacyConfig.from_name("tiny", **options)
     model = STPrivacy(cfg)
-    free = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    free = STPrivacy(STPrivacyConfig.from_name("tiny", **free_options))
     free.load_state_dict(model.state_dict())
     clips = torch.randn(2, 3, 8, 32, 32)
-    kwargs = {"adaptive": {"adaptive_threshold": 0.5}}.get(mode, {})  # 0.5 drops most tubelets of this model
+    kwargs = {"adaptive": {"adaptive_threshold": 0.5}}.get(mode, {})
     model.train(mode == "train")
     free.train(mode == "train")
     torch.manual_seed(1)
     out = model(clips, **kwargs)
     torch.manual_seed(1)
     ref = free(clips, **kwargs)
-    pixels = to_tubelets(out.video, cfg.tubelet).unflatten(-1, (-1, 3))  # (B, N, pixels, 3)
+    tubelets = [to_tubelets(o.video, cfg.tubelet).unflatten(-1, (-1, 3)) for o in (out, ref)]
+    return out, ref, *tubelets
+
+
+@pytest.mark.parametrize("mode", ["train", "topk", "adaptive"])
+def test_zero_mean_tubelets_remove_each_tubelets_own_colour(mode):
+    out, ref, pixels, want = _with_and_without({"zero_mean_tubelets": True}, {}, mode)
     means = pixels.mean(dim=-2)
     assert means.abs().max() < 1e-5  # kept tubelets: no colour of their own; dropped: exactly 0
-    want = to_tubelets(ref.video, cfg.tubelet).unflatten(-1, (-1, 3))
     if mode != "train":  # the same decisions: the free output minus its tubelet means, where kept
         assert torch.equal(out.keep, ref.keep)
         assert (out.keep == 0).any() and (out.keep == 1).any()
@@ -321,24 +328,9 @@ def test_zero_mean_tubelets_remove_each_tubelets_own_colour(mode):
                          ids=["signed", "sign-free", "zero-mean-first"])
 @pytest.mark.parametrize("mode", ["train", "topk", "adaptive"])
 def test_binary_output_is_two_levels(mode, options):
-    from stpcore.tubelets import to_tubelets
-
-    torch.manual_seed(0)
-    cfg = STPrivacyConfig.from_name("tiny", binary_output=True, **options)
-    model = STPrivacy(cfg)
-    free_options = {"zero_mean_tubelets": True} if options.get("zero_mean_tubelets") else {}
-    free = STPrivacy(STPrivacyConfig.from_name("tiny", **free_options))  # the decoded pixels before binarising
-    free.load_state_dict(model.state_dict())
-    clips = torch.randn(2, 3, 8, 32, 32)
-    kwargs = {"adaptive": {"adaptive_threshold": 0.5}}.get(mode, {})  # 0.5 drops most tubelets of this model
-    model.train(mode == "train")
-    free.train(mode == "train")
-    torch.manual_seed(1)
-    out = model(clips, **kwargs)
-    torch.manual_seed(1)
-    ref = free(clips, **kwargs)
-    pixels = to_tubelets(out.video, cfg.tubelet).unflatten(-1, (-1, 3))  # (B, N, pixels, 3)
-    grey = to_tubelets(ref.video, cfg.tubelet).unflatten(-1, (-1, 3)).mean(dim=-1, keepdim=True)
+    free_options = {"zero_mean_tubelets": True} if options.get("zero_mean_tubelets") else {}  # before binarising
+    out, ref, pixels, free_pixels = _with_and_without({"binary_output": True, **options}, free_options, mode)
+    grey = free_pixels.mean(dim=-1, keepdim=True)
     want = torch.where(grey >= 0, 1.0, -1.0)
     if options.get("sign_free_tubelets"):  # each tubelet flipped so that -1 is its majority
         want = want * torch.where(want.sum(dim=-2, keepdim=True) >= 0, -1.0, 1.0)
