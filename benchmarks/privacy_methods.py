@@ -9,9 +9,10 @@ seed, scored as the demo scores STPrivacy (phase 3 on the test split) by every a
 
 The data is the demo's (DemoConfig, written once into the work folder); training uses the demo's settings
 (``stpcore.demo.train_config``) with the seed changed (model initialisation, Gumbel noise and data order) and the
-JSON overrides; phase 3 uses the demo's evaluation settings and seed for every run, with the attackers vit,
-frame_cnn and stats. The raw video's scores (``--raw``) are written to WORKDIR/raw.json; each method run reads
-them to compute the drops. One JSON line per run.
+JSON overrides. The demo's settings include ``privacy_nullspace=8`` since it became the demo's default: the runs
+committed before (privacy-methods*.json) are what ``'{"privacy_nullspace": 0}'`` gives now. Phase 3 uses the demo's
+evaluation settings and seed for every run, with the attackers vit, frame_cnn and stats. The raw video's scores
+(``--raw``) are written to WORKDIR/raw.json; each method run reads them to compute the drops. One JSON line per run.
 """
 
 from __future__ import annotations

@@ -145,6 +145,9 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert [r["method"] for r in summary["results"]] == ["raw", "stprivacy@0.7", "blur_strong"]
     assert summary["sweep"][0]["setting"] == "keep_ratio" and (out / "eval" / "sweep.png").stat().st_size > 1000
     assert list((out / "anonymized").glob("*.side_by_side.mp4"))
+    # The demo's phase 2 ends with the nullspace projection (8 rounds) on the decoded training videos.
+    events = [e for e in _jsonl(out / "train" / "metrics.jsonl") if e.get("event") == "privacy nullspace projected"]
+    assert [(e["rounds"], len(e["probe_accuracy"])) for e in events] == [(8, 8)] and events[0]["clips"] > 0
     # A second run reuses the dataset and the trained model.
     assert main(["demo", "--out", str(out), "--videos", "21", "--width", "64", "--height", "48", "--frames", "24",
                  "--phase1-epochs", "1", "--phase2-epochs", "1", "--eval-epochs", "1", "--batch-size", "4"]) == 0

@@ -94,6 +94,10 @@ class TrainConfig:
             (``stpcore.data.splits.validation_partition``; 0: train on all) [G: 0].
         candidate_every: phase-2 epochs between candidate checkpoints, ``candidates/phase2-epochNNN.pt`` (the
             deployable format; 0: none). The last phase-2 epoch is always a candidate when this is set [G: 0].
+            Candidates are taken before ``privacy_nullspace`` (they are the phase-2 models as trained).
+        privacy_nullspace: after phase 2, K rounds of linear probes for the privacy attributes on the reconstruction
+            head's input, each probe's direction projected out of the head (``stpcore.training.nullspace``; 5K of
+            the embed_dim directions go; no retraining) [G: 0, off; the demo uses 8].
     """
 
     data_root: str
@@ -141,10 +145,13 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     validation: float = 0.0
     candidate_every: int = 0
+    privacy_nullspace: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.validation < 1:
             raise ValueError(f"validation must be a fraction in [0, 1), got {self.validation}")
+        if self.privacy_nullspace < 0:
+            raise ValueError(f"privacy_nullspace must be >= 0 rounds (0: off), got {self.privacy_nullspace}")
         if self.candidate_every < 0:
             raise ValueError(f"candidate_every must be >= 0 (0: no candidates), got {self.candidate_every}")
         if self.batch_size < 1:

@@ -150,6 +150,11 @@ def check_resumable(trainer: Trainer, path, state: dict) -> None:
                 f"{path}: this run has finished, and a finished run cannot be extended ({lengths}, saved and now: "
                 f"its lr schedules have ended); start a new run (another --out-dir), with --init-2d or the "
                 f"settings you want")
+        if "privacy_nullspace" in changed:
+            raise ValueError(
+                f"{path}: this run has finished, and its final model was made with privacy_nullspace="
+                f"{changed['privacy_nullspace'][0]} (now {changed['privacy_nullspace'][1]}): the projection is applied "
+                f"once, when phase 2 ends; start a new run (another --out-dir) with the setting you want")
     if changed and trainer.dist.main:
         warnings.warn(f"{path}: resuming with changed settings {changed} (saved, now); the run is no longer the "
                       f"one that was saved", RuntimeWarning, stacklevel=4)

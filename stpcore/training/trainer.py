@@ -50,6 +50,7 @@ from stpcore.training import state
 from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.config import TrainConfig
 from stpcore.training.distributed import any_rank, sharding_report, wrap_models
+from stpcore.training.nullspace import project_privacy_out
 from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due, restart_target
 from stpcore.tubelets import check_finite
 
@@ -468,6 +469,8 @@ class Trainer:
                     if phase == "phase2" and self.dist.main and self._candidate_due(epochs):
                         self.export_anonymizer(self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt")
                     self.save_checkpoint()
+            if self.cfg.privacy_nullspace:  # once, before "done" (a run killed during it redoes it on resume)
+                self._project_privacy_out()
             self.phase = "done"
             self.save_checkpoint()
             if getattr(self, "_tb_writer", None) is not None:
@@ -503,6 +506,14 @@ class Trainer:
         seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist)
         if seen and self.dist.main:
             self._log({"phase": "phase2", "epoch": self.epoch, "event": "decoder fitted (lstsq)", "clips": seen})
+
+    def _project_privacy_out(self) -> None:
+        """privacy_nullspace: project the privacy probes' directions out of the reconstruction head (nullspace.py).
+        The passes over the data use the epochs after phase 2's, so their crops are not the last epoch's."""
+        record = project_privacy_out(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
+                                     self.cfg.privacy_nullspace, first_epoch=self.cfg.phase2_epochs)
+        self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy nullspace projected",
+                   "rounds": self.cfg.privacy_nullspace, **record})
 
     def _maybe_restart_privacy(self) -> None:
         """privacy_restart_every: a fresh privacy recognizer at the start of every such epoch (phase2.py)."""

@@ -7,7 +7,8 @@ has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, aft
 "unsynced" (the trainer's steps call the bare models instead of their DistributedDataParallel wrappers, so
 gradients are not averaged: the control that shows the ranks' data differ enough to tell), "adversaries" (issue
 16's phase-2 options on: two ViT adversaries, the statistics adversary, replay, two adversary steps, noise, colour
-spread).
+spread), "nullspace" (privacy_nullspace=2 at the end of phase 2; each rank also fits the probes on planted features
+of its own and on both ranks' together, alone: "nullspace_matches_single" says whether the two-rank fit equals it).
 Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
 (clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
 "final": {name: tensor}}, the parameters of every model before and after fit().
@@ -53,11 +54,36 @@ def _parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {f"{k}.{n}": p.detach().clone() for k, m in models.items() for n, p in m.named_parameters()}
 
 
+def _planted(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    labels = torch.randint(0, 2, (400 + 100 * rank, 3), generator=g).double()  # shards of different sizes
+    features = torch.randn(labels.shape[0], 7, generator=g, dtype=torch.float64)
+    features[:, :3] += 2.0 * labels
+    return features, labels
+
+
+def _nullspace_matches_single(info) -> bool:
+    """The two-rank privacy_nullspace (each rank its own rows) equals one process's fit on all the rows."""
+    from stpcore.runtime import DistInfo
+    from stpcore.training.nullspace import privacy_nullspace
+
+    both, both_acc = privacy_nullspace(*_planted(info.rank), rounds=2, info=info)
+    shards = [_planted(r) for r in range(info.world_size)]
+    alone, alone_acc = privacy_nullspace(torch.cat([f for f, _ in shards]), torch.cat([lab for _, lab in shards]),
+                                         rounds=2, info=DistInfo())
+    rows = sum(len(lab) for _, lab in shards)
+    same_accuracy = all(abs(a - b) <= 2 / rows for ra, rb in zip(both_acc, alone_acc, strict=True)
+                        for a, b in zip(ra, rb, strict=True))  # a row on the boundary may flip with the sum order
+    return bool(torch.allclose(both, alone, atol=1e-8)) and same_accuracy
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     options = dict(privacy_adversaries=2, stats_adversary_weight=1.0, privacy_replay=2, privacy_steps=2,
                    adversary_noise=0.1, colour_spread_weight=1.0) if scenario == "adversaries" else {}
+    if scenario == "nullspace":
+        options = dict(privacy_nullspace=2)
     cfg = TrainConfig(data_root="unused", out_dir=str(out / "run"), preset="tiny", batch_size=2, phase1_epochs=1,
                       phase2_epochs=1, progress=False, checkpoint_every=0, base_lr=0.2, warmup_epochs=0.5, **options)
     loader = _Loader(scenario, rank)
@@ -82,6 +108,8 @@ def main() -> None:
         result["replay_restored"] = len(twin.replay) == len(trainer.replay) > 0 and all(
             torch.equal(a[k], b[k]) for a, b in zip(twin.replay, trainer.replay, strict=True) for k in a)
         result["replay_sum"] = float(sum(e["video"].double().sum() for e in trainer.replay))
+    if scenario == "nullspace":
+        result["nullspace_matches_single"] = _nullspace_matches_single(trainer.dist)
     torch.save({"initial": initial, "final": _parameters(trainer)}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # Leave together: a rank that exits while its peer still talks to it over the gloo sockets can take the

@@ -106,3 +106,17 @@ def test_the_phase2_privacy_options_train_one_model_on_both_ranks(tmp_path):
     # so a resumed run drifted from the uninterrupted one).
     assert results[0]["replay_sum"] != results[1]["replay_sum"]
     assert [r["replay_restored"] for r in results] == [True, True]
+
+
+def test_the_nullspace_projection_is_one_fit_over_both_ranks(tmp_path):
+    """privacy_nullspace under DDP: the probes' sums run over both ranks' shards, so both ranks end with the same
+    reconstruction head, and the fit equals one process's over all the rows."""
+    results = _run("nullspace", tmp_path)
+    assert [r["outcome"] for r in results] == ["finished", "finished"], results
+    assert [r["nullspace_matches_single"] for r in results] == [True, True]
+    ranks = _parameters(tmp_path)
+    torch.testing.assert_close(ranks[0]["final"]["anonymizer.head_recon.weight"],
+                               ranks[1]["final"]["anonymizer.head_recon.weight"], rtol=0, atol=0)
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [e for e in events if e.get("event") == "privacy nullspace projected"]
+    assert event["clips"] == 2 * 2 * 6  # two passes over both ranks' 6 clips
