@@ -254,6 +254,7 @@ def test_tables_name_their_data():
             "benchmarks/results/cpu-stream.json", "benchmarks/results/demo-sweep/summary.json",
             "benchmarks/results/demo-machines/intel-avx512.json",
             "benchmarks/results/demo-machines/intel-avx2-forced.json",
+            "benchmarks/results/demo-machines/amd-avx512.json", "benchmarks/results/demo-machines/amd-avx2.json",
             "benchmarks/results/privacy-methods-intel.json", "benchmarks/results/leak-probes.json",
             "benchmarks/results/decoder-nullspace.json"} <= files, files
     assert len(CLAIMS) > 100

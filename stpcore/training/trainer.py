@@ -510,10 +510,11 @@ class Trainer:
     def _project_privacy_out(self) -> None:
         """privacy_nullspace: project the privacy probes' directions out of the reconstruction head (nullspace.py).
         The passes over the data use the epochs after phase 2's, so their crops are not the last epoch's."""
+        start = time.perf_counter()
         record = project_privacy_out(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
                                      self.cfg.privacy_nullspace, first_epoch=self.cfg.phase2_epochs)
         self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy nullspace projected",
-                   "rounds": self.cfg.privacy_nullspace, **record})
+                   "rounds": self.cfg.privacy_nullspace, **record, "seconds": round(time.perf_counter() - start, 2)})
 
     def _maybe_restart_privacy(self) -> None:
         """privacy_restart_every: a fresh privacy recognizer at the start of every such epoch (phase2.py)."""

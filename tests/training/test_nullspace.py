@@ -116,6 +116,7 @@ def test_the_trainer_projects_the_reconstruction_head_only(tmp_path):
     assert torch.linalg.matrix_rank(p, atol=1e-3) == dim - 10
     (event,) = _events(tmp_path / "projected" / "run")
     assert event["rounds"] == 2 and event["clips"] == 2 * 12 and event["tokens"] > 0  # two passes of 12 clips
+    assert event["seconds"] > 0
     assert len(event["probe_accuracy"]) == 2 and all(len(row) == 5 for row in event["probe_accuracy"])
     # The exported model (what anonymize and the evaluation load) is the projected one.
     from stpcore.models import load_anonymizer
