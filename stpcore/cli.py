@@ -33,6 +33,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("stpcore train: --select needs a validation part and phase-2 candidates: add --validation FRACTION "
               "(e.g. 0.2) and --candidate-every N, with --phase2-epochs > 0", file=sys.stderr)
         return 2
+    if args.select and cfg.privacy_nullspace:
+        print("stpcore train: --select deploys a phase-2 candidate, and candidates are taken before the "
+              "--privacy-nullspace projection, which would then be lost: use one of the two (--privacy-nullspace 0 "
+              "to select among candidates)", file=sys.stderr)
+        return 2
     trainer = Trainer(cfg)
     # The ranks agree on how fit() ends (finished, interrupted, diverged), so all of them leave the process group
     # together on those paths; an unexpected error propagates at once (a barrier there could wait forever).

@@ -3,12 +3,12 @@
 1. writes the synthetic privacy dataset (HMDB51 layout; actions carried by motion, the 5 privacy
    attributes by appearance, drawn independently of the action);
 2. trains STPrivacy, phase 1 (init) and phase 2 (adversarial), with a small preset. Phase 2 departs
-   from the paper in three choices, all TrainConfig fields, each chosen from measured runs
+   from the paper in four choices, all TrainConfig fields, each chosen from measured runs
    (BENCHMARKS.md): the reconstruction head starts as the ridge decoder of the phase-1 tokens
    (decoder_init="lstsq"), the privacy term is the recognizer's entropy, not its BCE, and the weights
-   are 1.0 (action) and 4.0 (privacy). When phase 2 ends, the directions along which linear probes read the
-   privacy attributes are projected out of the reconstruction head (privacy_nullspace=8, no retraining; a
-   fourth departure). ``--privacy-objective bce --decoder-init random --action-weight 0.5 --privacy-weight 0.5
+   are 1.0 (action) and 4.0 (privacy); when phase 2 ends, the directions along which linear probes read the
+   privacy attributes are projected out of the reconstruction head (privacy_nullspace=8, no retraining).
+   ``--privacy-objective bce --decoder-init random --action-weight 0.5 --privacy-weight 0.5
    --privacy-nullspace 0`` runs the paper's setting;
 3. evaluates as the paper does (phase 3: fresh recognizers on the transformed videos): raw video,
    STPrivacy and one baseline, and prints them beside the paper's numbers (for orientation only); the

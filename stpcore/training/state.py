@@ -150,11 +150,12 @@ def check_resumable(trainer: Trainer, path, state: dict) -> None:
                 f"{path}: this run has finished, and a finished run cannot be extended ({lengths}, saved and now: "
                 f"its lr schedules have ended); start a new run (another --out-dir), with --init-2d or the "
                 f"settings you want")
-        if "privacy_nullspace" in changed:
+        made_with = state.get("config", {}).get("privacy_nullspace", 0)  # runs saved before the option: none
+        if made_with != cfg.privacy_nullspace:
             raise ValueError(
-                f"{path}: this run has finished, and its final model was made with privacy_nullspace="
-                f"{changed['privacy_nullspace'][0]} (now {changed['privacy_nullspace'][1]}): the projection is applied "
-                f"once, when phase 2 ends; start a new run (another --out-dir) with the setting you want")
+                f"{path}: this run has finished, and its final model was made with privacy_nullspace={made_with} "
+                f"(now {cfg.privacy_nullspace}): the projection is applied once, when phase 2 ends; start a new run "
+                f"(another --out-dir) with the setting you want")
     if changed and trainer.dist.main:
         warnings.warn(f"{path}: resuming with changed settings {changed} (saved, now); the run is no longer the "
                       f"one that was saved", RuntimeWarning, stacklevel=4)

@@ -193,3 +193,13 @@ def test_train_select_needs_a_validation_part_and_candidates(tmp_path, capsys):
 
     assert main(["train", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--select"]) == 2
     assert "--select needs a validation part and phase-2 candidates" in capsys.readouterr().err
+
+
+def test_train_select_with_the_nullspace_projection_is_refused(tmp_path, capsys):
+    """Candidates are taken before the projection, so deploying one would silently drop it."""
+    from stpcore.cli import main
+
+    assert main(["train", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--select",
+                 "--validation", "0.2", "--candidate-every", "1", "--privacy-nullspace", "2"]) == 2
+    assert "candidates are taken before the --privacy-nullspace projection" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -67,10 +67,10 @@ def _nullspace_matches_single(info) -> bool:
     from stpcore.runtime import DistInfo
     from stpcore.training.nullspace import privacy_nullspace
 
-    both, both_acc = privacy_nullspace(*_planted(info.rank), rounds=2, info=info)
+    both, both_acc, _ = privacy_nullspace(*_planted(info.rank), rounds=2, info=info)
     shards = [_planted(r) for r in range(info.world_size)]
-    alone, alone_acc = privacy_nullspace(torch.cat([f for f, _ in shards]), torch.cat([lab for _, lab in shards]),
-                                         rounds=2, info=DistInfo())
+    alone, alone_acc, _ = privacy_nullspace(torch.cat([f for f, _ in shards]), torch.cat([lab for _, lab in shards]),
+                                            rounds=2, info=DistInfo())
     rows = sum(len(lab) for _, lab in shards)
     same_accuracy = all(abs(a - b) <= 2 / rows for ra, rb in zip(both_acc, alone_acc, strict=True)
                         for a, b in zip(ra, rb, strict=True))  # a row on the boundary may flip with the sum order

@@ -33,26 +33,45 @@ def test_the_probe_is_scikit_learns_logistic_regression(separation):
     x = torch.randn(3000, 12, generator=g, dtype=torch.float64)
     x[:, 4] *= 20.0
     y = (separation * (x[:, 0] - 0.5 * x[:, 2]) + torch.randn(3000, generator=g, dtype=torch.float64) > 0.4).double()
-    w, b = logistic_probe(x, y)
+    w, b, converged = logistic_probe(x, y)
+    assert converged
     ref = sklearn.LogisticRegression(C=1.0, max_iter=10000, tol=1e-12).fit(x.numpy(), y.numpy())
     np.testing.assert_allclose(w.numpy(), ref.coef_[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(b), ref.intercept_[0], rtol=1e-5, atol=1e-6)
 
 
-def test_the_probe_with_one_class_or_separable_rows_stays_finite():
-    x = torch.randn(50, 3, dtype=torch.float64)
-    for y in (torch.ones(50, dtype=torch.float64), (x[:, 0] > 0).double()):
-        w, b = logistic_probe(x, y)
-        assert torch.isfinite(w).all() and torch.isfinite(b)
+def test_separable_rows_give_a_finite_probe_that_separates_them():
+    """Without the L2 term separable rows would send w to infinity; with it the minimum is finite."""
+    x = torch.randn(200, 3, dtype=torch.float64)
+    y = (x[:, 0] > 0).double()
+    w, b, converged = logistic_probe(x, y)
+    assert converged and torch.isfinite(w).all() and torch.isfinite(b)
+    assert ((x @ w + b > 0).double() == y).double().mean() > 0.95  # the penalty may give up a row at the margin
+
+
+def test_float32_features_in_chunks_give_the_float64_probe(monkeypatch):
+    """The trainer keeps its features in float32 and sums over chunks of rows: the same probe as all rows in
+    float64 at once."""
+    import stpcore.training.nullspace as nullspace
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1000, 5, generator=g)
+    y = (x[:, 1] + 0.3 * torch.randn(1000, generator=g) > 0).float()
+    whole = logistic_probe(x.double(), y.double())
+    monkeypatch.setattr(nullspace, "CHUNK_ROWS", 97)
+    chunked = logistic_probe(x, y)
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(chunked[1], whole[1], atol=1e-9, rtol=0)
 
 
 def test_the_nullspace_removes_each_attributes_direction_and_nothing_else():
     features, labels = _planted()
-    projection, accuracies = privacy_nullspace(features, labels, rounds=1)
-    assert accuracies[0][0] > 0.9 and accuracies[0][1] > 0.9  # read before removal
-    projected = features @ projection
+    projected = features.clone()
+    projection, accuracies, unconverged = privacy_nullspace(projected, labels, rounds=1)
+    assert accuracies[0][0] > 0.9 and accuracies[0][1] > 0.9 and unconverged == 0  # read before removal
+    torch.testing.assert_close(projected, features @ projection)  # the rows were projected in place, as x P
     for a in range(2):  # a fresh probe is near chance afterwards
-        w, b = logistic_probe(projected, labels[:, a])
+        w, b, _ = logistic_probe(projected, labels[:, a])
         assert ((projected @ w + b > 0).double() == labels[:, a]).double().mean() < 0.6
     assert torch.linalg.matrix_rank(projection, atol=1e-8) == 4  # two directions went
     torch.testing.assert_close(projection[2:, 2:], torch.eye(4, dtype=torch.float64), atol=0.1, rtol=0)
@@ -68,7 +87,7 @@ def test_the_nullspace_equals_the_benchmarks_scikit_learn_version():
     from benchmarks.decoder_nullspace import nullspace
 
     features, labels = _planted(n=1500, dim=8, seed=5)
-    ours, our_acc = privacy_nullspace(features, labels, rounds=2)
+    ours, our_acc, _ = privacy_nullspace(features.clone(), labels, rounds=2)
     theirs, their_acc = nullspace(features.numpy(), labels.numpy(), rounds=2)
     np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-2)
     np.testing.assert_allclose(np.array(our_acc, dtype=float), np.array(their_acc, dtype=float), atol=2e-3)
@@ -77,7 +96,7 @@ def test_the_nullspace_equals_the_benchmarks_scikit_learn_version():
 def test_an_attribute_with_one_class_trains_no_probe():
     features, labels = _planted(n=300, dim=4, seed=1)
     labels[:, 0] = 0.0
-    projection, accuracies = privacy_nullspace(features, labels, rounds=2)
+    projection, accuracies, _ = privacy_nullspace(features, labels, rounds=2)
     assert [row[0] for row in accuracies] == [None, None]
     assert torch.linalg.matrix_rank(projection, atol=1e-8) == 2  # two rounds of attribute 1 only
 
@@ -101,7 +120,7 @@ def _events(run) -> list[dict]:
 def test_the_trainer_projects_the_reconstruction_head_only(tmp_path):
     plain = Trainer(_cfg(tmp_path / "plain"), _loader())
     plain.fit()
-    projected = Trainer(_cfg(tmp_path / "projected", privacy_nullspace=2), _loader())
+    projected = Trainer(_cfg(tmp_path / "projected", privacy_nullspace=2, candidate_every=1), _loader())
     projected.fit()
     before, after = plain.anonymizer.state_dict(), projected.anonymizer.state_dict()
     for name, value in after.items():
@@ -123,6 +142,9 @@ def test_the_trainer_projects_the_reconstruction_head_only(tmp_path):
 
     exported = load_anonymizer(tmp_path / "projected" / "run" / "stprivacy.pt")
     assert torch.equal(exported.head_recon.weight, after["head_recon.weight"])
+    # Phase-2 candidates are the models as trained, taken before the projection (as documented).
+    candidate = load_anonymizer(tmp_path / "projected" / "run" / "candidates" / "phase2-epoch001.pt")
+    assert torch.equal(candidate.head_recon.weight, before["head_recon.weight"])
 
 
 def test_a_run_killed_during_the_projection_redoes_it_on_resume(tmp_path, monkeypatch):
@@ -146,6 +168,7 @@ def test_a_run_killed_during_the_projection_redoes_it_on_resume(tmp_path, monkey
     again = Trainer(_cfg(tmp_path / "b", privacy_nullspace=1), _loader())
     again.fit(resume=tmp_path / "b" / "run" / "last.pt")
     assert torch.equal(again.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
+    assert len(_events(tmp_path / "b" / "run")) == 1
 
 
 def test_a_finished_run_is_not_resumed_with_another_nullspace_setting(tmp_path):
@@ -176,3 +199,65 @@ def test_without_privacy_labels_it_warns_and_keeps_the_head(tmp_path):
 def test_negative_rounds_are_refused(tmp_path):
     with pytest.raises(ValueError, match="privacy_nullspace must be >= 0"):
         _cfg(tmp_path, privacy_nullspace=-1)
+
+
+def test_rounds_that_would_remove_every_direction_are_refused_before_training(tmp_path):
+    """The tiny preset has D = 48: 9 rounds remove 45 directions, 10 would remove 50."""
+    Trainer(_cfg(tmp_path / "nine", privacy_nullspace=9), _loader())
+    with pytest.raises(ValueError, match="privacy_nullspace=10 would remove 50 of the reconstruction head's 48 .*at "
+                                         "most 9 rounds"):
+        Trainer(_cfg(tmp_path / "ten", privacy_nullspace=10), _loader())
+
+
+def test_a_run_finished_before_the_option_existed_is_not_resumed_with_it(tmp_path):
+    """A checkpoint saved before privacy_nullspace existed has no such key: it was made without the projection."""
+    Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["config"]["privacy_nullspace"]
+    torch.save(state, last)
+    with pytest.raises(ValueError, match="made with privacy_nullspace=0 \\(now 2\\)"):
+        Trainer(_cfg(tmp_path, phase2_epochs=0, privacy_nullspace=2), _loader()).fit(resume=last)
+
+
+class _MixedLabels(RandomClipLoader):
+    """Every other video without privacy labels; each labelled video's attributes its own pattern."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            batch.has_privacy[1::2] = False
+            batch.privacy[:] = torch.tensor([[i % 2, (i // 2) % 2, 1, 0, i % 3 == 0] for i in
+                                             batch.video_index.tolist()], dtype=torch.float32)
+            yield batch
+
+
+def test_the_probes_read_the_heads_input_of_labelled_videos_with_their_own_labels():
+    """Independent of where the hook sits: the head applied to each collected row gives that kept tubelet's pixels
+    in the model's output video, and each row carries its own video's attributes; unlabelled videos give no row."""
+    from stpcore.models import STPrivacy, STPrivacyConfig
+    from stpcore.training.nullspace import collect_decoder_inputs
+    from stpcore.tubelets import to_tubelets
+
+    torch.manual_seed(0)
+    model = STPrivacy(STPrivacyConfig.from_name("tiny"))
+    loader = _MixedLabels(num_batches=2, batch_size=4, num_frames=8, size=32)
+    features, labels, clips = collect_decoder_inputs(model, loader, torch.device("cpu"), "none", passes=2,
+                                                     first_epoch=3)
+    assert model.training  # left as it was
+    model.eval()
+    expected_pixels, expected_labels = [], []
+    with torch.no_grad():
+        for epoch in (3, 4):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                out = model(batch.clips)
+                pixels = to_tubelets(out.video, model.cfg.tubelet)  # (B, N, P)
+                kept = pixels.gather(1, out.kept_positions[..., None].expand(-1, -1, pixels.shape[-1]))
+                for v in range(len(batch.clips)):
+                    if batch.has_privacy[v]:
+                        expected_pixels.append(kept[v])
+                        expected_labels.append(batch.privacy[v].expand(kept.shape[1], -1))
+    assert clips == 2 * 2 * 2  # 2 passes x 2 batches x 2 labelled videos
+    with torch.no_grad():
+        torch.testing.assert_close(model.head_recon(features), torch.cat(expected_pixels), atol=1e-5, rtol=1e-5)
+    assert torch.equal(labels, torch.cat(expected_labels))
