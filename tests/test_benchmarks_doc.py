@@ -256,7 +256,8 @@ def test_tables_name_their_data():
             "benchmarks/results/demo-machines/intel-avx2-forced.json",
             "benchmarks/results/demo-machines/amd-avx512.json", "benchmarks/results/demo-machines/amd-avx2.json",
             "benchmarks/results/privacy-methods-intel.json", "benchmarks/results/leak-probes.json",
-            "benchmarks/results/decoder-nullspace.json", "benchmarks/results/privacy-methods-amd-avx2.json"} <= files, files
+            "benchmarks/results/decoder-nullspace.json",
+            "benchmarks/results/privacy-methods-amd-avx2.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
