@@ -150,9 +150,10 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
         info: several processes: see :func:`logistic_probe`.
 
     Returns:
-        projection: (D, D) float64, P, the product of the rank-one removals (I - w w^T) in the order they were made;
-            a row vector x becomes x P. Each probe lies in the span of rows already projected, so the directions
-            are orthogonal and P is symmetric, but callers use it as written (x P, W P^T).
+        projection: (D, D) float64, P, the product of the rank-one removals (I - w w^T); a row vector x becomes
+            x P. Each direction is orthogonalised against the ones removed before it (as it would be in exact
+            arithmetic), so P = I - U U^T with U orthonormal: symmetric, idempotent, of rank D minus the directions
+            removed. Callers use it as written all the same (x P, W P^T).
         accuracies: (K, A) each probe's training accuracy before its direction was removed (None where an attribute
             has one class only over all rows, which trains no probe).
         unconverged: probes whose Newton iteration stopped before convergence (their directions are removed all
@@ -162,6 +163,7 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
     dim = features.shape[1]
     device = features.device
     projection = torch.eye(dim, dtype=torch.float64, device=device)
+    removed = torch.zeros(dim, 0, dtype=torch.float64, device=device)  # (D, k) the unit directions removed so far
     positives = _all_reduce(labels.double().sum(0), info)
     count = _all_reduce(torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device), info)
     accuracies: list[list[float | None]] = []
@@ -175,10 +177,18 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
             w, b, converged = logistic_probe(features, labels[:, a], info)
             unconverged += not converged
             row.append(probe_accuracy(features, labels[:, a], w, b, info))
+            # In exact arithmetic w lies in the span of the projected rows, orthogonal to every direction removed
+            # before; in float32 rows the rounding left along those directions, which the weak L2 term there
+            # (1 / (c N)) amplifies, tilts w by up to ~1e-3. Orthogonalise it (twice: classical Gram-Schmidt needs
+            # the second pass) so that P stays an exact orthogonal projection.
+            found = w.norm()
+            for _ in range(2):
+                w = w - removed @ (removed.T @ w)
             norm = w.norm()
-            if not norm > 1e-12:  # nothing left to read (or a NaN probe): no direction to remove
+            if not norm > 1e-9 * found:  # nothing new to read (or a zero or NaN probe): no direction to remove
                 continue
             w = w / norm
+            removed = torch.cat([removed, w[:, None]], dim=1)
             projection -= torch.outer(projection @ w, w)  # P <- P (I - w w^T)
             for i in range(0, features.shape[0], CHUNK_ROWS):  # the rows the same way, one chunk at a time
                 chunk = features[i:i + CHUNK_ROWS]
