@@ -84,7 +84,8 @@ def test_float32_rows_still_give_an_exact_orthogonal_projection():
     probes into them (it did, by up to ~1e-3, before each direction was orthogonalised against the earlier ones)."""
     g = torch.Generator().manual_seed(7)
     labels = torch.randint(0, 2, (3000, 3), generator=g).double()
-    features = torch.randn(3000, 12, generator=g) + 1.5 * (labels @ torch.randn(3, 12, generator=g, dtype=torch.float64)).float()
+    directions = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    features = torch.randn(3000, 12, generator=g) + 1.5 * (labels @ directions).float()
     projection, _, _ = privacy_nullspace(features, labels, rounds=3)
     torch.testing.assert_close(projection, projection.T, atol=1e-12, rtol=0)
     torch.testing.assert_close(projection @ projection, projection, atol=1e-12, rtol=0)
