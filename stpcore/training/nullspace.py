@@ -34,6 +34,15 @@ from stpcore.training.distributed import any_rank
 CHUNK_ROWS = 1 << 16  # rows per float64 chunk: 65536 x 385 x 8 bytes = 200 MB for vit_small's D = 384
 
 
+def check_rounds(rounds: int, dim: int) -> None:
+    """ValueError when K rounds over the attributes would remove every one of the head's ``dim`` input directions."""
+    removed = len(PRIVACY_ATTRIBUTES) * rounds
+    if removed >= dim:
+        raise ValueError(f"privacy_nullspace={rounds} would remove {removed} of the reconstruction head's {dim} input "
+                         f"directions, leaving nothing to write; use at most {(dim - 1) // len(PRIVACY_ATTRIBUTES)} "
+                         f"rounds")
+
+
 def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         dist.all_reduce(t)
@@ -88,9 +97,10 @@ def logistic_probe(x: torch.Tensor, y: torch.Tensor, info: DistInfo | None = Non
                 grad[:-1] += xc.T @ (p - yc)
                 grad[-1] += (p - yc).sum()
                 weighted = xc * (p * (1 - p))[:, None]
+                column = weighted.sum(0)
                 hess[:-1, :-1] += weighted.T @ xc
-                hess[:-1, -1] += weighted.sum(0)
-                hess[-1, :-1] += weighted.sum(0)
+                hess[:-1, -1] += column
+                hess[-1, :-1] += column
                 hess[-1, -1] += (p * (1 - p)).sum()
         packed = _all_reduce(packed, info) / total
         value = packed[0] + 0.5 * reg * (w * w).sum()
@@ -150,10 +160,9 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
         info: several processes: see :func:`logistic_probe`.
 
     Returns:
-        projection: (D, D) float64, P, the product of the rank-one removals (I - w w^T); a row vector x becomes
-            x P. Each direction is orthogonalised against the ones removed before it (as it would be in exact
-            arithmetic), so P = I - U U^T with U orthonormal: symmetric, idempotent, of rank D minus the directions
-            removed. Callers use it as written all the same (x P, W P^T).
+        projection: (D, D) float64, P = I - U U^T, U the removed unit directions, each orthogonalised against the
+            ones removed before it (as it would be in exact arithmetic): the product of the rank-one removals
+            (I - w w^T), symmetric, idempotent, of rank D minus the directions removed. A row vector x becomes x P.
         accuracies: (K, A) each probe's training accuracy before its direction was removed (None where an attribute
             has one class only over all rows, which trains no probe).
         unconverged: probes whose Newton iteration stopped before convergence (their directions are removed all
@@ -162,7 +171,6 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
     info = info or DistInfo()
     dim = features.shape[1]
     device = features.device
-    projection = torch.eye(dim, dtype=torch.float64, device=device)
     removed = torch.zeros(dim, 0, dtype=torch.float64, device=device)  # (D, k) the unit directions removed so far
     positives = _all_reduce(labels.double().sum(0), info)
     count = _all_reduce(torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=device), info)
@@ -189,12 +197,12 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
                 continue
             w = w / norm
             removed = torch.cat([removed, w[:, None]], dim=1)
-            projection -= torch.outer(projection @ w, w)  # P <- P (I - w w^T)
             for i in range(0, features.shape[0], CHUNK_ROWS):  # the rows the same way, one chunk at a time
                 chunk = features[i:i + CHUNK_ROWS]
                 along = chunk.double() @ w
                 chunk -= (along[:, None] * w[None, :]).to(chunk.dtype)
         accuracies.append(row)
+    projection = torch.eye(dim, dtype=torch.float64, device=device) - removed @ removed.T
     return projection, accuracies, unconverged
 
 
@@ -276,11 +284,7 @@ def project_privacy_out(model: STPrivacy, loader, device: torch.device, amp: str
         ValueError: 5K >= embed_dim (nothing would be left for the head to write).
         RuntimeError: the projection came out non-finite (the head is left as it was).
     """
-    dim = model.cfg.embed_dim
-    if len(PRIVACY_ATTRIBUTES) * rounds >= dim:
-        raise ValueError(f"privacy_nullspace={rounds} removes {len(PRIVACY_ATTRIBUTES) * rounds} directions of the "
-                         f"reconstruction head's {dim}: nothing would be left to write; use at most "
-                         f"{(dim - 1) // len(PRIVACY_ATTRIBUTES)} rounds")
+    check_rounds(rounds, model.cfg.embed_dim)
     features, labels, clips = collect_decoder_inputs(model, loader, device, amp, passes, first_epoch, info)
     seen = _all_reduce(torch.tensor([float(clips), float(features.shape[0])], dtype=torch.float64, device=device),
                        info)

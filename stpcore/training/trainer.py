@@ -41,7 +41,6 @@ import torch
 from torch import nn
 
 from stpcore import losses
-from stpcore.data.labels import PRIVACY_ATTRIBUTES
 from stpcore.models import STPrivacy, VideoRecognizer
 from stpcore.models.checkpoints import save_anonymizer
 from stpcore.ops import sample_gumbel
@@ -51,7 +50,7 @@ from stpcore.training import state
 from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.config import TrainConfig
 from stpcore.training.distributed import any_rank, sharding_report, wrap_models
-from stpcore.training.nullspace import project_privacy_out
+from stpcore.training.nullspace import check_rounds, project_privacy_out
 from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due, restart_target
 from stpcore.tubelets import check_finite
 
@@ -94,11 +93,7 @@ class Trainer:
         self.loader = loader if loader is not None else self._default_loader()
         self.num_classes = len(self.loader.classes)
         self.model_cfg = cfg.model_config(self.num_classes)
-        if len(PRIVACY_ATTRIBUTES) * cfg.privacy_nullspace >= self.model_cfg.embed_dim:
-            raise ValueError(f"privacy_nullspace={cfg.privacy_nullspace} would remove "
-                             f"{len(PRIVACY_ATTRIBUTES) * cfg.privacy_nullspace} of the reconstruction head's "
-                             f"{self.model_cfg.embed_dim} input directions, leaving nothing to write; use at most "
-                             f"{(self.model_cfg.embed_dim - 1) // len(PRIVACY_ATTRIBUTES)} rounds")
+        check_rounds(self.cfg.privacy_nullspace, self.model_cfg.embed_dim)  # before training, not after it
         self.anonymizer = STPrivacy(self.model_cfg).to(self.device)
         self.action_rec = VideoRecognizer(cfg.recognizer_config(self.num_classes)).to(self.device)
         self.privacy_rec = VideoRecognizer(cfg.recognizer_config(5)).to(self.device)
