@@ -3,10 +3,19 @@ setting, timed alternately with the eager anonymizer in one process (the median 
 round), and the keep masks compared with eager's; and each forward's profile (the share of its CPU time per aten
 op; the milliseconds in the library calls Inductor keeps and in the rest), which bounds what any compiler can fuse.
 
-    .venv/bin/python benchmarks/compile_options.py [--rounds 9] [--json OUT.json]
+    .venv/bin/python benchmarks/compile_options.py [--rounds 9] [--settings NAME ...] [--json OUT.json]
 
-Settings: ``default`` (``torch.compile`` as ``ClipAnonymizer(compile=True)`` runs it) and ``freezing+autotune``
-(weights frozen into the graph and oneDNN-packed, ``max_autotune`` GEMM templates).
+Settings: ``default`` (``torch.compile`` as ``ClipAnonymizer(compile=True)`` runs it), ``freezing``
+(the weights frozen into the graph as constants, so Inductor packs each Linear's weight for the CPU's GEMM
+library: oneDNN with the bias and the GELU or residual add fused into it when the batch is dynamic, MKL when it
+is static) and ``freezing+autotune`` (also ``max_autotune``: each GEMM timed against Inductor's C++ GEMM template;
+minutes of compile on a 2-core machine, so only with ``--settings``).
+
+Each setting applies its Inductor settings around every call, and has its own backend. Passing them as
+``torch.compile(options=...)`` does not freeze: Dynamo reads ``freezing`` from the global config while it traces,
+before the options apply, so the weights stay graph inputs and the compiled code still calls ``aten::addmm``
+(as this script's runs before 2026-12-07 did). And a module compiled twice under one backend reuses the first
+graph whatever the global settings.
 """
 
 from __future__ import annotations
@@ -23,11 +32,33 @@ from stpcore.inference import ClipAnonymizer
 from stpcore.models import STPrivacy, STPrivacyConfig
 from stpcore.testing import separate_keep_scores
 
-SETTINGS = {"default": {}, "freezing+autotune": {"freezing": True, "max_autotune": True}}
+SETTINGS = {"default": {}, "freezing": {"freezing": True},
+            "freezing+autotune": {"freezing": True, "max_autotune": True}}
+DEFAULT_SETTINGS = ("default", "freezing")
+
+# Library calls Inductor keeps as they are on CPU (a compiler can only fuse what lies outside them): the GEMMs
+# (eager's addmm; with frozen weights the packed oneDNN / MKL linears, which hold the fused epilogues) and SDPA.
+LIBRARY_OPS = ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "mkldnn::_linear_pointwise",
+               "mkldnn::_linear_pointwise.binary", "mkl::_mkl_linear")
 
 
-# Library calls Inductor keeps as they are on CPU (a compiler can only fuse what lies outside them).
-LIBRARY_OPS = ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+def compiled_forward(model: torch.nn.Module, patches: dict):
+    """``model`` compiled by Inductor with ``patches`` applied to its config around every call: Dynamo reads
+    ``freezing`` while it traces (to keep the parameters as constants), Inductor while it compiles. Each call
+    here makes its own backend, so two settings never share compiled graphs."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=backend)
+
+    def forward(*args, **kwargs):
+        with config.patch(patches):
+            return compiled(*args, **kwargs)
+
+    return forward
 
 
 def forward_profile(anon: ClipAnonymizer, clips: torch.Tensor, top: int = 8) -> dict:
@@ -52,6 +83,7 @@ def forward_profile(anon: ClipAnonymizer, clips: torch.Tensor, top: int = 8) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -60,11 +92,13 @@ def main() -> None:
     clips = torch.randn(8, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
     eager = ClipAnonymizer(model, precision="fp32")
     reference = eager(clips).keep
-    report = {"threads": torch.get_num_threads(), "settings": {}, "eager_profile": forward_profile(eager, clips)}
+    report = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "settings": {},
+              "eager_profile": forward_profile(eager, clips)}
     compiled = {}
-    for name, options in SETTINGS.items():
-        anon = ClipAnonymizer(model, precision="fp32")
-        anon._forward = torch.compile(anon.model, options=options)  # the compile=True path with other options
+    for name in args.settings:
+        anon = ClipAnonymizer(model, precision="fp32", compile=True)  # the batch dimension dynamic, as compile=True
+        anon._forward = compiled_forward(anon.model, SETTINGS[name])
         start = time.perf_counter()
         keep = anon(clips).keep
         report["settings"][name] = {"compile_s": round(time.perf_counter() - start, 1),
