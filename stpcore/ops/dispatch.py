@@ -18,6 +18,12 @@ A backend gives ``fwd`` (the op's outputs, plus the statistics its backward read
 and ``bwd``; a backend without its own ``bwd`` (the references, xformers) is differentiated by running the
 reference again under ``torch.func.vjp`` (:func:`recompute_backward`). The backward op chooses its backend again
 from the forward's inputs: changing ``STPCORE_BACKEND`` between a forward and its backward is not supported.
+
+One exception keeps the reference what it is meant to be, the direct formulation under plain autograd (the
+authors' release, the baseline the benchmarks compare against): in eager code, when the reference is named
+(``backend="reference"`` or ``STPCORE_BACKEND``), an op whose reference has no backward of its own runs that
+reference function directly instead of its custom op (:func:`direct_reference`), so autograd records it and keeps
+what it saves, rather than rerunning it in the backward. Traced code (``torch.compile``) always takes the custom op.
 """
 
 from __future__ import annotations
@@ -188,6 +194,17 @@ def _select(op: str, backend: str | None, *args, **kwargs) -> Backend:
         if not b.reasons(False, *args, **kwargs):
             return b
     raise NotImplementedError(f"{op}: no backend can run these inputs")  # the reference never refuses
+
+
+def direct_reference(op: str, backend: str | None, *args, **kwargs) -> bool:
+    """True when ``op``'s public function should call its reference directly, under plain autograd: not while
+    torch.compile traces, and the reference named by ``backend`` or ``STPCORE_BACKEND``. The choice is recorded
+    (:func:`chosen`) as the custom op would record it; ``args``/``kwargs`` are the custom op's."""
+    if torch.compiler.is_compiling():
+        return False
+    if (backend or _forced(op)) != "reference":
+        return False
+    return select(op, backend or None, *args, **kwargs).name == "reference"
 
 
 def call(op: str, backend: str | None, *args, **kwargs):

@@ -170,4 +170,6 @@ def gumbel_select(
         else:
             noise = sample_gumbel(tuple(log_probs.shape), generator=generator, device=log_probs.device,
                                   dtype=log_probs.dtype)
+    if dispatch.direct_reference("gumbel_select", backend, log_probs, prev_keep, noise, seed, float(tau), bool(hard)):
+        return _reference_fwd(log_probs, prev_keep, noise, seed, float(tau), bool(hard))  # plain autograd
     return torch.ops.stpcore.gumbel_select(log_probs, prev_keep, noise, seed, float(tau), bool(hard), backend or "")

@@ -320,4 +320,6 @@ def policy_attention(
     _check(q, k, v, policy)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"policy_attention: eps must be a finite number >= 0, got {eps}")
+    if dispatch.direct_reference("policy_attention", backend, q, k, v, policy, eps=float(eps)):
+        return policy_attention_ref(q, k, v, policy, eps=eps)  # plain autograd (see stpcore.ops.dispatch)
     return torch.ops.stpcore.policy_attention(q, k, v, policy, float(eps), backend or "")[0]

@@ -93,4 +93,6 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 def predictor_pool(x: torch.Tensor, keep: torch.Tensor, num_slots: int, *, backend: str | None = None) -> torch.Tensor:
     """See :func:`predictor_pool_ref`. The op is ``torch.ops.stpcore.predictor_pool(x, keep, num_slots, backend)``."""
     _check(x, keep, num_slots)
+    if dispatch.direct_reference("predictor_pool", backend, x, keep, int(num_slots)):
+        return predictor_pool_ref(x, keep, int(num_slots))  # plain autograd (see stpcore.ops.dispatch)
     return torch.ops.stpcore.predictor_pool(x, keep, int(num_slots), backend or "")

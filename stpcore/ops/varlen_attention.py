@@ -146,4 +146,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float | Non
     ``torch.ops.stpcore.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, backend)`` -> (out, lse)."""
     _check(q, k, v, cu_seqlens, max_seqlen)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if dispatch.direct_reference("varlen_attention", backend, q, k, v, cu_seqlens, int(max_seqlen), scale=scale):
+        return varlen_attention_ref(q, k, v, cu_seqlens, int(max_seqlen), scale=scale)  # plain autograd
     return torch.ops.stpcore.varlen_attention(q, k, v, cu_seqlens, int(max_seqlen), scale, backend or "")[0]

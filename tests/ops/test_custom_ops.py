@@ -145,3 +145,82 @@ def test_the_eval_forward_exports_and_decomposes_into_aten_ops():
     assert stpcore_nodes(flat) == []
     for got, want in zip(flat.module()(clips), module(clips), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _public_call(op, args):
+    """The public function of ``op`` called with the custom op's arguments (its backend last)."""
+    if op == "policy_attention":
+        q, k, v, policy, eps, backend = args
+        return ops.policy_attention(q, k, v, policy, eps=eps, backend=backend or None)
+    if op == "varlen_attention":
+        q, k, v, cu, max_seqlen, scale, backend = args
+        return ops.varlen_attention(q, k, v, cu, max_seqlen, scale=scale, backend=backend or None)
+    if op == "gumbel_select":
+        lp, prev, noise, _seed, tau, hard, backend = args
+        return ops.gumbel_select(lp, prev, tau=tau, hard=hard, noise=noise, backend=backend or None)
+    x, keep, slots, backend = args
+    return ops.predictor_pool(x, keep, slots, backend=backend or None)
+
+
+DIRECT = {"policy_attention": _policy_args, "varlen_attention": _varlen_args, "gumbel_select": _gumbel_args,
+          "predictor_pool": _pool_args}
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+@pytest.mark.parametrize("op", list(DIRECT))
+def test_a_named_reference_runs_directly_under_plain_autograd(monkeypatch, op, how):
+    """Named in eager code, the reference of an op without a backward of its own runs as the function itself, so
+    autograd records it (the authors' formulation, what the whole-model `reference` baseline must measure: its
+    memory and its time) instead of rerunning it in the backward: called once per forward and backward, not
+    twice; the same outputs and gradients as the custom op's reference; the choice still recorded."""
+    import importlib
+
+    module = importlib.import_module(f"stpcore.ops.{op}")
+    ref_name = f"{op}_ref"
+    calls = []
+    original = getattr(module, ref_name)
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(module, ref_name, counted)
+    backend = "reference" if how == "argument" else ""
+    if how == "environment":
+        monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    else:
+        monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.forget_choices()
+    args = DIRECT[op](backend)
+    out = _public_call(op, args)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    assert len(calls) == 1, f"{op}: the reference ran {len(calls)} times for one forward and backward"
+    assert dispatch.chosen() == {op: ["reference"]}
+
+    monkeypatch.setattr(module, ref_name, original)
+    args_op = DIRECT[op]("reference")
+    through_op = getattr(torch.ops.stpcore, op)(*args_op)
+    through_op = through_op[0] if isinstance(through_op, tuple) else through_op
+    inputs_op = [a for a in args_op if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads_op = torch.autograd.grad((through_op * weights).sum(), inputs_op)
+    torch.testing.assert_close(out, through_op, rtol=0, atol=0)
+    for name, a, b in zip(range(len(grads)), grads, grads_op, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{op} gradient {name}")
+
+
+def test_a_named_reference_is_still_one_custom_op_when_traced(monkeypatch):
+    """torch.compile traces the custom op, not the direct formulation, whatever is named (no graph break)."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    q, k, v, policy, eps, _ = _policy_args("")
+    compiled = torch.compile(lambda *t: ops.policy_attention(*t, eps=eps), backend=record, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, policy), ops.policy_attention(q, k, v, policy, eps=eps),
+                               rtol=0, atol=0)
+    assert "stpcore.policy_attention" in targets, targets
