@@ -9,7 +9,8 @@ et al., ACL 2020, applied to a trained STPrivacy; issue 11).
 
 RUN names a run trained by ``benchmarks/privacy_methods.py`` in the same work folder (``W/RUN/train/stprivacy.pt``,
 e.g. ``base_s0``), whose ``W/raw.json`` gives raw video's scores. The model runs in inference mode (top-k at its own
-keep ratio) over two passes of the training split (two random crops per video); the input of the reconstruction
+keep ratio) over two passes of the training loader (two random crops per video; each pass drops the last partial
+batch, so 128 of the 140 videos); the input of the reconstruction
 head, LayerNorm(final kept token), is collected for every kept token, labelled with its video's attributes (videos
 without privacy labels are left out). Then K rounds over the 5 attributes: a logistic regression (scikit-learn, L2,
 C = 1) is fitted on the projected features, its unit weight direction w is removed (P <- P (I - w w^T)), so 5K

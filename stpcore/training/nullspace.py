@@ -1,12 +1,13 @@
 """The privacy nullspace projection at the end of training (``TrainConfig.privacy_nullspace``, off by default).
 
 After phase 2, linear probes (L2 logistic regression) are fitted to read each privacy attribute from the input of
-the reconstruction head, LayerNorm(final kept token), over two passes of the training data with the eval-mode (top-k)
-model; each probe's unit direction is projected out before the next probe is fitted, for K rounds over the
-attributes (iterative nullspace projection, INLP: Ravfogel et al., ACL 2020). The product P of the projections is
-folded into the head, W <- W P^T, so in fp32 the head writes nothing along any of the 5K directions (a bf16 copy of
-the weight keeps them only at its rounding level). Nothing else changes: the keep decisions, the anonymizer and the
-action path are the trained model's, and nothing is retrained.
+the reconstruction head, LayerNorm(final kept token), over two passes of the training loader with the eval-mode
+(top-k) model (each pass drops the loader's last partial batch, as training does: 128 of the demo's 140 videos);
+each probe's unit direction is projected out before the next probe is fitted, for K rounds over the attributes
+(iterative nullspace projection, INLP: Ravfogel et al., ACL 2020). The product P of the projections is folded into
+the head, W <- W P^T, so in fp32 the head writes nothing along any of the 5K directions (a bf16 copy of the weight
+keeps them only at its rounding level). Nothing else changes: the keep decisions, the anonymizer and the action path
+are the trained model's, and nothing is retrained.
 
 Why: phase 2's adversarial game leaves attributes readable along directions that the co-trained privacy recognizer
 stopped using but a fresh phase-3 recognizer finds; a linear read-out of the tokens finds many of them
