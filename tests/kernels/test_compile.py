@@ -51,6 +51,9 @@ CONFIGS: list[tuple[str, str, dict]] = [
     # Policy attention: the paper's shape (64 x 64 tiles), the wide-block branch (D = 128 fp16), fp32 with FMA
     # (IEEE) dots in both of its tile sizes, fp32 with TF32 dots at D = 128, and the smallest head dim.
     ("policy-bf16-D64", "policy", dict(dtype="bf16", D=64, tf32=False)),
+    ("policy-fp16-D64", "policy", dict(dtype="fp16", D=64, tf32=False)),  # bench-policy's fp16, its tile candidates
+    ("policy-bf16-D128", "policy", dict(dtype="bf16", D=128, tf32=False)),
+    ("policy-fp32-D64-tf32", "policy", dict(dtype="fp32", D=64, tf32=True)),
     ("policy-fp16-D128", "policy", dict(dtype="fp16", D=128, tf32=False)),
     ("policy-fp32-D64-ieee", "policy", dict(dtype="fp32", D=64, tf32=False)),
     ("policy-fp32-D128-ieee", "policy", dict(dtype="fp32", D=128, tf32=False)),
