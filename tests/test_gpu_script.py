@@ -67,7 +67,7 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
     assert "tests/evaluation/test_protocol.py::test_sweep_on_cuda_bf16" in tests
     assert "tests/training/test_trainer.py::" not in tests
     assert "warm:" in log and "profile: phase-2 step" in log
-    # The tile sweep: planned here when the budget keeps it, else by its own plan (a run with time left runs it).
+    # The tile sweep: planned here when the budget keeps it; else its plan must still work (for a manual run).
     if "tiles" in kept:
         assert "tiles: fwd candidates" in log
     else:
@@ -168,13 +168,36 @@ def test_steps_run_without_ci_set(tmp_path, monkeypatch):
     assert "CI is None" in (tmp_path / "log.txt").read_text()
 
 
-def test_a_slow_install_does_not_stop_the_plan(tmp_path):
-    """A timeout is a slow machine, not a broken install (the cold first import of torch is inside the step)."""
-    steps = [harvest.Step("install", 1, [sys.executable, "-c", "import time; time.sleep(20)"]),
+@pytest.mark.parametrize("pip_finished", [True, False])
+def test_an_install_timeout_stops_the_plan_only_before_pip_finished(tmp_path, pip_finished):
+    """A timeout in the import check is a slow machine (the cold first import of torch is inside the step), not a
+    broken install; a timeout before pip finished may leave stpcore.kernels unimportable: the plan stops."""
+    said = f"print({harvest.PIP_DONE!r}, flush=True); " if pip_finished else ""
+    steps = [harvest.Step("install", 2, [sys.executable, "-c", said + "import time; time.sleep(20)"]),
              harvest.Step("machine", 20, [sys.executable, "-c", "print('machine ran')"])]
     results = harvest.Harvest(tmp_path).run(steps)
-    assert [r["step"] for r in results] == ["install", "machine"] and results[1]["status"] == "ok"
-    assert "install: timed out; going on" in (tmp_path / "log.txt").read_text()
+    log = (tmp_path / "log.txt").read_text()
+    if pip_finished:
+        assert [r["step"] for r in results] == ["install", "machine"] and results[1]["status"] == "ok"
+        assert "install: timed out; going on" in log
+    else:
+        assert [r["step"] for r in results] == ["install"] and "install failed: the plan stops here" in log
+
+
+def test_the_install_step_says_when_pip_finished():
+    install = harvest.default_plan("python3")[0]
+    command = install.argv[-1]
+    assert install.name == "install" and f"echo {harvest.PIP_DONE}" in command
+    assert command.index("pip install") < command.index(harvest.PIP_DONE) < command.index("import stpcore.kernels")
+
+
+def test_warm_prints_its_summary_inside_a_shortened_limit(tmp_path):
+    """The warm-up's deadline stays 5 s inside its limit when the harvest's deadline shortens the step."""
+    warm = next(s for s in harvest.default_plan("python3") if s.name == "warm")
+    h = harvest.Harvest(tmp_path)
+    assert float(h._argv(warm)[h._argv(warm).index("--deadline") + 1]) <= warm.limit_s - 5
+    short = harvest.dataclasses.replace(warm, limit_s=9)
+    assert h._argv(short)[h._argv(short).index("--deadline") + 1] == "4"
 
 
 def test_a_failed_install_stops_the_plan(tmp_path):

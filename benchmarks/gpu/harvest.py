@@ -55,6 +55,7 @@ OUT_FILES = ("machine.txt", "kernels.json", "model.json", "table.md", "tests.txt
 TEST_WORKERS = 12  # xdist workers for the test step: Triton compiles in parallel on the GPU machine's 16 cores
 KILL_GRACE_S = 5  # after SIGINT: time for pytest to write what it has
 MIN_STEP_S = 3  # a step with less time left than this before the harvest's deadline is skipped
+PIP_DONE = "install: pip finished"  # printed by the install step between pip and its import check
 
 
 @dataclass
@@ -93,14 +94,16 @@ def default_plan(py: str) -> list[Step]:
     bench_attention = "benchmarks/bench_attention.py"
     return [
         # No network there: --no-index and no version check, so pip cannot wait on one; then prove the editable
-        # install maps stpcore.kernels (every later step needs it). 25 s: the check is the machine's first, cold
+        # install maps stpcore.kernels (every later step needs it). 20 s: the check is the machine's first, cold
         # import of torch with its CUDA libraries (8.8 s for the whole step on a warm CPU machine). A failure stops
-        # the plan; a timeout does not (the machine step then says whether stpcore.kernels imports).
-        Step("install", 25, ["bash", "-c", f"set -o pipefail; {shlex.quote(py)} -m pip install -q --no-deps --no-index "
+        # the plan, and so does a timeout before pip finished (PIP_DONE); a timeout in the import check does not
+        # (the machine step then says whether stpcore.kernels imports).
+        Step("install", 20, ["bash", "-c", f"set -o pipefail; {shlex.quote(py)} -m pip install -q --no-deps --no-index "
                                            "--disable-pip-version-check --no-build-isolation -e . 2>&1 | tail -3 && "
+                                           f"echo {PIP_DONE} && "
                                            f"{shlex.quote(py)} -c 'import stpcore.kernels.policy_attention as m; "
                                            "print(\"stpcore.kernels imports from\", m.__file__)'"]),
-        Step("machine", 12, [py, "benchmarks/gpu/machine.py"], output_into="machine.txt",
+        Step("machine", 10, [py, "benchmarks/gpu/machine.py"], output_into="machine.txt",
              plan_argv=[py, "benchmarks/gpu/machine.py"]),
         # Its deadline counts from its own start (torch's import included), 5 s inside the limit for the summary;
         # one thread per worker, 16 workers on 16 cores.
@@ -123,7 +126,7 @@ def default_plan(py: str) -> list[Step]:
         # workers (each compiles its own Triton specialisations), one result line per test as it finishes.
         # The sm_90 compile test is left out: it compiles every kernel configuration with a stand-in driver, no
         # GPU involved, and CI runs it on every change.
-        Step("tests", 68, [py, "-m", "pytest", *TEST_PATHS, "-m", "gpu or kernel_suite", "-p", "no:cacheprovider",
+        Step("tests", 65, [py, "-m", "pytest", *TEST_PATHS, "-m", "gpu or kernel_suite", "-p", "no:cacheprovider",
                            "--ignore=tests/kernels/test_compile.py",
                            "-o", "addopts=--strict-markers", "-v", "--timeout=120", "-rfEs",
                            "-n", str(TEST_WORKERS), "--dist", "loadgroup"], output_into="tests.txt", pytest=True,
@@ -258,9 +261,12 @@ class Harvest:
                 return None
             return [a.replace("{out}", str(self.out)) for a in step.plan_argv]
         if step.pytest:  # one hung test must end inside the step's limit, so the step keeps what finished
-            per_test = max(1, step.limit_s - 5)
+            per_test = max(5, step.limit_s - 5)  # (a step cut shorter than that is left to its own limit)
             argv = [f"--timeout={min(int(a.split('=', 1)[1]), per_test)}" if a.startswith("--timeout=") else a
                     for a in argv]
+        if "--deadline" in argv:  # a summary-printing deadline (warm) 5 s inside the step's limit, shortened or not
+            i = argv.index("--deadline") + 1
+            argv[i] = f"{min(float(argv[i]), max(1.0, step.limit_s - 5.0)):g}"
         if step.json_into:
             argv.append(f"--benchmark-json={self.parts / (step.name + '.json')}")
         return argv
@@ -315,7 +321,8 @@ class Harvest:
         for f in sinks:
             f.close()
         seconds = round(time.perf_counter() - start, 1)
-        result = {"step": step.name, "status": status, "seconds": seconds}
+        result = {"step": step.name, "status": status, "seconds": seconds, "pip_done": any(PIP_DONE in line
+                                                                                         for line in tail)}
         if step.json_into and not self.dry_run:
             part = self.parts / (step.name + ".json")
             result["benchmarks"] = self.merge_json(part, step.json_into) if part.is_file() else 0
@@ -367,7 +374,8 @@ class Harvest:
                     self.results.append({"step": step.name, "status": f"harvest error ({exc})", "seconds": 0.0})
                 status = self.results[-1]["status"]
                 if step.name == "install" and status != "ok" and not self.dry_run:
-                    if status.startswith("TIMEOUT"):  # slow, not failed: machine.txt says whether it imports
+                    if status.startswith("TIMEOUT") and self.results[-1].get("pip_done"):
+                        # pip finished; the cold import check was slow: machine.txt says whether it imports
                         self.log("-- install: timed out; going on (machine.txt's `stpcore info` says whether "
                                  "stpcore.kernels imports; the benchmarks record the backends that ran)")
                         continue

@@ -15,9 +15,10 @@
 # profile.txt tiles.json log.txt (benchmarks/gpu/harvest.py says what each holds). Commit what it wrote:
 # benchmarks/results/gpu-<date>/ and the numbers in BENCHMARKS.md; `python benchmarks/gpu/tiles.py merge
 # RESULTS_DIR/tiles.json` puts the measured tiles into kernels/tiles.json.
-# Wall time: the limits add up to 300 s; a step killed at its limit takes up to ~13 s more (SIGINT grace, SIGTERM,
-# SIGKILL), so give the device call a timeout of 360 s or more, and leave room for one rerun. A failed install
-# stops the plan; stopping the harvest (SIGTERM, Ctrl-C) kills the running step with it.
+# Wall time: the limits add up to 300 s, kept as one deadline (a step that overruns shortens the ones after it);
+# only the last step can end past it, by up to ~13 s (SIGINT grace, SIGTERM, SIGKILL), so give the device call a
+# timeout of 360 s or more, and leave room for one rerun. A failed install (or one cut before pip finished) stops
+# the plan; stopping the harvest (SIGTERM, Ctrl-C) kills the running step with it.
 # PLAN=compile bash benchmarks/gpu/run.sh DIR runs only the torch.compile benchmarks (compiled + CUDA-graph
 # inference at B=32, a compiled phase-2 step; 297 s of limits, compile time included): a second device call
 # when time is left after the default plan, whose 300 s leave them out.
