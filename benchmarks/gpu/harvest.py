@@ -148,9 +148,9 @@ def compile_steps(py: str, pytest_: list[str]) -> list[Step]:
     (which its 300 s leave out), and the whole of ``--plan compile`` (a second device call)."""
     timeout = [a if not a.startswith("--timeout=") else "--timeout=150" for a in pytest_]
     return [
-        Step("bench-compile-inference", 115, [*timeout, "benchmarks/bench_model.py", "-k", "compiled_cudagraph"],
+        Step("bench-compile-inference", 120, [*timeout, "benchmarks/bench_model.py", "-k", "compiled_cudagraph"],
              json_into="model.json", extra=True, pytest=True),
-        Step("bench-compile-phase2", 145, [*timeout, "benchmarks/bench_model.py", "-k", "compiled_phase2"],
+        Step("bench-compile-phase2", 150, [*timeout, "benchmarks/bench_model.py", "-k", "compiled_phase2"],
              json_into="model.json", extra=True, pytest=True),
     ]
 

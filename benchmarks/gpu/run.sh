@@ -20,7 +20,7 @@
 # timeout of 360 s or more, and leave room for one rerun. A failed install (or one cut before pip finished) stops
 # the plan; stopping the harvest (SIGTERM, Ctrl-C) kills the running step with it.
 # PLAN=compile bash benchmarks/gpu/run.sh DIR runs only the torch.compile benchmarks (compiled + CUDA-graph
-# inference at B=32, a compiled phase-2 step; 297 s of limits, compile time included): a second device call
+# inference at B=32, a compiled phase-2 step; 300 s of limits, compile time included): a second device call
 # when time is left after the default plan, whose 300 s leave them out.
 # DALI cannot be carried to the H200 (199 MB): its GPU decoder is verified by the CPU DALI tests and review.
 set -uo pipefail
