@@ -380,3 +380,18 @@ def test_table_checks_every_target(tmp_path):
     assert table.main([str(path), str(tmp_path / "missing.json")]) == 0
     assert table.main([str(tmp_path / "missing.json")]) == 1
     assert "not measured" in table.targets([])
+
+
+def test_warm_deadline_counts_from_its_process_start(monkeypatch):
+    """torch's cold import (seconds on a fresh GPU machine) happens inside warm's deadline, not before it."""
+    import warm
+
+    passed = {}
+    monkeypatch.setattr(warm, "_STARTED", time.perf_counter() - 7.0)  # as if importing torch took 7 s
+    monkeypatch.setattr(warm, "run_pool", lambda todo, workers, deadline: passed.setdefault("deadline", deadline))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    warm.main(["--deadline", "20"])
+    assert 12.0 < passed["deadline"] <= 13.0
+    passed.clear()
+    warm.main(["--deadline", "0"])  # no deadline stays none
+    assert passed["deadline"] == 0.0
