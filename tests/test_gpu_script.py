@@ -395,3 +395,22 @@ def test_warm_deadline_counts_from_its_process_start(monkeypatch):
     passed.clear()
     warm.main(["--deadline", "0"])  # no deadline stays none
     assert passed["deadline"] == 0.0
+
+
+def test_targets_warn_when_auto_ran_no_triton_kernel():
+    """A Triton that fails to import on the GPU machine makes dispatch fall back to PyTorch silently: the model
+    benchmarks record what ran, and the targets say it above the verdicts instead of judging PyTorch code."""
+    group = "phase-2 step vit_small B=32 bf16 (cuda)"
+    fell_back = {"benchmarks": [
+        _bench(group, "reference", 1.0, peak_mib=900.0, backends={"policy_attention": ["reference"]}),
+        _bench(group, "auto", 0.5, peak_mib=300.0, backends={"policy_attention": ["chunked"],
+                                                             "gumbel_select": ["reference"]}),
+    ]}
+    text = table.targets(table.rows(fell_back))
+    assert f"WARNING: {group}: auto ran no Triton kernel" in text
+    ran = {"benchmarks": [
+        _bench(group, "reference", 1.0, peak_mib=900.0, backends={"policy_attention": ["reference"]}),
+        _bench(group, "auto", 0.5, peak_mib=300.0, backends={"policy_attention": ["triton"],
+                                                             "gumbel_select": ["triton"]}),
+    ]}
+    assert "WARNING" not in table.targets(table.rows(ran))

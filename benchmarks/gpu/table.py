@@ -22,7 +22,9 @@ there, with the GPU named):
 - inference at the paper's keep ratio: ``auto`` at least 3x, against ``reference`` and against ``masked``
   (every token computed, the dropped ones masked: inference without token dropping).
 A file that is missing or unreadable is reported and skipped; a target whose rows are absent is reported as
-"not measured".
+"not measured". An ``auto`` row whose recorded backends (``extra_info["backends"]``, what dispatch chose) hold no
+``triton`` measured PyTorch code, not stpcore's kernels (a Triton that does not import falls back silently): the
+targets say so above their verdicts.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def rows(data: dict) -> list[dict]:
             "gbps": gbps,
             "peak_mib": info.get("peak_mib"),
             "frames_per_s": info.get("frames_per_s"),
+            "backends": info.get("backends"),
             "gpu": gpu,
         })
     return out
@@ -173,8 +176,13 @@ def targets(all_rows: list[dict]) -> str:
     policy = find("policy attention fwd+bwd", "paper", "bf16")
     gpu = gpu_of(all_rows)
     where = "" if gpu and "H200" in gpu else f" (set for an H200; measured on {gpu or 'a GPU not recorded'})"
-    lines = [
-        f"GPU targets{where} (triton / auto = stpcore's kernels):",
+    lines = [f"GPU targets{where} (triton / auto = stpcore's kernels):"]
+    for group, providers in by_group.items():
+        ran = (providers.get("auto") or {}).get("backends")
+        if ran is not None and not any("triton" in names for names in ran.values()):
+            lines.append(f"- WARNING: {group}: auto ran no Triton kernel (backends {ran}), so its figures and the "
+                         "verdicts that use them measure PyTorch code, not stpcore's kernels")
+    lines += [
         speed(policy, "triton", "reference", 10.0, "policy attention fwd+bwd B32-H6-N392-D64 bf16 vs reference"),
         near_sdpa(policy, "triton", 1.3, "policy attention fwd+bwd B32-H6-N392-D64 bf16 vs the fastest SDPA"),
     ]
