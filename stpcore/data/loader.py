@@ -13,6 +13,7 @@ predictions can be averaged per video.
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -381,6 +382,16 @@ class _LoaderBase:
                           stacklevel=3)
 
 
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In each DataLoader worker: ignore SIGTERM and SIGINT. torchrun, SLURM, systemd and a terminal's Ctrl-C
+    signal the whole process group; a worker killed by it makes the loader raise in the main process before the
+    trainer's own handler can write its checkpoint at the step boundary. The main process stops the workers
+    when it is done (and a worker exits by itself when its parent dies)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class PyAVClipLoader(_LoaderBase):
     """CPU loader: PyAV decoding in `cfg.workers` DataLoader worker processes. Iterate for one epoch."""
 
@@ -406,6 +417,7 @@ class PyAVClipLoader(_LoaderBase):
             drop_last=cfg.sampled_for_training and cfg.drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         for raw in loader:
             for reason, detail in raw["events"]:

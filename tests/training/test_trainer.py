@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -570,3 +575,44 @@ def test_a_finished_run_is_not_silently_extended(tmp_path):
     longer = Trainer(_cfg(tmp_path, phase2_epochs=2), _loader())
     with pytest.raises(ValueError, match="has finished, and a finished run cannot be extended"):
         longer.fit(resume=tmp_path / "run" / "last.pt")
+
+
+_GROUP_SIGNAL_RUN = """
+import sys
+from stpcore.training import TrainConfig, Trainer, TrainingInterrupted
+data, out = sys.argv[1], sys.argv[2]
+cfg = TrainConfig(data_root=data, labels=data + "/vp_labels.csv", out_dir=out, preset="tiny", batch_size=2,
+                  phase1_epochs=50, phase2_epochs=0, progress=False, checkpoint_every=0, workers=2,
+                  decoder="pyav", log_every=1)
+try:
+    Trainer(cfg, device="cpu").fit()
+except TrainingInterrupted as exc:
+    print("INTERRUPTED", exc, flush=True)
+    raise SystemExit(130)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="process groups")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_still_writes_the_checkpoint(tmp_path, signum):
+    """torchrun, SLURM, systemd and Ctrl-C signal the whole process group, the PyAV loader's worker processes
+    included: a worker killed by it made the loader raise before the trainer's handler could write its checkpoint
+    (everything since the last periodic save was lost). The workers ignore the signal; the trainer stops at the
+    step boundary with a checkpoint."""
+    pytest.importorskip("av")
+    from stpcore.data.synth import make_synthetic_dataset
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_synthetic_dataset(data, videos=14, seed=0, width=64, height=48, frames=24)
+    proc = subprocess.Popen([sys.executable, "-c", _GROUP_SIGNAL_RUN, str(data), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    metrics = out / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signum)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "INTERRUPTED signal" in output, output[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["position"]["global_step"] >= 1
