@@ -163,6 +163,13 @@ def _train_epoch(cfg, transform, models, opts, scheds, cnn_epochs, loader, rec_c
             bar.update(1)
     if bar is not None:
         bar.close()
+    if clips_seen == 0:  # every video skipped: the recognizers would be scored untrained, at chance, as if trained
+        report = getattr(loader, "report", None)
+        counts = dict(report().counts) if report is not None else {}
+        raise ValueError(f"{method} epoch {epoch + 1}: no training clip could be read; every video was skipped "
+                         f"({counts or 'no data report'}), so the recognizers would be scored untrained. Check the "
+                         f"data with `stpcore data check`; for --decoder dali on a CPU, transcode to VP9 (`stpcore "
+                         f"data transcode`) or use --decoder pyav")
     if stats_sink is not None and epoch_features:
         stats_sink.append((torch.cat(epoch_features).cpu(), torch.cat([p for p, _ in epoch_labels]),
                            torch.cat([h for _, h in epoch_labels])))

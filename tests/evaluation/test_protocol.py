@@ -231,6 +231,25 @@ def test_evaluate_method_learns_the_action(tmp_path):
     assert lines[-1]["test"]["top1"] == pytest.approx(result.top1)
 
 
+@pytest.mark.parametrize("attackers", ["vit", "vit,stats"])
+def test_a_train_split_with_no_readable_video_is_an_error(tmp_path, attackers):
+    """Every training video skipped (unreadable, or H.264 under DALI on a CPU): the recognizers would be scored
+    untrained, at chance, as if trained (with the stats attacker it failed with an unrelated unpacking error)."""
+
+    class Unreadable(BandLoader):
+        def __iter__(self):
+            return iter(())
+
+        def report(self):
+            return type("Report", (), {"counts": {"unreadable": self.num_videos}})()
+
+    cfg = _cfg(tmp_path, epochs=1, attackers=attackers)
+    test = BandLoader(num_videos=6, batch_videos=3, train=False, views=3, seed=1)
+    with pytest.raises(ValueError, match=r"raw epoch 1: no training clip could be read; every video was skipped "
+                                         r"\(\{'unreadable': 8\}\)"):
+        evaluate_method(make_transform("raw"), cfg, Unreadable(num_videos=8, batch_videos=4, train=True), test)
+
+
 def test_evaluate_skips_blacken_without_boxes_and_writes_tables(tmp_path):
     cfg = _cfg(tmp_path, epochs=1)
     train = BandLoader(num_videos=16, batch_videos=8, train=True)
