@@ -165,11 +165,10 @@ class DaliClipDecoder:
             raise ValueError(f"{len(items)} clips > max_batch {self.max_batch}")
         try:
             return self._run(items), list(range(len(items))), []
-        except Exception:
-            if len(items) == 1:
-                self._recover()
-                raise
+        except Exception as e:
             self._recover()
+            if len(items) == 1:  # the bad sample is known: report it, as the retries below do
+                return torch.empty(0, 3, 0, self.crop, self.crop), [], [(0, _first_line(e))]
         # Retry one by one to find the bad samples; the good ones still make it into the batch.
         clips, kept, failed = [], [], []
         for i, it in enumerate(items):

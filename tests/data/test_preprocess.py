@@ -117,3 +117,22 @@ def test_dali_cpu_matches_pyav(tmp_path):
         levels = ((out[i] - ref).abs() * torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255).flatten()
         assert levels.mean() <= 3.0, levels.mean()
         assert torch.quantile(levels, 0.99) <= 25.0
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_reports_a_bad_clip_in_a_batch_of_one(tmp_path):
+    """A file that fails to decode (changed after it was probed) is reported and skipped whatever the batch size;
+    in a decode call of one clip it used to raise, ending the epoch with an error that named no file."""
+    from stpcore.data.decode_dali import DaliClipDecoder, DaliItem
+
+    frames = render_video(5, np.array([1, 1, 1, 0, 1]), np.random.default_rng(0), 160, 120, 20)
+    good = tmp_path / "good.webm"
+    write_video(good, frames, codec="vp9")
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 4])
+    spec = ClipSpec(np.arange(0, 16), 1.0, 0.0, False)
+    decoder = DaliClipDecoder("cpu", max_batch=1)
+    out, kept, failed = decoder.decode([DaliItem(bad, 120, 160, spec)])
+    assert out.shape[0] == 0 and kept == [] and len(failed) == 1 and failed[0][0] == 0 and failed[0][1]
+    out, kept, failed = decoder.decode([DaliItem(good, 120, 160, spec)])  # the pipeline recovered
+    assert out.shape == (1, 3, 16, 112, 112) and kept == [0] and not failed
