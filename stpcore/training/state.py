@@ -129,8 +129,8 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
 
 def check_resumable(trainer: Trainer, path, state: dict) -> None:
     """A resume continues the saved run exactly only with the same schedule: refuse a different number of
-    steps per epoch or processes (the position and the lr schedules would no longer line up), and warn
-    about any other changed setting."""
+    steps per epoch or processes (the position and the lr schedules would no longer line up) and other action
+    classes (the data may move: data_root and labels may change), and warn about any other changed setting."""
     pos = state["position"]
     saved = (pos.get("steps_per_epoch", trainer.steps_per_epoch), pos.get("world_size", trainer.dist.world_size))
     if saved != (trainer.steps_per_epoch, trainer.dist.world_size):
@@ -138,6 +138,16 @@ def check_resumable(trainer: Trainer, path, state: dict) -> None:
             f"{path}: saved with {saved[0]} steps per epoch on {saved[1]} process(es), this run has "
             f"{trainer.steps_per_epoch} on {trainer.dist.world_size}: resume with the same data, batch_size and "
             f"number of processes, or start a new run")
+    saved_classes, classes = state.get("classes"), list(trainer.loader.classes)
+    if saved_classes is not None and list(saved_classes) != classes:
+        # data_root and labels may move between machines; the classes the action head was trained on may not.
+        differ = sorted(set(saved_classes) ^ set(classes))
+        raise ValueError(
+            f"{path}: saved with {len(saved_classes)} action classes, this run's data has {len(classes)}"
+            + (f" (in one and not the other: {differ[:6]}{' ...' if len(differ) > 6 else ''})" if differ
+               else " (the same names in another order)")
+            + ": the action head's outputs would mean other classes; resume with the data it was trained on, or "
+              "start a new run")
     cfg = trainer.cfg
     now = {k: _jsonable(getattr(cfg, k)) for k in dataclasses.asdict(cfg) if k not in RESUME_FREE}
     changed = {k: (_jsonable(v), now[k]) for k, v in state.get("config", {}).items()

@@ -391,6 +391,23 @@ def test_resume_refuses_another_schedule_and_warns_on_changed_settings(tmp_path)
         changed.load_checkpoint(last)
 
 
+def test_resume_refuses_data_with_other_action_classes(tmp_path):
+    """data_root and labels may change on resume (the data moved), the action classes may not: the head's outputs
+    would silently mean other classes."""
+    Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
+    last = tmp_path / "run" / "last.pt"
+    renamed = _loader()
+    renamed.classes = ["class0", "class1", "other"]
+    with pytest.raises(ValueError, match=r"3 action classes, this run's data has 3 \(in one and not the other: "
+                                         r"\['class2', 'other'\]\)"):
+        Trainer(_cfg(tmp_path, phase2_epochs=0), renamed).load_checkpoint(last)
+    reordered = _loader()
+    reordered.classes = ["class1", "class0", "class2"]
+    with pytest.raises(ValueError, match="the same names in another order"):
+        Trainer(_cfg(tmp_path, phase2_epochs=0), reordered).load_checkpoint(last)
+    Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).load_checkpoint(last)  # the same classes: fine
+
+
 def test_phase2_step_equals_the_two_pass_alternating_update(tmp_path):
     """phase2_step equals the plain alternating scheme written out here: STPrivacy's update through frozen
     recognizers, then each recognizer on the detached video (the recognizers' losses must not reach
