@@ -224,13 +224,20 @@ def check_view(view: str, output_size: str) -> None:
 
 def output_settings(anonymizer, **kwargs) -> dict:
     """What shapes an output besides its input, as the keep file records it (JSON types): the settings of
-    :func:`anonymize_file` among ``kwargs`` (defaults filled in, the working scale resolved) and the model's config.
-    The config names the architecture only: two checkpoints of one architecture are not told apart."""
+    :func:`anonymize_file` among ``kwargs`` (defaults filled in, the working scale resolved), the model's config
+    (its architecture) and the SHA-256 of its float32 weights (``stpcore.deploy.weights_fingerprint``), so two
+    checkpoints of one architecture are told apart."""
     params = inspect.signature(anonymize_file).parameters
     settings = {name: kwargs.get(name, params[name].default) for name in _OUTPUT_SETTINGS}
     cfg = anonymizer.cfg
     settings["short_side"] = settings["short_side"] or working_short_side(cfg.image_size)
     settings["model"] = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)
+    fingerprint = getattr(anonymizer, "weights_fingerprint", None)
+    if fingerprint is None and isinstance(anonymizer, torch.nn.Module):
+        from stpcore.deploy import weights_fingerprint
+
+        fingerprint = weights_fingerprint(anonymizer)
+    settings["weights"] = fingerprint
     return json.loads(json.dumps(settings, default=str))
 
 

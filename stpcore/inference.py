@@ -257,15 +257,20 @@ class ClipAnonymizer:
         net = copy.deepcopy(model).eval().to(self.device, torch.float32)
         for p in net.parameters():
             p.requires_grad_(False)
+        from stpcore.deploy import weights_fingerprint
+
+        # Which weights these are (float32, before any conversion): anonymize's records name them, so a resume
+        # with another checkpoint of the same architecture is not taken for the same run.
+        self.weights_fingerprint = weights_fingerprint(net)
         self.onnx_meta = None
         self._onnx_file = None
         if onnx is not None:  # the graph must hold this model's geometry and weights (fp32, as export_onnx's copy)
-            from stpcore.deploy import WEIGHTS_KEY, read_onnx, weights_fingerprint
+            from stpcore.deploy import WEIGHTS_KEY, read_onnx
 
             cfg = net.cfg
             self.onnx_meta = read_onnx(onnx, expect={"num_frames": cfg.num_frames, "image_size": cfg.image_size,
                                                      "tubelet": list(cfg.tubelet),
-                                                     WEIGHTS_KEY: weights_fingerprint(net)})
+                                                     WEIGHTS_KEY: self.weights_fingerprint})
             self._onnx_file = Path(onnx)
         if self.precision == "bf16":
             net.score_predictor = nn.ModuleList(_Fp32Predictor(p) for p in net.score_predictor)

@@ -146,7 +146,8 @@ def test_skip_existing_resumes_without_rewriting(tmp_path, model):
     assert len(anonymize_files(srcs, tmp_path / "out", model, **kwargs).written) == 2
 
 
-@pytest.mark.parametrize("change", ["new content", "same size, touched", "other settings", "video newer than record"])
+@pytest.mark.parametrize("change", ["new content", "same size, touched", "other settings", "other weights",
+                                    "video newer than record"])
 def test_skip_existing_redoes_what_no_longer_matches_its_record(tmp_path, model, change):
     """--skip-existing skips only an output made from the input as it is now, with the same settings: an input
     rewritten in place, only touched, or run with another stride is done again, and so is an output whose video was
@@ -163,6 +164,9 @@ def test_skip_existing_redoes_what_no_longer_matches_its_record(tmp_path, model,
         os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     elif change == "other settings":
         kwargs = {"stride": 2}
+    elif change == "other weights":  # another checkpoint of the same architecture
+        torch.manual_seed(1)
+        model = STPrivacy(STPrivacyConfig.from_name("tiny")).eval()
     else:
         st = video.stat()
         os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
