@@ -19,7 +19,8 @@ collected over chunks until they fill whole batches of ``batch_size``. A frame s
 
 The output is written at the working scale, or with ``output_size="source"`` (full view only) resized to
 the source's size (bilinear; the dropped-pixel mask is resized by nearest neighbour, so dropped tubelets
-stay exactly black).
+stay exactly black in the frames handed to the encoder; the lossy H.264 file decodes with compression noise in
+them, strongest near their edges; the keep file holds the exact masks).
 
 Outputs per input, named after it (``<stem>``, made unique within one run; see :func:`output_paths`):
 - ``<stem>.anonymized.mp4``: the anonymized video (dropped tubelets black);
@@ -48,6 +49,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 import traceback
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -414,6 +416,12 @@ def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
+    try:  # an existing folder may still refuse files (permissions, a read-only mount): say so before any work
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".stpcore-write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write in the output folder {out_dir}: {exc.strerror or exc}; give a folder you "
+                         f"can write with -o") from exc
     return out_dir
 
 

@@ -479,3 +479,20 @@ def test_the_keep_file_records_the_written_video_size(tmp_path, model, output_si
         assert tuple(saved["video_size"]) == video.shape[1:3]
         if output_size == "work":
             assert tuple(saved["work_size"]) != video.shape[1:3] and all(n % 2 == 0 for n in video.shape[1:3])
+
+
+def test_an_output_folder_that_refuses_files_is_an_error_before_any_work(tmp_path, monkeypatch):
+    """A folder that exists but cannot take files (permissions, a read-only mount; as root only the latter, so the
+    refusal is simulated) used to pass the check and fail every input after the model had loaded."""
+    import stpcore.anonymize as anonymize_module
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(anonymize_module.tempfile, "NamedTemporaryFile", refuse)
+    with pytest.raises(ValueError, match=r"cannot write in the output folder .*out: Read-only file system; give a "
+                                         r"folder you can write with -o"):
+        anonymize_module.prepare_output_dir(tmp_path / "out")
+    monkeypatch.undo()
+    assert anonymize_module.prepare_output_dir(tmp_path / "out") == tmp_path / "out"
+    assert list((tmp_path / "out").iterdir()) == []  # the check leaves nothing behind
