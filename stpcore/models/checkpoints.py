@@ -273,13 +273,18 @@ def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = 
 
     state = load_weights_only(path, map_location)
     fmt = state.get("format") if isinstance(state, dict) else None
-    if fmt == STPRIVACY_FORMAT:
-        weights = state["state_dict"]
-    elif fmt == TRAIN_FORMAT:
-        weights = state["models"]["anonymizer"]
-    else:
+    if fmt not in (STPRIVACY_FORMAT, TRAIN_FORMAT):
         raise ValueError(f"{path}: not an stpcore STPrivacy checkpoint (format {fmt!r}); expected a file written "
                          f"by `stpcore train` (stprivacy.pt or last.pt)")
-    model = STPrivacy(STPrivacyConfig(**state["model_config"]))  # the config turns the saved lists into tuples
-    model.load_state_dict(weights)
+    # A file of the right kind may still be damaged or from another stpcore version: one clear error, not a
+    # traceback (a missing key, a config field this version does not know, weights that do not fit the config).
+    try:
+        weights = state["state_dict"] if fmt == STPRIVACY_FORMAT else state["models"]["anonymizer"]
+        model = STPrivacy(STPrivacyConfig(**state["model_config"]))  # the config turns the saved lists into tuples
+        model.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        detail = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise ValueError(f"{path}: an stpcore checkpoint ({fmt}) that this version cannot load: {detail}; was it "
+                         f"written by another stpcore version, or damaged? Retrain or re-save it with this "
+                         f"version") from exc
     return model.eval()

@@ -257,3 +257,23 @@ def test_inflation_rejects_mismatched_vits(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in _timm_vit(32, dim=96).items()}}, tmp_path / "big.pth")
     with pytest.raises(ValueError, match="patch_embed"):
         load_inflated_2d_vit(STPrivacy(CFG), tmp_path / "big.pth")
+
+
+@pytest.mark.parametrize("damage", ["missing weights", "unknown config field", "weights of another size"])
+def test_a_damaged_or_other_version_checkpoint_is_one_clear_error(tmp_path, damage):
+    """A file of the right kind that this version cannot load used to end in a KeyError, TypeError or RuntimeError
+    traceback; now one ValueError naming the file and what to do."""
+    from stpcore.models import STPrivacy, STPrivacyConfig, load_anonymizer, save_anonymizer
+
+    path = save_anonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), tmp_path / "m.pt", classes=["a"])
+    state = torch.load(path, weights_only=True)
+    if damage == "missing weights":
+        del state["state_dict"]
+    elif damage == "unknown config field":
+        state["model_config"]["a_field_from_the_future"] = 1
+    else:
+        state["model_config"]["embed_dim"] *= 2
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"m\.pt: an stpcore checkpoint \(.+\) that this version cannot load: .+; "
+                                         r"was it written by another stpcore version, or damaged\?"):
+        load_anonymizer(path)
