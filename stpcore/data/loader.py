@@ -382,7 +382,6 @@ class _LoaderBase:
                           stacklevel=3)
 
 
-
 def _ignore_stop_signals(_worker_id: int) -> None:
     """In each DataLoader worker: ignore SIGTERM and SIGINT. torchrun, SLURM, systemd and a terminal's Ctrl-C
     signal the whole process group; a worker killed by it makes the loader raise in the main process before the

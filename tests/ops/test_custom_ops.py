@@ -206,7 +206,7 @@ def test_a_named_reference_runs_directly_under_plain_autograd(monkeypatch, op, h
     inputs_op = [a for a in args_op if isinstance(a, torch.Tensor) and a.requires_grad]
     grads_op = torch.autograd.grad((through_op * weights).sum(), inputs_op)
     torch.testing.assert_close(out, through_op, rtol=0, atol=0)
-    for name, a, b in zip(range(len(grads)), grads, grads_op, strict=True):
+    for name, (a, b) in enumerate(zip(grads, grads_op, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{op} gradient {name}")
 
 
