@@ -73,6 +73,41 @@ def test_resume_on_real_data_matches_uninterrupted(dataset, trained, tmp_path):
     assert resumed == full and len(full) >= 4
 
 
+@pytest.mark.filterwarnings("ignore::stpcore.data.DataWarning")
+def test_resume_after_an_unreadable_video_matches_uninterrupted(dataset, tmp_path):
+    """An unreadable video before the interruption: the resumed run starts the loader where the interrupted one had
+    read to, not a whole number of batches in (with batch size 1 the skipped video takes no step, so counting
+    steps would train on a video twice)."""
+    import shutil
+
+    from stpcore.config import dataclass_from_args
+    from stpcore.testing import StopAfter
+    from stpcore.training import TrainConfig, Trainer, TrainingInterrupted
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+
+    def args(out):
+        return [*_train_args(data, out, "--phase1-epochs", "1", "--phase2-epochs", "1", "--deterministic"),
+                "--batch-size", "1"]
+
+    def config(out):
+        return dataclass_from_args(TrainConfig, __import__("stpcore.cli").cli.build_parser().parse_args(args(out)))
+
+    first = Trainer(config(tmp_path / "run"))
+    order = first.loader.shard().tolist()
+    first.loader.records[order[1]].path.write_bytes(b"not a video")  # the second video of phase 1's epoch
+    first.loader = StopAfter(first.loader, 4)
+    first.loader.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    assert main([*args(tmp_path / "run"), "--resume", str(tmp_path / "run" / "last.pt")]) == 0
+    assert main(args(tmp_path / "full")) == 0
+    full = [(r["step"], r["loss"]) for r in _jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    resumed = [(r["step"], r["loss"]) for r in _jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert resumed == full and len(full) == 2 * (len(order) - 1)
+
+
 def test_two_process_gloo_run_shards_without_overlap(dataset, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stpcore",

@@ -143,6 +143,9 @@ class Batch:
         video_index: int64 (B,) index of the clip's video in `loader.records`.
         clip_index: int64 (B,) view index within the video (test: temporal * 3 + spatial; train: 0).
         video_ids: B strings "<class>/<stem>".
+        order_end: how far into this epoch's video order (the shard's) the loader had read when it made this batch,
+            unreadable videos included; a resumed run starts there (``start_at(video=...)``). None from loaders
+            that do not track it.
     """
 
     clips: torch.Tensor
@@ -152,6 +155,7 @@ class Batch:
     video_index: torch.Tensor
     clip_index: torch.Tensor
     video_ids: list[str]
+    order_end: int | None = None
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -162,7 +166,7 @@ class Batch:
             k: getattr(self, k).to(device, non_blocking=non_blocking)
             for k in ("clips", "actions", "privacy", "has_privacy", "video_index", "clip_index")
         }
-        return Batch(**t, video_ids=self.video_ids)
+        return Batch(**t, video_ids=self.video_ids, order_end=self.order_end)
 
 
 @dataclass
@@ -280,6 +284,7 @@ def _make_batch(
     clips: torch.Tensor,
     video_index: Sequence[int],
     clip_index: Sequence[int],
+    order_end: int | None = None,
 ) -> Batch:
     actions = [records[i].action for i in video_index]
     privacy = np.zeros((len(video_index), len(PRIVACY_ATTRIBUTES)), dtype=np.float32)
@@ -297,6 +302,7 @@ def _make_batch(
         video_index=torch.tensor(list(video_index), dtype=torch.int64),
         clip_index=torch.tensor(list(clip_index), dtype=torch.int64),
         video_ids=[records[i].video_id for i in video_index],
+        order_end=order_end,
     )
 
 
@@ -329,7 +335,7 @@ class _LoaderBase:
             fit, held = validation_partition(self.records, self.classes, cfg.validation)
             self.records = [self.records[i] for i in (fit if cfg.part == "fit" else held)]
         self.epoch = 0
-        self._start = 0  # first batch of the next iteration (start_at)
+        self._start = 0  # first video (position in the epoch's order) of the next iteration (start_at)
         self._report = DataReport()
         self._warned: set[tuple[str, str]] = set()
         for key in listing.missing:
@@ -343,19 +349,23 @@ class _LoaderBase:
         """Choose the epoch (reshuffles and resamples clips, like DistributedSampler.set_epoch)."""
         self.epoch = epoch
 
-    def start_at(self, batch: int) -> None:
-        """Make the next iteration begin at this batch of the epoch (a resumed run), without decoding the
-        batches before it: a batch is the next ``batch_size`` videos of the shard's order. Exact when the
-        skipped part held no unreadable video (such a video shifts the later batches by one video)."""
-        if batch < 0:
-            raise ValueError(f"start_at: batch must be >= 0, got {batch}")
-        self._start = batch
+    def start_at(self, batch: int | None = None, *, video: int | None = None) -> None:
+        """Make the next iteration begin part-way into the epoch (a resumed run) without decoding what comes
+        before: at ``video``, a position in the shard's order for this epoch (a batch's ``order_end``: exact,
+        unreadable videos included), or at ``batch`` (``batch * batch_size`` videos in: exact only when the part
+        skipped held no unreadable video, which shifts later batches)."""
+        if (batch is None) == (video is None):
+            raise ValueError("start_at: give either batch or video")
+        start = video if video is not None else batch * self.cfg.batch_size
+        if start < 0:
+            raise ValueError(f"start_at: the start must be >= 0, got {'video' if video is not None else 'batch'}="
+                             f"{video if video is not None else batch}")
+        self._start = start
 
-    def _epoch_order(self) -> list[int]:
-        """This epoch's video order from the requested start on (the start applies to one iteration)."""
-        order = self.shard().tolist()[self._start * self.cfg.batch_size:]
-        self._start = 0
-        return order
+    def _epoch_order(self) -> tuple[list[int], int]:
+        """This epoch's video order from the requested start on, and that start (it applies to one iteration)."""
+        start, self._start = self._start, 0
+        return self.shard().tolist()[start:], start
 
     def shard(self) -> np.ndarray:
         """This shard's video indices for the current epoch (shuffled and padded in train mode)."""
@@ -406,7 +416,7 @@ class PyAVClipLoader(_LoaderBase):
         else:
             dataset = _ClipDataset(self.records, cfg, self.stride)
         dataset.epoch = self.epoch
-        order = self._epoch_order()
+        order, start = self._epoch_order()
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=cfg.batch_size,
@@ -418,7 +428,8 @@ class PyAVClipLoader(_LoaderBase):
             persistent_workers=False,
             worker_init_fn=_ignore_stop_signals,
         )
-        for raw in loader:
+        for i, raw in enumerate(loader):
+            read = start + min((i + 1) * cfg.batch_size, len(order))  # positions read so far, failures included
             for reason, detail in raw["events"]:
                 self._event(reason, detail)
             for reason, detail in raw["errors"]:
@@ -426,7 +437,7 @@ class PyAVClipLoader(_LoaderBase):
             if raw["clips"] is None:
                 continue
             self._report.clips += len(raw["clip_index"])
-            yield _make_batch(self.records, raw["clips"], raw["video_index"], raw["clip_index"])
+            yield _make_batch(self.records, raw["clips"], raw["video_index"], raw["clip_index"], read)
         self.epoch += 1
 
 
@@ -463,12 +474,12 @@ class DaliClipLoader(_LoaderBase):
         from stpcore.data.decode_dali import DaliItem
 
         cfg = self.cfg
-        order = self._epoch_order()
+        order, start = self._epoch_order()
         self._probe_all(order)
         pending: list[tuple[int, DaliItem]] = []
         videos = 0
 
-        def flush() -> Batch | None:
+        def flush(read: int) -> Batch | None:
             clips, kept, failed = self.decoder.decode([it for _, it in pending])
             bad_videos = {}
             for i, msg in failed:
@@ -483,10 +494,11 @@ class DaliClipLoader(_LoaderBase):
                 clips = clips[[kept.index(k) for k in keep]]
             self._report.clips += len(keep)
             return _make_batch(
-                self.records, clips, [pending[k][0] for k in keep], [pending[k][1].spec.clip_index for k in keep]
+                self.records, clips, [pending[k][0] for k in keep], [pending[k][1].spec.clip_index for k in keep],
+                read,
             )
 
-        for vi in order:
+        for position, vi in enumerate(order, start + 1):  # position: videos read after this one
             rec = self.records[vi]
             try:
                 info = _probe_cached(rec.path, self._probe_cache)
@@ -503,12 +515,12 @@ class DaliClipLoader(_LoaderBase):
             pending.extend((vi, DaliItem(rec.path, info.height, info.width, s)) for s in specs)
             videos += 1
             if videos == cfg.batch_size:
-                batch = flush()
+                batch = flush(position)
                 pending, videos = [], 0
                 if batch is not None:
                     yield batch
         if pending and not (cfg.sampled_for_training and cfg.drop_last):
-            batch = flush()
+            batch = flush(start + len(order))
             if batch is not None:
                 yield batch
         self.epoch += 1

@@ -72,10 +72,29 @@ def state_dict(trainer: Trainer) -> dict:
         "rng": rng_state(),
         "noise_rng": trainer.noise_gen.get_state(),
         "replay": [{k: v.cpu() for k, v in entry.items()} for entry in trainer.replay],
+        # What metrics.jsonl held when this was written: a resume cuts the lines a killed run logged after it.
+        "metrics_bytes": _size(trainer.out_dir / "metrics.jsonl"),
         "position": {"phase": trainer.phase, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
                      "global_step": trainer.global_step, "steps_per_epoch": trainer.steps_per_epoch,
                      "world_size": trainer.dist.world_size},
     }
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def cut_metrics(path: Path, size: int | None) -> None:
+    """Shorten metrics.jsonl to ``size`` bytes (what it held when the resumed checkpoint was written), so the steps a
+    killed run logged after its checkpoint, which the resumed run trains and logs again, appear once. A file no
+    longer than that (another out_dir, or one written before checkpoints recorded it: ``None``) is left alone."""
+    if size is None or _size(path) <= size:
+        return
+    with open(path, "r+b") as f:
+        f.truncate(size)
 
 
 def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
@@ -85,6 +104,10 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
     if trainer.dist.world_size > 1:  # each rank draws its own Gumbel noise: keep every rank's generator
         noise_states = [None] * trainer.dist.world_size
         dist.all_gather_object(noise_states, trainer.noise_gen.get_state().cpu())
+    positions = [trainer.videos_in_epoch]  # each rank's own shard: where its loader had read to
+    if trainer.dist.world_size > 1:
+        positions = [None] * trainer.dist.world_size
+        dist.all_gather_object(positions, trainer.videos_in_epoch)
     replay_states = None
     if trainer.dist.world_size > 1 and trainer.cfg.privacy_replay:  # each rank replays its own past batches
         replay_states = [None] * trainer.dist.world_size
@@ -92,6 +115,7 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
     if trainer.dist.main:
         state = state_dict(trainer)
         state["noise_rng_per_rank"] = noise_states
+        state["position"]["videos_in_epoch_per_rank"] = positions
         if replay_states is not None:
             state["replay_per_rank"] = replay_states
         with atomic_path(path) as tmp:
@@ -122,9 +146,13 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     trainer.replay = [{k: v.to(trainer.device) for k, v in entry.items()} for entry in saved]
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     trainer.noise_gen.set_state(per_rank[trainer.dist.rank])
+    trainer.metrics_bytes = state.get("metrics_bytes")
     pos = state["position"]
     trainer.phase, trainer.epoch = pos["phase"], pos["epoch"]
     trainer.step_in_epoch, trainer.global_step = pos["step_in_epoch"], pos["global_step"]
+    # Checkpoints written before this was saved resume whole batches in (exact unless a video was unreadable).
+    read = pos.get("videos_in_epoch_per_rank")
+    trainer.videos_in_epoch = read[trainer.dist.rank] if read else None
 
 
 def check_resumable(trainer: Trainer, path, state: dict) -> None:

@@ -15,8 +15,9 @@ Every [G] choice is a :class:`TrainConfig` field. Checkpoints hold models, optim
 states, the position in the run and the config; they are written atomically every
 ``checkpoint_every`` steps, at each epoch end, on SIGTERM/SIGINT and when a loss or a gradient turns
 NaN/Inf (before the bad update). ``resume`` continues exactly where a checkpoint was taken (mid-epoch too:
-the stpcore loaders start at the next batch without decoding the finished ones again; with
-``deterministic=True`` on CPU the losses equal an uninterrupted run); it refuses a checkpoint of another
+the stpcore loaders start where the interrupted run had read to in each rank's video order, unreadable videos
+included, without decoding the finished ones again; with ``deterministic=True`` on CPU the losses equal an
+uninterrupted run); it refuses a checkpoint of another
 schedule (steps per epoch, processes).
 Multi-process with torchrun: DistributedDataParallel (NCCL on GPU, gloo on CPU), the data sharded by
 the loader, only rank 0 writing files. The ranks agree every step (tiny all-reduces) on a NaN, a
@@ -127,6 +128,10 @@ class Trainer:
             self.opt[name], self.sched[name] = make_optimizer(model, lr, total, min(warm, total), cfg.weight_decay,
                                                               cfg.min_lr_ratio)
         self.phase, self.epoch, self.step_in_epoch, self.global_step = "phase1", 0, 0, 0
+        # How far into this epoch's video order the loader has read (Batch.order_end, unreadable videos included):
+        # where a mid-epoch resume starts the loader. None when the loader does not say (then: whole batches).
+        self.videos_in_epoch: int | None = 0
+        self.metrics_bytes: int | None = None  # metrics.jsonl's size in the checkpoint resumed from
         self._reported: dict[str, int] = {}  # the loader's report counts as last logged (they add up over the run)
         # Gumbel noise comes from the trainer's own generator (one stream per rank), not the global RNG that
         # data loaders also draw from, so a resumed run draws exactly the noise an uninterrupted one would.
@@ -388,12 +393,16 @@ class Trainer:
         return previous
 
     def _batches(self, skip: int) -> Iterator:
-        """This epoch's batches from batch ``skip`` on (a mid-epoch resume): the loader starts there when it
-        can (``start_at``: the finished batches are not decoded again); any other loader is read from the
-        start and its first ``skip`` batches are dropped."""
+        """This epoch's batches from batch ``skip`` on (a mid-epoch resume). A loader with ``start_at`` starts where
+        the saved run had read to (``videos_in_epoch``: exact even after unreadable videos), or, for a checkpoint
+        that does not say, ``skip`` whole batches in; the finished batches are not decoded again. Any other loader
+        is read from the start and its first ``skip`` batches are dropped."""
         self.loader.set_epoch(self.epoch)
         if skip and hasattr(self.loader, "start_at"):
-            self.loader.start_at(skip)
+            if self.videos_in_epoch is not None:
+                self.loader.start_at(video=self.videos_in_epoch)
+            else:
+                self.loader.start_at(skip)
             skip = 0
         for i, batch in enumerate(self.loader):
             if i < skip:  # resume mid-epoch: these batches were already trained on
@@ -434,6 +443,8 @@ class Trainer:
         """
         if resume is not None:
             self.load_checkpoint(resume)
+            if self.dist.main:
+                state.cut_metrics(self.out_dir / "metrics.jsonl", self.metrics_bytes)
         else:
             self._claim_out_dir(overwrite)
         if self.dist.main:
@@ -453,7 +464,7 @@ class Trainer:
         try:
             for phase in PHASES[PHASES.index(self.phase):]:
                 if phase != self.phase:
-                    self.phase, self.epoch, self.step_in_epoch = phase, 0, 0
+                    self.phase, self.epoch, self.step_in_epoch, self.videos_in_epoch = phase, 0, 0, 0
                 epochs = self.cfg.phase1_epochs if phase == "phase1" else self.cfg.phase2_epochs
                 step_fn = self.phase1_step if phase == "phase1" else self.phase2_step
                 if phase == "phase2" and self.epoch == 0 and self.step_in_epoch == 0 \
@@ -464,7 +475,7 @@ class Trainer:
                 while self.epoch < epochs:
                     self._run_epoch(phase, epochs, step_fn, history)
                     self.epoch += 1
-                    self.step_in_epoch = 0
+                    self.step_in_epoch, self.videos_in_epoch = 0, 0
                     # The candidate before the checkpoint: a run killed between the two redoes the export on
                     # resume (an atomic rewrite) instead of losing it.
                     if phase == "phase2" and self.dist.main and self._candidate_due(epochs):
@@ -551,6 +562,7 @@ class Trainer:
             metrics = step_fn(batch)
             ran += 1
             self.step_in_epoch += 1
+            self.videos_in_epoch = getattr(batch, "order_end", None)
             self.global_step += 1
             record = {"phase": phase, "epoch": self.epoch, "step": self.global_step, "lr": lr, **metrics}
             history[phase].append(record)

@@ -162,6 +162,34 @@ def test_bad_inputs_are_skipped_and_reported(bad_dataset, decoder):
     assert len(messages) == len(set(messages))
 
 
+@pytest.mark.parametrize("decoder, batch_size", [("pyav", 1), pytest.param("dali", 4, marks=pytest.mark.skipif(
+    not dali_available(), reason="nvidia-dali not installed"))])
+def test_start_at_a_batchs_order_end_resumes_exactly_after_unreadable_videos(bad_dataset, decoder, batch_size):
+    """A resumed run starts where the batch it last trained on left the video order (Batch.order_end): the rest of
+    the epoch is the uninterrupted one's, also after unreadable videos (PyAV drops a batch whose videos all failed,
+    DALI refills a batch from the next videos), where counting whole batches lands elsewhere."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        loader = get_loader(_cfg(bad_dataset, train=True, batch_size=batch_size, decoder=decoder, num_frames=8,
+                                 crop=32, short_side=37))
+        loader.set_epoch(2)
+        full = list(loader)
+        shifted = 0
+        for k, done in enumerate(full):
+            loader.set_epoch(2)
+            loader.start_at(video=done.order_end)
+            rest = list(loader)
+            assert [b.video_ids for b in rest] == [b.video_ids for b in full[k + 1:]]
+            assert all(torch.equal(a.clips, b.clips) for a, b in zip(rest, full[k + 1:], strict=True))
+            loader.set_epoch(2)
+            loader.start_at(k + 1)
+            shifted += [b.video_ids for b in loader] != [b.video_ids for b in full[k + 1:]]
+    assert full[-1].order_end == len(loader.shard())
+    assert shifted  # the unreadable videos do move the batches: counting batches would resume elsewhere
+    with pytest.raises(ValueError, match="either batch or video"):
+        loader.start_at(1, video=4)
+
+
 def test_probe_and_odd_sizes(bad_dataset):
     info = probe(bad_dataset / "up" / "odd.webm")
     assert (info.width, info.height, info.num_frames, info.codec) == (202, 34, 34, "vp9")

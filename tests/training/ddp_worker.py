@@ -41,6 +41,7 @@ class _Loader(RandomClipLoader):
             if self.rank == 1 and self.scenario == "nan_on_rank1" and i == 1:
                 batch.clips *= 1e30  # finite input that overflows inside the model
             self.clip_sums.append(batch.clips.double().sum().item())
+            batch.order_end = 100 * self.rank + 2 * (i + 1)  # how far this rank's loader read: its own
             yield batch
             if self.rank == 1 and self.scenario == "signal_on_rank1" and i == 1 and self.trainer.epoch == 0:
                 self.trainer._stop_signal = 15  # what the SIGTERM handler does, on this rank only

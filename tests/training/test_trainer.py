@@ -87,6 +87,30 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, stop_after):
     assert done + rest == losses
 
 
+def test_a_killed_runs_resume_logs_each_step_once(tmp_path):
+    """A run killed (no signal handler, no last checkpoint) after logging steps its last checkpoint does not hold:
+    the resumed run trains those steps again, and metrics.jsonl has each once, as an uninterrupted run's has."""
+
+    class Killed(RandomClipLoader):
+        def __iter__(self):
+            for i, batch in enumerate(super().__iter__()):
+                if self.epoch == 1 and i == 2:
+                    raise RuntimeError("killed")  # after step 5 was logged; the checkpoint holds step 4
+                yield batch
+
+    def steps(run):
+        lines = [json.loads(x) for x in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+    Trainer(_cfg(tmp_path / "a", checkpoint_every=2, log_every=1), _loader()).fit()
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(_cfg(tmp_path / "b", checkpoint_every=2, log_every=1), Killed(3, 4, 8, 32)).fit()
+    assert [s for s, _ in steps("b")] == [1, 2, 3, 4, 5]
+    Trainer(_cfg(tmp_path / "b", checkpoint_every=2, log_every=1), _loader()).fit(
+        resume=tmp_path / "b" / "run" / "last.pt")
+    assert steps("b") == steps("a") and [s for s, _ in steps("a")] == list(range(1, 10))
+
+
 def test_recognizer_warmup_freezes_stprivacy_then_plays(tmp_path):
     trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=2, recognizer_warmup_epochs=1), _loader())
     weights = {}  # STPrivacy's weights at the start of each epoch
