@@ -61,12 +61,54 @@ import torch
 import torch.nn.functional as F
 
 from stpcore import media
+from stpcore.config import debug_enabled
 from stpcore.data.preprocess import normalize, to_working_scale, working_short_side
 from stpcore.data.windows import WindowGrid, centre_window, window_grid
 from stpcore.tubelets import keep_to_pixels
 
 VIEWS = ("full", "center")
 OUTPUT_SIZES = ("work", "source")
+
+
+class ModelError(RuntimeError):
+    """The anonymizer itself failed (compiling, exporting, loading its runtime, out of memory), not an input: every
+    input would fail the same way, so a run stops at the first (``report``: what was finished before it)."""
+
+    report: AnonymizeReport | None = None
+
+
+def _model_hint(anonymizer, exc: BaseException) -> str:
+    """What to change when the model cannot run, from what failed."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory: a smaller batch (--batch-size) or another device (--device)"
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return ("torch.compile failed: run without --compile (compile=False), or install what it needs (a C++ compiler "
+                "for the CPU; STPCORE_DEBUG=1 shows the traceback)")
+    if getattr(anonymizer, "runtime", "torch") != "torch":
+        return f"the {anonymizer.runtime} runtime failed: try --runtime torch"
+    return "STPCORE_DEBUG=1 shows the traceback"
+
+
+def model_error(anonymizer, exc: BaseException, what: str) -> ModelError:
+    """A :class:`ModelError` for ``exc``, raised by the anonymizer while ``what``."""
+    detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+    return ModelError(f"the model failed {what} (not the input: every input would fail alike): {detail}; "
+                      f"{_model_hint(anonymizer, exc)}")
+
+
+def prepare_model(anonymizer, batch_size: int, keep_ratio: float | None = None,
+                  adaptive_threshold: float | None = None) -> float:
+    """``anonymizer.prepare`` (:meth:`stpcore.inference.ClipAnonymizer.prepare`: export, load or compile now) when it
+    has one; its failure is a :class:`ModelError`. Returns the seconds it took."""
+    prepare = getattr(anonymizer, "prepare", None)
+    if prepare is None:
+        return 0.0
+    try:
+        return prepare(batch_size, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+    except ValueError:  # bad settings (keep ratio, threshold): their own message says what to change
+        raise
+    except Exception as exc:  # noqa: BLE001 - compilers and runtimes raise their own types
+        raise model_error(anonymizer, exc, "while it was prepared") from exc
 
 
 @dataclass
@@ -174,8 +216,14 @@ class WindowAnonymizer:
                 clips += [xp[:, :, y : y + w, x0 : x0 + w] for y, x0 in g.origins]
         videos, keeps = [], []
         for i in range(0, len(clips), self.batch_size):
-            with torch.no_grad():
-                result = self.anonymizer(torch.stack(clips[i : i + self.batch_size]), **self.kwargs)
+            batch = torch.stack(clips[i : i + self.batch_size])
+            try:
+                with torch.no_grad():
+                    result = self.anonymizer(batch, **self.kwargs)
+            except ValueError:  # a bad setting (keep ratio, threshold), said by the model
+                raise
+            except Exception as exc:  # noqa: BLE001 - the clips are checked and in shape: the model failed
+                raise model_error(self.anonymizer, exc, f"on a batch of {len(batch)} windows") from exc
             videos.append(result.video.float().cpu())
             keeps.append(result.keep.cpu())
         video, keep = torch.cat(videos), torch.cat(keeps)
@@ -477,7 +525,10 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     this input unchanged (path, size, modification time) and the same settings (:func:`output_settings`) is
     skipped, so an interrupted run over the same inputs in the same order can be resumed; a changed input or
     other settings are done again. Ctrl-C / SIGTERM (KeyboardInterrupt) stops at once, leaving no partial file;
-    the report filled so far is attached to the exception as ``exc.report``.
+    the report filled so far is attached to the exception as ``exc.report``. So does a failure of the model itself
+    (:class:`ModelError`: it could not compile, export, load its runtime, or ran out of memory), which would fail
+    every input alike: the anonymizer is prepared (:func:`prepare_model`) before the first input that needs it, and
+    a model failure stops the run instead of being reported once per input.
     """
     from stpcore.data.decode_pyav import probe
 
@@ -486,6 +537,7 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     paths = [Path(p) for p in paths]
     settings = output_settings(anonymizer, **kwargs)
     seen: dict[Path, Path] = {}
+    prepared = False
     try:
         for path, stem in zip(paths, _unique_stems(paths), strict=True):
             key = path.resolve()
@@ -504,18 +556,22 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
                 if path.is_dir():
                     raise ValueError("a folder, not a video file; give the video files inside it")
                 probe(path)  # a clear reason (missing, empty, unreadable, no video stream) before any output
+                if not prepared:
+                    prepare_model(anonymizer, kwargs.get("batch_size", 8), kwargs.get("keep_ratio"),
+                                  kwargs.get("adaptive_threshold"))
+                    prepared = True
                 report.written[str(path)] = anonymize_file(path, out_dir, anonymizer, stem=stem, **kwargs)
                 if verbose:
                     print(f"ok: {path} -> {report.written[str(path)][0]}")
-            except (KeyboardInterrupt, SystemExit):
+            except (KeyboardInterrupt, SystemExit, ModelError):
                 raise
             except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
                 report.failed[str(path)] = _why(exc)
                 if verbose:
                     print(f"skipped {path}: {report.failed[str(path)]}", file=sys.stderr)
-                    if os.environ.get("STPCORE_DEBUG"):
+                    if debug_enabled():
                         traceback.print_exc()
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, ModelError) as exc:
         exc.report = report
         raise
     return report

@@ -30,11 +30,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(TrainConfig, args)
     if args.select and not (cfg.validation > 0 and cfg.candidate_every > 0 and cfg.phase2_epochs > 0):
-        print("stpcore train: --select needs a validation part and phase-2 candidates: add --validation FRACTION "
+        print("error: --select needs a validation part and phase-2 candidates: add --validation FRACTION "
               "(e.g. 0.2) and --candidate-every N, with --phase2-epochs > 0", file=sys.stderr)
         return 2
     if args.select and cfg.privacy_nullspace:
-        print("stpcore train: --select deploys a phase-2 candidate, and candidates are taken before the "
+        print("error: --select deploys a phase-2 candidate, and candidates are taken before the "
               "--privacy-nullspace projection, which would then be lost: use one of the two (--privacy-nullspace 0 "
               "to select among candidates)", file=sys.stderr)
         return 2
@@ -58,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             try:
                 _select(cfg, args)
             except ValueError as exc:
-                print(f"stpcore train: selection failed ({exc}); the final model stays in "
+                print(f"error: selection failed ({exc}); the final model stays in "
                       f"{Path(cfg.out_dir) / 'stprivacy.pt'}", file=sys.stderr)
                 return 1
     return 0
@@ -97,7 +97,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         report = export_onnx(model, args.out, keep_ratio=args.keep_ratio, verify=not args.no_verify)
     except RuntimeError as exc:  # the deploy extra missing, or an operator ONNX cannot express: said by name
-        print(f"stpcore export: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"exported {report.path} (keep ratio {report.keep_ratio:g} per stage, batch axis dynamic; the adaptive "
           f"mode stays in PyTorch)")
@@ -110,11 +110,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_anonymize(args: argparse.Namespace) -> int:
     import signal
 
-    from stpcore.anonymize import anonymize_files, prepare_output_dir
+    from stpcore.anonymize import ModelError, anonymize_files, prepare_output_dir
+    from stpcore.config import debug_enabled
     from stpcore.inference import load_trained
 
     if args.output_size == "source" and args.view != "full":
-        print("stpcore anonymize: --output-size source needs --view full (the centre view is one window)",
+        print("error: --output-size source needs --view full (the centre view is one window)",
               file=sys.stderr)
         return 2
     from stpcore.stream import is_stream
@@ -124,7 +125,7 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         bad = ("several inputs" if len(args.inputs) > 1 else "--adaptive" if args.adaptive is not None else
                "--side-by-side" if args.side_by_side else "--skip-existing" if args.skip_existing else None)
         if bad:
-            print(f"stpcore anonymize: {live[0]} is a live stream, which is anonymized alone and without {bad} "
+            print(f"error: {live[0]} is a live stream, which is anonymized alone and without {bad} "
                   f"(streams: one input, top-k, segments only)", file=sys.stderr)
             return 2
     else:
@@ -132,23 +133,23 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     if args.runtime == "auto" and args.adaptive is not None:
         args.runtime = "torch"  # the adaptive mode runs in PyTorch only
     if args.runtime != "torch" and args.adaptive is not None:
-        print(f"stpcore anonymize: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
+        print(f"error: --adaptive runs in PyTorch only (data-dependent shapes); drop --runtime "
               f"{args.runtime} or --adaptive", file=sys.stderr)
         return 2
     if args.onnx and args.runtime in ("torch", "auto"):
-        print("stpcore anonymize: --onnx needs --runtime onnxruntime or --runtime openvino", file=sys.stderr)
+        print("error: --onnx needs --runtime onnxruntime or --runtime openvino", file=sys.stderr)
         return 2
     anonymizer = load_trained(args.checkpoint, device=args.device, precision=args.precision, threads=args.threads,
                               compile=args.compile, runtime=args.runtime, **({"onnx": args.onnx} if args.onnx else {}))
     cfg = anonymizer.model.cfg
     meta = getattr(anonymizer, "onnx_meta", None)
     if meta and args.keep_ratio is not None and list(cfg.kept_per_slot(args.keep_ratio)) != meta["kept_per_slot"]:
-        print(f"stpcore anonymize: --keep-ratio {args.keep_ratio:g}, but {args.onnx} was exported at "
+        print(f"error: --keep-ratio {args.keep_ratio:g}, but {args.onnx} was exported at "
               f"{meta['keep_ratio']:g}; export one at this ratio (stpcore export --keep-ratio {args.keep_ratio:g}) "
               f"or drop --keep-ratio", file=sys.stderr)
         return 2
     if args.overlap >= cfg.image_size:
-        print(f"stpcore anonymize: --overlap {args.overlap} must be below the window, {cfg.image_size} px",
+        print(f"error: --overlap {args.overlap} must be below the window, {cfg.image_size} px",
               file=sys.stderr)
         return 2
     print(f"STPrivacy {cfg.num_frames}x{cfg.image_size}x{cfg.image_size} from {args.checkpoint} "
@@ -171,6 +172,13 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
             print(partial.summary())
         print("interrupted: finished files are complete; run again with --skip-existing to go on", file=sys.stderr)
         return 130
+    except ModelError as exc:  # every input would fail alike: one error, not one per file
+        if exc.report is not None and (exc.report.written or exc.report.failed or exc.report.skipped):
+            print(exc.report.summary())
+        if debug_enabled():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(report.summary())
@@ -182,6 +190,8 @@ def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
     import signal
     import threading
 
+    from stpcore.anonymize import ModelError
+    from stpcore.config import debug_enabled
     from stpcore.stream import StreamError, anonymize_stream
 
     stop = threading.Event()
@@ -193,8 +203,13 @@ def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
             output_size=args.output_size, min_overlap=args.overlap, short_side=args.short_side,
             input_format=args.input_format, timeout=args.stream_timeout, stop=stop, verbose=True)
     except StreamError as exc:
-        print(f"stpcore anonymize: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 130 if stop.is_set() else 2  # stopped (SIGTERM, Ctrl-C) before the stream opened
+    except ModelError as exc:
+        if debug_enabled():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -505,6 +520,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stpcore.config import debug_enabled
+
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
@@ -518,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError, pickle.UnpicklingError) as exc:
         # Bad settings, paths or files: the message says what and where; a traceback would only hide it.
-        if os.environ.get("STPCORE_DEBUG"):
+        if debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         print("(set STPCORE_DEBUG=1 for the traceback)", file=sys.stderr)

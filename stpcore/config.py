@@ -12,11 +12,18 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+
+def debug_enabled() -> bool:
+    """Whether ``STPCORE_DEBUG`` asks for tracebacks: set to anything but empty, ``0``, ``false`` or ``no``."""
+    return os.environ.get("STPCORE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
 
 _T = TypeVar("_T")
 

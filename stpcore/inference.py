@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,8 +341,8 @@ class ClipAnonymizer:
             positions = positions.clone() if positions is not None else None
         return AnonymizedClips(video, keep, positions)
 
-    def _run_onnx(self, video: torch.Tensor, keep_ratio: float | None,
-                  adaptive_threshold: float | None) -> AnonymizedClips:
+    def _onnx_ratio(self, keep_ratio: float | None, adaptive_threshold: float | None) -> tuple[float, tuple[int, ...]]:
+        """The keep ratio an ONNX runtime call runs at, and its per-slot counts (checked against a given graph)."""
         if adaptive_threshold is not None:
             raise ValueError("adaptive_threshold: the adaptive mode has data-dependent shapes and runs in PyTorch "
                              "only; use runtime='torch'")
@@ -355,8 +356,13 @@ class ClipAnonymizer:
             raise ValueError(f"keep_ratio={ratio:g}: the graph {self._onnx_file} was exported at keep ratio "
                              f"{self.onnx_meta['keep_ratio']:g} (tokens per slot {self.onnx_meta['kept_per_slot']}); "
                              f"export one at this ratio (stpcore export --keep-ratio {ratio:g})")
+        return ratio, key
+
+    def _session(self, ratio: float, key: tuple[int, ...], first: torch.Tensor | None):
+        """The runtime's session for these per-slot counts, exported and loaded on first use (one ONNX graph per set
+        of counts: every k is a constant in it)."""
         session = self._sessions.get(key)
-        if session is None:  # one ONNX graph per set of counts (every k is a constant in it)
+        if session is None:
             import tempfile
 
             from stpcore.deploy import export_onnx
@@ -366,8 +372,31 @@ class ClipAnonymizer:
                 if path is None:
                     path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
                     export_onnx(self.model, path, keep_ratio=ratio, verify=False)
-                session = self._load_session(path, Path(tmp), video)
+                session = self._load_session(path, Path(tmp), first)
             self._sessions[key] = session
+        return session
+
+    def prepare(self, batch_size: int = 8, *, keep_ratio: float | None = None,
+                adaptive_threshold: float | None = None) -> float:
+        """Do now the one-time work the first batch would otherwise do, and fail here if the model cannot run:
+        export and load the ONNX graph (runtime onnxruntime / openvino), or compile (``compile``) with a batch of
+        ``batch_size`` black clips. Eager PyTorch has nothing to prepare. OpenVINO int8 without ``calibration``
+        still quantizes at the first batch (it calibrates on that batch's clips). A live stream calls it before
+        it opens the source, so its first chunk is not held up (and later ones dropped) by the export or the
+        compile. Returns the seconds it took."""
+        start = time.perf_counter()
+        if self.runtime != "torch":
+            if not (self.runtime == "openvino" and self.runtime_precision == "int8" and self._calibration is None):
+                self._session(*self._onnx_ratio(keep_ratio, adaptive_threshold), None)
+        elif self.compiled:
+            cfg = self.cfg
+            self(torch.zeros(batch_size, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=self.device),
+                 keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+        return time.perf_counter() - start
+
+    def _run_onnx(self, video: torch.Tensor, keep_ratio: float | None,
+                  adaptive_threshold: float | None) -> AnonymizedClips:
+        session = self._session(*self._onnx_ratio(keep_ratio, adaptive_threshold), video)
         out_video, keep = session(video.detach().numpy())
         keep = torch.from_numpy(keep).float()
         positions = keep.nonzero()[:, 1].reshape(keep.shape[0], -1)  # equal counts per clip in top-k mode

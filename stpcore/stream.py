@@ -53,7 +53,14 @@ from pathlib import Path
 import numpy as np
 
 from stpcore import media
-from stpcore.anonymize import WindowAnonymizer, check_view, plan_windows, prepare_output_dir, to_source_size
+from stpcore.anonymize import (
+    WindowAnonymizer,
+    check_view,
+    plan_windows,
+    prepare_model,
+    prepare_output_dir,
+    to_source_size,
+)
 from stpcore.data.preprocess import to_working_scale, working_short_side
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
@@ -330,6 +337,9 @@ def anonymize_stream(
     chunk_len = cfg.num_frames * stride
     short_side = short_side or working_short_side(cfg.image_size)
     stop = stop or threading.Event()
+    # The one-time work (ONNX export, compile) before the source opens, not on the first chunk, while the camera's
+    # frames pile up and are dropped; a model that cannot run fails here, with nothing written.
+    prepare_model(anonymizer, batch_size, keep_ratio)
     container = open_source(source, input_format=input_format, timeout=timeout, stop=stop)  # before any output
     try:
         out_dir = prepare_output_dir(out_dir)

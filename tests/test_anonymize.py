@@ -496,3 +496,62 @@ def test_an_output_folder_that_refuses_files_is_an_error_before_any_work(tmp_pat
     monkeypatch.undo()
     assert anonymize_module.prepare_output_dir(tmp_path / "out") == tmp_path / "out"
     assert list((tmp_path / "out").iterdir()) == []  # the check leaves nothing behind
+
+
+class _Broken:
+    """A model that cannot run (as a failed compile, an export error or an out-of-memory would be)."""
+
+    cfg = STPrivacyConfig.from_name("tiny")
+
+    def __init__(self, in_prepare: bool):
+        self.in_prepare, self.calls = in_prepare, 0
+
+    def prepare(self, batch_size, **kwargs):
+        if self.in_prepare:
+            raise RuntimeError("export failed")
+        return 0.0
+
+    def __call__(self, clips, **kwargs):
+        self.calls += 1
+        raise RuntimeError("device lost")
+
+
+@pytest.mark.parametrize("in_prepare", [True, False], ids=["prepare", "first-batch"])
+def test_a_model_that_cannot_run_stops_the_run_with_one_error(tmp_path, in_prepare):
+    """Every input would fail alike: one ModelError (what finished is attached), not one failure per input."""
+    from stpcore.anonymize import ModelError
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    srcs = [bad, _source(tmp_path / "a.mp4"), _source(tmp_path / "b.mp4", seed=1)]
+    broken = _Broken(in_prepare)
+    with pytest.raises(ModelError, match="export failed" if in_prepare else "device lost") as caught:
+        anonymize_files(srcs, tmp_path / "out", broken, verbose=False)
+    assert broken.calls == (0 if in_prepare else 1)
+    assert "not the input" in str(caught.value)
+    report = caught.value.report
+    assert list(report.failed) == [str(bad)] and not report.written  # the unreadable file before it: its own reason
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_anonymize_without_a_compiler_is_one_error_not_one_per_file(tmp_path):
+    """--compile on a machine whose C++ compiler is missing (CXX names none): one error line naming the fix, exit 2,
+    and no input tried (before: every file failed with the same compile error, after its own compile attempt)."""
+    import subprocess
+    import sys
+
+    from stpcore.models import save_anonymizer
+
+    torch.manual_seed(0)
+    save_anonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")).eval(), tmp_path / "m.pt", classes=["a", "b"])
+    srcs = [_source(tmp_path / "a.mp4", frames=9), _source(tmp_path / "b.mp4", frames=9, seed=1)]
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
+           "STPCORE_DEBUG": "0", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "stpcore", "anonymize", *map(str, srcs), "-o", str(tmp_path / "out"),
+                          "--checkpoint", str(tmp_path / "m.pt"), "--compile", "--precision", "fp32", "--device",
+                          "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "torch.compile failed" in errors[0] and "--compile" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and "FAILED" not in run.stdout  # STPCORE_DEBUG=0 means off
+    assert not list((tmp_path / "out").iterdir())

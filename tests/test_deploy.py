@@ -160,6 +160,28 @@ def test_clip_anonymizer_on_onnxruntime_matches_torch(trained_tiny):
         ort(clips, adaptive_threshold=0.5)
 
 
+def test_prepare_exports_the_graph_before_the_first_batch(trained_tiny, monkeypatch):
+    """prepare() exports and loads the ONNX graph (what a live stream does before its source opens); the batches
+    after it run on that session, exporting nothing more; a second ratio is exported when first asked for."""
+    from stpcore import deploy
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    exports = []
+    real = deploy.export_onnx
+    monkeypatch.setattr(deploy, "export_onnx", lambda *a, **k: exports.append(k["keep_ratio"]) or real(*a, **k))
+    ort = ClipAnonymizer(load_anonymizer(trained_tiny), runtime="onnxruntime")
+    assert ort.prepare(4) >= 0 and exports == [ort.cfg.keep_ratio]
+    clips = torch.randn(3, 3, 8, 32, 32, generator=torch.Generator().manual_seed(5))
+    ort(clips)
+    assert exports == [ort.cfg.keep_ratio]
+    ort.prepare(4, keep_ratio=0.5)
+    ort(clips, keep_ratio=0.5)
+    assert exports == [ort.cfg.keep_ratio, 0.5]
+    with pytest.raises(ValueError, match="adaptive mode"):
+        ort.prepare(4, adaptive_threshold=0.5)
+
+
 _OPENVINO_CHECK = """
 import sys, torch
 from stpcore.inference import ClipAnonymizer, cpu_has_native_bf16

@@ -462,3 +462,25 @@ def test_bad_view_settings_are_refused_before_the_source_opens(anonymizer, tmp_p
     with pytest.raises(ValueError, match=match):
         anonymize_stream("udp://127.0.0.1:9", tmp_path / "out", anonymizer, timeout=1, **kw)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_is_prepared_before_the_source_opens(anonymizer, tmp_path):
+    """The one-time export or compile runs before the stream opens (not on its first chunk, while the camera's
+    frames pile up); a model that cannot run fails there, with the source never opened and nothing written."""
+    from stpcore.anonymize import ModelError
+
+    order = []
+
+    class Prepared:
+        cfg = anonymizer.cfg
+
+        def prepare(self, batch_size, **kw):
+            order.append(("prepare", batch_size))
+            raise RuntimeError("no compiler")
+
+    port = _free_port(socket.SOCK_DGRAM)  # nothing sends: opening it would wait for the timeout
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="no compiler"):
+        anonymize_stream(f"udp://127.0.0.1:{port}", tmp_path / "out", Prepared(), batch_size=3, timeout=20)
+    assert order == [("prepare", 3)] and time.monotonic() - start < 10
+    assert not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ def _labels_export(args: argparse.Namespace) -> int:
         labels = load_privacy_pickle(args.labels)
     except Exception as e:  # UnsafePickleError, LabelError, OSError: report, do not trace back
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     write_labels_csv(labels, args.out)
     print(f"wrote {len(labels)} videos to {args.out}")
     return 0
@@ -82,7 +82,7 @@ def _labels_import(args: argparse.Namespace) -> int:
         labels = read_labels_csv(args.src)
     except (LabelError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     write_labels_csv(labels, args.out)
     print(f"wrote {len(labels)} videos to {args.out}")
     return 0

@@ -132,7 +132,7 @@ def test_cli_synth_check_labels(tmp_path, capsys, shared_dir):
     assert "empty file: 1" in capsys.readouterr().out
     assert _run(["data", "labels", "import", str(out / "vp_labels.csv"), str(tmp_path / "n.csv")]) == 0
     (tmp_path / "bad.csv").write_text("video,skin_color,face,gender,nudity,relationship\n../x,1,1,1,1,1\n")
-    assert _run(["data", "labels", "import", str(tmp_path / "bad.csv"), str(tmp_path / "n2.csv")]) == 1
+    assert _run(["data", "labels", "import", str(tmp_path / "bad.csv"), str(tmp_path / "n2.csv")]) == 2
     assert "bad.csv:2" in capsys.readouterr().err and not (tmp_path / "n2.csv").exists()
     released = shared_dir / "data" / "vp_hmdb51_privacy_labels.pickle"
     if released.is_file():
