@@ -176,8 +176,24 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, 
     return Path(path)
 
 
+def display_turns(frame) -> int:
+    """Quarter turns counterclockwise (0-3) that show a decoded PyAV frame as its file says it is shown: the rotation
+    of its display matrix (phones store portrait video sideways and say so there; players, and FFmpeg's own tools,
+    turn it upright). 0 for none, and for an angle that is not a multiple of 90 (flips are not applied either)."""
+    rotation = int(getattr(frame, "rotation", 0) or 0)
+    return (rotation // 90) % 4 if rotation % 90 == 0 else 0
+
+
+def upright_rgb(frame) -> np.ndarray:
+    """A decoded PyAV frame as uint8 (H, W, 3) RGB, turned as it is displayed (:func:`display_turns`)."""
+    image = frame.to_ndarray(format="rgb24")
+    turns = display_turns(frame)
+    return np.ascontiguousarray(np.rot90(image, turns) if turns else image)
+
+
 def read_frames(path: str | os.PathLike):
-    """Decode a video's frames in order: yields uint8 (H, W, 3) RGB (PyAV's conversion, as the loaders decode)."""
+    """Decode a video's frames in order: yields uint8 (H, W, 3) RGB (PyAV's conversion, as the loaders decode),
+    upright as the file is displayed (:func:`upright_rgb`)."""
     import av
 
     with av.open(str(path)) as container:
@@ -186,7 +202,7 @@ def read_frames(path: str | os.PathLike):
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            yield np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+            yield upright_rgb(frame)
 
 
 def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:

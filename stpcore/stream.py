@@ -251,7 +251,7 @@ class _Reader(threading.Thread):
                 if self.stop.is_set():
                     self.ended = "stopped"
                     break
-                image = np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+                image = media.upright_rgb(frame)
                 now = time.monotonic()
                 self.report.frames_in += 1
                 if size is not None and image.shape != size and frames:  # a new size: the partial chunk ends here

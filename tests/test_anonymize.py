@@ -555,3 +555,18 @@ def test_anonymize_without_a_compiler_is_one_error_not_one_per_file(tmp_path):
     assert len(errors) == 1 and "torch.compile failed" in errors[0] and "--compile" in errors[0], run.stderr
     assert "Traceback" not in run.stderr and "FAILED" not in run.stdout  # STPCORE_DEBUG=0 means off
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_video_stored_sideways_is_anonymized_upright(tmp_path):
+    """A phone's portrait video (stored landscape, with a display rotation) comes out portrait, as players show the
+    input; before, it was read as stored and written sideways, without the rotation."""
+    from tests.test_media import _block_corner, _stored_sideways
+
+    src = _stored_sideways(tmp_path / "phone.mp4", 90, frames=9)
+    report = anonymize_files([src], tmp_path / "out", _Identity(), batch_size=4, verbose=False,
+                             output_size="source")
+    assert not report.failed
+    out = _decode(tmp_path / "out" / "phone.anonymized.mp4")
+    assert out.shape == (9, 64, 48, 3) and _block_corner(out[0]) == (False, True)
+    keep = np.load(tmp_path / "out" / "phone.keep.npz")
+    assert keep["source_size"].tolist() == [64, 48]

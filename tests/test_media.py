@@ -68,3 +68,57 @@ def test_to_uint8_inverts_normalisation():
     mean = torch.tensor(media.IMAGENET_MEAN).reshape(3, 1, 1, 1)
     std = torch.tensor(media.IMAGENET_STD).reshape(3, 1, 1, 1)
     assert np.array_equal(media.to_uint8((x - mean) / std), pixels.numpy())
+
+
+def _stored_sideways(path, rotation, codec="libx264", frames=4):
+    """A 64x48 video stored as coded (landscape), its display matrix saying: turn it ``rotation`` degrees
+    counterclockwise (what a phone writes for portrait video). A bright block marks the stored top-left corner."""
+    img = np.full((48, 64, 3), 30, np.uint8)
+    img[:8, :16] = 230
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=10)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(rotation)
+        for _ in range(frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def _block_corner(frame):
+    """Which corner the bright block is in: (top?, left?)."""
+    bright = frame.mean(axis=2) > 130
+    ys, xs = np.nonzero(bright)
+    return bool(ys.mean() < frame.shape[0] / 2), bool(xs.mean() < frame.shape[1] / 2)
+
+
+# FFmpeg's display matrix rotation (av_display_rotation_get, what PyAV's VideoFrame.rotation reads) is the angle
+# by which display turns the stored picture counterclockwise: +90 takes the stored top-left corner to the bottom
+# left of an upright (portrait) picture, -90 to the top right, 180 to the bottom right.
+@pytest.mark.parametrize("rotation, shape, corner", [(0, (48, 64), (True, True)), (90, (64, 48), (False, True)),
+                                                     (-90, (64, 48), (True, False)), (180, (48, 64), (False, False))])
+def test_videos_stored_sideways_are_read_upright(tmp_path, rotation, shape, corner):
+    from stpcore.data.decode_pyav import decode_frames, first_frame_turns
+
+    path = _stored_sideways(tmp_path / "phone.mp4", rotation)
+    with av.open(str(path)) as c:
+        assert next(c.decode(video=0)).rotation % 360 == rotation % 360  # the file says so, as a phone's would
+    frames = list(media.read_frames(path))
+    assert frames[0].shape == (*shape, 3) and _block_corner(frames[0]) == corner
+    decoded, n = decode_frames(path, np.array([0, 3]))  # the loaders' decoder: the same orientation
+    assert n == 4 and decoded.shape == (2, *shape, 3) and np.array_equal(decoded[0], frames[0])
+    assert first_frame_turns(path) == (rotation // 90) % 4
+
+
+def test_transcode_writes_a_sideways_video_upright(tmp_path):
+    """Decoders that ignore the display rotation (DALI's) read the transcoded file as players show the source."""
+    from stpcore.data.transcode import transcode_file
+
+    src = _stored_sideways(tmp_path / "phone.mp4", 90, frames=6)
+    assert transcode_file(src, tmp_path / "phone.webm", codec="vp9") == 6
+    with av.open(str(tmp_path / "phone.webm")) as c:
+        first = next(c.decode(video=0))
+        assert first.rotation == 0 and (first.height, first.width) == (64, 48)
+        assert _block_corner(first.to_ndarray(format="rgb24")) == (False, True)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stpcore.media import display_turns, upright_rgb
+
 
 class VideoError(RuntimeError):
     """A video cannot be used; `reason` is a short category ("empty file", "unreadable", ...)."""
@@ -90,8 +92,22 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     return info
 
 
+def first_frame_turns(path: str | os.PathLike[str]) -> int:
+    """Quarter turns counterclockwise of the video's display rotation (:func:`stpcore.media.display_turns`), read from
+    its first frame (one frame is decoded); 0 when none decodes (the decoding reports that)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                return display_turns(frame)
+    except Exception:  # noqa: BLE001 - damaged input: the decode that follows says why
+        return 0
+    return 0
+
+
 def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np.ndarray, int]:
-    """Decode the frames at `indices` (any order, repeats allowed) as RGB.
+    """Decode the frames at `indices` (any order, repeats allowed) as RGB, upright as the video is displayed.
 
     Decodes sequentially from frame 0 and stops after max(indices). If the stream ends early (a header that
     overstates the length, a truncated file) the indices are wrapped modulo the frames actually decoded.
@@ -111,7 +127,7 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 if count in need:
-                    got[count] = frame.to_ndarray(format="rgb24")
+                    got[count] = upright_rgb(frame)
                 count += 1
                 if count > last:
                     break

@@ -457,13 +457,17 @@ class DaliClipLoader(_LoaderBase):
             device_id=torch.cuda.current_device() if self.device == "cuda" else 0,
         )
         self._probe_cache: dict[str, VideoInfo | VideoError] = {}
+        self._turns: dict[str, int] = {}  # quarter turns of each video's display rotation (its first frame's)
 
     def _probe_all(self, indices: Sequence[int]) -> None:
+        from stpcore.data.decode_pyav import first_frame_turns
+
         todo = [self.records[i].path for i in indices if str(self.records[i].path) not in self._probe_cache]
 
         def one(path: Path) -> None:
             try:
                 _probe_cached(path, self._probe_cache)
+                self._turns[str(path)] = first_frame_turns(path)  # DALI ignores the rotation: PyAV reads it
             except VideoError:
                 pass
 
@@ -507,6 +511,11 @@ class DaliClipLoader(_LoaderBase):
                 continue
             if info.codec not in self.codecs:
                 self._event(f"codec not decodable by DALI-{self.device}", f"{rec.path} ({info.codec})")
+                continue
+            if self._turns.get(str(rec.path)):
+                self._event("displayed rotated, which DALI does not apply",
+                            f"{rec.path} (turned {90 * self._turns[str(rec.path)]} degrees counterclockwise for "
+                            f"display); stpcore data transcode writes it upright, or use --decoder pyav")
                 continue
             specs = _video_specs(cfg, self.stride, info, vi, self.epoch)
             if specs[0].short:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stpcore.data.labels import VIDEO_EXTENSIONS
 from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
-from stpcore.media import atomic_path
+from stpcore.media import atomic_path, display_turns, upright_rgb
 
 
 @dataclass
@@ -62,12 +62,18 @@ def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], cod
             in_stream = inp.streams.video[0]
             rate = Fraction(in_stream.average_rate or in_stream.guessed_rate or 25)
             stream = out.add_stream(ENCODER[codec], rate=rate)
-            # yuv420p needs even sizes; the odd last row/column of an odd-sized source is dropped.
-            stream.width = in_stream.codec_context.width // 2 * 2
-            stream.height = in_stream.codec_context.height // 2 * 2
             stream.pix_fmt = "yuv420p"
             stream.options = dict(ENCODER_OPTIONS[codec])
             for frame in inp.decode(in_stream):
+                if n == 0:
+                    # A source stored sideways with a display rotation (phone video) is written upright: decoders
+                    # that ignore the rotation (DALI's) then read it as players show it.
+                    turns = display_turns(frame)
+                    height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+                    # yuv420p needs even sizes; the odd last row/column of an odd-sized source is dropped.
+                    stream.width, stream.height = width // 2 * 2, height // 2 * 2
+                if turns:
+                    frame = av.VideoFrame.from_ndarray(upright_rgb(frame), format="rgb24")
                 img = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
                 # Constant frame rate: frame n is shown at n / rate whatever the source's timestamps said.
                 img.pts = n

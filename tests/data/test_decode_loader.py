@@ -190,6 +190,27 @@ def test_start_at_a_batchs_order_end_resumes_exactly_after_unreadable_videos(bad
         loader.start_at(1, video=4)
 
 
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_dali_skips_a_video_displayed_rotated_and_says_how_to_read_it(dataset, tmp_path):
+    """DALI decodes a video as stored and ignores its display rotation (checked: a VP9 file turned 90 degrees comes out
+    landscape), so such a video is skipped with the fix; PyAV reads it upright."""
+    from tests.test_media import _stored_sideways
+
+    root = tmp_path / "rot"
+    shutil.copytree(dataset, root)
+    _stored_sideways(root / "up" / "phone.webm", 90, codec="libvpx-vp9", frames=34)
+    split = root / "up_test_split1.txt"
+    split.write_text(split.read_text() + "phone.avi 1\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dali = get_loader(_cfg(root, train=True, batch_size=4, decoder="dali", num_frames=8, crop=32, short_side=37))
+        ids = [v for b in dali for v in b.video_ids]
+    assert "up/phone" not in ids and len(ids) == len(dali.records) - 1
+    assert any("phone.webm" in str(w.message) and "transcode" in str(w.message) for w in caught)
+    pyav = get_loader(_cfg(root, train=True, batch_size=4, num_frames=8, crop=32, short_side=37))
+    assert "up/phone" in [v for b in pyav for v in b.video_ids]
+
+
 def test_probe_and_odd_sizes(bad_dataset):
     info = probe(bad_dataset / "up" / "odd.webm")
     assert (info.width, info.height, info.num_frames, info.codec) == (202, 34, 34, "vp9")
