@@ -1,8 +1,8 @@
 """Anonymize whole video files with a trained STPrivacy model (``stpcore anonymize``).
 
 Each input is decoded frame by frame, upright as players show it (a display rotation, as phones write for portrait
-video, is applied: :func:`stpcore.media.upright_rgb`), and brought to the working scale the model was trained and evaluated
-at (``stpcore.data.preprocess``: short side 8/7 of the model's image size, antialiased bilinear). Then:
+video, is applied: :func:`stpcore.media.upright_rgb`), and brought to the working scale the model was trained and
+evaluated at (``stpcore.data.preprocess``: short side 8/7 of the model's image size, antialiased bilinear). Then:
 
 - ``view="full"`` (the default): the whole frame is covered by model windows (``stpcore.data.windows``: the
   fewest square windows that cover it, spread evenly; seams in the middle of each overlap, every pixel
