@@ -276,8 +276,10 @@ def check_view(view: str, output_size: str) -> None:
 def output_settings(anonymizer, **kwargs) -> dict:
     """What shapes an output besides its input, as the keep file records it (JSON types): the settings of
     :func:`anonymize_file` among ``kwargs`` (defaults filled in, the working scale resolved), the model's config
-    (its architecture) and the SHA-256 of its float32 weights (``stpcore.deploy.weights_fingerprint``), so two
-    checkpoints of one architecture are told apart."""
+    (its architecture), the SHA-256 of its float32 weights (``stpcore.deploy.weights_fingerprint``), so two
+    checkpoints of one architecture are told apart, and the anonymizer's ``numerics`` (runtime, precision, device:
+    :attr:`stpcore.inference.ClipAnonymizer.numerics`), with the batch size where the results depend on it (dynamic
+    int8)."""
     params = inspect.signature(anonymize_file).parameters
     settings = {name: kwargs.get(name, params[name].default) for name in _OUTPUT_SETTINGS}
     cfg = anonymizer.cfg
@@ -289,6 +291,11 @@ def output_settings(anonymizer, **kwargs) -> dict:
 
         fingerprint = weights_fingerprint(anonymizer)
     settings["weights"] = fingerprint
+    numerics = getattr(anonymizer, "numerics", None)  # runtime, precision, device (ClipAnonymizer)
+    if numerics is not None:
+        settings["numerics"] = numerics
+        if numerics.get("batch_dependent"):  # dynamic int8: a clip's result depends on its batch
+            settings["batch_size"] = kwargs.get("batch_size", params["batch_size"].default)
     return json.loads(json.dumps(settings, default=str))
 
 
@@ -358,7 +365,7 @@ def anonymize_file(
     check_view(view, output_size)
     settings = output_settings(anonymizer, stride=stride, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold,
                                view=view, output_size=output_size, min_overlap=min_overlap, short_side=short_side,
-                               mean=mean, std=std)
+                               mean=mean, std=std, batch_size=batch_size)
     short_side = short_side or working_short_side(image_size)
     path, out_dir = Path(path), Path(out_dir)
     stem = stem or path.stem

@@ -298,6 +298,21 @@ class ClipAnonymizer:
             return f"cpu, {self.runtime} {self.runtime_precision}{extra}, {torch.get_num_threads()} threads"
         return where + (", compiled" if self.compiled else "")
 
+    @property
+    def numerics(self) -> dict:
+        """What decides this anonymizer's arithmetic besides the weights (anonymize's records keep it, so a resume
+        with another precision or runtime is not taken for the same run): runtime, precision, device type, and
+        whether a clip's result depends on the other clips of its batch. Dynamic int8 (PyTorch's, ONNX Runtime's)
+        quantizes each layer's input with one scale over the whole batch, so the batch size, and which clips share
+        a batch, move its results slightly; OpenVINO int8 is calibrated on ``calibration``, else on the first batch
+        it is given."""
+        precision = self.precision if self.runtime == "torch" else self.runtime_precision
+        batch_dependent = precision == "int8" and self.runtime != "openvino"
+        return {"runtime": self.runtime, "precision": precision, "device": self.device.type,
+                "batch_dependent": batch_dependent,
+                **({"calibrated_on": "calibration" if self._calibration is not None else "first batch"}
+                   if self.runtime == "openvino" and precision == "int8" else {})}
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)

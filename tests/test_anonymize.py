@@ -570,3 +570,25 @@ def test_a_video_stored_sideways_is_anonymized_upright(tmp_path):
     assert out.shape == (9, 64, 48, 3) and _block_corner(out[0]) == (False, True)
     keep = np.load(tmp_path / "out" / "phone.keep.npz")
     assert keep["source_size"].tolist() == [64, 48]
+
+
+def test_skip_existing_redoes_an_output_made_with_other_numerics(tmp_path, model):
+    """The record holds the runtime, precision and device, and for dynamic int8 (whose results depend on the other
+    clips of a batch) the batch size: another precision, or int8 at another batch size, is done again; fp32 at another
+    batch size is the same output and is skipped."""
+    from stpcore.inference import ClipAnonymizer
+
+    src = _source(tmp_path / "a.mp4", frames=6)
+    out = tmp_path / "out"
+    fp32, int8 = ClipAnonymizer(model, precision="fp32"), ClipAnonymizer(model, precision="int8")
+
+    def run(anonymizer, batch_size):
+        return anonymize_files([src], out, anonymizer, skip_existing=True, verbose=False, batch_size=batch_size)
+
+    assert list(run(fp32, 4).written) == [str(src)]
+    assert len(run(fp32, 2).skipped) == 1  # fp32: a clip's result does not depend on its batch
+    assert list(run(int8, 4).written) == [str(src)]  # another precision
+    assert read_record(out / "a.keep.npz")["settings"]["numerics"]["precision"] == "int8"
+    assert len(run(int8, 4).skipped) == 1
+    assert list(run(int8, 2).written) == [str(src)]  # int8 at another batch size
+    assert read_record(out / "a.keep.npz")["settings"]["batch_size"] == 2

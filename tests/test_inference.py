@@ -285,3 +285,24 @@ def test_vit_small_single_clip(precision):
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):
         ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), device="cuda")
+
+
+def test_numerics_say_when_a_clips_result_depends_on_its_batch():
+    """Dynamic int8 quantizes each layer's input with one scale over the batch: a clip's output moves with the other
+    clips beside it (what ``numerics["batch_dependent"]`` says, and anonymize's record then keeps the batch size);
+    fp32 gives a clip the same output alone or in a batch."""
+    from stpcore.inference import ClipAnonymizer, int8_unavailable_reason
+    from stpcore.models import STPrivacy, STPrivacyConfig
+
+    torch.manual_seed(0)
+    model = STPrivacy(STPrivacyConfig.from_name("tiny")).eval()
+    x = torch.randn(1, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    beside = torch.cat([x, 3 * torch.randn(1, 3, 8, 32, 32, generator=torch.Generator().manual_seed(2))])
+    fp32 = ClipAnonymizer(model, precision="fp32")
+    assert fp32.numerics == {"runtime": "torch", "precision": "fp32", "device": "cpu", "batch_dependent": False}
+    assert torch.equal(fp32(x).video[0], fp32(beside).video[0])
+    if int8_unavailable_reason() is not None:
+        pytest.skip(int8_unavailable_reason())
+    int8 = ClipAnonymizer(model, precision="int8")
+    assert int8.numerics["batch_dependent"] and int8.numerics["precision"] == "int8"
+    assert not torch.equal(int8(x).video[0], int8(beside).video[0])
