@@ -381,7 +381,7 @@ def anonymize_file(
     with media.VideoWriter(out_path, fps) as writer, (
         media.VideoWriter(sbs_path, fps) if side_by_side else _NullWriter()
     ) as sbs:
-        pending: list[tuple[int, np.ndarray, int, torch.Tensor]] = []
+        pending: list[tuple[int, np.ndarray | None, int, torch.Tensor]] = []
 
         def flush() -> None:
             for (start, chunk, real, work), res in zip(pending, runner.run([p[3] for p in pending]), strict=True):
@@ -408,7 +408,9 @@ def anonymize_file(
                 runner = WindowAnonymizer(anonymizer, grid, stride=stride, batch_size=batch_size,
                                           keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold,
                                           mean=mean, std=std)
-            pending.append((start, chunk, real, work))
+            # The source-size frames are kept only where they are shown (the side-by-side at the source's size): held
+            # for every chunk until its batches fill, they were most of the memory (16 frames of 1080p: 100 MB each).
+            pending.append((start, chunk if side_by_side and output_size == "source" else None, real, work))
             if len(pending) * stride * len(runner.grid) % batch_size == 0:  # whole batches only, until the end
                 flush()
         if pending:
