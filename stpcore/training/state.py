@@ -8,6 +8,7 @@ config. It is written atomically by rank 0 and read with ``weights_only`` (nothi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import warnings
@@ -45,7 +46,28 @@ def set_rng_state(state: dict) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A machine with fewer GPUs than the one that saved it restores the devices it has (set_rng_state_all
+        # would index past them).
+        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
+
+
+def restore_generator(generator: torch.Generator, saved: torch.Tensor, path) -> None:
+    """Put ``saved`` (a generator's get_state()) into ``generator``. A state of another device type (a run saved on
+    a GPU resumed on a CPU, or the reverse: their states differ in size and kind) cannot be set; the generator is
+    then seeded from the saved state instead, so the resumed run is still reproducible, with a warning that its
+    noise is not the one the saved run would have drawn."""
+    try:
+        generator.set_state(saved)
+        return
+    except RuntimeError:
+        pass
+    seed = int.from_bytes(hashlib.sha256(saved.cpu().numpy().tobytes()).digest()[:8], "little") >> 1
+    generator.manual_seed(seed)
+    warnings.warn(f"{path}: its Gumbel-noise generator state is of another device type than this run's "
+                  f"({generator.device.type}): the noise continues from a seed derived from it, so the resumed run "
+                  f"is reproducible but does not draw the noise an uninterrupted run on the saved device would",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _to_tuples(obj):
@@ -145,7 +167,7 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     saved = saved[: trainer.cfg.privacy_replay]  # a resume with a smaller (or no) buffer cuts it
     trainer.replay = [{k: v.to(trainer.device) for k, v in entry.items()} for entry in saved]
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
-    trainer.noise_gen.set_state(per_rank[trainer.dist.rank])
+    restore_generator(trainer.noise_gen, per_rank[trainer.dist.rank], path)
     trainer.metrics_bytes = state.get("metrics_bytes")
     pos = state["position"]
     trainer.phase, trainer.epoch = pos["phase"], pos["epoch"]

@@ -657,3 +657,39 @@ def test_a_signal_to_the_process_group_still_writes_the_checkpoint(tmp_path, sig
     assert proc.returncode == 130 and "INTERRUPTED signal" in output, output[-3000:]
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["position"]["global_step"] >= 1
+
+
+def test_a_gpu_checkpoint_resumes_on_a_cpu(tmp_path):
+    """A checkpoint saved on a GPU holds a CUDA noise-generator state (16 bytes: seed and offset), which a CPU
+    generator cannot take (a size error before). The resumed run seeds its generator from it instead: it warns, and
+    two resumes from the same checkpoint train alike."""
+    wrapped = StopAfter(_loader(), 2)
+    first = Trainer(_cfg(tmp_path / "a"), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    path = tmp_path / "a" / "run" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    cuda_like = torch.arange(16, dtype=torch.uint8)
+    saved["noise_rng"], saved["noise_rng_per_rank"] = cuda_like, [cuda_like]
+    torch.save(saved, path)
+    losses = []
+    for run in ("b", "c"):
+        (tmp_path / run / "run").mkdir(parents=True)
+        with pytest.warns(RuntimeWarning, match="another device type"):
+            history = Trainer(_cfg(tmp_path / run), _loader()).fit(resume=path)
+        losses.append([r["loss"] for p in ("phase1", "phase2") for r in history[p]])
+    assert losses[0] == losses[1] and len(losses[0]) == 7
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_has(monkeypatch):
+    from stpcore.training.state import rng_state, set_rng_state
+
+    state = rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]  # saved with 4 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # this machine has 2
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
+    set_rng_state(state)
+    assert restored == [(0, 0), (1, 1)]
