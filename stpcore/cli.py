@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -71,6 +70,7 @@ def _select(cfg, args: argparse.Namespace) -> None:
 
     from stpcore.evaluation import EvalConfig
     from stpcore.evaluation.selection import SELECTION_ATTACKERS, select_candidate
+    from stpcore.media import atomic_path
 
     out = Path(cfg.out_dir)
     candidates = sorted((out / "candidates").glob("phase2-epoch*.pt"))
@@ -83,8 +83,8 @@ def _select(cfg, args: argparse.Namespace) -> None:
     record = select_candidate(candidates, eval_cfg, cfg.validation, target=args.select_target,
                               out=out / "selection.json")
     chosen = Path(record["chosen"]["path"])
-    shutil.copyfile(chosen, out / "stprivacy.pt.tmp")
-    os.replace(out / "stprivacy.pt.tmp", out / "stprivacy.pt")
+    with atomic_path(out / "stprivacy.pt") as tmp:  # flushed to disk before the rename: never a torn model
+        shutil.copyfile(chosen, tmp)
     print(f"selected {chosen.name} ({record['rule']}); deployed as {out / 'stprivacy.pt'}; scores in "
           f"{out / 'selection.json'}")
 
