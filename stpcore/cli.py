@@ -336,7 +336,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(EvalConfig, args)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     results = evaluate(cfg, checkpoint=args.checkpoint, methods=methods, keep_ratio=args.keep_ratio,
-                       boxes=_load_boxes(args.boxes), threshold=args.adaptive)
+                       boxes=_load_boxes(args.boxes), threshold=args.adaptive, resume=args.resume)
     print(results_table(results)[0])
     print(f"results in {Path(cfg.out_dir).resolve()}")
     return 0
@@ -482,6 +482,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ratio.add_argument("--adaptive", type=_fraction(high_closed=False), metavar="T",
                        help="STPrivacy adaptive mode at threshold T, in (0, 1)")
     p.add_argument("--boxes", help="JSON {video_id: [x0, y0, x1, y1]} person boxes for the blacken baseline")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted evaluation: a method finished in --out-dir (methods/<name>.json) "
+                        "with the same settings, checkpoint and data is read back, not trained again")
     if wanted("eval"):
         from stpcore.evaluation.config import EvalConfig
 

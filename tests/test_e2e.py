@@ -141,6 +141,38 @@ def test_eval_cli_produces_all_metrics(dataset, trained, tmp_path):
         assert 0 <= float(r["top1"]) <= 100 and 0 <= float(r["cmap"]) <= 100 and 0 <= float(r["f1"]) <= 1
 
 
+def test_eval_resume_reads_back_finished_methods_and_redoes_changed_ones(dataset, trained, tmp_path, monkeypatch):
+    """An evaluation stopped after its first method goes on with --resume from the next one; a method saved with
+    other settings or another checkpoint is trained again."""
+    from stpcore.evaluation import protocol
+
+    trained_methods = []
+    real = protocol.evaluate_method
+    monkeypatch.setattr(protocol, "evaluate_method",
+                        lambda transform, *a, **k: trained_methods.append(transform.name.split("@")[0])
+                        or real(transform, *a, **k))
+    out = tmp_path / "eval"
+
+    def run(*extra):
+        trained_methods.clear()
+        assert main(["eval", "--checkpoint", str(trained / "stprivacy.pt"), "--methods", "raw,stprivacy",
+                     "--data-root", str(dataset), "--labels", str(dataset / "vp_labels.csv"), "--epochs", "1",
+                     "--batch-size", "4", "--workers", "0", "--decoder", "pyav", "--stride", "2", "--out-dir",
+                     str(out), "--no-progress", "--device", "cpu", *extra]) == 0
+        rows = [r.split(",") for r in (out / "results.csv").read_text().splitlines()]
+        seconds = rows[0].index("seconds")
+        return list(trained_methods), [r[:seconds] + r[seconds + 1:] for r in rows]  # all but the timing
+
+    done, table = run()
+    assert done == ["raw", "stprivacy"]
+    (out / "methods" / "stprivacy.json").unlink()  # as if stopped while stprivacy's recognizers trained
+    assert run("--resume") == (["stprivacy"], table)  # raw read back; stprivacy trained again, the same
+    assert run("--resume")[0] == []
+    assert run("--resume", "--keep-ratio", "0.5")[0] == ["stprivacy"]  # another keep ratio: that method again
+    assert run("--resume", "--seed", "1")[0] == ["raw", "stprivacy"]  # other settings: all again
+    assert run()[0] == ["raw", "stprivacy"]  # without --resume nothing is read back
+
+
 def test_anonymize_cli_writes_playable_video_with_black_dropped_tubelets(trained, tmp_path):
     from stpcore import media
 

@@ -17,6 +17,7 @@ Files in ``cfg.out_dir``: ``eval_metrics.jsonl`` (one line per recognizer epoch 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from stpcore.evaluation.methods import METHODS, MethodTransform, STPrivacyTransf
 from stpcore.evaluation.metrics import Metrics, privacy_metrics, video_metrics
 from stpcore.evaluation.report import PAPER_RESULTS, write_results, write_sweep
 from stpcore.evaluation.results import MethodResult, SweepPoint
+from stpcore.media import atomic_path
 from stpcore.models import BackboneConfig, RecognizerConfig, STPrivacy, VideoRecognizer, load_anonymizer
 from stpcore.progress import progress
 from stpcore.runtime import autocast, clip_loader, make_optimizer
@@ -342,8 +344,14 @@ def evaluate(
     train_loader=None,
     test_loader=None,
     device: str | torch.device | None = None,
+    resume: bool = False,
 ) -> list[MethodResult]:
     """Phase 3 for several methods on one dataset; writes results.md / results.csv to cfg.out_dir.
+
+    Each finished method is also saved as ``cfg.out_dir/methods/<method>.json`` (atomically), with what it was
+    computed from (:func:`method_record_key`: the settings, the checkpoint's weights, the keep ratio or threshold,
+    the boxes). With ``resume``, a method whose file there matches is read back instead of trained again, so an
+    interrupted evaluation (hours per method at the paper's 80 epochs) goes on from the first unfinished method.
 
     Args:
         cfg: the evaluation config.
@@ -355,10 +363,15 @@ def evaluate(
         train_loader, test_loader: override the dataset loaders (built once from cfg otherwise and shared by
             all methods).
         device: overrides cfg.device.
+        resume: reuse the matching finished methods in cfg.out_dir (not with loaders passed in: what they hold
+            cannot be checked).
 
     Returns:
         one :class:`MethodResult` per evaluated method.
     """
+    if resume and (train_loader is not None or test_loader is not None):
+        raise ValueError("evaluate(resume=True) reuses results only for loaders built from cfg (the data is part of "
+                         "what a result is checked against); drop train_loader / test_loader, or resume=False")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -382,11 +395,55 @@ def evaluate(
             _log(Path(cfg.out_dir), {"method": name, "skipped": "no person boxes supplied"})
             continue
         transform = transforms[name]
-        # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
-        results.append(evaluate_method(transform, cfg, train_loader, test_loader, backbone=model_cfg,
-                                       device=device))
+        key = method_record_key(cfg, name, anonymizer, keep_ratio, threshold, boxes)
+        key["data"] = {part: [r.video_id for r in getattr(loader, "records", [])]
+                       for part, loader in (("train", train_loader), ("test", test_loader))}
+        record_path = Path(cfg.out_dir) / "methods" / f"{name}.json"
+        done = _read_method_record(record_path, key) if resume else None
+        if done is not None:
+            _log(Path(cfg.out_dir), {"method": name, "resumed": str(record_path)})
+            results.append(done)
+        else:
+            # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
+            results.append(evaluate_method(transform, cfg, train_loader, test_loader, backbone=model_cfg,
+                                           device=device))
+            with atomic_path(record_path) as tmp:
+                tmp.write_text(json.dumps({"key": key, "result": dataclasses.asdict(results[-1])}))
         write_results(results, cfg.out_dir, dataset=_dataset_of(train_loader))
     return results
+
+
+# EvalConfig fields that do not change a method's result: where it is written, how fast it is read, how it is shown.
+_RESUME_FREE = frozenset({"out_dir", "workers", "progress", "device"})
+
+
+def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None, keep_ratio: float | None,
+                      threshold: float | None, boxes: Mapping[str, Sequence[float]] | None) -> dict:
+    """What a method's result was computed from (JSON types): the evaluation settings but those in ``_RESUME_FREE``,
+    the method, and what it reads (:func:`evaluate` adds the videos of each split): for "stprivacy", the
+    checkpoint's weights (SHA-256, ``stpcore.deploy.weights_fingerprint``) and the keep ratio or threshold; for
+    "blacken", the boxes."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+    key: dict[str, Any] = {"method": method, "settings": settings}
+    if method == "stprivacy":
+        from stpcore.deploy import weights_fingerprint
+
+        key.update(weights=weights_fingerprint(anonymizer), keep_ratio=keep_ratio, threshold=threshold)
+    if method == "blacken" and boxes is not None:
+        text = json.dumps({k: [float(v) for v in b] for k, b in sorted(boxes.items())})
+        key["boxes"] = hashlib.sha256(text.encode()).hexdigest()
+    return json.loads(json.dumps(key))
+
+
+def _read_method_record(path: Path, key: dict) -> MethodResult | None:
+    """The result saved at ``path`` when its key is ``key``; None when absent, damaged or made otherwise."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] != key:
+            return None
+        return MethodResult(**saved["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _dataset_of(loader) -> str | None:
