@@ -105,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             from stpcore.data.synth import make_synthetic_dataset
 
             make_synthetic_dataset(data, videos=16, seed=0, codec="vp9", width=320, height=240, frames=40)
+            import torch
+
+            # torch's intra-op threads, as the timed child processes (same environment) get them; os.cpu_count()
+            # counts logical CPUs, which torch does not all use.
             result: dict = {"old": args.old, "new": args.new or "working tree", "cpu_flags": cpu_flags(),
-                            "threads": os.cpu_count(), "workloads": {}}
+                            "threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(), "workloads": {}}
             for name in names:
                 rows = []
                 for r in range(args.rounds):
