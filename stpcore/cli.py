@@ -80,8 +80,9 @@ def _select(cfg, args: argparse.Namespace) -> None:
                           warmup_epochs=min(cfg.warmup_epochs, args.select_epochs / 4), amp=cfg.amp,
                           out_dir=str(out / "selection"), seed=cfg.seed, progress=cfg.progress,
                           attackers=SELECTION_ATTACKERS)
+    # A resumed run (train --resume ... --select) also goes on with a selection it interrupted.
     record = select_candidate(candidates, eval_cfg, cfg.validation, target=args.select_target,
-                              out=out / "selection.json")
+                              out=out / "selection.json", resume=args.resume is not None)
     chosen = Path(record["chosen"]["path"])
     with atomic_path(out / "stprivacy.pt") as tmp:  # flushed to disk before the rename: never a torn model
         shutil.copyfile(chosen, tmp)

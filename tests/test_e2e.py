@@ -273,6 +273,23 @@ def test_train_select_scores_candidates_on_held_out_training_videos(tmp_path):
     assert record["validation"] == 0.3 and set(record["raw"]["cmap"]) == {"vit", "stats"}
     chosen = Path(record["chosen"]["path"])
     assert (out / "stprivacy.pt").read_bytes() == chosen.read_bytes()
+    # A selection stopped while it scored the second candidate goes on with `train --resume ... --select`: raw video
+    # and the first candidate are read back, the second is scored again, and the choice is the same.
+    (out / "selection" / "phase2-epoch002" / "result.json").unlink()
+    (out / "selection.json").unlink()
+    from stpcore.evaluation import protocol
+
+    scored = []
+    real = protocol.evaluate_method
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocol, "evaluate_method", lambda t, cfg, *a, **k: scored.append(Path(cfg.out_dir).name)
+                   or real(t, cfg, *a, **k))
+        assert main(_train_args(data, out, "--phase1-epochs", "1", "--phase2-epochs", "2", "--validation", "0.3",
+                                "--candidate-every", "1", "--select", "--select-epochs", "2", "--resume",
+                                str(out / "last.pt"))) == 0
+    assert scored == ["phase2-epoch002"]
+    again = json.loads((out / "selection.json").read_text())
+    assert again["chosen"] == record["chosen"] and again["candidates"][1]["top1"] == record["candidates"][1]["top1"]
     # The parts: disjoint, 21 + 7 of the 28 training videos; the validation part sampled like a test split.
     from stpcore.runtime import clip_loader
 

@@ -396,19 +396,14 @@ def evaluate(
             continue
         transform = transforms[name]
         key = method_record_key(cfg, name, anonymizer, keep_ratio, threshold, boxes)
-        key["data"] = {part: [r.video_id for r in getattr(loader, "records", [])]
-                       for part, loader in (("train", train_loader), ("test", test_loader))}
+        key["data"] = videos_of(train=train_loader, test=test_loader)
         record_path = Path(cfg.out_dir) / "methods" / f"{name}.json"
-        done = _read_method_record(record_path, key) if resume else None
-        if done is not None:
+        # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
+        result, resumed = run_or_resume(record_path, key, resume, lambda t=transform: evaluate_method(
+            t, cfg, train_loader, test_loader, backbone=model_cfg, device=device))
+        if resumed:
             _log(Path(cfg.out_dir), {"method": name, "resumed": str(record_path)})
-            results.append(done)
-        else:
-            # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
-            results.append(evaluate_method(transform, cfg, train_loader, test_loader, backbone=model_cfg,
-                                           device=device))
-            with atomic_path(record_path) as tmp:
-                tmp.write_text(json.dumps({"key": key, "result": dataclasses.asdict(results[-1])}))
+        results.append(result)
         write_results(results, cfg.out_dir, dataset=_dataset_of(train_loader))
     return results
 
@@ -433,6 +428,23 @@ def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None
         text = json.dumps({k: [float(v) for v in b] for k, b in sorted(boxes.items())})
         key["boxes"] = hashlib.sha256(text.encode()).hexdigest()
     return json.loads(json.dumps(key))
+
+
+def videos_of(**loaders) -> dict[str, list[str]]:
+    """The videos each named loader reads (its records' ids), for a result's key."""
+    return {part: [r.video_id for r in getattr(loader, "records", [])] for part, loader in loaders.items()}
+
+
+def run_or_resume(path: Path, key: dict, resume: bool, compute) -> tuple[MethodResult, bool]:
+    """``compute()``'s result, saved at ``path`` (atomically) with ``key``; with ``resume``, the one saved there with
+    this key instead, when there is one. Returns (result, whether it was read back)."""
+    done = _read_method_record(path, key) if resume else None
+    if done is not None:
+        return done, True
+    result = compute()
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "result": dataclasses.asdict(result)}))
+    return result, False
 
 
 def _read_method_record(path: Path, key: dict) -> MethodResult | None:

@@ -66,7 +66,7 @@ def choose(scores: Sequence[dict], raw_top1: float, target: float) -> tuple[int,
 
 def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, validation: float, *,
                      target: float = 15.0, out: str | os.PathLike | None = None, train_loader=None,
-                     val_loader=None) -> dict:
+                     val_loader=None, resume: bool = False) -> dict:
     """Score every candidate on the validation part and choose one (module docstring).
 
     Args:
@@ -77,15 +77,27 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
         out: where selection.json goes (None: nowhere).
         train_loader, val_loader: override the loaders (default: the training split without, and with only, the
             validation part; the latter sampled like a test split).
+        resume: each scored model (raw video, every candidate) is saved in ``cfg.out_dir/<name>/result.json`` with
+            what it was computed from; with ``resume`` the matching ones are read back instead of trained again, so
+            an interrupted selection goes on from the first unscored candidate (not with loaders passed in).
 
     Returns:
         the record written to selection.json: "raw", "candidates" (path, top1, cmap per attacker, drops,
         worst_drop, best_attacker, trade_off), "chosen" (index and path), "rule".
     """
     from stpcore.evaluation.methods import STPrivacyTransform, make_transform
-    from stpcore.evaluation.protocol import evaluate_method, load_checkpoint
+    from stpcore.evaluation.protocol import (
+        evaluate_method,
+        load_checkpoint,
+        method_record_key,
+        run_or_resume,
+        videos_of,
+    )
     from stpcore.runtime import clip_loader
 
+    if resume and (train_loader is not None or val_loader is not None):
+        raise ValueError("select_candidate(resume=True) reuses scores only for loaders built from cfg; drop "
+                         "train_loader / val_loader, or resume=False")
     if not candidates:
         raise ValueError("no candidate checkpoints to select from: train with candidate_every > 0")
     geometry = load_checkpoint(candidates[0], cfg).cfg
@@ -99,14 +111,18 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
                                  **common)
     out_dir = Path(cfg.out_dir)
 
-    def run(transform, name: str) -> MethodResult:
-        return evaluate_method(transform, dataclasses.replace(cfg, out_dir=str(out_dir / name)), train_loader,
-                               val_loader, backbone=geometry)
+    def run(method: str, model, name: str) -> MethodResult:
+        key = {**method_record_key(cfg, method, model, None, None, None), "validation": validation,
+               "data": videos_of(train=train_loader, validation=val_loader)}
+        transform = STPrivacyTransform(model) if model is not None else make_transform(method)
+        return run_or_resume(out_dir / name / "result.json", key, resume, lambda: evaluate_method(
+            transform, dataclasses.replace(cfg, out_dir=str(out_dir / name)), train_loader, val_loader,
+            backbone=geometry))[0]
 
-    raw = run(make_transform("raw"), "raw")
+    raw = run("raw", None, "raw")
     rows = []
     for path in candidates:  # one model at a time (on a GPU, K candidates would otherwise all stay there)
-        result = run(STPrivacyTransform(load_checkpoint(path, cfg)), Path(path).stem)
+        result = run("stprivacy", load_checkpoint(path, cfg), Path(path).stem)
         w = worst_case(raw, result)
         rows.append({"path": str(path), "top1": result.top1,
                      "cmap": {n: a["cmap"] for n, a in result.attackers.items()}, "drops": w["drops"],
