@@ -97,7 +97,15 @@ def model_error(anonymizer, exc: BaseException, what: str) -> ModelError:
                       f"{_model_hint(anonymizer, exc)}")
 
 
-def prepare_model(anonymizer, batch_size: int, keep_ratio: float | None = None,
+def _is_setting_error(exc: BaseException) -> bool:
+    """A ValueError about a setting (keep ratio, threshold): its own message says what to change. An ONNX runtime
+    that cannot load its graph raises a ValueError too, but that is the model failing."""
+    from stpcore.inference import RuntimeLoadError
+
+    return isinstance(exc, ValueError) and not isinstance(exc, RuntimeLoadError)
+
+
+def prepare_model(anonymizer, batch_sizes: int | Iterable[int], keep_ratio: float | None = None,
                   adaptive_threshold: float | None = None) -> float:
     """``anonymizer.prepare`` (:meth:`stpcore.inference.ClipAnonymizer.prepare`: export, load or compile now) when it
     has one; its failure is a :class:`ModelError`. Returns the seconds it took."""
@@ -105,10 +113,10 @@ def prepare_model(anonymizer, batch_size: int, keep_ratio: float | None = None,
     if prepare is None:
         return 0.0
     try:
-        return prepare(batch_size, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
-    except ValueError:  # bad settings (keep ratio, threshold): their own message says what to change
-        raise
+        return prepare(batch_sizes, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
     except Exception as exc:  # noqa: BLE001 - compilers and runtimes raise their own types
+        if _is_setting_error(exc):
+            raise
         raise model_error(anonymizer, exc, "while it was prepared") from exc
 
 
@@ -221,9 +229,9 @@ class WindowAnonymizer:
             try:
                 with torch.no_grad():
                     result = self.anonymizer(batch, **self.kwargs)
-            except ValueError:  # a bad setting (keep ratio, threshold), said by the model
-                raise
             except Exception as exc:  # noqa: BLE001 - the clips are checked and in shape: the model failed
+                if _is_setting_error(exc):  # a bad setting (keep ratio, threshold), said by the model
+                    raise
                 raise model_error(self.anonymizer, exc, f"on a batch of {len(batch)} windows") from exc
             videos.append(result.video.float().cpu())
             keeps.append(result.keep.cpu())

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 
 def debug_enabled() -> bool:
-    """Whether ``STPCORE_DEBUG`` asks for tracebacks: set to anything but empty, ``0``, ``false`` or ``no``."""
+    """Whether ``STPCORE_DEBUG`` asks for tracebacks: set to anything but empty, ``0``, ``false``, ``no`` or ``off``."""
     return os.environ.get("STPCORE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 

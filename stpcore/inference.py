@@ -28,6 +28,7 @@ import copy
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,11 @@ _LABELS = {
 }
 
 
+class RuntimeLoadError(ValueError):
+    """An ONNX runtime could not load (or quantize) the exported graph: the model cannot run there, whatever the
+    input (a ValueError, so the CLI shows its message as one error line)."""
+
+
 class ClipAnonymizer:
     """Anonymize clip batches with a converted copy of a trained STPrivacy model.
 
@@ -283,6 +289,7 @@ class ClipAnonymizer:
         self.compiled = bool(compile)
         mode = compile if isinstance(compile, str) else None
         self._forward = torch.compile(net, mode=mode) if compile else net
+        self._prepared: set[tuple] = set()  # the compiled graphs prepare() has run
 
     @property
     def description(self) -> str:
@@ -391,22 +398,30 @@ class ClipAnonymizer:
             self._sessions[key] = session
         return session
 
-    def prepare(self, batch_size: int = 8, *, keep_ratio: float | None = None,
+    def prepare(self, batch_sizes: int | Iterable[int] = 8, *, keep_ratio: float | None = None,
                 adaptive_threshold: float | None = None) -> float:
         """Do now the one-time work the first batch would otherwise do, and fail here if the model cannot run:
-        export and load the ONNX graph (runtime onnxruntime / openvino), or compile (``compile``) with a batch of
-        ``batch_size`` black clips. Eager PyTorch has nothing to prepare. OpenVINO int8 without ``calibration``
-        still quantizes at the first batch (it calibrates on that batch's clips). A live stream calls it before
-        it opens the source, so its first chunk is not held up (and later ones dropped) by the export or the
-        compile. Returns the seconds it took."""
+        export and load the ONNX graph (runtime onnxruntime / openvino), or compile (``compile``) with batches of
+        black clips of the sizes in ``batch_sizes`` (one graph serves every batch of 2 or more clips, another a
+        batch of 1; each is compiled once). Eager PyTorch has nothing to prepare. OpenVINO int8 without
+        ``calibration`` still quantizes at the first batch (it calibrates on that batch's clips). A live stream calls
+        it before it reads the source, so its first chunks are not held up (and later ones dropped) by the export or
+        the compile. Returns the seconds it took."""
         start = time.perf_counter()
+        sizes = {batch_sizes} if isinstance(batch_sizes, int) else set(batch_sizes)
+        if any(not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"prepare: batch sizes must be positive ints, got {batch_sizes!r}")
         if self.runtime != "torch":
             if not (self.runtime == "openvino" and self.runtime_precision == "int8" and self._calibration is None):
                 self._session(*self._onnx_ratio(keep_ratio, adaptive_threshold), None)
         elif self.compiled:
             cfg = self.cfg
-            self(torch.zeros(batch_size, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=self.device),
-                 keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+            for b in sorted({min(b, 2) for b in sizes}):  # 1, and one size for the dynamic graph of 2 and more
+                key = (b, keep_ratio, adaptive_threshold)
+                if key not in self._prepared:
+                    self(torch.zeros(b, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=self.device),
+                         keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+                    self._prepared.add(key)
         return time.perf_counter() - start
 
     def _run_onnx(self, video: torch.Tensor, keep_ratio: float | None,
@@ -450,8 +465,8 @@ class ClipAnonymizer:
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types (OpenVINO: RuntimeError)
-            raise ValueError(f"{self.runtime} could not load the graph {path}: {str(exc).splitlines()[0][:300]}") \
-                from exc
+            raise RuntimeLoadError(f"{self.runtime} could not load the graph {path}: "
+                                   f"{str(exc).splitlines()[0][:300]}") from exc
         return lambda x: tuple(compiled({"clips": x}).values())
 
     def __repr__(self) -> str:

@@ -62,6 +62,7 @@ from stpcore.anonymize import (
     to_source_size,
 )
 from stpcore.data.preprocess import to_working_scale, working_short_side
+from stpcore.data.sampling import resized_size
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
 HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
@@ -343,7 +344,15 @@ def anonymize_stream(
     container = open_source(source, input_format=input_format, timeout=timeout, stop=stop)  # before any output
     try:
         out_dir = prepare_output_dir(out_dir)
-    except ValueError:
+        # The batch sizes this source's chunks make (from its frame size, known once it is open; a compiled model
+        # has a graph of its own for a batch of one clip, e.g. --view center), prepared before a frame is read.
+        coded = container.streams.video[0].codec_context
+        if coded.width and coded.height:
+            windows = stride * len(plan_windows(*resized_size(coded.height, coded.width, short_side), cfg.image_size,
+                                                view, min_overlap))
+            sizes = {min(batch_size, windows)} | ({windows % batch_size} if windows > batch_size else set())
+            prepare_model(anonymizer, sizes - {0}, keep_ratio)
+    except BaseException:
         container.close()
         raise
     video = container.streams.video[0]

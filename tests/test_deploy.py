@@ -182,6 +182,33 @@ def test_prepare_exports_the_graph_before_the_first_batch(trained_tiny, monkeypa
         ort.prepare(4, adaptive_threshold=0.5)
 
 
+def test_a_runtime_that_cannot_load_the_graph_stops_anonymize_with_one_error(trained_tiny, tmp_path, monkeypatch):
+    """ONNX Runtime failing to load the exported graph is the model failing, not the inputs: one ModelError before
+    any input is tried, the graph exported once (before: every input failed alike, exporting again each time)."""
+    import numpy as np
+
+    from stpcore import deploy, media
+    from stpcore.anonymize import ModelError, anonymize_files
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    exports = []
+    real = deploy.export_onnx
+    monkeypatch.setattr(deploy, "export_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    rng = np.random.default_rng(0)
+    srcs = [media.write_video(tmp_path / f"v{i}.mp4", (rng.random((9, 40, 56, 3)) * 255).astype(np.uint8), fps=10)
+            for i in range(3)]
+    ort = ClipAnonymizer(load_anonymizer(trained_tiny), runtime="onnxruntime")
+    with pytest.raises(ModelError, match="INVALID_GRAPH.*--runtime torch") as caught:
+        anonymize_files(srcs, tmp_path / "out", ort, verbose=False)
+    assert exports == [1] and not caught.value.report.failed and not caught.value.report.written
+
+
 _OPENVINO_CHECK = """
 import sys, torch
 from stpcore.inference import ClipAnonymizer, cpu_has_native_bf16

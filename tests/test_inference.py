@@ -306,3 +306,24 @@ def test_numerics_say_when_a_clips_result_depends_on_its_batch():
     int8 = ClipAnonymizer(model, precision="int8")
     assert int8.numerics["batch_dependent"] and int8.numerics["precision"] == "int8"
     assert not torch.equal(int8(x).video[0], int8(beside).video[0])
+
+
+def test_prepare_runs_each_compiled_graph_once_a_batch_of_one_included():
+    """A compiled model has a graph for a batch of one clip and a dynamic one for 2 or more: prepare() runs each
+    size class it is given once (black clips of the model's shape), and nothing for eager PyTorch."""
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import STPrivacy, STPrivacyConfig
+
+    anon = ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), precision="fp32")
+    seen = []
+    real = anon._forward
+    anon._forward = lambda video, **kw: seen.append((tuple(video.shape), float(video.abs().max()))) or real(video, **kw)
+    anon.prepare([1, 4, 8])
+    assert seen == []  # eager: nothing to prepare
+    anon.compiled = True  # stands in for compile=True, whose compile takes a minute on a small CPU
+    anon.prepare([4, 8])
+    anon.prepare([1, 4, 3], keep_ratio=0.5)
+    anon.prepare(8)
+    assert seen == [((2, 3, 8, 32, 32), 0.0), ((1, 3, 8, 32, 32), 0.0), ((2, 3, 8, 32, 32), 0.0)]
+    with pytest.raises(ValueError, match="positive ints"):
+        anon.prepare([0])

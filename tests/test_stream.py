@@ -484,3 +484,29 @@ def test_the_model_is_prepared_before_the_source_opens(anonymizer, tmp_path):
         anonymize_stream(f"udp://127.0.0.1:{port}", tmp_path / "out", Prepared(), batch_size=3, timeout=20)
     assert order == [("prepare", 3)] and time.monotonic() - start < 10
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("view, sizes", [("center", {1}), ("full", {4})])
+def test_the_batch_sizes_the_stream_makes_are_prepared_before_its_first_frame(anonymizer, tmp_path, view, sizes):
+    """A compiled model has one graph for a batch of one clip and another for 2 or more: the stream prepares the
+    sizes its chunks make (known from the frame size once the source is open), before it reads a frame, so its
+    first chunk does not compile (96x72 at the working scale 49x37: one centre window, or 2 x 2 windows of 32)."""
+    calls = []
+
+    class Recording:
+        cfg = anonymizer.cfg
+
+        def prepare(self, batch_sizes, **kw):
+            calls.append(batch_sizes)
+            return 0.0
+
+        def __call__(self, clips, **kw):
+            calls.append(("batch", clips.shape[0]))
+            return anonymizer(clips, **kw)
+
+    port = _free_port(socket.SOCK_DGRAM)
+    sender = _send_udp(port, _frames(16), fps=25)
+    anonymize_stream(f"udp://127.0.0.1:{port}", tmp_path / "out", Recording(), batch_size=4, view=view, timeout=5)
+    sender.join()
+    assert calls[:2] == [4, sizes]  # before the source opens, then once its frame size is known
+    assert {n for what, n in calls[2:]} == sizes and all(what == "batch" for what, _ in calls[2:])

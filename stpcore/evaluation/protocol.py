@@ -396,7 +396,11 @@ def evaluate(
             continue
         transform = transforms[name]
         key = method_record_key(cfg, name, anonymizer, keep_ratio, threshold, boxes)
-        key["data"] = videos_of(train=train_loader, test=test_loader)
+        # Every method's recognizers take the checkpoint's backbone (vit_small without one), on this device type
+        # (amp "auto" is bf16 on CUDA only), on these videos.
+        key.update(backbone=dataclasses.asdict(model_cfg) if model_cfg is not None else None,
+                   device=_device(cfg, device).type, data=videos_of(train=train_loader, test=test_loader))
+        key = json.loads(json.dumps(key, default=str))
         record_path = Path(cfg.out_dir) / "methods" / f"{name}.json"
         # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
         result, resumed = run_or_resume(record_path, key, resume, lambda t=transform: evaluate_method(
@@ -408,18 +412,25 @@ def evaluate(
     return results
 
 
-# EvalConfig fields that do not change a method's result: where it is written, how fast it is read, how it is shown.
+# EvalConfig fields that do not change a method's result: where it is written, how fast it is read, how it is shown
+# (the device type the recognizers run on is part of the key: evaluate() adds it).
 _RESUME_FREE = frozenset({"out_dir", "workers", "progress", "device"})
 
 
 def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None, keep_ratio: float | None,
                       threshold: float | None, boxes: Mapping[str, Sequence[float]] | None) -> dict:
     """What a method's result was computed from (JSON types): the evaluation settings but those in ``_RESUME_FREE``,
-    the method, and what it reads (:func:`evaluate` adds the videos of each split): for "stprivacy", the
+    the method, the labels file's SHA-256, and what it reads (:func:`evaluate` adds the recognizers' backbone, the
+    device type and the videos of each split): for "stprivacy", the
     checkpoint's weights (SHA-256, ``stpcore.deploy.weights_fingerprint``) and the keep ratio or threshold; for
     "blacken", the boxes."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
     key: dict[str, Any] = {"method": method, "settings": settings}
+    if cfg.labels is not None:  # the labels' contents: a file may be fixed in place
+        try:
+            key["labels"] = hashlib.sha256(Path(cfg.labels).read_bytes()).hexdigest()
+        except OSError:
+            key["labels"] = None
     if method == "stprivacy":
         from stpcore.deploy import weights_fingerprint
 
@@ -427,7 +438,7 @@ def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None
     if method == "blacken" and boxes is not None:
         text = json.dumps({k: [float(v) for v in b] for k, b in sorted(boxes.items())})
         key["boxes"] = hashlib.sha256(text.encode()).hexdigest()
-    return json.loads(json.dumps(key))
+    return json.loads(json.dumps(key, default=str))
 
 
 def videos_of(**loaders) -> dict[str, list[str]]:

@@ -375,3 +375,37 @@ def test_sweep_on_cuda_bf16(tmp_path):
     result = evaluate_method(make_transform("blacken", boxes={"class0/v0": (0.0, 0.0, 0.5, 0.5)}), cfg, train, test,
                              backbone=model.cfg)
     assert 0 <= result.top1 <= 100 and "no person box" in result.note
+
+
+def test_resume_reads_back_only_results_of_the_same_recognizers_and_data(tmp_path, monkeypatch):
+    """eval --resume keys each finished method by what it was computed from: the baselines' recognizers take the
+    checkpoint's backbone, so a raw result made with checkpoint A is not read back for checkpoint B (another
+    architecture); with A again it is. Paths in the config (an API user's) are fine in the key."""
+    from pathlib import Path
+
+    from stpcore.evaluation import MethodResult, protocol
+
+    trained = []
+
+    def fake_method(transform, cfg, train_loader, test_loader, backbone=None, device=None):
+        trained.append((transform.name, backbone.depth))
+        return MethodResult(transform.name, 50.0, float("nan"), 0.5, {}, {}, [], 3, 3, 1.0, 0.1, 1)
+
+    monkeypatch.setattr(protocol, "evaluate_method", fake_method)
+    monkeypatch.setattr(protocol, "default_loader", lambda cfg, train, backbone=None: BandLoader(
+        num_videos=4, batch_videos=2, train=train))
+    paths = {}
+    for name, depth in (("a", 4), ("b", 5)):
+        torch.manual_seed(0)
+        config = STPrivacyConfig.from_name("tiny")
+        config = type(config)(**{**config.__dict__, "depth": depth})
+        paths[name] = save_anonymizer(STPrivacy(config), tmp_path / f"{name}.pt", classes=["x", "y", "z"])
+    cfg = _cfg(tmp_path, out_dir=Path(tmp_path / "eval"), data_root=Path(tmp_path))
+    for checkpoint, resume, want in (("a", False, [("raw", 4)]), ("a", True, []), ("b", True, [("raw", 5)]),
+                                     ("a", True, [("raw", 4)])):
+        trained.clear()
+        results = protocol.evaluate(cfg, checkpoint=paths[checkpoint], methods=("raw",), resume=resume)
+        assert trained == want and [r.method for r in results] == ["raw"], (checkpoint, resume)
+    trained.clear()
+    (read_back,) = protocol.evaluate(cfg, checkpoint=paths["a"], methods=("raw",), resume=True)
+    assert trained == [] and math.isnan(read_back.cmap) and read_back.top1 == 50.0  # NaN survives the record
