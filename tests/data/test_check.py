@@ -239,3 +239,31 @@ def test_codec_ffmpeg_has_no_decoder_for(tmp_path, capsys):
     assert code == 1
     [entry] = _listed(report, "no decoder for its codec")
     assert entry.startswith(f"{odd} (codec tag 'QQ9Z'") and "stpcore data transcode" in entry
+
+
+def test_a_link_out_of_the_root_is_named_and_followed(tmp_path, capsys):
+    """Links are followed (datasets are often linked in from another disk), but one leading out of the root is
+    named, so a dataset someone else made cannot point the loaders at other files unseen. A warning: exit 0."""
+    root = _dataset(tmp_path / "ds")
+    elsewhere = tmp_path / "elsewhere.webm"
+    (root / "wave" / "wave_0.webm").rename(elsewhere)
+    (root / "wave" / "wave_0.webm").symlink_to(elsewhere)
+    (root / "jump" / "inside.avi").symlink_to(root / "jump" / "jump_0.avi")  # a link within the root: fine
+    code, report = _check(capsys, root)
+    assert code == 0, report
+    assert _listed(report, "symbolic link to a file outside the root (followed)") == [
+        f"{root / 'wave' / 'wave_0.webm'} -> {elsewhere}"]
+
+
+def test_dali_is_told_of_a_video_displayed_rotated(tmp_path, capsys):
+    """DALI decodes a video as stored, ignoring its display rotation (a phone's portrait video): a problem for the
+    DALI decoders, none for PyAV, which turns it upright."""
+    from tests.test_media import _stored_sideways
+
+    root = _dataset(tmp_path / "ds")
+    phone = _stored_sideways(root / "wave" / "wave_0.webm", 90, codec="libvpx-vp9", frames=FRAMES)
+    assert _check(capsys, root)[0] == 0
+    code, report = _check(capsys, root, "--decoder", "dali-cpu")
+    assert code == 1
+    assert _listed(report, "displayed rotated, which DALI does not apply (the DALI loader skips it: transcode it, or "
+                           "use PyAV)") == [f"{phone} (turned 90 degrees counterclockwise for display)"]
