@@ -292,6 +292,9 @@ def output_settings(anonymizer, **kwargs) -> dict:
     settings = {name: kwargs.get(name, params[name].default) for name in _OUTPUT_SETTINGS}
     cfg = anonymizer.cfg
     settings["short_side"] = settings["short_side"] or working_short_side(cfg.image_size)
+    meta = getattr(anonymizer, "onnx_meta", None)  # a given ONNX graph runs at the keep ratio it was exported at
+    if settings["keep_ratio"] is None and settings["adaptive_threshold"] is None and meta:
+        settings["keep_ratio"] = meta["keep_ratio"]
     settings["model"] = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)
     fingerprint = getattr(anonymizer, "weights_fingerprint", None)
     if fingerprint is None and isinstance(anonymizer, torch.nn.Module):

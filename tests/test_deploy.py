@@ -523,3 +523,20 @@ def test_the_auto_table_is_the_fastest_measured_path_at_98_percent_agreement():
                 if p in PROVIDER_PATHS and e.get("speedup_vs_fp32") and e["keep_agreement"] >= 0.98}
     best = max(eligible, key=eligible.get)
     assert AUTO_CHOICES[kind] == PROVIDER_PATHS[best], (eligible, AUTO_CHOICES)
+
+
+def test_anonymize_records_the_keep_ratio_a_given_graph_was_exported_at(trained_tiny, tmp_path):
+    """--onnx with a graph exported at another keep ratio (another privacy level): the keep file records the ratio
+    the graph runs at, so --skip-existing with the trained ratio does not take those outputs for its own."""
+    from stpcore.anonymize import output_settings
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    path = tmp_path / "half.onnx"
+    export_onnx(model, path, keep_ratio=0.5, verify=False)
+    given = ClipAnonymizer(model, runtime="onnxruntime", onnx=path)
+    exported_here = ClipAnonymizer(model, runtime="onnxruntime")
+    assert output_settings(given)["keep_ratio"] == 0.5
+    assert output_settings(exported_here)["keep_ratio"] is None  # the model's own ratio, in its config
+    assert output_settings(given) != output_settings(exported_here)

@@ -325,6 +325,9 @@ class _LoaderBase:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         split_dir = cfg.split_dir if cfg.split_dir is not None else cfg.root
+        if cfg.kind not in ("auto", *DEFAULT_STRIDE):
+            raise ValueError(f"kind must be 'auto', {', '.join(repr(k) for k in DEFAULT_STRIDE)} (the dataset's "
+                             f"layout), got {cfg.kind!r}")
         self.kind = detect_kind(split_dir) if cfg.kind == "auto" else cfg.kind
         self.stride = cfg.stride if cfg.stride is not None else DEFAULT_STRIDE[self.kind]
         labels = load_labels(cfg.labels) if cfg.labels is not None else None

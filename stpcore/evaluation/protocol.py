@@ -50,6 +50,9 @@ def _device(cfg: EvalConfig, device: str | torch.device | None) -> torch.device:
         return torch.device(device)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r}: CUDA is not available here (torch {torch.__version__}); use "
+                         f"--device cpu or auto")
     return torch.device(cfg.device)
 
 
@@ -375,6 +378,10 @@ def evaluate(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if not methods:
+        raise ValueError(f"no method to evaluate; name at least one of {list(METHODS)}")
+    _device(cfg, device)  # a device that is not there, and an out_dir that cannot be a folder, fail before any training
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     if "stprivacy" in methods and checkpoint is None:
         raise ValueError("method 'stprivacy' needs checkpoint= (stprivacy.pt or last.pt from `stpcore train`)")
     anonymizer = load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
@@ -441,9 +448,18 @@ def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None
     return json.loads(json.dumps(key, default=str))
 
 
-def videos_of(**loaders) -> dict[str, list[str]]:
-    """The videos each named loader reads (its records' ids), for a result's key."""
-    return {part: [r.video_id for r in getattr(loader, "records", [])] for part, loader in loaders.items()}
+def videos_of(**loaders) -> dict[str, list]:
+    """The videos each named loader reads, for a result's key: each record's id, and its file's size and
+    modification time (a video replaced in place is another video)."""
+
+    def stamp(record) -> list:
+        try:
+            st = Path(record.path).stat()
+            return [record.video_id, st.st_size, st.st_mtime_ns]
+        except (OSError, TypeError, AttributeError):
+            return [record.video_id]
+
+    return {part: [stamp(r) for r in getattr(loader, "records", [])] for part, loader in loaders.items()}
 
 
 def run_or_resume(path: Path, key: dict, resume: bool, compute) -> tuple[MethodResult, bool]:
@@ -506,6 +522,10 @@ def sweep(
     train_loader = train_loader if train_loader is not None else default_loader(cfg, True, anonymizer.cfg)
     test_loader = test_loader if test_loader is not None else default_loader(cfg, False, anonymizer.cfg)
     settings = [("keep_ratio", float(r)) for r in keep_ratios] + [("threshold", float(t)) for t in thresholds]
+    if not settings:
+        raise ValueError("no point to sweep: give at least one keep ratio or threshold")
+    _device(cfg, device)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     # Every point's transform is built (and checked) before the first one trains.
     transforms = [STPrivacyTransform(anonymizer, keep_ratio=value) if setting == "keep_ratio"
                   else STPrivacyTransform(anonymizer, threshold=value) for setting, value in settings]

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 import warnings
@@ -504,8 +505,11 @@ class Trainer:
                 f"{self.out_dir} holds an earlier run ({found}); continue it with --resume "
                 f"{self.out_dir / 'last.pt'}, train into another --out-dir, or pass --overwrite to replace it")
         if self.dist.main:
-            for stale in (*earlier, self.out_dir / "metrics.jsonl"):
+            for stale in (*earlier, self.out_dir / "metrics.jsonl", self.out_dir / "selection.json"):
                 stale.unlink(missing_ok=True)
+            if overwrite:  # the replaced run's candidates and their scores would be taken for this run's
+                for folder in ("candidates", "selection"):
+                    shutil.rmtree(self.out_dir / folder, ignore_errors=True)
 
     def _candidate_due(self, epochs: int) -> bool:
         """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""

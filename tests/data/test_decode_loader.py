@@ -274,3 +274,8 @@ def test_test_views_share_frames_and_slide_along_the_long_side(height, width):
         assert origins == [(free_y // 2, 0), (free_y // 2, round(free_x / 2)), (free_y // 2, free_x)]
     else:
         assert origins == [(0, free_x // 2), (round(free_y / 2), free_x // 2), (free_y, free_x // 2)]
+
+
+def test_an_unknown_dataset_kind_is_a_clear_error(dataset):
+    with pytest.raises(ValueError, match="kind must be 'auto', 'hmdb51', 'ucf101'.*got 'foo'"):
+        get_loader(_cfg(dataset, kind="foo"))

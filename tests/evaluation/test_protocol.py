@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -409,3 +410,39 @@ def test_resume_reads_back_only_results_of_the_same_recognizers_and_data(tmp_pat
     trained.clear()
     (read_back,) = protocol.evaluate(cfg, checkpoint=paths["a"], methods=("raw",), resume=True)
     assert trained == [] and math.isnan(read_back.cmap) and read_back.top1 == 50.0  # NaN survives the record
+
+
+def test_settings_that_cannot_work_fail_before_any_training(tmp_path, monkeypatch):
+    """No method (or sweep point), a CUDA device on a machine without one, or an out_dir that cannot be a folder:
+    a clear error before the first recognizer trains (the folder was made after the first method, an hour in)."""
+    from stpcore.evaluation import protocol
+
+    monkeypatch.setattr(protocol, "evaluate_method", lambda *a, **k: pytest.fail("trained before the check"))
+    train = BandLoader(num_videos=4, batch_videos=2, train=True)
+    test = BandLoader(num_videos=3, batch_videos=3, train=False, views=2, seed=1)
+    with pytest.raises(ValueError, match="no method to evaluate"):
+        protocol.evaluate(_cfg(tmp_path), methods=(), train_loader=train, test_loader=test)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        protocol.evaluate(_cfg(tmp_path, out_dir=str(tmp_path / "file" / "eval")), methods=("raw",),
+                          train_loader=train, test_loader=test)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            protocol.evaluate(_cfg(tmp_path, device="cuda"), methods=("raw",), train_loader=train, test_loader=test)
+    torch.manual_seed(0)
+    path = save_anonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), tmp_path / "m.pt", classes=["x", "y", "z"])
+    with pytest.raises(ValueError, match="no point to sweep"):
+        protocol.sweep(_cfg(tmp_path), path, keep_ratios=(), thresholds=(), train_loader=train, test_loader=test)
+
+
+def test_a_video_replaced_in_place_is_another_video_in_a_results_key(tmp_path):
+    from types import SimpleNamespace
+
+    from stpcore.evaluation.protocol import videos_of
+
+    video = tmp_path / "v.webm"
+    video.write_bytes(b"one")
+    loader = SimpleNamespace(records=[SimpleNamespace(video_id="c/v", path=video)])
+    before = videos_of(train=loader)
+    os.utime(video, ns=(0, video.stat().st_mtime_ns + 10**9))
+    assert videos_of(train=loader) != before and videos_of(train=loader)["train"][0][0] == "c/v"

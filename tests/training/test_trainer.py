@@ -693,3 +693,17 @@ def test_cuda_rng_states_of_more_gpus_than_this_machine_has_restore_the_ones_it_
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s[0]), device)))
     set_rng_state(state)
     assert restored == [(0, 0), (1, 1)]
+
+
+def test_overwrite_removes_the_replaced_runs_candidates_and_selection(tmp_path):
+    """--overwrite replaces a run: its phase-2 candidates, their selection scores and selection.json (which named a
+    model "deployed as stprivacy.pt" that is no longer there) go with it."""
+    Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=1), _loader()).fit()
+    run = tmp_path / "run"
+    (run / "candidates").mkdir()
+    (run / "candidates" / "phase2-epoch001.pt").write_bytes(b"old")
+    (run / "selection" / "raw").mkdir(parents=True)
+    (run / "selection.json").write_text("{}")
+    Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=1), _loader()).fit(overwrite=True)
+    assert not (run / "candidates").exists() and not (run / "selection").exists()
+    assert not (run / "selection.json").exists() and (run / "stprivacy.pt").is_file()
