@@ -581,7 +581,7 @@ class Trainer:
             if self._any_rank(self._stop_signal is not None)[0]:  # a signal may reach the ranks at different steps
                 path = self.save_checkpoint()
                 raise TrainingInterrupted(f"signal {self._stop_signal or 'on another rank'}: checkpoint written to "
-                                          f"{path}; continue with --resume {path}")
+                                          f"{path}; continue with the same command and --resume {path}")
         if bar is not None:
             bar.close()
         report = getattr(self.loader, "report", None)
