@@ -54,12 +54,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.dist.main:
         print(f"trained STPrivacy: {Path(cfg.out_dir) / 'stprivacy.pt'} (full state: {Path(cfg.out_dir) / 'last.pt'})")
         if args.select:
+            import signal
+
+            # SIGTERM stops the scoring like Ctrl-C: the models scored so far are saved, a resume goes on from there.
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
             try:
                 _select(cfg, args)
+            except KeyboardInterrupt:
+                print(f"stopped: the selection was interrupted; the models scored so far are kept, and "
+                      f"{Path(cfg.out_dir) / 'stprivacy.pt'} is still the final model: rerun the same command with "
+                      f"--resume {Path(cfg.out_dir) / 'last.pt'} to finish it", file=sys.stderr)
+                return 130
             except ValueError as exc:
                 print(f"error: selection failed ({exc}); the final model stays in "
                       f"{Path(cfg.out_dir) / 'stprivacy.pt'}", file=sys.stderr)
                 return 1
+            finally:
+                signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -259,7 +259,7 @@ def test_demo_variants_script_scores_a_variant(tmp_path):
     assert (tmp_path / "v1" / "train" / "stprivacy.pt").is_file()
 
 
-def test_train_select_scores_candidates_on_held_out_training_videos(tmp_path):
+def test_train_select_scores_candidates_on_held_out_training_videos(tmp_path, capsys):
     """`stpcore train --select` on real (synthetic) files: the validation part is held out of training, every
     phase-2 candidate is scored on it, and the chosen one is deployed as stprivacy.pt."""
     data = tmp_path / "synth"
@@ -277,16 +277,28 @@ def test_train_select_scores_candidates_on_held_out_training_videos(tmp_path):
     # and the first candidate are read back, the second is scored again, and the choice is the same.
     (out / "selection" / "phase2-epoch002" / "result.json").unlink()
     (out / "selection.json").unlink()
+    import signal
+
     from stpcore.evaluation import protocol
 
     scored = []
     real = protocol.evaluate_method
+    args = _train_args(data, out, "--phase1-epochs", "1", "--phase2-epochs", "2", "--validation", "0.3",
+                       "--candidate-every", "1", "--select", "--select-epochs", "2", "--resume", str(out / "last.pt"))
+
+    def terminated(*a, **k):  # a service manager stops the job while it scores
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocol, "evaluate_method", terminated)
+        assert main(args) == 130  # a clean stop, not the default handler's death
+    assert "stopped: the selection was interrupted" in capsys.readouterr().err
+    assert not (out / "selection.json").exists()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(protocol, "evaluate_method", lambda t, cfg, *a, **k: scored.append(Path(cfg.out_dir).name)
                    or real(t, cfg, *a, **k))
-        assert main(_train_args(data, out, "--phase1-epochs", "1", "--phase2-epochs", "2", "--validation", "0.3",
-                                "--candidate-every", "1", "--select", "--select-epochs", "2", "--resume",
-                                str(out / "last.pt"))) == 0
+        assert main(args) == 0
     assert scored == ["phase2-epoch002"]
     again = json.loads((out / "selection.json").read_text())
     assert again["chosen"] == record["chosen"] and again["candidates"][1]["top1"] == record["candidates"][1]["top1"]
