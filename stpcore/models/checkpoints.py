@@ -283,7 +283,10 @@ def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = 
         model = STPrivacy(STPrivacyConfig(**state["model_config"]))  # the config turns the saved lists into tuples
         model.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        detail = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        # load_state_dict's message starts "Error(s) in loading state_dict for STPrivacy:" and names the keys on the
+        # lines after it: keep those (the first few), on one line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = f"missing entry {exc}" if isinstance(exc, KeyError) else " ".join(lines)[:400] or type(exc).__name__
         raise ValueError(f"{path}: an stpcore checkpoint ({fmt}) that this version cannot load: {detail}; was it "
                          f"written by another stpcore version, or damaged? Retrain or re-save it with this "
                          f"version") from exc

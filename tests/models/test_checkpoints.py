@@ -259,7 +259,8 @@ def test_inflation_rejects_mismatched_vits(tmp_path):
         load_inflated_2d_vit(STPrivacy(CFG), tmp_path / "big.pth")
 
 
-@pytest.mark.parametrize("damage", ["missing weights", "unknown config field", "weights of another size"])
+@pytest.mark.parametrize("damage", ["missing weights", "unknown config field", "weights of another size",
+                                    "a truncated state dict"])
 def test_a_damaged_or_other_version_checkpoint_is_one_clear_error(tmp_path, damage):
     """A file of the right kind that this version cannot load used to end in a KeyError, TypeError or RuntimeError
     traceback; now one ValueError naming the file and what to do."""
@@ -271,9 +272,13 @@ def test_a_damaged_or_other_version_checkpoint_is_one_clear_error(tmp_path, dama
         del state["state_dict"]
     elif damage == "unknown config field":
         state["model_config"]["a_field_from_the_future"] = 1
-    else:
+    elif damage == "weights of another size":
         state["model_config"]["embed_dim"] *= 2
+    else:
+        del state["state_dict"]["pos_embed"]
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"m\.pt: an stpcore checkpoint \(.+\) that this version cannot load: .+; "
-                                         r"was it written by another stpcore version, or damaged\?"):
+                                         r"was it written by another stpcore version, or damaged\?") as caught:
         load_anonymizer(path)
+    if damage == "a truncated state dict":  # the message names what is missing, not only "Error(s) in loading"
+        assert 'Missing key(s) in state_dict: "pos_embed"' in str(caught.value)
