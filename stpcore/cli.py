@@ -141,6 +141,10 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
                   f"(streams: one input, top-k, segments only)", file=sys.stderr)
             return 2
     else:
+        if args.input_format:
+            print(f"error: --input-format {args.input_format} is for a live stream (stdin '-', a URL or a device); "
+                  f"files are probed by FFmpeg, so drop it", file=sys.stderr)
+            return 2
         prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
     if args.runtime == "auto" and args.adaptive is not None:
         args.runtime = "torch"  # the adaptive mode runs in PyTorch only

@@ -169,3 +169,11 @@ def test_a_config_file_that_is_not_json_names_itself(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"error: {config}: not valid JSON" in err and "Traceback" not in err, err
+
+
+def test_input_format_with_files_is_refused_not_ignored(tmp_path, capsys):
+    """--input-format names a live stream's container; with files it did nothing, silently."""
+    assert main(["anonymize", "x.mp4", "-o", str(tmp_path / "out"), "--checkpoint", "c.pt", "--input-format",
+                 "mpegts"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --input-format mpegts is for a live stream") and not (tmp_path / "out").exists()
