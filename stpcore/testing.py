@@ -161,6 +161,8 @@ class StopAfter:
     def __init__(self, loader, n: int) -> None:
         self.loader, self.n, self.trainer, self.seen = loader, n, None, 0
         self.classes = loader.classes
+        if hasattr(loader, "report"):  # what it skipped (stpcore's loaders say), saved in checkpoints
+            self.report = loader.report
 
     def __len__(self) -> int:
         return len(self.loader)

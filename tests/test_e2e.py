@@ -94,6 +94,7 @@ def test_resume_after_an_unreadable_video_matches_uninterrupted(dataset, tmp_pat
     def config(out):
         return dataclass_from_args(TrainConfig, __import__("stpcore.cli").cli.build_parser().parse_args(args(out)))
 
+    Trainer(config(tmp_path / "probe")).loader.records[-1].path.unlink()  # a split entry without its file
     first = Trainer(config(tmp_path / "run"))
     order = first.loader.shard().tolist()
     first.loader.records[order[1]].path.write_bytes(b"not a video")  # the second video of phase 1's epoch
@@ -106,6 +107,12 @@ def test_resume_after_an_unreadable_video_matches_uninterrupted(dataset, tmp_pat
     full = [(r["step"], r["loss"]) for r in _jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
     resumed = [(r["step"], r["loss"]) for r in _jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert resumed == full and len(full) == 2 * (len(order) - 1)
+    # The data report continues the interrupted run's: the same lines (per epoch, and the totals) as without a stop.
+    reports = {run: [(r["phase"], r["epoch"], r["data_report"], r["data_report_total"])
+                     for r in _jsonl(tmp_path / run / "metrics.jsonl") if "data_report" in r]
+               for run in ("run", "full")}
+    assert reports["run"] == reports["full"] and len(reports["full"]) == 2
+    assert reports["full"][0][2] == {"missing file (split entry)": 1, "unreadable": 1}
 
 
 def test_two_process_gloo_run_shards_without_overlap(dataset, tmp_path):

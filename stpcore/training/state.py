@@ -96,6 +96,9 @@ def state_dict(trainer: Trainer) -> dict:
         "replay": [{k: v.cpu() for k, v in entry.items()} for entry in trainer.replay],
         # What metrics.jsonl held when this was written: a resume cuts the lines a killed run logged after it.
         "metrics_bytes": _size(trainer.out_dir / "metrics.jsonl"),
+        # The data report so far (rank 0's loader) and what of it was logged: a resume continues both.
+        "data_counts": trainer._data_counts() if hasattr(trainer.loader, "report") else None,
+        "data_reported": dict(trainer._reported),
         "position": {"phase": trainer.phase, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
                      "global_step": trainer.global_step, "steps_per_epoch": trainer.steps_per_epoch,
                      "world_size": trainer.dist.world_size},
@@ -169,6 +172,8 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     restore_generator(trainer.noise_gen, per_rank[trainer.dist.rank], path)
     trainer.metrics_bytes = state.get("metrics_bytes")
+    if state.get("data_counts") is not None:  # saved from a loader that reports what it skipped
+        trainer._saved_data_counts = (dict(state["data_counts"]), dict(state["data_reported"]))
     pos = state["position"]
     trainer.phase, trainer.epoch = pos["phase"], pos["epoch"]
     trainer.step_in_epoch, trainer.global_step = pos["step_in_epoch"], pos["global_step"]
