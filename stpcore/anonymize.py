@@ -46,14 +46,16 @@ another output folder or removing the old outputs.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import inspect
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -454,12 +456,29 @@ class _NullWriter:
         pass
 
 
-def _unique_stems(paths: Iterable[Path]) -> list[str]:
-    """One output name per input: its stem, or ``<stem>-N`` with the smallest N whose name is still free (so
-    a.mp4, a.webm and a-1.mp4 get a, a-1 and a-1-1, never the same name twice)."""
-    taken: set[str] = set()
+def _unique_stems(paths: Sequence[Path], out_dir: Path | None = None) -> list[str]:
+    """One output name per input: the name of its own earlier outputs in ``out_dir`` (a keep file whose record names
+    this input), else its stem, or ``<stem>-N`` with the smallest N whose name is still free (so a.mp4, a.webm and
+    a-1.mp4 get a, a-1 and a-1-1, never the same name twice). Earlier outputs keep their names whatever the order
+    the inputs come in this time."""
+    claimed: dict[int, str] = {}
+    if out_dir is not None:
+        for i, p in enumerate(paths):
+            source = str(p.resolve())
+            for keep in sorted(out_dir.glob(f"{glob.escape(p.stem)}*.keep.npz")):
+                name = keep.name[: -len(".keep.npz")]
+                if name in claimed.values() or not re.fullmatch(re.escape(p.stem) + r"(-\d+)*", name):
+                    continue
+                record = read_record(keep)
+                if record is not None and record["source"] == source:
+                    claimed[i] = name
+                    break
+    taken = set(claimed.values())
     stems = []
-    for p in paths:
+    for i, p in enumerate(paths):
+        if i in claimed:
+            stems.append(claimed[i])
+            continue
         stem, n = p.stem, 0
         while stem in taken:
             n += 1
@@ -544,8 +563,9 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     same name made from another input (or with no record of their input) are not: that input fails, with the
     paths and the fix. With ``skip_existing``, an input whose outputs all exist already and whose record shows
     this input unchanged (path, size, modification time) and the same settings (:func:`output_settings`) is
-    skipped, so an interrupted run over the same inputs in the same order can be resumed; a changed input or
-    other settings are done again. Ctrl-C / SIGTERM (KeyboardInterrupt) stops at once, leaving no partial file;
+    skipped, so an interrupted run over the same inputs can be resumed, in any order (each input's earlier outputs
+    keep their name: :func:`_unique_stems`); a changed input or other settings are done again. Ctrl-C / SIGTERM
+    (KeyboardInterrupt) stops at once, leaving no partial file;
     the report filled so far is attached to the exception as ``exc.report``. So does a failure of the model itself
     (:class:`ModelError`: it could not compile, export, load its runtime, or ran out of memory), which would fail
     every input alike: the anonymizer is prepared (:func:`prepare_model`) before the first input that needs it, and
@@ -560,7 +580,7 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     seen: dict[Path, Path] = {}
     prepared = False
     try:
-        for path, stem in zip(paths, _unique_stems(paths), strict=True):
+        for path, stem in zip(paths, _unique_stems(paths, out_dir), strict=True):
             key = path.resolve()
             if key in seen:
                 report.skipped.append((str(path), f"the same file as {seen[key]}, given earlier"))

@@ -592,3 +592,21 @@ def test_skip_existing_redoes_an_output_made_with_other_numerics(tmp_path, model
     assert len(run(int8, 4).skipped) == 1
     assert list(run(int8, 2).written) == [str(src)]  # int8 at another batch size
     assert read_record(out / "a.keep.npz")["settings"]["batch_size"] == 2
+
+
+def test_skip_existing_finds_each_inputs_outputs_whatever_the_order(tmp_path, model):
+    """Two inputs of one name get `long` and `long-1`; given in the other order next time (a glob that sorts
+    otherwise), each still finds its own outputs by their records: skipped, not failed as "output name taken"."""
+    one, two = tmp_path / "a" / "long.mp4", tmp_path / "b" / "long.mp4"
+    one.parent.mkdir()
+    two.parent.mkdir()
+    _source(one, frames=6)
+    _source(two, frames=6, seed=1)
+    out = tmp_path / "out"
+    first = anonymize_files([one, two], out, model, verbose=False)
+    assert [p[0].name for p in first.written.values()] == ["long.anonymized.mp4", "long-1.anonymized.mp4"]
+    again = anonymize_files([two, one], out, model, verbose=False, skip_existing=True)
+    assert not again.failed and not again.written and len(again.skipped) == 2
+    redo = anonymize_files([two, one], out, model, verbose=False)  # without the flag: each replaces its own
+    assert not redo.failed and {k: v[0].name for k, v in redo.written.items()} == {
+        str(one): "long.anonymized.mp4", str(two): "long-1.anonymized.mp4"}
