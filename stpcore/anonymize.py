@@ -565,8 +565,8 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     this input unchanged (path, size, modification time) and the same settings (:func:`output_settings`) is
     skipped, so an interrupted run over the same inputs can be resumed, in any order (each input's earlier outputs
     keep their name: :func:`_unique_stems`); a changed input or other settings are done again. Ctrl-C / SIGTERM
-    (KeyboardInterrupt) stops at once, leaving no partial file;
-    the report filled so far is attached to the exception as ``exc.report``. So does a failure of the model itself
+    (KeyboardInterrupt) stops at once, leaving no partial file; the report filled so far is attached to the
+    exception as ``exc.report``. So does a failure of the model itself
     (:class:`ModelError`: it could not compile, export, load its runtime, or ran out of memory), which would fail
     every input alike: the anonymizer is prepared (:func:`prepare_model`) before the first input that needs it, and
     a model failure stops the run instead of being reported once per input.

@@ -407,7 +407,6 @@ def evaluate(
         # (amp "auto" is bf16 on CUDA only), on these videos.
         key.update(backbone=dataclasses.asdict(model_cfg) if model_cfg is not None else None,
                    device=_device(cfg, device).type, data=videos_of(train=train_loader, test=test_loader))
-        key = json.loads(json.dumps(key, default=str))
         record_path = Path(cfg.out_dir) / "methods" / f"{name}.json"
         # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
         result, resumed = run_or_resume(record_path, key, resume, lambda t=transform: evaluate_method(
@@ -426,7 +425,7 @@ _RESUME_FREE = frozenset({"out_dir", "workers", "progress", "device"})
 
 def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None, keep_ratio: float | None,
                       threshold: float | None, boxes: Mapping[str, Sequence[float]] | None) -> dict:
-    """What a method's result was computed from (JSON types): the evaluation settings but those in ``_RESUME_FREE``,
+    """What a method's result was computed from: the evaluation settings but those in ``_RESUME_FREE``,
     the method, the labels file's SHA-256, and what it reads (:func:`evaluate` adds the recognizers' backbone, the
     device type and the videos of each split): for "stprivacy", the
     checkpoint's weights (SHA-256, ``stpcore.deploy.weights_fingerprint``) and the keep ratio or threshold; for
@@ -445,7 +444,7 @@ def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None
     if method == "blacken" and boxes is not None:
         text = json.dumps({k: [float(v) for v in b] for k, b in sorted(boxes.items())})
         key["boxes"] = hashlib.sha256(text.encode()).hexdigest()
-    return json.loads(json.dumps(key, default=str))
+    return key
 
 
 def videos_of(**loaders) -> dict[str, list]:
@@ -465,6 +464,7 @@ def videos_of(**loaders) -> dict[str, list]:
 def run_or_resume(path: Path, key: dict, resume: bool, compute) -> tuple[MethodResult, bool]:
     """``compute()``'s result, saved at ``path`` (atomically) with ``key``; with ``resume``, the one saved there with
     this key instead, when there is one. Returns (result, whether it was read back)."""
+    key = json.loads(json.dumps(key, default=str))  # as it reads back (tuples as lists, paths as strings)
     done = _read_method_record(path, key) if resume else None
     if done is not None:
         return done, True

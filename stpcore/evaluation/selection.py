@@ -114,7 +114,6 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
     def run(method: str, model, name: str) -> MethodResult:
         key = {**method_record_key(cfg, method, model, None, None, None), "validation": validation,
                "backbone": dataclasses.asdict(geometry), "data": videos_of(train=train_loader, validation=val_loader)}
-        key = json.loads(json.dumps(key, default=str))
         transform = STPrivacyTransform(model) if model is not None else make_transform(method)
         return run_or_resume(out_dir / name / "result.json", key, resume, lambda: evaluate_method(
             transform, dataclasses.replace(cfg, out_dir=str(out_dir / name)), train_loader, val_loader,

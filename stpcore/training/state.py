@@ -172,8 +172,13 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     restore_generator(trainer.noise_gen, per_rank[trainer.dist.rank], path)
     trainer.metrics_bytes = state.get("metrics_bytes")
-    if state.get("data_counts") is not None:  # saved from a loader that reports what it skipped
-        trainer._saved_data_counts = (dict(state["data_counts"]), dict(state["data_reported"]))
+    report = getattr(trainer.loader, "report", None)
+    if state.get("data_counts") is not None and report is not None:  # both loaders report what they skipped
+        # The data report goes on from the saved run's: this loader's counts are offset by what the saved one had
+        # counted, less what this one counts again at its start (the split entries without a file).
+        saved, start = state["data_counts"], dict(report().counts)
+        trainer._count_offset = {k: saved.get(k, 0) - start.get(k, 0) for k in set(saved) | set(start)}
+        trainer._reported = dict(state["data_reported"])
     pos = state["position"]
     trainer.phase, trainer.epoch = pos["phase"], pos["epoch"]
     trainer.step_in_epoch, trainer.global_step = pos["step_in_epoch"], pos["global_step"]

@@ -134,8 +134,7 @@ class Trainer:
         self.videos_in_epoch: int | None = 0
         self.metrics_bytes: int | None = None  # metrics.jsonl's size in the checkpoint resumed from
         self._reported: dict[str, int] = {}  # the loader's report counts as last logged (they add up over the run)
-        # Added to the loader's counts after a resume: what the saved run's loader had counted, less what this
-        # run's loader counts again at its start (the split entries without a file), so the totals continue.
+        # Added to the loader's counts after a resume (state.load_checkpoint), so the data report's totals continue.
         self._count_offset: dict[str, int] = {}
         # Gumbel noise comes from the trainer's own generator (one stream per rank), not the global RNG that
         # data loaders also draw from, so a resumed run draws exactly the noise an uninterrupted one would.
@@ -449,7 +448,6 @@ class Trainer:
             self.load_checkpoint(resume)
             if self.dist.main:
                 state.cut_metrics(self.out_dir / "metrics.jsonl", self.metrics_bytes)
-            self._continue_data_counts()
         else:
             self._claim_out_dir(overwrite)
         if self.dist.main:
@@ -506,18 +504,6 @@ class Trainer:
         for k, v in self._count_offset.items():
             counts[k] = counts.get(k, 0) + v
         return {k: v for k, v in counts.items() if v}
-
-    def _continue_data_counts(self) -> None:
-        """After load_checkpoint: the data report goes on from the saved run's (checkpoints from before this was
-        saved start it anew)."""
-        saved = getattr(self, "_saved_data_counts", None)
-        report = getattr(self.loader, "report", None)
-        if saved is None or report is None:
-            return
-        counts, reported = saved
-        start = dict(report().counts)
-        self._count_offset = {k: counts.get(k, 0) - start.get(k, 0) for k in set(counts) | set(start)}
-        self._reported = dict(reported)
 
     def _claim_out_dir(self, overwrite: bool) -> None:
         """A fresh run's out_dir: refuse (or, with ``overwrite``, clear) an earlier run's checkpoints, and start
