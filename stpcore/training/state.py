@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,39 @@ def cut_metrics(path: Path, size: int | None) -> None:
         return
     with open(path, "r+b") as f:
         f.truncate(size)
+
+
+def carry_over(trainer: Trainer, saved_dir: Path) -> None:
+    """A run resumed into another out_dir than its checkpoint's: copy the saved run's metrics.jsonl (as far as the
+    checkpoint holds it) and its model-selection candidates, so the new folder holds the whole run, as a resume in
+    place does. What is not there (the checkpoint alone was moved) is warned about, and the run goes on."""
+    out, size = trainer.out_dir, trainer.metrics_bytes
+    out.mkdir(parents=True, exist_ok=True)
+    log = saved_dir / "metrics.jsonl"
+    if size and _size(log) >= size:
+        with open(log, "rb") as f, atomic_path(out / "metrics.jsonl") as tmp:
+            tmp.write_bytes(f.read(size))
+    elif size:
+        warnings.warn(f"{log} is missing or shorter than when the checkpoint was written: {out / 'metrics.jsonl'} "
+                      f"holds the steps of this resumed run only", RuntimeWarning, stacklevel=3)
+    for stale in (out / "candidates").glob("phase2-epoch*.pt"):  # of no run this folder holds
+        stale.unlink()
+    every = trainer.cfg.candidate_every
+    if trainer.phase not in ("phase2", "done") or not every:
+        return
+    epochs = trainer.cfg.phase2_epochs
+    last = trainer.epoch if trainer.phase == "phase2" else epochs
+    missing = []
+    for epoch in (e for e in range(1, last + 1) if e % every == 0 or e == epochs):  # as Trainer._candidate_due
+        name = f"phase2-epoch{epoch:03d}.pt"
+        if not (saved_dir / "candidates" / name).is_file():
+            missing.append(epoch)
+            continue
+        with atomic_path(out / "candidates" / name) as tmp:
+            shutil.copyfile(saved_dir / "candidates" / name, tmp)
+    if missing:
+        warnings.warn(f"{saved_dir / 'candidates'} lacks the candidates of phase-2 epochs {missing}: this run's model "
+                      f"selection will not see them", RuntimeWarning, stacklevel=3)
 
 
 def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:

@@ -445,8 +445,13 @@ class Trainer:
                 ValueError unless this is set; then that run's checkpoints and metrics are removed first.
         """
         if resume is not None:
+            moved = Path(resume).resolve().parent != self.out_dir.resolve()
+            if moved:  # before loading: refuse to mix with another run's files here
+                self._claim_out_dir(overwrite, resuming=Path(resume))
             self.load_checkpoint(resume)
             if self.dist.main:
+                if moved:  # the saved run's log and candidates come along, as far as the checkpoint holds
+                    state.carry_over(self, Path(resume).resolve().parent)
                 state.cut_metrics(self.out_dir / "metrics.jsonl", self.metrics_bytes)
         else:
             self._claim_out_dir(overwrite)
@@ -505,15 +510,18 @@ class Trainer:
             counts[k] = counts.get(k, 0) + v
         return {k: v for k, v in counts.items() if v}
 
-    def _claim_out_dir(self, overwrite: bool) -> None:
-        """A fresh run's out_dir: refuse (or, with ``overwrite``, clear) an earlier run's checkpoints, and start
-        metrics.jsonl anew, so two runs never share a folder's files. Every rank refuses when any rank sees one."""
+    def _claim_out_dir(self, overwrite: bool, resuming: Path | None = None) -> None:
+        """A fresh run's out_dir (or that of a run ``resuming`` a checkpoint saved in another folder): refuse (or,
+        with ``overwrite``, clear) an earlier run's checkpoints, and start metrics.jsonl anew, so two runs never
+        share a folder's files. Every rank refuses when any rank sees one."""
         earlier = [p for p in (self.out_dir / "last.pt", self.out_dir / "stprivacy.pt") if p.is_file()]
         if self._any_rank(bool(earlier) and not overwrite)[0]:
             found = ", ".join(p.name for p in earlier) or "a checkpoint"
+            what = f"this resume of {resuming}" if resuming is not None else "it"
             raise ValueError(
                 f"{self.out_dir} holds an earlier run ({found}); continue it with --resume "
-                f"{self.out_dir / 'last.pt'}, train into another --out-dir, or pass --overwrite to replace it")
+                f"{self.out_dir / 'last.pt'}, train into another --out-dir, or pass --overwrite to replace it with "
+                f"{what}")
         if self.dist.main:
             for stale in (*earlier, self.out_dir / "metrics.jsonl", self.out_dir / "selection.json"):
                 stale.unlink(missing_ok=True)

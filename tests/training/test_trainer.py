@@ -111,6 +111,35 @@ def test_a_killed_runs_resume_logs_each_step_once(tmp_path):
     assert steps("b") == steps("a") and [s for s, _ in steps("a")] == list(range(1, 10))
 
 
+def test_a_resume_into_another_out_dir_brings_the_saved_runs_log_and_candidates(tmp_path):
+    """A checkpoint resumed into another folder: its metrics.jsonl (as far as the checkpoint holds it) and its
+    model-selection candidates come along, so the new folder holds the whole run, as an uninterrupted run's does;
+    a folder that holds another run is refused unless --overwrite."""
+    kw = dict(phase2_epochs=3, candidate_every=1, log_every=1)
+
+    def lines(folder):
+        return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    Trainer(_cfg(tmp_path / "a", **kw), _loader()).fit()
+    wrapped = StopAfter(_loader(), 11)  # phase 2, epoch 2 (of 3), after its first candidate was exported
+    first = Trainer(_cfg(tmp_path / "b", **kw), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    assert [p.name for p in (tmp_path / "b/run/candidates").iterdir()] == ["phase2-epoch001.pt"]
+    moved = _cfg(tmp_path / "c", **kw)
+    Trainer(moved, _loader()).fit(resume=tmp_path / "b" / "run" / "last.pt")
+
+    full, resumed = lines(tmp_path / "a/run"), lines(tmp_path / "c/run")
+    assert [(r.get("step"), r.get("loss")) for r in resumed] == [(r.get("step"), r.get("loss")) for r in full]
+    assert sorted(p.name for p in (tmp_path / "c/run/candidates").iterdir()) == [
+        f"phase2-epoch00{e}.pt" for e in (1, 2, 3)]
+    carried, saved = (load_anonymizer(tmp_path / f"{r}/run/candidates/phase2-epoch001.pt").state_dict() for r in "ab")
+    assert all(torch.equal(carried[k], saved[k]) for k in saved)
+    with pytest.raises(ValueError, match="holds an earlier run .*--overwrite"):  # c now holds a run of its own
+        Trainer(moved, _loader()).fit(resume=tmp_path / "b" / "run" / "last.pt")
+
+
 def test_recognizer_warmup_freezes_stprivacy_then_plays(tmp_path):
     trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=2, recognizer_warmup_epochs=1), _loader())
     weights = {}  # STPrivacy's weights at the start of each epoch
