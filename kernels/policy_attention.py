@@ -50,7 +50,16 @@ import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import DTYPES, HEAD_DIMS, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
+from stpcore.kernels._launch import (
+    DTYPES,
+    HEAD_DIMS,
+    INTERPRET,
+    LOG2E,
+    MAX_GRID_Y,
+    device_guard,
+    dot_precision,
+    interpreter_reasons,
+)
 from stpcore.kernels._tiles import Tiles, default_attention_tiles, measured_tiles, tile_key
 
 # Tiles set by use_tiles() (the sweep); empty: measured tiles, else the defaults. A module global rather than a
@@ -507,7 +516,7 @@ def not_supported_reasons(q, k, v, policy, *, eps: float = 1e-6, **_) -> list[st
         reasons.append(f"q must be (B, H, N, D), got shape {tuple(q.shape)}")
     if not math.isfinite(eps) or eps < 0:
         reasons.append(f"eps must be finite and >= 0, got {eps}")
-    return reasons
+    return reasons + interpreter_reasons(q, k, v, policy)
 
 
 def policy_attention(

@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from stpcore.kernels._launch import DTYPES, HEAD_DIMS, INTERPRET, LOG2E, MAX_GRID_Y, device_guard, dot_precision
+from stpcore.kernels._launch import (
+    DTYPES,
+    HEAD_DIMS,
+    INTERPRET,
+    LOG2E,
+    MAX_GRID_Y,
+    device_guard,
+    dot_precision,
+    interpreter_reasons,
+)
 from stpcore.kernels._tiles import default_attention_tiles
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -385,7 +394,7 @@ def varlen_attention_reasons(q, k, v, cu_seqlens, max_seqlen, *, scale: float | 
         reasons.append("cu_seqlens must be a 1-D int32 tensor")
     if max_seqlen is None or int(max_seqlen) < 0:
         reasons.append(f"max_seqlen must be >= 0, got {max_seqlen}")
-    return reasons
+    return reasons + interpreter_reasons(q, k, v)
 
 
 def varlen_attention(

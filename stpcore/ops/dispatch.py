@@ -240,6 +240,8 @@ def recompute_backward(fn: Callable, inputs: Sequence[torch.Tensor | None], grad
         g = found.get(i)
         if g is None:
             g = t.new_zeros(t.shape) if t is not None else torch.zeros(0)
+        elif not g.numel():  # an empty gradient can share an input's (empty) storage: a custom op's may not
+            g = g.new_empty(g.shape)
         elif g.numel() and g.untyped_storage().data_ptr() in taken:
             g = g.clone(memory_format=torch.contiguous_format)  # outputs alias neither inputs nor each other
         g = g.contiguous()  # the backward ops' fakes promise dense gradients, whatever the inputs' strides

@@ -17,9 +17,11 @@ from stpcore.ops import dispatch
 
 def sample_gumbel(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device=None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard Gumbel samples -log(E), E ~ Exp(1) (never infinite)."""
-    e = torch.empty(shape, device=device, dtype=dtype).exponential_(generator=generator)
-    return -e.log()
+    """Standard Gumbel samples -log(E), E ~ Exp(1) (never infinite): drawn in fp32 at least and then cast, since
+    in fp16 an E below about 3e-8 rounds to 0 (3 in 1e8 draws) and its sample was +inf (a NaN decision)."""
+    e = torch.empty(shape, device=device, dtype=torch.promote_types(dtype, torch.float32)).exponential_(
+        generator=generator)
+    return (-e.log()).to(dtype)
 
 
 def draw_seed(generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:

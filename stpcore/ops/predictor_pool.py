@@ -24,14 +24,17 @@ def predictor_pool_ref(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> t
     """
     B, N, C = x.shape
     third = C // 3
-    w = keep.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+    # The sums and means in fp32 at least, as the kernel accumulates: in fp16 the guard's 1e-6 squared underflows,
+    # and an empty slot's backward became 0/0 = NaN in the gradient of x.
+    out_dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
+    w = keep.to(out_dtype).to(x.dtype).unsqueeze(-1)  # (B, N, 1): the weights (and their gradient) in x's dtype
     local = x[..., :third]
     frame = (x[..., third : 2 * third] * w).reshape(B, num_slots, N // num_slots, third)
     frame_w = w.reshape(B, num_slots, N // num_slots, 1)
     frame = frame.sum(dim=2, keepdim=True) / frame_w.sum(dim=2, keepdim=True).clamp_min(1e-6)  # (B, S, 1, C/3)
     frame = frame.expand(B, num_slots, N // num_slots, third).reshape(B, N, third)
     video = (x[..., 2 * third :] * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
-    return torch.cat([local, frame, video.expand(B, N, C - 2 * third)], dim=-1)
+    return torch.cat([local, frame, video.expand(B, N, C - 2 * third)], dim=-1).to(out_dtype)
 
 
 def _check(x, keep, num_slots):

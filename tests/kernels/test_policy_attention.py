@@ -301,6 +301,10 @@ def test_not_supported_reasons():
     assert any("dtype" in r for r in kernel.not_supported_reasons(ints, ints, ints, policy, eps=1e-6))
     with pytest.raises(NotImplementedError, match="head dim 24"):
         policy_attention(odd, odd, odd, policy, backend="triton")
+    if dispatch.triton_interpret():  # the interpreter has no bf16: refused, not silently wrong (was ~1e9 off)
+        b = [t.bfloat16() for t in (q, k, v)]
+        with pytest.raises(NotImplementedError, match="bf16 is not supported"):
+            policy_attention(*b, policy, backend="triton")
 
 
 def _in_reduced_matrix(B, H, N, D, dtype, keep) -> bool:

@@ -130,6 +130,10 @@ def test_reasons():
     assert any("head dim 24" in r for r in reasons), reasons
     with pytest.raises(NotImplementedError, match="head dim 24"):
         varlen_attention(odd, odd, odd, cu, max_len, backend="triton")
+    if dispatch.triton_interpret():  # the interpreter has no bf16: refused, not silently wrong
+        b = [t.bfloat16() for t in (q, k, v)]
+        with pytest.raises(NotImplementedError, match="bf16 is not supported"):
+            varlen_attention(*b, cu, max_len, backend="triton")
 
 
 GPU_LENGTHS = {

@@ -75,6 +75,24 @@ def test_gumbel_select_bad_input():
         ops.gumbel_select(torch.zeros(2, 3, 2), torch.ones(2, 3), tau=0.0)
 
 
+def test_sample_gumbel_half_precision_is_drawn_in_fp32():
+    """fp16 noise is fp32 noise rounded: drawn in fp16, an Exp(1) draw below ~3e-8 rounded to 0 (3 in 1e8) and its
+    sample was +inf, a NaN keep decision."""
+    for dtype in (torch.float16, torch.bfloat16):
+        low = ops.sample_gumbel((4096,), generator=torch.Generator().manual_seed(3), dtype=dtype)
+        full = ops.sample_gumbel((4096,), generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+        assert low.dtype == dtype and torch.equal(low, full.to(dtype))
+
+
+def test_gumbel_select_backward_on_an_empty_batch():
+    """B = 0: the backward's (empty) gradients may not alias its inputs (a custom-op rule; it raised)."""
+    log_probs = torch.randn(0, 6, 2).log_softmax(-1).requires_grad_()
+    prev = torch.ones(0, 6, requires_grad=True)
+    keep = ops.gumbel_select(log_probs, prev, noise=torch.zeros(0, 6, 2))
+    keep.sum().backward()
+    assert log_probs.grad.shape == (0, 6, 2) and prev.grad.shape == (0, 6)
+
+
 def test_sample_gumbel_moments():
     x = ops.sample_gumbel((200000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.isfinite(x).all()

@@ -29,6 +29,20 @@ def test_predictor_pool_empty_slot_and_video_pool_to_zero():
     assert (out[1, :, 2:] == 0).all()  # nothing kept in video 1
 
 
+def test_predictor_pool_fp16_empty_slot_has_a_finite_gradient_of_x():
+    """fp16 with a slot where nothing is kept: the reference pools in fp32, as the kernel accumulates (in fp16 the
+    guard's 1e-6 squared underflowed, and the empty slot's backward was 0/0 = NaN in x's gradient)."""
+    x = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(0)).half().requires_grad_()
+    keep = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # slot 1: nothing kept
+    out = ops.predictor_pool(x, keep, 2, backend="reference")
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all(), x.grad
+    x32 = x.detach().float().requires_grad_()
+    ops.predictor_pool(x32, keep, 2, backend="reference").sum().backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=1e-3, atol=1e-3)
+
+
 def test_predictor_pool_gradcheck():
     x = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
     keep = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
