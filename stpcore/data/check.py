@@ -3,7 +3,7 @@
 `ROOT` is a dataset root, `ROOT/<class>/<video>` (HMDB51 and UCF101 as published, or a transcoded copy), with
 the split files in ROOT or in --splits. Checks every video under `ROOT/<class>/` and every entry of the three
 official splits: missing files, zero-byte / unreadable / truncated / too-short videos, codecs the chosen decoder
-cannot read (and, for DALI, videos displayed rotated, which it decodes sideways), symbolic links that lead out of
+cannot read, symbolic links that lead out of
 the root (followed, but named), and privacy-label coverage. A folder that holds videos directly (one class folder,
 say) is not a dataset root: videos are keyed "<class>/<stem>" by their folder, so that is a ValueError naming the
 layout expected (check the folder above it); so is a root with no videos in class folders at all.
@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stpcore.data.decode_pyav import VideoError, first_frame_turns, probe
+from stpcore.data.decode_pyav import VideoError, probe
 from stpcore.data.labels import VIDEO_EXTENSIONS, load_labels, match_labels
 from stpcore.data.sampling import DEFAULT_STRIDE, NUM_FRAMES, clip_span
 from stpcore.data.splits import detect_kind, index_videos, list_records
@@ -25,7 +25,6 @@ TOO_SHORT = "too short (will be looped)"
 TRUNCATED = "truncated (ends before its header says; decoding wraps)"
 OUTSIDE_CLASS = "not in a class folder (ignored)"
 LINKED_OUT = "symbolic link to a file outside the root (followed)"
-ROTATED = "displayed rotated, which DALI does not apply (the DALI loader skips it: transcode it, or use PyAV)"
 # Reported, but training reads these videos (looped, wrapped, through the link) or never sees them: they do not make
 # a check fail.
 WARNINGS = frozenset({TOO_SHORT, TRUNCATED, OUTSIDE_CLASS, LINKED_OUT})
@@ -155,8 +154,6 @@ def check_dataset(
             continue
         if codecs is not None and info.codec not in codecs:
             report.problems[f"codec not readable by {decoder}"].append(f"{path} ({info.codec})")
-        elif codecs is not None and (turns := first_frame_turns(path)):
-            report.problems[ROTATED].append(f"{path} (turned {90 * turns} degrees counterclockwise for display)")
         if info.num_frames < span:
             report.problems[TOO_SHORT].append(f"{path} ({info.num_frames} < {span} frames)")
         try:

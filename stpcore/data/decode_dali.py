@@ -45,12 +45,19 @@ def dali_codecs(device: str) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class DaliItem:
-    """One clip to decode: the file, its frame size (from the probe) and the clip to cut."""
+    """One clip to decode: the file, its frame size as stored (from the probe), the clip to cut, and the quarter
+    turns counterclockwise that show it upright (its display rotation, which DALI's decoder does not apply)."""
 
     path: Path
     height: int
     width: int
     spec: ClipSpec
+    turns: int = 0
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(height, width) as displayed."""
+        return (self.width, self.height) if self.turns % 2 else (self.height, self.width)
 
 
 class DaliClipDecoder:
@@ -86,9 +93,12 @@ class DaliClipDecoder:
         self.crop = crop
         self.mean = tuple(float(m) * 255.0 for m in mean)
         self.std = tuple(float(s) * 255.0 for s in std)
-        self._pipe = self._build()
+        self._pipes: dict[bool, object] = {False: self._build(False)}  # True: the one that turns, built when needed
 
-    def _build(self):
+    def _build(self, turn: bool):
+        """The pipeline; ``turn``: with the quarter turns of videos stored sideways (a copy of every clip's frames:
+        measured on DALI-CPU, 8 clips of a 320x240 VP9 video, 2 threads, an AVX2 machine: 1.08-1.16x the batch's
+        time), so the pipeline without it serves batches that need none."""
         from nvidia.dali import fn, pipeline_def, types
 
         decoder_device = "cpu" if self.device == "cpu" else "mixed"
@@ -112,8 +122,11 @@ class DaliClipDecoder:
             pos_y = fn.external_source(name="pos_y", dtype=types.FLOAT, ndim=0)
             pos_x = fn.external_source(name="pos_x", dtype=types.FLOAT, ndim=0)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-            video = fn.decoders.video(encoded, device=decoder_device, frames=frames)  # (T, H, W, 3) uint8
+            video = fn.decoders.video(encoded, device=decoder_device, frames=frames)  # (T, H, W, 3) uint8, as stored
             video = fn.resize(video, resize_x=size_x, resize_y=size_y, antialias=True)
+            if turn:  # upright as displayed: quarter turns with nearest-neighbour sampling are exact (np.rot90's)
+                angle = fn.external_source(name="angle", dtype=types.FLOAT, ndim=0)
+                video = fn.rotate(video, angle=angle, keep_size=False, interp_type=types.INTERP_NN)
             return fn.crop_mirror_normalize(
                 video,
                 crop=(crop, crop),
@@ -131,14 +144,22 @@ class DaliClipDecoder:
         return pipe
 
     def _run(self, items: list[DaliItem]) -> torch.Tensor:
-        p = self._pipe
-        sizes = [resized_size(it.height, it.width, self.short_side) for it in items]
+        turn = any(it.turns % 4 for it in items)
+        if turn not in self._pipes:
+            self._pipes[turn] = self._build(turn)
+        p = self._pipes[turn]
+        # The size after the resize, upright; a video turned a quarter is resized as stored (height and width
+        # swapped) and then turned.
+        sizes = [resized_size(*it.upright_size, self.short_side) for it in items]
+        stored = [(w, h) if it.turns % 2 else (h, w) for it, (h, w) in zip(items, sizes, strict=True)]
         p.feed_input("encoded", [np.fromfile(it.path, dtype=np.uint8) for it in items])
         p.feed_input("frames", [np.asarray(it.spec.frames, dtype=np.int32) for it in items])
-        p.feed_input("size_y", [np.float32(s[0]) for s in sizes])
-        p.feed_input("size_x", [np.float32(s[1]) for s in sizes])
+        p.feed_input("size_y", [np.float32(s[0]) for s in stored])
+        p.feed_input("size_x", [np.float32(s[1]) for s in stored])
+        if turn:
+            p.feed_input("angle", [np.float32(90 * (it.turns % 4)) for it in items])
         # crop_mirror_normalize's crop_pos is relative to the free space, the same convention as sampling.py.
-        positions = [crop_position(it.spec, it.height, it.width) for it in items]
+        positions = [crop_position(it.spec, *it.upright_size) for it in items]
         p.feed_input("pos_y", [np.float32(pos[0]) for pos in positions])
         p.feed_input("pos_x", [np.float32(pos[1]) for pos in positions])
         p.feed_input("mirror", [np.int32(it.spec.flip) for it in items])
@@ -184,7 +205,7 @@ class DaliClipDecoder:
 
     def _recover(self) -> None:
         # After an operator error DALI may declare the pipeline invalid; errors are rare, so always rebuild.
-        self._pipe = self._build()
+        self._pipes = {turn: self._build(turn) for turn in self._pipes}
 
 def _first_line(e: BaseException) -> str:
     text = str(e)

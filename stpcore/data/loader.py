@@ -177,6 +177,9 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     clips: int = 0
     max_examples: int = 5
+    # The counts made at construction (split entries without a file, videos without labels): every shard of a
+    # torchrun run counts these alike, so a report summed over the ranks takes them once.
+    shared: dict[str, int] = field(default_factory=dict)
 
     def add(self, reason: str, path: str) -> None:
         self.counts[reason] += 1
@@ -347,6 +350,7 @@ class _LoaderBase:
             for rec in self.records:
                 if rec.privacy is None:
                     self._report.add("video without privacy label", rec.video_id)
+        self._report.shared = dict(self._report.counts)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch (reshuffles and resamples clips, like DistributedSampler.set_epoch)."""
@@ -470,7 +474,7 @@ class DaliClipLoader(_LoaderBase):
         def one(path: Path) -> None:
             try:
                 _probe_cached(path, self._probe_cache)
-                self._turns[str(path)] = first_frame_turns(path)  # DALI ignores the rotation: PyAV reads it
+                self._turns[str(path)] = first_frame_turns(path)  # DALI's decoder ignores the rotation: PyAV reads it
             except VideoError:
                 pass
 
@@ -515,16 +519,12 @@ class DaliClipLoader(_LoaderBase):
             if info.codec not in self.codecs:
                 self._event(f"codec not decodable by DALI-{self.device}", f"{rec.path} ({info.codec})")
                 continue
-            if self._turns.get(str(rec.path)):
-                self._event("displayed rotated, which DALI does not apply",
-                            f"{rec.path} (turned {90 * self._turns[str(rec.path)]} degrees counterclockwise for "
-                            f"display); stpcore data transcode writes it upright, or use --decoder pyav")
-                continue
             specs = _video_specs(cfg, self.stride, info, vi, self.epoch)
             if specs[0].short:
                 self._event("short video, looped",
                             f"{rec.path} ({info.num_frames} frames < {clip_span(cfg.num_frames, self.stride)})")
-            pending.extend((vi, DaliItem(rec.path, info.height, info.width, s)) for s in specs)
+            turns = self._turns.get(str(rec.path), 0)  # turned upright in the pipeline, as PyAV shows it
+            pending.extend((vi, DaliItem(rec.path, info.height, info.width, s, turns)) for s in specs)
             videos += 1
             if videos == cfg.batch_size:
                 batch = flush(position)

@@ -83,7 +83,11 @@ def _jsonable(value: Any) -> Any:
     return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def state_dict(trainer: Trainer) -> dict:
+def state_dict(trainer: Trainer, data_counts: dict[str, int] | None = None) -> dict:
+    """The checkpoint's contents (rank 0's view; ``data_counts``: the data report summed over the ranks, which
+    save_checkpoint gathers from all of them; else this rank's)."""
+    if data_counts is None and hasattr(trainer.loader, "report"):
+        data_counts = trainer._data_counts(across_ranks=False)
     return {
         "format": TRAIN_FORMAT,
         "config": dataclasses.asdict(trainer.cfg),
@@ -98,7 +102,7 @@ def state_dict(trainer: Trainer) -> dict:
         # What metrics.jsonl held when this was written: a resume cuts the lines a killed run logged after it.
         "metrics_bytes": _size(trainer.out_dir / "metrics.jsonl"),
         # The data report so far (rank 0's loader) and what of it was logged: a resume continues both.
-        "data_counts": trainer._data_counts() if hasattr(trainer.loader, "report") else None,
+        "data_counts": data_counts,
         "data_reported": dict(trainer._reported),
         "position": {"phase": trainer.phase, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
                      "global_step": trainer.global_step, "steps_per_epoch": trainer.steps_per_epoch,
@@ -171,8 +175,9 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
     if trainer.dist.world_size > 1 and trainer.cfg.privacy_replay:  # each rank replays its own past batches
         replay_states = [None] * trainer.dist.world_size
         dist.all_gather_object(replay_states, [{k: v.cpu() for k, v in e.items()} for e in trainer.replay])
+    counts = trainer._data_counts() if hasattr(trainer.loader, "report") else None  # every rank: a collective
     if trainer.dist.main:
-        state = state_dict(trainer)
+        state = state_dict(trainer, counts)
         state["noise_rng_per_rank"] = noise_states
         state["position"]["videos_in_epoch_per_rank"] = positions
         if replay_states is not None:

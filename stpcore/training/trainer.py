@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from stpcore import losses
@@ -502,10 +503,20 @@ class Trainer:
                 signal.signal(sig, h)
         return history
 
-    def _data_counts(self) -> dict[str, int]:
-        """The loader's skipped/altered counts over the whole run (a resumed run's continue the saved ones)."""
+    def _data_counts(self, across_ranks: bool = True) -> dict[str, int]:
+        """The loaders' skipped/altered counts over the whole run (a resumed run's continue the saved ones): under
+        torchrun the sum of every rank's (each reads its own shard; what they all count at construction, once);
+        a collective then, which every rank must call (``across_ranks=False``: this rank's alone)."""
         report = getattr(self.loader, "report", None)
         counts = dict(report().counts) if report is not None else {}
+        if across_ranks and self.dist.world_size > 1 and report is not None:
+            shared = dict(getattr(report(), "shared", {}))
+            every: list = [None] * self.dist.world_size
+            dist.all_gather_object(every, counts)
+            counts = dict(shared)
+            for rank_counts in every:
+                for k, v in rank_counts.items():
+                    counts[k] = counts.get(k, 0) + v - shared.get(k, 0)
         for k, v in self._count_offset.items():
             counts[k] = counts.get(k, 0) + v
         return {k: v for k, v in counts.items() if v}

@@ -120,6 +120,40 @@ def test_dali_cpu_matches_pyav(tmp_path):
 
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_dali_turns_a_video_stored_sideways_upright_as_pyav_does(tmp_path, rotation):
+    """A video whose display matrix turns it (a phone's portrait video): DALI's decoder ignores the rotation, so the
+    pipeline turns the resized frames (DaliItem.turns); the clips match PyAV's upright ones within the tolerance of
+    test_dali_cpu_matches_pyav (sideways, they differ by far more: the crop's content is another part of the scene)."""
+    import av
+
+    from stpcore.data.decode_dali import DaliClipDecoder, DaliItem
+    from stpcore.data.decode_pyav import first_frame_turns
+
+    frames = render_video(5, np.array([1, 1, 1, 0, 1]), np.random.default_rng(0), 160, 120, 20)
+    path = tmp_path / "phone.webm"
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("libvpx-vp9", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for img in frames:
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(stream.encode())
+    turns = first_frame_turns(path)
+    assert turns == (rotation // 90) % 4
+    specs = [ClipSpec(np.arange(2, 18), 0.25, 0.8, False), ClipSpec(np.arange(0, 16)[::-1] % 20, 1.0, 0.0, True)]
+    decoder = DaliClipDecoder("cpu", max_batch=2)
+    out, kept, failed = decoder.decode([DaliItem(path, 120, 160, s, turns) for s in specs])
+    assert out.shape == (2, 3, 16, 112, 112) and kept == [0, 1] and not failed
+    for i, spec in enumerate(specs):
+        raw, _ = decode_frames(path, spec.frames)  # upright
+        assert raw.shape[1:3] == ((160, 120) if turns % 2 else (120, 160))
+        levels = ((out[i] - clip_tensor(raw, spec)).abs() * torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255)
+        assert levels.mean() <= 3.0, levels.mean()
+        assert torch.quantile(levels.flatten(), 0.99) <= 25.0
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 def test_dali_reports_a_bad_clip_in_a_batch_of_one(tmp_path):
     """A file that fails to decode (changed after it was probed) is reported and skipped whatever the batch size;
     in a decode call of one clip it used to raise, ending the epoch with an error that named no file."""

@@ -7,7 +7,8 @@ has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, aft
 "unsynced" (the trainer's steps call the bare models instead of their DistributedDataParallel wrappers, so
 gradients are not averaged: the control that shows the ranks' data differ enough to tell), "adversaries" (issue
 16's phase-2 options on: two ViT adversaries, the statistics adversary, replay, two adversary steps, noise, colour
-spread), "nullspace" (privacy_nullspace=2 at the end of phase 2; each rank also fits the probes on planted features
+spread), "report" (both ranks count a missing split entry at the start, rank 1 an unreadable video per
+epoch), "nullspace" (privacy_nullspace=2 at the end of phase 2; each rank also fits the probes on planted features
 of its own and on both ranks' together, alone: "nullspace_matches_single" says whether the two-rank fit equals it).
 Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
 (clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from stpcore.data import DataReport
 from stpcore.testing import RandomClipLoader
 from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
 
@@ -33,6 +35,11 @@ class _Loader(RandomClipLoader):
         super().__init__(num_batches=3, batch_size=2, num_frames=8, size=32, seed=rank)  # each rank its own data
         self.scenario, self.rank, self.trainer = scenario, rank, None
         self.clip_sums: list[float] = []
+        if scenario == "report":  # a data report: both ranks count a missing split entry, rank 1 an unreadable video
+            self._report = DataReport()
+            self._report.add("missing file (split entry)", "class/gone.*")
+            self._report.shared = dict(self._report.counts)
+            self.report = lambda: self._report
 
     def __iter__(self):
         for i, batch in enumerate(super().__iter__()):
@@ -40,6 +47,8 @@ class _Loader(RandomClipLoader):
                 return
             if self.rank == 1 and self.scenario == "nan_on_rank1" and i == 1:
                 batch.clips *= 1e30  # finite input that overflows inside the model
+            if self.scenario == "report" and self.rank == 1 and i == 0:
+                self._report.add("unreadable", f"class/bad{self.epoch}.avi")
             self.clip_sums.append(batch.clips.double().sum().item())
             batch.order_end = 100 * self.rank + 2 * (i + 1)  # how far this rank's loader read: its own
             yield batch

@@ -122,3 +122,18 @@ def test_the_nullspace_projection_is_one_fit_over_both_ranks(tmp_path):
     events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     (event,) = [e for e in events if e.get("event") == "privacy nullspace projected"]
     assert event["clips"] == 2 * 2 * 6  # two passes over both ranks' 6 clips
+
+
+def test_the_data_report_sums_both_ranks_shards(tmp_path):
+    """Each rank reads its own shard, so the logged data report is the sum of both ranks' (an unreadable video in
+    rank 1's shard was missing from it: rank 0's loader's alone), and what both count at construction (split
+    entries without a file) is taken once; the checkpoint keeps the sum, which a resume continues."""
+    results = _run("report", tmp_path)
+    assert [r["outcome"] for r in results] == ["finished", "finished"], results
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    missing = "missing file (split entry)"
+    assert [(e["phase"], e["data_report"], e["data_report_total"]) for e in events if "data_report" in e] == [
+        ("phase1", {missing: 1, "unreadable": 1}, {missing: 1, "unreadable": 1}),
+        ("phase2", {"unreadable": 1}, {missing: 1, "unreadable": 2})]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["data_counts"] == {missing: 1, "unreadable": 2}
