@@ -6,10 +6,11 @@ over the slot's tokens followed by a broadcast store of the mean; the video thir
 whole video as the one group. Every element of x is read once and every element of out written once
 (plus the (B, N) keep weights once per program), so the forward moves 2 * B * N * C elements.
 
-Backward (grads to x and keep), for a group G with weights w, sums W = sum w, Wc = max(W, 1e-6),
-numerator S = sum w x, mean F = S / Wc and summed output gradient g = sum_{n in G} dout_n:
+Backward (grads to x and keep), for a group G with weights w, sums W = sum w, Wc = max(W, 1) (the reference's
+guard: the mean for 0/1 weights, a bounded gradient for an empty group), numerator S = sum w x, mean F = S / Wc
+and summed output gradient g = sum_{n in G} dout_n:
     dx_m = w_m g / Wc
-    dw_m = <g, x_m> / Wc - [W >= 1e-6] <g, F> / Wc        (clamp_min passes its gradient where W >= min)
+    dw_m = <g, x_m> / Wc - [W >= 1] <g, F> / Wc        (clamp_min passes its gradient where W >= min)
 Each program writes its channel block's partial dot products to a (B, 2 * channel blocks, N) fp32 buffer,
 summed on the host (deterministic: no atomics).
 
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from stpcore.kernels._launch import DTYPES, device_guard, interpreter_reasons
 
-_EPS = 1e-6  # the reference's clamp_min on the weight sums
+_EPS = 1.0  # the reference's clamp_min on the weight sums
 _BLOCK_C = 32
 
 

@@ -92,10 +92,11 @@ class VideoTransformer(nn.Module):
 def masked_mean(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean over tokens: x (B, N, D), weights (B, N) in [0, 1] -> (B, D).
 
-    Differentiable in both; a video whose weights are all zero pools to zeros (no division by zero).
+    Differentiable in both; a video whose weights are all zero pools to zeros, dividing by max(sum of weights, 1):
+    the mean for 0/1 weights, and a bounded gradient there (as ``stpcore.ops.predictor_pool``).
     """
     w = weights.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
-    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
 class VideoRecognizer(VideoTransformer):

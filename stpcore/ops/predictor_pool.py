@@ -14,6 +14,11 @@ def predictor_pool_ref(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> t
     the keep-weighted mean over the token's temporal slot (frame), the last by the keep-weighted mean
     over the whole video (video). A slot or video with nothing kept pools to zeros.
 
+    The guard divides by max(sum of weights, 1): for the model's 0/1 decisions that is the mean, and an empty
+    slot's keep gradient is bounded, that of the mean with the token alone kept (a guard of 1e-6 made it 1e6 times
+    the others', and under gradient clipping one empty slot shrank the whole step). Soft weights summing below 1
+    pool to their weighted sum, between the empty slot's zero and the mean.
+
     Args:
         x: (B, N, C) float, C divisible by 3, N = num_slots * tokens per slot (slot-major).
         keep: (B, N) float in [0, 1], the previous cumulative decision; differentiable.
@@ -24,16 +29,16 @@ def predictor_pool_ref(x: torch.Tensor, keep: torch.Tensor, num_slots: int) -> t
     """
     B, N, C = x.shape
     third = C // 3
-    # The sums and means in fp32 at least, as the kernel accumulates: in fp16 the guard's 1e-6 squared underflows,
-    # and an empty slot's backward became 0/0 = NaN in the gradient of x.
+    # The sums and means in fp32 at least, as the kernel accumulates (in fp16, a guard of 1e-6 squared underflowed
+    # and an empty slot's backward became 0/0 = NaN in the gradient of x).
     out_dtype, x = x.dtype, x.to(torch.promote_types(x.dtype, torch.float32))
     w = keep.to(out_dtype).to(x.dtype).unsqueeze(-1)  # (B, N, 1): the weights (and their gradient) in x's dtype
     local = x[..., :third]
     frame = (x[..., third : 2 * third] * w).reshape(B, num_slots, N // num_slots, third)
     frame_w = w.reshape(B, num_slots, N // num_slots, 1)
-    frame = frame.sum(dim=2, keepdim=True) / frame_w.sum(dim=2, keepdim=True).clamp_min(1e-6)  # (B, S, 1, C/3)
+    frame = frame.sum(dim=2, keepdim=True) / frame_w.sum(dim=2, keepdim=True).clamp_min(1.0)  # (B, S, 1, C/3)
     frame = frame.expand(B, num_slots, N // num_slots, third).reshape(B, N, third)
-    video = (x[..., 2 * third :] * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    video = (x[..., 2 * third :] * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
     return torch.cat([local, frame, video.expand(B, N, C - 2 * third)], dim=-1).to(out_dtype)
 
 
