@@ -160,7 +160,7 @@ def run_demo(cfg: DemoConfig) -> int:
     if not (data / "vp_labels.csv").is_file():
         print(f"[1/5] writing {cfg.videos} synthetic videos to {data}")
         make_synthetic_dataset(data, videos=cfg.videos, seed=cfg.seed, width=cfg.width, height=cfg.height,
-                               frames=cfg.frames, workers=2, progress=True)
+                               frames=cfg.frames, workers=2, progress=True, overwrite=True)  # an interrupted one
         with media.atomic_path(stamp) as tmp:
             tmp.write_text(json.dumps(data_settings))
     else:

@@ -46,6 +46,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--frames", type=int, default=40)
     synth.add_argument("--fps", type=int, default=25)
     synth.add_argument("--workers", type=int, default=1)
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier synthetic dataset in OUT (its videos, splits and labels); without "
+                            "it a folder that holds anything is refused")
     synth.set_defaults(func=_synth)
 
     tr = sub.add_parser(
@@ -101,7 +104,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     videos = make_synthetic_dataset(
         args.out, videos=args.videos, seed=args.seed, codec=args.codec, width=args.width, height=args.height,
-        frames=args.frames, fps=args.fps, workers=args.workers, progress=True,
+        frames=args.frames, fps=args.fps, workers=args.workers, progress=True, overwrite=args.overwrite,
     )
     print(f"wrote {len(videos)} videos to {args.out}")
     return 0

@@ -186,8 +186,13 @@ def make_synthetic_dataset(
     fps: int = 25,
     workers: int = 1,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> list[SynthVideo]:
     """Write the synthetic dataset to `out` (see the module docstring for the layout); deterministic per seed.
+
+    A folder that holds anything is refused (its labels and splits would be replaced and the videos of a larger
+    earlier dataset left without either) unless ``overwrite``: then an earlier synthetic dataset's files there (its
+    videos, splits and label files) are removed first, and anything else is left.
 
     Videos are spread round-robin over the SYNTH_ACTIONS classes; video j of a class is a test video (2) in
     split s when (j + s - 1) % 3 == 0, else a training video (1).
@@ -202,6 +207,13 @@ def make_synthetic_dataset(
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"{out} is an existing file; give a folder path for the dataset")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} is not empty: write the dataset into a new or empty folder, or pass --overwrite "
+                             f"to replace an earlier synthetic dataset there (its videos, splits and labels; other "
+                             f"files are left)")
+        for old in synthetic_files(out):
+            old.unlink()
     rng = np.random.default_rng([seed, 0])
     attrs_all = rng.integers(0, 2, size=(videos, len(PRIVACY_ATTRIBUTES)))
     listing: list[SynthVideo] = []
@@ -224,6 +236,16 @@ def make_synthetic_dataset(
     write_labels_csv(labels, out / "vp_labels.csv")
     save_privacy_pickle(labels, out / "vp_labels.pickle")
     return listing
+
+
+def synthetic_files(out: str | os.PathLike[str]) -> list[Path]:
+    """The files of a synthetic dataset in ``out`` (any size or codec): what ``overwrite`` removes."""
+    out = Path(out)
+    files = [out / name for name in ("vp_labels.csv", "vp_labels.pickle")]
+    for cls in SYNTH_ACTIONS:
+        files += [out / f"{cls}_test_split{split}.txt" for split in (1, 2, 3)]
+        files += [p for ext in CODEC_EXT.values() for p in sorted((out / cls).glob(f"{cls}_v[0-9][0-9][0-9]{ext}"))]
+    return [f for f in files if f.is_file()]
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> None:

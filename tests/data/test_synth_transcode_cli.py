@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 import pytest
 
+from stpcore.cli import main
 from stpcore.data.cli import add_data_parser
 from stpcore.data.decode_pyav import probe
 from stpcore.data.labels import load_privacy_pickle, read_labels_csv
@@ -138,6 +139,20 @@ def test_cli_synth_check_labels(tmp_path, capsys, shared_dir):
     if released.is_file():
         assert _run(["data", "labels", "export", str(released), str(tmp_path / "hmdb.csv")]) == 0
         assert len(read_labels_csv(tmp_path / "hmdb.csv")) == 6766
+
+
+def test_synth_refuses_a_folder_that_holds_anything_unless_overwrite(tmp_path, capsys):
+    """A smaller synthetic dataset written over a larger one replaced its labels and splits and left the other
+    videos with neither, reporting success; now that needs --overwrite, which removes the earlier one's files."""
+    out = tmp_path / "ds"
+    args = ["data", "synth", str(out), "--width", "64", "--height", "48", "--frames", "4"]
+    assert _run([*args, "--videos", "14"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--videos", "7"]) == 2
+    assert "is not empty" in capsys.readouterr().err and len(list(out.glob("*/*.webm"))) == 14
+    assert _run([*args, "--videos", "7", "--overwrite"]) == 0
+    assert len(list(out.glob("*/*.webm"))) == 7 and (out / "notes.txt").read_text() == "mine"
+    assert len(read_labels_csv(out / "vp_labels.csv")) == 7
 
 
 @pytest.mark.parametrize("kwargs, message", [
