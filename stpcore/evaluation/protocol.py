@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -359,7 +358,7 @@ def evaluate(
     Args:
         cfg: the evaluation config.
         checkpoint: STPrivacy checkpoint (needed for "stprivacy"; its geometry sets the clip size).
-        methods: names from METHODS, evaluated in order. "blacken" without boxes is skipped with a warning.
+        methods: names from METHODS, each once, evaluated in order ("blacken" needs ``boxes``).
         keep_ratio: STPrivacy's inference alpha (None: the checkpoint's).
         boxes: video_id -> (x0, y0, x1, y1) relative person boxes for "blacken".
         threshold: evaluate STPrivacy in adaptive mode with this threshold instead of a keep ratio.
@@ -380,6 +379,15 @@ def evaluate(
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     if not methods:
         raise ValueError(f"no method to evaluate; name at least one of {list(METHODS)}")
+    twice = sorted({m for m in methods if list(methods).count(m) > 1})
+    if twice:
+        raise ValueError(f"method(s) {twice} named more than once; name each once")
+    if "blacken" in methods and boxes is None:
+        raise ValueError("method 'blacken' needs person boxes: boxes={video_id: (x0, y0, x1, y1)} in relative "
+                         "coordinates (stpcore eval --boxes FILE.json)")
+    if (keep_ratio is not None or threshold is not None) and "stprivacy" not in methods:
+        raise ValueError(f"{'keep_ratio' if keep_ratio is not None else 'threshold'} sets STPrivacy's inference, "
+                         f"and 'stprivacy' is not among the methods {list(methods)}: add it, or drop the setting")
     _device(cfg, device)  # a device that is not there, and an out_dir that cannot be a folder, fail before any training
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     if "stprivacy" in methods and checkpoint is None:
@@ -393,14 +401,9 @@ def evaluate(
     # keep ratio, threshold or box fails at once rather than after the methods before it.
     transforms = {name: make_transform(name, anonymizer=anonymizer, keep_ratio=keep_ratio, threshold=threshold,
                                        boxes=boxes)
-                  for name in methods if not (name == "blacken" and boxes is None)}
+                  for name in methods}
     results = []
     for name in methods:
-        if name not in transforms:
-            warnings.warn("method 'blacken' skipped: no person boxes supplied (pass boxes={video_id: (x0, y0, x1, "
-                          "y1)} in relative coordinates)", UserWarning, stacklevel=2)
-            _log(Path(cfg.out_dir), {"method": name, "skipped": "no person boxes supplied"})
-            continue
         transform = transforms[name]
         key = method_record_key(cfg, name, anonymizer, keep_ratio, threshold, boxes)
         # Every method's recognizers take the checkpoint's backbone (vit_small without one), on this device type

@@ -251,12 +251,20 @@ def test_a_train_split_with_no_readable_video_is_an_error(tmp_path, attackers):
         evaluate_method(make_transform("raw"), cfg, Unreadable(num_videos=8, batch_videos=4, train=True), test)
 
 
-def test_evaluate_skips_blacken_without_boxes_and_writes_tables(tmp_path):
+def test_evaluate_writes_tables_and_refuses_bad_method_lists_before_training(tmp_path):
     cfg = _cfg(tmp_path, epochs=1)
     train = BandLoader(num_videos=16, batch_videos=8, train=True)
     test = BandLoader(num_videos=10, batch_videos=5, train=False, views=2, seed=1)
-    with pytest.warns(UserWarning, match="blacken.*skipped"):
-        results = evaluate(cfg, methods=("raw", "blacken", "downsample4"), train_loader=train, test_loader=test)
+    # Refused before any training (blacken without boxes was skipped with a warning, and a run of it alone ended
+    # "successfully" with an empty table; a method named twice was trained twice; a keep ratio with no stprivacy
+    # method was ignored).
+    for methods, kw, match in [(("raw", "blacken"), {}, "'blacken' needs person boxes"),
+                               (("raw", "downsample4", "raw"), {}, r"\['raw'\] named more than once"),
+                               (("raw",), {"keep_ratio": 0.5}, "'stprivacy' is not among the methods")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(cfg, methods=methods, train_loader=train, test_loader=test, **kw)
+    assert not (tmp_path / "eval").exists() or not list((tmp_path / "eval").iterdir())
+    results = evaluate(cfg, methods=("raw", "downsample4"), train_loader=train, test_loader=test)
     assert [r.method for r in results] == ["raw", "downsample4"]
     md = (tmp_path / "eval" / "results.md").read_text()
     assert "| raw |" in md and "| downsample4 |" in md
