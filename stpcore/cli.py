@@ -9,9 +9,14 @@ from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from stpcore.info import report
+    from stpcore.info import backend_errors, report
 
     print(report())
+    errors = backend_errors()
+    if errors:  # a bad STPCORE_BACKEND: every call of these ops would fail
+        print("error: STPCORE_BACKEND: " + errors[0] + (f" (and {len(errors) - 1} more above)" if len(errors) > 1
+                                                         else ""), file=sys.stderr)
+        return 2
     return 0
 
 

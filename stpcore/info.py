@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 import torch
@@ -64,6 +65,22 @@ def backend_table(device: torch.device, dtype: torch.dtype = torch.float32) -> d
     return table
 
 
+def chosen(op: str, device: torch.device) -> str:
+    """The backend dispatch picks for ``op``'s example inputs on ``device`` (what STPCORE_BACKEND names, if it does),
+    or "error: ..." when that is no backend or cannot run them (each call of the op would fail so)."""
+    args, kwargs = example_inputs(op, device)
+    try:
+        return ops.dispatch.select(op, None, *args, **kwargs).name
+    except (ValueError, NotImplementedError) as e:
+        return f"error: {e}"
+
+
+def backend_errors() -> list[str]:
+    """What STPCORE_BACKEND breaks: the ops on this machine's devices whose named backend is unknown or cannot run."""
+    return [f"{op} on {device.type}: {name[len('error: '):]}" for device in devices() for op in ops.dispatch.ops()
+            if (name := chosen(op, device)).startswith("error: ")]
+
+
 def report() -> str:
     lines = [f"stpcore {__version__}"]
     lines.append(
@@ -81,12 +98,14 @@ def report() -> str:
         lines.append(f"devices: {cpu}; cuda: not available")
     err = ops.dispatch.triton_import_error()
     lines.append("triton kernels: " + ("importable" if err is None else err))
+    forced = os.environ.get(ops.dispatch.ENV_VAR, "").strip()
     for device in devices():
         lines.append("")
-        lines.append(f"backends for float32 tensors on {device.type} (first usable one is chosen):")
+        lines.append(f"backends for float32 tensors on {device.type} ("
+                     + (f"{ops.dispatch.ENV_VAR}={forced!r} names them" if forced else "first usable one is chosen")
+                     + "):")
         for op, entries in backend_table(device).items():
-            chosen = next((name for name, reasons in entries if not reasons), None)
-            lines.append(f"  {op}: {chosen}")
+            lines.append(f"  {op}: {chosen(op, device)}")
             for name, reasons in entries:
                 lines.append(f"    {name:<10} " + ("can run" if not reasons else "no: " + "; ".join(reasons)))
     return "\n".join(lines)

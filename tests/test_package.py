@@ -58,6 +58,20 @@ def test_python_dash_m_and_info(capsys):
     assert result.returncode == 0 and "backends for float32 tensors on cpu" in result.stdout
 
 
+def test_info_shows_the_backend_stpcore_backend_names_and_rejects_a_bad_one(capsys, monkeypatch):
+    """info listed the first usable backend whatever STPCORE_BACKEND said, and a name that is no backend (every op
+    call then fails) passed without a word."""
+    monkeypatch.setenv("STPCORE_BACKEND", "reference")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "STPCORE_BACKEND='reference' names them" in out and "  policy_attention: reference" in out
+    monkeypatch.setenv("STPCORE_BACKEND", "bogus")
+    assert main(["info"]) == 2
+    captured = capsys.readouterr()
+    assert "policy_attention: error: policy_attention: unknown backend 'bogus'" in captured.out
+    assert captured.err.startswith("error: STPCORE_BACKEND: ")
+
+
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "usage" in capsys.readouterr().out
