@@ -547,7 +547,8 @@ def _why(exc: Exception) -> str:
     if isinstance(exc, VideoError):
         hint = {"missing file": "check the path", "empty file": "the file has no data",
                 "unreadable": "FFmpeg cannot read it: damaged, or not a video",
-                "no video stream": "the file holds no video (audio only?)", "no frames": "the video has no frames"}
+                "no video stream": "the file holds no video (audio only?)", "no frames": "the video has no frames",
+                "not a video": "a text file, not a video"}
         return f"{exc.reason}" + (f" ({exc.detail})" if exc.detail else "") + (
             f": {hint[exc.reason]}" if exc.reason in hint else "")
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -604,6 +605,11 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
                 report.written[str(path)] = anonymize_file(path, out_dir, anonymizer, stem=stem, **kwargs)
                 if verbose:
                     print(f"ok: {path} -> {report.written[str(path)][0]}")
+                stale = output_paths(out_dir, stem, side_by_side=True)[-1]
+                if record is not None and not kwargs.get("side_by_side", False) and stale.exists():
+                    stale.unlink()  # this input's side-by-side of an earlier run: it shows the replaced output
+                    if verbose:
+                        print(f"removed {stale}: it showed the earlier output of {path}")
             except (KeyboardInterrupt, SystemExit, ModelError):
                 raise
             except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others

@@ -259,13 +259,27 @@ def test_unreadable_inputs_say_why(tmp_path, model):
     empty.write_bytes(b"")
     text = tmp_path / "notes.mp4"
     text.write_text("not a video\n" * 50)
-    report = anonymize_files([folder, empty, text, tmp_path / "gone.mp4"], tmp_path / "out", model,
+    ascii_art = tmp_path / "readme.txt"  # FFmpeg's tty demuxer opens any text file, and draws it as "video"
+    ascii_art.write_text("a text file, which FFmpeg can draw as pictures\n" * 50)
+    report = anonymize_files([folder, empty, text, ascii_art, tmp_path / "gone.mp4"], tmp_path / "out", model,
                              verbose=False)
     why = report.failed
     assert "a folder" in why[str(folder)]
     assert why[str(empty)].startswith("empty file")
     assert why[str(text)].startswith("unreadable")
+    assert why[str(ascii_art)].startswith("not a video") and not report.written
     assert why[str(tmp_path / "gone.mp4")].startswith("missing file")
+
+
+def test_a_rerun_without_side_by_side_removes_the_inputs_earlier_side_by_side(tmp_path, model):
+    """The side-by-side of an earlier run showed the output this run replaces: it is removed, not left beside the
+    new output unrecorded."""
+    src = _source(tmp_path / "v.mp4")
+    first = anonymize_files([src], tmp_path / "out", model, side_by_side=True, verbose=False)
+    sbs = tmp_path / "out" / "v.side_by_side.mp4"
+    assert sbs in first.written[str(src)] and sbs.is_file()
+    anonymize_files([src], tmp_path / "out", model, keep_ratio=0.5, verbose=False)
+    assert not sbs.exists() and (tmp_path / "out" / "v.anonymized.mp4").is_file()
 
 
 def test_output_folder_that_is_a_file_is_refused(tmp_path, model):

@@ -27,6 +27,11 @@ class VideoError(RuntimeError):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
+# FFmpeg's decoders that draw text files (ANSI art, BIN, XBIN, iCEDraw) as pictures: any text file opens as a
+# "video" through them (its tty demuxer takes what no other format claims), so they are not taken for video.
+TEXT_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     """What `probe` learns from the container: codec name (FFmpeg's), frame count, size, frame rate."""
@@ -56,7 +61,7 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     The frame count comes from the container header where it has one (AVI, MP4); otherwise (WebM) the
     packets are counted by demuxing, which reads the file but decodes nothing.
     Raises VideoError("missing file" | "empty file" | "unreadable" | "no video stream" | "no decoder for its codec"
-    | "no frames").
+    | "not a video" (a text file, which FFmpeg can draw as pictures) | "no frames").
     """
     import av
 
@@ -79,6 +84,8 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
             n = int(stream.frames or 0)
             if n <= 0:
                 n = sum(1 for p in container.demux(stream) if p.size > 0)
+            if ctx.name in TEXT_CODECS:
+                raise VideoError(path, "not a video", f"FFmpeg reads it as text drawn as pictures ({ctx.name})")
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
             info = VideoInfo(codec=ctx.name, num_frames=n, width=int(ctx.width), height=int(ctx.height), fps=fps)
     except VideoError:
