@@ -45,7 +45,7 @@ from torch import nn
 
 from stpcore import losses
 from stpcore.models import STPrivacy, VideoRecognizer
-from stpcore.models.checkpoints import save_anonymizer
+from stpcore.models.checkpoints import phase2_updates, save_anonymizer
 from stpcore.ops import sample_gumbel
 from stpcore.progress import progress
 from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimizer, steps_per_epoch, unwrap
@@ -643,4 +643,7 @@ class Trainer:
 
     def export_anonymizer(self, path: str | os.PathLike) -> Path:
         """Write the STPrivacy weights and config alone: what ``stpcore anonymize --checkpoint`` reads."""
-        return save_anonymizer(unwrap(self.models["anonymizer"]), path, classes=list(self.loader.classes))
+        updates = phase2_updates(self.phase, self.epoch, self.step_in_epoch, self.steps_per_epoch,
+                                 self.cfg.phase2_epochs, self.cfg.recognizer_warmup_epochs)
+        return save_anonymizer(unwrap(self.models["anonymizer"]), path, classes=list(self.loader.classes),
+                               phase2_steps=updates)

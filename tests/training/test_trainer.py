@@ -64,6 +64,23 @@ def test_phases_run_log_and_export(tmp_path):
         assert torch.equal(model(clip).video, expected)
 
 
+def test_a_model_without_phase2_updates_warns_when_loaded(tmp_path):
+    """Phase 1 alone (--phase2-epochs 0, or phase 2 all recognizer warm-up) leaves the reconstruction head untrained:
+    its deployed model outputs no anonymized video, which loading it says (it was silent); a trained one does not."""
+    import warnings
+
+    for name, kw, warned in [("p1", dict(phase1_epochs=1, phase2_epochs=0), True),
+                             ("warm", dict(phase1_epochs=1, phase2_epochs=1, recognizer_warmup_epochs=1), True),
+                             ("both", dict(phase1_epochs=1, phase2_epochs=1), False)]:
+        Trainer(_cfg(tmp_path / name, **kw), _loader()).fit()
+        for file in ("stprivacy.pt", "last.pt"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                load_anonymizer(tmp_path / name / "run" / file)
+            said = [w for w in caught if "no phase-2 training" in str(w.message)]
+            assert bool(said) == warned, (name, file, [str(w.message) for w in caught])
+
+
 def test_phase1_loss_falls(tmp_path):
     cfg = _cfg(tmp_path, phase1_epochs=6, phase2_epochs=0, base_lr=0.5)
     history = Trainer(cfg, RandomClipLoader(num_batches=4, batch_size=8, num_frames=8, size=32)).fit()
