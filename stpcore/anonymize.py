@@ -523,8 +523,8 @@ def _previous_outputs(out_dir: Path, stem: str, source: Path, path: Path) -> dic
     if record is not None and record["source"] == str(source):
         return record
     if record is None:
-        held = (f"{present[0]} is already there with no record of its input ({stem}.keep.npz is missing or from an "
-                f"older stpcore)")
+        held = (f"{present[0]} is already there with no record of its input ({stem}.keep.npz is missing, damaged "
+                f"or from an older stpcore)")
     else:
         held = f"{present[0]} was made from {record['source']}, another input with the same name"
     raise ValueError(f"output name taken: {held}, so {path} is not written over it; write {path} to another -o "
@@ -615,7 +615,7 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
             except Exception as exc:  # noqa: BLE001 - one unreadable file must not stop the others
                 report.failed[str(path)] = _why(exc)
                 if verbose:
-                    print(f"skipped {path}: {report.failed[str(path)]}", file=sys.stderr)
+                    print(f"failed {path}: {report.failed[str(path)]}", file=sys.stderr)  # as the summary counts it
                     if debug_enabled():
                         traceback.print_exc()
     except (KeyboardInterrupt, ModelError) as exc:

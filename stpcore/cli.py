@@ -146,9 +146,13 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
                   f"(streams: one input, top-k, segments only)", file=sys.stderr)
             return 2
     else:
-        if args.input_format:
-            print(f"error: --input-format {args.input_format} is for a live stream (stdin '-', a URL or a device); "
-                  f"files are probed by FFmpeg, so drop it", file=sys.stderr)
+        given = [flag for flag, value in (("--input-format", args.input_format), ("--name", args.name),
+                                          ("--segment-seconds", args.segment_seconds),
+                                          ("--stream-timeout", args.stream_timeout)) if value is not None]
+        if given:  # they would be ignored: say so rather than write files the user asked otherwise of
+            print(f"error: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for a live stream (stdin '-', a "
+                  f"URL or a device), not for files (FFmpeg probes them; each is written whole), so drop "
+                  f"{'it' if len(given) == 1 else 'them'}", file=sys.stderr)
             return 2
         prepare_output_dir(args.output)  # before the model loads: a bad -o fails at once
     if args.runtime == "auto" and args.adaptive is not None:
@@ -219,10 +223,11 @@ def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         report = anonymize_stream(
-            args.inputs[0], args.output, anonymizer, name=args.name, segment_seconds=args.segment_seconds,
+            args.inputs[0], args.output, anonymizer, name=args.name or "stream",
+            segment_seconds=args.segment_seconds or 10.0,
             stride=args.stride, batch_size=args.batch_size, keep_ratio=args.keep_ratio, view=args.view,
             output_size=args.output_size, min_overlap=args.overlap, short_side=args.short_side,
-            input_format=args.input_format, timeout=args.stream_timeout, stop=stop, verbose=True)
+            input_format=args.input_format, timeout=args.stream_timeout or 10.0, stop=stop, verbose=True)
     except StreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 130 if stop.is_set() else 2  # stopped (SIGTERM, Ctrl-C) before the stream opened
@@ -482,12 +487,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "reuse the graph; see BENCHMARKS.md for when it pays)")
     live = p.add_argument_group("live streams", "rolling segments <name>.NNNNN.mp4 and <name>.segments.jsonl; a "
                                 "chunk is dropped (and counted) when compute falls behind; SIGTERM ends cleanly")
-    live.add_argument("--segment-seconds", type=_positive_seconds, default=10.0,
+    live.add_argument("--segment-seconds", type=_positive_seconds, default=None,
                       help="length of each segment file (default 10)")
-    live.add_argument("--name", type=_segment_name, default="stream",
+    live.add_argument("--name", type=_segment_name, default=None,
                       help="segment file prefix, a plain file name (default 'stream')")
     live.add_argument("--input-format", help="the container of the stream when FFmpeg cannot probe it (e.g. mpegts)")
-    live.add_argument("--stream-timeout", type=_positive_seconds, default=10.0, metavar="S",
+    live.add_argument("--stream-timeout", type=_positive_seconds, default=None, metavar="S",
                       help="seconds to open the stream, and without data before a network stream counts as lost "
                            "(default 10; stdin and V4L2 have no read timeout)")
     p.set_defaults(func=_cmd_anonymize)

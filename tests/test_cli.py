@@ -171,9 +171,13 @@ def test_a_config_file_that_is_not_json_names_itself(tmp_path, capsys):
     assert f"error: {config}: not valid JSON" in err and "Traceback" not in err, err
 
 
-def test_input_format_with_files_is_refused_not_ignored(tmp_path, capsys):
-    """--input-format names a live stream's container; with files it did nothing, silently."""
-    assert main(["anonymize", "x.mp4", "-o", str(tmp_path / "out"), "--checkpoint", "c.pt", "--input-format",
-                 "mpegts"]) == 2
+def test_live_stream_options_with_files_are_refused_not_ignored(tmp_path, capsys):
+    """--input-format, --name, --segment-seconds and --stream-timeout are a live stream's; with files they did
+    nothing, silently."""
+    base = ["anonymize", "x.mp4", "-o", str(tmp_path / "out"), "--checkpoint", "c.pt"]
+    assert main([*base, "--input-format", "mpegts"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --input-format mpegts is for a live stream") and not (tmp_path / "out").exists()
+    assert err.startswith("error: --input-format is for a live stream") and not (tmp_path / "out").exists()
+    assert main([*base, "--name", "x", "--segment-seconds", "3", "--stream-timeout", "5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --name, --segment-seconds, --stream-timeout are for a live "
+                                              "stream")

@@ -95,7 +95,26 @@ class BackboneConfig:
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; fields are {sorted(fields)}")
+        for key, value in overrides.items():  # of the preset's type (config files give JSON: "4" is no int)
+            _check_type(cls.__name__, key, value, getattr(presets[name], key))
         return dataclasses.replace(presets[name], **overrides)
+
+
+def _check_type(owner: str, key: str, value: Any, like: Any) -> None:
+    """ValueError naming the field when ``value`` is not of the type of the preset's value ``like``."""
+    if isinstance(like, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(like, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(like, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(like, (tuple, list)):
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        kind = "a list of integers"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{owner}: field {key!r} must be {kind} (as the preset's {like!r}), got {value!r}")
 
 
 @dataclass(frozen=True)

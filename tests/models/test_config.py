@@ -50,6 +50,11 @@ def test_tiny_and_overrides():
         pytest.param({"tau": 0.0}, "tau", id="tau-0"),
         pytest.param({"tubelet": (2, 8)}, "tubelet", id="tubelet-2d"),
         pytest.param({"nonsense": 1}, "nonsense", id="unknown-field"),
+        # JSON config files: a value of another type named no field ("invalid literal for int()"), or ("4") passed
+        pytest.param({"depth": "x"}, "field 'depth' must be an integer", id="depth-text"),
+        pytest.param({"depth": "4"}, "field 'depth' must be an integer", id="depth-digit-text"),
+        pytest.param({"binary_output": 1}, "field 'binary_output' must be true or false", id="flag-number"),
+        pytest.param({"tubelet": [2, "8", 8]}, "field 'tubelet' must be a list of integers", id="tubelet-text"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
