@@ -96,7 +96,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path, model, capsys):
     assert set(report.failed) == {str(empty), str(corrupt), str(tmp_path / "missing.mp4")}
     assert (tmp_path / "out" / "good.anonymized.mp4").is_file()
     assert not list((tmp_path / "out").glob("empty*")) and not list((tmp_path / "out").glob(".*"))
-    assert "skipped" in capsys.readouterr().err
+    assert f"failed {empty}: empty file" in capsys.readouterr().err  # as the summary counts it
 
 
 def test_same_stem_twice_gets_unique_names(tmp_path, model):

@@ -446,10 +446,10 @@ class Trainer:
                 ValueError unless this is set; then that run's checkpoints and metrics are removed first.
         """
         if resume is not None:
+            self.load_checkpoint(resume)  # first: a checkpoint that cannot be resumed changes no file
             moved = Path(resume).resolve().parent != self.out_dir.resolve()
-            if moved:  # before loading: refuse to mix with another run's files here
+            if moved:  # refuse to mix with another run's files here
                 self._claim_out_dir(overwrite, resuming=Path(resume))
-            self.load_checkpoint(resume)
             if self.dist.main:
                 if moved:  # the saved run's log and candidates come along, as far as the checkpoint holds
                     state.carry_over(self, Path(resume).resolve().parent)
