@@ -278,6 +278,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_SHORT_SIDE = 4320  # 8K's short side: past it the working frames alone outgrow any machine's memory
+
+
+def _short_side(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SHORT_SIDE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SHORT_SIDE} pixels (8K's short side; the frames are "
+                                         f"resized to it, in memory), got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -459,7 +470,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=_non_negative_int, default=0, metavar="PX",
                    help="least overlap in pixels between neighbouring windows (default 0: only what covering "
                         "the frame evenly needs)")
-    p.add_argument("--short-side", type=_positive_int, default=None, metavar="PX",
+    p.add_argument("--short-side", type=_short_side, default=None, metavar="PX",
                    help="working scale: the frames' short side before windowing (default: the training scale, "
                         "8/7 of the model's image size)")
     p.add_argument("--skip-existing", action="store_true",

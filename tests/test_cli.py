@@ -181,3 +181,10 @@ def test_live_stream_options_with_files_are_refused_not_ignored(tmp_path, capsys
     assert main([*base, "--name", "x", "--segment-seconds", "3", "--stream-timeout", "5"]) == 2
     assert capsys.readouterr().err.startswith("error: --name, --segment-seconds, --stream-timeout are for a live "
                                               "stream")
+
+
+def test_a_short_side_past_8k_is_a_setting_error_before_any_input(tmp_path, capsys):
+    """--short-side 100000 failed each input on its own ("can't allocate 1279996800000 bytes")."""
+    with pytest.raises(SystemExit) as exc:
+        main(["anonymize", "x.mp4", "-o", str(tmp_path / "out"), "--checkpoint", "c.pt", "--short-side", "100000"])
+    assert exc.value.code == 2 and "expected at most 4320 pixels" in capsys.readouterr().err
