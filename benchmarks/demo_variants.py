@@ -41,7 +41,7 @@ def main() -> None:
     data = work / f"data_{cfg.videos}_{cfg.width}x{cfg.height}x{cfg.frames}_seed{cfg.seed}"
     if not (data / "vp_labels.csv").is_file():
         make_synthetic_dataset(data, videos=cfg.videos, seed=cfg.seed, width=cfg.width, height=cfg.height,
-                               frames=cfg.frames, workers=2)
+                               frames=cfg.frames, workers=2, overwrite=True)  # an interrupted one
     model_cfg = STPrivacyConfig.from_name(cfg.preset)
     train_loader, test_loader = _loaders(cfg, data, model_cfg.num_frames, model_cfg.image_size)
     out = work / args.name

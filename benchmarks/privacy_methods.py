@@ -111,7 +111,7 @@ def main() -> None:
     data = args.workdir / "data"
     if not (data / "vp_labels.csv").is_file():
         make_synthetic_dataset(data, videos=demo.videos, seed=demo.seed, width=demo.width, height=demo.height,
-                               frames=demo.frames)
+                               frames=demo.frames, overwrite=True)  # an interrupted one
     overrides = json.loads(args.train_overrides)
     run = args.workdir / f"{args.name}_s{args.seed}"
     train_all, test = _loaders(demo, data, model_cfg.num_frames, model_cfg.image_size)

@@ -43,7 +43,7 @@ def main() -> None:
     data = args.workdir / "data"
     if not (data / "vp_labels.csv").is_file():
         make_synthetic_dataset(data, videos=demo.videos, seed=demo.seed, width=demo.width, height=demo.height,
-                               frames=demo.frames)
+                               frames=demo.frames, overwrite=True)  # an interrupted one
     run = args.workdir / f"seed{args.seed}"
     common = dict(labels=data / "vp_labels.csv", num_frames=model_cfg.num_frames, crop=model_cfg.image_size,
                   stride=demo.stride, decoder="pyav", cache=True, seed=args.seed, validation=args.validation)

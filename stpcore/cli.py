@@ -14,8 +14,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(report())
     errors = backend_errors()
     if errors:  # a bad STPCORE_BACKEND: every call of these ops would fail
-        print("error: STPCORE_BACKEND: " + errors[0] + (f" (and {len(errors) - 1} more above)" if len(errors) > 1
-                                                         else ""), file=sys.stderr)
+        print("error: STPCORE_BACKEND: " + errors[0] + (f" (and {len(errors) - 1} more op(s) above)"
+                                                         if len(errors) > 1 else ""), file=sys.stderr)
         return 2
     return 0
 
@@ -417,8 +417,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
     p.add_argument("--resume", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out-dir that holds an earlier run (its checkpoints and metrics are "
-                        "removed); without it such a folder is refused")
+                   help="start afresh (or --resume a run saved elsewhere) in an --out-dir that holds an earlier run "
+                        "(its checkpoints, metrics, candidates and selection are removed); without it such a folder "
+                        "is refused")
     p.add_argument("--select", action="store_true",
                    help="after training, score the phase-2 candidates on the validation part (needs --validation "
                         "and --candidate-every) and deploy the one the rule picks as stprivacy.pt (selection.json "

@@ -139,10 +139,15 @@ def run_demo(cfg: DemoConfig) -> int:
     """Run the demo (module docstring) into ``cfg.out``; prints where its outputs are. Returns 0."""
     from stpcore.anonymize import anonymize_files
     from stpcore.data.synth import make_synthetic_dataset
-    from stpcore.evaluation import SweepPoint, evaluate, sweep, write_results, write_sweep
+    from stpcore.evaluation import METHODS, SweepPoint, evaluate, sweep, write_results, write_sweep
     from stpcore.models import STPrivacyConfig, load_anonymizer
     from stpcore.training import Trainer
 
+    # Before any work: phase 3 would refuse these only after the training (blacken needs person boxes).
+    baselines = [m for m in METHODS if m not in ("raw", "stprivacy", "blacken")]
+    if cfg.baseline not in baselines:
+        raise ValueError(f"baseline must be one of {baselines} (evaluated beside raw video and STPrivacy), got "
+                         f"{cfg.baseline!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

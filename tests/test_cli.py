@@ -188,3 +188,11 @@ def test_a_short_side_past_8k_is_a_setting_error_before_any_input(tmp_path, caps
     with pytest.raises(SystemExit) as exc:
         main(["anonymize", "x.mp4", "-o", str(tmp_path / "out"), "--checkpoint", "c.pt", "--short-side", "100000"])
     assert exc.value.code == 2 and "expected at most 4320 pixels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("baseline", ["raw", "stprivacy", "blacken", "pixelate"])
+def test_a_demo_baseline_it_cannot_run_is_refused_before_any_work(tmp_path, capsys, baseline):
+    """raw or stprivacy (already in the table: named twice), blacken (no person boxes) or an unknown name failed
+    only at phase 3, after the training."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--baseline", baseline]) == 2
+    assert "baseline must be one of" in capsys.readouterr().err and not (tmp_path / "demo").exists()

@@ -20,6 +20,7 @@ pickle's shape: {"<class>/<video>.mp4": int64 (1, 5)}).
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,8 @@ def synthetic_files(out: str | os.PathLike[str]) -> list[Path]:
     files = [out / name for name in ("vp_labels.csv", "vp_labels.pickle")]
     for cls in SYNTH_ACTIONS:
         files += [out / f"{cls}_test_split{split}.txt" for split in (1, 2, 3)]
-        files += [p for ext in CODEC_EXT.values() for p in sorted((out / cls).glob(f"{cls}_v[0-9][0-9][0-9]{ext}"))]
+        files += [p for ext in CODEC_EXT.values() for p in sorted((out / cls).glob(f"{cls}_v*{ext}"))
+                  if re.fullmatch(rf"{cls}_v\d{{3,}}", p.stem)]  # _v000 ... _v999, _v1000 ...
     return [f for f in files if f.is_file()]
 
 

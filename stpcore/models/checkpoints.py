@@ -259,13 +259,14 @@ def load_inflated_2d_vit(model: nn.Module, path: str | os.PathLike) -> LoadRepor
 
 
 def save_anonymizer(model: STPrivacy, path: str | os.PathLike, classes: Iterable[str] = (),
-                    phase2_steps: int | None = None) -> Path:
-    """Save an STPrivacy model's weights and config (read back with :func:`load_anonymizer`); ``phase2_steps``: its
-    phase-2 updates (:func:`phase2_updates`; the trainer says; 0 makes :func:`load_anonymizer` warn)."""
+                    reconstruction_trained: bool | None = None) -> Path:
+    """Save an STPrivacy model's weights and config (read back with :func:`load_anonymizer`);
+    ``reconstruction_trained``: whether its reconstruction head was trained (the trainer says; False makes
+    :func:`load_anonymizer` warn)."""
     state = {"format": STPRIVACY_FORMAT, "model_config": dataclasses.asdict(model.cfg),
              "state_dict": model.state_dict(), "classes": list(classes)}
-    if phase2_steps is not None:
-        state["phase2_steps"] = int(phase2_steps)
+    if reconstruction_trained is not None:
+        state["reconstruction_trained"] = bool(reconstruction_trained)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
@@ -295,30 +296,34 @@ def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: an stpcore checkpoint ({fmt}) that this version cannot load: {detail}; was it "
                          f"written by another stpcore version, or damaged? Retrain or re-save it with this "
                          f"version") from exc
-    if _phase2_steps(state, fmt) == 0:
+    if _reconstruction_trained(state, fmt) is False:
         warnings.warn(f"{path}: this model had no phase-2 training (phase 1 trains the selection alone), so its "
                       f"reconstruction head is untrained and the video it outputs is not an anonymized one; train "
                       f"phase 2 (with privacy labels) before deploying it", RuntimeWarning, stacklevel=2)
     return model.eval()
 
 
-def phase2_updates(phase: str, epoch: int, step_in_epoch: int, steps_per_epoch: int, phase2_epochs: int,
-                   warmup_epochs: int) -> int:
-    """STPrivacy's phase-2 updates at a training position (``phase`` "phase1", "phase2" or "done"): none in phase 1
-    and during the recognizer warm-up (STPrivacy only transforms then)."""
+def reconstruction_trained(phase: str, epoch: int, step_in_epoch: int, phase2_epochs: int, warmup_epochs: int,
+                           decoder_init: str = "random") -> bool:
+    """Whether STPrivacy's reconstruction head has been trained at a training position (``phase`` "phase1",
+    "phase2" or "done"): phase 1 does not train it, nor does phase 2's recognizer warm-up (STPrivacy only transforms
+    then); decoder_init "lstsq" fits it when phase 2 starts."""
     if phase == "phase1":
-        return 0
+        return False
+    if decoder_init == "lstsq":
+        return True
     if phase != "phase2":
         epoch, step_in_epoch = phase2_epochs, 0
-    return max(0, epoch - warmup_epochs) * steps_per_epoch + (step_in_epoch if epoch >= warmup_epochs else 0)
+    return epoch > warmup_epochs or (epoch == warmup_epochs and step_in_epoch > 0)
 
 
-def _phase2_steps(state: dict, fmt: str) -> int | None:
-    """STPrivacy's phase-2 updates in the saved model; None when the file does not say (saved before it was)."""
+def _reconstruction_trained(state: dict, fmt: str) -> bool | None:
+    """Whether the saved model's reconstruction head was trained; None when the file does not say (saved before
+    it was recorded)."""
     if fmt == STPRIVACY_FORMAT:
-        return state.get("phase2_steps")
+        return state.get("reconstruction_trained")
     pos, cfg = state.get("position", {}), state.get("config", {})
     if "phase" not in pos or "phase2_epochs" not in cfg:
         return None
-    return phase2_updates(pos["phase"], pos.get("epoch", 0), pos.get("step_in_epoch", 0),
-                          pos.get("steps_per_epoch", 0), cfg["phase2_epochs"], cfg.get("recognizer_warmup_epochs", 0))
+    return reconstruction_trained(pos["phase"], pos.get("epoch", 0), pos.get("step_in_epoch", 0), cfg["phase2_epochs"],
+                                  cfg.get("recognizer_warmup_epochs", 0), cfg.get("decoder_init", "random"))

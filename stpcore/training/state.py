@@ -134,6 +134,8 @@ def carry_over(trainer: Trainer, saved_dir: Path) -> None:
     out, size = trainer.out_dir, trainer.metrics_bytes
     out.mkdir(parents=True, exist_ok=True)
     log = saved_dir / "metrics.jsonl"
+    if size is None and log.is_file():  # a checkpoint from before sizes were recorded: the whole log
+        size = _size(log)
     if size and _size(log) >= size:
         with open(log, "rb") as f, atomic_path(out / "metrics.jsonl") as tmp:
             tmp.write_bytes(f.read(size))

@@ -45,7 +45,7 @@ from torch import nn
 
 from stpcore import losses
 from stpcore.models import STPrivacy, VideoRecognizer
-from stpcore.models.checkpoints import phase2_updates, save_anonymizer
+from stpcore.models.checkpoints import reconstruction_trained, save_anonymizer
 from stpcore.ops import sample_gumbel
 from stpcore.progress import progress
 from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimizer, steps_per_epoch, unwrap
@@ -442,8 +442,9 @@ class Trainer:
 
         Args:
             resume: a checkpoint (``last.pt``) to continue.
-            overwrite: a fresh run (no ``resume``) into an out_dir that holds an earlier run's checkpoint is a
-                ValueError unless this is set; then that run's checkpoints and metrics are removed first.
+            overwrite: a fresh run (or a ``resume`` of a checkpoint saved in another folder) into an out_dir that
+                holds an earlier run's checkpoint is a ValueError unless this is set; then that run's checkpoints,
+                metrics, candidates and selection are removed first.
         """
         if resume is not None:
             self.load_checkpoint(resume)  # first: a checkpoint that cannot be resumed changes no file
@@ -643,7 +644,7 @@ class Trainer:
 
     def export_anonymizer(self, path: str | os.PathLike) -> Path:
         """Write the STPrivacy weights and config alone: what ``stpcore anonymize --checkpoint`` reads."""
-        updates = phase2_updates(self.phase, self.epoch, self.step_in_epoch, self.steps_per_epoch,
-                                 self.cfg.phase2_epochs, self.cfg.recognizer_warmup_epochs)
+        trained = reconstruction_trained(self.phase, self.epoch, self.step_in_epoch, self.cfg.phase2_epochs,
+                                         self.cfg.recognizer_warmup_epochs, self.cfg.decoder_init)
         return save_anonymizer(unwrap(self.models["anonymizer"]), path, classes=list(self.loader.classes),
-                               phase2_steps=updates)
+                               reconstruction_trained=trained)

@@ -71,7 +71,9 @@ def test_a_model_without_phase2_updates_warns_when_loaded(tmp_path):
 
     for name, kw, warned in [("p1", dict(phase1_epochs=1, phase2_epochs=0), True),
                              ("warm", dict(phase1_epochs=1, phase2_epochs=1, recognizer_warmup_epochs=1), True),
-                             ("both", dict(phase1_epochs=1, phase2_epochs=1), False)]:
+                             ("both", dict(phase1_epochs=1, phase2_epochs=1), False),
+                             ("fitted", dict(phase1_epochs=1, phase2_epochs=1, recognizer_warmup_epochs=1,
+                                             decoder_init="lstsq"), False)]:  # the warm-up, but a fitted head
         Trainer(_cfg(tmp_path / name, **kw), _loader()).fit()
         for file in ("stprivacy.pt", "last.pt"):
             with warnings.catch_warnings(record=True) as caught:
