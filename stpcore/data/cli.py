@@ -56,7 +56,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Mirror the videos of SRC into DST as constant-frame-rate H.264 (.mp4) or VP9 (.webm): "
                     "SRC/<class>/<video> (a dataset root) -> DST/<class>/<video>, and SRC/<video> (a folder of "
                     "videos, e.g. one class folder) -> DST/<video>. Split and label files (*.txt, *.pickle, *.pkl, "
-                    "*.csv) at the top of SRC are copied; outputs already in DST are skipped, so a rerun resumes. Exit "
+                    "*.csv) at the top of SRC are copied; outputs already in DST are skipped, so a rerun resumes. An "
+                    "odd width or height loses its last column or row (4:2:0 needs even sizes). Exit "
                     "1 if a file failed, 2 if SRC holds no video in either place.")
     tr.add_argument("src", help="dataset root (SRC/<class>/<video>) or folder of videos (SRC/<video>)")
     tr.add_argument("dst", help="output folder, laid out as SRC")

@@ -8,7 +8,8 @@ ValueError naming these layouts. Work runs in parallel processes, outputs that a
 an interrupted run resumes), each file is written atomically (temporary name in the destination folder, then
 os.replace), and the split files (*.txt) and label files (*.pickle, *.csv) at the top of `src` are copied
 alongside. Frames are re-stamped 0, 1, 2, ... at the source's average rate, which makes the output
-constant-frame-rate.
+constant-frame-rate. 4:2:0 video needs even sizes: an odd width or height loses its last column or row (one pixel
+of the picture, where a resize would move every pixel); a video stored sideways is written upright.
 """
 
 from __future__ import annotations
