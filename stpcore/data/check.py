@@ -169,7 +169,8 @@ def check_dataset(
                 try:
                     listing = list_records(root, kind, split, train, split_dir)
                 except (FileNotFoundError, ValueError) as e:
-                    report.problems["split files"].append(str(e))
+                    if str(e) not in report.problems["split files"]:  # one file read for train and test: once
+                        report.problems["split files"].append(str(e))
                     continue
                 for key in listing.missing:
                     report.problems["missing file (split entry)"].append(

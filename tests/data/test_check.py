@@ -265,3 +265,12 @@ def test_a_video_displayed_rotated_is_no_problem_for_either_decoder(tmp_path, ca
     assert _check(capsys, root)[0] == 0
     code, report = _check(capsys, root, "--decoder", "dali-cpu")  # jump/'s MPEG-4 is not for DALI-CPU: listed
     assert code == 1 and str(root / "jump" / "jump_0.avi") in report and str(phone) not in report, report
+
+
+def test_a_split_file_that_cannot_be_read_is_listed_once(tmp_path, capsys):
+    """--kind ucf101 on an HMDB51 layout: each missing split file was listed twice (read for train and for test)."""
+    root = _dataset(tmp_path / "ds")
+    code, report = _check(capsys, root, "--kind", "ucf101")
+    assert code == 1
+    listed = _listed(report, "split files")
+    assert listed and len(listed) == len(set(listed)), report
