@@ -185,8 +185,8 @@ def test_split_files_absent_or_malformed(tmp_path, capsys):
     (root / "jump_test_split3.txt").write_text("jump_0.avi train\n")
     code, report = _check(capsys, root)
     assert code == 1
-    listed = _listed(report, "split files")  # split 3's train and test lists both read the file
-    assert listed == [f"{root / 'jump_test_split3.txt'}:1: expected '<video>.avi <0|1|2>', got 'jump_0.avi train'"] * 2
+    listed = _listed(report, "split files")  # split 3's train and test lists both read the file: listed once
+    assert listed == [f"{root / 'jump_test_split3.txt'}:1: expected '<video>.avi <0|1|2>', got 'jump_0.avi train'"]
 
 
 def test_video_outside_a_class_folder(tmp_path, capsys):
