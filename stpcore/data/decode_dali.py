@@ -97,8 +97,7 @@ class DaliClipDecoder:
 
     def _build(self, turn: bool):
         """The pipeline; ``turn``: with the quarter turns of videos stored sideways (a copy of every clip's frames:
-        measured on DALI-CPU, 8 clips of a 320x240 VP9 video, 2 threads, an AVX2 machine: 1.08-1.16x the batch's
-        time), so the pipeline without it serves batches that need none."""
+        1.09x a batch's time on DALI-CPU, BENCHMARKS.md), so the pipeline without it serves batches that need none."""
         from nvidia.dali import fn, pipeline_def, types
 
         decoder_device = "cpu" if self.device == "cpu" else "mixed"

@@ -101,7 +101,7 @@ def state_dict(trainer: Trainer, data_counts: dict[str, int] | None = None) -> d
         "replay": [{k: v.cpu() for k, v in entry.items()} for entry in trainer.replay],
         # What metrics.jsonl held when this was written: a resume cuts the lines a killed run logged after it.
         "metrics_bytes": _size(trainer.out_dir / "metrics.jsonl"),
-        # The data report so far (rank 0's loader) and what of it was logged: a resume continues both.
+        # The data report so far (summed over the ranks) and what of it was logged: a resume continues both.
         "data_counts": data_counts,
         "data_reported": dict(trainer._reported),
         "position": {"phase": trainer.phase, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
