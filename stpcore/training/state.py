@@ -127,6 +127,12 @@ def cut_metrics(path: Path, size: int | None) -> None:
         f.truncate(size)
 
 
+def candidate_due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether phase-2 epoch ``epoch`` (1-based, of ``epochs``) ends with a model-selection candidate
+    (TrainConfig.candidate_every = ``every``; 0: none): every ``every``-th epoch and the last."""
+    return every > 0 and (epoch % every == 0 or epoch == epochs)
+
+
 def carry_over(trainer: Trainer, saved_dir: Path) -> None:
     """A run resumed into another out_dir than its checkpoint's: copy the saved run's metrics.jsonl (as far as the
     checkpoint holds it) and its model-selection candidates, so the new folder holds the whole run, as a resume in
@@ -144,13 +150,15 @@ def carry_over(trainer: Trainer, saved_dir: Path) -> None:
                       f"holds the steps of this resumed run only", RuntimeWarning, stacklevel=3)
     for stale in (out / "candidates").glob("phase2-epoch*.pt"):  # of no run this folder holds
         stale.unlink()
-    every = trainer.cfg.candidate_every
-    if trainer.phase not in ("phase2", "done") or not every:
+    if trainer.phase not in ("phase2", "done"):
         return
-    epochs = trainer.cfg.phase2_epochs
+    # The candidates the saved run exported before its checkpoint, by its own settings (a resume may change
+    # candidate_every: the later ones follow the new value, as in a resume in place).
+    saved_cfg = trainer.saved_config or dataclasses.asdict(trainer.cfg)
+    every, epochs = saved_cfg.get("candidate_every", 0), saved_cfg.get("phase2_epochs", trainer.cfg.phase2_epochs)
     last = trainer.epoch if trainer.phase == "phase2" else epochs
     missing = []
-    for epoch in (e for e in range(1, last + 1) if e % every == 0 or e == epochs):  # as Trainer._candidate_due
+    for epoch in (e for e in range(1, last + 1) if candidate_due(e, every, epochs)):
         name = f"phase2-epoch{epoch:03d}.pt"
         if not (saved_dir / "candidates" / name).is_file():
             missing.append(epoch)
@@ -213,6 +221,7 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     per_rank = state.get("noise_rng_per_rank") or [state["noise_rng"]]
     restore_generator(trainer.noise_gen, per_rank[trainer.dist.rank], path)
     trainer.metrics_bytes = state.get("metrics_bytes")
+    trainer.saved_config = state.get("config")
     report = getattr(trainer.loader, "report", None)
     if state.get("data_counts") is not None and report is not None:  # both loaders report what they skipped
         # The data report goes on from the saved run's: this loader's counts are offset by what the saved one had

@@ -134,6 +134,7 @@ class Trainer:
         # where a mid-epoch resume starts the loader. None when the loader does not say (then: whole batches).
         self.videos_in_epoch: int | None = 0
         self.metrics_bytes: int | None = None  # metrics.jsonl's size in the checkpoint resumed from
+        self.saved_config: dict | None = None  # the config in the checkpoint resumed from
         self._reported: dict[str, int] = {}  # the loader's report counts as last logged (they add up over the run)
         # Added to the loader's counts after a resume (state.load_checkpoint), so the data report's totals continue.
         self._count_offset: dict[str, int] = {}
@@ -543,8 +544,7 @@ class Trainer:
 
     def _candidate_due(self, epochs: int) -> bool:
         """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""
-        every = self.cfg.candidate_every
-        return every > 0 and (self.epoch % every == 0 or self.epoch == epochs)
+        return state.candidate_due(self.epoch, self.cfg.candidate_every, epochs)
 
     def _fit_decoder(self) -> None:
         """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py)."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -157,6 +158,28 @@ def test_a_resume_into_another_out_dir_brings_the_saved_runs_log_and_candidates(
     assert all(torch.equal(carried[k], saved[k]) for k in saved)
     with pytest.raises(ValueError, match="holds an earlier run .*--overwrite"):  # c now holds a run of its own
         Trainer(moved, _loader()).fit(resume=tmp_path / "b" / "run" / "last.pt")
+
+
+@pytest.mark.parametrize("saved_every,now_every", [(1, 2), (2, 1)])
+def test_a_moved_resume_with_another_candidate_every_carries_the_saved_runs_candidates(tmp_path, saved_every,
+                                                                                      now_every):
+    """The candidates carried into the new folder are those the saved run exported by its own candidate_every (a
+    changed value applies to the epochs after the checkpoint, as in a resume in place): none is dropped, and
+    none is reported missing that the saved run never made."""
+    wrapped = StopAfter(_loader(), 11)  # phase 2, epoch 2 (of 3)
+    first = Trainer(_cfg(tmp_path / "b", phase2_epochs=3, candidate_every=saved_every), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    made = sorted(p.name for p in (tmp_path / "b/run/candidates").glob("*.pt"))
+    assert made == (["phase2-epoch001.pt"] if saved_every == 1 else [])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lacks the candidates")
+        Trainer(_cfg(tmp_path / "c", phase2_epochs=3, candidate_every=now_every), _loader()).fit(
+            resume=tmp_path / "b" / "run" / "last.pt")
+    later = [e for e in (2, 3) if e % now_every == 0 or e == 3]
+    assert sorted(p.name for p in (tmp_path / "c/run/candidates").glob("*.pt")) == sorted(
+        made + [f"phase2-epoch00{e}.pt" for e in later])
 
 
 def test_recognizer_warmup_freezes_stprivacy_then_plays(tmp_path):
