@@ -37,6 +37,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("error: --select needs a validation part and phase-2 candidates: add --validation FRACTION "
               "(e.g. 0.2) and --candidate-every N, with --phase2-epochs > 0", file=sys.stderr)
         return 2
+    if args.select and cfg.recognizer_warmup_epochs >= cfg.phase2_epochs and cfg.decoder_init != "lstsq":
+        print(f"error: --select needs a phase-2 candidate with a trained reconstruction head, and all "
+              f"{cfg.phase2_epochs} phase-2 epochs are recognizer warm-up (--recognizer-warmup-epochs "
+              f"{cfg.recognizer_warmup_epochs}), which leaves it untrained: use fewer warm-up epochs, more phase-2 "
+              f"epochs, or --decoder-init lstsq", file=sys.stderr)
+        return 2
     if args.select and cfg.privacy_nullspace:
         print("error: --select deploys a phase-2 candidate, and candidates are taken before the "
               "--privacy-nullspace projection, which would then be lost: use one of the two (--privacy-nullspace 0 "

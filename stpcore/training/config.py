@@ -94,6 +94,8 @@ class TrainConfig:
             (``stpcore.data.splits.validation_partition``; 0: train on all) [G: 0].
         candidate_every: phase-2 epochs between candidate checkpoints, ``candidates/phase2-epochNNN.pt`` (the
             deployable format; 0: none). The last phase-2 epoch is always a candidate when this is set [G: 0].
+            None is taken during the recognizer warm-up while the reconstruction head is untrained (decoder_init
+            "random"): such a model outputs no anonymized video.
             Candidates are taken before ``privacy_nullspace`` (they are the phase-2 models as trained).
         privacy_nullspace: after phase 2, K rounds of linear probes for the privacy attributes on the reconstruction
             head's input, each probe's direction projected out of the head (``stpcore.training.nullspace``; 5K of

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from stpcore.media import atomic_path
-from stpcore.models.checkpoints import TRAIN_FORMAT, load_weights_only
+from stpcore.models.checkpoints import TRAIN_FORMAT, load_weights_only, reconstruction_trained
 from stpcore.runtime import unwrap
 
 if TYPE_CHECKING:
@@ -127,10 +127,16 @@ def cut_metrics(path: Path, size: int | None) -> None:
         f.truncate(size)
 
 
-def candidate_due(epoch: int, every: int, epochs: int) -> bool:
-    """Whether phase-2 epoch ``epoch`` (1-based, of ``epochs``) ends with a model-selection candidate
-    (TrainConfig.candidate_every = ``every``; 0: none): every ``every``-th epoch and the last."""
-    return every > 0 and (epoch % every == 0 or epoch == epochs)
+def candidate_due(epoch: int, cfg: dict) -> bool:
+    """Whether phase-2 epoch ``epoch`` (1-based) ends with a model-selection candidate, by a run's config (a
+    TrainConfig as a dict: the saved one of a checkpoint, or the current): every ``candidate_every``-th epoch and
+    the last, except while the recognizer warm-up has left the reconstruction head untrained (such a model is no
+    anonymizer, so it is not offered to the selection)."""
+    every, epochs = cfg.get("candidate_every", 0), cfg["phase2_epochs"]
+    if every <= 0 or not (epoch % every == 0 or epoch == epochs):
+        return False
+    return reconstruction_trained("phase2", epoch, 0, epochs, cfg.get("recognizer_warmup_epochs", 0),
+                                  cfg.get("decoder_init", "random"))
 
 
 def carry_over(trainer: Trainer, saved_dir: Path) -> None:
@@ -154,11 +160,10 @@ def carry_over(trainer: Trainer, saved_dir: Path) -> None:
         return
     # The candidates the saved run exported before its checkpoint, by its own settings (a resume may change
     # candidate_every: the later ones follow the new value, as in a resume in place).
-    saved_cfg = trainer.saved_config or dataclasses.asdict(trainer.cfg)
-    every, epochs = saved_cfg.get("candidate_every", 0), saved_cfg.get("phase2_epochs", trainer.cfg.phase2_epochs)
-    last = trainer.epoch if trainer.phase == "phase2" else epochs
+    saved_cfg = {**dataclasses.asdict(trainer.cfg), **(trainer.saved_config or {})}
+    last = trainer.epoch if trainer.phase == "phase2" else saved_cfg["phase2_epochs"]
     missing = []
-    for epoch in (e for e in range(1, last + 1) if candidate_due(e, every, epochs)):
+    for epoch in (e for e in range(1, last + 1) if candidate_due(e, saved_cfg)):
         name = f"phase2-epoch{epoch:03d}.pt"
         if not (saved_dir / "candidates" / name).is_file():
             missing.append(epoch)

@@ -489,7 +489,7 @@ class Trainer:
                     self.step_in_epoch, self.videos_in_epoch = 0, 0
                     # The candidate before the checkpoint: a run killed between the two redoes the export on
                     # resume (an atomic rewrite) instead of losing it.
-                    if phase == "phase2" and self.dist.main and self._candidate_due(epochs):
+                    if phase == "phase2" and self.dist.main and self._candidate_due():
                         self.export_anonymizer(self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt")
                     self.save_checkpoint()
             if self.cfg.privacy_nullspace:  # once, before "done" (a run killed during it redoes it on resume)
@@ -542,9 +542,9 @@ class Trainer:
                 for folder in ("candidates", "selection"):
                     shutil.rmtree(self.out_dir / folder, ignore_errors=True)
 
-    def _candidate_due(self, epochs: int) -> bool:
+    def _candidate_due(self) -> bool:
         """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""
-        return state.candidate_due(self.epoch, self.cfg.candidate_every, epochs)
+        return state.candidate_due(self.epoch, dataclasses.asdict(self.cfg))
 
     def _fit_decoder(self) -> None:
         """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py)."""

@@ -188,6 +188,39 @@ def test_phase2_saves_candidates_every_k_epochs_and_the_last(tmp_path):
     assert names == ["phase2-epoch002.pt", "phase2-epoch003.pt"]
 
 
+@pytest.mark.parametrize("decoder_init,expected", [("random", [3]), ("lstsq", [1, 2, 3])])
+def test_no_candidate_is_taken_while_the_warm_up_leaves_the_reconstruction_head_untrained(tmp_path, decoder_init,
+                                                                                          expected):
+    """During the recognizer warm-up STPrivacy is the phase-1 model, whose reconstruction head is untrained (unless
+    the lstsq fit set it): it outputs no anonymized video, so it is no candidate the selection could deploy."""
+    import warnings
+
+    from stpcore.models import load_anonymizer
+    from stpcore.testing import RandomClipLoader
+    from stpcore.training import TrainConfig, Trainer
+
+    cfg = TrainConfig(data_root="unused", out_dir=str(tmp_path / "run"), preset="tiny", batch_size=4,
+                      phase1_epochs=1, phase2_epochs=3, recognizer_warmup_epochs=2, candidate_every=1,
+                      decoder_init=decoder_init, progress=False, labels="unused.csv")
+    Trainer(cfg, RandomClipLoader(2, 4, 8, 32)).fit()
+    names = sorted(p.name for p in (tmp_path / "run" / "candidates").iterdir())
+    assert names == [f"phase2-epoch{e:03d}.pt" for e in expected]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of them warns that its head is untrained
+        for name in names:
+            load_anonymizer(tmp_path / "run" / "candidates" / name)
+
+
+def test_train_select_with_only_warm_up_epochs_is_refused(tmp_path, capsys):
+    from stpcore.cli import main
+
+    assert main(["train", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--select",
+                 "--validation", "0.2", "--candidate-every", "1", "--phase2-epochs", "2",
+                 "--recognizer-warmup-epochs", "2"]) == 2
+    assert "all 2 phase-2 epochs are recognizer warm-up" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_select_needs_a_validation_part_and_candidates(tmp_path, capsys):
     from stpcore.cli import main
 
