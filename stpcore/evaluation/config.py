@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from stpcore.models import BackboneConfig
@@ -86,8 +87,15 @@ class EvalConfig:
         if self.batch_size < 1 or self.test_batch_size < 1:
             raise ValueError(f"batch_size and test_batch_size must be >= 1, got {self.batch_size}, "
                              f"{self.test_batch_size}")
-        if not self.base_lr > 0:
-            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
+        if not 0 < self.base_lr < math.inf:
+            raise ValueError(f"base_lr must be > 0 and finite, got {self.base_lr}")
+        bad = {name: getattr(self, name) for name in ("weight_decay", "warmup_epochs", "clip_grad", "workers")
+               if not 0 <= getattr(self, name) < math.inf}  # NaN too
+        if bad:
+            raise ValueError(f"these settings must be >= 0 and finite: {bad}")
+        if not 0 <= self.min_lr_ratio <= 1:  # below 0 the cosine's end would be a negative lr: gradient ascent
+            raise ValueError(f"min_lr_ratio (the cosine schedule's floor, a fraction of the lr) must be in [0, 1], "
+                             f"got {self.min_lr_ratio}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1 frame (None: the dataset's default), got {self.stride}")
         if self.amp not in AMP_CHOICES:

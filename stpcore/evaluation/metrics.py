@@ -9,7 +9,8 @@
 - privacy F1: class-wise F1 at threshold 0.5 (scikit-learn) averaged over the same attributes as cMAP [G: one whose
   test labels are all one class is left out here too: with no positive video its F1 is 0 whatever the predictions,
   which would read as privacy].
-Only test videos with privacy labels count for the privacy metrics.
+Only test videos with privacy labels count for the privacy metrics. Scores that are not finite (a recognizer
+that diverged in training) give undefined (NaN) metrics, not an error: the other recognizers' results stand.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def video_metrics(
     _, action_mean = average_views(action_probs, video_index)  # (V, C)
     labels = _per_video_labels(actions.cpu(), video_index, "actions")  # (V,)
     top1 = 100.0 * (action_mean.argmax(-1) == labels).double().mean().item()
+    if not torch.isfinite(action_mean).all():  # argmax would pick a class from NaN scores
+        top1 = math.nan
 
     privacy_part = privacy_metrics(privacy_probs, privacy, has_privacy, video_index, attributes)
     return Metrics(top1, *privacy_part[:5], len(labels), privacy_part[5])
@@ -127,6 +130,7 @@ def privacy_metrics(
     ap: dict[str, float] = {}
     f1: dict[str, float] = {}
     skipped: list[str] = []
+    finite = bool(np.isfinite(scores).all())
     for a, name in enumerate(attributes):
         if len(truth) == 0:
             ap[name], f1[name] = math.nan, math.nan
@@ -138,11 +142,13 @@ def privacy_metrics(
             # whatever the predictions; both are left out, so cMAP and F1 average the same attributes.
             ap[name], f1[name] = math.nan, math.nan
             skipped.append(name)
+        elif not finite:  # scikit-learn raises on NaN; a diverged recognizer's scores mean nothing
+            ap[name], f1[name] = math.nan, math.nan
         else:
             ap[name] = float(average_precision_score(y, scores[:, a]))
             f1[name] = float(f1_score(y, scores[:, a] > 0.5, zero_division=0))
     defined = [v for v in ap.values() if not math.isnan(v)]
-    cmap = 100.0 * float(np.mean(defined)) if defined else math.nan
+    cmap = 100.0 * float(np.mean(defined)) if defined and finite else math.nan
     defined_f1 = [v for v in f1.values() if not math.isnan(v)]
-    mean_f1 = float(np.mean(defined_f1)) if defined_f1 else math.nan
+    mean_f1 = float(np.mean(defined_f1)) if defined_f1 and finite else math.nan
     return cmap, mean_f1, ap, f1, skipped, int(has.sum())

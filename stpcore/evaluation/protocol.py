@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,9 +186,9 @@ def _train_epoch(cfg, transform, models, opts, scheds, cnn_epochs, loader, rec_c
 
 
 @torch.no_grad()
-def _test(cfg, transform, models, stats, loader, rec_cfg, device, method) -> tuple[Metrics, dict, float]:
+def _test(cfg, transform, models, stats, loader, rec_cfg, device, method) -> tuple[Metrics, dict, float, list[str]]:
     """Metrics of the action recognizer (with vit's privacy scores, or the first attacker's), every attacker's
-    privacy scores, and the kept fraction."""
+    privacy scores, the kept fraction, and the recognizers whose outputs were not all finite."""
     mode = transform.keep_mode or "policy"
     for m in models.values():
         m.eval()
@@ -229,7 +230,8 @@ def _test(cfg, transform, models, stats, loader, rec_cfg, device, method) -> tup
         scores[name] = {"cmap": cmap, "f1": f1, "ap": ap, "f1_per_attribute": f1_per, "skipped_attributes": skipped}
     headline = "vit" if "vit" in attackers else attackers[0]
     metrics = video_metrics(cat["action"], cat["actions"], cat[headline], cat["labels"], cat["has"], cat["video"])
-    return metrics, scores, (kept.item() / tokens if tokens else 1.0)
+    diverged = [k for k in ("action", *attackers) if not torch.isfinite(cat[k]).all()]
+    return metrics, scores, (kept.item() / tokens if tokens else 1.0), diverged
 
 
 def evaluate_method(
@@ -306,9 +308,15 @@ def evaluate_method(
     if stats_sink is not None:
         feats, labels, has = (torch.cat(parts).numpy() for parts in zip(*stats_sink, strict=True))
         stats = StatsAttacker(budget.stats_c, cfg.seed).fit(feats, labels, has.astype(bool))
-    metrics, scores, kept_fraction = _test(cfg, transform, models, stats, test_loader, action_cfg, dev,
-                                           transform.name)
+    metrics, scores, kept_fraction, diverged = _test(cfg, transform, models, stats, test_loader, action_cfg, dev,
+                                                     transform.name)
     notes = []
+    if diverged:  # the result is still saved: the other recognizers' scores stand, and a resume reuses them
+        names = ", ".join(diverged)
+        notes.append(f"outputs not finite (diverged in training; its scores are undefined, NaN): {names}")
+        warnings.warn(f"{transform.name}: {names} gave non-finite outputs on the test split (diverged in training); "
+                      f"its scores are NaN. A lower --base-lr, a --clip-grad above 0 or --amp none may help",
+                      RuntimeWarning, stacklevel=2)
     if metrics.skipped_attributes and metrics.num_privacy_videos:
         notes.append(f"cMAP over {5 - len(metrics.skipped_attributes)} of 5 attributes (skipped, test labels all "
                      f"one class: {', '.join(metrics.skipped_attributes)})")

@@ -188,6 +188,9 @@ class TrainConfig:
             if not getattr(self, name) >= 0}  # NaN too
         if negative:
             raise ValueError(f"these settings must be >= 0 (a negative weight would flip its loss): {negative}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio (the cosine schedule's floor, a fraction of the lr) must be in [0, 1], "
+                             f"got {self.min_lr_ratio}")
 
     def model_config(self, num_classes: int) -> STPrivacyConfig:
         extra = {k: v for k, v in (("num_frames", self.num_frames), ("image_size", self.image_size)) if v is not None}

@@ -112,6 +112,24 @@ def test_attribute_with_one_class_is_left_out_of_cmap_and_f1():
     assert perfect.cmap == pytest.approx(100.0) and perfect.f1 == pytest.approx(1.0)
 
 
+def test_non_finite_scores_give_undefined_metrics_not_an_error():
+    """A recognizer that diverged: scikit-learn raised on its NaN scores (after all of phase 3's training), and the
+    action top-1 took argmax over NaN as a prediction."""
+    g = torch.Generator().manual_seed(0)
+    video = torch.arange(8).repeat_interleave(2)
+    actions, privacy = (video % 3), (torch.rand(8, 5, generator=g) > 0.5).float()[video]
+    privacy[:2, :] = torch.tensor([0.0, 0.0])[:, None]  # both classes in every attribute
+    privacy[2:4, :] = 1.0
+    probs, scores = torch.rand(16, 3, generator=g).softmax(-1), torch.rand(16, 5, generator=g)
+    has = torch.ones(16, dtype=torch.bool)
+    fine = video_metrics(probs, actions, scores, privacy, has, video)
+    assert not math.isnan(fine.top1) and not math.isnan(fine.cmap)
+    probs[3, 0], scores[5, 2] = math.nan, math.nan
+    m = video_metrics(probs, actions, scores, privacy, has, video)
+    assert math.isnan(m.top1) and math.isnan(m.cmap) and math.isnan(m.f1)
+    assert all(math.isnan(v) for v in m.ap.values()) and m.num_videos == 8
+
+
 def test_inconsistent_view_labels_raise():
     with pytest.raises(ValueError, match="views of one video"):
         video_metrics(torch.rand(2, C), torch.tensor([0, 1]), torch.rand(2, 5), torch.zeros(2, 5),
@@ -249,6 +267,39 @@ def test_a_train_split_with_no_readable_video_is_an_error(tmp_path, attackers):
     with pytest.raises(ValueError, match=r"raw epoch 1: no training clip could be read; every video was skipped "
                                          r"\(\{'unreadable': 8\}\)"):
         evaluate_method(make_transform("raw"), cfg, Unreadable(num_videos=8, batch_videos=4, train=True), test)
+
+
+def test_recognizers_with_non_finite_outputs_are_noted_and_the_result_kept(tmp_path):
+    """Non-finite test outputs (here from a test video whose pixel overflows; in practice a recognizer that
+    diverged): the evaluation ends with NaN scores, a note naming the recognizers and a warning, and saves its
+    result, instead of a scikit-learn error after all of its training."""
+
+    class OneNanVideo(BandLoader):
+        def paint(self, clip, video):
+            super().paint(clip, video)
+            if video == 0:
+                clip[0, 0, 0, 0] = 3e38  # finite (the recognizers check), but overflows inside them
+
+    cfg = _cfg(tmp_path, epochs=1, attackers="vit")
+    train = BandLoader(num_videos=8, batch_videos=4, train=True)
+    with pytest.warns(RuntimeWarning, match="raw: action, vit gave non-finite outputs"):
+        result = evaluate_method(make_transform("raw"), cfg, train, OneNanVideo(num_videos=6, batch_videos=3,
+                                                                                  train=False))
+    assert math.isnan(result.top1) and math.isnan(result.cmap) and math.isnan(result.attackers["vit"]["cmap"])
+    assert "outputs not finite (diverged in training; its scores are undefined, NaN): action, vit" in result.note
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "eval_metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["test"]["top1"] is None  # NaN is written as null
+
+
+@pytest.mark.parametrize("setting", [dict(min_lr_ratio=-1.0), dict(min_lr_ratio=1.5), dict(weight_decay=-0.1),
+                                     dict(warmup_epochs=-5.0), dict(warmup_epochs=math.inf), dict(clip_grad=-1.0),
+                                     dict(base_lr=math.inf), dict(weight_decay=math.nan)],
+                         ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_eval_settings_that_train_nonsense_are_refused(tmp_path, setting):
+    """A negative min_lr_ratio turned the cosine's end into a negative lr (gradient ascent); the training config
+    refused these, the evaluation's took them."""
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        _cfg(tmp_path, **setting)
 
 
 def test_evaluate_writes_tables_and_refuses_bad_method_lists_before_training(tmp_path):

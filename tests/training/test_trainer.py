@@ -309,6 +309,10 @@ def test_warmup_and_restart_validation(tmp_path):
         _cfg(tmp_path, decoder_init="pca")
     with pytest.raises(ValueError, match="privacy_objective"):
         _cfg(tmp_path, privacy_objective="kl")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        _cfg(tmp_path, min_lr_ratio=-0.5)
+    with pytest.raises(ValueError, match=r"min_lr_ratio .* must be in \[0, 1\]"):  # the lr would rise as it "decays"
+        _cfg(tmp_path, min_lr_ratio=2.0)
 
 
 def test_privacy_objective_entropy_enters_the_anonymizer_loss(tmp_path):
