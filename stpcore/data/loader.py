@@ -411,6 +411,8 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 class PyAVClipLoader(_LoaderBase):
     """CPU loader: PyAV decoding in `cfg.workers` DataLoader worker processes. Iterate for one epoch."""
 
+    decoder_name = "pyav"  # what decoded the clips (cfg.decoder "auto" resolved), for records of results
+
     _cached_dataset: _ClipDataset | None = None
 
     def __iter__(self) -> Iterator[Batch]:
@@ -450,6 +452,8 @@ class PyAVClipLoader(_LoaderBase):
 
 class DaliClipLoader(_LoaderBase):
     """DALI loader: files probed once (threads), clips decoded by `DaliClipDecoder` on cfg.device."""
+
+    decoder_name = "dali"
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)

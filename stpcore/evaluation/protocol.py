@@ -417,7 +417,7 @@ def evaluate(
         # Every method's recognizers take the checkpoint's backbone (vit_small without one), on this device type
         # (amp "auto" is bf16 on CUDA only), on these videos.
         key.update(backbone=dataclasses.asdict(model_cfg) if model_cfg is not None else None,
-                   device=_device(cfg, device).type, data=videos_of(train=train_loader, test=test_loader))
+                   **run_context(cfg, device, train=train_loader, test=test_loader))
         record_path = Path(cfg.out_dir) / "methods" / f"{name}.json"
         # backbone: the baselines' recognizers equal the ones STPrivacy's output is evaluated with.
         result, resumed = run_or_resume(record_path, key, resume, lambda t=transform: evaluate_method(
@@ -429,6 +429,8 @@ def evaluate(
     return results
 
 
+# A saved result's record (methods/<name>.json, selection/<name>/result.json): what it was computed from, and it.
+RESULT_FORMAT = "stpcore-eval-result-v2"
 # EvalConfig fields that do not change a method's result: where it is written, how fast it is read, how it is shown
 # (the device type the recognizers run on is part of the key: evaluate() adds it).
 _RESUME_FREE = frozenset({"out_dir", "workers", "progress", "device"})
@@ -436,18 +438,24 @@ _RESUME_FREE = frozenset({"out_dir", "workers", "progress", "device"})
 
 def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None, keep_ratio: float | None,
                       threshold: float | None, boxes: Mapping[str, Sequence[float]] | None) -> dict:
-    """What a method's result was computed from: the evaluation settings but those in ``_RESUME_FREE``,
-    the method, the labels file's SHA-256, and what it reads (:func:`evaluate` adds the recognizers' backbone, the
-    device type and the videos of each split): for "stprivacy", the
+    """What a method's result was computed from: the record format and stpcore's version, the evaluation settings but
+    those in ``_RESUME_FREE``, the method, the labels and init_2d files' SHA-256, and what it reads (:func:`evaluate`
+    adds the recognizers' backbone and :func:`run_context`: the device type, the decoders, the videos of each
+    split): for "stprivacy", the
     checkpoint's weights (SHA-256, ``stpcore.deploy.weights_fingerprint``) and the keep ratio or threshold; for
     "blacken", the boxes."""
+    from stpcore import __version__
+
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
-    key: dict[str, Any] = {"method": method, "settings": settings}
-    if cfg.labels is not None:  # the labels' contents: a file may be fixed in place
-        try:
-            key["labels"] = hashlib.sha256(Path(cfg.labels).read_bytes()).hexdigest()
-        except OSError:
-            key["labels"] = None
+    # The format and stpcore's version: a result made by other code (another attacker budget, a fixed metric) is
+    # computed again, not reused.
+    key: dict[str, Any] = {"format": RESULT_FORMAT, "stpcore": __version__, "method": method, "settings": settings}
+    for name in ("labels", "init_2d"):  # the files' contents: a file may be replaced in place
+        if getattr(cfg, name) is not None:
+            try:
+                key[name] = hashlib.sha256(Path(getattr(cfg, name)).read_bytes()).hexdigest()
+            except OSError:
+                key[name] = None
     if method == "stprivacy":
         from stpcore.deploy import weights_fingerprint
 
@@ -456,6 +464,14 @@ def method_record_key(cfg: EvalConfig, method: str, anonymizer: STPrivacy | None
         text = json.dumps({k: [float(v) for v in b] for k, b in sorted(boxes.items())})
         key["boxes"] = hashlib.sha256(text.encode()).hexdigest()
     return key
+
+
+def run_context(cfg: EvalConfig, device: str | torch.device | None, **loaders) -> dict:
+    """The rest of a result's key (:func:`method_record_key`): the device type (amp "auto" is bf16 on CUDA only),
+    the decoder that read each named loader's clips ("auto" resolved: DALI's and PyAV's clips differ slightly) and
+    the videos each reads (:func:`videos_of`)."""
+    return {"device": _device(cfg, device).type, "data": videos_of(**loaders),
+            "decoders": {part: getattr(loader, "decoder_name", None) for part, loader in loaders.items()}}
 
 
 def videos_of(**loaders) -> dict[str, list]:

@@ -90,8 +90,8 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
         evaluate_method,
         load_checkpoint,
         method_record_key,
+        run_context,
         run_or_resume,
-        videos_of,
     )
     from stpcore.runtime import clip_loader
 
@@ -113,7 +113,8 @@ def select_candidate(candidates: Sequence[str | os.PathLike], cfg: EvalConfig, v
 
     def run(method: str, model, name: str) -> MethodResult:
         key = {**method_record_key(cfg, method, model, None, None, None), "validation": validation,
-               "backbone": dataclasses.asdict(geometry), "data": videos_of(train=train_loader, validation=val_loader)}
+               "backbone": dataclasses.asdict(geometry),
+               **run_context(cfg, None, train=train_loader, validation=val_loader)}
         transform = STPrivacyTransform(model) if model is not None else make_transform(method)
         return run_or_resume(out_dir / name / "result.json", key, resume, lambda: evaluate_method(
             transform, dataclasses.replace(cfg, out_dir=str(out_dir / name)), train_loader, val_loader,

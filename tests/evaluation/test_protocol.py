@@ -471,6 +471,47 @@ def test_resume_reads_back_only_results_of_the_same_recognizers_and_data(tmp_pat
     assert trained == [] and math.isnan(read_back.cmap) and read_back.top1 == 50.0  # NaN survives the record
 
 
+def test_resume_recomputes_results_made_from_another_init_file_decoder_or_version(tmp_path, monkeypatch):
+    """eval --resume reads a result back only when it was made from the same inputs: the init_2d file's contents
+    (not its path: a file replaced in place), the decoder that read the clips (cfg.decoder "auto" resolves to DALI
+    or PyAV by machine) and stpcore's version (other attacker budgets, a fixed metric)."""
+    import stpcore
+    from stpcore.evaluation import MethodResult, protocol
+
+    trained = []
+
+    def fake_method(transform, cfg, train_loader, test_loader, backbone=None, device=None):
+        trained.append(transform.name)
+        return MethodResult(transform.name, 50.0, 40.0, 0.5, {}, {}, [], 3, 3, 1.0, 0.1, 1)
+
+    decoder = {"name": "pyav"}
+
+    class Loader(BandLoader):
+        @property
+        def decoder_name(self):
+            return decoder["name"]
+
+    monkeypatch.setattr(protocol, "evaluate_method", fake_method)
+    monkeypatch.setattr(protocol, "default_loader", lambda cfg, train, backbone=None: Loader(
+        num_videos=4, batch_videos=2, train=train))
+    init = tmp_path / "vit_2d.pt"
+    init.write_bytes(b"weights one")
+    cfg = _cfg(tmp_path, init_2d=str(init))
+
+    def trains() -> bool:
+        trained.clear()
+        protocol.evaluate(cfg, methods=("raw",), resume=True)
+        return trained == ["raw"]
+
+    assert trains() and not trains()  # made once, then read back
+    init.write_bytes(b"weights two")  # the same path, other weights
+    assert trains() and not trains()
+    decoder["name"] = "dali"
+    assert trains() and not trains()
+    monkeypatch.setattr(stpcore, "__version__", "99.0")
+    assert trains() and not trains()
+
+
 def test_settings_that_cannot_work_fail_before_any_training(tmp_path, monkeypatch):
     """No method (or sweep point), a CUDA device on a machine without one, or an out_dir that cannot be a folder:
     a clear error before the first recognizer trains (the folder was made after the first method, an hour in)."""
