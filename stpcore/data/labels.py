@@ -11,6 +11,7 @@ import codecs
 import csv
 import importlib
 import io
+import math
 import os
 import pickle
 import tempfile
@@ -47,6 +48,58 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The pickle names a global other than numpy's array reconstruction."""
 
 
+# A label file is small (VP-UCF101's: 13,320 videos, under 2 MB); a larger one is refused before it is read.
+MAX_LABEL_FILE_BYTES = 64 * 1024 * 1024
+# No array in a label pickle needs more elements than this (a label is 5 values): numpy's constructors, which the
+# pickle may call, would otherwise allocate whatever a 100-byte file asks for.
+_MAX_ARRAY_ELEMENTS = 64
+
+
+def _small_shape(shape, where: str) -> None:
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int) and 0 <= d <= _MAX_ARRAY_ELEMENTS for d in dims) \
+            or math.prod(dims) > _MAX_ARRAY_ELEMENTS:
+        raise UnsafePickleError(f"refusing {where} of shape {shape!r}: a label pickle holds arrays of at most "
+                                f"{_MAX_ARRAY_ELEMENTS} elements")
+
+
+def _plain_dtype(dtype, where: str) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.kind not in "biuf":  # object, string, void (structured) dtypes: none is a label
+        raise UnsafePickleError(f"refusing {where} of dtype {dt}: a label pickle holds numeric arrays only")
+    return dt
+
+
+class _CheckedArray(np.ndarray):
+    """numpy.ndarray as a label pickle sees it: the class _reconstruct is given, and a constructor it may call
+    directly, for small numeric arrays only."""
+
+    def __new__(cls, shape, dtype=float, *args, **kwargs):
+        _small_shape(shape, "numpy.ndarray")
+        return np.ndarray.__new__(np.ndarray, shape, _plain_dtype(dtype, "numpy.ndarray"), *args, **kwargs)
+
+
+def _safe_dtype(obj, *args, **kwargs):
+    return _plain_dtype(np.dtype(obj, *args, **kwargs), "numpy.dtype")
+
+
+def _checked(name: str, real):
+    """numpy's array reconstruction (``_reconstruct(subtype, shape, dtype)``, ``_frombuffer(buf, dtype, shape,
+    order)``) with the shape and dtype checked first; the array it makes is a plain ndarray."""
+    if name == "_reconstruct":
+        def reconstruct(subtype, shape, dtype):
+            if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)):
+                raise UnsafePickleError(f"refusing _reconstruct of {subtype!r}: a label pickle holds numpy arrays")
+            _small_shape(shape, "_reconstruct")
+            return real(np.ndarray, shape, dtype)
+        return reconstruct
+
+    def frombuffer(buf, dtype, shape, order):
+        _small_shape(shape, "_frombuffer")
+        return real(buf, _plain_dtype(dtype, "_frombuffer"), shape, order)
+    return frombuffer
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: D102 - pickle hook
         if (module, name) not in _ALLOWED_GLOBALS:
@@ -54,8 +107,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                 f"refusing to load global {module}.{name}: a label pickle may only hold numpy arrays "
                 "(numpy.core.multiarray._reconstruct, numpy.core.numeric._frombuffer, numpy.ndarray, numpy.dtype)"
             )
-        if module == "numpy":
-            return getattr(np, name)
+        if module == "numpy":  # the constructors a pickle can call directly: numeric and small only
+            return _CheckedArray if name == "ndarray" else _safe_dtype
         if module == "_codecs":
             return codecs.encode
         # numpy 2 keeps numpy.core as a shim over numpy._core; import whichever spelling this numpy provides.
@@ -63,7 +116,23 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             mod = importlib.import_module(module)
         except ImportError:
             mod = importlib.import_module(module.replace("numpy.core", "numpy._core", 1))
-        return getattr(mod, name)
+        return _checked(name, getattr(mod, name))
+
+
+def _label_values(value) -> np.ndarray | None:
+    """A pickled label as a (5,) array, or None when it is not one: a numeric array of 5 elements, or a list of 5
+    numbers (or one such list). Checked before any conversion: np.asarray of nested lists that share references
+    builds an array as large as they unfold to."""
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple, np.ndarray)):
+        value = value[0]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(PRIVACY_ATTRIBUTES) or not all(
+                isinstance(v, (int, float, np.integer, np.floating)) for v in value):
+            return None
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray) or value.size != len(PRIVACY_ATTRIBUTES) or value.dtype.kind not in "biuf":
+        return None
+    return value.reshape(-1)
 
 
 # The video containers stpcore reads; a key's suffix is dropped only when it is one of these.
@@ -107,12 +176,17 @@ def load_privacy_pickle(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         UnsafePickleError if the pickle names any other global (e.g. os.system or a builtin);
         LabelError if the content is not a dict of (1, 5) or (5,) 0/1 arrays.
     """
+    size = os.path.getsize(path)
+    if size > MAX_LABEL_FILE_BYTES:
+        raise LabelError(f"{path}: {size} bytes, larger than any label file ({MAX_LABEL_FILE_BYTES} bytes at most); "
+                         f"is it the right file?")
     with open(path, "rb") as f:
         try:
             obj = _NumpyOnlyUnpickler(f).load()
         except UnsafePickleError:
             raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, MemoryError,
+                RecursionError) as exc:
             why = "empty or truncated file" if isinstance(exc, EOFError) else str(exc) or type(exc).__name__
             raise LabelError(f"{path}: not a readable label pickle ({why}); use the released VP-HMDB51/VP-UCF101 "
                              f"pickle or a label CSV") from exc
@@ -123,12 +197,12 @@ def load_privacy_pickle(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         if not isinstance(raw_key, str):
             raise LabelError(f"{path}: key {raw_key!r} is not a string")
         key = validate_key(raw_key, where=str(path))
-        arr = np.asarray(value)
-        if arr.size != len(PRIVACY_ATTRIBUTES) or not np.isin(arr, (0, 1)).all():
+        arr = _label_values(value)
+        if arr is None or not np.isin(arr, (0, 1)).all():
             raise LabelError(f"{path}: label of {raw_key!r} is not {len(PRIVACY_ATTRIBUTES)} values in {{0, 1}}")
         if key in out:
             raise LabelError(f"{path}: duplicate video {key!r}")
-        out[key] = arr.reshape(-1).astype(np.int64)
+        out[key] = arr.astype(np.int64)
     return out
 
 

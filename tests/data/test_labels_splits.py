@@ -130,7 +130,51 @@ def test_pickle_frombuffer_cannot_make_object_arrays(tmp_path):
     """_frombuffer is allowed, but np.frombuffer refuses object dtypes, so it cannot smuggle objects in."""
     path = tmp_path / "crafted.pickle"
     path.write_bytes(pickle.dumps({"a/b.mp4": _ObjectFromBuffer()}, protocol=5))
-    with pytest.raises(ValueError, match="(?i)object"):
+    with pytest.raises((ValueError, UnsafePickleError), match="(?i)object"):
+        load_privacy_pickle(path)
+
+
+class _Calls:
+    """Pickles as ``func(*args)``: what a crafted label pickle can ask numpy's allowed globals to do."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _nested(depth: int) -> list:
+    value = [0, 1, 0, 1, 0]
+    for _ in range(depth):
+        value = [value, value]  # one object twice: the pickle stays tiny, the unfolded array doubles
+    return value
+
+
+@pytest.mark.parametrize("value,match", [
+    (_Calls(np.ndarray, (200_000_000,), np.dtype("f8")), "shape"),  # 1.6 GB asked for by ~100 bytes
+    (_Calls(np.ndarray, (5,), np.dtype("O")), "object"),  # an object array, filled with None by numpy
+    (_Calls(np._core.multiarray._reconstruct, np.ndarray, (10**9,), b"b"), "shape"),
+    (_nested(30), "not 5 values"),  # np.asarray would unfold 2**30 copies of the list
+], ids=["ndarray-huge", "ndarray-object", "reconstruct-huge", "shared-nested-lists"])
+def test_pickle_size_bombs_are_refused_before_they_allocate(tmp_path, value, match):
+    """Nothing in a label pickle runs code, but numpy's constructors and np.asarray allocate what a tiny file
+    asks for (the review measured 1.7 GB resident from 104 bytes): shapes, dtypes and the label's structure are
+    checked before anything is allocated."""
+    path = tmp_path / "bomb.pickle"
+    path.write_bytes(pickle.dumps({"a/b.mp4": value}, protocol=4))
+    assert path.stat().st_size < 1000
+    with pytest.raises((LabelError, UnsafePickleError), match=match):
+        load_privacy_pickle(path)
+
+
+def test_a_label_file_larger_than_any_label_file_is_not_read(tmp_path, monkeypatch):
+    from stpcore.data import labels
+
+    path = tmp_path / "l.pickle"
+    path.write_bytes(pickle.dumps({"a/b.mp4": np.zeros((1, 5), np.int64)}, protocol=4))
+    monkeypatch.setattr(labels, "MAX_LABEL_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(LabelError, match="larger than any label file"):
         load_privacy_pickle(path)
 
 
