@@ -104,11 +104,9 @@ class VideoWriter:
         self.size: tuple[int, int] | None = None  # (W, H) as encoded, set by the first write
 
     def __enter__(self) -> VideoWriter:
-        import av  # optional dependency (stpcore[video])
-
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
-        self._container = av.open(str(tmp), mode="w")
+        self._container = open_video(tmp, "w")
         self._stream = None
         return self
 
@@ -191,12 +189,19 @@ def upright_rgb(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(image, turns) if turns else image)
 
 
+def open_video(path: str | os.PathLike, mode: str = "r", **kwargs):
+    """``av.open`` of a local file by its absolute path: FFmpeg reads a name that starts like a URL ("tcp:host:port/"
+    or "data:", a folder of that name relative to the working folder) as that protocol, so a dataset could make it
+    connect somewhere; an absolute path is always a file."""
+    import av
+
+    return av.open(os.path.abspath(os.fspath(path)), mode, **kwargs)
+
+
 def read_frames(path: str | os.PathLike):
     """Decode a video's frames in order: yields uint8 (H, W, 3) RGB (PyAV's conversion, as the loaders decode),
     upright as the file is displayed (:func:`upright_rgb`)."""
-    import av
-
-    with av.open(str(path)) as container:
+    with open_video(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
@@ -207,9 +212,7 @@ def read_frames(path: str | os.PathLike):
 
 def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:
     """The average frame rate of a video's first video stream (``default`` when the file does not say)."""
-    import av
-
-    with av.open(str(path)) as container:
+    with open_video(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         rate = container.streams.video[0].average_rate or container.streams.video[0].guessed_rate

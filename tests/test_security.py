@@ -178,3 +178,26 @@ def test_a_file_that_is_no_checkpoint_is_not_called_dangerous(tmp_path, content)
         load_weights_only(path)
     message = str(exc.value)
     assert message.startswith(f"{path}: not a torch checkpoint") and "could run code" not in message, message
+
+
+def test_a_video_path_that_reads_as_a_url_is_opened_as_the_file(tmp_path, monkeypatch):
+    """A dataset folder named like an FFmpeg URL ("tcp:127.0.0.1:9"), read with the dataset root given relative
+    ("."): the relative path went to FFmpeg, which connected to that address instead of reading the file (a
+    dataset could make stpcore connect anywhere). Paths are made absolute before FFmpeg sees them."""
+    pytest.importorskip("av")
+    import numpy as np
+
+    from stpcore.data.decode_pyav import decode_frames, probe
+    from stpcore.data.splits import index_videos
+    from stpcore.data.synth import write_video
+    from stpcore.media import read_frames
+
+    folder = tmp_path / "tcp:127.0.0.1:9"  # port 9 (discard): a refused connection, at once, were it dialled
+    folder.mkdir()
+    write_video(folder / "v.avi", np.full((4, 32, 32, 3), 90, np.uint8), fps=25, codec="mpeg4")
+    monkeypatch.chdir(tmp_path)
+    relative = "tcp:127.0.0.1:9/v.avi"
+    assert probe(relative).num_frames == 4
+    assert decode_frames(relative, [0, 3])[0].shape == (2, 32, 32, 3)
+    assert len(list(read_frames(relative))) == 4
+    assert index_videos(".")["tcp:127.0.0.1:9/v"].is_absolute()  # what the loaders and the check open

@@ -20,6 +20,7 @@ from stpcore.data.decode_pyav import VideoError, probe
 from stpcore.data.labels import VIDEO_EXTENSIONS, load_labels, match_labels
 from stpcore.data.sampling import DEFAULT_STRIDE, NUM_FRAMES, clip_span
 from stpcore.data.splits import detect_kind, index_videos, list_records
+from stpcore.media import open_video
 
 TOO_SHORT = "too short (will be looped)"
 TRUNCATED = "truncated (ends before its header says; decoding wraps)"
@@ -72,7 +73,7 @@ def truncation(path: str | os.PathLike[str]) -> str | None:
     """
     import av
 
-    with av.open(str(path)) as container:
+    with open_video(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         first = last = None

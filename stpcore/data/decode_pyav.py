@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stpcore.media import display_turns, upright_rgb
+from stpcore.media import display_turns, open_video, upright_rgb
 
 
 class VideoError(RuntimeError):
@@ -63,7 +63,6 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     Raises VideoError("missing file" | "empty file" | "unreadable" | "no video stream" | "no decoder for its codec"
     | "not a video" (a text file, which FFmpeg can draw as pictures) | "no frames").
     """
-    import av
 
     path = Path(path)
     if not path.is_file():
@@ -71,7 +70,7 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file")
     try:
-        with av.open(str(path)) as container:
+        with open_video(path) as container:
             if not container.streams.video:
                 raise VideoError(path, "no video stream")
             stream = container.streams.video[0]
@@ -102,10 +101,9 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
 def first_frame_turns(path: str | os.PathLike[str]) -> int:
     """Quarter turns counterclockwise of the video's display rotation (:func:`stpcore.media.display_turns`), read from
     its first frame (one frame is decoded); 0 when none decodes (the decoding reports that)."""
-    import av
 
     try:
-        with av.open(str(path)) as container:
+        with open_video(path) as container:
             for frame in container.decode(video=0):
                 return display_turns(frame)
     except Exception:  # noqa: BLE001 - damaged input: the decode that follows says why
@@ -122,7 +120,6 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
     Returns:
         (uint8 (len(indices), H, W, 3), frames decoded). Raises VideoError if no frame decodes.
     """
-    import av
 
     indices = np.asarray(indices, dtype=np.int64)
     need = set(indices.tolist())
@@ -130,7 +127,7 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
     got: dict[int, np.ndarray] = {}
     count = 0
     try:
-        with av.open(str(path)) as container:
+        with open_video(path) as container:
             stream = container.streams.video[0]
             for frame in container.decode(stream):
                 if count in need:

@@ -68,7 +68,7 @@ def index_videos(root: str | os.PathLike[str]) -> dict[str, Path]:
     Where several files share a stem (e.g. video.avi and its transcoded video.webm), the first extension in
     VIDEO_EXTENSIONS order after the transcoded ones wins: .webm/.mp4/.mkv/.mov before .avi.
     """
-    root = Path(root)
+    root = Path(root).absolute()  # absolute paths: a relative one can read as a URL to FFmpeg (media.open_video)
     prefer = {ext: i for i, ext in enumerate((".webm", ".mp4", ".mkv", ".mov", ".avi"))}
     out: dict[str, Path] = {}
     if not root.is_dir():

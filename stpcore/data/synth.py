@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from stpcore.data.labels import PRIVACY_ATTRIBUTES, save_privacy_pickle, write_labels_csv
-from stpcore.media import atomic_path
+from stpcore.media import atomic_path, open_video
 
 SYNTH_ACTIONS: tuple[str, ...] = ("sideways", "up", "down", "grow", "shrink", "circle", "flash")
 CODEC_EXT = {"vp9": ".webm", "h264": ".mp4"}
@@ -69,7 +69,7 @@ def write_video(
     # A unique temporary name beside path (removed on failure), then os.replace.
     with atomic_path(path) as tmp:
         # bitexact keeps encoder/muxer version strings and random ids out of the file: same input, same bytes.
-        with av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as out:
+        with open_video(tmp, "w", options={"fflags": "+bitexact"}) as out:
             stream = out.add_stream(encoder, rate=fps)
             stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
             stream.pix_fmt = "yuv420p"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stpcore.data.labels import VIDEO_EXTENSIONS
 from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
-from stpcore.media import atomic_path, display_turns, upright_rgb
+from stpcore.media import atomic_path, display_turns, open_video, upright_rgb
 
 
 @dataclass
@@ -57,7 +57,7 @@ def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], cod
     n = 0
     # A unique temporary name (mkstemp) beside dst: parallel jobs never share one, and it is removed on failure.
     with atomic_path(dst) as tmp:
-        with av.open(str(src)) as inp, av.open(str(tmp), "w", options={"fflags": "+bitexact"}) as out:
+        with open_video(src) as inp, open_video(tmp, "w", options={"fflags": "+bitexact"}) as out:
             if not inp.streams.video:
                 raise ValueError("no video stream (audio only?)")
             in_stream = inp.streams.video[0]
