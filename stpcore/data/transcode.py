@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+
 from stpcore.data.labels import VIDEO_EXTENSIONS
 from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
 from stpcore.media import atomic_path, display_turns, open_video, upright_rgb
@@ -73,9 +75,13 @@ def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], cod
                     height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
                     # yuv420p needs even sizes; the odd last row/column of an odd-sized source is dropped.
                     stream.width, stream.height = width // 2 * 2, height // 2 * 2
-                if turns:
-                    frame = av.VideoFrame.from_ndarray(upright_rgb(frame), format="rgb24")
-                img = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")
+                    # Cropped, not resized: a resize to the even size would move every pixel, and the copy would
+                    # no longer hold what PyAV reads from the source.
+                    through_rgb = bool(turns or width % 2 or height % 2)
+                if through_rgb:
+                    rgb = upright_rgb(frame)[: stream.height, : stream.width]
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                img = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")  # sizes equal now
                 # Constant frame rate: frame n is shown at n / rate whatever the source's timestamps said.
                 img.pts = n
                 img.time_base = 1 / rate

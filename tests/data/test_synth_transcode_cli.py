@@ -93,6 +93,31 @@ def test_transcode_round_trip(tmp_path):
         assert [r.path.suffix for r in list_records(dst, "auto", 1, True).records] == [ext]
 
 
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_transcode_of_an_odd_size_drops_the_last_row_and_column(tmp_path, codec):
+    """A 65x49 source becomes 64x48 by dropping its last column and row, as documented: the copy holds the pixels
+    PyAV reads from the source (it was resized, which moved every stripe edge: a mean difference of 13 levels)."""
+    import av
+
+    from stpcore.data.decode_pyav import decode_frames
+    from stpcore.data.transcode import transcode_file
+
+    x = np.arange(65)[None, :, None]
+    image = np.broadcast_to(np.where((x // 8) % 2 == 0, 220, 30), (49, 65, 3)).astype(np.uint8)
+    with av.open(str(tmp_path / "src.mkv"), "w") as out:  # lossless (FFV1, 4:4:4): odd sizes allowed
+        stream = out.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 65, 49, "yuv444p"
+        for _ in range(4):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format="yuv444p")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    assert transcode_file(tmp_path / "src.mkv", tmp_path / "dst.mkv", codec=codec) == 4
+    source, _ = decode_frames(tmp_path / "src.mkv", np.arange(4))
+    copy, _ = decode_frames(tmp_path / "dst.mkv", np.arange(4))
+    assert copy.shape == (4, 48, 64, 3)
+    assert np.abs(copy.astype(int) - source[:, :48, :64]).mean() < 1.0
+
+
 def test_transcode_clashing_names_audio_only_and_in_place(tmp_path):
     """v.avi and v.mkv would both become v.mp4: the second is reported, not silently lost (with 2 workers
     they also shared one temporary file). An audio-only file says so. Transcoding a folder into itself
