@@ -11,6 +11,7 @@ and crops for the same seed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,8 +125,10 @@ def resized_size(height: int, width: int, short_side: int = RESIZE_SHORT) -> tup
 
 
 def crop_origin(size: int, crop: int, pos: float) -> int:
-    """Top-left offset of a `crop` window at relative position `pos` in [0, 1] along a side of `size`."""
-    return int(round(pos * max(size - crop, 0)))
+    """Top-left offset of a `crop` window at relative position `pos` in [0, 1] along a side of `size`: halves round
+    up, as DALI's crop anchor does (Python's round() takes halves to even: a centre crop of an odd free space was
+    then a pixel left of DALI's for half of the sizes)."""
+    return math.floor(pos * max(size - crop, 0) + 0.5)
 
 
 def shard_indices(

@@ -170,3 +170,26 @@ def test_dali_reports_a_bad_clip_in_a_batch_of_one(tmp_path):
     assert out.shape[0] == 0 and kept == [] and len(failed) == 1 and failed[0][0] == 0 and failed[0][1]
     out, kept, failed = decoder.decode([DaliItem(good, 120, 160, spec)])  # the pipeline recovered
     assert out.shape == (1, 3, 16, 112, 112) and kept == [0] and not failed
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+@pytest.mark.parametrize("width", [338, 342, 346], ids=lambda w: f"W{w}")
+def test_dali_and_pyav_test_crops_start_at_the_same_pixel(tmp_path, width):
+    """The three test crops of a video whose working-scale width leaves an odd free space (338 -> 169: 57 free
+    pixels, the centre at 28.5): PyAV's crop started at round-half-even (28), DALI's anchor rounds half up (29), so
+    the two loaders' centre clips were a pixel apart. Fine vertical stripes make a one-pixel shift show."""
+    from stpcore.data.decode_dali import DaliClipDecoder, DaliItem
+    from stpcore.data.sampling import eval_clips
+
+    x = np.arange(width)
+    image = np.zeros((256, width, 3), np.uint8)
+    image[..., 0], image[..., 1] = ((x // 2) * 7 % 256)[None], ((x // 2) * 13 % 256)[None]
+    path = tmp_path / "stripes.webm"
+    write_video(path, np.stack([image] * 20), codec="vp9", options={"crf": "4"})
+    specs = eval_clips(20, num_frames=16, stride=1, num_clips=1)
+    out, kept, _ = DaliClipDecoder("cpu", max_batch=3).decode([DaliItem(path, 256, width, s) for s in specs])
+    assert kept == [0, 1, 2]
+    for i, spec in enumerate(specs):
+        raw, _ = decode_frames(path, spec.frames)
+        levels = (out[i] - clip_tensor(raw, spec)).abs() * torch.tensor(IMAGENET_STD).view(3, 1, 1, 1) * 255
+        assert levels.mean() <= 3.0, (spec.crop_x, levels.mean())  # a pixel's shift: about 10 levels
