@@ -144,15 +144,18 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         failure = exc
         try:
-            if failure is None and self._stream is None:
-                failure = ValueError(f"VideoWriter: no frames were written to {self.path}")
+            try:
+                if failure is None and self._stream is None:
+                    failure = ValueError(f"VideoWriter: no frames were written to {self.path}")
+                if failure is None:
+                    for packet in self._stream.encode():  # flush the encoder
+                        self._container.mux(packet)
+            finally:
+                self._container.close()  # writes the trailer: a full disk fails here
+        except BaseException as e:  # noqa: BLE001 - a Ctrl-C too: the temporary file is removed below, then it is raised
             if failure is None:
-                for packet in self._stream.encode():  # flush the encoder
-                    self._container.mux(packet)
-        except Exception as e:  # noqa: BLE001 - reported below, after the file is abandoned
-            failure = e
-        finally:
-            self._container.close()
+                failure = e
+                e.add_note(f"while writing {self.path} (nothing was left there)")
         if failure is None:
             self._atomic.__exit__(None, None, None)  # rename into place
             return False

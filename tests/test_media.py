@@ -122,3 +122,41 @@ def test_transcode_writes_a_sideways_video_upright(tmp_path):
         first = next(c.decode(video=0))
         assert first.rotation == 0 and (first.height, first.width) == (64, 48)
         assert _block_corner(first.to_ndarray(format="rgb24")) == (False, True)
+
+
+class _Failing:
+    """A PyAV object whose ``method`` raises ``exc`` (after the real call, when ``after``); the rest passes through."""
+
+    def __init__(self, real, method: str, exc: BaseException, after: bool = False):
+        self._real, self._method, self._exc, self._after = real, method, exc, after
+
+    def __getattr__(self, name):
+        attr = getattr(self._real, name)
+        if name != self._method:
+            return attr
+
+        def call(*args):
+            if self._after:
+                attr(*args)
+            if name != "encode" or not args:  # encode() with no frame: the flush
+                raise self._exc
+            return attr(*args)
+        return call
+
+
+@pytest.mark.parametrize("where, exc", [("close", OSError(27, "File too large")), ("encode", KeyboardInterrupt())],
+                         ids=["full-disk-at-close", "ctrl-c-in-flush"])
+def test_a_writer_that_fails_while_finishing_leaves_no_file(tmp_path, where, exc):
+    """The trailer written at close (a full disk) or a Ctrl-C during the encoder's flush: the hidden temporary
+    file was left behind (one per failed input), and the error named it. Now nothing is left, and the error says
+    which output it was writing."""
+    target = tmp_path / "out.mp4"
+    with pytest.raises(type(exc)) as raised:
+        with media.VideoWriter(target, fps=10) as writer:
+            writer.write(np.zeros((3, 16, 16, 3), np.uint8))
+            if where == "close":
+                writer._container = _Failing(writer._container, "close", exc, after=True)
+            else:
+                writer._stream = _Failing(writer._stream, "encode", exc)
+    assert list(tmp_path.iterdir()) == []
+    assert f"while writing {target}" in "\n".join(getattr(raised.value, "__notes__", []))
