@@ -26,6 +26,7 @@ TOO_SHORT = "too short (will be looped)"
 TRUNCATED = "truncated (ends before its header says; decoding wraps)"
 OUTSIDE_CLASS = "not in a class folder (ignored)"
 LINKED_OUT = "symbolic link to a file outside the root (followed)"
+NO_LABEL_MATCH = "label file matching no video"
 # Reported, but training reads these videos (looped, wrapped, through the link) or never sees them: they do not make
 # a check fail.
 WARNINGS = frozenset({TOO_SHORT, TRUNCATED, OUTSIDE_CLASS, LINKED_OUT})
@@ -178,5 +179,11 @@ def check_dataset(
                         f"{key} (split {split} {'train' if train else 'test'})"
                     )
     if labels is not None:
-        report.label_summary = match_labels(files.keys(), load_labels(labels)).summary()
+        label_set = load_labels(labels)
+        match = match_labels(files.keys(), label_set)
+        report.label_summary = match.summary()
+        if files and label_set and match.matched == 0:  # the loaders refuse such a file
+            report.problems[NO_LABEL_MATCH].append(
+                f"{labels}: none of its {len(label_set)} keys names a video here (e.g. label "
+                f"{next(iter(label_set))!r}, video {next(iter(files))!r}); is it the other dataset's label file?")
     return report

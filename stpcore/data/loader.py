@@ -347,6 +347,13 @@ class _LoaderBase:
         for key in listing.missing:
             self._event("missing file (split entry)", f"{Path(cfg.root) / key}.*")
         if labels is not None:
+            if self.records and all(rec.privacy is None for rec in self.records):
+                # Training would go on, phase 2 with no privacy supervision, and warn only after phase 1's epochs.
+                raise ValueError(
+                    f"{cfg.labels}: none of its {len(labels)} label keys names one of the {len(self.records)} "
+                    f"videos of {cfg.root} (split {cfg.split}, {'train' if cfg.train else 'test'}): e.g. label "
+                    f"{next(iter(labels), None)!r}, video {self.records[0].video_id!r}. Is it the other dataset's "
+                    f"label file? `stpcore data check {cfg.root} --labels {cfg.labels}` compares them")
             for rec in self.records:
                 if rec.privacy is None:
                     self._report.add("video without privacy label", rec.video_id)

@@ -142,6 +142,21 @@ def test_video_without_a_label(tmp_path, capsys):
     assert _listed(report, "labels without a video") == []
 
 
+def test_a_label_file_that_matches_no_video_stops_the_check_and_the_loader(tmp_path, capsys):
+    """The other dataset's label file (VP-UCF101's for HMDB51): the check said "labels matched: 0 ... OK" and the
+    loader built; phase 2 would have trained with no privacy supervision, warned only after phase 1."""
+    from stpcore.data import DataConfig, get_loader
+
+    root = _dataset(tmp_path / "ds")
+    _labels(tmp_path / "other.csv", ["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01", "Archery/v_Archery_g01_c01"])
+    code, report = _check(capsys, root, "--labels", str(tmp_path / "other.csv"))
+    assert code == 1 and "labels matched: 0" in report
+    (line,) = _listed(report, "label file matching no video")
+    assert "none of its 2 keys names a video here" in line and "other dataset's label file" in line
+    with pytest.raises(ValueError, match=r"none of its 2 label keys names one of the 2 videos .* other dataset's"):
+        get_loader(DataConfig(root=str(root), labels=str(tmp_path / "other.csv"), train=True, decoder="pyav"))
+
+
 def test_empty_file(tmp_path, capsys):
     root = _dataset(tmp_path / "ds")
     (root / "jump" / "jump_0.avi").write_bytes(b"")
