@@ -273,14 +273,16 @@ _OUTPUT_SETTINGS = ("stride", "keep_ratio", "adaptive_threshold", "view", "outpu
                     "mean", "std")
 
 
-def check_view(view: str, output_size: str) -> None:
+def check_view(view: str, output_size: str, min_overlap: int = 0) -> None:
     """ValueError unless ``view`` is one of VIEWS and ``output_size`` one of OUTPUT_SIZES, and a source-sized output
-    comes with the full view."""
+    or a window overlap comes with the full view."""
     if view not in VIEWS or output_size not in OUTPUT_SIZES:
         raise ValueError(f"view must be one of {VIEWS} and output_size one of {OUTPUT_SIZES}, got {view!r} and "
                          f"{output_size!r}")
     if output_size == "source" and view != "full":
         raise ValueError("output_size='source' needs view='full' (the centre view has no source-sized frame)")
+    if min_overlap and view != "full":
+        raise ValueError(f"min_overlap={min_overlap} applies to the full view's windows; view={view!r} is one window")
 
 
 def output_settings(anonymizer, **kwargs) -> dict:
@@ -375,7 +377,7 @@ def anonymize_file(
     num_frames, image_size = cfg.num_frames, cfg.image_size
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
-    check_view(view, output_size)
+    check_view(view, output_size, min_overlap)
     settings = output_settings(anonymizer, stride=stride, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold,
                                view=view, output_size=output_size, min_overlap=min_overlap, short_side=short_side,
                                mean=mean, std=std, batch_size=batch_size)

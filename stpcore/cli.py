@@ -141,6 +141,10 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
         print("error: --output-size source needs --view full (the centre view is one window)",
               file=sys.stderr)
         return 2
+    if args.overlap and args.view != "full":  # it would be ignored, and still recorded as a setting
+        print("error: --overlap applies to the full view's windows; --view center is one window, so drop --overlap",
+              file=sys.stderr)
+        return 2
     from stpcore.stream import is_stream
 
     live = [x for x in args.inputs if is_stream(x)]
@@ -484,7 +488,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="resume an interrupted run: skip an input whose outputs are in the folder and whose keep "
                         "file records that same, unchanged input and the same settings (others are redone)")
     p.add_argument("--stride", type=_positive_int, default=1, help="frame stride inside a clip (default 1)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="clips per forward (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="model clips per forward, each one window of one chunk (of one stride phase) (default 8)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"),
                    help="auto: bf16 on CUDA and on CPUs with native bf16, else int8 dynamic on CPU where available "
@@ -501,8 +506,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="with --runtime onnxruntime/openvino: run this graph from stpcore export (of the same "
                         "checkpoint; its keep ratio is used) instead of exporting one at start")
     p.add_argument("--compile", action="store_true",
-                   help="run the model through torch.compile (the first batch compiles; later batches of any size "
-                        "reuse the graph; see BENCHMARKS.md for when it pays)")
+                   help="run the model through torch.compile (compiled before the first input: batches of 2 or "
+                        "more clips share one graph; a batch of 1, such as a file's last, compiles its own once; "
+                        "see BENCHMARKS.md for when it pays)")
     live = p.add_argument_group("live streams", "rolling segments <name>.NNNNN.mp4 and <name>.segments.jsonl; a "
                                 "chunk is dropped (and counted) when compute falls behind; SIGTERM ends cleanly")
     live.add_argument("--segment-seconds", type=_positive_seconds, default=None,

@@ -403,7 +403,8 @@ class ClipAnonymizer:
         """Do now the one-time work the first batch would otherwise do, and fail here if the model cannot run:
         export and load the ONNX graph (runtime onnxruntime / openvino), or compile (``compile``) with batches of
         black clips of the sizes in ``batch_sizes`` (one graph serves every batch of 2 or more clips, another a
-        batch of 1; each is compiled once). Eager PyTorch has nothing to prepare. OpenVINO int8 without
+        batch of 1; each is compiled once). Eager PyTorch runs one black clip (its first forward's one-time setup
+        is seconds on a CPU). OpenVINO int8 without
         ``calibration`` still quantizes at the first batch (it calibrates on that batch's clips). A live stream calls
         it before it reads the source, so its first chunks are not held up (and later ones dropped) by the export or
         the compile. Returns the seconds it took."""
@@ -422,6 +423,13 @@ class ClipAnonymizer:
                     self(torch.zeros(b, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=self.device),
                          keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
                     self._prepared.add(key)
+        elif "eager" not in self._prepared:
+            # Eager PyTorch's first forward pays one-time imports and setup (the custom ops' dispatch brings in
+            # torch._dynamo: about 3 s measured on a CPU): one clip now, not in a live stream's first chunk.
+            cfg = self.cfg
+            self(torch.zeros(1, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=self.device),
+                 keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
+            self._prepared.add("eager")
         return time.perf_counter() - start
 
     def _run_onnx(self, video: torch.Tensor, keep_ratio: float | None,

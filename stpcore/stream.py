@@ -124,7 +124,7 @@ def open_source(source: str, *, input_format: str | None = None, timeout: float 
         options["rw_timeout"] = str(int(timeout * 1e6))  # microseconds: a stalled read fails instead of hanging
     if scheme in ("rtsp", "rtsps"):
         options["timeout"] = str(int(timeout * 1e6))
-    shown = "standard input" if source == "-" else source
+    shown = "- (standard input)" if source == "-" else source
     try:
         container = av.open(target, mode="r", format=fmt, options=options, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - FFmpeg raises one of many types; all mean "cannot open"
@@ -333,7 +333,7 @@ def anonymize_stream(
                          f"starting with '.'), so the segments stay inside the output folder")
     if stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be >= 1, got stride={stride}, batch_size={batch_size}")
-    check_view(view, output_size)  # before the source is opened
+    check_view(view, output_size, min_overlap)  # before the source is opened
     cfg = anonymizer.cfg
     chunk_len = cfg.num_frames * stride
     short_side = short_side or working_short_side(cfg.image_size)
@@ -360,6 +360,9 @@ def anonymize_stream(
     report = StreamReport(str(source))
     reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop)
     reader.start()
+    if verbose:  # the model is ready and the source open: frames are read from here on
+        print(f"stream {source}: open, reading ({video.codec_context.width}x{video.codec_context.height}, "
+              f"{float(rate) if rate else 25.0:g} fps)", flush=True)
     index_path = out_dir / f"{name}.segments.jsonl"
     # A rerun into the same folder continues the numbering: an earlier recording's segments are never overwritten.
     taken = [int(m.group(1)) for p in out_dir.glob(f"{glob.escape(name)}.*.mp4")

@@ -481,6 +481,19 @@ def test_output_size_source_needs_the_full_view(tmp_path, model):
     assert "needs view='full'" in report.failed[str(src)]
 
 
+def test_an_overlap_with_the_centre_view_is_refused(tmp_path, model, capsys):
+    """The centre view is one window: min_overlap was ignored without a word (and, recorded as a setting, made
+    --skip-existing redo the file when it changed)."""
+    src = _source(tmp_path / "cam.mp4", frames=4)
+    report = anonymize_files([src], tmp_path / "out", model, view="center", min_overlap=8, verbose=False)
+    assert "is one window" in report.failed[str(src)]
+    from stpcore.cli import main
+
+    assert main(["anonymize", str(src), "-o", str(tmp_path / "cli"), "--checkpoint", str(tmp_path / "none.pt"),
+                 "--view", "center", "--overlap", "8"]) == 2
+    assert "--view center is one window, so drop --overlap" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("output_size", ["work", "source"])
 def test_the_keep_file_records_the_written_video_size(tmp_path, model, output_size):
     """An odd size is rounded up to even for the codec, by repeating the last row or column (never black, which

@@ -310,7 +310,8 @@ def test_numerics_say_when_a_clips_result_depends_on_its_batch():
 
 def test_prepare_runs_each_compiled_graph_once_a_batch_of_one_included():
     """A compiled model has a graph for a batch of one clip and a dynamic one for 2 or more: prepare() runs each
-    size class it is given once (black clips of the model's shape), and nothing for eager PyTorch."""
+    size class it is given once (black clips of the model's shape); eager PyTorch runs one black clip, once (its
+    first forward's one-time setup took about 3 s of a live stream's first chunk)."""
     from stpcore.inference import ClipAnonymizer
     from stpcore.models import STPrivacy, STPrivacyConfig
 
@@ -319,7 +320,9 @@ def test_prepare_runs_each_compiled_graph_once_a_batch_of_one_included():
     real = anon._forward
     anon._forward = lambda video, **kw: seen.append((tuple(video.shape), float(video.abs().max()))) or real(video, **kw)
     anon.prepare([1, 4, 8])
-    assert seen == []  # eager: nothing to prepare
+    anon.prepare(4)
+    assert seen == [((1, 3, 8, 32, 32), 0.0)]  # eager: one clip, once
+    seen.clear()
     anon.compiled = True  # stands in for compile=True, whose compile takes a minute on a small CPU
     anon.prepare([4, 8])
     anon.prepare([1, 4, 3], keep_ratio=0.5)

@@ -236,9 +236,10 @@ def test_one_jump_in_the_timestamps_is_not_a_new_rate():
     assert reader._rate(times) == 25.0
 
 
-def _stdin_run(checkpoint, out, first: bytes, hold: float):
+def _stdin_run(checkpoint, out, first: bytes, hold: float, after: bytes = b"STPrivacy"):
     """The CLI on standard input: ``first`` written, the pipe then held open (silent) and SIGTERM sent ``hold``
-    seconds after the model is loaded. Returns (returncode, stdout, stderr, seconds from SIGTERM to exit)."""
+    seconds after the line starting ``after`` (default: the model is loaded; b"stream -: open": the stream is open
+    and read). Returns (returncode, stdout, stderr, seconds from SIGTERM to exit)."""
     proc = subprocess.Popen([sys.executable, "-m", "stpcore", "anonymize", "-", "-o", str(out), "--checkpoint",
                              str(checkpoint), "--input-format", "mpegts", "--segment-seconds", "1", "--threads", "1"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
@@ -247,7 +248,7 @@ def _stdin_run(checkpoint, out, first: bytes, hold: float):
     def read():
         for line in proc.stdout:
             lines.append(line.decode())
-            if line.startswith(b"STPrivacy"):
+            if line.startswith(after):
                 ready.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -275,7 +276,9 @@ def test_sigterm_ends_a_silent_stdin_stream_at_once(checkpoint, tmp_path, frames
     data = _ts(_frames(frames))
     if expect == "opening":
         data = data[: len(data) // 2]  # too little for the probe: the open is still reading
-    rc, stdout, stderr, took = _stdin_run(checkpoint, tmp_path / "out", data, hold=2.0)
+    # "silent": stopped while the reader waits for more (the stream open); "opening": while FFmpeg still probes.
+    rc, stdout, stderr, took = _stdin_run(checkpoint, tmp_path / "out", data, hold=2.0,
+                                          after=b"stream -: open" if expect == "silent" else b"STPrivacy")
     # The bug took the reader's join, timeout + 1 = 11 s, or hung; 6.5 s was measured once on a loaded 2-core machine.
     assert took < 9.0, (took, stdout, stderr[-2000:])
     assert "Fatal Python error" not in stderr and rc in (0, 130), (rc, stderr[-2000:])
@@ -285,7 +288,7 @@ def test_sigterm_ends_a_silent_stdin_stream_at_once(checkpoint, tmp_path, frames
         assert counts[0] == counts[1] + counts[2], stdout  # every frame in is written or counted as dropped
         assert counts[0] >= frames - 8, stdout  # the demuxer and decoder may still hold a few when the stop comes
     elif rc == 130:  # stopped while FFmpeg still probed the pipe
-        assert "stopped before the stream - could be opened" in stderr, stderr[-2000:]
+        assert "stopped before the stream - (standard input) could be opened" in stderr, stderr[-2000:]
     else:  # the probe had enough: the reader was waiting for more
         assert "stream -: stopped;" in stdout, stdout
 
@@ -456,7 +459,8 @@ def test_a_frame_rate_change_midway_starts_a_new_segment_at_the_new_rate(anonymi
 
 @pytest.mark.parametrize("kw, match", [({"output_size": "bogus"}, "output_size one of"),
                                        ({"view": "wide"}, "view must be one of"),
-                                       ({"view": "center", "output_size": "source"}, "needs view='full'")])
+                                       ({"view": "center", "output_size": "source"}, "needs view='full'"),
+                                       ({"view": "center", "min_overlap": 8}, "one window")])
 def test_bad_view_settings_are_refused_before_the_source_opens(anonymizer, tmp_path, kw, match):
     """output_size='bogus' ran silently as 'work' (the CLI's choices hid it; the API did not check)."""
     with pytest.raises(ValueError, match=match):
