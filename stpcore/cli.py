@@ -158,7 +158,8 @@ def _cmd_anonymize(args: argparse.Namespace) -> int:
     else:
         given = [flag for flag, value in (("--input-format", args.input_format), ("--name", args.name),
                                           ("--segment-seconds", args.segment_seconds),
-                                          ("--stream-timeout", args.stream_timeout)) if value is not None]
+                                          ("--stream-timeout", args.stream_timeout),
+                                          ("--drop/--no-drop", args.drop)) if value is not None]
         if given:  # they would be ignored: say so rather than write files the user asked otherwise of
             print(f"error: {', '.join(given)} {'is' if len(given) == 1 else 'are'} for a live stream (stdin '-', a "
                   f"URL or a device), not for files (FFmpeg probes them; each is written whole), so drop "
@@ -237,7 +238,8 @@ def _anonymize_stream(args: argparse.Namespace, anonymizer) -> int:
             segment_seconds=args.segment_seconds or 10.0,
             stride=args.stride, batch_size=args.batch_size, keep_ratio=args.keep_ratio, view=args.view,
             output_size=args.output_size, min_overlap=args.overlap, short_side=args.short_side,
-            input_format=args.input_format, timeout=args.stream_timeout or 10.0, stop=stop, verbose=True)
+            input_format=args.input_format, timeout=args.stream_timeout or 10.0, stop=stop, verbose=True,
+            drop=args.drop)
     except StreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 130 if stop.is_set() else 2  # stopped (SIGTERM, Ctrl-C) before the stream opened
@@ -519,6 +521,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     live.add_argument("--stream-timeout", type=_positive_seconds, default=None, metavar="S",
                       help="seconds to open the stream, and without data before a network stream counts as lost "
                            "(default 10; stdin and V4L2 have no read timeout)")
+    live.add_argument("--drop", action=argparse.BooleanOptionalAction, default=None,
+                      help="--drop: when compute falls behind, drop chunks to keep latency bounded (a live source); "
+                           "--no-drop: wait, writing every frame (a recording). Default: --no-drop for a source that "
+                           "declares a duration (a file over HTTP), --drop otherwise (cameras, RTSP, stdin)")
     p.set_defaults(func=_cmd_anonymize)
 
     p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")

@@ -10,7 +10,9 @@ How it runs. A reader thread decodes frames as they arrive and cuts them into ch
 anonymizes it with the full-frame path of ``stpcore anonymize`` (:class:`stpcore.anonymize.WindowAnonymizer`:
 working scale, model windows stitched back). At most one finished chunk waits: when a new one is finished while
 another still waits (compute has fallen behind), the waiting one is dropped and its frames are counted in
-``frames_dropped``, so the output never drifts further and further behind the camera. A frame's latency, from its
+``frames_dropped``, so the output never drifts further and further behind the camera. A recording (a source that
+declares a duration, or ``drop=False``) is read at the model's pace instead: the reader waits, and no frame is
+dropped. A frame's latency, from its
 arrival to its anonymized frame being handed to the encoder, is therefore at most the rest of its chunk's span,
 plus the wait for the chunk in progress, plus its own chunk's compute: one clip plus two computes at worst, one
 clip plus one compute when compute keeps up. The exception is the last partial chunk, which waits for the stream's
@@ -169,6 +171,7 @@ class StreamReport:
             frame over when the next one starts, so the last whole chunk before the stream falls silent waits for
             that silence to end too.
         chunk_seconds: the model side's seconds per chunk (working scale, windows, model, stitching, encoding).
+        drop: whether chunks were dropped when compute fell behind (a live source) or waited for (a recording).
     """
 
     source: str
@@ -183,12 +186,15 @@ class StreamReport:
     tail_wait: float | None = None
     chunk_latency: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     chunk_seconds: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    drop: bool = True
 
     def summary(self) -> str:
         lat = (f", latency p50 {self.latency['p50']:.2f} s, p95 {self.latency['p95']:.2f} s, max "
                f"{self.latency['max']:.2f} s" if self.latency else "")
         lines = [f"stream {self.source}: {self.ended}; {self.frames_in} frames in, {self.frames_out} written in "
                  f"{len(self.segments)} segment(s), {self.frames_dropped} dropped{lat}"]
+        if self.frames_dropped and self.drop and self.source == "-":
+            lines.append("  (compute fell behind the stream; for a recording piped in, --no-drop writes every frame)")
         lines += [f"  {c}" for c in self.changes]
         lines += [f"  segment {p}" for p in self.segments]
         return "\n".join(lines)
@@ -197,9 +203,11 @@ class StreamReport:
 class _Reader(threading.Thread):
     """Decodes frames into chunks; at most one finished chunk waits in ``mailbox`` (older ones are dropped)."""
 
-    def __init__(self, container, chunk_len: int, fps: float, report: StreamReport, stop: threading.Event) -> None:
+    def __init__(self, container, chunk_len: int, fps: float, report: StreamReport, stop: threading.Event,
+                 drop: bool = True) -> None:
         super().__init__(daemon=True, name="stpcore-stream-reader")
         self.container, self.chunk_len, self.fps, self.report, self.stop = container, chunk_len, fps, report, stop
+        self.drop = drop  # False: a recording; the reader waits for the model side instead of dropping a chunk
         self.mailbox: queue.Queue = queue.Queue(maxsize=1)
         self.lock = threading.Lock()
         self.consumer_gone = threading.Event()  # the model side has returned: nothing more is taken
@@ -216,13 +224,17 @@ class _Reader(threading.Thread):
 
     def _post(self, chunk: _Chunk) -> None:
         chunk.posted = time.monotonic()
-        with self.lock:
-            if self.consumer_gone.is_set():  # nobody will take it: its frames are dropped
-                self.report.frames_dropped += chunk.real
-                return
-            self._drop_waiting()
-            chunk.dropped_before = self.report.frames_dropped  # every earlier chunk is written or dropped by now
-            self.mailbox.put_nowait(chunk)
+        while True:
+            with self.lock:
+                if self.consumer_gone.is_set():  # nobody will take it: its frames are dropped
+                    self.report.frames_dropped += chunk.real
+                    return
+                if self.drop or self.mailbox.empty():
+                    self._drop_waiting()
+                    chunk.dropped_before = self.report.frames_dropped  # every earlier chunk is written or dropped
+                    self.mailbox.put_nowait(chunk)
+                    return
+            time.sleep(0.01)  # a recording (no drop): the decoder waits until the model side takes the last chunk
 
     def drain(self) -> None:
         """The model side is gone: count what still waits as dropped, and let the reader end without waiting."""
@@ -314,11 +326,17 @@ def anonymize_stream(
     timeout: float = 10.0,
     stop: threading.Event | None = None,
     verbose: bool = False,
+    drop: bool | None = None,
 ) -> StreamReport:
     """Anonymize ``source`` into rolling segments in ``out_dir`` until it ends, is lost, or ``stop`` is set (see the
     module docstring). ``anonymizer``, ``stride``, ``batch_size``, ``keep_ratio``, ``view``, ``output_size``,
     ``min_overlap`` and ``short_side`` are as for :func:`stpcore.anonymize.anonymize_file` (top-k only: the adaptive
     mode's variable cost does not fit a real-time budget).
+
+    ``drop``: whether a chunk is dropped when compute falls behind (True: a live source, latency bounded) or the
+    decoder waits for the model (False: a recording, every frame written, however long it takes). None (default):
+    False for a source that declares a duration (a file over HTTP), True otherwise (cameras, RTSP, a pipe on
+    standard input: pass False for a recording piped in).
 
     Raises:
         StreamError: the source cannot be opened (nothing is written then).
@@ -358,11 +376,16 @@ def anonymize_stream(
     video = container.streams.video[0]
     rate = video.average_rate or video.guessed_rate or video.base_rate
     report = StreamReport(str(source))
-    reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop)
+    if drop is None:  # a declared duration: a recording, whose frames all matter; a live source has none
+        drop = not (container.duration and container.duration > 0)
+    report.drop = drop
+    reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop, drop=drop)
     reader.start()
     if verbose:  # the model is ready and the source open: frames are read from here on
         print(f"stream {source}: open, reading ({video.codec_context.width}x{video.codec_context.height}, "
-              f"{float(rate) if rate else 25.0:g} fps)", flush=True)
+              f"{float(rate) if rate else 25.0:g} fps; "
+              f"{'live: chunks dropped when compute falls behind' if drop else 'a recording: no frame dropped'})",
+              flush=True)
     index_path = out_dir / f"{name}.segments.jsonl"
     # A rerun into the same folder continues the numbering: an earlier recording's segments are never overwritten.
     taken = [int(m.group(1)) for p in out_dir.glob(f"{glob.escape(name)}.*.mp4")

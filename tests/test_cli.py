@@ -181,6 +181,8 @@ def test_live_stream_options_with_files_are_refused_not_ignored(tmp_path, capsys
     assert main([*base, "--name", "x", "--segment-seconds", "3", "--stream-timeout", "5"]) == 2
     assert capsys.readouterr().err.startswith("error: --name, --segment-seconds, --stream-timeout are for a live "
                                               "stream")
+    assert main([*base, "--no-drop"]) == 2
+    assert capsys.readouterr().err.startswith("error: --drop/--no-drop is for a live stream")
 
 
 def test_a_short_side_past_8k_is_a_setting_error_before_any_input(tmp_path, capsys):

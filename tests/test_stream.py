@@ -164,6 +164,29 @@ def test_http_stream_faster_than_compute_drops_whole_chunks_and_keeps_every_segm
     assert "dropped" in report.summary() and "end of stream" in report.summary()
 
 
+@pytest.mark.parametrize("name, drop", [("rec.mp4", None), ("cam.ts", False)], ids=["mp4-auto", "ts-no-drop"])
+def test_a_recording_over_http_keeps_every_frame(anonymizer, tmp_path, name, drop):
+    """A file served over HTTP is a recording, not a camera: it was read as fast as the server sends and most of it
+    dropped (88 of 100 frames, exit 0). One that declares its duration (MP4) is read without dropping by default;
+    any source with drop=False (--no-drop) is."""
+    from stpcore import media
+
+    (tmp_path / "www").mkdir()
+    if name.endswith(".mp4"):
+        media.write_video(tmp_path / "www" / name, _frames(64), fps=25)
+    else:
+        (tmp_path / "www" / name).write_bytes(_ts(_frames(64)))
+    server = _serve_http(tmp_path / "www")
+    try:
+        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/{name}", tmp_path / "out",
+                                  _Slow(anonymizer, 0.1), segment_seconds=1.0, timeout=5, drop=drop)
+    finally:
+        server.shutdown()
+    assert report.ended == "end of stream" and report.frames_in == 64
+    assert report.frames_dropped == 0 and report.frames_out == 64 and not report.drop
+    assert _segments_ok(tmp_path / "out", report) == 64
+
+
 def _send_udp(port: int, frames: np.ndarray, fps: int, delay: float = 0.5) -> threading.Thread:
     def send():
         time.sleep(delay)  # the receiver listens by then
