@@ -279,7 +279,8 @@ def _print_summary(results, points, report, out, checkpoint, sweep_png, timings)
         w = worst_case(raw, ours)
         drops = ", ".join(f"{n} {d:+.2f}" for n, d in w["drops"].items())
         print(f"privacy against every attacker (cMAP drop from raw video): {drops}; worst case "
-              f"{w['worst_drop']:.2f} points ({w['best_attacker']}; target: at least 15)")
+              f"{w['worst_drop']:.2f} points (the best attack on raw video against the best on STPrivacy's, "
+              f"{w['best_attacker']}; target: at least 15)")
     print("(one training run: whether it meets these targets changes with the training seed and with the machine, "
           "which rounds the training its own way; BENCHMARKS.md, 'The demo on synthetic data', has the spread)")
     print(f"{base.method}: top-1 {base.top1:.2f}, cMAP {base.cmap:.2f}")

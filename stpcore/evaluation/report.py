@@ -114,8 +114,8 @@ def _raw(results: Sequence[MethodResult]) -> MethodResult | None:
 
 def attackers_section(results: Sequence[MethodResult]) -> list[str]:
     """Markdown lines: every attacker's cMAP, F1 and AP per attribute for every method, its drop from raw video,
-    then per method the worst-case drop (the smallest over attackers), the best attacker and the highest AP per
-    attribute on the transformed video."""
+    then per method the worst-case drop (the best cMAP on raw video minus the best on the method's), the best
+    attacker and the highest AP per attribute on the transformed video."""
     names = _attacker_names(results)
     if not names:
         return []
@@ -138,8 +138,9 @@ def attackers_section(results: Sequence[MethodResult]) -> list[str]:
                          + " | ".join(_fmt(100 * a["ap"][k], "pct") for k in attrs)
                          + f" | {'—' if r is raw else _fmt(drop, 'pct')} |")
     if raw is not None:
-        lines += ["", "Worst case over the attackers (the smallest drop; the highest AP per attribute on the "
-                  "transformed video):", "",
+        lines += ["", "Worst case over the attackers (the best attack: raw video's best cMAP minus the best on "
+                  "this output, and the attacker reaching it; the highest AP per attribute on the transformed "
+                  "video):", "",
                   "| method | worst-case drop | best attacker | " + " | ".join(f"max AP {a}" for a in attrs) + " |",
                   "|---|---|---|" + "---|" * len(attrs)]
         for r in results:

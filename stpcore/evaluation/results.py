@@ -77,24 +77,29 @@ class SweepPoint:
 def worst_case(raw: MethodResult, result: MethodResult) -> dict:
     """The worst-case privacy outcome of ``result`` against the raw video, over the attackers both ran.
 
-    For each attacker, drop = its cMAP on raw video minus its cMAP on the transformed video (points; the higher,
-    the more privacy the transform took away from that attacker). The worst-case drop is the smallest, and
-    the attacker with it is the best attacker. Per attribute, the highest AP any attacker reached on the
-    transformed video.
+    An attacker's drop is its cMAP on raw video minus its cMAP on the transformed video (points). The worst case
+    is the attack an adversary would pick: the best attacker is the one with the highest cMAP on the transformed
+    video, and the worst-case drop is the best cMAP any attacker reaches on raw video minus the best cMAP any
+    reaches on the transformed one (over the attackers defined on both). It is at least the smallest of the
+    per-attacker drops, which it replaced (2026-12-07): that one was pinned by the weakest attacker, whose cMAP is
+    low on raw video too, so a transform that leaves the strongest attacker far less could score as less private
+    than one that leaves it more. Per attribute, the highest AP any attacker reached on the transformed video.
 
     Returns:
         {"drops": {attacker: drop}, "worst_drop": float, "best_attacker": str, "max_ap": {attribute: AP}};
-        drops NaN where an attacker's cMAP is undefined; worst_drop NaN when no drop is defined.
+        drops NaN where an attacker's cMAP is undefined; worst_drop NaN and best_attacker "" when no attacker is
+        defined on both.
     """
     names = [n for n in result.attackers if n in raw.attackers]
     drops = {n: raw.attackers[n]["cmap"] - result.attackers[n]["cmap"] for n in names}
-    defined = {n: d for n, d in drops.items() if not math.isnan(d)}
-    best = min(defined, key=defined.get) if defined else ""
+    defined = [n for n in names if not math.isnan(drops[n])]
+    best = max(defined, key=lambda n: result.attackers[n]["cmap"]) if defined else ""
+    worst_drop = (max(raw.attackers[n]["cmap"] for n in defined) - result.attackers[best]["cmap"] if defined
+                  else math.nan)
     attrs = list(next(iter(result.attackers.values()))["ap"]) if result.attackers else []
     max_ap = {}
     for a in attrs:
         values = [r["ap"][a] for r in result.attackers.values() if not math.isnan(r["ap"][a])]
         max_ap[a] = max(values) if values else math.nan
-    return {"drops": drops, "worst_drop": defined[best] if defined else math.nan, "best_attacker": best,
-            "max_ap": max_ap}
+    return {"drops": drops, "worst_drop": worst_drop, "best_attacker": best, "max_ap": max_ap}
 

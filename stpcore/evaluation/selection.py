@@ -7,8 +7,8 @@ split; ``TrainConfig.validation``, ``stpcore.data.splits.validation_partition``)
 - For each candidate (and for raw video, once), fresh recognizers are trained on the transformed videos of the
   rest of the training split (the part STPrivacy was trained on) and tested on the transformed validation
   videos: the action recognizer and quick attackers (``SELECTION_ATTACKERS``), for ``epochs`` epochs.
-- Each candidate's worst-case drop is its smallest cMAP drop from raw video over those attackers
-  (:func:`stpcore.evaluation.results.worst_case`).
+- Each candidate's worst-case drop is the best cMAP any of those attackers reaches on raw video minus the best
+  any reaches on the candidate's output (:func:`stpcore.evaluation.results.worst_case`).
 - The rule (:func:`choose`): among the candidates whose worst-case drop reaches ``target``, the best action
   top-1; if none does, the best trade-off, worst-case drop minus the action top-1 lost against raw video
   (points for points). Ties go to the later candidate.

@@ -56,7 +56,7 @@ def _result(method: str, cmaps: dict[str, float], aps: dict[str, dict[str, float
                         kept_fraction=0.3, seconds=1.0, epochs=1, attackers=attackers)
 
 
-def test_worst_case_is_the_smallest_drop_and_the_highest_ap_per_attribute():
+def test_worst_case_is_the_best_attack_and_the_highest_ap_per_attribute():
     ap = lambda a, b: {"skin_color": a, "face": b}  # noqa: E731
     raw = _result("raw", {"vit": 80.0, "frame_cnn": 70.0, "stats": 75.0},
                   {"vit": ap(0.9, 0.7), "frame_cnn": ap(0.8, 0.6), "stats": ap(0.85, 0.65)})
@@ -64,18 +64,35 @@ def test_worst_case_is_the_smallest_drop_and_the_highest_ap_per_attribute():
                    {"vit": ap(0.5, 0.7), "frame_cnn": ap(0.66, 0.58), "stats": ap(0.8, 0.6)})
     w = worst_case(raw, ours)
     assert w["drops"] == {"vit": 20.0, "frame_cnn": 8.0, "stats": 5.0}
-    assert w["worst_drop"] == 5.0 and w["best_attacker"] == "stats"
+    # The best attack on the output (stats, 70) against the best on raw video (vit, 80); the smallest per-attacker
+    # drop (stats, 5) would credit the output with less privacy than the attacks lost.
+    assert w["worst_drop"] == 10.0 and w["best_attacker"] == "stats"
     assert w["max_ap"] == {"skin_color": 0.8, "face": 0.7}
     undefined = _result("x", {"vit": math.nan, "stats": 71.0}, {"vit": ap(math.nan, math.nan), "stats": ap(0.7, 0.6)})
     w = worst_case(raw, undefined)
     assert math.isnan(w["drops"]["vit"]) and w["worst_drop"] == 4.0 and w["max_ap"]["skin_color"] == 0.7
     markdown, csv = results_table([raw, ours], "hmdb51")
     assert "## Privacy attackers" in markdown
-    assert "| stprivacy@0.7 | 5.00 | stats | 80.00 | 70.00 |" in markdown
+    assert "| stprivacy@0.7 | 10.00 | stats | 80.00 | 70.00 |" in markdown
     assert "| stprivacy@0.7 | frame_cnn | 62.00 | .500 | 66.00 | 58.00 | 8.00 |" in markdown
     header, _, ours_row = csv.splitlines()[:3]
     assert header.endswith("cmap_vit,cmap_frame_cnn,cmap_stats,worst_drop,best_attacker")
-    assert ours_row.endswith("60,62,70,5,stats")
+    assert ours_row.endswith("60,62,70,10,stats")
+
+
+def test_a_weak_attacker_does_not_pin_the_worst_case():
+    """The review's case: raw video read at 80 by the ViT and 52 by a weak attacker. A reads 78 / 40, B 50 / 51.
+    B leaks far less (no attacker reads more than 51), but by the smallest per-attacker drop A (2.0) beat B (1.0),
+    and the selection would have deployed A."""
+    from stpcore.evaluation.selection import choose
+
+    raw = _result("raw", {"vit": 80.0, "stats": 52.0}, {"vit": {}, "stats": {}})
+    a = worst_case(raw, _result("a", {"vit": 78.0, "stats": 40.0}, {"vit": {}, "stats": {}}))
+    b = worst_case(raw, _result("b", {"vit": 50.0, "stats": 51.0}, {"vit": {}, "stats": {}}))
+    assert (a["worst_drop"], a["best_attacker"]) == (2.0, "vit")
+    assert (b["worst_drop"], b["best_attacker"]) == (29.0, "stats")
+    scores = [{"top1": 70.0, "worst_drop": a["worst_drop"]}, {"top1": 70.0, "worst_drop": b["worst_drop"]}]
+    assert choose(scores, raw_top1=70.0, target=15.0)[0] == 1
 
 
 def test_appearance_features_describe_only_the_visible_pixels():

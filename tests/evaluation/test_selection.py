@@ -129,8 +129,8 @@ class _Loader:
 
 def test_select_candidate_deploys_what_the_rule_names_on_known_scores(tmp_path, monkeypatch):
     """evaluate_method replaced by fixed results: raw (top-1 80, cMAP vit 80 / stats 90) and three candidates with
-    worst-case drops 10, 16, 20 and top-1 70, 75, 72; the rule must pick the second (the best action among
-    those reaching 15), and selection.json must hold every score."""
+    worst-case drops 12, 16, 20 (90 minus their best attacker's cMAP) and top-1 70, 75, 72; the rule must pick the
+    second (the best action among those reaching 15), and selection.json must hold every score."""
     from stpcore.evaluation import MethodResult, protocol
 
     table = {"raw": (80.0, 80.0, 90.0), "phase2-epoch001": (70.0, 70.0, 78.0), "phase2-epoch002": (75.0, 60.0, 74.0),
@@ -153,7 +153,7 @@ def test_select_candidate_deploys_what_the_rule_names_on_known_scores(tmp_path, 
     cfg = EvalConfig(data_root="unused", out_dir=str(tmp_path / "sel"), epochs=1, progress=False, device="cpu")
     record = select_candidate(paths, cfg, 0.3, target=15.0, out=tmp_path / "selection.json", train_loader=[],
                               val_loader=[])
-    assert [c["worst_drop"] for c in record["candidates"]] == [10.0, 16.0, 20.0]
+    assert [c["worst_drop"] for c in record["candidates"]] == [12.0, 16.0, 20.0]
     assert record["chosen"] == {"index": 1, "path": str(paths[1])} and "reaches 15" in record["rule"]
     saved = json.loads((tmp_path / "selection.json").read_text())
     assert saved["chosen"]["index"] == 1 and len(saved["candidates"]) == 3
