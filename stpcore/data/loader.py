@@ -73,7 +73,7 @@ class DataConfig:
             run instead of once per epoch; for small datasets (the synthetic one). Decoding then runs in the
             main process (workers is ignored), since worker processes would not keep the cache.
         validation: the fraction of the training split's videos held out for model selection (0: none);
-            ``splits.validation_partition`` draws them per class, the same in every run.
+            ``splits.validation_partition`` draws them per class, whole scenes at a time, the same in every run.
         part: which videos of the training split: "all", "fit" (without the held-out ones) or "validation"
             (the held-out ones, sampled like a test split: 5 clips x 3 crops each, in order); "fit" and
             "validation" need ``validation`` > 0 and the training split.

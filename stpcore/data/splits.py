@@ -201,16 +201,40 @@ def list_records(
 PARTS = ("all", "fit", "validation")
 
 
+# The published names tie clips of one scene together: UCF101's "v_<Class>_g<NN>_c<MM>" (group NN: the same
+# actors and scene, clip MM of it) and HMDB51's "<source>_<action>_<body>_<camera>_np<N>_<view>_<quality>_<K>" (the
+# source movie or video, whose clips may fall in several actions).
+_UCF101_CLIP = re.compile(r"^(v_.+_g\d+)_c\d+$")
+_HMDB51_TAGS = re.compile(r"_(?:f|h|u|l)_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$")
+
+
+def source_group(video_id: str) -> str:
+    """The scene a video was cut from, as its published name says: "<class>/v_<Class>_g<NN>" for UCF101 (a group is
+    one class's), "hmdb51:<source>" for HMDB51 (a source may hold clips of several actions); the video's own id for
+    any other name (each video its own group)."""
+    cls, _, stem = video_id.rpartition("/")
+    if m := _UCF101_CLIP.match(stem):
+        return f"{cls}/{m.group(1)}"
+    if m := _HMDB51_TAGS.search(stem):
+        source = stem[: m.start()]
+        return "hmdb51:" + (source[: -len(cls) - 1] if cls and source.endswith("_" + cls) else source)
+    return video_id
+
+
 def validation_partition(records: list[VideoRecord], classes: list[str], fraction: float,
                          seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices of the training videos kept for fitting and of those held out for validation (model selection).
 
-    Per class, ``round(fraction * n)`` videos (at least one where the class has two or more) are held out: those
-    whose SHA-256 of ``"<seed>:<video_id>"`` sorts first. The choice of each video depends on its id and its
-    class's size alone, not on a random stream or on which other files exist, so training and a later
-    ``--select`` hold out the same videos, on every rank. The
-    validation part must let the selection measure what it scores: it must hold every class, and, among its
-    videos with privacy labels, both values of every attribute; otherwise a ValueError says what is missing.
+    Whole scenes are held out (:func:`source_group`: a UCF101 group, an HMDB51 source movie), never part of one,
+    so no validation video has a sibling clip (the same people, the same privacy attributes) in the fit part,
+    which would inflate the attackers' scores on it. Per class about ``round(fraction * n)`` videos (at least one
+    where the class has two or more) are held out: the groups are taken in the order of their SHA-256 of
+    ``"<seed>:<group>"``, each while one of its classes still needs videos and none would be left without a fit
+    video. The choice depends on the ids alone, not on a random stream, so training and a later ``--select`` hold
+    out the same videos, on every rank; with one video per group (names of another form) it is the first
+    ``round(fraction * n)`` videos of each class by hash. The validation part must let the selection measure what
+    it scores: it must hold every class, and, among its videos with privacy labels, both values of every
+    attribute; otherwise a ValueError says what is missing.
 
     Returns:
         (fit, validation): sorted indices into ``records``.
@@ -219,12 +243,22 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
 
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    sizes = [sum(r.action == c for r in records) for c in range(len(classes))]
+    need = [min(max(round(fraction * n), 1 if n >= 2 else 0), n - 1) if n else 0 for n in sizes]
+    fit_left = list(sizes)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(source_group(r.video_id), []).append(i)
     held: list[int] = []
-    for c in range(len(classes)):
-        members = [i for i, r in enumerate(records) if r.action == c]
-        take = min(max(round(fraction * len(members)), 1 if len(members) >= 2 else 0), len(members) - 1)
-        members.sort(key=lambda i: hashlib.sha256(f"{seed}:{records[i].video_id}".encode()).hexdigest())
-        held += members[:max(take, 0)]
+    for group in sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest()):
+        per_class: dict[int, int] = {}
+        for i in groups[group]:
+            per_class[records[i].action] = per_class.get(records[i].action, 0) + 1
+        if any(need[c] > 0 for c in per_class) and all(fit_left[c] > k for c, k in per_class.items()):
+            held += groups[group]
+            for c, k in per_class.items():
+                need[c] -= k
+                fit_left[c] -= k
     held = sorted(held)
     fit = sorted(set(range(len(records))) - set(held))
     if not held:
