@@ -95,7 +95,7 @@ def main() -> None:
 
     if args.probe == "mask":
         class MaskOnly(STPrivacyTransform):
-            def __call__(self, clips, video_ids=None):
+            def __call__(self, clips, video_ids=None, views=None):
                 video, keep = super().__call__(clips, video_ids)
                 cfg = self.model.cfg
                 ones = keep[..., None].expand(*keep.shape, cfg.tubelet_dim).to(video.dtype)
@@ -105,7 +105,7 @@ def main() -> None:
         transform, backbone = MaskOnly(model), model.cfg
     else:
         class Edges(MethodTransform):
-            def __call__(self, clips, video_ids=None):
+            def __call__(self, clips, video_ids=None, views=None):
                 return edge_map(clips, normalise=args.probe == "edges_norm"), None
 
         transform, backbone = Edges(), model_cfg

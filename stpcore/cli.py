@@ -537,7 +537,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                               "the trained one)")
     ratio.add_argument("--adaptive", type=_fraction(high_closed=False), metavar="T",
                        help="STPrivacy adaptive mode at threshold T, in (0, 1)")
-    p.add_argument("--boxes", help="JSON {video_id: [x0, y0, x1, y1]} person boxes for the blacken baseline")
+    p.add_argument("--boxes", help="JSON {video_id: [x0, y0, x1, y1]} person boxes for the blacken baseline, relative "
+                   "to the whole (upright) frame; each clip's crop and flip map them into it")
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted evaluation: a method finished in --out-dir (methods/<name>.json) "
                         "with the same settings, checkpoint and data is read back, not trained again")

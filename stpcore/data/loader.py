@@ -35,8 +35,10 @@ from stpcore.data.sampling import (
     ClipSpec,
     clip_span,
     eval_clips,
+    resized_size,
     shard_indices,
     train_clip,
+    view_window,
 )
 from stpcore.data.splits import VideoRecord, detect_kind, list_records, validation_partition
 from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
@@ -146,6 +148,9 @@ class Batch:
         order_end: how far into this epoch's video order (the shard's) the loader had read when it made this batch,
             unreadable videos included; a resumed run starts there (``start_at(video=...)``). None from loaders
             that do not track it.
+        views: float32 (B, 5) where each clip lies in its frame, relative to the frame: (y0, x0, h, w, flip)
+            (``sampling.view_window``), so a box given on the whole frame maps into the clip (the blacken
+            baseline); None from loaders that do not say.
     """
 
     clips: torch.Tensor
@@ -156,6 +161,7 @@ class Batch:
     clip_index: torch.Tensor
     video_ids: list[str]
     order_end: int | None = None
+    views: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -166,7 +172,7 @@ class Batch:
             k: getattr(self, k).to(device, non_blocking=non_blocking)
             for k in ("clips", "actions", "privacy", "has_privacy", "video_index", "clip_index")
         }
-        return Batch(**t, video_ids=self.video_ids, order_end=self.order_end)
+        return Batch(**t, video_ids=self.video_ids, order_end=self.order_end, views=self.views)
 
 
 @dataclass
@@ -270,6 +276,7 @@ class _ClipDataset(torch.utils.data.Dataset):
                 crop_normalize(resized[[pos[int(f)] for f in s.frames]], s, cfg.crop, cfg.mean, cfg.std)
                 for s in specs
             ]
+            views = [view_window(s, *resized.shape[-2:], cfg.crop) for s in specs]
         except VideoError as e:
             return {"index": index, "error": (e.reason, str(e)), "events": events}
         except Exception as e:  # anything else FFmpeg or numpy throws on damaged input: skip, never crash
@@ -278,6 +285,7 @@ class _ClipDataset(torch.utils.data.Dataset):
             "index": index,
             "clips": torch.stack(clips),  # (V, 3, T, crop, crop)
             "clip_index": [s.clip_index for s in specs],
+            "views": views,
             "events": events,
         }
 
@@ -288,6 +296,7 @@ def _make_batch(
     video_index: Sequence[int],
     clip_index: Sequence[int],
     order_end: int | None = None,
+    views: Sequence[Sequence[float]] | None = None,
 ) -> Batch:
     actions = [records[i].action for i in video_index]
     privacy = np.zeros((len(video_index), len(PRIVACY_ATTRIBUTES)), dtype=np.float32)
@@ -306,6 +315,7 @@ def _make_batch(
         clip_index=torch.tensor(list(clip_index), dtype=torch.int64),
         video_ids=[records[i].video_id for i in video_index],
         order_end=order_end,
+        views=torch.tensor(views, dtype=torch.float32).reshape(-1, 5) if views is not None else None,
     )
 
 
@@ -317,6 +327,7 @@ def _collate(samples: list[dict]) -> dict:
         "events": [e for s in samples for e in s["events"]],
         "video_index": [s["index"] for s in good for _ in s["clip_index"]],
         "clip_index": [c for s in good for c in s["clip_index"]],
+        "views": [v for s in good for v in s["views"]],
     }
     out["clips"] = torch.cat([s["clips"] for s in good]) if good else None
     return out
@@ -453,7 +464,7 @@ class PyAVClipLoader(_LoaderBase):
             if raw["clips"] is None:
                 continue
             self._report.clips += len(raw["clip_index"])
-            yield _make_batch(self.records, raw["clips"], raw["video_index"], raw["clip_index"], read)
+            yield _make_batch(self.records, raw["clips"], raw["video_index"], raw["clip_index"], read, raw["views"])
         self.epoch += 1
 
 
@@ -517,7 +528,8 @@ class DaliClipLoader(_LoaderBase):
             self._report.clips += len(keep)
             return _make_batch(
                 self.records, clips, [pending[k][0] for k in keep], [pending[k][1].spec.clip_index for k in keep],
-                read,
+                read, [view_window(pending[k][1].spec, *resized_size(*pending[k][1].upright_size, cfg.short_side),
+                                   cfg.crop) for k in keep],
             )
 
         for position, vi in enumerate(order, start + 1):  # position: videos read after this one

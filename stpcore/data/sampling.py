@@ -131,6 +131,15 @@ def crop_origin(size: int, crop: int, pos: float) -> int:
     return math.floor(pos * max(size - crop, 0) + 0.5)
 
 
+def view_window(spec: ClipSpec, height: int, width: int, crop: int) -> tuple[float, float, float, float, float]:
+    """Where a clip cut by ``spec`` lies in its frame (the working-scale frame of ``height`` x ``width``), in
+    coordinates relative to the frame: (y0, x0, h, w, flip) with flip 1.0 when the clip is mirrored. A box given on
+    the whole frame maps into the clip with it (``Batch.views``)."""
+    pos_y, pos_x = crop_position(spec, height, width)
+    y0, x0 = crop_origin(height, crop, pos_y), crop_origin(width, crop, pos_x)
+    return y0 / height, x0 / width, crop / height, crop / width, float(spec.flip)
+
+
 def shard_indices(
     n: int,
     shard_id: int = 0,

@@ -35,8 +35,9 @@ class MethodTransform:
     keep_mode: str | None = None
     model_config: STPrivacyConfig | None = None
 
-    def __call__(self, clips: torch.Tensor, video_ids: Sequence[str] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, clips: torch.Tensor, video_ids: Sequence[str] | None = None,
+                 views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``views``: the batch's ``Batch.views`` (where each clip lies in its frame), or None."""
         return clips, None
 
     def to(self, device: str | torch.device) -> MethodTransform:
@@ -65,7 +66,7 @@ class Downsample(MethodTransform):
         self.factor = factor
         self.name = f"downsample{factor}"
 
-    def __call__(self, clips, video_ids=None):
+    def __call__(self, clips, video_ids=None, views=None):
         B, C, T, H, W = clips.shape
         frames = clips.reshape(B, C * T, H, W)  # (B, 3T, H, W): every frame and channel is a 2D image
         # Area averaging and nearest copying are linear and per-channel, so doing them on normalised values
@@ -94,7 +95,7 @@ class GaussianBlur(MethodTransform):
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.sigma, self.name = sigma, name
 
-    def __call__(self, clips, video_ids=None):
+    def __call__(self, clips, video_ids=None, views=None):
         B, C, T, H, W = clips.shape
         sigma = self.sigma * H / REFERENCE_SIZE
         radius = min(math.ceil(3 * sigma), H - 1, W - 1)  # reflect padding needs radius < size
@@ -110,13 +111,13 @@ class Blacken(MethodTransform):
     """Zero the pixels inside each video's person box, in every frame.
 
     Zero is the normalised value STPrivacy gives its dropped tubelets (the dataset mean colour), so the two
-    methods differ in what they remove, not in the fill. The box is relative to the clip as the recognizer
-    sees it (after resize and crop): Batch carries no crop offsets, so full-frame boxes are approximate on
-    the cropped views (the crop covers 7/8 of the short side). Videos without a box stay unchanged and are
-    counted in ``missing``.
+    methods differ in what they remove, not in the fill. The box is relative to the whole (upright) frame; each
+    clip's crop and flip (``Batch.views``) map it into the clip, so a training clip cut from the left of the frame,
+    or mirrored, loses the pixels of the person it shows (without views, from a loader that does not give them,
+    the box is taken relative to the clip). Videos without a box stay unchanged and are counted in ``missing``.
 
     Args:
-        boxes: video_id ("<class>/<stem>") -> (x0, y0, x1, y1) relative coordinates in [0, 1].
+        boxes: video_id ("<class>/<stem>") -> (x0, y0, x1, y1) relative coordinates in [0, 1] of the frame.
     """
 
     name = "blacken"
@@ -129,9 +130,11 @@ class Blacken(MethodTransform):
         self.boxes = {k: tuple(float(v) for v in b) for k, b in boxes.items()}
         self.missing: set[str] = set()
 
-    def __call__(self, clips, video_ids=None):
+    def __call__(self, clips, video_ids=None, views=None):
         if video_ids is None or len(video_ids) != clips.shape[0]:
             raise ValueError("blacken needs the batch's video_ids (one per clip) to find each video's box")
+        if views is not None and len(views) != clips.shape[0]:
+            raise ValueError(f"blacken: {len(views)} views for {clips.shape[0]} clips")
         H, W = clips.shape[-2:]
         inside = torch.zeros(clips.shape[0], 1, 1, H, W, dtype=torch.bool)  # built on the host: tiny
         for i, vid in enumerate(video_ids):
@@ -140,6 +143,15 @@ class Blacken(MethodTransform):
                 self.missing.add(vid)
                 continue
             x0, y0, x1, y1 = box
+            if views is not None:  # frame -> clip: shift and scale by the crop, mirror with the flip
+                vy, vx, vh, vw, flip = (float(v) for v in views[i])
+                x0, x1 = (x0 - vx) / vw, (x1 - vx) / vw
+                y0, y1 = (y0 - vy) / vh, (y1 - vy) / vh
+                if flip:
+                    x0, x1 = 1.0 - x1, 1.0 - x0
+                x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)
+                if x0 >= x1 or y0 >= y1:  # the person is outside this crop
+                    continue
             # Cover every pixel the box touches.
             inside[i, :, :, math.floor(y0 * H):math.ceil(y1 * H), math.floor(x0 * W):math.ceil(x1 * W)] = True
         return clips.masked_fill(inside.to(clips.device, non_blocking=True), 0.0), None
@@ -174,7 +186,7 @@ class STPrivacyTransform(MethodTransform):
         self.model.to(device)
         return self
 
-    def __call__(self, clips, video_ids=None):
+    def __call__(self, clips, video_ids=None, views=None):
         with torch.no_grad():  # frozen: no graph through the anonymizer
             out = self.model(clips, keep_ratio=self.keep_ratio, adaptive_threshold=self.threshold)
         return out.video, out.keep

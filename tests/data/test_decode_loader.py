@@ -115,6 +115,7 @@ def test_dali_loader_matches_contract(dataset):
     ref = next(iter(get_loader(_cfg(dataset, train=False, batch_size=2))))
     assert batch.video_ids == ref.video_ids
     assert (batch.clips - ref.clips).abs().mean() < 0.05
+    assert torch.equal(batch.views, ref.views)  # where each clip lies in its frame (the blacken baseline maps by it)
 
 
 @pytest.fixture(scope="module")

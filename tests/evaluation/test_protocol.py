@@ -546,3 +546,51 @@ def test_a_video_replaced_in_place_is_another_video_in_a_results_key(tmp_path):
     before = videos_of(train=loader)
     os.utime(video, ns=(0, video.stat().st_mtime_ns + 10**9))
     assert videos_of(train=loader) != before and videos_of(train=loader)["train"][0][0] == "c/v"
+
+
+def test_blacken_maps_a_frame_box_through_crop_and_flip():
+    """A box on the whole frame, a clip cut from its left two thirds and mirrored: the box lands mirrored, shifted
+    and scaled in the clip (views (y0, x0, h, w, flip) relative to the frame)."""
+    clips = torch.ones(2, 3, 2, 30, 30)
+    box = {"a/v": (0.5, 0.0, 0.6, 1.0)}  # x from half to six tenths of the frame, full height
+    views = torch.tensor([[0.0, 0.0, 1.0, 2 / 3, 0.0], [0.0, 0.0, 1.0, 2 / 3, 1.0]])
+    video, _ = make_transform("blacken", boxes=box)(clips, ["a/v", "a/v"], views=views)
+    zero = (video[:, 0, 0] == 0).all(dim=1)  # (B, W): columns blackened
+    # Frame x 0.5-0.6 is clip x 0.75-0.9 (columns 22.5-27 -> 22..26); mirrored: 0.1-0.25 (3..7).
+    assert zero[0].nonzero().flatten().tolist() == list(range(22, 27))
+    assert zero[1].nonzero().flatten().tolist() == list(range(3, 8))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-flips", "test-crops"])
+def test_blacken_hides_the_person_in_every_view_the_loader_cuts(tmp_path, train):
+    """The review's case: a box given on the frame was applied to every clip as if the clip were the frame, so a
+    mirrored training clip showed the person whole, and the left test crop most of it. Through the PyAV loader's
+    own crops and flips, no pixel of the person is left."""
+    from stpcore.data import DataConfig, get_loader
+    from stpcore.data.synth import write_video
+    from stpcore.media import IMAGENET_MEAN, IMAGENET_STD
+
+    frames = np.full((40, 120, 176, 3), 90, np.uint8)
+    frames[:, 30:90, 110:150] = 255  # the person: x 110-150 of 176, y 30-90 of 120
+    (tmp_path / "ds" / "walk").mkdir(parents=True)
+    for i in range(4):
+        write_video(tmp_path / "ds" / "walk" / f"v{i}.avi", frames, codec="mpeg4")
+    (tmp_path / "ds" / "walk_test_split1.txt").write_text("".join(f"v{i}.avi {1 if i < 2 else 2}\n" for i in range(4)))
+    loader = get_loader(DataConfig(root=str(tmp_path / "ds"), train=train, batch_size=2, workers=0, decoder="pyav",
+                                   crop=64, num_frames=8))
+    boxes = {f"walk/v{i}": (110 / 176, 30 / 120, 150 / 176, 90 / 120) for i in range(4)}
+    blacken = make_transform("blacken", boxes=boxes)
+    flips = 0
+    for epoch in range(4 if train else 1):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert batch.views is not None and batch.views.shape == (len(batch), 5)
+            flips += int(batch.views[:, 4].sum())
+            video, _ = blacken(batch.clips, batch.video_ids, views=batch.views)
+            pixels = video * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255 \
+                + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1) * 255
+            assert (pixels > 200).sum() == 0, batch.views
+            if not train:
+                assert (batch.clips * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255
+                        + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1) * 255 > 200).any()  # the person was there
+    assert flips > 0 or not train
