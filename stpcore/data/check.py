@@ -2,9 +2,10 @@
 
 `ROOT` is a dataset root, `ROOT/<class>/<video>` (HMDB51 and UCF101 as published, or a transcoded copy), with
 the split files in ROOT or in --splits. Checks every video under `ROOT/<class>/` and every entry of the three
-official splits: missing files, zero-byte / unreadable / truncated / too-short videos, codecs the chosen decoder
-cannot read, symbolic links that lead out of
-the root (followed, but named), and privacy-label coverage. A folder that holds videos directly (one class folder,
+official splits: missing files, zero-byte / unreadable (the header, and the first frame decoded) / truncated (a
+warning for PyAV, which wraps; a problem for the DALI decoders, whose loader drops it) / too-short videos, codecs
+the chosen decoder cannot read, symbolic links that lead out of the root (followed, but named), and privacy-label
+coverage (a label file matching no video is a problem). A folder that holds videos directly (one class folder,
 say) is not a dataset root: videos are keyed "<class>/<stem>" by their folder, so that is a ValueError naming the
 layout expected (check the folder above it); so is a root with no videos in class folders at all.
 """
@@ -16,7 +17,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stpcore.data.decode_pyav import VideoError, probe
+import numpy as np
+
+from stpcore.data.decode_pyav import VideoError, decode_frames, probe
 from stpcore.data.labels import VIDEO_EXTENSIONS, load_labels, match_labels
 from stpcore.data.sampling import DEFAULT_STRIDE, NUM_FRAMES, clip_span
 from stpcore.data.splits import detect_kind, index_videos, list_records
@@ -24,6 +27,7 @@ from stpcore.media import open_video
 
 TOO_SHORT = "too short (will be looped)"
 TRUNCATED = "truncated (ends before its header says; decoding wraps)"
+TRUNCATED_DALI = "truncated (ends before its header says; the DALI loader drops it)"
 OUTSIDE_CLASS = "not in a class folder (ignored)"
 LINKED_OUT = "symbolic link to a file outside the root (followed)"
 NO_LABEL_MATCH = "label file matching no video"
@@ -154,6 +158,11 @@ def check_dataset(
         except VideoError as e:
             report.problems[e.reason].append(str(path) + (f" ({e.detail[:120]})" if e.detail else ""))
             continue
+        try:  # a header that reads is not a video that decodes (damaged pictures): the first frame must
+            decode_frames(path, np.zeros(1, np.int64))
+        except VideoError as e:
+            report.problems[e.reason].append(str(path) + (f" ({e.detail[:120]})" if e.detail else ""))
+            continue
         if codecs is not None and info.codec not in codecs:
             report.problems[f"codec not readable by {decoder}"].append(f"{path} ({info.codec})")
         if info.num_frames < span:
@@ -163,8 +172,8 @@ def check_dataset(
         except Exception as e:  # the header read, a later packet did not: damaged past the start
             report.problems["unreadable"].append(f"{path} ({type(e).__name__}: {str(e)[:120]})")
             continue
-        if short is not None:
-            report.problems[TRUNCATED].append(f"{path} ({short})")
+        if short is not None:  # PyAV wraps its frame indices into what is there; DALI fails the clip
+            report.problems[TRUNCATED_DALI if decoder.startswith("dali") else TRUNCATED].append(f"{path} ({short})")
     if kind:
         for split in (1, 2, 3):
             for train in (True, False):

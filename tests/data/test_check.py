@@ -93,6 +93,57 @@ def test_truncated_video(tmp_path, capsys, name):
     assert entry == f"{bad} (ends at 0.80 s, header says 1.28 s)"
 
 
+def test_a_truncated_video_is_a_problem_for_the_dali_loader(tmp_path, capsys):
+    """PyAV wraps a truncated video's frame indices into what is there; the DALI loader fails its clips and drops
+    the video every epoch: with --decoder dali-* the check fails on it instead of warning."""
+    root = _dataset(tmp_path / "ds")
+    bad = root / "wave" / "wave_1.webm"
+    with av.open(str(bad)) as container:
+        cut = [p.pos for p in container.demux(container.streams.video[0]) if p.size > 0][20]
+    bad.write_bytes(bad.read_bytes()[:cut])
+    (root / "jump" / "jump_0.avi").unlink()  # DALI-CPU reads no MPEG-4: leave the VP9 videos alone
+    (root / "jump" / "jump_1.avi").unlink()
+    for split in (1, 2, 3):
+        (root / f"jump_test_split{split}.txt").unlink()
+    code, report = _check(capsys, root, "--decoder", "dali-cpu")
+    assert code == 1, report
+    assert _listed(report, "truncated (ends before its header says; the DALI loader drops it)") == [
+        f"{bad} (ends at 0.80 s, header says 1.28 s)"]
+
+
+def _mjpeg_with_blank_pictures(path: Path) -> None:
+    """An MJPEG AVI whose header and index are intact and whose JPEG data are zeros: it probes, it does not
+    decode."""
+    import struct
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(FRAMES):
+            image = np.full((48, 64, 3), i * 5, np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")))
+        out.mux(stream.encode())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"movi")
+    while (at := data.find(b"00dc", at)) >= 0:
+        size = struct.unpack("<I", data[at + 4:at + 8])[0]
+        data[at + 8:at + 8 + size] = bytes(size)
+        at += 8 + size
+    path.write_bytes(bytes(data))
+
+
+def test_a_video_whose_pictures_do_not_decode_is_unreadable(tmp_path, capsys):
+    """Its header reads (frame count, size, codec), so the check said OK; the loaders skip it every epoch as
+    unreadable. The check decodes the first frame."""
+    root = _dataset(tmp_path / "ds")
+    bad = root / "jump" / "jump_1.avi"
+    _mjpeg_with_blank_pictures(bad)
+    code, report = _check(capsys, root)
+    assert code == 1 and report.endswith("PROBLEMS FOUND")
+    [entry] = _listed(report, "unreadable")
+    assert entry.startswith(f"{bad} (") and "InvalidData" in entry
+
+
 def test_codec_the_decoder_cannot_read(tmp_path, capsys):
     """DALI's CPU decoder reads VP8/VP9/MJPEG, not the published MPEG-4 Part 2 (which PyAV reads: the intact
     dataset passes with the default decoder)."""
