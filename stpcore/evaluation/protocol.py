@@ -283,6 +283,11 @@ def evaluate_method(
     models: dict[str, nn.Module] = {"action": VideoRecognizer(action_cfg).to(dev)}
     if "vit" in attackers:
         models["vit"] = VideoRecognizer(dataclasses.replace(action_cfg, num_outputs=len(PRIVACY_ATTRIBUTES))).to(dev)
+    from_scratch = not cfg.init_2d and action_cfg.embed_dim >= 384  # a ViT-S or larger, from random weights
+    if from_scratch:
+        warnings.warn(f"phase 3 trains the {action_cfg.embed_dim}-wide ViT recognizers from random weights; the "
+                      f"paper's ViT-S starts from ImageNet weights (pass --init-2d with a 2D ViT checkpoint): without "
+                      f"them the results are not comparable with the paper's table", RuntimeWarning, stacklevel=2)
     if cfg.init_2d:
         from stpcore.models import load_inflated_2d_vit
 
@@ -311,7 +316,7 @@ def evaluate_method(
         stats = StatsAttacker(budget.stats_c, cfg.seed).fit(feats, labels, has.astype(bool))
     metrics, scores, kept_fraction, diverged = _test(cfg, transform, models, stats, test_loader, action_cfg, dev,
                                                      transform.name)
-    notes = []
+    notes = ["recognizers from random weights (no init_2d; the paper's start from ImageNet)"] if from_scratch else []
     if diverged:  # the result is still saved: the other recognizers' scores stand, and a resume reuses them
         names = ", ".join(diverged)
         notes.append(f"outputs not finite (diverged in training; its scores are undefined, NaN): {names}")

@@ -594,3 +594,19 @@ def test_blacken_hides_the_person_in_every_view_the_loader_cuts(tmp_path, train)
                 assert (batch.clips * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) * 255
                         + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1) * 255 > 200).any()  # the person was there
     assert flips > 0 or not train
+
+
+def test_vit_small_recognizers_from_random_weights_are_said_to_be(tmp_path):
+    """The paper's phase-3 ViT-S starts from ImageNet weights; `stpcore eval` without --init-2d trained it from
+    scratch and printed the result beside the paper's table without a word."""
+    from stpcore.models import BackboneConfig
+
+    backbone = BackboneConfig(num_frames=T, image_size=S, tubelet=(2, 16, 16), embed_dim=384, depth=1, num_heads=6)
+    cfg = _cfg(tmp_path, preset=None, epochs=1, attackers="vit")
+    train = BandLoader(num_videos=8, batch_videos=4, train=True)
+    test = BandLoader(num_videos=3, batch_videos=3, train=False, views=2, seed=1)
+    with pytest.warns(RuntimeWarning, match="from random weights.*--init-2d"):
+        result = evaluate_method(make_transform("raw"), cfg, train, test, backbone=backbone)
+    assert "recognizers from random weights" in result.note
+    tiny = evaluate_method(make_transform("raw"), _cfg(tmp_path, epochs=1, attackers="vit"), train, test)  # no word
+    assert "random weights" not in tiny.note
