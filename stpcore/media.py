@@ -118,6 +118,11 @@ class VideoWriter:
         self.size = (width + width % 2, height + height % 2)  # 4:2:0 needs even sizes
         self._stream.width, self._stream.height = self.size
         self._stream.pix_fmt = pix_fmt
+        # libswscale converts the RGB frames with the BT.601 matrix into limited-range YUV; say so in the stream.
+        # Untagged, players decode HD video with BT.709's, which shifts every colour (RGB 200,60,40 showed as
+        # 212,72,36).
+        ctx = self._stream.codec_context
+        ctx.colorspace, ctx.color_range = 6, 1  # AVCOL_SPC_SMPTE170M (BT.601), AVCOL_RANGE_MPEG (limited)
         if self.crf is not None:
             self._stream.options = {"crf": str(self.crf)}
         self._size = (height, width)

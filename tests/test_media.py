@@ -160,3 +160,18 @@ def test_a_writer_that_fails_while_finishing_leaves_no_file(tmp_path, where, exc
                 writer._stream = _Failing(writer._stream, "encode", exc)
     assert list(tmp_path.iterdir()) == []
     assert f"while writing {target}" in "\n".join(getattr(raised.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("codec, suffix", [("h264", ".mp4"), ("vp9", ".webm")])
+def test_written_video_says_which_colour_matrix_it_was_converted_with(tmp_path, codec, suffix):
+    """The RGB frames become YUV by BT.601's matrix, limited range; untagged, players read HD video with BT.709's
+    (the review saw RGB 200,60,40 play as 212,72,36). The stream now carries the tags its pixels were made with."""
+    import av
+
+    frames = np.zeros((2, 720, 1280, 3), np.uint8)
+    frames[...] = (200, 60, 40)
+    path = media.write_video(tmp_path / f"hd{suffix}", frames, fps=10, codec=codec)
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        assert (frame.colorspace, frame.color_range) == (6, 1)  # SMPTE 170M (BT.601), MPEG (limited) range
+        assert np.abs(frame.to_ndarray(format="rgb24")[360, 640].astype(int) - (200, 60, 40)).max() <= 2
