@@ -46,6 +46,7 @@ import math
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -80,7 +81,13 @@ def is_stream(source: str | os.PathLike) -> bool:
     """Whether ``source`` names a live source: a URL of :data:`STREAM_SCHEMES`, a V4L2 device or ``-`` (stdin)."""
     text = str(source)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    return text == "-" or scheme in STREAM_SCHEMES or text.startswith("/dev/video")
+    if text == "-" or scheme in STREAM_SCHEMES or text.startswith("/dev/video"):
+        return True
+    # A camera by a stable name (/dev/v4l/by-id/usb-...-video-index0, a link to /dev/videoN): a character device.
+    try:
+        return text.startswith("/dev/") and stat.S_ISCHR(os.stat(text).st_mode)
+    except OSError:
+        return False
 
 
 class _StoppableStdin:
@@ -208,6 +215,7 @@ class _Reader(threading.Thread):
         super().__init__(daemon=True, name="stpcore-stream-reader")
         self.container, self.chunk_len, self.fps, self.report, self.stop = container, chunk_len, fps, report, stop
         self.drop = drop  # False: a recording; the reader waits for the model side instead of dropping a chunk
+        self.timeout: float | None = None  # the read timeout the source was opened with, for the loss message
         self.mailbox: queue.Queue = queue.Queue(maxsize=1)
         self.lock = threading.Lock()
         self.consumer_gone = threading.Event()  # the model side has returned: nothing more is taken
@@ -281,7 +289,10 @@ class _Reader(threading.Thread):
             else:  # standard input ends (as end of file) when the run is stopped
                 self.ended = "stopped" if self.stop.is_set() else "end of stream"
         except Exception as exc:  # noqa: BLE001 - any read failure is the stream's loss, reported in the summary
-            self.ended = f"stream lost: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if type(exc).__name__ == "ExitError" and self.timeout is not None:  # PyAV's read timeout interrupts
+                self.ended = f"stream lost: no data for {self.timeout:g} s (--stream-timeout)"
+            else:
+                self.ended = f"stream lost: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         finally:
             if frames:
                 chunk = self._finish(frames, arrivals, times, first)
@@ -380,6 +391,7 @@ def anonymize_stream(
         drop = not (container.duration and container.duration > 0)
     report.drop = drop
     reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop, drop=drop)
+    reader.timeout = timeout
     reader.start()
     if verbose:  # the model is ready and the source open: frames are read from here on
         print(f"stream {source}: open, reading ({video.codec_context.width}x{video.codec_context.height}, "
