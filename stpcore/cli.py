@@ -512,7 +512,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "more clips share one graph; a batch of 1, such as a file's last, compiles its own once; "
                         "see BENCHMARKS.md for when it pays)")
     live = p.add_argument_group("live streams", "rolling segments <name>.NNNNN.mp4 and <name>.segments.jsonl; a "
-                                "chunk is dropped (and counted) when compute falls behind; SIGTERM ends cleanly")
+                                "chunk is dropped (and counted) when compute falls behind a live source (--drop), "
+                                "a recording waits for it (--no-drop); SIGTERM ends cleanly")
     live.add_argument("--segment-seconds", type=_positive_seconds, default=None,
                       help="length of each segment file (default 10)")
     live.add_argument("--name", type=_segment_name, default=None,
@@ -524,7 +525,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     live.add_argument("--drop", action=argparse.BooleanOptionalAction, default=None,
                       help="--drop: when compute falls behind, drop chunks to keep latency bounded (a live source); "
                            "--no-drop: wait, writing every frame (a recording). Default: --no-drop for a source that "
-                           "declares a duration (a file over HTTP), --drop otherwise (cameras, RTSP, stdin)")
+                           "declares a duration (a file over HTTP; an MP4 piped in may declare one too), --drop "
+                           "otherwise (cameras, RTSP, an MPEG-TS pipe)")
     p.set_defaults(func=_cmd_anonymize)
 
     p = sub.add_parser("eval", help="phase 3: fresh recognizers on transformed videos; the paper's Table 1")

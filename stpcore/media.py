@@ -160,7 +160,8 @@ class VideoWriter:
         except BaseException as e:  # noqa: BLE001 - a Ctrl-C too: the temporary file is removed below, then it is raised
             if failure is None:
                 failure = e
-                e.add_note(f"while writing {self.path} (nothing was left there)")
+                if hasattr(e, "add_note"):  # Python 3.11+
+                    e.add_note(f"while writing {self.path} (nothing was left there)")
         if failure is None:
             self._atomic.__exit__(None, None, None)  # rename into place
             return False

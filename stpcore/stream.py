@@ -81,9 +81,14 @@ def is_stream(source: str | os.PathLike) -> bool:
     """Whether ``source`` names a live source: a URL of :data:`STREAM_SCHEMES`, a V4L2 device or ``-`` (stdin)."""
     text = str(source)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if text == "-" or scheme in STREAM_SCHEMES or text.startswith("/dev/video"):
+    return text == "-" or scheme in STREAM_SCHEMES or _is_device(text)
+
+
+def _is_device(text: str) -> bool:
+    """A V4L2 device: /dev/videoN, or a camera by a stable name (/dev/v4l/by-id/usb-...-video-index0, a link to
+    /dev/videoN): a character device under /dev."""
+    if text.startswith("/dev/video"):
         return True
-    # A camera by a stable name (/dev/v4l/by-id/usb-...-video-index0, a link to /dev/videoN): a character device.
     try:
         return text.startswith("/dev/") and stat.S_ISCHR(os.stat(text).st_mode)
     except OSError:
@@ -124,7 +129,7 @@ def open_source(source: str, *, input_format: str | None = None, timeout: float 
     """
     import av
 
-    fmt = input_format or ("v4l2" if str(source).startswith("/dev/video") else None)
+    fmt = input_format or ("v4l2" if _is_device(str(source)) else None)
     stop = stop or threading.Event()
     target = _StoppableStdin(stop) if source == "-" else source
     options = {}
@@ -208,7 +213,8 @@ class StreamReport:
 
 
 class _Reader(threading.Thread):
-    """Decodes frames into chunks; at most one finished chunk waits in ``mailbox`` (older ones are dropped)."""
+    """Decodes frames into chunks; at most one finished chunk waits in ``mailbox`` (older ones are dropped, or, with
+    ``drop`` False, the reader waits for the mailbox to empty)."""
 
     def __init__(self, container, chunk_len: int, fps: float, report: StreamReport, stop: threading.Event,
                  drop: bool = True) -> None:

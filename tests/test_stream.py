@@ -139,6 +139,26 @@ def test_is_stream_names_the_live_sources():
     assert not is_stream("/dev/shm")  # a folder
 
 
+
+def test_a_camera_by_its_stable_name_is_opened_as_v4l2(monkeypatch):
+    """/dev/v4l/by-id/... names a camera as /dev/videoN does (a link to it): it must be opened with FFmpeg's v4l2
+    input too, not probed as a file. /dev/null stands in for the character device."""
+    import av
+
+    from stpcore.stream import open_source
+
+    seen = {}
+
+    def fake_open(target, mode="r", format=None, **kw):
+        seen["format"] = format
+        raise OSError("no camera here")
+
+    monkeypatch.setattr(av, "open", fake_open)
+    with pytest.raises(StreamError, match="cannot open the stream /dev/null"):
+        open_source("/dev/null", timeout=1)
+    assert seen["format"] == "v4l2"
+
+
 @pytest.mark.parametrize("source", ["rtsp://127.0.0.1:{port}/cam", "http://127.0.0.1:{port}/x.ts",
                                     "tcp://127.0.0.1:{port}", "/dev/video97"])
 def test_a_stream_that_cannot_be_opened_names_it_and_writes_nothing(source, anonymizer, tmp_path):

@@ -91,7 +91,7 @@ def _checked(name: str, real):
             if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)):
                 raise UnsafePickleError(f"refusing _reconstruct of {subtype!r}: a label pickle holds numpy arrays")
             _small_shape(shape, "_reconstruct")
-            return real(np.ndarray, shape, dtype)
+            return real(np.ndarray, shape, _plain_dtype(dtype, "_reconstruct"))  # "(N,)O" hides a shape and objects
         return reconstruct
 
     def frombuffer(buf, dtype, shape, order):

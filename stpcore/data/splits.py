@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,8 +245,8 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
     sizes = [sum(r.action == c for r in records) for c in range(len(classes))]
-    need = [min(max(round(fraction * n), 1 if n >= 2 else 0), n - 1) if n else 0 for n in sizes]
-    fit_left = list(sizes)
+    want = [min(max(round(fraction * n), 1 if n >= 2 else 0), n - 1) if n else 0 for n in sizes]
+    need, fit_left = list(want), list(sizes)
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(source_group(r.video_id), []).append(i)
@@ -259,6 +260,15 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
             for c, k in per_class.items():
                 need[c] -= k
                 fit_left[c] -= k
+    taken = set(held)
+    for c in range(len(classes)):  # a class whose videos are one scene: per video, the only way to hold any out
+        if want[c] and not any(records[i].action == c for i in taken):
+            members = sorted((i for i, r in enumerate(records) if r.action == c),
+                             key=lambda i: hashlib.sha256(f"{seed}:{records[i].video_id}".encode()).hexdigest())
+            held += members[: want[c]]
+            warnings.warn(f"class {classes[c]!r}: its {sizes[c]} training videos come from one scene "
+                          f"({source_group(records[members[0]].video_id)}), so its validation videos are held out "
+                          f"one by one and have siblings in the fit part", RuntimeWarning, stacklevel=2)
     held = sorted(held)
     fit = sorted(set(range(len(records))) - set(held))
     if not held:

@@ -436,7 +436,7 @@ def evaluate(
 
 
 # A saved result's record (methods/<name>.json, selection/<name>/result.json): what it was computed from, and it.
-RESULT_FORMAT = "stpcore-eval-result-v2"
+RESULT_FORMAT = "stpcore-eval-result-v3"  # v3: crops round half up; blacken boxes on the frame
 # EvalConfig fields that do not change a method's result: where it is written, how fast it is read, how it is shown
 # (the device type the recognizers run on is part of the key: evaluate() adds it).
 _RESUME_FREE = frozenset({"out_dir", "workers", "progress", "device"})

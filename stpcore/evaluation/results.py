@@ -88,14 +88,17 @@ def worst_case(raw: MethodResult, result: MethodResult) -> dict:
     Returns:
         {"drops": {attacker: drop}, "worst_drop": float, "best_attacker": str, "max_ap": {attribute: AP}};
         drops NaN where an attacker's cMAP is undefined; worst_drop NaN and best_attacker "" when no attacker is
-        defined on both.
+        defined on both, or when one scored on raw video has no score on the output.
     """
     names = [n for n in result.attackers if n in raw.attackers]
     drops = {n: raw.attackers[n]["cmap"] - result.attackers[n]["cmap"] for n in names}
     defined = [n for n in names if not math.isnan(drops[n])]
-    best = max(defined, key=lambda n: result.attackers[n]["cmap"]) if defined else ""
-    worst_drop = (max(raw.attackers[n]["cmap"] for n in defined) - result.attackers[best]["cmap"] if defined
-                  else math.nan)
+    # An attacker that reads raw video but has no score on the output (it diverged) may be the strongest: without
+    # it there is no worst case to give (NaN: never eligible in the selection), not the weaker attackers' one.
+    unscored = [n for n in names
+                if not math.isnan(raw.attackers[n]["cmap"]) and math.isnan(result.attackers[n]["cmap"])]
+    best = max(defined, key=lambda n: result.attackers[n]["cmap"]) if defined and not unscored else ""
+    worst_drop = max(raw.attackers[n]["cmap"] for n in defined) - result.attackers[best]["cmap"] if best else math.nan
     attrs = list(next(iter(result.attackers.values()))["ap"]) if result.attackers else []
     max_ap = {}
     for a in attrs:

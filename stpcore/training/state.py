@@ -93,6 +93,7 @@ def state_dict(trainer: Trainer, data_counts: dict[str, int] | None = None) -> d
         "config": dataclasses.asdict(trainer.cfg),
         "model_config": dataclasses.asdict(trainer.model_cfg),
         "classes": list(trainer.loader.classes),
+        "train_videos": train_videos(trainer.loader),
         "models": {k: unwrap(m).state_dict() for k, m in trainer.models.items()},
         "optimizers": {k: o.state_dict() for k, o in trainer.opt.items()},
         "schedulers": {k: s.state_dict() for k, s in trainer.sched.items()},
@@ -108,6 +109,16 @@ def state_dict(trainer: Trainer, data_counts: dict[str, int] | None = None) -> d
                      "global_step": trainer.global_step, "steps_per_epoch": trainer.steps_per_epoch,
                      "world_size": trainer.dist.world_size},
     }
+
+
+def train_videos(loader) -> str | None:
+    """SHA-256 of the ids of the videos the loader trains on (after the validation part is held out); None for a
+    loader that lists none. A resume must train on the same videos: a changed validation part would move held-out
+    videos into training."""
+    records = getattr(loader, "records", None)
+    if not records:
+        return None
+    return hashlib.sha256("\n".join(sorted(r.video_id for r in records)).encode()).hexdigest()
 
 
 def _size(path: Path) -> int:
@@ -264,6 +275,16 @@ def check_resumable(trainer: Trainer, path, state: dict) -> None:
             + ": the action head's outputs would mean other classes; resume with the data it was trained on, or "
               "start a new run")
     cfg = trainer.cfg
+    saved_videos, videos = state.get("train_videos"), train_videos(trainer.loader)
+    if saved_videos is not None and videos is not None and saved_videos != videos:
+        what = (f"the videos it trains on differ from the saved run's (its validation part, {cfg.validation:g} of the "
+                f"training videos, is drawn otherwise, or the dataset changed)")
+        if cfg.validation > 0:  # a later --select would score candidates on videos they were trained on
+            raise ValueError(f"{path}: {what}; resuming would train on videos held out for model selection: start a "
+                             f"new run, or resume with the stpcore version and data that saved it")
+        if trainer.dist.main:
+            warnings.warn(f"{path}: {what}; the run is no longer the one that was saved", RuntimeWarning,
+                          stacklevel=4)
     now = {k: _jsonable(getattr(cfg, k)) for k in dataclasses.asdict(cfg) if k not in RESUME_FREE}
     changed = {k: (_jsonable(v), now[k]) for k, v in state.get("config", {}).items()
                if k in now and _jsonable(v) != now[k]}

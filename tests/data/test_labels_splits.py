@@ -155,8 +155,9 @@ def _nested(depth: int) -> list:
     (_Calls(np.ndarray, (200_000_000,), np.dtype("f8")), "shape"),  # 1.6 GB asked for by ~100 bytes
     (_Calls(np.ndarray, (5,), np.dtype("O")), "object"),  # an object array, filled with None by numpy
     (_Calls(np._core.multiarray._reconstruct, np.ndarray, (10**9,), b"b"), "shape"),
+    (_Calls(np._core.multiarray._reconstruct, np.ndarray, (1,), "(100000000,)O"), "dtype"),  # a shape in the dtype
     (_nested(30), "not 5 values"),  # np.asarray would unfold 2**30 copies of the list
-], ids=["ndarray-huge", "ndarray-object", "reconstruct-huge", "shared-nested-lists"])
+], ids=["ndarray-huge", "ndarray-object", "reconstruct-huge", "reconstruct-dtype-shape", "shared-nested-lists"])
 def test_pickle_size_bombs_are_refused_before_they_allocate(tmp_path, value, match):
     """Nothing in a label pickle runs code, but numpy's constructors and np.asarray allocate what a tiny file
     asks for (the review measured 1.7 GB resident from 104 bytes): shapes, dtypes and the label's structure are

@@ -70,7 +70,10 @@ def test_worst_case_is_the_best_attack_and_the_highest_ap_per_attribute():
     assert w["max_ap"] == {"skin_color": 0.8, "face": 0.7}
     undefined = _result("x", {"vit": math.nan, "stats": 71.0}, {"vit": ap(math.nan, math.nan), "stats": ap(0.7, 0.6)})
     w = worst_case(raw, undefined)
-    assert math.isnan(w["drops"]["vit"]) and w["worst_drop"] == 4.0 and w["max_ap"]["skin_color"] == 0.7
+    # The ViT reads raw video (80) but has no score on this output (it diverged): it may be the strongest, so there
+    # is no worst case, rather than the statistics attacker's.
+    assert math.isnan(w["drops"]["vit"]) and math.isnan(w["worst_drop"]) and w["best_attacker"] == ""
+    assert w["max_ap"]["skin_color"] == 0.7
     markdown, csv = results_table([raw, ours], "hmdb51")
     assert "## Privacy attackers" in markdown
     assert "| stprivacy@0.7 | 10.00 | stats | 80.00 | 70.00 |" in markdown

@@ -100,6 +100,21 @@ def test_source_groups_follow_the_published_names():
     assert source_group("wave/wave_3") == "wave/wave_3"  # any other name: its own group
 
 
+def test_a_class_of_one_scene_is_still_held_out_per_video_with_a_warning():
+    """All five clips of class A are one UCF101 group: no whole group can leave the fit part, so (rather than an
+    error about a class of five videos) A's part is drawn per video, with a warning; B's groups stay whole."""
+    from stpcore.data.splits import source_group
+
+    ids = [f"A/v_A_g01_c0{i}" for i in range(1, 6)] + [f"B/v_B_g0{g}_c0{i}" for g in range(1, 6) for i in (1, 2)]
+    records = [VideoRecord(path=f"{v}.avi", video_id=v, action=int(v[0] == "B"), privacy=np.array([i % 2] * 5))
+               for i, v in enumerate(ids)]
+    with pytest.warns(RuntimeWarning, match="'A': its 5 training videos come from one scene"):
+        fit, held = validation_partition(records, ["A", "B"], 0.2)
+    assert sum(records[i].action == 0 for i in held) == 1
+    b_groups = {source_group(records[i].video_id) for i in held if records[i].action == 1}
+    assert b_groups and not b_groups & {source_group(records[i].video_id) for i in fit}
+
+
 @pytest.mark.parametrize("dataset", ["hmdb51", "ucf101"])
 def test_the_validation_part_holds_out_whole_scenes_of_the_real_datasets(shared_dir, dataset):
     """Held out per video, every UCF101 validation clip had a sibling of its group (same actors, same scene, same

@@ -182,6 +182,33 @@ def test_a_moved_resume_with_another_candidate_every_carries_the_saved_runs_cand
         made + [f"phase2-epoch00{e}.pt" for e in later])
 
 
+@pytest.mark.parametrize("validation", [0.0, 0.2], ids=["no-validation-warns", "validation-refuses"])
+def test_a_resume_on_other_training_videos_is_said_or_refused(tmp_path, validation):
+    """The checkpoint records which videos trained (after the validation part is held out). Resumed on others (a
+    validation part drawn by another rule, a changed dataset), a run with a validation part would train on videos
+    the selection holds out: refused; without one, warned."""
+    from types import SimpleNamespace
+
+    def listing(ids):
+        loader = _loader()
+        loader.records = [SimpleNamespace(video_id=v) for v in ids]
+        return loader
+
+    first = Trainer(_cfg(tmp_path, checkpoint_every=1, validation=validation), listing(["a/1", "a/2", "b/1"]))
+    first.fit()
+    resume = lambda ids: Trainer(_cfg(tmp_path, validation=validation), listing(ids)).load_checkpoint(  # noqa: E731
+        tmp_path / "run" / "last.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resume(["b/1", "a/2", "a/1"])  # the same videos, listed in another order: nothing to say
+    if validation:
+        with pytest.raises(ValueError, match="videos it trains on differ .* held out for model selection"):
+            resume(["a/1", "a/3", "b/1"])
+    else:
+        with pytest.warns(RuntimeWarning, match="videos it trains on differ"):
+            resume(["a/1", "a/3", "b/1"])
+
+
 def test_recognizer_warmup_freezes_stprivacy_then_plays(tmp_path):
     trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=2, recognizer_warmup_epochs=1), _loader())
     weights = {}  # STPrivacy's weights at the start of each epoch
