@@ -191,9 +191,26 @@ def display_turns(frame) -> int:
     return (rotation // 90) % 4 if rotation % 90 == 0 else 0
 
 
-def upright_rgb(frame) -> np.ndarray:
-    """A decoded PyAV frame as uint8 (H, W, 3) RGB, turned as it is displayed (:func:`display_turns`)."""
-    image = frame.to_ndarray(format="rgb24")
+def stream_sar(stream):
+    """A video stream's sample (pixel) aspect ratio as a Fraction when its pixels are not square (DV, HDV, DVD and
+    broadcast video store 4:3 or 16:9 pictures in other widths), else None."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return sar if sar and sar > 0 and sar != 1 else None
+
+
+def display_width(width: int, sar) -> int:
+    """The width a stored picture is shown at: ``width`` times the sample aspect ratio (None: square pixels)."""
+    return max(1, round(width * sar)) if sar else width
+
+
+def upright_rgb(frame, sar=None) -> np.ndarray:
+    """A decoded PyAV frame as uint8 (H, W, 3) RGB as it is displayed: stretched to square pixels by the stream's
+    sample aspect ratio ``sar`` (:func:`stream_sar`; the height kept), and turned by its display rotation
+    (:func:`display_turns`)."""
+    if sar:
+        image = frame.reformat(width=display_width(frame.width, sar), height=frame.height, format="rgb24").to_ndarray()
+    else:
+        image = frame.to_ndarray(format="rgb24")
     turns = display_turns(frame)
     return np.ascontiguousarray(np.rot90(image, turns) if turns else image)
 
@@ -209,14 +226,15 @@ def open_video(path: str | os.PathLike, mode: str = "r", **kwargs):
 
 def read_frames(path: str | os.PathLike):
     """Decode a video's frames in order: yields uint8 (H, W, 3) RGB (PyAV's conversion, as the loaders decode),
-    upright as the file is displayed (:func:`upright_rgb`)."""
+    as the file is displayed (square pixels, upright: :func:`upright_rgb`)."""
     with open_video(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        sar = stream_sar(stream)
         for frame in container.decode(stream):
-            yield upright_rgb(frame)
+            yield upright_rgb(frame, sar)
 
 
 def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:

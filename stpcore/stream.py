@@ -274,11 +274,12 @@ class _Reader(threading.Thread):
         size = None
         try:
             stream = self.container.streams.video[0]
+            sar = media.stream_sar(stream)
             for frame in self.container.decode(stream):
                 if self.stop.is_set():
                     self.ended = "stopped"
                     break
-                image = media.upright_rgb(frame)
+                image = media.upright_rgb(frame, sar)
                 now = time.monotonic()
                 self.report.frames_in += 1
                 if size is not None and image.shape != size and frames:  # a new size: the partial chunk ends here
@@ -383,7 +384,8 @@ def anonymize_stream(
         # has a graph of its own for a batch of one clip, e.g. --view center), prepared before a frame is read.
         coded = container.streams.video[0].codec_context
         if coded.width and coded.height:
-            windows = stride * len(plan_windows(*resized_size(coded.height, coded.width, short_side), cfg.image_size,
+            shown = media.display_width(coded.width, media.stream_sar(container.streams.video[0]))  # as read
+            windows = stride * len(plan_windows(*resized_size(coded.height, shown, short_side), cfg.image_size,
                                                 view, min_overlap))
             sizes = {min(batch_size, windows)} | ({windows % batch_size} if windows > batch_size else set())
             prepare_model(anonymizer, sizes - {0}, keep_ratio)

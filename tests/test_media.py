@@ -177,3 +177,38 @@ def test_written_video_says_which_colour_matrix_it_was_converted_with(tmp_path, 
         frame = next(container.decode(video=0))
         assert (frame.colorspace, frame.color_range) == (6, 1)  # SMPTE 170M (BT.601), MPEG (limited) range
         assert np.abs(frame.to_ndarray(format="rgb24")[360, 640].astype(int) - (200, 60, 40)).max() <= 2
+
+
+def _anamorphic(path, frames=5):
+    """72x48 stored pixels with a sample aspect ratio of 32:27 (shown 16:9, at 85x48): the left half white."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 72, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(32, 27)
+        image = np.zeros((48, 72, 3), np.uint8)
+        image[:, :36] = 255
+        for _ in range(frames):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def test_non_square_pixels_are_read_as_displayed(tmp_path):
+    """DV/HDV/DVD video stores its pictures in non-square pixels; read as stored, people came out squeezed (a 16:9
+    picture as 3:2) into the model and the output. Every reader now gives the displayed shape: 72x48 at 32:27 is
+    85x48, the white half still half."""
+    from stpcore.data.decode_pyav import decode_frames, probe
+    from stpcore.data.transcode import transcode_file
+
+    src = _anamorphic(tmp_path / "dv.mp4")
+    frames = np.stack(list(media.read_frames(src)))
+    assert frames.shape == (5, 48, 85, 3)
+    white = (frames[0, 24, :, 0] > 128).sum()
+    assert abs(white - 85 / 2) <= 2, white
+    assert probe(src).width == 85 and decode_frames(src, np.arange(2))[0].shape == (2, 48, 85, 3)
+    transcode_file(src, tmp_path / "square.webm", codec="vp9")  # square pixels, the odd column dropped
+    square = np.stack(list(media.read_frames(tmp_path / "square.webm")))
+    assert square.shape == (5, 48, 84, 3)
+    assert np.abs(square.astype(int) - frames[:, :, :84]).mean() < 3

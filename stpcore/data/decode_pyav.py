@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stpcore.media import display_turns, open_video, upright_rgb
+from stpcore.media import display_turns, display_width, open_video, stream_sar, upright_rgb
 
 
 class VideoError(RuntimeError):
@@ -86,7 +86,9 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
             if ctx.name in TEXT_CODECS:
                 raise VideoError(path, "not a video", f"FFmpeg reads it as text drawn as pictures ({ctx.name})")
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-            info = VideoInfo(codec=ctx.name, num_frames=n, width=int(ctx.width), height=int(ctx.height), fps=fps)
+            # The width as displayed (square pixels), which the loaders' frames have (media.upright_rgb).
+            info = VideoInfo(codec=ctx.name, num_frames=n, width=display_width(int(ctx.width), stream_sar(stream)),
+                             height=int(ctx.height), fps=fps)
     except VideoError:
         raise
     except Exception as e:  # FFmpeg raises many error types for damaged input; all mean "cannot read"
@@ -129,9 +131,10 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
     try:
         with open_video(path) as container:
             stream = container.streams.video[0]
+            sar = stream_sar(stream)
             for frame in container.decode(stream):
                 if count in need:
-                    got[count] = upright_rgb(frame)
+                    got[count] = upright_rgb(frame, sar)
                 count += 1
                 if count > last:
                     break

@@ -25,7 +25,7 @@ import numpy as np
 
 from stpcore.data.labels import VIDEO_EXTENSIONS
 from stpcore.data.synth import CODEC_EXT, ENCODER, ENCODER_OPTIONS
-from stpcore.media import atomic_path, display_turns, open_video, upright_rgb
+from stpcore.media import atomic_path, display_turns, display_width, open_video, stream_sar, upright_rgb
 
 
 @dataclass
@@ -71,15 +71,16 @@ def transcode_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], cod
                 if n == 0:
                     # A source stored sideways with a display rotation (phone video) is written upright: decoders
                     # that ignore the rotation (DALI's) then read it as players show it.
-                    turns = display_turns(frame)
-                    height, width = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+                    turns, sar = display_turns(frame), stream_sar(in_stream)  # square pixels, as PyAV reads it
+                    shown = display_width(frame.width, sar)
+                    height, width = (shown, frame.height) if turns % 2 else (frame.height, shown)
                     # yuv420p needs even sizes; the odd last row/column of an odd-sized source is dropped.
                     stream.width, stream.height = width // 2 * 2, height // 2 * 2
                     # Cropped, not resized: a resize to the even size would move every pixel, and the copy would
                     # no longer hold what PyAV reads from the source.
-                    through_rgb = bool(turns or width % 2 or height % 2)
+                    through_rgb = bool(turns or sar or width % 2 or height % 2)
                 if through_rgb:
-                    rgb = upright_rgb(frame)[: stream.height, : stream.width]
+                    rgb = upright_rgb(frame, sar)[: stream.height, : stream.width]
                     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
                 img = frame.reformat(width=stream.width, height=stream.height, format="yuv420p")  # sizes equal now
                 # Constant frame rate: frame n is shown at n / rate whatever the source's timestamps said.
