@@ -276,7 +276,9 @@ class _Reader(threading.Thread):
             stream = self.container.streams.video[0]
             sar = media.stream_sar(stream)
             for frame in self.container.decode(stream):
-                if self.stop.is_set():
+                if self.stop.is_set():  # the frame decoded after the stop is counted: in, and dropped
+                    self.report.frames_in += 1
+                    self.report.frames_dropped += 1
                     self.ended = "stopped"
                     break
                 image = media.upright_rgb(frame, sar)

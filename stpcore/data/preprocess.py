@@ -28,6 +28,9 @@ def working_short_side(crop: int) -> int:
     return round(crop * 8 / 7)
 
 
+_FLOAT_CHUNK_BYTES = 64 * 1024 * 1024
+
+
 def to_working_scale(frames: np.ndarray | torch.Tensor, short_side: int) -> torch.Tensor:
     """Resize frames so the short side is ``short_side`` (aspect kept; bilinear, antialiased when shrinking).
 
@@ -44,8 +47,15 @@ def to_working_scale(frames: np.ndarray | torch.Tensor, short_side: int) -> torc
     rh, rw = resized_size(h, w, short_side)
     if (rh, rw) == (h, w):
         return x.contiguous()
-    x = F.interpolate(x.float(), size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    # In chunks of frames whose float32 copy stays near 64 MB: a 2048x2048 video's 40 frames took 2.5 GB at once
+    # (each frame is resized on its own, so the result is the same).
+    step = max(1, _FLOAT_CHUNK_BYTES // (h * w * 3 * 4))
+    out = torch.empty((x.shape[0], 3, rh, rw), dtype=torch.uint8)
+    for i in range(0, x.shape[0], step):
+        part = F.interpolate(x[i:i + step].float(), size=(rh, rw), mode="bilinear", align_corners=False,
+                             antialias=True)
+        out[i:i + step] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,

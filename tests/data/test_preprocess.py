@@ -56,6 +56,22 @@ def test_working_scale_and_filter():
         to_working_scale(frames.astype(np.float32), 37)
 
 
+
+def test_working_scale_resizes_in_chunks_with_the_same_result(monkeypatch):
+    """Large frames are resized a few at a time (a 2048x2048 video's float32 copy took 2.5 GB at once): the frames
+    come out as the one-shot resize gives them, and the float32 copy is bounded."""
+    from stpcore.data import preprocess
+
+    frames = np.random.default_rng(1).integers(0, 256, (7, 72, 96, 3), dtype=np.uint8)
+    whole = to_working_scale(frames, 37)
+    sizes = []
+    real = preprocess.F.interpolate
+    monkeypatch.setattr(preprocess.F, "interpolate", lambda x, **kw: sizes.append(x.shape[0]) or real(x, **kw))
+    monkeypatch.setattr(preprocess, "_FLOAT_CHUNK_BYTES", 3 * 72 * 96 * 3 * 4)  # three frames' float32
+    assert torch.equal(to_working_scale(frames, 37), whole)
+    assert sizes == [3, 3, 1]
+
+
 def test_one_frame_is_the_same_through_every_path(dataset):
     """The evaluation's centre view of a video's first clip: the PyAV loader (decoded per call and cached),
     the loader training and evaluation build (``runtime.clip_loader``), and the centre window of
