@@ -599,7 +599,9 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
                     continue
                 if path.is_dir():
                     raise ValueError("a folder, not a video file; give the video files inside it")
-                probe(path)  # a clear reason (missing, empty, unreadable, no video stream) before any output
+                # A clear reason (missing, empty, unreadable, no video stream) before any output; a WebM/MKV is not
+                # read whole to count its frames, which anonymizing does not need.
+                probe(path, count_frames=False)
                 if not prepared:
                     prepare_model(anonymizer, kwargs.get("batch_size", 8), kwargs.get("keep_ratio"),
                                   kwargs.get("adaptive_threshold"))

@@ -55,11 +55,13 @@ def _avi_fourcc(path: Path) -> str | None:
     return tag.decode("ascii") if all(32 <= b < 127 for b in tag) else None
 
 
-def probe(path: str | os.PathLike[str]) -> VideoInfo:
+def probe(path: str | os.PathLike[str], count_frames: bool = True) -> VideoInfo:
     """Codec, frame count, size and fps of the first video stream, without decoding pictures.
 
-    The frame count comes from the container header where it has one (AVI, MP4); otherwise (WebM) the
-    packets are counted by demuxing, which reads the file but decodes nothing.
+    The frame count comes from the container header where it has one (AVI, MP4); otherwise (WebM, MKV) the
+    packets are counted by demuxing, which reads the whole file but decodes nothing. ``count_frames=False``
+    (a check that the file is a readable video, as ``anonymize`` makes) reads only up to the first packet there, and
+    ``num_frames`` is -1 (unknown).
     Raises VideoError("missing file" | "empty file" | "unreadable" | "no video stream" | "no decoder for its codec"
     | "not a video" (a text file, which FFmpeg can draw as pictures) | "no frames").
     """
@@ -81,8 +83,10 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
                                  f"codec tag {tag!r}; transcode it (stpcore data transcode) or install an FFmpeg "
                                  "build that decodes it")
             n = int(stream.frames or 0)
-            if n <= 0:
+            if n <= 0 and count_frames:
                 n = sum(1 for p in container.demux(stream) if p.size > 0)
+            elif n <= 0:
+                n = -1 if any(p.size > 0 for p in container.demux(stream)) else 0  # any() stops at the first
             if ctx.name in TEXT_CODECS:
                 raise VideoError(path, "not a video", f"FFmpeg reads it as text drawn as pictures ({ctx.name})")
             fps = float(stream.average_rate or stream.guessed_rate or 0.0)
@@ -93,7 +97,7 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
         raise
     except Exception as e:  # FFmpeg raises many error types for damaged input; all mean "cannot read"
         raise VideoError(path, "unreadable", f"{type(e).__name__}: {e}") from e
-    if info.num_frames <= 0:
+    if info.num_frames == 0 or info.num_frames < -1:
         raise VideoError(path, "no frames")
     if info.width <= 0 or info.height <= 0:
         raise VideoError(path, "unreadable", "zero frame size")

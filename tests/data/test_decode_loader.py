@@ -284,3 +284,38 @@ def test_test_views_share_frames_and_slide_along_the_long_side(height, width):
 def test_an_unknown_dataset_kind_is_a_clear_error(dataset):
     with pytest.raises(ValueError, match="kind must be 'auto', 'hmdb51', 'ucf101'.*got 'foo'"):
         get_loader(_cfg(dataset, kind="foo"))
+
+
+def test_probe_without_counting_reads_a_webm_only_to_its_first_packet(dataset, monkeypatch):
+    """anonymize only checks that an input is a readable video; a WebM/MKV header has no frame count, and probe
+    demuxed the whole file to count its packets (a full extra read of a multi-GB recording)."""
+    from stpcore.data import decode_pyav
+
+    path = sorted(Path(dataset).glob("*/*.webm"))[0]
+    read = []
+    real_open = decode_pyav.open_video
+
+    class Counting:
+        def __init__(self, container):
+            self.container = container
+
+        def __enter__(self):
+            self.container.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.container.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def demux(self, *streams):
+            for packet in self.container.demux(*streams):
+                read.append(packet.size)
+                yield packet
+
+    monkeypatch.setattr(decode_pyav, "open_video", lambda p, *a, **k: Counting(real_open(p, *a, **k)))
+    assert probe(path).num_frames == 34 and len(read) >= 34
+    read.clear()
+    info = probe(path, count_frames=False)
+    assert info.num_frames == -1 and (info.width, info.height) == (80, 60) and len(read) == 1
