@@ -637,3 +637,13 @@ def test_skip_existing_finds_each_inputs_outputs_whatever_the_order(tmp_path, mo
     redo = anonymize_files([two, one], out, model, verbose=False)  # without the flag: each replaces its own
     assert not redo.failed and {k: v[0].name for k, v in redo.written.items()} == {
         str(one): "long.anonymized.mp4", str(two): "long-1.anonymized.mp4"}
+
+
+def test_a_pipe_given_as_an_input_file_is_named_as_such(tmp_path, model):
+    """A FIFO or a process substitution (/dev/fd/63) was reported as a "missing file: check the path"; it exists, it
+    just cannot be probed and read again like a file: the message says what to do."""
+    fifo = tmp_path / "feed.mp4"
+    os.mkfifo(fifo)
+    report = anonymize_files([fifo], tmp_path / "out", model, verbose=False)
+    why = report.failed[str(fifo)]
+    assert why.startswith("not a regular file") and "standard input ('-'" in why, why

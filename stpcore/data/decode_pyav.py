@@ -62,12 +62,16 @@ def probe(path: str | os.PathLike[str], count_frames: bool = True) -> VideoInfo:
     packets are counted by demuxing, which reads the whole file but decodes nothing. ``count_frames=False``
     (a check that the file is a readable video, as ``anonymize`` makes) reads only up to the first packet there, and
     ``num_frames`` is -1 (unknown).
-    Raises VideoError("missing file" | "empty file" | "unreadable" | "no video stream" | "no decoder for its codec"
-    | "not a video" (a text file, which FFmpeg can draw as pictures) | "no frames").
+    Raises VideoError("missing file" | "not a regular file" (a pipe, a device) | "empty file" | "unreadable" | "no video
+    stream" | "no decoder for its codec" | "not a video" (a text file, which FFmpeg can draw as pictures) | "no
+    frames").
     """
 
     path = Path(path)
     if not path.is_file():
+        if path.exists() and not path.is_dir():  # a pipe, a process substitution, a device: read once, not probed
+            raise VideoError(path, "not a regular file", "a pipe or a device; stream it on standard input ('-', with "
+                                                         "--input-format) or save it to a file first")
         raise VideoError(path, "missing file")
     if path.stat().st_size == 0:
         raise VideoError(path, "empty file")
