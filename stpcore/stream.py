@@ -217,11 +217,11 @@ class _Reader(threading.Thread):
     ``drop`` False, the reader waits for the mailbox to empty)."""
 
     def __init__(self, container, chunk_len: int, fps: float, report: StreamReport, stop: threading.Event,
-                 drop: bool = True) -> None:
+                 drop: bool = True, timeout: float | None = None) -> None:
         super().__init__(daemon=True, name="stpcore-stream-reader")
         self.container, self.chunk_len, self.fps, self.report, self.stop = container, chunk_len, fps, report, stop
         self.drop = drop  # False: a recording; the reader waits for the model side instead of dropping a chunk
-        self.timeout: float | None = None  # the read timeout the source was opened with, for the loss message
+        self.timeout = timeout  # the read timeout the source was opened with, for the loss message
         self.mailbox: queue.Queue = queue.Queue(maxsize=1)
         self.lock = threading.Lock()
         self.consumer_gone = threading.Event()  # the model side has returned: nothing more is taken
@@ -400,8 +400,7 @@ def anonymize_stream(
     if drop is None:  # a declared duration: a recording, whose frames all matter; a live source has none
         drop = not (container.duration and container.duration > 0)
     report.drop = drop
-    reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop, drop=drop)
-    reader.timeout = timeout
+    reader = _Reader(container, chunk_len, float(rate) if rate else 25.0, report, stop, drop=drop, timeout=timeout)
     reader.start()
     if verbose:  # the model is ready and the source open: frames are read from here on
         print(f"stream {source}: open, reading ({video.codec_context.width}x{video.codec_context.height}, "

@@ -66,7 +66,6 @@ def probe(path: str | os.PathLike[str], count_frames: bool = True) -> VideoInfo:
     stream" | "no decoder for its codec" | "not a video" (a text file, which FFmpeg can draw as pictures) | "no
     frames").
     """
-
     path = Path(path)
     if not path.is_file():
         if path.exists() and not path.is_dir():  # a pipe, a process substitution, a device: read once, not probed
@@ -101,7 +100,7 @@ def probe(path: str | os.PathLike[str], count_frames: bool = True) -> VideoInfo:
         raise
     except Exception as e:  # FFmpeg raises many error types for damaged input; all mean "cannot read"
         raise VideoError(path, "unreadable", f"{type(e).__name__}: {e}") from e
-    if info.num_frames == 0 or info.num_frames < -1:
+    if info.num_frames == 0:
         raise VideoError(path, "no frames")
     if info.width <= 0 or info.height <= 0:
         raise VideoError(path, "unreadable", "zero frame size")
@@ -111,7 +110,6 @@ def probe(path: str | os.PathLike[str], count_frames: bool = True) -> VideoInfo:
 def first_frame_turns(path: str | os.PathLike[str]) -> int:
     """Quarter turns counterclockwise of the video's display rotation (:func:`stpcore.media.display_turns`), read from
     its first frame (one frame is decoded); 0 when none decodes (the decoding reports that)."""
-
     try:
         with open_video(path) as container:
             for frame in container.decode(video=0):
@@ -130,7 +128,6 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
     Returns:
         (uint8 (len(indices), H, W, 3), frames decoded). Raises VideoError if no frame decodes.
     """
-
     indices = np.asarray(indices, dtype=np.int64)
     need = set(indices.tolist())
     last = int(indices.max())

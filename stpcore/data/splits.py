@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,9 +253,7 @@ def validation_partition(records: list[VideoRecord], classes: list[str], fractio
         groups.setdefault(source_group(r.video_id), []).append(i)
     held: list[int] = []
     for group in sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest()):
-        per_class: dict[int, int] = {}
-        for i in groups[group]:
-            per_class[records[i].action] = per_class.get(records[i].action, 0) + 1
+        per_class = Counter(records[i].action for i in groups[group])
         if any(need[c] > 0 for c in per_class) and all(fit_left[c] > k for c, k in per_class.items()):
             held += groups[group]
             for c, k in per_class.items():

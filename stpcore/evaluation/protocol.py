@@ -142,8 +142,7 @@ def _train_epoch(cfg, transform, models, opts, scheds, cnn_epochs, loader, rec_c
         has = batch.has_privacy.to(device, non_blocking=True)
         losses_ = {}
         with autocast(device, cfg.amp):
-            # One transform, every update.
-            video, keep = transform(clips, batch.video_ids, views=getattr(batch, "views", None))
+            video, keep = transform(clips, batch.video_ids, views=batch.views)  # one transform, every update
             action_logits = models["action"](video, keep, mode=mode)
             losses_["action"] = losses.action_loss(action_logits, actions)
             for name, model in active.items():
@@ -202,7 +201,7 @@ def _test(cfg, transform, models, stats, loader, rec_cfg, device, method) -> tup
         if step == 0:
             _check_clips(clips, rec_cfg)
         with autocast(device, cfg.amp):
-            video, keep = transform(clips, batch.video_ids, views=getattr(batch, "views", None))
+            video, keep = transform(clips, batch.video_ids, views=batch.views)
             outs["action"].append(models["action"](video, keep, mode=mode).float().softmax(-1))
             for name, model in models.items():
                 if name != "action":
