@@ -12,8 +12,9 @@ evaluated at (``stpcore.data.preprocess``: short side 8/7 of the model's image s
 
 Frames are cut into clips of ``num_frames`` frames taken ``stride`` apart; with a stride s > 1 the s
 interleaved phases of a chunk are processed as separate clips, so every frame of the video is anonymized and
-the output keeps the source's frame rate and length. The last partial chunk is padded by repeating its last
-frame; padded outputs are discarded, and so are the keep masks of phases that hold only padding. Windows are
+the output keeps the source's frame rate, length and each frame's time (variable-frame-rate video, as phones
+record, keeps its timing). The last partial chunk is padded by repeating its last frame; padded outputs are
+discarded, and so are the keep masks of phases that hold only padding. Windows are
 collected over chunks until they fill whole batches of ``batch_size``. A frame side shorter than the window
 (only possible with a ``short_side`` below the model's image size) is padded at its end with the mean colour
 (0 after the normalisation) and cut off again; the padding is recorded in the keep file.
@@ -144,24 +145,27 @@ class AnonymizeReport:
         return "\n".join(lines)
 
 
-def _chunks(frames: Iterator[np.ndarray], length: int) -> Iterator[tuple[int, np.ndarray, int]]:
-    """(start, frames (length, H, W, 3) padded by repeating the last frame, number of real frames)."""
-    buf, start, first = [], 0, None
-    for i, f in enumerate(frames):
+def _chunks(frames: Iterator[tuple[np.ndarray, float]], length: int
+            ) -> Iterator[tuple[int, np.ndarray, int, np.ndarray]]:
+    """Timed frames (:func:`stpcore.media.read_timed_frames`) -> (start, frames (length, H, W, 3) padded by repeating
+    the last frame, number of real frames, the real frames' times)."""
+    buf, times, start, first = [], [], 0, None
+    for i, (f, t) in enumerate(frames):
         if first is None:
             first = f.shape
         elif f.shape != first:
             raise ValueError(f"the frame size changes mid-video, at frame {i} ({first[1]}x{first[0]} to "
                              f"{f.shape[1]}x{f.shape[0]}); transcode it to one size first")
         buf.append(f)
+        times.append(t)
         if len(buf) == length:
-            yield start, np.stack(buf), length
+            yield start, np.stack(buf), length, np.array(times)
             start += length
-            buf = []
+            buf, times = [], []
     if buf:
         real = len(buf)
         buf += [buf[-1]] * (length - real)
-        yield start, np.stack(buf), real
+        yield start, np.stack(buf), real, np.array(times)
 
 
 def plan_windows(height: int, width: int, window: int, view: str = "full", min_overlap: int = 0) -> WindowGrid:
@@ -396,26 +400,27 @@ def anonymize_file(
     with media.VideoWriter(out_path, fps) as writer, (
         media.VideoWriter(sbs_path, fps) if side_by_side else _NullWriter()
     ) as sbs:
-        pending: list[tuple[int, np.ndarray | None, int, torch.Tensor]] = []
+        pending: list[tuple[int, np.ndarray | None, int, np.ndarray, torch.Tensor]] = []
 
         def flush() -> None:
-            for (start, chunk, real, work), res in zip(pending, runner.run([p[3] for p in pending]), strict=True):
+            for (start, chunk, real, times, work), res in zip(pending, runner.run([p[4] for p in pending]),
+                                                              strict=True):
                 out = res.frames
                 if output_size == "source":
                     out, shown = to_source_size(out, res.visible, *source), chunk
                 else:
                     y0, y1, x0, x1 = runner.box
                     shown = work.permute(0, 2, 3, 1).numpy()[:, y0:y1, x0:x1]
-                writer.write(out[:real])
+                writer.write(out[:real], times=times)
                 if side_by_side:
-                    sbs.write(media.side_by_side(np.ascontiguousarray(shown[:real]), out[:real]))
+                    sbs.write(media.side_by_side(np.ascontiguousarray(shown[:real]), out[:real]), times=times)
                 for p in range(min(stride, real)):  # a phase of only padding frames is not recorded
                     keeps.append(res.keep[p])
                     starts.append(start + p)
                     phases.append(p)
             pending.clear()
 
-        for start, chunk, real in _chunks(media.read_frames(path), chunk_len):
+        for start, chunk, real, times in _chunks(media.read_timed_frames(path), chunk_len):
             work = to_working_scale(chunk, short_side)
             if runner is None:
                 source = chunk.shape[1:3]
@@ -425,7 +430,7 @@ def anonymize_file(
                                           mean=mean, std=std)
             # The source-size frames are kept only where they are shown (the side-by-side at the source's size): held
             # for every chunk until its batches fill, they were most of the memory (16 frames of 1080p: 100 MB each).
-            pending.append((start, chunk if side_by_side and output_size == "source" else None, real, work))
+            pending.append((start, chunk if side_by_side and output_size == "source" else None, real, times, work))
             if len(pending) * stride * len(runner.grid) % batch_size == 0:  # whole batches only, until the end
                 flush()
         if pending:

@@ -87,6 +87,13 @@ class VideoWriter:
     Frames are uint8 (T, H, W, 3) (or one (H, W, 3) frame); the size is fixed by the first write.
     codec: h264 (.mp4), vp9 (.webm), mpeg4 (.avi).
 
+    Timing: frames are shown ``1 / fps`` apart, or at the ``times`` given to :meth:`write` (seconds from the
+    first frame, as :func:`read_timed_frames` reads them), so a variable-frame-rate source (phones record so)
+    keeps its timing. A writer whose first write gives times stores them to 1/90000 s (H.264, VP9); MPEG-4 in AVI
+    has a fixed frame period, and its times are rounded to multiples of ``1 / fps``. Times are made strictly
+    increasing (a frame at or before the previous one's time is shown one tick after it); frames written
+    without times follow the previous one by ``1 / fps``. ``fps`` is also the rate the file declares.
+
     4:2:0 chroma needs even sizes, so an odd height or width is padded by one row or column at the bottom or
     right that repeats the last one (edge pixels, not black: in anonymized output black means a dropped
     tubelet). The file is then one pixel larger than the frames given; ``size`` says what is encoded.
@@ -102,6 +109,7 @@ class VideoWriter:
         self.path, self.fps, self.codec, self.crf = Path(path), fps, codec, crf
         self.frames_written = 0
         self.size: tuple[int, int] | None = None  # (W, H) as encoded, set by the first write
+        self._pts = -1  # the last frame's presentation time, in the codec's time base
 
     def __enter__(self) -> VideoWriter:
         self._atomic = atomic_path(self.path)
@@ -110,11 +118,17 @@ class VideoWriter:
         self._stream = None
         return self
 
-    def _open_stream(self, height: int, width: int) -> None:
+    def _open_stream(self, height: int, width: int, timed: bool) -> None:
         from fractions import Fraction
 
         encoder, _, pix_fmt = CODECS[self.codec]
-        self._stream = self._container.add_stream(encoder, rate=Fraction(self.fps).limit_denominator(1001))
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self._stream = self._container.add_stream(encoder, rate=rate)
+        # The codec's time base: one frame period, or finer where the frames carry their own times (MPEG-4 part 2
+        # allows at most 65535 ticks a second, and AVI has one frame period: times are rounded to it there).
+        self._time_base = Fraction(1, 90000) if timed and self.codec != "mpeg4" else 1 / rate
+        self._stream.codec_context.time_base = self._time_base
+        self._period = 1 / (rate * self._time_base)  # ticks per frame at fps
         self.size = (width + width % 2, height + height % 2)  # 4:2:0 needs even sizes
         self._stream.width, self._stream.height = self.size
         self._stream.pix_fmt = pix_fmt
@@ -127,22 +141,33 @@ class VideoWriter:
             self._stream.options = {"crf": str(self.crf)}
         self._size = (height, width)
 
-    def write(self, frames: np.ndarray) -> None:
+    def write(self, frames: np.ndarray, times=None) -> None:
+        """Encode ``frames``; ``times`` (optional): each frame's presentation time in seconds from the first frame
+        of the video (see the class's Timing)."""
         import av
 
         if frames.ndim == 3:
             frames = frames[None]
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"VideoWriter: frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        if times is not None:
+            times = np.asarray(times, dtype=np.float64).reshape(-1)
+            if len(times) != len(frames) or not np.isfinite(times).all():
+                raise ValueError(f"VideoWriter: times must be {len(frames)} finite numbers (one per frame), "
+                                 f"got {len(times)}: {times[:4].tolist()}...")
         if self._stream is None:
-            self._open_stream(*frames.shape[1:3])
+            self._open_stream(*frames.shape[1:3], timed=times is not None)
         if frames.shape[1:3] != self._size:
             raise ValueError(f"VideoWriter: frame size changed from {self._size} to {frames.shape[1:3]}")
         H, W = self._size
         if H % 2 or W % 2:  # repeat the last row/column: black would read as a dropped tubelet
             frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
-        for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        for i, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            step = self._pts + max(1, round(self._period))  # 1 / fps after the previous frame
+            self._pts = step if times is None else max(self._pts + 1, round(times[i] / self._time_base))
+            picture.pts, picture.time_base = self._pts, self._time_base
+            for packet in self._stream.encode(picture):
                 self._container.mux(packet)
         self.frames_written += len(frames)
 
@@ -227,14 +252,31 @@ def open_video(path: str | os.PathLike, mode: str = "r", **kwargs):
 def read_frames(path: str | os.PathLike):
     """Decode a video's frames in order: yields uint8 (H, W, 3) RGB (PyAV's conversion, as the loaders decode),
     as the file is displayed (square pixels, upright: :func:`upright_rgb`)."""
+    for image, _ in read_timed_frames(path):
+        yield image
+
+
+def read_timed_frames(path: str | os.PathLike):
+    """:func:`read_frames` with each frame's presentation time: yields (uint8 (H, W, 3) RGB, seconds from the first
+    frame). A frame the file gives no time follows the previous one by one period of the stream's average rate."""
     with open_video(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         sar = stream_sar(stream)
+        rate = stream.average_rate or stream.guessed_rate
+        period = 1 / float(rate) if rate else 1 / 25
+        origin = last = None
         for frame in container.decode(stream):
-            yield upright_rgb(frame, sar)
+            step = 0.0 if last is None else last + period
+            if frame.time is None:
+                last = step
+            else:
+                if origin is None:
+                    origin = frame.time - step
+                last = frame.time - origin
+            yield upright_rgb(frame, sar), last
 
 
 def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:

@@ -457,12 +457,41 @@ def test_frame_size_change_at_a_chunk_boundary_is_a_clear_error(tmp_path, model,
 
     def frames(_path):
         for i in range(16):
-            yield np.full((40, 56, 3) if i < 8 else (60, 84, 3), 100, dtype=np.uint8)
+            yield np.full((40, 56, 3) if i < 8 else (60, 84, 3), 100, dtype=np.uint8), i / 12
 
-    monkeypatch.setattr(media, "read_frames", frames)
+    monkeypatch.setattr(media, "read_timed_frames", frames)
     report = anonymize_files([src], tmp_path / "out", model, output_size="source", verbose=False)
     assert "frame size changes mid-video, at frame 8 (56x40 to 84x60)" in report.failed[str(src)]
     assert not (tmp_path / "out" / "cam.anonymized.mp4").exists()
+
+
+def test_variable_frame_rate_source_keeps_its_timing(tmp_path, model):
+    """A phone-style VFR source (written with PyAV directly: 12 frames 0.1 s apart, then 12 frames 1/30 s apart):
+    every anonymized frame, and the side-by-side's, is shown at its source frame's time (they were written at the
+    average rate, about 15 fps: frame 11 at 0.73 s instead of 1.1 s)."""
+    from fractions import Fraction
+
+    times = [i / 10 for i in range(12)] + [1.2 + i / 30 for i in range(12)]
+    src, base = tmp_path / "phone.mp4", Fraction(1, 1000)
+    rng = np.random.default_rng(0)
+    with av.open(str(src), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 56, 40, "yuv420p"
+        stream.codec_context.time_base = base
+        for t in times:
+            frame = av.VideoFrame.from_ndarray((rng.random((40, 56, 3)) * 255).astype(np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t / base), base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    report = anonymize_files([src], tmp_path / "out", model, stride=2, batch_size=3, side_by_side=True,
+                             verbose=False)
+    assert not report.failed
+    for name in ("phone.anonymized.mp4", "phone.side_by_side.mp4"):
+        with av.open(str(tmp_path / "out" / name)) as c:
+            shown = [float(f.time) for f in c.decode(video=0)]
+        np.testing.assert_allclose(shown, times, atol=2e-3)
 
 
 def test_phases_of_only_padding_are_not_recorded(tmp_path, model):

@@ -212,3 +212,68 @@ def test_non_square_pixels_are_read_as_displayed(tmp_path):
     square = np.stack(list(media.read_frames(tmp_path / "square.webm")))
     assert square.shape == (5, 48, 84, 3)
     assert np.abs(square.astype(int) - frames[:, :, :84]).mean() < 3
+
+
+# A variable-frame-rate clip (phones record so): 15 frames 0.1 s apart, then 15 frames 1/30 s apart.
+VFR_TIMES = [i / 10 for i in range(15)] + [1.5 + i / 30 for i in range(15)]
+
+
+def _pyav_vfr(path, encoder="libx264", times=VFR_TIMES):
+    """A VFR file written with PyAV directly (not through stpcore's writer): each frame has its own time."""
+    from fractions import Fraction
+
+    base = Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=30)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.codec_context.time_base = base
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 8 * i, dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t / base), base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _times(path):
+    with av.open(str(path)) as container:
+        return np.array([float(f.time) for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])
+def test_read_timed_frames_gives_each_frames_time(tmp_path, suffix):
+    src = _pyav_vfr(tmp_path / f"vfr{suffix}", "libx264" if suffix == ".mp4" else "libvpx-vp9")
+    read = list(media.read_timed_frames(src))
+    assert len(read) == 30
+    np.testing.assert_allclose([t for _, t in read], VFR_TIMES, atol=1e-3)
+    np.testing.assert_array_equal(np.stack([f for f, _ in read]), np.stack(list(media.read_frames(src))))
+
+
+@pytest.mark.parametrize("codec, tolerance", [("h264", 1e-4), ("vp9", 1e-3), ("mpeg4", 1 / 60)])
+def test_video_writer_keeps_given_times(tmp_path, codec, tolerance):
+    """Frames written with their times are shown at them (MPEG-4 in AVI: rounded to the 1 / fps period); written
+    without, a writer at the same fps spaces them evenly and the timing drifts from the source's."""
+    frames = np.stack([np.full((32, 48, 3), 8 * i, dtype=np.uint8) for i in range(30)])
+    suffix = media.CODECS[codec][1]
+    with media.VideoWriter(tmp_path / f"timed{suffix}", fps=30, codec=codec) as writer:
+        writer.write(frames[:7], times=VFR_TIMES[:7])  # in pieces, as anonymize writes chunk by chunk
+        writer.write(frames[7:], times=VFR_TIMES[7:])
+    np.testing.assert_allclose(_times(tmp_path / f"timed{suffix}"), VFR_TIMES, atol=tolerance)
+    media.write_video(tmp_path / f"even{suffix}", frames, fps=30, codec=codec)
+    assert np.abs(_times(tmp_path / f"even{suffix}") - VFR_TIMES).max() > 0.4
+
+
+def test_video_writer_times_made_increasing_and_checked(tmp_path):
+    frames = np.zeros((4, 16, 16, 3), dtype=np.uint8)
+    with media.VideoWriter(tmp_path / "a.mp4", fps=10) as writer:
+        writer.write(frames, times=[0.0, 0.1, 0.1, 0.05])  # a repeated and a backwards time (a damaged source)
+        writer.write(frames[:1])  # no time: 1 / fps after the previous frame
+    times = _times(tmp_path / "a.mp4")
+    assert len(times) == 5 and (np.diff(times) > 0).all()
+    np.testing.assert_allclose(times[[0, 1, 4]], [0.0, 0.1, 0.2], atol=1e-3)
+    with pytest.raises(ValueError, match="times must be 4 finite numbers"):
+        with media.VideoWriter(tmp_path / "b.mp4", fps=10) as writer:
+            writer.write(frames, times=[0.0, 0.1, float("nan"), 0.3])
+    assert not (tmp_path / "b.mp4").exists()
