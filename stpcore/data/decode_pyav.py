@@ -119,15 +119,21 @@ def first_frame_turns(path: str | os.PathLike[str]) -> int:
     return 0
 
 
-def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np.ndarray, int]:
+def decode_frames(path: str | os.PathLike[str], indices: np.ndarray,
+                  short_side: int | None = None) -> tuple[np.ndarray, int]:
     """Decode the frames at `indices` (any order, repeats allowed) as RGB, upright as the video is displayed.
 
     Decodes sequentially from frame 0 and stops after max(indices). If the stream ends early (a header that
     overstates the length, a truncated file) the indices are wrapped modulo the frames actually decoded.
+    With ``short_side``, each frame is brought to the working scale as it is decoded
+    (:func:`stpcore.data.preprocess.to_working_scale`, the same pixels as resizing them all after), so only the
+    resized frames are held: a 4K video's frames take 25 MB each at full size.
 
     Returns:
         (uint8 (len(indices), H, W, 3), frames decoded). Raises VideoError if no frame decodes.
     """
+    from stpcore.data.preprocess import to_working_scale
+
     indices = np.asarray(indices, dtype=np.int64)
     need = set(indices.tolist())
     last = int(indices.max())
@@ -140,6 +146,8 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
             for frame in container.decode(stream):
                 if count in need:
                     got[count] = upright_rgb(frame, sar)
+                    if short_side is not None:
+                        got[count] = to_working_scale(got[count][None], short_side)[0].permute(1, 2, 0).numpy()
                 count += 1
                 if count > last:
                     break
@@ -153,7 +161,7 @@ def decode_frames(path: str | os.PathLike[str], indices: np.ndarray) -> tuple[np
         # again only the frames that were skipped over the first time.
         wrapped = indices % count
         if not set(wrapped.tolist()) <= got.keys():
-            frames, _ = decode_frames(path, wrapped)
+            frames, _ = decode_frames(path, wrapped, short_side)
             return frames, count
         indices = wrapped
     return np.stack([got[int(i)] for i in indices]), count

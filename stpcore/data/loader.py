@@ -246,8 +246,8 @@ class _ClipDataset(torch.utils.data.Dataset):
         from stpcore.data.preprocess import to_working_scale
 
         if index not in self._frames:
-            frames, _ = decode_frames(self.records[index].path, np.arange(info.num_frames))
-            self._frames[index] = to_working_scale(frames, self.cfg.short_side)
+            frames, _ = decode_frames(self.records[index].path, np.arange(info.num_frames), self.cfg.short_side)
+            self._frames[index] = to_working_scale(frames, self.cfg.short_side)  # resized already: (F, 3, H', W')
         return self._frames[index]
 
     def __getitem__(self, index: int) -> dict:
@@ -269,8 +269,8 @@ class _ClipDataset(torch.utils.data.Dataset):
                 pos = {f: f for f in range(resized.shape[0])}
             else:
                 wanted = np.unique(np.concatenate([s.frames for s in specs]))
-                frames, _ = decode_frames(rec.path, wanted)
-                resized = to_working_scale(frames, cfg.short_side)  # uint8 (F, 3, H', W')
+                frames, _ = decode_frames(rec.path, wanted, cfg.short_side)  # resized as decoded
+                resized = to_working_scale(frames, cfg.short_side)  # uint8 (F, 3, H', W'), resized already
                 pos = {int(f): i for i, f in enumerate(wanted)}
             clips = [
                 crop_normalize(resized[[pos[int(f)] for f in s.frames]], s, cfg.crop, cfg.mean, cfg.std)

@@ -225,6 +225,20 @@ def test_probe_and_odd_sizes(bad_dataset):
     assert clip.shape == (3, 3, 112, 112)
 
 
+@pytest.mark.parametrize("indices", [[0, 33, 5, 5], [40, 2, 70]])  # repeats; past the end (wrapped)
+def test_decode_resizes_each_frame_as_it_decodes_to_the_same_pixels(bad_dataset, indices):
+    """With short_side only the working-scale frames are held (a 4K frame is 25 MB), and they are the frames
+    to_working_scale gives for the full-size ones."""
+    from stpcore.data.preprocess import to_working_scale
+
+    path = bad_dataset / "up" / "odd.webm"
+    raw, n = decode_frames(path, np.array(indices))
+    small, m = decode_frames(path, np.array(indices), short_side=20)
+    assert n == m == 34 and small.shape == (len(indices), 20, 119, 3)
+    np.testing.assert_array_equal(small, to_working_scale(raw, 20).permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(to_working_scale(small, 20).permute(0, 2, 3, 1).numpy(), small)  # a fixed point
+
+
 def test_cache_mode_decodes_once_and_matches_uncached(tmp_path, monkeypatch):
     from stpcore.data import DataConfig, decode_pyav, get_loader
     from stpcore.data.synth import make_synthetic_dataset
