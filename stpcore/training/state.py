@@ -223,10 +223,20 @@ def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:
     check_resumable(trainer, path, state)
     for k, m in trainer.models.items():
         unwrap(m).load_state_dict(state["models"][k])
+    # The rates come from this run's settings: the saved optimizer and scheduler states carry the saved run's
+    # (a resume with a lower --base-lr, as the divergence message advises, kept the old schedule).
+    rates = {k: [(g["initial_lr"], g["weight_decay"]) for g in o.param_groups] for k, o in trainer.opt.items()}
     for k, o in trainer.opt.items():
         o.load_state_dict(state["optimizers"][k])
     for k, s in trainer.sched.items():
         s.load_state_dict(state["schedulers"][k])
+        groups = trainer.opt[k].param_groups
+        for g, (lr, decay) in zip(groups, rates[k], strict=True):
+            g["initial_lr"], g["weight_decay"] = lr, decay
+        s.base_lrs = [lr for lr, _ in rates[k]]
+        for g, base, factor in zip(groups, s.base_lrs, s.lr_lambdas, strict=True):
+            g["lr"] = base * factor(s.last_epoch)  # as LambdaLR computes it: unchanged settings give the same bits
+        s._last_lr = [g["lr"] for g in groups]
     rng = dict(state["rng"])
     rng["python"] = _to_tuples(rng["python"])
     set_rng_state(rng)

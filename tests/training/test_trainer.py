@@ -517,6 +517,33 @@ def test_resume_refuses_another_schedule_and_warns_on_changed_settings(tmp_path)
         changed.load_checkpoint(last)
 
 
+def test_a_resume_runs_at_its_own_learning_rate_and_weight_decay(tmp_path):
+    """Resumed with a 100x lower --base-lr (what the divergence message advises) and no weight decay, the
+    optimizers run this run's schedule at the saved step, as a fresh run of these settings would there: the saved
+    optimizer state carried the saved run's rates (the resumed lr stayed 100x too high)."""
+    import warnings
+
+    wrapped = StopAfter(_loader(), 4)
+    first = Trainer(_cfg(tmp_path, phase2_epochs=0, phase1_epochs=4, base_lr=0.2, weight_decay=0.05), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    lower = _cfg(tmp_path, phase2_epochs=0, phase1_epochs=4, base_lr=0.002, weight_decay=0.0)
+    resumed, fresh = Trainer(lower, _loader()), Trainer(lower, _loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "resuming with changed settings"
+        resumed.load_checkpoint(tmp_path / "run" / "last.pt")
+    for name, opt in resumed.opt.items():
+        sched = fresh.sched[name]
+        for _ in range(resumed.sched[name].last_epoch):
+            sched.optimizer.step()
+            sched.step()
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in fresh.opt[name].param_groups], name
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0] * len(opt.param_groups), name
+        assert resumed.sched[name].get_last_lr() == fresh.sched[name].get_last_lr(), name
+    assert resumed.sched["phase1"].last_epoch == 4 and resumed.opt["phase1"].param_groups[0]["lr"] > 0
+
+
 def test_resume_refuses_data_with_other_action_classes(tmp_path):
     """data_root and labels may change on resume (the data moved), the action classes may not: the head's outputs
     would silently mean other classes."""
