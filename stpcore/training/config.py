@@ -73,7 +73,7 @@ class TrainConfig:
             in a buffer; each privacy-adversary update adds one drawn from it, so the adversaries keep reading the
             codes STPrivacy used before and it cannot escape them by moving to a new one (the image history of
             Shrivastava et al., CVPR 2017). The buffer lives on the training device and is part of the checkpoint
-            (rank 0's: with several processes, every rank resumes with it, so such a resume is not exact); its size
+            (every rank's own: with several processes, each rank resumes with its buffer, exactly); its size
             is n x one batch of videos in fp16 (the demo's: 0.8 MB a batch; vit_small at batch 32: 39 MB a batch)
             [G: 0, off].
         colour_spread_weight: weight of a penalty on how much the kept pixels' colour statistics vary between

@@ -35,6 +35,11 @@ def any_rank(info: DistInfo, device: torch.device, *flags: bool) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+class PassStopped(Exception):
+    """A data pass outside the training steps (the lstsq decoder fit, the privacy-nullspace passes) stopped for a
+    signal, on every rank, before it changed any weight; the trainer checkpoints and stops."""
+
+
 def sharding_report(info: DistInfo, seen: list[int]) -> dict:
     """Which videos each rank trained on this epoch (every rank calls it): the shards must not overlap."""
     gathered: list[list[int] | None] = [None] * info.world_size

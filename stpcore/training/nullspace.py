@@ -30,7 +30,7 @@ import torch.distributed as dist
 from stpcore.data.labels import PRIVACY_ATTRIBUTES
 from stpcore.models import STPrivacy
 from stpcore.runtime import DistInfo, autocast
-from stpcore.training.distributed import any_rank
+from stpcore.training.distributed import PassStopped, any_rank
 
 CHUNK_ROWS = 1 << 16  # rows per float64 chunk: 65536 x 385 x 8 bytes = 200 MB for vit_small's D = 384
 
@@ -208,12 +208,14 @@ def privacy_nullspace(features: torch.Tensor, labels: torch.Tensor, rounds: int,
 
 
 def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: str, passes: int,
-                           first_epoch: int, info: DistInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                           first_epoch: int, info: DistInfo | None = None,
+                           stop=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The reconstruction head's input for every kept token of the eval-mode (top-k) model over ``passes`` passes
     of ``loader`` (a clip loader, as ``Trainer`` takes; epochs ``first_epoch``, ``first_epoch + 1``, ...: the random
     crops differ between passes), labelled with its video's privacy attributes; videos without privacy labels are
     left out. Rows are in loader order, a video's kept tokens together. ``info``: the ranks (one process when None),
-    which agree on a bad clip.
+    which agree on a bad clip. ``stop``: a callable checked after each batch; when it is true on any rank, the passes
+    end and :class:`~stpcore.training.distributed.PassStopped` is raised on every rank.
 
     Returns:
         features: (M, D) float32.
@@ -227,7 +229,7 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
 
     captured: list[torch.Tensor] = []
     features, labels = [], []
-    clips_seen = 0
+    clips_seen, stopped = 0, False
     error: ValueError | None = None
     hook = model.norm_recon.register_forward_hook(lambda mod, args, out: captured.append(out))
     was_training = model.training
@@ -237,6 +239,9 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
             for p in range(passes):
                 loader.set_epoch(first_epoch + p)
                 for batch in loader:
+                    if stop is not None and stop():
+                        stopped = True
+                        break
                     clips = batch.clips.to(device)
                     try:
                         check_finite(clips, name="video")
@@ -253,12 +258,15 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
                     kept = feats.shape[1]
                     features.append(feats[labelled].reshape(-1, feats.shape[-1]))
                     labels.append(batch.privacy.to(device)[labelled].float().repeat_interleave(kept, dim=0))
-                if error is not None:
+                if error is not None or stopped:
                     break
     finally:
         hook.remove()
         model.train(was_training)
-    if any_rank(info or DistInfo(), device, error is not None)[0]:
+    failed, stopped = any_rank(info or DistInfo(), device, error is not None, stopped)
+    if stopped and not failed:
+        raise PassStopped("the privacy-nullspace passes")
+    if failed:
         raise error or ValueError("privacy_nullspace: another rank read a clip with NaN or Inf values; its message "
                                   "names the video")
     if not features:
@@ -268,13 +276,13 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
 
 
 def project_privacy_out(model: STPrivacy, loader, device: torch.device, amp: str, info: DistInfo, rounds: int,
-                        first_epoch: int, passes: int = 2) -> dict:
+                        first_epoch: int, passes: int = 2, stop=None) -> dict:
     """Fit K rounds of probes (:func:`privacy_nullspace`) on the training data and fold the projection into
     ``model.head_recon`` (its weight W becomes W P^T; the bias stays). Every rank ends with the same head.
 
     Args:
         model: the (unwrapped) STPrivacy; loader: a clip loader as ``Trainer`` takes; device, amp: the trainer's.
-        info: the process group's ranks; rounds: K; first_epoch, passes: see :func:`collect_decoder_inputs`.
+        info: the process group's ranks; rounds: K; first_epoch, passes, stop: see :func:`collect_decoder_inputs`.
 
     Returns:
         a record for the metrics log: clips and tokens the probes saw, each round's probe accuracies and the probes
@@ -286,7 +294,7 @@ def project_privacy_out(model: STPrivacy, loader, device: torch.device, amp: str
         RuntimeError: the projection came out non-finite (the head is left as it was).
     """
     check_rounds(rounds, model.cfg.embed_dim)
-    features, labels, clips = collect_decoder_inputs(model, loader, device, amp, passes, first_epoch, info)
+    features, labels, clips = collect_decoder_inputs(model, loader, device, amp, passes, first_epoch, info, stop)
     seen = _all_reduce(torch.tensor([float(clips), float(features.shape[0])], dtype=torch.float64, device=device),
                        info)
     if seen[0] == 0:

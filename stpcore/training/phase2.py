@@ -11,13 +11,17 @@ import torch.distributed as dist
 from stpcore.models import STPrivacy, VideoRecognizer
 from stpcore.runtime import DistInfo, autocast
 from stpcore.training.config import TrainConfig
+from stpcore.training.distributed import PassStopped, any_rank
 
 
 def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: DistInfo,
-                ridge: float = 1e-3) -> int:
+                ridge: float = 1e-3, stop=None) -> int:
     """Set ``model.head_recon`` to the ridge-regression map from LayerNorm(final kept tokens) of the eval-mode
     (top-k) model to the input tubelets' pixels, over one pass of ``loader`` (set to the current epoch by the
     caller). Normal equations in float64, summed over ranks, so every rank gets the same decoder.
+
+    ``stop``: a callable checked after each batch; when it is true on any rank, the pass ends there and
+    :class:`~stpcore.training.distributed.PassStopped` is raised on every rank, the head unchanged.
 
     Returns:
         the clips seen over all ranks; 0 means no fit (the head keeps its initialisation, with a warning).
@@ -29,7 +33,7 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
     xty = torch.zeros(dim + 1, pixels, dtype=torch.float64, device=device)
     captured: list[torch.Tensor] = []
-    seen = 0
+    seen, stopped = 0, False
     hook = model.norm_recon.register_forward_hook(lambda mod, args, out: captured.append(out))
     model.eval()
     try:
@@ -46,9 +50,14 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
                 x = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1).reshape(-1, dim + 1)
                 xtx += x.T @ x
                 xty += x.T @ target.reshape(-1, pixels)
+                if stop is not None and stop():
+                    stopped = True
+                    break
     finally:
         hook.remove()
         model.train()
+    if any_rank(info, device, stopped)[0]:  # every rank, after its loop: one that stopped early waits here
+        raise PassStopped("the lstsq decoder fit")
     if info.world_size > 1:
         dist.all_reduce(xtx)
         dist.all_reduce(xty)

@@ -52,7 +52,7 @@ from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimi
 from stpcore.training import state
 from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.config import TrainConfig
-from stpcore.training.distributed import any_rank, sharding_report, wrap_models
+from stpcore.training.distributed import PassStopped, any_rank, sharding_report, wrap_models
 from stpcore.training.nullspace import check_rounds, project_privacy_out
 from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due, restart_target
 from stpcore.tubelets import check_finite
@@ -435,7 +435,10 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # optional: pip install tensorboard
                 return None
-            self._tb_writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            # A resumed run's events from the steps after its checkpoint (logged before it was stopped) are purged,
+            # or TensorBoard shows those steps twice.
+            self._tb_writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                            purge_step=getattr(self, "_tb_purge_step", None))
         return self._tb_writer
 
     def fit(self, resume: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, list[dict]]:
@@ -445,7 +448,7 @@ class Trainer:
             resume: a checkpoint (``last.pt``) to continue.
             overwrite: a fresh run (or a ``resume`` of a checkpoint saved in another folder) into an out_dir that
                 holds an earlier run's checkpoint is a ValueError unless this is set; then that run's checkpoints,
-                metrics, candidates and selection are removed first.
+                metrics, TensorBoard events, candidates and selection are removed first.
         """
         if resume is not None:
             self.load_checkpoint(resume)  # first: a checkpoint that cannot be resumed changes no file
@@ -458,6 +461,7 @@ class Trainer:
                 state.cut_metrics(self.out_dir / "metrics.jsonl", self.metrics_bytes)
         else:
             self._claim_out_dir(overwrite)
+        self._tb_purge_step = self.global_step + 1 if resume is not None else None
         if self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
@@ -480,7 +484,7 @@ class Trainer:
                 step_fn = self.phase1_step if phase == "phase1" else self.phase2_step
                 if phase == "phase2" and self.epoch == 0 and self.step_in_epoch == 0 \
                         and self.cfg.decoder_init == "lstsq":
-                    self._fit_decoder()
+                    self._between_steps(self._fit_decoder)
                 for m in self.models.values():
                     m.train()
                 while self.epoch < epochs:
@@ -493,7 +497,7 @@ class Trainer:
                         self.export_anonymizer(self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt")
                     self.save_checkpoint()
             if self.cfg.privacy_nullspace:  # once, before "done" (a run killed during it redoes it on resume)
-                self._project_privacy_out()
+                self._between_steps(self._project_privacy_out)
             self.phase = "done"
             self.save_checkpoint()
             if getattr(self, "_tb_writer", None) is not None:
@@ -538,6 +542,7 @@ class Trainer:
         if self.dist.main:
             for stale in (*earlier, self.out_dir / "metrics.jsonl", self.out_dir / "selection.json"):
                 stale.unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)  # TensorBoard would merge the two runs
             if overwrite:  # the replaced run's candidates and their scores would be taken for this run's
                 for folder in ("candidates", "selection"):
                     shutil.rmtree(self.out_dir / folder, ignore_errors=True)
@@ -546,10 +551,24 @@ class Trainer:
         """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""
         return state.candidate_due(self.epoch, dataclasses.asdict(self.cfg))
 
+    def _between_steps(self, data_pass) -> None:
+        """Run a data pass outside the training steps (the decoder fit, the nullspace passes). A signal during its
+        reading stops it (no weight has changed then), checkpoints the state from before it and stops the run,
+        whose resume does the pass again; one during its final computation is taken at the next step boundary, or,
+        after the nullspace projection, lets the run finish (it saves and exports at once)."""
+        try:
+            data_pass()
+        except PassStopped as e:
+            path = self.save_checkpoint()
+            raise TrainingInterrupted(
+                f"signal {self._stop_signal or 'on another rank'} during {e}: checkpoint written to {path} (from "
+                f"before it; the resume does it again); continue with the same command and --resume {path}") from None
+
     def _fit_decoder(self) -> None:
         """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py)."""
         self.loader.set_epoch(self.epoch)
-        seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist)
+        seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
+                           stop=lambda: self._stop_signal is not None)
         if seen and self.dist.main:
             self._log({"phase": "phase2", "epoch": self.epoch, "event": "decoder fitted (lstsq)", "clips": seen})
 
@@ -558,7 +577,8 @@ class Trainer:
         The passes over the data use the epochs after phase 2's, so their crops are not the last epoch's."""
         start = time.perf_counter()
         record = project_privacy_out(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
-                                     self.cfg.privacy_nullspace, first_epoch=self.cfg.phase2_epochs)
+                                     self.cfg.privacy_nullspace, first_epoch=self.cfg.phase2_epochs,
+                                     stop=lambda: self._stop_signal is not None)
         self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy nullspace projected",
                    "rounds": self.cfg.privacy_nullspace, **record, "seconds": round(time.perf_counter() - start, 2)})
 

@@ -185,6 +185,28 @@ def test_a_run_killed_during_the_projection_redoes_it_on_resume(tmp_path, monkey
     assert len(_events(tmp_path / "b" / "run")) == 1
 
 
+def test_a_signal_during_the_projection_passes_stops_the_run_and_the_resume_redoes_them(tmp_path):
+    """SIGTERM while the probes' passes read the data (phase 1 and 2: 6 batches, the passes 6 more): the run stops
+    with a checkpoint from before them (it finished, exit 0, "trained", the signal lost), and the resume projects
+    as an uninterrupted run does."""
+    from stpcore.testing import StopAfter
+    from stpcore.training import TrainingInterrupted
+
+    full = Trainer(_cfg(tmp_path / "a", privacy_nullspace=1), _loader())
+    full.fit()
+    wrapped = StopAfter(_loader(), 8)
+    first = Trainer(_cfg(tmp_path / "b", privacy_nullspace=1), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted, match="during the privacy-nullspace passes: checkpoint written"):
+        first.fit()
+    assert wrapped.seen == 8 and not (tmp_path / "b" / "run" / "stprivacy.pt").exists()
+    assert _events(tmp_path / "b" / "run") == []
+    resumed = Trainer(_cfg(tmp_path / "b", privacy_nullspace=1), _loader())
+    resumed.fit(resume=tmp_path / "b" / "run" / "last.pt")
+    assert torch.equal(resumed.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
+    assert len(_events(tmp_path / "b" / "run")) == 1
+
+
 def test_a_finished_run_is_not_resumed_with_another_nullspace_setting(tmp_path):
     Trainer(_cfg(tmp_path, phase2_epochs=0), _loader()).fit()
     other = Trainer(_cfg(tmp_path, phase2_epochs=0, privacy_nullspace=3), _loader())

@@ -302,6 +302,59 @@ def test_resume_with_lstsq_decoder(tmp_path, stop_after):
     assert torch.equal(second.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
 
 
+def test_a_signal_during_the_lstsq_fit_stops_before_phase2_steps(tmp_path):
+    """SIGTERM while the decoder fit reads its second batch (phase 1: 6 batches): the fit stops there and the run
+    checkpoints and stops before any phase-2 step (it fitted on, then trained a step first); the resume fits and
+    trains as an uninterrupted run."""
+    full = Trainer(_cfg(tmp_path / "a", decoder_init="lstsq"), _loader())
+    history = full.fit()
+    losses = [r["loss"] for p in ("phase1", "phase2") for r in history[p]]
+    wrapped = StopAfter(_loader(), 8)
+    first = Trainer(_cfg(tmp_path / "b", decoder_init="lstsq"), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted, match="during the lstsq decoder fit: checkpoint written"):
+        first.fit()
+    assert wrapped.seen == 8 and first.history["phase2"] == []
+    second = Trainer(_cfg(tmp_path / "b", decoder_init="lstsq"), _loader())
+    resumed = second.fit(resume=tmp_path / "b" / "run" / "last.pt")
+    assert [r["loss"] for p in ("phase1", "phase2") for r in first.history[p] + resumed[p]] == losses
+    assert torch.equal(second.anonymizer.head_recon.weight, full.anonymizer.head_recon.weight)
+
+
+def test_tensorboard_events_are_not_merged_across_runs_or_repeated_on_resume(tmp_path, monkeypatch):
+    """A fresh run (--overwrite) starts its events anew (TensorBoard merged the replaced run's under the same tags
+    and steps), and a resume purges the steps logged after its checkpoint (they showed twice). TensorBoard is not
+    installed here: a stand-in SummaryWriter records what it is given."""
+    import sys
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            made.append(purge_step)
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, f"events.{len(made)}"), "w"):
+                pass
+
+        def add_scalar(self, *args):
+            pass
+
+        def flush(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    wrapped = StopAfter(_loader(), 4)
+    first = Trainer(_cfg(tmp_path), wrapped)
+    wrapped.trainer = first
+    with pytest.raises(TrainingInterrupted):
+        first.fit()
+    Trainer(_cfg(tmp_path), _loader()).fit(resume=tmp_path / "run" / "last.pt")
+    assert made == [None, 5]  # the checkpoint holds 4 steps: events from step 5 on are purged
+    Trainer(_cfg(tmp_path), _loader()).fit(overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "tensorboard").iterdir()) == ["events.3"]
+
+
 class _AllVideosFail(RandomClipLoader):
     """A loader that promises batches but yields none (every video skipped as undecodable)."""
 
@@ -434,7 +487,7 @@ def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
     calls = []
 
     class FakeWriter:
-        def __init__(self, log_dir):
+        def __init__(self, log_dir, purge_step=None):
             calls.append(("dir", log_dir))
 
         def add_scalar(self, tag, value, step):
