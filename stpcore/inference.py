@@ -36,16 +36,17 @@ import torch
 from torch import nn
 
 from stpcore.models import STPrivacy, load_anonymizer
+from stpcore.models.stprivacy import is_real
 from stpcore.tubelets import check_finite
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 RUNTIMES = ("torch", "onnxruntime", "openvino", "auto")
 # runtime="auto": per CPU kind (cpu_kind), the fastest (runtime, precision) measured for vit_small at B=8 among those
-# whose keep decisions equal fp32's on at least 98% of tokens (BENCHMARKS.md, "ONNX Runtime and OpenVINO"; data:
-# benchmarks/results/cpu-runtimes.json; tests/test_deploy.py checks the table against that data). A committed table,
-# not a probe at start: a probe would export and quantize every candidate first. A CPU kind without a measurement,
-# or a machine without the runtime's packages, runs torch at precision "auto".
-AUTO_CHOICES: dict[str, tuple[str, str]] = {"avx512_bf16": ("openvino", "int8")}
+# whose keep decisions equal fp32's on at least 98% of tokens (BENCHMARKS.md, "ONNX Runtime and OpenVINO" and its AMX
+# section; data: benchmarks/results/cpu-runtimes*.json; tests/test_deploy.py checks the table against that data). A
+# committed table, not a probe at start: a probe would export and quantize every candidate first. A CPU kind without
+# a measurement, or a machine without the runtime's packages, runs torch at precision "auto".
+AUTO_CHOICES: dict[str, tuple[str, str]] = {"avx512_bf16": ("openvino", "int8"), "amx": ("openvino", "int8")}
 
 
 @dataclass

@@ -508,14 +508,18 @@ PROVIDER_PATHS = {"onnxruntime": ("onnxruntime", "fp32"), "onnxruntime-int8": ("
                   "int8": ("torch", "int8")}
 
 
-def test_the_auto_table_is_the_fastest_measured_path_at_98_percent_agreement():
-    """AUTO_CHOICES holds, for the CPU kind of benchmarks/results/cpu-runtimes.json, what that file measured."""
+RUNTIME_FILES = ("cpu-runtimes.json", "cpu-runtimes-amx.json", "cpu-runtimes-amx-rerun.json")  # BENCHMARKS.md
+
+
+@pytest.mark.parametrize("name", RUNTIME_FILES)
+def test_the_auto_table_is_the_fastest_measured_path_at_98_percent_agreement(name):
+    """AUTO_CHOICES holds, for the CPU kind of each benchmarks/results/cpu-runtimes*.json, what that file measured."""
     import json
     from pathlib import Path
 
     from stpcore.inference import AUTO_CHOICES
 
-    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/cpu-runtimes.json").read_text())
+    data = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results" / name).read_text())
     flags = set(data["machine_info"]["cpu"]["flags"])
     kind = "amx" if "amx_tile" in flags else "avx512_bf16" if "avx512_bf16" in flags else "avx2"
     measured = {b["name"].split("[")[1].rstrip("]"): b["extra_info"] for b in data["benchmarks"]}
@@ -523,6 +527,14 @@ def test_the_auto_table_is_the_fastest_measured_path_at_98_percent_agreement():
                 if p in PROVIDER_PATHS and e.get("speedup_vs_fp32") and e["keep_agreement"] >= 0.98}
     best = max(eligible, key=eligible.get)
     assert AUTO_CHOICES[kind] == PROVIDER_PATHS[best], (eligible, AUTO_CHOICES)
+
+
+def test_every_runtimes_file_is_checked():
+    """A new CPU kind's measurement joins the check above (and so the auto table) by its file name."""
+    from pathlib import Path
+
+    found = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "benchmarks/results").glob("cpu-runtimes*"))
+    assert found == sorted(RUNTIME_FILES)
 
 
 def test_anonymize_records_the_keep_ratio_a_given_graph_was_exported_at(trained_tiny, tmp_path):

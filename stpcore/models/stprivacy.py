@@ -69,6 +69,13 @@ class STPrivacyOutput:
         return self.video * keep_to_pixels(self.keep.to(self.video.dtype), grid, self.tubelet)
 
 
+def is_real(value) -> bool:
+    """A real number as a setting (Python or NumPy int/float, Fraction), not a bool or a tensor."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class STPrivacy(VideoTransformer):
     """The STPrivacy video anonymizer (see the module docstring for the three modes).
 
@@ -139,12 +146,14 @@ class STPrivacy(VideoTransformer):
         if adaptive_threshold is not None:
             if keep_ratio is not None:
                 raise ValueError("keep_ratio and adaptive_threshold cannot be combined; pass one of them")
-            if not (isinstance(adaptive_threshold, (int, float)) and 0 < adaptive_threshold < 1):
-                raise ValueError(f"adaptive_threshold must be a number in (0, 1), got {adaptive_threshold!r}")
+            if not (is_real(adaptive_threshold) and 0 < adaptive_threshold < 1):
+                raise ValueError(f"adaptive_threshold must be a real number in (0, 1) (a Python or NumPy float), got "
+                                 f"{adaptive_threshold!r}")
             return
         ratio = self.cfg.keep_ratio if keep_ratio is None else keep_ratio
-        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+        if not (is_real(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"keep_ratio must be a real number in (0, 1] (a Python or NumPy float), got "
+                             f"{keep_ratio!r}")
 
     # -- helpers ---------------------------------------------------------------------------------------
 
