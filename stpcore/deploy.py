@@ -14,7 +14,10 @@ int8: :func:`quantize_onnxruntime_int8` (ONNX Runtime's dynamic quantization) an
 (NNCF's post-training quantization for OpenVINO, calibrated on clips) quantize the transformer blocks' linear
 layers (qkv, proj, fc1, fc2: :func:`block_linear_nodes`), as torch's int8 path does; the patch embedding, the
 keep-score predictors, the attention products and the reconstruction head stay in float, which keeps the keep
-decisions close to fp32 (measured in BENCHMARKS.md).
+decisions close to fp32 (measured in BENCHMARKS.md). "In float" means the runtime's float precision: ONNX Runtime
+runs them in fp32, OpenVINO at its precision hint, which ``ClipAnonymizer`` sets to bf16 for ``precision="bf16"``
+and, on CPUs with native bf16, for int8, the keep-score predictors included (unlike torch's bf16 path, which keeps
+them fp32).
 
 The exported file carries its geometry, its keep ratio and a fingerprint of the weights it was exported from as ONNX
 metadata (:func:`read_onnx`, :func:`weights_fingerprint`), so a graph exported once (``stpcore export``) can be run
@@ -27,6 +30,7 @@ Needs the ``deploy`` extra (onnx, onnxscript, onnxruntime, openvino, nncf): ``pi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -45,6 +49,19 @@ DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime, op
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
 WEIGHTS_KEY = "weights_sha256"  # the fingerprint of the exported weights (weights_fingerprint)
 METADATA = ("num_frames", "image_size", "tubelet", "keep_ratio", "kept_per_slot", WEIGHTS_KEY)  # stpcore.<key>
+# The model's settings that shape its eval forward beyond its weights (output options, pruning stages): graphs
+# exported before 0.1.0's last change lack it, and are checked by geometry and weights alone.
+CONFIG_KEY = "model_config"
+
+
+def forward_config(cfg) -> dict:
+    """The settings of an STPrivacyConfig that the exported graph bakes in besides its weights and geometry (every
+    field but the keep ratio, which the metadata holds per graph, and the training-only Gumbel temperature), as
+    JSON values."""
+    import dataclasses
+
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("keep_ratio", "tau")}
+    return json.loads(json.dumps(fields))
 
 
 class _VideoAndKeep(nn.Module):
@@ -118,7 +135,8 @@ def _unsupported_op(exc: BaseException) -> str | None:
 
 
 def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float | None = None,
-                verify: bool = True, opset: int | None = None) -> ExportReport:
+                verify: bool = True, opset: int | None = None, min_agreement: float = 0.99,
+                max_video_diff: float = 1e-3) -> ExportReport:
     """Export ``model``'s eval forward to ``path`` (see the module docstring) and, with ``verify``, check it.
 
     Args:
@@ -126,13 +144,17 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
         path: the .onnx file (written atomically; with ``verify``, only once the check has passed, so a failed
             export or check leaves ``path`` as it was).
         keep_ratio: alpha in (0, 1] per stage (None: the model's trained ratio).
-        verify: compare with PyTorch through ONNX Runtime (:func:`verify_onnx`).
+        verify: compare with PyTorch through ONNX Runtime (:func:`verify_onnx`); the graph passes when at least
+            ``min_agreement`` of its keep decisions equal PyTorch's and, on the clips whose masks agree, no video
+            value differs by more than ``max_video_diff`` (fp32 on both sides: a sound export agrees exactly on
+            the masks and to about 1e-6 on the video; a near-tie in the keep scores may flip a rare decision).
         opset: the ONNX opset (None: the exporter's default).
 
     Raises:
         RuntimeError: the deploy extra is missing (the message names it; onnxruntime is checked up front when
             ``verify`` needs it), or an operator cannot be exported (the message names it).
-        ValueError: ``keep_ratio`` is out of range, or ONNX Runtime cannot load the exported graph.
+        ValueError: ``keep_ratio`` is out of range, ONNX Runtime cannot load the exported graph, or the graph
+            fails the check (then nothing is written).
     """
     import copy
 
@@ -146,7 +168,7 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
     ratio = model.cfg.keep_ratio if keep_ratio is None else float(keep_ratio)
     if not 0 < ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    net = copy.deepcopy(model).eval().float()
+    net = copy.deepcopy(model).eval().float().cpu()  # the example clips and the check run on the CPU
     net.validate = False  # a value check would be a data-dependent branch in the graph
     module = _VideoAndKeep(net, ratio)
     cfg = net.cfg
@@ -169,7 +191,7 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
         onnx_program.save(str(tmp))
         _write_metadata(tmp, {"num_frames": cfg.num_frames, "image_size": cfg.image_size, "tubelet": list(cfg.tubelet),
                               "keep_ratio": ratio, "kept_per_slot": list(cfg.kept_per_slot(ratio)),
-                              WEIGHTS_KEY: weights_fingerprint(net)})
+                              WEIGHTS_KEY: weights_fingerprint(net), CONFIG_KEY: forward_config(cfg)})
         if verify:  # the temporary file, before the rename: a graph that fails the check never reaches ``path``
             try:
                 agreement, diff, batches = verify_onnx(tmp, module)
@@ -177,6 +199,13 @@ def export_onnx(model: STPrivacy, path: str | os.PathLike, *, keep_ratio: float 
                 reason = str(exc).removeprefix(f"{tmp}: ")  # the temporary name means nothing to the reader
                 raise ValueError(f"{path}: the exported graph failed its check, so it was not written ({reason})") \
                     from exc
+            if not (agreement >= min_agreement and diff <= max_video_diff):  # NaN (no mask agreed) fails too
+                raise ValueError(
+                    f"{path}: the exported graph failed its check, so it was not written: ONNX Runtime's keep "
+                    f"decisions equal PyTorch's on {100 * agreement:.2f}% (at least {100 * min_agreement:g}% needed), "
+                    f"largest video difference {diff:.3g} where the masks agree (at most {max_video_diff:g}). The "
+                    f"exporter or an operator's decomposition (stpcore/ops/export.py) changed what the model "
+                    f"computes: report it with `stpcore info`'s output")
             report.keep_agreement, report.max_video_diff, report.batches = agreement, diff, batches
     return report
 
@@ -212,8 +241,9 @@ def _quiet_exporter() -> Iterator[None]:
 
 def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, ...] = (1, 3),
                 seed: int = 0) -> tuple[float, float, tuple[int, ...]]:
-    """(keep agreement, max video difference where the keep masks agree, batches) of the ONNX file at ``path``
-    run by ONNX Runtime against ``module`` (a (video, keep) PyTorch module) on random normalised clips."""
+    """(keep agreement, max video difference where the keep masks agree (NaN where none does), batches) of the ONNX
+    file at ``path`` run by ONNX Runtime against ``module`` (a (video, keep) PyTorch module) on random normalised
+    clips."""
     ort = require("onnxruntime")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -222,7 +252,7 @@ def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, 
     shape = session.get_inputs()[0].shape
     g = torch.Generator().manual_seed(seed)
     equal = total = 0
-    diff = 0.0
+    diff = float("nan")  # no clip whose mask agrees: nothing to compare
     for b in batches:
         clips = torch.randn(b, *[int(s) for s in shape[1:]], generator=g)
         video, keep = session.run(None, {session.get_inputs()[0].name: clips.numpy()})
@@ -233,13 +263,12 @@ def verify_onnx(path: str | os.PathLike, module: nn.Module, batches: tuple[int, 
         total += keep.numel()
         same = (keep == want_keep).all(dim=1)
         if same.any():
-            diff = max(diff, float((torch.from_numpy(video)[same] - want_video[same]).abs().max()))
+            here = float((torch.from_numpy(video)[same] - want_video[same]).abs().max())
+            diff = here if diff != diff else max(diff, here)
     return equal / total, diff, tuple(batches)
 
 
 def _write_metadata(path: Path, values: dict) -> None:
-    import json
-
     onnx = require("onnx")
     model = onnx.load(str(path))
     del model.metadata_props[:]
@@ -251,7 +280,8 @@ def _write_metadata(path: Path, values: dict) -> None:
 
 def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
     """The stpcore metadata of an exported graph ({num_frames, image_size, tubelet, keep_ratio, kept_per_slot,
-    weights_sha256}), after checking that the file is a readable ONNX model with stpcore's input and outputs.
+    weights_sha256, and model_config where the exporter recorded it}), after checking that the file is a readable
+    ONNX model with stpcore's input and outputs.
 
     Args:
         path: the .onnx file.
@@ -263,8 +293,6 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
         ValueError: the file is missing, unreadable or corrupt, not an stpcore export (no metadata, other inputs or
             outputs), exported before the fingerprint was recorded, or differs from ``expect``.
     """
-    import json
-
     onnx = require("onnx")
     path = Path(path)
     if not path.is_file():
@@ -278,10 +306,11 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
     props = {p.key.removeprefix("stpcore."): p.value for p in model.metadata_props if p.key.startswith("stpcore.")}
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    if set(props) == set(METADATA) - {WEIGHTS_KEY} and inputs == ["clips"] and outputs == ["video", "keep"]:
+    ours = inputs == ["clips"] and outputs == ["video", "keep"]
+    if set(props) - {CONFIG_KEY} == set(METADATA) - {WEIGHTS_KEY} and ours:
         raise ValueError(f"{path}: exported by an older stpcore, without the fingerprint of the weights it holds, so "
                          f"it cannot be checked against a model; export it again (stpcore export CHECKPOINT {path})")
-    if set(props) != set(METADATA) or inputs != ["clips"] or outputs != ["video", "keep"]:
+    if set(props) - {CONFIG_KEY} != set(METADATA) or inputs != ["clips"] or outputs != ["video", "keep"]:
         raise ValueError(f"{path}: not a graph written by stpcore export (inputs {inputs}, outputs {outputs}, "
                          f"stpcore metadata {sorted(props)}); export it with stpcore export")
     try:
@@ -291,6 +320,7 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
             from exc
     expect = dict(expect or {})
     weights = expect.pop(WEIGHTS_KEY, None)  # checked after the geometry, whose message says more
+    settings = expect.pop(CONFIG_KEY, None)
     for key, want in expect.items():
         if json.loads(json.dumps(want)) != meta[key]:
             raise ValueError(f"{path}: exported with {key}={meta[key]}, but the model here has {key}={want}; "
@@ -300,6 +330,14 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
                          f"fingerprint {meta[WEIGHTS_KEY][:12]}..., the model's {weights[:12]}...); it would anonymize "
                          f"with those weights, not this model's. Export the graph again from this model's checkpoint: "
                          f"stpcore export CHECKPOINT {path}")
+    if settings is not None and CONFIG_KEY in meta:
+        differ = {k: (meta[CONFIG_KEY].get(k), v) for k, v in json.loads(json.dumps(settings)).items()
+                  if meta[CONFIG_KEY].get(k) != v}
+        if differ:
+            raise ValueError(f"{path}: the graph was exported from a model with other settings than the model here "
+                             f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in sorted(differ.items()))}); "
+                             f"it computes another output. Export the graph again from this model: stpcore export "
+                             f"CHECKPOINT {path}")
     return meta
 
 

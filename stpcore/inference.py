@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterable
@@ -244,14 +245,26 @@ class ClipAnonymizer:
             raise ValueError("onnx= and calibration= belong to runtime='onnxruntime' or 'openvino'")
         self.runtime = runtime
         self._sessions: dict[tuple[int, ...], object] = {}
+        self._sessions_lock = threading.Lock()
         self.runtime_precision = "fp32"
         if runtime == "openvino" and (precision == "bf16" or precision == "auto" and cpu_has_native_bf16()):
             self.runtime_precision = "bf16"
         if allowed is not None and precision == "int8":
             self.runtime_precision = "int8"
-        if calibration is not None and (not isinstance(calibration, torch.Tensor) or calibration.ndim != 5):
-            raise ValueError(f"calibration must be clips (N, 3, T, H, W), got "
-                             f"{getattr(calibration, 'shape', type(calibration).__name__)}")
+        if calibration is not None:
+            cfg = model.cfg
+            want = (3, cfg.num_frames, cfg.image_size, cfg.image_size)
+            if not isinstance(calibration, torch.Tensor) or calibration.ndim != 5 or calibration.shape[0] < 1 \
+                    or tuple(calibration.shape[1:]) != want:
+                raise ValueError(f"calibration must be clips (N, {', '.join(map(str, want))}) for this model (N >= 1, "
+                                 f"normalised as the clips it anonymizes), got "
+                                 f"{tuple(getattr(calibration, 'shape', ())) or type(calibration).__name__}")
+            if not (runtime == "openvino" and self.runtime_precision == "int8"):
+                raise ValueError(f"calibration= is used by runtime='openvino' with precision='int8' only (NNCF "
+                                 f"calibrates its quantization on it); here runtime={runtime!r}, "
+                                 f"precision={precision!r}: leave it out")
+            if not torch.isfinite(calibration).all():
+                raise ValueError("calibration holds NaN or Inf values; give finite normalised clips")
         self._calibration = calibration
         if allowed is not None:
             precision = "fp32"  # the PyTorch copy the graphs are exported from
@@ -273,12 +286,13 @@ class ClipAnonymizer:
         self.onnx_meta = None
         self._onnx_file = None
         if onnx is not None:  # the graph must hold this model's geometry and weights (fp32, as export_onnx's copy)
-            from stpcore.deploy import WEIGHTS_KEY, read_onnx
+            from stpcore.deploy import CONFIG_KEY, WEIGHTS_KEY, forward_config, read_onnx
 
             cfg = net.cfg
             self.onnx_meta = read_onnx(onnx, expect={"num_frames": cfg.num_frames, "image_size": cfg.image_size,
                                                      "tubelet": list(cfg.tubelet),
-                                                     WEIGHTS_KEY: self.weights_fingerprint})
+                                                     WEIGHTS_KEY: self.weights_fingerprint,
+                                                     CONFIG_KEY: forward_config(cfg)})
             self._onnx_file = Path(onnx)
         if self.precision == "bf16":
             net.score_predictor = nn.ModuleList(_Fp32Predictor(p) for p in net.score_predictor)
@@ -371,8 +385,9 @@ class ClipAnonymizer:
                              "only; use runtime='torch'")
         default = self.onnx_meta["keep_ratio"] if self.onnx_meta else self.cfg.keep_ratio
         ratio = default if keep_ratio is None else keep_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+        if not (is_real(ratio) and 0 < ratio <= 1):
+            raise ValueError(f"keep_ratio must be a real number in (0, 1] (a Python or NumPy float), got "
+                             f"{keep_ratio!r}")
         ratio = float(ratio)
         key = tuple(self.cfg.kept_per_slot(ratio))  # ratios with the same per-slot counts share one graph
         if self.onnx_meta and list(key) != self.onnx_meta["kept_per_slot"]:
@@ -384,19 +399,20 @@ class ClipAnonymizer:
     def _session(self, ratio: float, key: tuple[int, ...], first: torch.Tensor | None):
         """The runtime's session for these per-slot counts, exported and loaded on first use (one ONNX graph per set
         of counts: every k is a constant in it)."""
-        session = self._sessions.get(key)
-        if session is None:
-            import tempfile
+        with self._sessions_lock:  # threads sharing the anonymizer export and load each graph once
+            session = self._sessions.get(key)
+            if session is None:
+                import tempfile
 
-            from stpcore.deploy import export_onnx
+                from stpcore.deploy import export_onnx
 
-            with tempfile.TemporaryDirectory(prefix="stpcore-onnx-") as tmp:  # the runtimes load it into memory
-                path = self._onnx_file
-                if path is None:
-                    path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
-                    export_onnx(self.model, path, keep_ratio=ratio, verify=False)
-                session = self._load_session(path, Path(tmp), first)
-            self._sessions[key] = session
+                with tempfile.TemporaryDirectory(prefix="stpcore-onnx-") as tmp:  # the runtimes load it into memory
+                    path = self._onnx_file
+                    if path is None:
+                        path = Path(tmp) / f"stprivacy-{ratio:g}.onnx"
+                        export_onnx(self.model, path, keep_ratio=ratio, verify=False)
+                    session = self._load_session(path, Path(tmp), first)
+                self._sessions[key] = session
         return session
 
     def prepare(self, batch_sizes: int | Iterable[int] = 8, *, keep_ratio: float | None = None,
@@ -476,7 +492,17 @@ class ClipAnonymizer:
         except Exception as exc:  # noqa: BLE001 - the runtimes raise their own types (OpenVINO: RuntimeError)
             raise RuntimeLoadError(f"{self.runtime} could not load the graph {path}: "
                                    f"{str(exc).splitlines()[0][:300]}") from exc
-        return lambda x: tuple(compiled({"clips": x}).values())
+        # One infer request per thread: the compiled model's own call shares one request between callers, so
+        # threads sharing an anonymizer got "Infer Request is busy" or another call's clips back.
+        local = threading.local()
+
+        def run(x):
+            request = getattr(local, "request", None)
+            if request is None:
+                request = local.request = compiled.create_infer_request()
+            return tuple(request.infer({"clips": x}).values())  # copies of the outputs (share_outputs=False)
+
+        return run
 
     def __repr__(self) -> str:
         return f"ClipAnonymizer({self.description})"

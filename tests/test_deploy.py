@@ -155,9 +155,20 @@ def test_clip_anonymizer_on_onnxruntime_matches_torch(trained_tiny):
     assert torch.equal(got.keep, torch_run.keep) and torch.equal(got.kept_positions, torch_run.kept_positions)
     torch.testing.assert_close(got.video, torch_run.video, rtol=1e-4, atol=1e-4)
     half = ort(clips[:2], keep_ratio=0.5)  # another ratio: another graph, exported on first use
-    assert torch.equal(half.keep, ClipAnonymizer(model, precision="fp32")(clips[:2], keep_ratio=0.5).keep)
+    eager = ClipAnonymizer(model, precision="fp32")
+    assert torch.equal(half.keep, eager(clips[:2], keep_ratio=0.5).keep)
     with pytest.raises(ValueError, match="adaptive mode has data-dependent shapes"):
         ort(clips, adaptive_threshold=0.5)
+    # Both paths take a NumPy float (a ratio read from a file or an array; it was "must be a number ..., got
+    # np.float32(0.5)") and refuse a bool (the torch path ran True as 1.0).
+    import numpy as np
+
+    for run in (ort, eager):
+        assert torch.equal(run(clips[:2], keep_ratio=np.float32(0.5)).keep, half.keep)
+        with pytest.raises(ValueError, match=r"keep_ratio must be a real number in \(0, 1\] .*got True"):
+            run(clips[:2], keep_ratio=True)
+    assert torch.equal(eager(clips[:2], adaptive_threshold=np.float64(0.5)).keep,
+                       eager(clips[:2], adaptive_threshold=0.5).keep)
 
 
 def test_prepare_exports_the_graph_before_the_first_batch(trained_tiny, monkeypatch):
@@ -220,6 +231,26 @@ fp32 = ClipAnonymizer(model, runtime="openvino", precision="fp32")
 got = fp32(clips)
 assert torch.equal(got.keep, want.keep) and "openvino fp32" in fp32.description
 torch.testing.assert_close(got.video, want.video, rtol=1e-4, atol=1e-4)
+# Threads sharing the anonymizer each get their own clips' result (one infer request shared between them gave
+# "Infer Request is busy", or another call's clips).
+import threading
+singles = [clips[i:i + 1] for i in range(4)]
+alone = [fp32(c) for c in singles]
+wrong, errors = [], []
+def work(t):
+    for r in range(40):
+        j = (t + r) % 4
+        try:
+            out = fp32(singles[j])
+        except Exception as e:
+            errors.append(repr(e)[:80])
+            continue
+        if not (torch.equal(out.keep, alone[j].keep) and torch.allclose(out.video, alone[j].video, atol=1e-6)):
+            wrong.append(j)
+threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert not wrong and not errors, (len(wrong), len(errors), set(errors))
 auto = ClipAnonymizer(model, runtime="openvino")
 assert auto.runtime_precision == ("bf16" if cpu_has_native_bf16() else "fp32")
 assert (auto(clips).keep == want.keep).float().mean() >= 0.95
@@ -249,7 +280,15 @@ def test_clip_anonymizer_on_openvino_matches_torch(trained_tiny):
     ({"runtime": "onnxruntime", "precision": "bf16"}, "runs fp32/int8 on the CPU"),
     ({"runtime": "openvino", "device": "cuda"}, "runs fp32/bf16/int8 on the CPU"),
     ({"onnx": "m.onnx"}, "onnx= and calibration= belong to runtime="),
-    ({"runtime": "openvino", "calibration": torch.zeros(3, 8, 32, 32)}, r"calibration must be clips \(N, 3, T"),
+    ({"runtime": "openvino", "calibration": torch.zeros(3, 8, 32, 32)}, r"calibration must be clips \(N, 3, 8, 32"),
+    ({"runtime": "openvino", "precision": "int8", "calibration": torch.zeros(2, 3, 8, 64, 64)},
+     r"calibration must be clips \(N, 3, 8, 32, 32\) for this model .* got \(2, 3, 8, 64, 64\)"),
+    ({"runtime": "openvino", "precision": "int8", "calibration": torch.full((2, 3, 8, 32, 32), float("nan"))},
+     "calibration holds NaN or Inf"),
+    ({"runtime": "openvino", "precision": "fp32", "calibration": torch.zeros(2, 3, 8, 32, 32)},
+     "calibration= is used by runtime='openvino' with precision='int8' only"),
+    ({"runtime": "onnxruntime", "precision": "int8", "calibration": torch.zeros(2, 3, 8, 32, 32)},
+     "calibration= is used by runtime='openvino' with precision='int8' only"),
     ({"runtime": "onnxruntime", "compile": True}, "without torch.compile"),
 ])
 def test_bad_runtime_settings_are_refused(kwargs, match):
@@ -321,8 +360,12 @@ def test_an_exported_graph_carries_its_geometry_and_runs_as_given(trained_tiny, 
         export_onnx(model, tmp_path / "half.onnx", keep_ratio=0.5, verify=False)
     assert not [w for w in caught if "LeafSpec" in str(w.message)]  # torch's deprecation notice, silenced
     meta = read_onnx(tmp_path / "half.onnx")
+    from stpcore.deploy import forward_config
+
     assert meta == {"num_frames": 8, "image_size": 32, "tubelet": list(model.cfg.tubelet), "keep_ratio": 0.5,
-                    "kept_per_slot": list(model.cfg.kept_per_slot(0.5)), "weights_sha256": weights_fingerprint(model)}
+                    "kept_per_slot": list(model.cfg.kept_per_slot(0.5)), "weights_sha256": weights_fingerprint(model),
+                    "model_config": forward_config(model.cfg)}
+    assert meta["model_config"]["prune_locations"] == [1, 2, 3] and "keep_ratio" not in meta["model_config"]
     clips = torch.randn(3, 3, 8, 32, 32, generator=torch.Generator().manual_seed(6))
     anon = ClipAnonymizer(model, runtime="onnxruntime", onnx=tmp_path / "half.onnx")
     got = anon(clips)  # the file's keep ratio, not the trained one
@@ -417,6 +460,52 @@ def test_a_graph_exported_from_other_weights_is_refused(trained_tiny, tiny_graph
     assert "exported from other weights" in capsys.readouterr().err and not list(out.glob("*.mp4"))
     ClipAnonymizer(other, runtime="onnxruntime", onnx=tmp_path / "other.onnx")  # its own model: accepted
     ClipAnonymizer(model, runtime="onnxruntime", onnx=tiny_graph)
+
+
+def test_a_graph_exported_with_other_model_settings_is_refused(trained_tiny, tiny_graph, tmp_path):
+    """The same weights under other output settings (binary_output, pruning stages) are another forward: the graph
+    of one is refused for the other, naming the settings. A graph of an earlier export, without the recorded
+    settings, is still checked by geometry and weights."""
+    import dataclasses
+
+    import onnx
+
+    from stpcore.deploy import read_onnx
+    from stpcore.inference import ClipAnonymizer
+    from stpcore.models import load_anonymizer
+
+    model = load_anonymizer(trained_tiny)
+    binary = STPrivacy(dataclasses.replace(model.cfg, binary_output=True, prune_locations=(0, 1, 2)))
+    binary.load_state_dict(model.state_dict())
+    assert weights_fingerprint(binary) == weights_fingerprint(model)
+    export_onnx(binary, tmp_path / "binary.onnx", verify=False)
+    with pytest.raises(ValueError, match=r"binary\.onnx: the graph was exported from a model with other settings "
+                                         r"than the model here \(binary_output: True there, False here, "
+                                         r"prune_locations: \[0, 1, 2\] there, \[1, 2, 3\] here\)"):
+        ClipAnonymizer(model, runtime="onnxruntime", onnx=tmp_path / "binary.onnx")
+    ClipAnonymizer(binary, runtime="onnxruntime", onnx=tmp_path / "binary.onnx")  # its own model: accepted
+    earlier = onnx.load(str(tiny_graph))
+    kept = [e for e in earlier.metadata_props if e.key != "stpcore.model_config"]
+    del earlier.metadata_props[:]
+    earlier.metadata_props.extend(kept)
+    onnx.save(earlier, str(tmp_path / "earlier.onnx"))
+    assert "model_config" not in read_onnx(tmp_path / "earlier.onnx")
+    ClipAnonymizer(model, runtime="onnxruntime", onnx=tmp_path / "earlier.onnx")
+
+
+def test_an_export_that_fails_its_check_writes_nothing(trained_tiny, tmp_path, monkeypatch):
+    """A graph whose keep decisions disagree with PyTorch's (here: the top-k decomposition made to keep the lowest
+    scores) is an error and is not written (it was written, its check printed as a percentage)."""
+    import stpcore.ops.export as export_ops
+    from stpcore.models import load_anonymizer
+
+    real = export_ops._slot_topk_by_topk
+    monkeypatch.setattr(export_ops, "_slot_topk_by_topk", lambda scores, *a: real(-scores, *a))
+    with pytest.raises(ValueError, match=r"broken\.onnx: the exported graph failed its check, so it was not "
+                                         r"written: ONNX Runtime's keep decisions equal PyTorch's on \d+\.\d+% "
+                                         r"\(at least 99% needed\)"):
+        export_onnx(load_anonymizer(trained_tiny), tmp_path / "broken.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_int8_graph_of_this_model_loads_for_it(trained_tiny, tiny_graph, tmp_path):
