@@ -305,6 +305,7 @@ class ClipAnonymizer:
         mode = compile if isinstance(compile, str) else None
         self._forward = torch.compile(net, mode=mode) if compile else net
         self._prepared: set[tuple] = set()  # the compiled graphs prepare() has run
+        self._graph_ratios: dict[tuple[int, ...], float] = {}  # per-slot counts -> the ratio compiled for them
 
     @property
     def description(self) -> str:
@@ -366,8 +367,12 @@ class ClipAnonymizer:
         check_finite(video, name="video")
         if self.runtime != "torch":
             return self._run_onnx(video, keep_ratio, adaptive_threshold)
-        if self.compiled and video.shape[0] > 1:
-            torch._dynamo.mark_dynamic(video, 0)  # one graph for every batch size >= 2 (1 is specialised)
+        if self.compiled:
+            keep_ratio = self._graph_ratio(keep_ratio, adaptive_threshold)
+            if video is clips:  # the caller's own tensor: mark an alias, not it (it may go to a compile of theirs)
+                video = video.view_as(video)
+            if video.shape[0] > 1:
+                torch._dynamo.mark_dynamic(video, 0)  # one graph for every batch size >= 2 (1 is specialised)
         with torch.inference_mode(), self._autocast():
             out = self._forward(video, keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)
         # Casting a bf16 video to fp32 keeps exact zeros exact.
@@ -377,6 +382,16 @@ class ClipAnonymizer:
             video, keep = video.clone(), keep.clone()
             positions = positions.clone() if positions is not None else None
         return AnonymizedClips(video, keep, positions)
+
+    def _graph_ratio(self, keep_ratio: float | None, adaptive_threshold: float | None) -> float | None:
+        """The keep ratio a compiled forward is called with: one float per set of per-slot counts (the first given
+        with those counts; None means the trained ratio), since the compiled graph specialises on the float's value
+        and ratios with the same counts compute the same thing. None in adaptive mode."""
+        self.model.check_keep_setting(keep_ratio, adaptive_threshold)
+        if adaptive_threshold is not None:
+            return None
+        ratio = float(self.cfg.keep_ratio if keep_ratio is None else keep_ratio)
+        return self._graph_ratios.setdefault(tuple(self.cfg.kept_per_slot(ratio)), ratio)
 
     def _onnx_ratio(self, keep_ratio: float | None, adaptive_threshold: float | None) -> tuple[float, tuple[int, ...]]:
         """The keep ratio an ONNX runtime call runs at, and its per-slot counts (checked against a given graph)."""
@@ -435,7 +450,7 @@ class ClipAnonymizer:
         elif self.compiled:
             cfg = self.cfg
             for b in sorted({min(b, 2) for b in sizes}):  # 1, and one size for the dynamic graph of 2 and more
-                key = (b, keep_ratio, adaptive_threshold)
+                key = (b, self._graph_ratio(keep_ratio, adaptive_threshold), adaptive_threshold)
                 if key not in self._prepared:
                     self(torch.zeros(b, 3, cfg.num_frames, cfg.image_size, cfg.image_size, device=self.device),
                          keep_ratio=keep_ratio, adaptive_threshold=adaptive_threshold)

@@ -16,6 +16,10 @@ OPTIONAL = {
     "nvidia-dali": "nvidia-dali-cuda130",
     "xformers": "xformers",
     "scikit-learn": "scikit-learn",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "nncf": "nncf",
 }
 
 
@@ -101,6 +105,12 @@ def report() -> str:
         lines.append(f"devices: {cpu}; cuda: {gpus} (CUDA {torch.version.cuda})")
     else:
         lines.append(f"devices: {cpu}; cuda: not available")
+    from stpcore.inference import _resolve_precision, auto_runtime, cpu_kind
+
+    runtime, precision = auto_runtime()
+    if precision == "auto":
+        precision = f"auto, here {_resolve_precision('auto', torch.device('cpu'))}"
+    lines.append(f"inference on this CPU (kind {cpu_kind()}): --runtime auto runs {runtime} at precision {precision}")
     err = ops.dispatch.triton_import_error()
     lines.append("triton kernels: " + ("importable" if err is None else err))
     forced = os.environ.get(ops.dispatch.ENV_VAR, "").strip()

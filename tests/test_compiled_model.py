@@ -144,6 +144,27 @@ def test_clip_anonymizer_compiled_equals_eager_for_new_batch_sizes():
         torch.testing.assert_close(b.video, a.video, rtol=1e-4, atol=1e-4)
 
 
+def test_clip_anonymizer_compiled_shares_a_graph_between_ratios_of_the_same_counts():
+    """The trained ratio given as None or as its value, and another ratio with the same per-slot counts, run the
+    same compiled graph (each float was a recompile: 15 s for the tiny model); the caller's tensor is not marked
+    dynamic (a compile of their own would see it)."""
+    model = _model().eval()
+    eager = ClipAnonymizer(model, precision="fp32")
+    compiled = ClipAnonymizer(model, precision="fp32", compile=True)
+    trained = model.cfg.keep_ratio
+    nearby = trained + 0.004
+    assert model.cfg.kept_per_slot(nearby) == model.cfg.kept_per_slot(trained)
+    clips = _clips(2, seed=1)
+    compiled(clips)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for ratio in (trained, nearby):
+            got = compiled(clips, keep_ratio=ratio)
+            assert torch.equal(got.keep, eager(clips, keep_ratio=ratio).keep)
+    assert not hasattr(clips, "_dynamo_dynamic_indices")
+    other = compiled(clips, keep_ratio=0.5)  # other counts: its own graph, and its own result
+    assert torch.equal(other.keep, eager(clips, keep_ratio=0.5).keep)
+
+
 # ------------------------------------------------------------------------------------------- CUDA graphs
 
 def _linear_ops(forward, clips: torch.Tensor) -> set[str]:

@@ -54,6 +54,11 @@ def test_python_dash_m_and_info(capsys):
     out = capsys.readouterr().out
     assert f"stpcore {stpcore.__version__}" in out
     assert "policy_attention:" in out and "varlen_attention:" in out
+    from stpcore.inference import auto_runtime, cpu_kind
+
+    runtime, precision = auto_runtime()  # what --runtime auto runs here, and the deploy extras' versions
+    assert f"inference on this CPU (kind {cpu_kind()}): --runtime auto runs {runtime} at precision {precision}" in out
+    assert "onnxruntime " in out and "openvino " in out
     result = subprocess.run([sys.executable, "-m", "stpcore", "info"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "backends for float32 tensors on cpu" in result.stdout
 
