@@ -84,7 +84,8 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (0: epoch ends only).
         log_every: steps between metrics lines.
         seed: seeds model init, Gumbel noise and data order.
-        deterministic: torch.use_deterministic_algorithms (for exact resume checks).
+        deterministic: torch.use_deterministic_algorithms (for exact resume checks; on CUDA with a fixed cuBLAS
+            workspace, and an operation without a deterministic kernel warns rather than stops the run).
         init_2d: path of an ImageNet 2D ViT checkpoint (DeiT/timm layout) to inflate into all three models
             [G: None, random initialisation; the paper starts from an ImageNet ViT-S, which needs this file].
         progress: progress on rank 0 (a bar on a terminal, a line per epoch in a log).

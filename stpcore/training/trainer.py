@@ -68,6 +68,18 @@ class TrainingInterrupted(RuntimeError):
     """SIGTERM or SIGINT arrived; a checkpoint was written at the step boundary."""
 
 
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """TrainConfig.deterministic: torch's deterministic algorithms. On CUDA, cuBLAS needs a fixed workspace for them
+    (CUBLAS_WORKSPACE_CONFIG, set here unless given; it must be set before the process's first cuBLAS call, which
+    the trainer makes after this), else every matrix product raises; and an operation without a deterministic CUDA
+    kernel warns instead of stopping the run (on the CPU, where the exact-resume checks run, it raises)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
+
+
 class Trainer:
     """Runs phases 1 and 2 of STPrivacy training on a data source.
 
@@ -86,7 +98,7 @@ class Trainer:
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+            use_deterministic_algorithms(self.device)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)

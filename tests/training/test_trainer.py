@@ -889,3 +889,21 @@ def test_overwrite_removes_the_replaced_runs_candidates_and_selection(tmp_path):
     Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=1), _loader()).fit(overwrite=True)
     assert not (run / "candidates").exists() and not (run / "selection").exists()
     assert not (run / "selection.json").exists() and (run / "stprivacy.pt").is_file()
+
+
+def test_deterministic_mode_on_cuda_sets_the_cublas_workspace_and_warns_only(monkeypatch):
+    """On CUDA, use_deterministic_algorithms(True) alone makes every cuBLAS matrix product raise (no fixed
+    workspace) and stops the run at any op without a deterministic kernel; the CPU keeps the strict mode."""
+    from stpcore.training.trainer import use_deterministic_algorithms
+
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only=False: calls.append(
+        (mode, warn_only)))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_algorithms(torch.device("cpu"))
+    assert calls == [(True, False)] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    use_deterministic_algorithms(torch.device("cuda", 0))
+    assert calls[-1] == (True, True) and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own setting is kept
+    use_deterministic_algorithms(torch.device("cuda", 0))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
