@@ -199,8 +199,10 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
         dist.all_gather_object(positions, trainer.videos_in_epoch)
     replay_states = None
     if trainer.dist.world_size > 1 and trainer.cfg.privacy_replay:  # each rank replays its own past batches
-        replay_states = [None] * trainer.dist.world_size
-        dist.all_gather_object(replay_states, [{k: v.cpu() for k, v in e.items()} for e in trainer.replay])
+        # To rank 0 only, which writes them (an all-gather sent every rank's buffer to every rank: world x buffer
+        # on each, 39 MB a batch for vit_small at batch 32).
+        replay_states = [None] * trainer.dist.world_size if trainer.dist.main else None
+        dist.gather_object([{k: v.cpu() for k, v in e.items()} for e in trainer.replay], replay_states, dst=0)
     counts = trainer._data_counts() if hasattr(trainer.loader, "report") else None  # every rank: a collective
     if trainer.dist.main:
         state = state_dict(trainer, counts)
