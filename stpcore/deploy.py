@@ -54,14 +54,28 @@ METADATA = ("num_frames", "image_size", "tubelet", "keep_ratio", "kept_per_slot"
 CONFIG_KEY = "model_config"
 
 
+NOT_IN_GRAPH = ("keep_ratio", "tau", "attn_eps", "num_classes")  # per graph, training only, or the action head
+
+
 def forward_config(cfg) -> dict:
-    """The settings of an STPrivacyConfig that the exported graph bakes in besides its weights and geometry (every
-    field but the keep ratio, which the metadata holds per graph, and the training-only Gumbel temperature), as
-    JSON values."""
+    """The settings of an STPrivacyConfig that shape its eval forward besides its weights (every field but the keep
+    ratio, which the metadata holds per graph, the training-only Gumbel temperature and attention smoothing, and
+    the action head's class count), as JSON values."""
     import dataclasses
 
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("keep_ratio", "tau")}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_GRAPH}
     return json.loads(json.dumps(fields))
+
+
+def _forward_defaults() -> dict:
+    """forward_config's fields at their defaults: a field a graph's record lacks (exported before the field
+    existed) had its default then."""
+    import dataclasses
+
+    from stpcore.models import STPrivacyConfig
+
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(STPrivacyConfig)
+                                  if f.name not in NOT_IN_GRAPH and f.default is not dataclasses.MISSING}))
 
 
 class _VideoAndKeep(nn.Module):
@@ -331,8 +345,8 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
                          f"with those weights, not this model's. Export the graph again from this model's checkpoint: "
                          f"stpcore export CHECKPOINT {path}")
     if settings is not None and CONFIG_KEY in meta:
-        differ = {k: (meta[CONFIG_KEY].get(k), v) for k, v in json.loads(json.dumps(settings)).items()
-                  if meta[CONFIG_KEY].get(k) != v}
+        there = {**_forward_defaults(), **meta[CONFIG_KEY]}
+        differ = {k: (there.get(k), v) for k, v in json.loads(json.dumps(settings)).items() if there.get(k) != v}
         if differ:
             raise ValueError(f"{path}: the graph was exported from a model with other settings than the model here "
                              f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in sorted(differ.items()))}); "

@@ -91,7 +91,9 @@ class VideoWriter:
     first frame, as :func:`read_timed_frames` reads them), so a variable-frame-rate source (phones record so)
     keeps its timing. A writer whose first write gives times stores them to 1/90000 s (H.264, VP9); MPEG-4 in AVI
     has a fixed frame period, and its times are rounded to multiples of ``1 / fps``. Times are made strictly
-    increasing (a frame at or before the previous one's time is shown one tick after it); frames written
+    increasing (a frame at or before the previous one's time is shown one tick after it: 1/90000 s, 1 ms in WebM,
+    whose container keeps milliseconds, one period in AVI, where frames that come faster than ``fps`` are therefore
+    pushed later, more and more while they do: give MPEG-4 at least the source's highest rate); frames written
     without times follow the previous one by ``1 / fps``. ``fps`` is also the rate the file declares.
 
     4:2:0 chroma needs even sizes, so an odd height or width is padded by one row or column at the bottom or
@@ -129,6 +131,7 @@ class VideoWriter:
         self._time_base = Fraction(1, 90000) if timed and self.codec != "mpeg4" else 1 / rate
         self._stream.codec_context.time_base = self._time_base
         self._period = 1 / (rate * self._time_base)  # ticks per frame at fps
+        self._tick = 90 if timed and self.codec == "vp9" else 1  # the least step: WebM stores milliseconds
         self.size = (width + width % 2, height + height % 2)  # 4:2:0 needs even sizes
         self._stream.width, self._stream.height = self.size
         self._stream.pix_fmt = pix_fmt
@@ -165,7 +168,7 @@ class VideoWriter:
         for i, frame in enumerate(frames):
             picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
             step = self._pts + max(1, round(self._period))  # 1 / fps after the previous frame
-            self._pts = step if times is None else max(self._pts + 1, round(times[i] / self._time_base))
+            self._pts = step if times is None else max(self._pts + self._tick, round(times[i] / self._time_base))
             picture.pts, picture.time_base = self._pts, self._time_base
             for packet in self._stream.encode(picture):
                 self._container.mux(packet)
@@ -258,7 +261,10 @@ def read_frames(path: str | os.PathLike):
 
 def read_timed_frames(path: str | os.PathLike):
     """:func:`read_frames` with each frame's presentation time: yields (uint8 (H, W, 3) RGB, seconds from the first
-    frame). A frame the file gives no time follows the previous one by one period of the stream's average rate."""
+    frame), always increasing. A frame the file gives no time, or a time at or before the previous frame's (files
+    joined end to end, a camera whose clock restarted, a wrapped MPEG-TS clock), follows the previous one by one
+    period of the stream's average rate, and the frames after it keep their spacing from there. A jump forward is
+    kept (a recording paused, a motion-triggered camera)."""
     with open_video(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
@@ -273,7 +279,7 @@ def read_timed_frames(path: str | os.PathLike):
             if frame.time is None:
                 last = step
             else:
-                if origin is None:
+                if origin is None or frame.time - origin <= last:  # the first time, or the clock went back
                     origin = frame.time - step
                 last = frame.time - origin
             yield upright_rgb(frame, sar), last

@@ -265,15 +265,45 @@ def test_video_writer_keeps_given_times(tmp_path, codec, tolerance):
     assert np.abs(_times(tmp_path / f"even{suffix}") - VFR_TIMES).max() > 0.4
 
 
-def test_video_writer_times_made_increasing_and_checked(tmp_path):
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_video_writer_times_made_increasing_and_checked(tmp_path, codec):
+    """Also in WebM, whose container keeps milliseconds (a one-tick step, 1/90000 s, vanished there)."""
     frames = np.zeros((4, 16, 16, 3), dtype=np.uint8)
-    with media.VideoWriter(tmp_path / "a.mp4", fps=10) as writer:
+    suffix = media.CODECS[codec][1]
+    with media.VideoWriter(tmp_path / f"a{suffix}", fps=10, codec=codec) as writer:
         writer.write(frames, times=[0.0, 0.1, 0.1, 0.05])  # a repeated and a backwards time (a damaged source)
         writer.write(frames[:1])  # no time: 1 / fps after the previous frame
-    times = _times(tmp_path / "a.mp4")
+    times = _times(tmp_path / f"a{suffix}")
     assert len(times) == 5 and (np.diff(times) > 0).all()
-    np.testing.assert_allclose(times[[0, 1, 4]], [0.0, 0.1, 0.2], atol=1e-3)
+    np.testing.assert_allclose(times[[0, 1]], [0.0, 0.1], atol=1.5e-3)
+    np.testing.assert_allclose(times[4] - times[3], 0.1, atol=1.5e-3)  # 1 / fps after the previous frame
     with pytest.raises(ValueError, match="times must be 4 finite numbers"):
         with media.VideoWriter(tmp_path / "b.mp4", fps=10) as writer:
             writer.write(frames, times=[0.0, 0.1, float("nan"), 0.3])
     assert not (tmp_path / "b.mp4").exists()
+
+
+def test_read_timed_frames_continues_across_a_clock_that_goes_back(tmp_path):
+    """Two MPEG-TS recordings joined end to end (`cat a.ts b.ts`, as a camera's clock restart also looks): the
+    second's times start again at 0. They continue one period after the last frame (the writer put every later frame
+    one tick after the last: 50 frames in half a millisecond)."""
+    parts = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.ts"
+        with av.open(str(path), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+            for i in range(10):
+                frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 20 * i, dtype=np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        parts.append(path.read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(parts))
+    raw = _times(joined)
+    assert (np.diff(raw) < 0).any()  # the file's own clock goes back
+    times = np.array([t for _, t in media.read_timed_frames(joined)])
+    assert len(times) == 20
+    np.testing.assert_allclose(times, np.arange(20) / 25, atol=2e-3)
