@@ -34,13 +34,18 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     xty = torch.zeros(dim + 1, pixels, dtype=torch.float64, device=device)
     captured: list[torch.Tensor] = []
     seen, stopped = 0, False
+    error: ValueError | None = None
     hook = model.norm_recon.register_forward_hook(lambda mod, args, out: captured.append(out))
     model.eval()
     try:
         with torch.no_grad(), autocast(device, amp):
             for batch in loader:
                 clips = batch.clips.to(device)
-                check_finite(clips, name="video")  # the model's own check is off in training (Trainer._clips)
+                try:
+                    check_finite(clips, name="video")  # the model's own check is off in training (Trainer._clips)
+                except ValueError as exc:  # stop reading; the ranks agree below, after their loops
+                    error = exc
+                    break
                 seen += clips.shape[0]
                 captured.clear()
                 out = model(clips)
@@ -56,7 +61,11 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     finally:
         hook.remove()
         model.train()
-    if any_rank(info, device, stopped)[0]:  # every rank, after its loop: one that stopped early waits here
+    failed, stopped = any_rank(info, device, error is not None, stopped)  # every rank, after its loop
+    if failed:  # on every rank (it raised on one alone, and the others waited in the sums below)
+        raise error or ValueError("decoder_init='lstsq': another rank read a clip with NaN or Inf values; its "
+                                  "message names the video")
+    if stopped:
         raise PassStopped("the lstsq decoder fit")
     if info.world_size > 1:
         dist.all_reduce(xtx)

@@ -8,8 +8,10 @@ has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, aft
 gradients are not averaged: the control that shows the ranks' data differ enough to tell), "adversaries" (issue
 16's phase-2 options on: two ViT adversaries, the statistics adversary, replay, two adversary steps, noise, colour
 spread), "report" (both ranks count a missing split entry at the start, rank 1 an unreadable video per
-epoch), "nullspace" (privacy_nullspace=2 at the end of phase 2; each rank also fits the probes on planted features
-of its own and on both ranks' together, alone: "nullspace_matches_single" says whether the two-rank fit equals it).
+epoch), "lstsq_inf_on_rank1" / "lstsq_signal_on_rank1" (decoder_init="lstsq": rank 1 reads an Inf clip, or gets
+SIGTERM, during the decoder fit's pass), "nullspace" (privacy_nullspace=2 at the end of phase 2; each rank also
+fits the probes on planted features of its own and on both ranks' together, alone: "nullspace_matches_single" says
+whether the two-rank fit equals it).
 Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
 (clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
 "final": {name: tensor}}, the parameters of every model before and after fit().
@@ -47,6 +49,9 @@ class _Loader(RandomClipLoader):
                 return
             if self.rank == 1 and self.scenario == "nan_on_rank1" and i == 1:
                 batch.clips *= 1e30  # finite input that overflows inside the model
+            fitting = self.trainer.phase == "phase2" and self.trainer.step_in_epoch == 0  # the lstsq fit's pass
+            if self.rank == 1 and self.scenario == "lstsq_inf_on_rank1" and fitting and i == 1:
+                batch.clips[0, 0, 0, 0, 0] = float("inf")
             if self.scenario == "report" and self.rank == 1 and i == 0:
                 self._report.add("unreadable", f"class/bad{self.epoch}.avi")
             self.clip_sums.append(batch.clips.double().sum().item())
@@ -54,6 +59,8 @@ class _Loader(RandomClipLoader):
             yield batch
             if self.rank == 1 and self.scenario == "signal_on_rank1" and i == 1 and self.trainer.epoch == 0:
                 self.trainer._stop_signal = 15  # what the SIGTERM handler does, on this rank only
+            if self.rank == 1 and self.scenario == "lstsq_signal_on_rank1" and fitting and i == 0:
+                self.trainer._stop_signal = 15
 
 
 def _parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -94,6 +101,8 @@ def main() -> None:
                    adversary_noise=0.1, colour_spread_weight=1.0) if scenario == "adversaries" else {}
     if scenario == "nullspace":
         options = dict(privacy_nullspace=2)
+    if scenario.startswith("lstsq_"):
+        options = dict(decoder_init="lstsq")
     cfg = TrainConfig(data_root="unused", out_dir=str(out / "run"), preset="tiny", batch_size=2, phase1_epochs=1,
                       phase2_epochs=1, progress=False, checkpoint_every=0, base_lr=0.2, warmup_epochs=0.5, **options)
     loader = _Loader(scenario, rank)
@@ -110,6 +119,8 @@ def main() -> None:
         result = {"outcome": "diverged", "message": str(exc)}
     except TrainingInterrupted as exc:
         result = {"outcome": "interrupted", "message": str(exc)}
+    except ValueError as exc:  # bad data, raised on every rank
+        result = {"outcome": "error", "message": str(exc)}
     result["steps"] = trainer.global_step
     result["clip_sums"] = loader.clip_sums
     if scenario == "adversaries":  # a resume restores this rank's own replay buffer, not rank 0's

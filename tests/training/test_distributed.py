@@ -48,6 +48,22 @@ def test_nan_on_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert list((tmp_path / "run").glob("diverged-step*.pt"))
 
 
+def test_an_inf_clip_in_the_lstsq_fit_on_one_rank_stops_both(tmp_path):
+    """The fit's pass raised on the rank that read it, and the other waited in the fit's sums forever."""
+    results = _run("lstsq_inf_on_rank1", tmp_path)
+    assert [r["outcome"] for r in results] == ["error", "error"]
+    assert "another rank read a clip with NaN or Inf" in results[0]["message"]
+    assert "video contains NaN or Inf values" in results[1]["message"]
+
+
+def test_a_signal_during_the_lstsq_fit_on_one_rank_stops_both(tmp_path):
+    results = _run("lstsq_signal_on_rank1", tmp_path)
+    assert [r["outcome"] for r in results] == ["interrupted", "interrupted"]
+    assert "signal on another rank during the lstsq decoder fit" in results[0]["message"]
+    assert "signal 15 during the lstsq decoder fit" in results[1]["message"]
+    assert results[0]["steps"] == results[1]["steps"] == 3  # phase 1 only: no phase-2 step ran
+
+
 def test_a_shorter_shard_ends_the_epoch_for_both(tmp_path):
     results = _run("short_rank1", tmp_path)
     assert [r["outcome"] for r in results] == ["finished", "finished"]
