@@ -325,7 +325,8 @@ class ClipAnonymizer:
     def numerics(self) -> dict:
         """What decides this anonymizer's arithmetic besides the weights (anonymize's records keep it, so a resume
         with another precision or runtime is not taken for the same run): runtime, precision, device type, and
-        whether a clip's result depends on the other clips of its batch. Dynamic int8 (PyTorch's, ONNX Runtime's)
+        whether a clip's result depends on the other clips of its batch (and "compiled" for torch.compile). Dynamic
+        int8 (PyTorch's, ONNX Runtime's)
         quantizes each layer's input with one scale over the whole batch, so the batch size, and which clips share
         a batch, move its results slightly; OpenVINO int8 is calibrated on ``calibration``, else on the first batch
         it is given."""
@@ -333,6 +334,9 @@ class ClipAnonymizer:
         batch_dependent = precision == "int8" and self.runtime != "openvino"
         return {"runtime": self.runtime, "precision": precision, "device": self.device.type,
                 "batch_dependent": batch_dependent,
+                # Inductor's code rounds otherwise than eager (compiled int8 keeps 98.4% of eager int8's decisions:
+                # BENCHMARKS.md); said only when compiled, so the records of eager runs stay as they were.
+                **({"compiled": True} if self.compiled else {}),
                 **({"calibrated_on": "calibration" if self._calibration is not None else "first batch"}
                    if self.runtime == "openvino" and precision == "int8" else {})}
 

@@ -301,6 +301,9 @@ def test_numerics_say_when_a_clips_result_depends_on_its_batch():
     fp32 = ClipAnonymizer(model, precision="fp32")
     assert fp32.numerics == {"runtime": "torch", "precision": "fp32", "device": "cpu", "batch_dependent": False}
     assert torch.equal(fp32(x).video[0], fp32(beside).video[0])
+    # A compiled anonymizer says so (anonymize's --skip-existing took its outputs for eager ones); eager records
+    # are as before.
+    assert ClipAnonymizer(model, precision="fp32", compile=True).numerics == {**fp32.numerics, "compiled": True}
     if int8_unavailable_reason() is not None:
         pytest.skip(int8_unavailable_reason())
     int8 = ClipAnonymizer(model, precision="int8")
