@@ -414,7 +414,7 @@ class Trainer:
         the saved run had read to (``videos_in_epoch``: exact even after unreadable videos), or, for a checkpoint
         that does not say, ``skip`` whole batches in; the finished batches are not decoded again. Any other loader
         is read from the start and its first ``skip`` batches are dropped."""
-        self.loader.set_epoch(self.epoch)
+        self.loader.set_epoch(self._data_epoch())
         if skip and hasattr(self.loader, "start_at"):
             if self.videos_in_epoch is not None:
                 self.loader.start_at(video=self.videos_in_epoch)
@@ -576,9 +576,15 @@ class Trainer:
                 f"signal {self._stop_signal or 'on another rank'} during {e}: checkpoint written to {path} (from "
                 f"before it; the resume does it again); continue with the same command and --resume {path}") from None
 
+    def _data_epoch(self) -> int:
+        """The loader's epoch (its order and random crops) for this phase's epoch: counted over the whole run, so phase
+        2 reads new orders and crops rather than phase 1's again, epoch by epoch (it did, up to 2026-12-07)."""
+        return self.epoch + (self.cfg.phase1_epochs if self.phase == "phase2" else 0)
+
     def _fit_decoder(self) -> None:
-        """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py)."""
-        self.loader.set_epoch(self.epoch)
+        """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py), on the
+        data of phase 2's first epoch."""
+        self.loader.set_epoch(self._data_epoch())
         seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
                            stop=lambda: self._stop_signal is not None)
         if seen and self.dist.main:
@@ -586,10 +592,11 @@ class Trainer:
 
     def _project_privacy_out(self) -> None:
         """privacy_nullspace: project the privacy probes' directions out of the reconstruction head (nullspace.py).
-        The passes over the data use the epochs after phase 2's, so their crops are not the last epoch's."""
+        The passes over the data use the epochs after phase 2's, so their crops are none of training's."""
         start = time.perf_counter()
+        first = self.cfg.phase1_epochs + self.cfg.phase2_epochs
         record = project_privacy_out(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
-                                     self.cfg.privacy_nullspace, first_epoch=self.cfg.phase2_epochs,
+                                     self.cfg.privacy_nullspace, first_epoch=first,
                                      stop=lambda: self._stop_signal is not None)
         self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy nullspace projected",
                    "rounds": self.cfg.privacy_nullspace, **record, "seconds": round(time.perf_counter() - start, 2)})

@@ -907,3 +907,25 @@ def test_deterministic_mode_on_cuda_sets_the_cublas_workspace_and_warns_only(mon
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own setting is kept
     use_deterministic_algorithms(torch.device("cuda", 0))
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+class _EpochLog(RandomClipLoader):
+    """Records every set_epoch call (the epoch decides the loader's order and random crops)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+        super().set_epoch(epoch)
+
+
+def test_phase2_reads_new_orders_and_crops_not_phase1s_again(tmp_path):
+    """The loader's epoch counts over the whole run: phase 2's epochs (and the decoder fit before them) follow phase
+    1's, and the nullspace passes follow phase 2's. Phase 2 restarted at epoch 0, so each of its epochs replayed
+    the order and crops of the phase-1 epoch of the same number."""
+    loader = _EpochLog(num_batches=3, batch_size=4, num_frames=8, size=32)
+    Trainer(_cfg(tmp_path, phase1_epochs=2, phase2_epochs=2, decoder_init="lstsq", privacy_nullspace=1),
+            loader).fit()
+    assert loader.epochs == [0, 1, 2, 2, 3, 4, 5]  # phase 1; the fit; phase 2; the two nullspace passes
