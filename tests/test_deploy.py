@@ -523,7 +523,7 @@ def test_an_export_that_fails_its_check_writes_nothing(trained_tiny, tmp_path, m
 
 def test_the_export_check_admits_a_rare_flipped_two_level_pixel(trained_tiny, tmp_path, monkeypatch):
     """With binary_output a pixel whose channel mean is within rounding of 0 takes the other level in one runtime (a
-    difference of 2; about one in a million pixels of random clips): the check counts the values beyond the
+    difference of 2; rare, but a vit_small check compares millions of values): the check counts the values beyond the
     tolerance instead of taking the largest difference, which refused such sound graphs."""
     from stpcore import deploy
     from stpcore.models import load_anonymizer
