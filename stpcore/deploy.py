@@ -49,11 +49,9 @@ DEPLOY_EXTRA = "pip install 'stpcore[deploy]' (onnx, onnxscript, onnxruntime, op
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
 WEIGHTS_KEY = "weights_sha256"  # the fingerprint of the exported weights (weights_fingerprint)
 METADATA = ("num_frames", "image_size", "tubelet", "keep_ratio", "kept_per_slot", WEIGHTS_KEY)  # stpcore.<key>
-# The model's settings that shape its eval forward beyond its weights (output options, pruning stages): graphs
-# exported before 0.1.0's last change lack it, and are checked by geometry and weights alone.
+# The model's settings that shape its eval forward beyond its weights (output options, pruning stages); graphs
+# exported before it was recorded lack it and are checked by geometry and weights alone.
 CONFIG_KEY = "model_config"
-
-
 NOT_IN_GRAPH = ("keep_ratio", "tau", "attn_eps", "num_classes")  # per graph, training only, or the action head
 
 
@@ -70,12 +68,9 @@ def forward_config(cfg) -> dict:
 def _forward_defaults() -> dict:
     """forward_config's fields at their defaults: a field a graph's record lacks (exported before the field
     existed) had its default then."""
-    import dataclasses
-
     from stpcore.models import STPrivacyConfig
 
-    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(STPrivacyConfig)
-                                  if f.name not in NOT_IN_GRAPH and f.default is not dataclasses.MISSING}))
+    return forward_config(STPrivacyConfig())
 
 
 class _VideoAndKeep(nn.Module):
@@ -331,7 +326,7 @@ def read_onnx(path: str | os.PathLike, expect: dict | None = None) -> dict:
     if set(props) - {CONFIG_KEY} == set(METADATA) - {WEIGHTS_KEY} and ours:
         raise ValueError(f"{path}: exported by an older stpcore, without the fingerprint of the weights it holds, so "
                          f"it cannot be checked against a model; export it again (stpcore export CHECKPOINT {path})")
-    if set(props) - {CONFIG_KEY} != set(METADATA) or inputs != ["clips"] or outputs != ["video", "keep"]:
+    if set(props) - {CONFIG_KEY} != set(METADATA) or not ours:
         raise ValueError(f"{path}: not a graph written by stpcore export (inputs {inputs}, outputs {outputs}, "
                          f"stpcore metadata {sorted(props)}); export it with stpcore export")
     try:

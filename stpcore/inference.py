@@ -326,10 +326,9 @@ class ClipAnonymizer:
         """What decides this anonymizer's arithmetic besides the weights (anonymize's records keep it, so a resume
         with another precision or runtime is not taken for the same run): runtime, precision, device type, and
         whether a clip's result depends on the other clips of its batch (and "compiled" for torch.compile). Dynamic
-        int8 (PyTorch's, ONNX Runtime's)
-        quantizes each layer's input with one scale over the whole batch, so the batch size, and which clips share
-        a batch, move its results slightly; OpenVINO int8 is calibrated on ``calibration``, else on the first batch
-        it is given."""
+        int8 (PyTorch's, ONNX Runtime's) quantizes each layer's input with one scale over the whole batch, so the
+        batch size, and which clips share a batch, move its results slightly; OpenVINO int8 is calibrated on
+        ``calibration``, else on the first batch it is given."""
         precision = self.precision if self.runtime == "torch" else self.runtime_precision
         batch_dependent = precision == "int8" and self.runtime != "openvino"
         return {"runtime": self.runtime, "precision": precision, "device": self.device.type,

@@ -130,7 +130,7 @@ class VideoWriter:
         # allows at most 65535 ticks a second, and AVI has one frame period: times are rounded to it there).
         self._time_base = Fraction(1, 90000) if timed and self.codec != "mpeg4" else 1 / rate
         self._stream.codec_context.time_base = self._time_base
-        self._period = 1 / (rate * self._time_base)  # ticks per frame at fps
+        self._step = max(1, round(1 / (rate * self._time_base)))  # ticks per frame at fps
         self._tick = 90 if timed and self.codec == "vp9" else 1  # the least step: WebM stores milliseconds
         self.size = (width + width % 2, height + height % 2)  # 4:2:0 needs even sizes
         self._stream.width, self._stream.height = self.size
@@ -167,8 +167,10 @@ class VideoWriter:
             frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
         for i, frame in enumerate(frames):
             picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            step = self._pts + max(1, round(self._period))  # 1 / fps after the previous frame
-            self._pts = step if times is None else max(self._pts + self._tick, round(times[i] / self._time_base))
+            if times is None:  # 1 / fps after the previous frame
+                self._pts += self._step
+            else:
+                self._pts = max(self._pts + self._tick, round(times[i] / self._time_base))
             picture.pts, picture.time_base = self._pts, self._time_base
             for packet in self._stream.encode(picture):
                 self._container.mux(packet)

@@ -214,7 +214,7 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
     of ``loader`` (a clip loader, as ``Trainer`` takes; epochs ``first_epoch``, ``first_epoch + 1``, ...: the random
     crops differ between passes), labelled with its video's privacy attributes; videos without privacy labels are
     left out. Rows are in loader order, a video's kept tokens together. ``info``: the ranks (one process when None),
-    which agree on a bad clip. ``stop``: a callable checked after each batch; when it is true on any rank, the passes
+    which agree on a bad clip. ``stop``: a callable checked before each batch; when it is true on any rank, the passes
     end and :class:`~stpcore.training.distributed.PassStopped` is raised on every rank.
 
     Returns:
@@ -264,11 +264,11 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
         hook.remove()
         model.train(was_training)
     failed, stopped = any_rank(info or DistInfo(), device, error is not None, stopped)
-    if stopped and not failed:
-        raise PassStopped("the privacy-nullspace passes")
     if failed:
         raise error or ValueError("privacy_nullspace: another rank read a clip with NaN or Inf values; its message "
                                   "names the video")
+    if stopped:
+        raise PassStopped("the privacy-nullspace passes")
     if not features:
         dim = model.cfg.embed_dim
         return (torch.zeros(0, dim, device=device), torch.zeros(0, len(PRIVACY_ATTRIBUTES), device=device), 0)

@@ -576,17 +576,20 @@ class Trainer:
                 f"signal {self._stop_signal or 'on another rank'} during {e}: checkpoint written to {path} (from "
                 f"before it; the resume does it again); continue with the same command and --resume {path}") from None
 
+    def _signalled(self) -> bool:
+        """Whether SIGTERM or SIGINT reached this rank (the data passes' ``stop``)."""
+        return self._stop_signal is not None
+
     def _data_epoch(self) -> int:
         """The loader's epoch (its order and random crops) for this phase's epoch: counted over the whole run, so phase
-        2 reads new orders and crops rather than phase 1's again, epoch by epoch (it did, up to 2026-12-07)."""
+        2 reads new orders and crops rather than phase 1's again."""
         return self.epoch + (self.cfg.phase1_epochs if self.phase == "phase2" else 0)
 
     def _fit_decoder(self) -> None:
         """decoder_init="lstsq": the reconstruction head as the ridge decoder of the kept tokens (phase2.py), on the
         data of phase 2's first epoch."""
         self.loader.set_epoch(self._data_epoch())
-        seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
-                           stop=lambda: self._stop_signal is not None)
+        seen = fit_decoder(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist, stop=self._signalled)
         if seen and self.dist.main:
             self._log({"phase": "phase2", "epoch": self.epoch, "event": "decoder fitted (lstsq)", "clips": seen})
 
@@ -596,8 +599,7 @@ class Trainer:
         start = time.perf_counter()
         first = self.cfg.phase1_epochs + self.cfg.phase2_epochs
         record = project_privacy_out(self.anonymizer, self.loader, self.device, self.cfg.amp, self.dist,
-                                     self.cfg.privacy_nullspace, first_epoch=first,
-                                     stop=lambda: self._stop_signal is not None)
+                                     self.cfg.privacy_nullspace, first_epoch=first, stop=self._signalled)
         self._log({"phase": "phase2", "epoch": self.epoch, "event": "privacy nullspace projected",
                    "rounds": self.cfg.privacy_nullspace, **record, "seconds": round(time.perf_counter() - start, 2)})
 
