@@ -21,10 +21,12 @@ end or for its loss to be declared (``timeout``); the report gives that wait apa
 Output: ``<name>.NNNNN.mp4`` segment files of about ``segment_seconds`` each (whole chunks), each written to a
 temporary name and renamed when complete, so a finished segment is always intact; and ``<name>.segments.jsonl``,
 one line per finished segment (file, frames, size, frame rate, first input frame, input frames dropped before it,
-``runs``: the input frames it holds as [first, count] runs, wall times). A change of frame size or of frame rate
-(measured per chunk from the median interval of the frames' timestamps, more than 25% away from the current rate)
-ends the segment and starts the next one at the new size or rate. A segment's frames are written back to back:
-where compute fell behind and chunks were dropped, its ``runs`` show the gaps (in the input's frame count).
+``runs``: the input frames it holds as [first, count] runs, ``seconds``: its span, wall times). A change of frame
+size or of frame rate (measured per chunk from the median interval of the frames' timestamps, more than 25% away from
+the current rate) ends the segment and starts the next one at the new size or rate. A segment's frames keep their
+source times (from its first frame; :func:`frame_times`), so a variable-rate camera does not drift within a segment
+and where compute fell behind and chunks were dropped, the frame before the gap is shown for its span (``runs``
+gives the gaps in the input's frame count). Segments end after about ``segment_seconds`` of that time.
 
 Ending: at the end of the stream, on stream loss (a read error, or nothing for ``timeout`` seconds), or when
 ``stop`` is set (the CLI sets it on SIGTERM and Ctrl-C), the last partial chunk is anonymized (padded as for files;
@@ -69,6 +71,7 @@ from stpcore.data.sampling import resized_size
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
 HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
+STALL = 2.0  # seconds: two frames' source times further apart than their index span plus this are a discontinuity
 RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a plain file name: segments stay in the folder
 
@@ -157,6 +160,7 @@ class _Chunk:
     frames: list[np.ndarray]
     arrivals: list[float]  # time.monotonic() of each frame's arrival
     fps: float
+    times: list[float | None] = field(default_factory=list)  # each real frame's source time (seconds), if it has one
     real: int = 0  # frames from the input (the rest repeat the last one)
     last: bool = False  # the partial chunk left when the stream ended or was lost
     posted: float = 0.0  # time.monotonic() when the reader handed it over
@@ -317,7 +321,7 @@ class _Reader(threading.Thread):
         real = len(frames)
         fps = self._rate(times)
         frames = frames + [frames[-1]] * (self.chunk_len - real)  # padded as for files; the padding is not written
-        return _Chunk(first, frames, arrivals, fps, real)
+        return _Chunk(first, frames, arrivals, fps, list(times), real)
 
     def _post_end(self) -> None:
         while not self.consumer_gone.is_set():  # the end marker must not drop a waiting chunk: wait for it to go
@@ -449,7 +453,7 @@ def anonymize_stream(
             frames = result.frames[: chunk.real]
             if output_size == "source":
                 frames = to_source_size(frames, result.visible[: chunk.real], *stack.shape[1:3])
-            if writer is not None and segment["frames"] >= segment_seconds * segment["fps"]:
+            if writer is not None and segment["seconds"] >= segment_seconds:
                 writer = _close(writer, segment, report, index_path)
             if writer is None:
                 path = out_dir / f"{name}.{first_number + len(report.segments):05d}.mp4"
@@ -457,8 +461,11 @@ def anonymize_stream(
                 segment.clear()
                 segment.update(path=path, fps=chunk.fps, frames=0, first_frame=chunk.first,
                                dropped_before=chunk.dropped_before, runs=[], opened=time.time(),
-                               size=[int(frames.shape[2]), int(frames.shape[1])])
-            writer.write(np.ascontiguousarray(frames))
+                               size=[int(frames.shape[2]), int(frames.shape[1])], seconds=0.0, clock=None)
+            times, segment["clock"] = frame_times(segment["clock"], chunk.first, chunk.times[: chunk.real],
+                                                  segment["fps"])
+            writer.write(np.ascontiguousarray(frames), times=times)
+            segment["seconds"] = times[-1] + 1.0 / segment["fps"]  # the segment's span so far
             segment["size"] = list(writer.size)  # as encoded: an odd size is rounded up to even (edge pixels)
             runs = segment["runs"]  # the input frames this segment holds, as [first, count] runs
             if runs and runs[-1][0] + runs[-1][1] == chunk.first:
@@ -497,6 +504,39 @@ def anonymize_stream(
     return report
 
 
+def frame_times(clock: tuple[int, float | None, float] | None, first: int, times: list[float | None],
+                fps: float) -> tuple[list[float], tuple[int, float | None, float]]:
+    """Where a chunk's frames go in their segment (seconds from its first frame), from their source times, so that a
+    variable-rate camera keeps its timing and the span of a dropped chunk stays a gap (the last frame shown on).
+
+    Args:
+        clock: (input index, source time, segment time) of the segment's last frame written; None for a new segment
+            (its first frame is at 0).
+        first: the input index of the chunk's first frame.
+        times: each frame's source time in seconds (None where the source gives none).
+        fps: the segment's frame rate.
+    Returns:
+        the frames' times in the segment, and the clock after the last of them.
+
+    A frame follows the previous one by their source times' difference (a camera's stall is kept, up to ``STALL``
+    seconds beyond the span their input indices give at ``fps``); where that is missing, not positive, or longer (a
+    clock step, a reconnect, a timestamp wrap), by that span instead.
+    """
+    out = []
+    for i, t in enumerate(times):
+        index = first + i
+        if clock is None:
+            at = 0.0
+        else:
+            last_index, last_t, last_at = clock
+            span = (index - last_index) / fps
+            gap = t - last_t if t is not None and last_t is not None else None
+            at = last_at + (gap if gap is not None and 0 < gap <= span + STALL else span)
+        out.append(at)
+        clock = (index, t, at)
+    return out, clock
+
+
 def _close(writer, segment: dict, report: StreamReport, index_path: Path):
     """Close the open segment (renamed into place, complete) and append its line to the index; returns None."""
     if writer is None:
@@ -505,7 +545,8 @@ def _close(writer, segment: dict, report: StreamReport, index_path: Path):
     report.segments.append(segment["path"])
     line = {"file": segment["path"].name, "frames": segment["frames"], "size": segment["size"], "fps": segment["fps"],
             "first_frame": segment["first_frame"], "dropped_before": segment["dropped_before"],
-            "runs": segment["runs"], "opened": segment["opened"], "closed": time.time()}
+            "runs": segment["runs"], "seconds": round(segment["seconds"], 6), "opened": segment["opened"],
+            "closed": time.time()}
     with open(index_path, "a") as f:
         f.write(json.dumps(line) + "\n")
         f.flush()

@@ -40,15 +40,22 @@ def _frames(n: int, width: int = 96, height: int = 72, seed: int = 0) -> np.ndar
     return frames
 
 
-def _mux_ts(target, frames: np.ndarray, fps: int, real_time: bool = False) -> None:
+def _mux_ts(target, frames: np.ndarray, fps: int, real_time: bool = False, times=None) -> None:
     """Encode the frames as MPEG-TS (MPEG-4 part 2) into ``target`` (a file object or a URL); with ``real_time``,
-    one frame every 1 / fps seconds."""
+    one frame every 1 / fps seconds; with ``times``, each frame at its own time (seconds, to the millisecond)."""
+    from fractions import Fraction
+
     with av.open(target, "w", format="mpegts") as out:
         stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"qscale": "3"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 out.mux(packet)
             if real_time:
                 time.sleep(1 / fps)
@@ -56,10 +63,10 @@ def _mux_ts(target, frames: np.ndarray, fps: int, real_time: bool = False) -> No
             out.mux(packet)
 
 
-def _ts(frames: np.ndarray, fps: int = 25) -> bytes:
-    """MPEG-TS bytes (MPEG-4 part 2) of the frames."""
+def _ts(frames: np.ndarray, fps: int = 25, times=None) -> bytes:
+    """MPEG-TS bytes (MPEG-4 part 2) of the frames (at ``times``, seconds, if given)."""
     buf = io.BytesIO()
-    _mux_ts(buf, frames, fps)
+    _mux_ts(buf, frames, fps, times=times)
     return buf.getvalue()
 
 
@@ -96,6 +103,11 @@ class _Slow:
         return self.inner(clips, **kw)
 
 
+def _decoded_times(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.array([float(f.time) for f in c.decode(video=0)])
+
+
 def _segments_ok(out: Path, report, name="stream") -> int:
     """Every segment listed is a complete, decodable file with the frames its index line gives; returns their sum."""
     lines = [json.loads(x) for x in (out / f"{name}.segments.jsonl").read_text().splitlines()]
@@ -111,6 +123,11 @@ def _segments_ok(out: Path, report, name="stream") -> int:
         runs = line["runs"]
         assert runs[0][0] == line["first_frame"] and sum(n for _, n in runs) == line["frames"], line
         assert all(a[0] + a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False)), line
+        # Frames keep their input times: at 1 / fps per input frame from the segment's first (these sources keep an
+        # even rate), so the span of a dropped chunk is a gap, not squeezed out.
+        shown = np.concatenate([np.arange(a, a + n) for a, n in runs]) - line["first_frame"]
+        np.testing.assert_allclose(_decoded_times(out / line["file"]), shown / line["fps"], atol=2e-3, err_msg=line)
+        assert line["seconds"] == pytest.approx((shown[-1] + 1) / line["fps"], abs=2e-3), line
         total += got
     # Frames dropped before a segment: exactly the input frames before it that no earlier segment holds.
     held = 0
@@ -259,6 +276,42 @@ def test_a_size_change_midway_starts_a_new_segment(anonymizer, tmp_path):
     assert [(line["first_frame"], line["frames"]) for line in lines] == [(0, 20), (20, 20)]
     assert lines[0]["size"] != lines[1]["size"]
     assert report.frames_dropped == 0 and report.frames_out == report.frames_in == 40
+
+
+# A camera whose frames come 40 ms apart but stall for 200 ms once in every 8 (the median interval, and so the
+# measured rate, stays 25 fps): written back to back at 25 fps, the segment fell 0.16 s further behind every chunk.
+STALLED = np.cumsum([0.0] + [0.2 if i % 8 == 5 else 0.04 for i in range(39)])
+
+
+def test_a_variable_rate_camera_keeps_its_frame_times(anonymizer, tmp_path):
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "cam.ts").write_bytes(_ts(_frames(40), times=STALLED))
+    server = _serve_http(tmp_path / "www")
+    try:
+        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", tmp_path / "out", anonymizer,
+                                  timeout=5, drop=False)
+    finally:
+        server.shutdown()
+    assert report.frames_out == 40 and len(report.segments) == 1 and not report.changes
+    np.testing.assert_allclose(_decoded_times(report.segments[0]), STALLED, atol=2e-3)
+    (line,) = [json.loads(x) for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    assert line["fps"] == 25.0 and line["seconds"] == pytest.approx(STALLED[-1] + 0.04, abs=1e-6)
+
+
+def test_frame_times_follow_the_source_and_bridge_its_discontinuities():
+    from stpcore.stream import frame_times
+
+    times, clock = frame_times(None, 100, [5.0, 5.04, 5.09], fps=25)  # a new segment starts at 0
+    assert times == pytest.approx([0.0, 0.04, 0.09]) and clock == (102, 5.09, pytest.approx(0.09))
+    # The next chunk after a dropped one (input frames 103-110): its first frame 9 input periods on.
+    times, clock = frame_times(clock, 111, [5.45, 5.49], fps=25)
+    assert times == pytest.approx([0.45, 0.49])
+    # A clock step (+10 s), a time that goes back, and a missing one: each follows by its index span instead.
+    times, _ = frame_times(clock, 113, [15.53, 15.50, None, 15.58], fps=25)
+    assert times == pytest.approx([0.49 + 0.04, 0.53 + 0.04, 0.57 + 0.04, 0.61 + 0.08 - 0.04])
+    # A gap up to STALL (2 s) beyond the index span is the camera's own (a stall), and kept.
+    times, _ = frame_times((0, 0.0, 0.0), 1, [2.03], fps=25)
+    assert times == pytest.approx([2.03])
 
 
 def test_the_frame_rate_is_measured_per_chunk():
