@@ -31,6 +31,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from stpcore.config import dataclass_from_args
     from stpcore.runtime import shutdown_distributed
     from stpcore.training import TrainConfig, Trainer, TrainingDiverged, TrainingInterrupted
+    from stpcore.training.distributed import MainWriteFailed
 
     cfg = dataclass_from_args(TrainConfig, args)
     if args.select and not (cfg.validation > 0 and cfg.candidate_every > 0 and cfg.phase2_epochs > 0):
@@ -49,8 +50,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
               "to select among candidates)", file=sys.stderr)
         return 2
     trainer = Trainer(cfg)
-    # The ranks agree on how fit() ends (finished, interrupted, diverged), so all of them leave the process group
-    # together on those paths; an unexpected error propagates at once (a barrier there could wait forever).
+    # The ranks agree on how fit() ends (finished, interrupted, diverged, a file rank 0 could not write), so all of
+    # them leave the process group together on those paths; an unexpected error propagates at once (a barrier there
+    # could wait forever).
     try:
         trainer.fit(resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as exc:
@@ -60,6 +62,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         shutdown_distributed()
         print(f"diverged: {exc}", file=sys.stderr)
+        return 1
+    except MainWriteFailed as exc:  # rank 0 could not write a file; every rank raised it at the same point
+        shutdown_distributed()
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     shutdown_distributed()
     if trainer.dist.main:

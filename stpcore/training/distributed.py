@@ -1,5 +1,5 @@
 """What the ranks of a torchrun run agree on: the models' DDP wrapping, one OR over ranks per decision
-(a NaN, a signal, the end of an epoch), and which videos each rank trained on."""
+(a NaN, a signal, the end of an epoch, a file rank 0 could not write), and which videos each rank trained on."""
 
 from __future__ import annotations
 
@@ -33,6 +33,24 @@ def any_rank(info: DistInfo, device: torch.device, *flags: bool) -> list[bool]:
     t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+class MainWriteFailed(OSError):
+    """Rank 0 could not write one of the run's files (a full disk, a permission): raised on every rank at the same
+    point (:func:`raise_write_failure`), so that none waits for rank 0 in a collective."""
+
+
+def raise_write_failure(info: DistInfo, error: OSError | None, what: str | None) -> None:
+    """Every rank calls it once they agreed that rank 0's write failed (``error`` and ``what``, the file meant, are
+    rank 0's; None elsewhere): rank 0's message is sent to the others, and each raises MainWriteFailed with it."""
+    box = [(what, str(error)) if error is not None else None]
+    if info.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    what, reason = box[0]
+    where = "rank 0 " if info.world_size > 1 else ""
+    ranks = "; the run stopped on every rank" if info.world_size > 1 else ""
+    raise MainWriteFailed(f"{where}could not write {what} ({reason}){ranks}. Free space or fix the permissions of the "
+                          f"output folder, then continue from its last checkpoint (--resume)") from error
 
 
 class PassStopped(Exception):

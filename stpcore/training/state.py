@@ -210,11 +210,16 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
         state["position"]["videos_in_epoch_per_rank"] = positions
         if replay_states is not None:
             state["replay_per_rank"] = replay_states
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    if trainer.dist.world_size > 1:
-        dist.barrier()
+        trainer._on_main(str(path), _write, state, path)
+    # Every rank waits for the file (as a barrier would), and all raise if rank 0 could not write it, or anything
+    # since the last check.
+    trainer._check_writes()
     return path
+
+
+def _write(state: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:

@@ -52,7 +52,7 @@ from stpcore.runtime import autocast, clip_loader, init_distributed, make_optimi
 from stpcore.training import state
 from stpcore.training.adversaries import StatsAdversary, colour_spread, kept_colour_statistics, worst_privacy_term
 from stpcore.training.config import TrainConfig
-from stpcore.training.distributed import PassStopped, any_rank, sharding_report, wrap_models
+from stpcore.training.distributed import PassStopped, any_rank, raise_write_failure, sharding_report, wrap_models
 from stpcore.training.nullspace import check_rounds, project_privacy_out
 from stpcore.training.phase2 import fit_decoder, fresh_privacy_recognizer, restart_due, restart_target
 from stpcore.tubelets import check_finite
@@ -155,6 +155,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1009 + self.dist.rank + 1)
         self.replay: list[dict[str, torch.Tensor]] = []  # privacy_replay: past batches for the adversaries
         self._stop_signal: int | None = None
+        self._write_error: tuple[str, OSError] | None = None  # rank 0's first failed file write (_on_main)
         self.out_dir = Path(cfg.out_dir)
         self._wrap_models()
 
@@ -203,6 +204,26 @@ class Trainer:
 
     def _any_rank(self, *flags: bool) -> list[bool]:
         return any_rank(self.dist, self.device, *flags)
+
+    def _on_main(self, what: str, write, *args) -> None:
+        """Run ``write(*args)``, a file write, on rank 0 only. An OSError there (a full disk) is kept and raised on
+        every rank at the next agreement (each step, each checkpoint: :meth:`_check_writes`), not on rank 0 alone,
+        whose peers would wait for it in their next collective. ``what`` names the file for the message."""
+        if not self.dist.main:
+            return
+        try:
+            write(*args)
+        except OSError as error:
+            self._write_error = self._write_error or (what, error)
+
+    def _check_writes(self, failed: bool | None = None) -> None:
+        """MainWriteFailed on every rank when rank 0 could not write a file since the last check (``failed``: that
+        flag already agreed over the ranks, or None to agree on it here)."""
+        if failed is None:
+            failed = self._any_rank(self._write_error is not None)[0]
+        if failed:
+            what, error = self._write_error or (None, None)
+            raise_write_failure(self.dist, error, what)
 
     def _diverged(self, what: str, when: str) -> TrainingDiverged:
         path = self.save_checkpoint(f"diverged-step{self.global_step}.pt")
@@ -430,14 +451,17 @@ class Trainer:
         """One JSON line in out_dir/metrics.jsonl (rank 0), and TensorBoard scalars when it is installed."""
         if not self.dist.main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._on_main(str(self.out_dir / "metrics.jsonl"), self._append_metrics, record)
         writer = self._tensorboard()
         if writer is not None and "step" in record:
             for key, value in record.items():
                 if isinstance(value, float) and key not in ("seconds",):
                     writer.add_scalar(f"{record['phase']}/{key}", value, record["step"])
+
+    def _append_metrics(self, record: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _tensorboard(self):
         """A SummaryWriter on out_dir/tensorboard, or None when the tensorboard package is absent."""
@@ -467,26 +491,26 @@ class Trainer:
             moved = Path(resume).resolve().parent != self.out_dir.resolve()
             if moved:  # refuse to mix with another run's files here
                 self._claim_out_dir(overwrite, resuming=Path(resume))
-            if self.dist.main:
-                if moved:  # the saved run's log and candidates come along, as far as the checkpoint holds
-                    state.carry_over(self, Path(resume).resolve().parent)
-                state.cut_metrics(self.out_dir / "metrics.jsonl", self.metrics_bytes)
+            if moved:  # the saved run's log and candidates come along, as far as the checkpoint holds
+                self._on_main(f"the carried-over files in {self.out_dir}", state.carry_over, self,
+                              Path(resume).resolve().parent)
+            self._on_main(str(self.out_dir / "metrics.jsonl"), state.cut_metrics, self.out_dir / "metrics.jsonl",
+                          self.metrics_bytes)
         else:
             self._claim_out_dir(overwrite)
         self._tb_purge_step = self.global_step + 1 if resume is not None else None
-        if self.dist.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        self._on_main(str(self.out_dir / "config.json"), self._write_config)
         history: dict[str, list[dict]] = {p: [] for p in PHASES}
         self.history = history  # also reachable when fit() ends by an exception
         if self.phase == "done":  # a finished run: nothing to train, make sure the exported model exists
-            if self.dist.main and not (self.out_dir / "stprivacy.pt").is_file():
-                self.export_anonymizer(self.out_dir / "stprivacy.pt")
+            if not (self.out_dir / "stprivacy.pt").is_file():
+                self._on_main(str(self.out_dir / "stprivacy.pt"), self.export_anonymizer, self.out_dir / "stprivacy.pt")
+            self._check_writes()
             return history
-        if resume is None and self.dist.main and self.cfg.candidate_every and (self.out_dir / "candidates").is_dir():
+        if resume is None and self.cfg.candidate_every and (self.out_dir / "candidates").is_dir():
             # A fresh run: candidates of an earlier run in this folder must not be selected with this one's.
-            for stale in (self.out_dir / "candidates").glob("phase2-epoch*.pt"):
-                stale.unlink()
+            self._on_main(f"{self.out_dir / 'candidates'} (removing an earlier run's)", self._remove_candidates)
+        self._check_writes()
         previous = self._install_signal_handlers()
         try:
             for phase in PHASES[PHASES.index(self.phase):]:
@@ -505,17 +529,18 @@ class Trainer:
                     self.step_in_epoch, self.videos_in_epoch = 0, 0
                     # The candidate before the checkpoint: a run killed between the two redoes the export on
                     # resume (an atomic rewrite) instead of losing it.
-                    if phase == "phase2" and self.dist.main and self._candidate_due():
-                        self.export_anonymizer(self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt")
-                    self.save_checkpoint()
+                    if phase == "phase2" and self._candidate_due():
+                        candidate = self.out_dir / "candidates" / f"phase2-epoch{self.epoch:03d}.pt"
+                        self._on_main(str(candidate), self.export_anonymizer, candidate)
+                    self.save_checkpoint()  # checks the writes on every rank
             if self.cfg.privacy_nullspace:  # once, before "done" (a run killed during it redoes it on resume)
                 self._between_steps(self._project_privacy_out)
             self.phase = "done"
             self.save_checkpoint()
             if getattr(self, "_tb_writer", None) is not None:
                 self._tb_writer.flush()
-            if self.dist.main:
-                self.export_anonymizer(self.out_dir / "stprivacy.pt")
+            self._on_main(str(self.out_dir / "stprivacy.pt"), self.export_anonymizer, self.out_dir / "stprivacy.pt")
+            self._check_writes()
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
@@ -538,6 +563,14 @@ class Trainer:
         for k, v in self._count_offset.items():
             counts[k] = counts.get(k, 0) + v
         return {k: v for k, v in counts.items() if v}
+
+    def _write_config(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+
+    def _remove_candidates(self) -> None:
+        for stale in (self.out_dir / "candidates").glob("phase2-epoch*.pt"):
+            stale.unlink()
 
     def _claim_out_dir(self, overwrite: bool, resuming: Path | None = None) -> None:
         """A fresh run's out_dir (or that of a run ``resuming`` a checkpoint saved in another folder): refuse (or,
@@ -649,7 +682,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=f"{metrics['kept']:.2f}")
             if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self._any_rank(self._stop_signal is not None)[0]:  # a signal may reach the ranks at different steps
+            # A signal may reach the ranks at different steps; a file rank 0 could not write stops them all.
+            stop, failed = self._any_rank(self._stop_signal is not None, self._write_error is not None)
+            self._check_writes(failed)
+            if stop:
                 path = self.save_checkpoint()
                 raise TrainingInterrupted(f"signal {self._stop_signal or 'on another rank'}: checkpoint written to "
                                           f"{path}; continue with the same command and --resume {path}")

@@ -9,9 +9,10 @@ gradients are not averaged: the control that shows the ranks' data differ enough
 16's phase-2 options on: two ViT adversaries, the statistics adversary, replay, two adversary steps, noise, colour
 spread), "report" (both ranks count a missing split entry at the start, rank 1 an unreadable video per
 epoch), "lstsq_inf_on_rank1" / "lstsq_signal_on_rank1" (decoder_init="lstsq": rank 1 reads an Inf clip, or gets
-SIGTERM, during the decoder fit's pass), "nullspace" (privacy_nullspace=2 at the end of phase 2; each rank also
-fits the probes on planted features of its own and on both ranks' together, alone: "nullspace_matches_single" says
-whether the two-rank fit equals it).
+SIGTERM, during the decoder fit's pass), "disk_full_on_rank0" / "log_fails_on_rank0" (rank 0 cannot write its
+checkpoint, or its metrics log from the second step on), "nullspace" (privacy_nullspace=2 at the end of phase 2; each
+rank also fits the probes on planted features of its own and on both ranks' together, alone:
+"nullspace_matches_single" says whether the two-rank fit equals it).
 Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
 (clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
 "final": {name: tensor}}, the parameters of every model before and after fit().
@@ -112,6 +113,23 @@ def main() -> None:
         trainer.models = {"anonymizer": trainer.anonymizer, "action": trainer.action_rec,
                           "privacy": trainer.privacy_rec}
     initial = _parameters(trainer)
+    if rank == 0 and scenario == "disk_full_on_rank0":  # rank 0's first checkpoint (end of phase 1) cannot be written
+        import errno
+
+        from stpcore.training import state
+
+        def full(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        state.atomic_path = full
+    if rank == 0 and scenario == "log_fails_on_rank0":  # rank 0 cannot append to metrics.jsonl from its 2nd step on
+        import errno
+
+        def full_log(record):
+            if record.get("step", 0) >= 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(out / "run" / "metrics.jsonl"))
+
+        trainer._append_metrics = full_log
     try:
         trainer.fit()
         result = {"outcome": "finished"}
@@ -121,6 +139,8 @@ def main() -> None:
         result = {"outcome": "interrupted", "message": str(exc)}
     except ValueError as exc:  # bad data, raised on every rank
         result = {"outcome": "error", "message": str(exc)}
+    except OSError as exc:  # a file rank 0 could not write, raised on every rank
+        result = {"outcome": "file error", "message": str(exc)}
     result["steps"] = trainer.global_step
     result["clip_sums"] = loader.clip_sums
     if scenario == "adversaries":  # a resume restores this rank's own replay buffer, not rank 0's

@@ -64,6 +64,21 @@ def test_a_signal_during_the_lstsq_fit_on_one_rank_stops_both(tmp_path):
     assert results[0]["steps"] == results[1]["steps"] == 3  # phase 1 only: no phase-2 step ran
 
 
+@pytest.mark.parametrize("scenario, file, steps", [("disk_full_on_rank0", "last.pt", 3),
+                                                   ("log_fails_on_rank0", "metrics.jsonl", 3)])
+def test_a_file_rank0_cannot_write_stops_both(tmp_path, scenario, file, steps):
+    """Rank 0 alone writes the run's files: its disk-full error ended rank 0 and left rank 1 in a collective, to be
+    ended by the transport (gloo: "Connection closed by peer") or, with NCCL, by its timeout or torchrun."""
+    results = _run(scenario, tmp_path)
+    assert [r["outcome"] for r in results] == ["file error", "file error"]
+    for r in results:
+        assert "rank 0 could not write" in r["message"] and file in r["message"], r["message"]
+        assert "No space left on device" in r["message"] and "--resume" in r["message"], r["message"]
+    # Checkpoint: phase 1's 3 steps, nothing after; log: the step whose line failed (the epoch's last: log_every is
+    # 10), stopped at its end, on both.
+    assert results[0]["steps"] == results[1]["steps"] == steps
+
+
 def test_a_shorter_shard_ends_the_epoch_for_both(tmp_path):
     results = _run("short_rank1", tmp_path)
     assert [r["outcome"] for r in results] == ["finished", "finished"]

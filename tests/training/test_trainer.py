@@ -32,6 +32,20 @@ def _loader():
     return RandomClipLoader(num_batches=3, batch_size=4, num_frames=8, size=32)
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_command_with_a_clear_error(tmp_path, monkeypatch, capsys):
+    """A real failure, not a stand-in: last.pt is a folder, so renaming the written checkpoint into place fails."""
+    from stpcore.cli import main
+
+    monkeypatch.setattr(Trainer, "_default_loader", lambda self: RandomClipLoader(2, 2, 8, 32))
+    (tmp_path / "run" / "last.pt").mkdir(parents=True)
+    code = main(["train", "--data-root", "unused", "--out-dir", str(tmp_path / "run"), "--preset", "tiny",
+                 "--batch-size", "2", "--phase1-epochs", "1", "--phase2-epochs", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: could not write" in err and str(tmp_path / "run" / "last.pt") in err, err
+    assert "Traceback" not in err and not list((tmp_path / "run").glob(".last.*"))  # no temporary file left
+    assert not (tmp_path / "run" / "stprivacy.pt").exists()  # the run did not go on to export
+
+
 def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
