@@ -561,6 +561,46 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
+class _FirstBatch(BaseException):  # noqa: N818 - a signal, not an error: past WindowAnonymizer's model-error wrapper
+    def __init__(self, clips: torch.Tensor) -> None:
+        super().__init__("the first batch")
+        self.clips = clips
+
+
+class _Capture:
+    """Stands in for an anonymizer and stops anonymize_file at the first batch it is given (``_FirstBatch``)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, clips, **kw):
+        raise _FirstBatch(clips)
+
+
+def _calibrate_on_first_input(anonymizer, paths: list[Path], kwargs: dict, verbose: bool) -> None:
+    """OpenVINO int8 without calibration clips calibrates on the first batch it runs, and other clips quantize to
+    another graph: a run resumed with ``skip_existing`` would quantize on the first input it had left, and its
+    outputs would not be those of an uninterrupted run. So the run calibrates on the first batch of its first
+    readable input in the order given (read here, written nowhere; the same batch an uninterrupted run gives it
+    first), whether or not that input is done already; the records name the clips (their digest)."""
+    for path in paths:
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                anonymize_file(path, scratch, _Capture(anonymizer), **kwargs)
+        except _FirstBatch as first:
+            anonymizer.calibrate(first.clips)
+            if verbose:
+                print(f"int8 calibrated on the first batch of {path} ({first.clips.shape[0]} clips)")
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:  # noqa: BLE001, S112 - unreadable: the next input; the run reports this one as it reaches it
+            continue
+
+
 def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, anonymizer, *, verbose: bool = True,
                     skip_existing: bool = False, **kwargs) -> AnonymizeReport:
     """Anonymize several files (``kwargs``: those of :func:`anonymize_file`).
@@ -584,6 +624,8 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     report = AnonymizeReport()
     out_dir = prepare_output_dir(out_dir)
     paths = [Path(p) for p in paths]
+    if getattr(anonymizer, "calibration_pending", False):
+        _calibrate_on_first_input(anonymizer, paths, kwargs, verbose)
     settings = output_settings(anonymizer, **kwargs)
     seen: dict[Path, Path] = {}
     prepared = False

@@ -506,9 +506,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino", "auto"),
                    help="auto: the path measured fastest on this kind of CPU (stpcore.inference.AUTO_CHOICES; torch "
                         "where none was measured); torch; onnxruntime or openvino: the model exported to ONNX and run "
-                        "by that runtime on the "
-                        "CPU (onnxruntime fp32 or int8; openvino fp32, bf16 or int8 calibrated on the first batch; "
-                        "--precision auto picks fp32, or bf16 for openvino where the CPU has it); needs "
+                        "by that runtime on the CPU (onnxruntime fp32 or int8; openvino fp32, bf16 or int8 "
+                        "calibrated on the first batch of the first input given, also when --skip-existing finds it "
+                        "done; --precision auto picks fp32, or bf16 for openvino where the CPU has it); needs "
                         "stpcore[deploy]; not with --adaptive")
     p.add_argument("--onnx", metavar="FILE",
                    help="with --runtime onnxruntime/openvino: run this graph from stpcore export (of the same "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 import threading
 import time
@@ -251,21 +252,14 @@ class ClipAnonymizer:
             self.runtime_precision = "bf16"
         if allowed is not None and precision == "int8":
             self.runtime_precision = "int8"
+        self._calibration = None
+        self._calibration_digest = None
         if calibration is not None:
-            cfg = model.cfg
-            want = (3, cfg.num_frames, cfg.image_size, cfg.image_size)
-            if not isinstance(calibration, torch.Tensor) or calibration.ndim != 5 or calibration.shape[0] < 1 \
-                    or tuple(calibration.shape[1:]) != want:
-                raise ValueError(f"calibration must be clips (N, {', '.join(map(str, want))}) for this model (N >= 1, "
-                                 f"normalised as the clips it anonymizes), got "
-                                 f"{tuple(getattr(calibration, 'shape', ())) or type(calibration).__name__}")
+            self._set_calibration(calibration, model.cfg)
             if not (runtime == "openvino" and self.runtime_precision == "int8"):
                 raise ValueError(f"calibration= is used by runtime='openvino' with precision='int8' only (NNCF "
                                  f"calibrates its quantization on it); here runtime={runtime!r}, "
                                  f"precision={precision!r}: leave it out")
-            if not torch.isfinite(calibration).all():
-                raise ValueError("calibration holds NaN or Inf values; give finite normalised clips")
-        self._calibration = calibration
         if allowed is not None:
             precision = "fp32"  # the PyTorch copy the graphs are exported from
         self.device = torch.device(device)
@@ -336,8 +330,41 @@ class ClipAnonymizer:
                 # Inductor's code rounds otherwise than eager (compiled int8 keeps 98.4% of eager int8's decisions:
                 # BENCHMARKS.md); said only when compiled, so the records of eager runs stay as they were.
                 **({"compiled": True} if self.compiled else {}),
-                **({"calibrated_on": "calibration" if self._calibration is not None else "first batch"}
+                **({"calibrated_on": self._calibration_digest or "first batch"}
                    if self.runtime == "openvino" and precision == "int8" else {})}
+
+    @property
+    def calibration_pending(self) -> bool:
+        """Whether this is OpenVINO int8 still without its calibration clips: it would calibrate on the first batch
+        it is given (:meth:`calibrate` sets them first; ``stpcore anonymize`` does, from its first input)."""
+        return (self.runtime == "openvino" and self.runtime_precision == "int8" and self._calibration is None
+                and not self._sessions)
+
+    def calibrate(self, clips: torch.Tensor) -> None:
+        """OpenVINO int8: calibrate the quantization on ``clips`` (N, 3, T, H, W), normalised as the clips it
+        anonymizes, instead of the first batch; before the first call (a graph already quantized is refused)."""
+        if not (self.runtime == "openvino" and self.runtime_precision == "int8"):
+            raise ValueError(f"calibrate() is for runtime='openvino' with precision='int8', not {self.runtime} "
+                             f"{self.runtime_precision}")
+        if self._sessions:
+            raise ValueError("calibrate() must come before the first batch: a graph is already quantized (on "
+                             f"{self._calibration_digest or 'the first batch'})")
+        self._set_calibration(clips, self.cfg)
+
+    def _set_calibration(self, calibration, cfg) -> None:
+        want = (3, cfg.num_frames, cfg.image_size, cfg.image_size)
+        if not isinstance(calibration, torch.Tensor) or calibration.ndim != 5 or calibration.shape[0] < 1 \
+                or tuple(calibration.shape[1:]) != want:
+            raise ValueError(f"calibration must be clips (N, {', '.join(map(str, want))}) for this model (N >= 1, "
+                             f"normalised as the clips it anonymizes), got "
+                             f"{tuple(getattr(calibration, 'shape', ())) or type(calibration).__name__}")
+        if not torch.isfinite(calibration).all():
+            raise ValueError("calibration holds NaN or Inf values; give finite normalised clips")
+        self._calibration = calibration.detach().cpu().float().contiguous()
+        # Which clips (anonymize's records keep it): the same clips quantize to the same graph, bit for bit, and other
+        # clips to another one (0.56 apart in the video of the tiny preset, measured).
+        digest = hashlib.sha256(self._calibration.numpy().tobytes()).hexdigest()[:16]
+        self._calibration_digest = f"clips {tuple(self._calibration.shape)} sha256:{digest}"
 
     def _autocast(self):
         if self.precision == "bf16":
