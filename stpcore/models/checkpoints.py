@@ -267,8 +267,8 @@ def save_anonymizer(model: STPrivacy, path: str | os.PathLike, classes: Iterable
              "state_dict": model.state_dict(), "classes": list(classes)}
     if reconstruction_trained is not None:
         state["reconstruction_trained"] = bool(reconstruction_trained)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a file object: a full disk is an OSError (a path gives a RuntimeError)
     return Path(path)
 
 

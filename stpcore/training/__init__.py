@@ -16,7 +16,7 @@ import importlib
 # Names resolve on first use (PEP 562), so importing stpcore.training.config (the CLI's flags) does not load
 # the trainer and what it imports.
 _EXPORTS = {"TrainConfig": "config", "PHASES": "trainer", "Trainer": "trainer", "TrainingDiverged": "trainer",
-            "TrainingInterrupted": "trainer"}
+            "TrainingInterrupted": "trainer", "MainWriteFailed": "distributed"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -210,7 +210,8 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
         state["position"]["videos_in_epoch_per_rank"] = positions
         if replay_states is not None:
             state["replay_per_rank"] = replay_states
-        trainer._on_main(str(path), _write, state, path)
+        if trainer._write_error is None:  # after a failed write (a lost metrics line), no checkpoint that skips it
+            trainer._on_main(str(path), _write, state, path)
     # Every rank waits for the file (as a barrier would), and all raise if rank 0 could not write it, or anything
     # since the last check.
     trainer._check_writes()
@@ -218,8 +219,8 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
 
 
 def _write(state: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a file object: a full disk is an OSError (a path gives a RuntimeError)
 
 
 def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:

@@ -452,6 +452,9 @@ class Trainer:
         if not self.dist.main:
             return
         self._on_main(str(self.out_dir / "metrics.jsonl"), self._append_metrics, record)
+        self._on_main(str(self.out_dir / "tensorboard"), self._add_scalars, record)
+
+    def _add_scalars(self, record: dict) -> None:
         writer = self._tensorboard()
         if writer is not None and "step" in record:
             for key, value in record.items():
@@ -538,7 +541,7 @@ class Trainer:
             self.phase = "done"
             self.save_checkpoint()
             if getattr(self, "_tb_writer", None) is not None:
-                self._tb_writer.flush()
+                self._on_main(str(self.out_dir / "tensorboard"), self._tb_writer.flush)
             self._on_main(str(self.out_dir / "stprivacy.pt"), self.export_anonymizer, self.out_dir / "stprivacy.pt")
             self._check_writes()
         finally:
@@ -584,13 +587,15 @@ class Trainer:
                 f"{self.out_dir} holds an earlier run ({found}); continue it with --resume "
                 f"{self.out_dir / 'last.pt'}, train into another --out-dir, or pass --overwrite to replace it with "
                 f"{what}")
-        if self.dist.main:
-            for stale in (*earlier, self.out_dir / "metrics.jsonl", self.out_dir / "selection.json"):
-                stale.unlink(missing_ok=True)
-            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)  # TensorBoard would merge the two runs
-            if overwrite:  # the replaced run's candidates and their scores would be taken for this run's
-                for folder in ("candidates", "selection"):
-                    shutil.rmtree(self.out_dir / folder, ignore_errors=True)
+        self._on_main(f"{self.out_dir} (removing an earlier run's files)", self._clear_out_dir, earlier, overwrite)
+
+    def _clear_out_dir(self, earlier: list[Path], overwrite: bool) -> None:
+        for stale in (*earlier, self.out_dir / "metrics.jsonl", self.out_dir / "selection.json"):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)  # TensorBoard would merge the two runs
+        if overwrite:  # the replaced run's candidates and their scores would be taken for this run's
+            for folder in ("candidates", "selection"):
+                shutil.rmtree(self.out_dir / folder, ignore_errors=True)
 
     def _candidate_due(self) -> bool:
         """Whether the phase-2 epoch just finished is a model-selection candidate (TrainConfig.candidate_every)."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,45 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_command_with_a_clear_erro
     assert code == 1 and "error: could not write" in err and str(tmp_path / "run" / "last.pt") in err, err
     assert "Traceback" not in err and not list((tmp_path / "run").glob(".last.*"))  # no temporary file left
     assert not (tmp_path / "run" / "stprivacy.pt").exists()  # the run did not go on to export
+
+
+def test_an_export_to_a_full_disk_is_a_write_failure_not_a_crash(tmp_path, monkeypatch):
+    """torch.save to a path turns a full disk into a RuntimeError ("unexpected pos"); through a file object it is the
+    OSError the run reports. The export goes to /dev/full here, through the real torch.save."""
+    import contextlib
+
+    from stpcore.models import checkpoints
+    from stpcore.training import MainWriteFailed
+
+    @contextlib.contextmanager
+    def full(path):
+        yield Path("/dev/full")
+
+    monkeypatch.setattr(checkpoints, "atomic_path", full)
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=0), RandomClipLoader(2, 4, 8, 32))
+    with pytest.raises(MainWriteFailed, match=r"could not write .*stprivacy.pt \(\[Errno 28\] No space left"):
+        trainer.fit()
+    assert (tmp_path / "run" / "last.pt").is_file()  # the checkpoint before the export is intact
+
+
+def test_no_checkpoint_follows_a_metrics_line_that_could_not_be_written(tmp_path):
+    """The checkpoint due at the step whose log line failed would hold that step, and a resume would never log it."""
+    from stpcore.training import MainWriteFailed
+
+    trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=0, log_every=1, checkpoint_every=1),
+                      RandomClipLoader(3, 4, 8, 32))
+    append = trainer._append_metrics
+
+    def full_at_step_2(record):
+        if record.get("step") == 2:
+            raise OSError(28, "No space left on device")
+        append(record)
+
+    trainer._append_metrics = full_at_step_2
+    with pytest.raises(MainWriteFailed, match="metrics.jsonl"):
+        trainer.fit()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["position"]["global_step"] == 1, state["position"]
 
 
 def test_lr_schedule_warmup_then_cosine():
