@@ -261,12 +261,59 @@ def read_frames(path: str | os.PathLike):
         yield image
 
 
+REPEAT = 0.001  # seconds: a frame whose source time repeats the previous frame's follows it by this much
+
+
+class FrameClock:
+    """Places frames on one timeline (seconds from the first frame) from their source times, so a variable frame
+    rate keeps its timing, and bridges what is not time: the output always increases.
+
+    - A frame with the previous frame's very time (a repeated timestamp) follows it by ``REPEAT`` (1 ms), and the
+      frames after it keep their source times: one repeat does not shift the rest.
+    - A frame with no time, or one before the previous frame's (files joined end to end, a camera whose clock
+      restarted, a wrapped MPEG-TS clock), follows the previous one by its span (``frames`` periods), and the frames
+      after it keep their spacing from there.
+    - A jump forward is kept (a recording paused, a motion-triggered camera), unless ``max_jump`` is set and the jump
+      exceeds the span by more than that while the frames did not arrive that far apart either (``waited``, a live
+      source): a clock step or a reconnect, bridged by the span.
+
+    Args:
+        period: seconds of one frame at the stream's rate.
+        max_jump: see above (None: any jump forward is kept).
+    """
+
+    def __init__(self, period: float, max_jump: float | None = None) -> None:
+        self.period, self.max_jump = period, max_jump
+        self.last: float | None = None  # the previous frame's place
+        self.last_time: float | None = None  # the previous frame's source time
+        self.origin: float | None = None  # source time minus place, while the source's times run on
+
+    def place(self, time: float | None, frames: int = 1, waited: float | None = None) -> float:
+        """The frame's place; ``frames``: input frames from the previous frame to this one (more than 1 where frames
+        were dropped between); ``waited``: seconds between their arrivals (a live source; None otherwise)."""
+        if self.last is None:
+            at = 0.0
+        else:
+            span = frames * self.period
+            at = self.last + span  # bridged, unless the source's time says otherwise
+            if time is not None and self.origin is not None:
+                if time == self.last_time:
+                    at = self.last + REPEAT
+                elif time - self.origin > self.last:
+                    jump = time - self.origin - self.last
+                    if self.max_jump is None or jump <= span + self.max_jump or (
+                            waited is not None and waited >= jump / 2):
+                        at = time - self.origin
+        if time is not None and (self.origin is None or at != time - self.origin) and time != self.last_time:
+            self.origin = time - at  # the source's times run on from here
+        self.last, self.last_time = at, time
+        return at
+
+
 def read_timed_frames(path: str | os.PathLike):
     """:func:`read_frames` with each frame's presentation time: yields (uint8 (H, W, 3) RGB, seconds from the first
-    frame), always increasing. A frame the file gives no time, or a time at or before the previous frame's (files
-    joined end to end, a camera whose clock restarted, a wrapped MPEG-TS clock), follows the previous one by one
-    period of the stream's average rate, and the frames after it keep their spacing from there. A jump forward is
-    kept (a recording paused, a motion-triggered camera)."""
+    frame), always increasing (:class:`FrameClock`, at the stream's average rate: a repeated time, a missing one, a
+    clock that goes back are bridged; a jump forward is kept)."""
     with open_video(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
@@ -274,17 +321,9 @@ def read_timed_frames(path: str | os.PathLike):
         stream.thread_type = "AUTO"
         sar = stream_sar(stream)
         rate = stream.average_rate or stream.guessed_rate
-        period = 1 / float(rate) if rate else 1 / 25
-        origin = last = None
+        clock = FrameClock(1 / float(rate) if rate else 1 / 25)
         for frame in container.decode(stream):
-            step = 0.0 if last is None else last + period
-            if frame.time is None:
-                last = step
-            else:
-                if origin is None or frame.time - origin <= last:  # the first time, or the clock went back
-                    origin = frame.time - step
-                last = frame.time - origin
-            yield upright_rgb(frame, sar), last
+            yield upright_rgb(frame, sar), clock.place(frame.time)
 
 
 def video_fps(path: str | os.PathLike, default: float = 25.0) -> float:

@@ -71,7 +71,8 @@ from stpcore.data.sampling import resized_size
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
 HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
-STALL = 2.0  # seconds: two frames' source times further apart than their index span plus this are a discontinuity
+STALL = 2.0  # seconds: source times further apart than the frames' index span plus this are a discontinuity (live:
+# unless the frames also arrived that far apart)
 RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a plain file name: segments stay in the folder
 
@@ -453,7 +454,8 @@ def anonymize_stream(
             frames = result.frames[: chunk.real]
             if output_size == "source":
                 frames = to_source_size(frames, result.visible[: chunk.real], *stack.shape[1:3])
-            if writer is not None and segment["seconds"] >= segment_seconds:
+            # (Half a period short counts: summed float times fall a hair short of a whole number of chunks.)
+            if writer is not None and segment["seconds"] >= segment_seconds - 0.5 / segment["fps"]:
                 writer = _close(writer, segment, report, index_path)
             if writer is None:
                 path = out_dir / f"{name}.{first_number + len(report.segments):05d}.mp4"
@@ -461,9 +463,9 @@ def anonymize_stream(
                 segment.clear()
                 segment.update(path=path, fps=chunk.fps, frames=0, first_frame=chunk.first,
                                dropped_before=chunk.dropped_before, runs=[], opened=time.time(),
-                               size=[int(frames.shape[2]), int(frames.shape[1])], seconds=0.0, clock=None)
-            times, segment["clock"] = frame_times(segment["clock"], chunk.first, chunk.times[: chunk.real],
-                                                  segment["fps"])
+                               size=[int(frames.shape[2]), int(frames.shape[1])], seconds=0.0,
+                               clock=media.FrameClock(1.0 / chunk.fps, max_jump=STALL), last=None)
+            times = frame_times(segment, chunk, live=drop)
             writer.write(np.ascontiguousarray(frames), times=times)
             segment["seconds"] = times[-1] + 1.0 / segment["fps"]  # the segment's span so far
             segment["size"] = list(writer.size)  # as encoded: an odd size is rounded up to even (edge pixels)
@@ -504,37 +506,24 @@ def anonymize_stream(
     return report
 
 
-def frame_times(clock: tuple[int, float | None, float] | None, first: int, times: list[float | None],
-                fps: float) -> tuple[list[float], tuple[int, float | None, float]]:
-    """Where a chunk's frames go in their segment (seconds from its first frame), from their source times, so that a
-    variable-rate camera keeps its timing and the span of a dropped chunk stays a gap (the last frame shown on).
-
-    Args:
-        clock: (input index, source time, segment time) of the segment's last frame written; None for a new segment
-            (its first frame is at 0).
-        first: the input index of the chunk's first frame.
-        times: each frame's source time in seconds (None where the source gives none).
-        fps: the segment's frame rate.
-    Returns:
-        the frames' times in the segment, and the clock after the last of them.
-
-    A frame follows the previous one by their source times' difference (a camera's stall is kept, up to ``STALL``
-    seconds beyond the span their input indices give at ``fps``); where that is missing, not positive, or longer (a
-    clock step, a reconnect, a timestamp wrap), by that span instead.
-    """
-    out = []
-    for i, t in enumerate(times):
-        index = first + i
-        if clock is None:
-            at = 0.0
-        else:
-            last_index, last_t, last_at = clock
-            span = (index - last_index) / fps
-            gap = t - last_t if t is not None and last_t is not None else None
-            at = last_at + (gap if gap is not None and 0 < gap <= span + STALL else span)
-        out.append(at)
-        clock = (index, t, at)
-    return out, clock
+def frame_times(segment: dict, chunk: _Chunk, live: bool) -> list[float]:
+    """Where a chunk's real frames go in their segment (seconds from its first frame): the segment's
+    :class:`stpcore.media.FrameClock` places them by their source times, so that a variable-rate camera keeps its
+    timing and the span of a dropped chunk stays a gap (the frame before it shown on). The span between two frames is
+    their input indices' distance at the segment's rate; a jump of the source's time beyond it by more than ``STALL``
+    seconds is a clock step or a reconnect (bridged by that span) unless the frames of a ``live`` source also arrived
+    that far apart (a camera that stalled, or sends on motion only). ``segment["last"]``: (input index, arrival) of
+    its previous frame."""
+    clock, out = segment["clock"], []
+    for i in range(chunk.real):
+        index, arrival = chunk.first + i, chunk.arrivals[i]
+        frames, waited = 1, None
+        if segment["last"] is not None:
+            frames = index - segment["last"][0]
+            waited = arrival - segment["last"][1] if live else None
+        out.append(clock.place(chunk.times[i], frames=frames, waited=waited))
+        segment["last"] = (index, arrival)
+    return out
 
 
 def _close(writer, segment: dict, report: StreamReport, index_path: Path):

@@ -283,6 +283,32 @@ def test_video_writer_times_made_increasing_and_checked(tmp_path, codec):
     assert not (tmp_path / "b.mp4").exists()
 
 
+def test_frame_clock_keeps_source_times_and_bridges_what_is_not_time():
+    # A repeated timestamp once in every 8 frames at 25 fps: 1 ms after the frame before, and no drift after it
+    # (placed one period on and re-anchored there, 80 frames ended 0.4 s late).
+    clock = media.FrameClock(1 / 25)
+    source = [i / 25 for i in range(80)]
+    times = [t if i % 8 != 7 else source[i - 1] for i, t in enumerate(source)]
+    placed = [clock.place(t) for t in times]
+    assert all(b > a for a, b in zip(placed, placed[1:], strict=False))
+    np.testing.assert_allclose([p for i, p in enumerate(placed) if i % 8 != 7],
+                               [t for i, t in enumerate(source) if i % 8 != 7], atol=1e-9)
+    assert placed[7] == pytest.approx(placed[6] + media.REPEAT)
+    # A missing time follows by one period, and the source's times go on unchanged after it.
+    clock = media.FrameClock(0.1)
+    assert [clock.place(t) for t in (3.0, 3.1, None, 3.3)] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    # A clock that goes back continues one period on, keeping its spacing from there; a jump forward is kept
+    # (max_jump None: a file).
+    assert [clock.place(t) for t in (0.0, 0.1, 10.1)] == pytest.approx([0.4, 0.5, 10.5])
+    # With max_jump (a live stream): a jump beyond the span by more than it is bridged unless the frames arrived that
+    # far apart; a span of several frames (dropped ones between) is allowed for.
+    clock = media.FrameClock(0.04, max_jump=2.0)
+    assert clock.place(100.0) == 0.0
+    assert clock.place(110.0, waited=0.04) == pytest.approx(0.04)  # a clock step: bridged
+    assert clock.place(111.0, frames=50) == pytest.approx(1.04)  # 50 dropped frames' span plus a 1 s stall: kept
+    assert clock.place(116.0, waited=5.0) == pytest.approx(6.04)  # a 5 s silence the arrivals confirm: kept
+
+
 def test_read_timed_frames_continues_across_a_clock_that_goes_back(tmp_path):
     """Two MPEG-TS recordings joined end to end (`cat a.ts b.ts`, as a camera's clock restart also looks): the
     second's times start again at 0. They continue one period after the last frame (the writer put every later frame

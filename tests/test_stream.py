@@ -203,6 +203,9 @@ def test_http_stream_faster_than_compute_drops_whole_chunks_and_keeps_every_segm
     assert report.frames_out + report.frames_dropped == report.frames_in
     assert _segments_ok(out, report) == report.frames_out
     assert "dropped" in report.summary() and "end of stream" in report.summary()
+    # Segments end by time (1 s here), dropped spans counted: every one but the last spans at least that.
+    lines = [json.loads(x) for x in (out / "stream.segments.jsonl").read_text().splitlines()]
+    assert all(line["seconds"] >= 1.0 - 0.5 / line["fps"] for line in lines[:-1]), lines
 
 
 @pytest.mark.parametrize("name, drop", [("rec.mp4", None), ("cam.ts", False)], ids=["mp4-auto", "ts-no-drop"])
@@ -298,20 +301,27 @@ def test_a_variable_rate_camera_keeps_its_frame_times(anonymizer, tmp_path):
     assert line["fps"] == 25.0 and line["seconds"] == pytest.approx(STALLED[-1] + 0.04, abs=1e-6)
 
 
-def test_frame_times_follow_the_source_and_bridge_its_discontinuities():
-    from stpcore.stream import frame_times
+def test_frame_times_place_chunks_by_index_span_and_arrivals():
+    """frame_times hands the segment's clock each frame's input-index span (dropped chunks between) and, for a live
+    source, how far apart the frames arrived."""
+    from stpcore import media
+    from stpcore.stream import STALL, _Chunk, frame_times
 
-    times, clock = frame_times(None, 100, [5.0, 5.04, 5.09], fps=25)  # a new segment starts at 0
-    assert times == pytest.approx([0.0, 0.04, 0.09]) and clock == (102, 5.09, pytest.approx(0.09))
-    # The next chunk after a dropped one (input frames 103-110): its first frame 9 input periods on.
-    times, clock = frame_times(clock, 111, [5.45, 5.49], fps=25)
-    assert times == pytest.approx([0.45, 0.49])
-    # A clock step (+10 s), a time that goes back, and a missing one: each follows by its index span instead.
-    times, _ = frame_times(clock, 113, [15.53, 15.50, None, 15.58], fps=25)
-    assert times == pytest.approx([0.49 + 0.04, 0.53 + 0.04, 0.57 + 0.04, 0.61 + 0.08 - 0.04])
-    # A gap up to STALL (2 s) beyond the index span is the camera's own (a stall), and kept.
-    times, _ = frame_times((0, 0.0, 0.0), 1, [2.03], fps=25)
-    assert times == pytest.approx([2.03])
+    def segment():
+        return {"clock": media.FrameClock(1 / 25, max_jump=STALL), "last": None}
+
+    def chunk(first, times, arrivals):
+        return _Chunk(first, [None] * len(times), list(arrivals), 25.0, list(times), len(times))
+
+    live = segment()
+    assert frame_times(live, chunk(100, [5.0, 5.04], [0.0, 0.04]), live=True) == pytest.approx([0.0, 0.04])
+    # After a dropped chunk (input frames 102-109): at the source's time, within the span of 9 frames.
+    assert frame_times(live, chunk(110, [5.40, 5.44], [0.4, 0.44]), live=True) == pytest.approx([0.40, 0.44])
+    # A camera silent for 10 s (it arrived 10 s later too) is kept; a 10 s clock step arriving on time is bridged.
+    assert frame_times(live, chunk(112, [15.48], [10.48]), live=True) == pytest.approx([10.48])
+    recording = segment()
+    frame_times(recording, chunk(0, [1.0], [0.0]), live=False)
+    assert frame_times(recording, chunk(1, [11.0], [0.001]), live=False) == pytest.approx([0.04])
 
 
 def test_the_frame_rate_is_measured_per_chunk():
