@@ -591,9 +591,11 @@ def _calibrate_on_first_input(anonymizer, paths: list[Path], kwargs: dict, verbo
             with tempfile.TemporaryDirectory() as scratch:
                 anonymize_file(path, scratch, _Capture(anonymizer), **kwargs)
         except _FirstBatch as first:
-            anonymizer.calibrate(first.clips)
+            clips = first.clips
+            first.__traceback__ = None  # its frames hold the reader: let the input's file close now
+            anonymizer.calibrate(clips)
             if verbose:
-                print(f"int8 calibrated on the first batch of {path} ({first.clips.shape[0]} clips)")
+                print(f"int8 calibrated on the first batch of {path} ({clips.shape[0]} clips)")
             return
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -612,9 +614,11 @@ def anonymize_files(paths: list[str | os.PathLike], out_dir: str | os.PathLike, 
     paths and the fix. With ``skip_existing``, an input whose outputs all exist already and whose record shows
     this input unchanged (path, size, modification time) and the same settings (:func:`output_settings`) is
     skipped, so an interrupted run over the same inputs can be resumed, in any order (each input's earlier outputs
-    keep their name: :func:`_unique_stems`); a changed input or other settings are done again. Ctrl-C / SIGTERM
-    (KeyboardInterrupt) stops at once, leaving no partial file; the report filled so far is attached to the
-    exception as ``exc.report``. So does a failure of the model itself
+    keep their name: :func:`_unique_stems`); a changed input or other settings are done again. An anonymizer that
+    wants calibration clips (OpenVINO int8 without them) is calibrated first on the first batch of the first readable
+    input given (:func:`_calibrate_on_first_input`): a resume finds its inputs done only with the same first input.
+    Ctrl-C / SIGTERM (KeyboardInterrupt) stops at once, leaving no partial file; the report filled so far is attached
+    to the exception as ``exc.report``. So does a failure of the model itself
     (:class:`ModelError`: it could not compile, export, load its runtime, or ran out of memory), which would fail
     every input alike: the anonymizer is prepared (:func:`prepare_model`) before the first input that needs it, and
     a model failure stops the run instead of being reported once per input.

@@ -346,10 +346,11 @@ class ClipAnonymizer:
         if not (self.runtime == "openvino" and self.runtime_precision == "int8"):
             raise ValueError(f"calibrate() is for runtime='openvino' with precision='int8', not {self.runtime} "
                              f"{self.runtime_precision}")
-        if self._sessions:
-            raise ValueError("calibrate() must come before the first batch: a graph is already quantized (on "
-                             f"{self._calibration_digest or 'the first batch'})")
-        self._set_calibration(clips, self.cfg)
+        with self._sessions_lock:  # no graph is quantized meanwhile, on half-set clips
+            if self._sessions:
+                raise ValueError("calibrate() must come before the first batch: a graph is already quantized (on "
+                                 f"{self._calibration_digest or 'the first batch'})")
+            self._set_calibration(clips, self.cfg)
 
     def _set_calibration(self, calibration, cfg) -> None:
         want = (3, cfg.num_frames, cfg.image_size, cfg.image_size)

@@ -146,6 +146,47 @@ def test_skip_existing_resumes_without_rewriting(tmp_path, model):
     assert len(anonymize_files(srcs, tmp_path / "out", model, **kwargs).written) == 2
 
 
+class _Calibrated:
+    """A model that wants calibration clips before its first batch (as OpenVINO int8 does): records what it is given."""
+
+    def __init__(self, model):
+        self.model, self.cfg, self.calibrated, self.batches = model, model.cfg, [], []
+
+    @property
+    def calibration_pending(self):
+        return not self.calibrated
+
+    def calibrate(self, clips):
+        assert not self.batches, "calibrated after a batch ran"
+        self.calibrated.append(clips.clone())
+
+    def __call__(self, clips, **kw):
+        self.batches.append(clips.clone())
+        return self.model(clips, **kw)
+
+
+def test_calibration_comes_from_the_first_readable_input_given_and_writes_nothing(tmp_path, model, capsys):
+    """The calibration clips are the first batch an uninterrupted run gives the model, from the first input given that
+    can be read (a folder and a broken file before it are passed over), and reading them writes nothing."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    srcs = [_source(tmp_path / f"{n}.mp4", frames=6, seed=i) for i, n in enumerate(("a", "b"))]
+    calibrated = _Calibrated(model)
+    report = anonymize_files([tmp_path / "folder", tmp_path / "broken.mp4", *srcs], tmp_path / "out", calibrated,
+                             batch_size=2)
+    assert len(calibrated.calibrated) == 1 and torch.equal(calibrated.calibrated[0], calibrated.batches[0])
+    assert f"int8 calibrated on the first batch of {srcs[0]}" in capsys.readouterr().out
+    assert sorted(report.written) == sorted(map(str, srcs)) and len(report.failed) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.anonymized.mp4", "a.keep.npz",
+                                                                      "b.anonymized.mp4", "b.keep.npz"]
+    # Resumed after a.mp4 (b's outputs gone): calibrated again on a.mp4's first batch, which it skips.
+    for path in (tmp_path / "out").glob("b.*"):
+        path.unlink()
+    again = _Calibrated(model)
+    report = anonymize_files(srcs, tmp_path / "out", again, batch_size=2, skip_existing=True, verbose=False)
+    assert list(report.written) == [str(srcs[1])] and torch.equal(again.calibrated[0], calibrated.batches[0])
+
+
 @pytest.mark.parametrize("change", ["new content", "same size, touched", "other settings", "other weights",
                                     "video newer than record"])
 def test_skip_existing_redoes_what_no_longer_matches_its_record(tmp_path, model, change):
