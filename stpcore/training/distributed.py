@@ -54,6 +54,39 @@ def raise_write_failure(info: DistInfo, error: OSError | None, what: str | None)
                           f"again if it has none)") from error
 
 
+class AgreedPass:
+    """Passes over a loader outside the training steps (the lstsq decoder fit, the nullspace passes) on which the ranks
+    agree before each batch, in one small all-reduce: they end on every rank at once when any rank's ``stop()`` is
+    true (a signal) or any rank :meth:`fail`-ed (a bad clip), and when every rank's shard has ended (a rank whose
+    shard ended first keeps agreeing, yielding nothing), so no rank reads on, or waits, for the others.
+    After :meth:`batches`, ``stopped`` and ``failed`` are the same on every rank."""
+
+    def __init__(self, info: DistInfo, device: torch.device, stop=None) -> None:
+        self.info, self.device, self.stop = info, device, stop
+        self.error: ValueError | None = None  # this rank's
+        self.stopped = self.failed = False  # agreed
+
+    def fail(self, error: ValueError) -> None:
+        """This rank read what stops the pass (its first error is kept); every rank ends at the next batch."""
+        self.error = self.error or error
+
+    def batches(self, loader):
+        """This rank's batches of one pass over ``loader``, as the ranks agree (above)."""
+        if self.stopped or self.failed:
+            return
+        it, reading = iter(loader), True
+        while True:
+            batch = next(it, None) if reading and self.error is None else None
+            reading = batch is not None
+            signalled = self.stop is not None and bool(self.stop())
+            any_reading, self.stopped, self.failed = any_rank(self.info, self.device, reading, signalled,
+                                                              self.error is not None)
+            if self.stopped or self.failed or not any_reading:
+                return
+            if batch is not None:
+                yield batch
+
+
 class PassStopped(Exception):
     """A data pass outside the training steps (the lstsq decoder fit, the privacy-nullspace passes) stopped for a
     signal, on every rank, before it changed any weight; the trainer checkpoints and stops."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from stpcore.data.labels import PRIVACY_ATTRIBUTES
 from stpcore.models import STPrivacy
 from stpcore.runtime import DistInfo, autocast
-from stpcore.training.distributed import PassStopped, any_rank
+from stpcore.training.distributed import AgreedPass, PassStopped
 
 CHUNK_ROWS = 1 << 16  # rows per float64 chunk: 65536 x 385 x 8 bytes = 200 MB for vit_small's D = 384
 
@@ -214,8 +214,9 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
     of ``loader`` (a clip loader, as ``Trainer`` takes; epochs ``first_epoch``, ``first_epoch + 1``, ...: the random
     crops differ between passes), labelled with its video's privacy attributes; videos without privacy labels are
     left out. Rows are in loader order, a video's kept tokens together. ``info``: the ranks (one process when None),
-    which agree on a bad clip. ``stop``: a callable checked before each batch; when it is true on any rank, the passes
-    end and :class:`~stpcore.training.distributed.PassStopped` is raised on every rank.
+    which agree before each batch (:class:`~stpcore.training.distributed.AgreedPass`) on a bad clip and on ``stop``,
+    a callable: when it is true on any rank, the passes end there on every rank and
+    :class:`~stpcore.training.distributed.PassStopped` is raised on every rank.
 
     Returns:
         features: (M, D) float32.
@@ -229,8 +230,8 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
 
     captured: list[torch.Tensor] = []
     features, labels = [], []
-    clips_seen, stopped = 0, False
-    error: ValueError | None = None
+    clips_seen = 0
+    agreed = AgreedPass(info or DistInfo(), device, stop)
     hook = model.norm_recon.register_forward_hook(lambda mod, args, out: captured.append(out))
     was_training = model.training
     model.eval()
@@ -238,16 +239,13 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
         with torch.no_grad(), autocast(device, amp):
             for p in range(passes):
                 loader.set_epoch(first_epoch + p)
-                for batch in loader:
-                    if stop is not None and stop():
-                        stopped = True
-                        break
+                for batch in agreed.batches(loader):
                     clips = batch.clips.to(device)
                     try:
                         check_finite(clips, name="video")
-                    except ValueError as exc:  # stop reading; the ranks agree below, after their loops
-                        error = exc
-                        break
+                    except ValueError as exc:  # every rank ends the passes at the next batch
+                        agreed.fail(exc)
+                        continue
                     labelled = batch.has_privacy.to(device).bool()
                     if not labelled.any():
                         continue
@@ -258,16 +256,15 @@ def collect_decoder_inputs(model: STPrivacy, loader, device: torch.device, amp: 
                     kept = feats.shape[1]
                     features.append(feats[labelled].reshape(-1, feats.shape[-1]))
                     labels.append(batch.privacy.to(device)[labelled].float().repeat_interleave(kept, dim=0))
-                if error is not None or stopped:
+                if agreed.stopped or agreed.failed:
                     break
     finally:
         hook.remove()
         model.train(was_training)
-    failed, stopped = any_rank(info or DistInfo(), device, error is not None, stopped)
-    if failed:
-        raise error or ValueError("privacy_nullspace: another rank read a clip with NaN or Inf values; its message "
-                                  "names the video")
-    if stopped:
+    if agreed.failed:
+        raise agreed.error or ValueError("privacy_nullspace: another rank read a clip with NaN or Inf values; its "
+                                         "message names the video")
+    if agreed.stopped:
         raise PassStopped("the privacy-nullspace passes")
     if not features:
         dim = model.cfg.embed_dim

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from stpcore.models import STPrivacy, VideoRecognizer
 from stpcore.runtime import DistInfo, autocast
 from stpcore.training.config import TrainConfig
-from stpcore.training.distributed import PassStopped, any_rank
+from stpcore.training.distributed import AgreedPass, PassStopped
 
 
 def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: DistInfo,
@@ -20,8 +20,9 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     (top-k) model to the input tubelets' pixels, over one pass of ``loader`` (set to the current epoch by the
     caller). Normal equations in float64, summed over ranks, so every rank gets the same decoder.
 
-    ``stop``: a callable checked after each batch; when it is true on any rank, the pass ends there and
-    :class:`~stpcore.training.distributed.PassStopped` is raised on every rank, the head unchanged.
+    ``stop``: a callable checked before each batch; when it is true on any rank, the pass ends there on every rank
+    (:class:`~stpcore.training.distributed.AgreedPass`) and :class:`~stpcore.training.distributed.PassStopped` is
+    raised on every rank, the head unchanged.
 
     Returns:
         the clips seen over all ranks; 0 means no fit (the head keeps its initialisation, with a warning).
@@ -33,19 +34,19 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
     xty = torch.zeros(dim + 1, pixels, dtype=torch.float64, device=device)
     captured: list[torch.Tensor] = []
-    seen, stopped = 0, False
-    error: ValueError | None = None
+    seen = 0
+    agreed = AgreedPass(info, device, stop)
     hook = model.norm_recon.register_forward_hook(lambda mod, args, out: captured.append(out))
     model.eval()
     try:
         with torch.no_grad(), autocast(device, amp):
-            for batch in loader:
+            for batch in agreed.batches(loader):
                 clips = batch.clips.to(device)
                 try:
                     check_finite(clips, name="video")  # the model's own check is off in training (Trainer._clips)
-                except ValueError as exc:  # stop reading; the ranks agree below, after their loops
-                    error = exc
-                    break
+                except ValueError as exc:  # every rank ends the pass at the next batch
+                    agreed.fail(exc)
+                    continue
                 seen += clips.shape[0]
                 captured.clear()
                 out = model(clips)
@@ -55,17 +56,13 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
                 x = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1).reshape(-1, dim + 1)
                 xtx += x.T @ x
                 xty += x.T @ target.reshape(-1, pixels)
-                if stop is not None and stop():
-                    stopped = True
-                    break
     finally:
         hook.remove()
         model.train()
-    failed, stopped = any_rank(info, device, error is not None, stopped)  # every rank, after its loop
-    if failed:  # on every rank (it raised on one alone, and the others waited in the sums below)
-        raise error or ValueError("decoder_init='lstsq': another rank read a clip with NaN or Inf values; its "
-                                  "message names the video")
-    if stopped:
+    if agreed.failed:  # on every rank (it raised on one alone, and the others waited in the sums below)
+        raise agreed.error or ValueError("decoder_init='lstsq': another rank read a clip with NaN or Inf values; "
+                                         "its message names the video")
+    if agreed.stopped:
         raise PassStopped("the lstsq decoder fit")
     if info.world_size > 1:
         dist.all_reduce(xtx)

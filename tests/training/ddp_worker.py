@@ -8,11 +8,11 @@ has one batch fewer per epoch), "signal_on_rank1" (only rank 1 gets SIGTERM, aft
 gradients are not averaged: the control that shows the ranks' data differ enough to tell), "adversaries" (issue
 16's phase-2 options on: two ViT adversaries, the statistics adversary, replay, two adversary steps, noise, colour
 spread), "report" (both ranks count a missing split entry at the start, rank 1 an unreadable video per
-epoch), "lstsq_inf_on_rank1" / "lstsq_signal_on_rank1" (decoder_init="lstsq": rank 1 reads an Inf clip, or gets
-SIGTERM, during the decoder fit's pass), "disk_full_on_rank0" / "log_fails_on_rank0" (rank 0 cannot write its
-checkpoint, or its metrics log from the second step on), "nullspace" (privacy_nullspace=2 at the end of phase 2; each
-rank also fits the probes on planted features of its own and on both ranks' together, alone:
-"nullspace_matches_single" says whether the two-rank fit equals it).
+epoch), "lstsq_inf_on_rank1" / "lstsq_signal_on_rank1" / "lstsq_short_rank1" (decoder_init="lstsq": rank 1 reads
+an Inf clip, or gets SIGTERM, during the decoder fit's pass, or has one batch fewer), "disk_full_on_rank0" /
+"log_fails_on_rank0" (rank 0 cannot write its checkpoint, or its metrics log from the second step on), "nullspace"
+(privacy_nullspace=2 at the end of phase 2; each rank also fits the probes on planted features of its own and on both
+ranks' together, alone: "nullspace_matches_single" says whether the two-rank fit equals it).
 Each rank writes OUT_DIR/rank<r>.json: {"outcome": "...", "message": ..., "steps": ..., "clip_sums": [...]}
 (clip_sums: the float64 sum of every batch its loader yielded), and OUT_DIR/rank<r>.pt: {"initial": {name: tensor},
 "final": {name: tensor}}, the parameters of every model before and after fit().
@@ -46,7 +46,7 @@ class _Loader(RandomClipLoader):
 
     def __iter__(self):
         for i, batch in enumerate(super().__iter__()):
-            if self.rank == 1 and self.scenario == "short_rank1" and i == 2:
+            if self.rank == 1 and self.scenario in ("short_rank1", "lstsq_short_rank1") and i == 2:
                 return
             if self.rank == 1 and self.scenario == "nan_on_rank1" and i == 1:
                 batch.clips *= 1e30  # finite input that overflows inside the model

@@ -62,6 +62,9 @@ def test_a_signal_during_the_lstsq_fit_on_one_rank_stops_both(tmp_path):
     assert "signal on another rank during the lstsq decoder fit" in results[0]["message"]
     assert "signal 15 during the lstsq decoder fit" in results[1]["message"]
     assert results[0]["steps"] == results[1]["steps"] == 3  # phase 1 only: no phase-2 step ran
+    # The fit's pass ended on both ranks at once (they agree before each batch): each read 2 of its 3 batches there
+    # after phase 1's 3 (rank 0 read its whole shard, 3, before it heard of the signal at the pass's end).
+    assert [len(r["clip_sums"]) for r in results] == [5, 5]
 
 
 @pytest.mark.parametrize("scenario, file, steps", [("disk_full_on_rank0", "last.pt", 3),
@@ -77,6 +80,15 @@ def test_a_file_rank0_cannot_write_stops_both(tmp_path, scenario, file, steps):
     # Checkpoint: phase 1's 3 steps, nothing after; log: the step whose line failed (the epoch's last: log_every is
     # 10), stopped at its end, on both.
     assert results[0]["steps"] == results[1]["steps"] == steps
+
+
+def test_the_lstsq_fit_reads_every_rank_s_whole_shard_when_the_shards_differ(tmp_path):
+    """The fit's pass agrees before each batch: a rank whose shard ended first keeps agreeing until the other's has."""
+    results = _run("lstsq_short_rank1", tmp_path)
+    assert [r["outcome"] for r in results] == ["finished", "finished"]
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (fit,) = [e for e in events if e.get("event") == "decoder fitted (lstsq)"]
+    assert fit["clips"] == 3 * 2 + 2 * 2  # rank 0: 3 batches of 2 clips; rank 1: 2
 
 
 def test_a_shorter_shard_ends_the_epoch_for_both(tmp_path):
