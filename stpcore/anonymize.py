@@ -592,7 +592,7 @@ def _calibrate_on_first_input(anonymizer, paths: list[Path], kwargs: dict, verbo
                 anonymize_file(path, scratch, _Capture(anonymizer), **kwargs)
         except _FirstBatch as first:
             clips = first.clips
-            first.__traceback__ = None  # its frames hold the reader: let the input's file close now
+            first.__traceback__ = None  # its frames hold the reader: the input's file closes before calibrate() runs
             anonymizer.calibrate(clips)
             if verbose:
                 print(f"int8 calibrated on the first batch of {path} ({clips.shape[0]} clips)")

@@ -269,13 +269,15 @@ class FrameClock:
     rate keeps its timing, and bridges what is not time: the output always increases.
 
     - A frame with the previous frame's very time (a repeated timestamp) follows it by ``REPEAT`` (1 ms), and the
-      frames after it keep their source times: one repeat does not shift the rest.
+      frames after it keep their source times: one repeat does not shift the rest. A clock stuck on one time for
+      several frames (or a repeat across dropped frames) is bridged frame by frame instead, at the span.
     - A frame with no time, or one before the previous frame's (files joined end to end, a camera whose clock
       restarted, a wrapped MPEG-TS clock), follows the previous one by its span (``frames`` periods), and the frames
-      after it keep their spacing from there.
+      after it keep their spacing from there; if the next frame's time fits the timeline from before better, that
+      one frame was out of place and the timeline goes on as before.
     - A jump forward is kept (a recording paused, a motion-triggered camera), unless ``max_jump`` is set and the jump
-      exceeds the span by more than that while the frames did not arrive that far apart either (``waited``, a live
-      source): a clock step or a reconnect, bridged by the span.
+      exceeds the span by more than that while the frames did not arrive at least half as far apart either
+      (``waited``, a live source): a clock step or a reconnect, bridged by the span.
 
     Args:
         period: seconds of one frame at the stream's rate.
@@ -287,27 +289,48 @@ class FrameClock:
         self.last: float | None = None  # the previous frame's place
         self.last_time: float | None = None  # the previous frame's source time
         self.origin: float | None = None  # source time minus place, while the source's times run on
+        self.before: float | None = None  # the origin before the clock went back (for one frame)
+        self.repeats = 0  # frames in a row with the same source time as the one before
 
     def place(self, time: float | None, frames: int = 1, waited: float | None = None) -> float:
         """The frame's place; ``frames``: input frames from the previous frame to this one (more than 1 where frames
         were dropped between); ``waited``: seconds between their arrivals (a live source; None otherwise)."""
+        if frames < 1:
+            raise ValueError(f"FrameClock.place: frames must be >= 1 (input frames since the previous), got {frames}")
+        before, self.before = self.before, None
         if self.last is None:
             at = 0.0
+            self.origin = time
+        elif time is None or self.origin is None:
+            at = self.last + frames * self.period
+            if time is not None:  # the first time the source gives
+                self.origin = time - at
+        elif time == self.last_time:
+            at = self.last + (REPEAT if frames == 1 and self.repeats == 0 else frames * self.period)
+            self.repeats += 1
         else:
-            span = frames * self.period
-            at = self.last + span  # bridged, unless the source's time says otherwise
-            if time is not None and self.origin is not None:
-                if time == self.last_time:
-                    at = self.last + REPEAT
-                elif time - self.origin > self.last:
-                    jump = time - self.origin - self.last
-                    if self.max_jump is None or jump <= span + self.max_jump or (
-                            waited is not None and waited >= jump / 2):
-                        at = time - self.origin
-        if time is not None and (self.origin is None or at != time - self.origin) and time != self.last_time:
-            self.origin = time - at  # the source's times run on from here
+            at = self._moved_on(time, frames * self.period, waited, before)
         self.last, self.last_time = at, time
         return at
+
+    def _moved_on(self, time: float, span: float, waited: float | None, before: float | None) -> float:
+        self.repeats = 0
+        bridged = self.last + span
+        candidate = time - self.origin
+        if before is not None:  # the previous frame went back: does this one fit the timeline from before it?
+            earlier = time - before
+            if earlier > self.last - span and abs(earlier - bridged) < abs(candidate - bridged):
+                self.origin, candidate = before, earlier
+        if candidate > self.last:
+            jump = candidate - self.last
+            if self.max_jump is None or jump <= span + self.max_jump or (waited is not None and waited >= jump / 2):
+                return candidate
+            self.origin = time - bridged  # a clock step or a reconnect: bridged, the times run on from here
+            return bridged
+        if candidate > self.last - REPEAT:  # a hair behind (just after a repeat): no drift for it
+            return self.last + REPEAT
+        self.before, self.origin = self.origin, time - bridged  # the clock went back
+        return bridged
 
 
 def read_timed_frames(path: str | os.PathLike):

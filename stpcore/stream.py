@@ -72,7 +72,7 @@ from stpcore.data.sampling import resized_size
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "tcp", "srt", "http", "https")
 HISTORY = 100_000  # latency statistics cover the last this many frames (chunks), so a run of days stays small
 STALL = 2.0  # seconds: source times further apart than the frames' index span plus this are a discontinuity (live:
-# unless the frames also arrived that far apart)
+# unless the frames also arrived at least half as far apart)
 RATE_CHANGE = 0.25  # a chunk whose measured frame rate is this far (relative) from the current one starts a segment
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # a plain file name: segments stay in the folder
 
@@ -512,8 +512,8 @@ def frame_times(segment: dict, chunk: _Chunk, live: bool) -> list[float]:
     timing and the span of a dropped chunk stays a gap (the frame before it shown on). The span between two frames is
     their input indices' distance at the segment's rate; a jump of the source's time beyond it by more than ``STALL``
     seconds is a clock step or a reconnect (bridged by that span) unless the frames of a ``live`` source also arrived
-    that far apart (a camera that stalled, or sends on motion only). ``segment["last"]``: (input index, arrival) of
-    its previous frame."""
+    at least half as far apart (a camera that stalled, or sends on motion only). ``segment["last"]``: (input index,
+    arrival) of its previous frame."""
     clock, out = segment["clock"], []
     for i in range(chunk.real):
         index, arrival = chunk.first + i, chunk.arrivals[i]

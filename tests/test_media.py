@@ -309,6 +309,27 @@ def test_frame_clock_keeps_source_times_and_bridges_what_is_not_time():
     assert clock.place(116.0, waited=5.0) == pytest.approx(6.04)  # a 5 s silence the arrivals confirm: kept
 
 
+def test_frame_clock_bridges_a_stuck_clock_and_a_frame_out_of_place():
+    # A clock stuck on one time for 160 frames at 25 fps spans 6.4 s, not 160 ms (1 ms a frame played 40x fast).
+    clock = media.FrameClock(0.04)
+    placed = [clock.place(5.0) for _ in range(160)]
+    assert placed[1] == pytest.approx(media.REPEAT) and placed[-1] == pytest.approx(media.REPEAT + 158 * 0.04)
+    assert clock.place(11.4) == pytest.approx(6.4)  # the clock moves on at its true time: kept
+    # A repeat, then a time half a millisecond on: no period's shift for the frames after.
+    clock = media.FrameClock(0.04)
+    placed = [clock.place(t) for t in (0.0, 0.04, 0.04, 0.0405, 0.08, 0.12)]
+    np.testing.assert_allclose(placed[-2:], [0.08, 0.12], atol=1e-9)
+    assert all(b > a for a, b in zip(placed, placed[1:], strict=False))
+    # One frame with a wrong time (0.0 in the middle of a file): bridged, and the timeline goes on as before it (the
+    # clock re-anchored on it, and the next frame, on time again, read as a jump of 10 s: a frozen frame).
+    clock = media.FrameClock(0.04)
+    times = [i * 0.04 for i in range(250)] + [0.0, 10.04, 10.08]
+    placed = [clock.place(t) for t in times]
+    np.testing.assert_allclose(placed[-2:], [10.04, 10.08], atol=1e-9)
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        clock.place(11.0, frames=0)
+
+
 def test_read_timed_frames_continues_across_a_clock_that_goes_back(tmp_path):
     """Two MPEG-TS recordings joined end to end (`cat a.ts b.ts`, as a camera's clock restart also looks): the
     second's times start again at 0. They continue one period after the last frame (the writer put every later frame

@@ -50,8 +50,8 @@ def raise_write_failure(info: DistInfo, error: OSError | None, what: str | None)
     where = "rank 0 " if info.world_size > 1 else ""
     ranks = "; the run stopped on every rank" if info.world_size > 1 else ""
     raise MainWriteFailed(f"{where}could not write {what} ({reason}){ranks}. Free space or fix the permissions of the "
-                          f"output folder, then continue from its last checkpoint (--resume OUT/last.pt; the run "
-                          f"again if it has none)") from error
+                          f"output folder, then continue from its last checkpoint (--resume OUT/last.pt), or run it "
+                          f"again from the start if there is none") from error
 
 
 class AgreedPass:

@@ -59,7 +59,7 @@ def fit_decoder(model: STPrivacy, loader, device: torch.device, amp: str, info: 
     finally:
         hook.remove()
         model.train()
-    if agreed.failed:  # on every rank (it raised on one alone, and the others waited in the sums below)
+    if agreed.failed:  # on every rank at the same batch (raised on one alone, it left the others in the sums below)
         raise agreed.error or ValueError("decoder_init='lstsq': another rank read a clip with NaN or Inf values; "
                                          "its message names the video")
     if agreed.stopped:
