@@ -110,7 +110,7 @@ def _decoded_times(path: Path) -> np.ndarray:
 
 def _segments_ok(out: Path, report, name="stream") -> int:
     """Every segment listed is a complete, decodable file with the frames its index line gives; returns their sum."""
-    lines = [json.loads(x) for x in (out / f"{name}.segments.jsonl").read_text().splitlines()]
+    lines = _index(out, name)
     assert [out / line["file"] for line in lines] == report.segments
     total = 0
     for line in lines:
@@ -144,6 +144,25 @@ def _serve_http(directory: Path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def _stream_over_http(tmp_path: Path, data: bytes | None, anonymizer, name: str = "cam.ts", **kwargs):
+    """Serve ``data`` as tmp_path/www/<name> (None: the file is there already) and anonymize it into tmp_path/out
+    (``kwargs``: anonymize_stream's, timeout 5 s unless given); returns the report."""
+    (tmp_path / "www").mkdir(exist_ok=True)
+    if data is not None:
+        (tmp_path / "www" / name).write_bytes(data)
+    server = _serve_http(tmp_path / "www")
+    try:
+        return anonymize_stream(f"http://127.0.0.1:{server.server_port}/{name}", tmp_path / "out", anonymizer,
+                                **{"timeout": 5, **kwargs})
+    finally:
+        server.shutdown()
+
+
+def _index(out: Path, name: str = "stream") -> list[dict]:
+    """The lines of a stream's segment index."""
+    return [json.loads(x) for x in (out / f"{name}.segments.jsonl").read_text().splitlines()]
 
 
 def test_is_stream_names_the_live_sources():
@@ -188,23 +207,15 @@ def test_a_stream_that_cannot_be_opened_names_it_and_writes_nothing(source, anon
 
 def test_http_stream_faster_than_compute_drops_whole_chunks_and_keeps_every_segment(anonymizer, tmp_path):
     """An HTTP source delivers as fast as it can; the model side is slowed down so it must fall behind."""
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "cam.ts").write_bytes(_ts(_frames(120)))
-    server = _serve_http(tmp_path / "www")
-    try:
-        out = tmp_path / "out"
-        slow = _Slow(anonymizer, 0.25)
-        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", out, slow, segment_seconds=1.0,
-                                  timeout=5)
-    finally:
-        server.shutdown()
+    out = tmp_path / "out"
+    report = _stream_over_http(tmp_path, _ts(_frames(120)), _Slow(anonymizer, 0.25), segment_seconds=1.0)
     assert report.ended == "end of stream" and report.frames_in == 120
     assert report.frames_dropped > 0 and report.frames_dropped % 8 == 0  # whole chunks of 8 frames
     assert report.frames_out + report.frames_dropped == report.frames_in
     assert _segments_ok(out, report) == report.frames_out
     assert "dropped" in report.summary() and "end of stream" in report.summary()
     # Segments end by time (1 s here), dropped spans counted: every one but the last spans at least that.
-    lines = [json.loads(x) for x in (out / "stream.segments.jsonl").read_text().splitlines()]
+    lines = _index(out)
     assert all(line["seconds"] >= 1.0 - 0.5 / line["fps"] for line in lines[:-1]), lines
 
 
@@ -218,14 +229,8 @@ def test_a_recording_over_http_keeps_every_frame(anonymizer, tmp_path, name, dro
     (tmp_path / "www").mkdir()
     if name.endswith(".mp4"):
         media.write_video(tmp_path / "www" / name, _frames(64), fps=25)
-    else:
-        (tmp_path / "www" / name).write_bytes(_ts(_frames(64)))
-    server = _serve_http(tmp_path / "www")
-    try:
-        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/{name}", tmp_path / "out",
-                                  _Slow(anonymizer, 0.1), segment_seconds=1.0, timeout=5, drop=drop)
-    finally:
-        server.shutdown()
+    report = _stream_over_http(tmp_path, None if name.endswith(".mp4") else _ts(_frames(64)), _Slow(anonymizer, 0.1),
+                               name=name, segment_seconds=1.0, drop=drop)
     assert report.ended == "end of stream" and report.frames_in == 64
     assert report.frames_dropped == 0 and report.frames_out == 64 and not report.drop
     assert _segments_ok(tmp_path / "out", report) == 64
@@ -261,21 +266,14 @@ def test_udp_stream_in_real_time_keeps_up_with_bounded_latency_and_ends_on_loss(
 
 
 def test_a_size_change_midway_starts_a_new_segment(anonymizer, tmp_path):
-    (tmp_path / "www").mkdir()
     data = _ts(_frames(20, 96, 72)) + _ts(_frames(20, 128, 72, seed=1))  # one stream, the size changes at frame 20
-    (tmp_path / "www" / "cam.ts").write_bytes(data)
-    server = _serve_http(tmp_path / "www")
-    try:
-        # Read as a recording (no chunk dropped): an HTTP source outruns compute, and with drops which chunk is the
-        # first written at the new size would depend on the machine's load.
-        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", tmp_path / "out", anonymizer,
-                                  timeout=5, drop=False)
-    finally:
-        server.shutdown()
+    # Read as a recording (no chunk dropped): an HTTP source outruns compute, and with drops which chunk is the first
+    # written at the new size would depend on the machine's load.
+    report = _stream_over_http(tmp_path, data, anonymizer, drop=False)
     assert report.ended == "end of stream"
     sizes = [c for c in report.changes if "size" in c]
     assert sizes == ["size 96x72 -> 128x72 at frame 20: a new segment"], report.changes
-    lines = [json.loads(x) for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    lines = _index(tmp_path / "out")
     assert [(line["first_frame"], line["frames"]) for line in lines] == [(0, 20), (20, 20)]
     assert lines[0]["size"] != lines[1]["size"]
     assert report.frames_dropped == 0 and report.frames_out == report.frames_in == 40
@@ -287,17 +285,10 @@ STALLED = np.cumsum([0.0] + [0.2 if i % 8 == 5 else 0.04 for i in range(39)])
 
 
 def test_a_variable_rate_camera_keeps_its_frame_times(anonymizer, tmp_path):
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "cam.ts").write_bytes(_ts(_frames(40), times=STALLED))
-    server = _serve_http(tmp_path / "www")
-    try:
-        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", tmp_path / "out", anonymizer,
-                                  timeout=5, drop=False)
-    finally:
-        server.shutdown()
+    report = _stream_over_http(tmp_path, _ts(_frames(40), times=STALLED), anonymizer, drop=False)
     assert report.frames_out == 40 and len(report.segments) == 1 and not report.changes
     np.testing.assert_allclose(_decoded_times(report.segments[0]), STALLED, atol=2e-3)
-    (line,) = [json.loads(x) for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    (line,) = _index(tmp_path / "out")
     assert line["fps"] == 25.0 and line["seconds"] == pytest.approx(STALLED[-1] + 0.04, abs=1e-6)
 
 
@@ -444,7 +435,7 @@ def test_sigterm_ends_a_live_run_cleanly(checkpoint, tmp_path):
     stdout = "".join(lines)
     assert proc.returncode == 0, proc.stderr.read()[-2000:]
     assert "stopped" in stdout and "segment" in stdout
-    lines = [json.loads(x) for x in (out / "cam.segments.jsonl").read_text().splitlines()]
+    lines = _index(out, "cam")
     files = sorted(out.glob("cam.*.mp4"))
     assert [f.name for f in files] == [line["file"] for line in lines]  # every file finished and indexed
     for f, line in zip(files, lines, strict=True):
@@ -467,7 +458,7 @@ def test_a_rerun_into_the_same_folder_continues_the_numbering(anonymizer, tmp_pa
     assert all(p.read_bytes() == data for p, data in kept.items())  # the first recording is untouched
     numbers = [int(p.name.split(".")[1]) for p in first.segments + second.segments]
     assert numbers == list(range(len(numbers)))
-    files = [json.loads(x)["file"] for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    files = [line["file"] for line in _index(tmp_path / "out")]
     assert files == [p.name for p in first.segments + second.segments]
 
 
@@ -489,7 +480,7 @@ def test_an_error_on_the_model_side_abandons_the_open_segment_and_keeps_the_fini
         # 8-frame chunks, 1-chunk segments (0.32 s at 25 fps): the first segment closes before the third chunk
         anonymize_stream(f"udp://127.0.0.1:{port}", out, FailsThird(), segment_seconds=0.3, timeout=5)
     sender.join()
-    lines = [json.loads(x) for x in (out / "stream.segments.jsonl").read_text().splitlines()]
+    lines = _index(out)
     assert [line["file"] for line in lines] == ["stream.00000.mp4"]  # the finished one only
     assert sorted(p.name for p in out.iterdir()) == ["stream.00000.mp4", "stream.segments.jsonl"]
     with av.open(str(out / "stream.00000.mp4")) as c:
@@ -551,18 +542,11 @@ def test_rtsp_and_v4l2_through_the_cli_name_the_source(checkpoint, tmp_path, cap
 
 
 def test_a_frame_rate_change_midway_starts_a_new_segment_at_the_new_rate(anonymizer, tmp_path):
-    (tmp_path / "www").mkdir()
     data = _ts(_frames(24), fps=25) + _ts(_frames(32, seed=2), fps=10)  # the rate falls at frame 24
-    (tmp_path / "www" / "cam.ts").write_bytes(data)
-    server = _serve_http(tmp_path / "www")
-    try:
-        # No drop (as above): with drops, every 25 fps chunk could be dropped on a loaded machine.
-        report = anonymize_stream(f"http://127.0.0.1:{server.server_port}/cam.ts", tmp_path / "out", _Slow(anonymizer,
-                                  0.0), timeout=5, drop=False)
-    finally:
-        server.shutdown()
+    # No drop (as above): with drops, every 25 fps chunk could be dropped on a loaded machine.
+    report = _stream_over_http(tmp_path, data, _Slow(anonymizer, 0.0), drop=False)
     assert any("frame rate 25 -> 10 at frame 24" in c for c in report.changes), report.changes
-    lines = [json.loads(x) for x in (tmp_path / "out" / "stream.segments.jsonl").read_text().splitlines()]
+    lines = _index(tmp_path / "out")
     assert [(line["fps"], line["first_frame"], line["frames"]) for line in lines] == [(25.0, 0, 24), (10.0, 24, 32)]
     with av.open(str(tmp_path / "out" / lines[-1]["file"])) as c:
         assert float(c.streams.video[0].average_rate) == pytest.approx(10, rel=0.01)

@@ -267,9 +267,15 @@ def save_anonymizer(model: STPrivacy, path: str | os.PathLike, classes: Iterable
              "state_dict": model.state_dict(), "classes": list(classes)}
     if reconstruction_trained is not None:
         state["reconstruction_trained"] = bool(reconstruction_trained)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)  # through a file object: a full disk is an OSError (a path gives a RuntimeError)
+    save_atomically(state, path)
     return Path(path)
+
+
+def save_atomically(obj, path: str | os.PathLike) -> None:
+    """torch.save ``obj`` to a temporary file renamed to ``path`` when complete (media.atomic_path), through a file
+    object: a full disk is then an OSError (torch.save given a path raises a RuntimeError, "unexpected pos")."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_anonymizer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> STPrivacy:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from stpcore.media import atomic_path
-from stpcore.models.checkpoints import TRAIN_FORMAT, load_weights_only, reconstruction_trained
+from stpcore.models.checkpoints import TRAIN_FORMAT, load_weights_only, reconstruction_trained, save_atomically
 from stpcore.runtime import unwrap
 
 if TYPE_CHECKING:
@@ -211,16 +211,12 @@ def save_checkpoint(trainer: Trainer, name: str = "last.pt") -> Path:
         if replay_states is not None:
             state["replay_per_rank"] = replay_states
         if trainer._write_error is None:  # after a failed write (a lost metrics line), no checkpoint that skips it
-            trainer._on_main(str(path), _write, state, path)
+            trainer._on_main(str(path), save_atomically, state, path)
     # Every rank waits for the file (as a barrier would), and all raise if rank 0 could not write it, or anything
     # since the last check.
     trainer._check_writes()
     return path
 
-
-def _write(state: dict, path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)  # through a file object: a full disk is an OSError (a path gives a RuntimeError)
 
 
 def load_checkpoint(trainer: Trainer, path: str | os.PathLike) -> None:

@@ -116,13 +116,13 @@ def main() -> None:
     if rank == 0 and scenario == "disk_full_on_rank0":  # rank 0's first checkpoint (end of phase 1) goes to a full disk
         import contextlib
 
-        from stpcore.training import state
+        from stpcore.models import checkpoints
 
         @contextlib.contextmanager
         def full(path):
             yield Path("/dev/full")  # every write there fails with ENOSPC: torch.save's own error path runs
 
-        state.atomic_path = full
+        checkpoints.atomic_path = full  # what checkpoints and exports are written through (save_atomically)
     if rank == 0 and scenario == "log_fails_on_rank0":  # rank 0 cannot append to metrics.jsonl from its 2nd step on
         import errno
 

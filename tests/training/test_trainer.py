@@ -55,9 +55,15 @@ def test_an_export_to_a_full_disk_is_a_write_failure_not_a_crash(tmp_path, monke
     from stpcore.models import checkpoints
     from stpcore.training import MainWriteFailed
 
+    atomic_path = checkpoints.atomic_path
+
     @contextlib.contextmanager
-    def full(path):
-        yield Path("/dev/full")
+    def full(path):  # the export only (checkpoints are written through the same helper)
+        if Path(path).name != "stprivacy.pt":
+            with atomic_path(path) as tmp:
+                yield tmp
+        else:
+            yield Path("/dev/full")
 
     monkeypatch.setattr(checkpoints, "atomic_path", full)
     trainer = Trainer(_cfg(tmp_path, phase1_epochs=1, phase2_epochs=0), RandomClipLoader(2, 4, 8, 32))
