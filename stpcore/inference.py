@@ -233,16 +233,7 @@ class ClipAnonymizer:
         if allowed is not None and (precision not in allowed or torch.device(device).type != "cpu" or compile):
             raise ValueError(f"runtime={runtime!r} runs {'/'.join(allowed[1:])} on the CPU without torch.compile, got "
                              f"precision={precision!r}, device {device}, compile={compile!r}")
-        if allowed is not None:  # the extras, named now rather than at the first batch
-            from stpcore.deploy import require
-
-            try:
-                for module in ("onnx", "onnxscript", runtime) + (("nncf",) if runtime == "openvino" and
-                                                                  precision == "int8" else ()):
-                    require(module)
-            except RuntimeError as exc:
-                raise ValueError(str(exc)) from exc
-        elif onnx is not None or calibration is not None:
+        if allowed is None and (onnx is not None or calibration is not None):
             raise ValueError("onnx= and calibration= belong to runtime='onnxruntime' or 'openvino'")
         self.runtime = runtime
         self._sessions: dict[tuple[int, ...], object] = {}
@@ -260,7 +251,15 @@ class ClipAnonymizer:
                 raise ValueError(f"calibration= is used by runtime='openvino' with precision='int8' only (NNCF "
                                  f"calibrates its quantization on it); here runtime={runtime!r}, "
                                  f"precision={precision!r}: leave it out")
-        if allowed is not None:
+        if allowed is not None:  # the extras, named now (after the settings' own checks) rather than at a batch
+            from stpcore.deploy import require
+
+            try:
+                for module in ("onnx", "onnxscript", runtime) + (("nncf",) if runtime == "openvino" and
+                                                                  precision == "int8" else ()):
+                    require(module)
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from exc
             precision = "fp32"  # the PyTorch copy the graphs are exported from
         self.device = torch.device(device)
         self.precision = _resolve_precision(precision, self.device)

@@ -33,17 +33,31 @@ def _noise(batch: int = 3, seed: int = 2) -> list[torch.Tensor]:
     return [-torch.empty(batch, CFG.num_tokens, 2).exponential_(generator=g).log() for _ in CFG.prune_locations]
 
 
-def _assert_separated(out, margin: float = 1e-3) -> None:
-    """Every top-k decision of an eval forward had a clear margin: the lowest kept and the highest dropped score
-    of each slot differ by more than ``margin``, so rounding differences between compiled and eager code cannot
-    flip a keep mask (the comparison below would otherwise test luck)."""
+def _margin(out) -> float:
+    """The smallest gap, over the top-k decisions of an eval forward, between the lowest kept and the highest dropped
+    score of a slot."""
+    gaps = []
     for lp, before, after in zip(out.keep_log_probs, [None, *out.decisions[:-1]], out.decisions, strict=True):
         entered = torch.isfinite(lp) if before is None else before.bool()
         kept, dropped = after.bool(), entered & ~after.bool()
         lp = lp.view(lp.shape[0], CFG.num_slots, -1)
         low = lp.masked_fill(~kept.view_as(lp), float("inf")).amin(-1)
         high = lp.masked_fill(~dropped.view_as(lp), float("-inf")).amax(-1)
-        assert (low - high).min() > margin
+        gaps.append(float((low - high).min()))
+    return min(gaps)
+
+
+def _separated_model(clips: torch.Tensor, margin: float = 1e-3) -> STPrivacy:
+    """An eval model whose every top-k decision on ``clips`` has a clear margin (more than ``margin``), so rounding
+    differences between compiled and eager code cannot flip a keep mask (the comparison would otherwise test luck).
+    The first of a few seeds that gives one: which does depends on the torch version (the GPU machine's 2.11
+    draws other initial weights than CI's 2.13; seed 0's closest decision there was 4e-4 apart)."""
+    for seed in range(8):
+        model = _model(seed).eval()
+        with torch.no_grad():
+            if _margin(model(clips)) > margin:
+                return model
+    raise AssertionError(f"no seed in 0-7 gives keep scores more than {margin} apart on these clips")
 
 
 def _train_loss(out) -> torch.Tensor:
@@ -51,12 +65,11 @@ def _train_loss(out) -> torch.Tensor:
 
 
 def test_eval_compiles_fullgraph_and_equals_eager():
-    model = _model().eval()
     clips = _clips()
+    model = _separated_model(clips)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         eager, comp = model(clips), compiled(clips)
-    _assert_separated(eager)
     assert torch.equal(comp.keep, eager.keep) and torch.equal(comp.kept_positions, eager.kept_positions)
     torch.testing.assert_close(comp.video, eager.video, rtol=0, atol=0)
     torch.testing.assert_close(comp.action_logits, eager.action_logits, rtol=0, atol=0)
@@ -85,12 +98,11 @@ def test_training_step_compiles_fullgraph_and_gradients_equal_eager():
 def test_inductor_compiles_the_eval_forward():
     """Inductor once (its C++ compile costs CI time): the values of eager within fp32 rounding, the same keep
     masks (the scores are separated by more than that rounding)."""
-    model = _model().eval()
     clips = _clips()
+    model = _separated_model(clips)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         eager, comp = model(clips), compiled(clips)
-    _assert_separated(eager)
     assert torch.equal(comp.keep, eager.keep)
     torch.testing.assert_close(comp.video, eager.video, rtol=1e-4, atol=1e-4)
 
@@ -131,12 +143,12 @@ def test_value_checks_live_at_the_boundary():
 
 
 def test_clip_anonymizer_compiled_equals_eager_for_new_batch_sizes():
-    model = _model().eval()
+    batches = {batch: _clips(batch, seed=batch) for batch in (3, 5, 2)}
+    model = _separated_model(torch.cat(list(batches.values())))  # top-k is per clip: separated in any batch
     eager = ClipAnonymizer(model, precision="fp32")
     compiled = ClipAnonymizer(model, precision="fp32", compile=True)
     assert "compiled" in compiled.description
-    for batch in (3, 5, 2):  # dynamic batch: one graph for all three (a recompile would raise)
-        clips = _clips(batch, seed=batch)
+    for batch, clips in batches.items():  # dynamic batch: one graph for all three (a recompile would raise)
         with torch.compiler.set_stance("fail_on_recompile") if batch != 3 else contextlib.nullcontext():
             b = compiled(clips)
         a = eager(clips)
@@ -148,13 +160,13 @@ def test_clip_anonymizer_compiled_shares_a_graph_between_ratios_of_the_same_coun
     """The trained ratio given as None or as its value, and another ratio with the same per-slot counts, run the
     same compiled graph (each float was a recompile: 15 s for the tiny model); the caller's tensor is not marked
     dynamic (a compile of their own would see it)."""
-    model = _model().eval()
+    clips = _clips(2, seed=1)
+    model = _separated_model(clips)
     eager = ClipAnonymizer(model, precision="fp32")
     compiled = ClipAnonymizer(model, precision="fp32", compile=True)
     trained = model.cfg.keep_ratio
     nearby = trained + 0.004
     assert model.cfg.kept_per_slot(nearby) == model.cfg.kept_per_slot(trained)
-    clips = _clips(2, seed=1)
     compiled(clips)
     with torch.compiler.set_stance("fail_on_recompile"):
         for ratio in (trained, nearby):
@@ -186,8 +198,8 @@ def test_compile_options_benchmark_freezes_what_it_says():
         "compile_options", Path(__file__).resolve().parents[1] / "benchmarks" / "compile_options.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    model = _model().eval()
     clips = _clips()
+    model = _separated_model(clips)
     eager = ClipAnonymizer(model, precision="fp32")
     frozen = ClipAnonymizer(model, precision="fp32", compile=True)
     frozen._forward = script.compiled_forward(frozen.model, script.SETTINGS["freezing"])
