@@ -353,9 +353,20 @@ def test_an_openvino_int8_run_resumed_writes_what_an_uninterrupted_run_writes(tr
      "calibration= is used by runtime='openvino' with precision='int8' only"),
     ({"runtime": "onnxruntime", "compile": True}, "without torch.compile"),
 ])
-def test_bad_runtime_settings_are_refused(kwargs, match):
+@pytest.mark.parametrize("installed", [True, False], ids=["runtimes-installed", "none-installed"])
+def test_bad_runtime_settings_are_refused(kwargs, match, installed, monkeypatch):
+    """Each bad setting is named as such, whether or not the runtime is installed (without it, a bad calibration
+    was reported as a missing OpenVINO, and only after installing it as what it was)."""
+    import stpcore.deploy as deploy
     from stpcore.inference import ClipAnonymizer
 
+    def missing(module):
+        raise RuntimeError(f"{module} is not installed (test); {deploy.DEPLOY_EXTRA}")
+
+    if not installed:
+        monkeypatch.setattr(deploy, "require", missing)
+    elif kwargs.get("runtime") == "openvino":
+        pytest.importorskip("openvino")
     with pytest.raises(ValueError, match=match):
         ClipAnonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")), **kwargs)
 
