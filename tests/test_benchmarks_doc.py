@@ -102,6 +102,14 @@ COMPILE_OPTION_COLUMNS = {
     "keep agreement": lambda r: r["keep_agreement"],
     "compile s": lambda r: r["compile_s"],
 }
+# header -> value from benchmarks/authors_compile.py's JSON (a model's entry: "authors" or "stpcore")
+RELEASE_COLUMNS = {
+    "eager ms": lambda r: r["eager_ms"],
+    "compiled ms": lambda r: r["compiled_ms"],
+    "speedup vs eager": lambda r: r["speedup_vs_eager"],
+    "keep agreement": lambda r: r["keep_agreement"],
+    "compile s": lambda r: r["compile_s"],
+}
 # header -> value from benchmarks/demo_attackers.py's JSON (an attacker's scores on one method)
 ATTACKER_COLUMNS = {
     "cMAP %": lambda r: r["cmap"],
@@ -166,7 +174,7 @@ PROBE_COLUMNS = {
                                 ("relationship", "relationship"))},
 }
 COLUMNS = {**BENCH_COLUMNS, **DEMO_COLUMNS, **VARIANT_COLUMNS, **AB_COLUMNS, **PREPROCESS_COLUMNS,
-           **COMPILE_OPTION_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS, **METHOD_COLUMNS,
+           **COMPILE_OPTION_COLUMNS, **RELEASE_COLUMNS, **ATTACKER_COLUMNS, **SELECTION_COLUMNS, **METHOD_COLUMNS,
            **STREAM_COLUMNS, **PROBE_COLUMNS}
 
 NUMBER = re.compile(r"[-−+]?(?:\d+(?:\.\d+)?|\.\d+)")
@@ -321,6 +329,8 @@ def _load(path: Path):
             w = worst_case(results[0], r)
             entries[f"{r.method} / best attack"] = {"drop": w["worst_drop"], "best_attack_by": w["best_attacker"]}
         return "attackers", entries
+    if "release_sha256" in data:  # benchmarks/authors_compile.py
+        return "release", data["models"]
     if "settings" in data:  # benchmarks/compile_options.py
         return "bench_extra", data["settings"]
     if "keep_masks" in data:
@@ -375,7 +385,9 @@ def test_tables_name_their_data():
             "benchmarks/results/demo-machines/amd-avx512.json", "benchmarks/results/demo-machines/amd-avx2.json",
             "benchmarks/results/privacy-methods-intel.json", "benchmarks/results/leak-probes.json",
             "benchmarks/results/decoder-nullspace.json",
-            "benchmarks/results/privacy-methods-amd-avx2.json"} <= files, files
+            "benchmarks/results/privacy-methods-amd-avx2.json",
+            "benchmarks/results/authors-compile-1thread.json",
+            "benchmarks/results/authors-compile-2threads.json"} <= files, files
     assert len(CLAIMS) > 100
 
 
@@ -387,6 +399,7 @@ def test_every_figure_equals_its_data(path, line, name, header, cell):
     columns = {"bench": BENCH_COLUMNS, "demo": DEMO_COLUMNS, "variants": VARIANT_COLUMNS,
                "ab": AB_COLUMNS, "preprocess": PREPROCESS_COLUMNS,
                "bench_extra": COMPILE_OPTION_COLUMNS,
+               "release": RELEASE_COLUMNS,
                "attackers": ATTACKER_COLUMNS, "selection": SELECTION_COLUMNS, "methods": METHOD_COLUMNS,
                "stream": STREAM_COLUMNS, "probes": PROBE_COLUMNS}[kind]
     if header not in columns:
