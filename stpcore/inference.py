@@ -251,6 +251,8 @@ class ClipAnonymizer:
                 raise ValueError(f"calibration= is used by runtime='openvino' with precision='int8' only (NNCF "
                                  f"calibrates its quantization on it); here runtime={runtime!r}, "
                                  f"precision={precision!r}: leave it out")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         if allowed is not None:  # the extras, named now (after the settings' own checks) rather than at a batch
             from stpcore.deploy import require
 
@@ -264,8 +266,6 @@ class ClipAnonymizer:
         self.device = torch.device(device)
         self.precision = _resolve_precision(precision, self.device)
         if threads is not None:
-            if not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive int or None, got {threads!r}")
             torch.set_num_threads(threads)
         # A private copy: .eval(), .to() and the conversions below all act in place on a module.
         net = copy.deepcopy(model).eval().to(self.device, torch.float32)

@@ -352,6 +352,7 @@ def test_an_openvino_int8_run_resumed_writes_what_an_uninterrupted_run_writes(tr
     ({"runtime": "onnxruntime", "precision": "int8", "calibration": torch.zeros(2, 3, 8, 32, 32)},
      "calibration= is used by runtime='openvino' with precision='int8' only"),
     ({"runtime": "onnxruntime", "compile": True}, "without torch.compile"),
+    ({"runtime": "onnxruntime", "threads": 0}, "threads must be a positive int or None, got 0"),
 ])
 @pytest.mark.parametrize("installed", [True, False], ids=["runtimes-installed", "none-installed"])
 def test_bad_runtime_settings_are_refused(kwargs, match, installed, monkeypatch):
