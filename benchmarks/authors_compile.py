@@ -1,29 +1,38 @@
 """What does torch.compile gain on the authors' release, and on stpcore? Both STPrivacy models (vit_small, the same
 keep schedule 392 -> 272 -> 192 -> 128, B=8, fp32 CPU inference) timed eager and compiled (default Inductor), each
 pair back to back in every round with the order alternating, all in one process; the median of eager / compiled
-per model, and one warm forward of each under torch.profiler (CPU self time per aten op).
+per variant, and one warm forward of each under torch.profiler (CPU self time per aten op).
 
-    .venv/bin/python benchmarks/authors_compile.py --release DIR [--rounds 15] [--threads N] [--json OUT.json]
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) .venv/bin/python benchmarks/authors_compile.py --release DIR \
+        [--rounds 15] [--threads N] [--json OUT.json]
 
-The JSON records the machine (CPU flags, torch's CPU capability, threads) and the sha256 of the ``stprivacy.py``
-that ran.
+(the empty cache makes the compile seconds a cold compile's). Variants:
+
+- ``authors``: the release's model; ``torch.compile(model)``, the batch static.
+- ``authors+sdpa``: the same model with its attention's matmul, softmax and matmul replaced by one
+  ``F.scaled_dot_product_attention`` call (the same function: eval runs it without a policy), eager and compiled:
+  how much of the release's compile gain that one call gives without a compiler.
+- ``stpcore``: stpcore's model called directly; ``torch.compile(model)``, the batch static, as the release's.
+- ``stpcore anonymizer``: ``ClipAnonymizer`` eager and ``compile=True`` (the batch dynamic; a finite check per call).
 
 ``DIR`` holds the release's ``stprivacy.py`` (github.com/ming1993li/stprivacy; checked at commit c64b6de): it is
 imported from there, never copied here. It imports three timm helpers and two ImageNet constants; timm is not part of
 stpcore's install (it pulls its own torch), so this script puts parameter-free stand-ins of its own under those
 names in ``sys.modules`` first: DropPath (the identity at inference), to_2tuple and trunc_normal_ (torch's). They add
 no state and no work at inference. The release's eval forward keeps the top-scoring tokens per slot and gathers
-them (``stprivacy.py`` 377-394), as stpcore's does; its attention is written out as matmul, softmax and matmul
+them (``stprivacy.py`` 383-394), as stpcore's does; its attention is written out as matmul, softmax and matmul
 (185-192), where stpcore calls SDPA.
 
-Both models get the predictor separation of the project's other benchmarks (``separate_keep_scores``), so that
-compiled and eager rounding cannot flip a near-tied keep decision; it changes no amount of work.
+Every model gets the predictor separation of the project's other benchmarks (``separate_keep_scores``), so that
+compiled and eager rounding cannot flip a near-tied keep decision; it changes no amount of work. The JSON records
+the machine (CPU flags, torch's CPU capability, threads) and the sha256 of the ``stprivacy.py`` that ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections.abc
+import copy
 import hashlib
 import importlib
 import json
@@ -98,6 +107,30 @@ def authors_model(module, cfg: STPrivacyConfig) -> torch.nn.Module:
                             pruning_loc=[3, 6, 9], token_ratio=[0.7, 0.49, 0.343])
 
 
+def _sdpa_attention(self, x: torch.Tensor, policy) -> torch.Tensor:
+    """The release's Attention.forward at inference (no policy) with one SDPA call for its matmul, softmax, matmul
+    (its scale is head_dim ** -0.5 unless given, as SDPA's default; checked by the output comparison)."""
+    if policy is not None:
+        raise ValueError("the SDPA stand-in covers inference only (no policy)")
+    B, N, C = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+    return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def with_sdpa(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the release's model whose every Attention runs :func:`_sdpa_attention`."""
+    model = copy.deepcopy(model)
+    swapped = 0
+    for module in model.modules():
+        if type(module).__name__ == "Attention" and hasattr(module, "qkv"):
+            module.forward = types.MethodType(_sdpa_attention, module)
+            swapped += 1
+    if swapped == 0:
+        raise SystemExit("no Attention module found in the release's model: has stprivacy.py changed?")
+    return model
+
+
 def forward_profile(fn, clips: torch.Tensor, top: int = 10) -> dict:
     """One warm forward under torch.profiler: the CPU self-time share of the ``top`` largest entries (a compiled
     graph's own code is "Inductor generated code"), and the milliseconds in the GEMMs and SDPA and in the rest."""
@@ -131,7 +164,7 @@ def main() -> None:
     clips = torch.randn(8, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
     torch.manual_seed(0)
     theirs = separate_keep_scores(authors_model(release, cfg), scale=10.0).eval()
-    theirs_compiled = torch.compile(theirs)
+    theirs_sdpa = with_sdpa(theirs)
     ours = separate_keep_scores(STPrivacy(cfg), scale=10.0).eval()
 
     def run(model):
@@ -140,22 +173,31 @@ def main() -> None:
                 return model(x)
         return forward
 
-    variants = {"authors": (run(theirs), run(theirs_compiled)),
-                "stpcore": (ClipAnonymizer(ours, precision="fp32"),
-                            ClipAnonymizer(ours, precision="fp32", compile=True))}
+    variants = {"authors": (run(theirs), run(torch.compile(theirs))),
+                "authors+sdpa": (run(theirs_sdpa), run(torch.compile(theirs_sdpa))),
+                "stpcore": (run(ours), run(torch.compile(ours))),
+                "stpcore anonymizer": (ClipAnonymizer(ours, precision="fp32"),
+                                       ClipAnonymizer(ours, precision="fp32", compile=True))}
     report = {"release_sha256": hashlib.sha256((args.release / "stprivacy.py").read_bytes()).hexdigest(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch": clips.shape[0], "models": {}}
+    authors_reference = variants["authors"][0](clips)
     for name, (eager, compiled) in variants.items():
         reference = eager(clips)
         start = time.perf_counter()
         out = compiled(clips)
         entry = report["models"][name] = {"compile_s": round(time.perf_counter() - start, 1)}
-        video, keep, video_ref, keep_ref = ((out[0], out[1], reference[0], reference[1]) if name == "authors"
-                                            else (out.video, out.keep, reference.video, reference.keep))
+        # The release returns (video, keep (B, N, 1)); stpcore an STPrivacyOutput. The SDPA variant's eager output
+        # is also compared with the release's own (the stand-in must compute the same function).
+        pick = (lambda o: (o[0], o[1])) if name.startswith("authors") else (lambda o: (o.video, o.keep))
+        (video, keep), (video_ref, keep_ref) = pick(out), pick(reference)
         entry["video_max_abs_diff"] = float((video - video_ref).abs().max())
         entry["keep_agreement"] = round((keep == keep_ref).float().mean().item(), 4)
         entry["kept_tokens_per_clip"] = int(keep_ref.flatten(1).sum(dim=1)[0])
+        if name == "authors+sdpa":
+            original_video, original_keep = pick(authors_reference)
+            entry["eager_vs_release_video_max_abs_diff"] = float((video_ref - original_video).abs().max())
+            entry["eager_vs_release_keep_agreement"] = round((keep_ref == original_keep).float().mean().item(), 4)
         compiled(clips)
 
     def timed(fn) -> float:
