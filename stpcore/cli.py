@@ -587,7 +587,56 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Console:
+    """sys.stdout or sys.stderr while a command runs: a reader that goes away (``stpcore anonymize ... | head``, a
+    dead ``tee``, a closed terminal) ends the console output, not the job. The first write or flush that finds the
+    pipe closed points the stream's file descriptor at os.devnull (what was buffered goes there, and so does the
+    interpreter's last flush, which would otherwise fail at exit), and the command carries on with its files."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError, AttributeError):  # not a file (a test's capture): later writes are dropped here
+            pass
+        finally:
+            os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Console(out), _Console(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: list[str] | None) -> int:
     from stpcore.config import debug_enabled
 
     argv = sys.argv[1:] if argv is None else list(argv)

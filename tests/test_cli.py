@@ -200,3 +200,41 @@ def test_a_demo_baseline_it_cannot_run_is_refused_before_any_work(tmp_path, caps
     only at phase 3, after the training."""
     assert main(["demo", "--out", str(tmp_path / "demo"), "--baseline", baseline]) == 2
     assert "baseline must be one of" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_a_console_that_goes_away_ends_the_output_not_the_job(tmp_path):
+    """``stpcore anonymize *.mp4 -o out | head -1``: the reader is gone before the first line. Every input is still
+    anonymized and recorded, and the command ends as it would have (before: the first "ok:" line raised
+    BrokenPipeError, an OSError, and the CLI stopped with "error: [Errno 32] Broken pipe" after the first file)."""
+    pytest.importorskip("av")  # PyAV writes and reads the videos
+    from stpcore.models import STPrivacy, STPrivacyConfig, save_anonymizer
+
+    torch.manual_seed(0)
+    save_anonymizer(STPrivacy(STPrivacyConfig.from_name("tiny")).eval(), tmp_path / "m.pt", classes=["a", "b"])
+    frames = (np.random.default_rng(0).random((9, 40, 40, 3)) * 255).astype(np.uint8)
+    srcs = [str(media.write_video(tmp_path / f"{n}.mp4", frames, fps=8)) for n in ("a", "b", "c")]
+    out = tmp_path / "out"
+    read_out, write_out = os.pipe()
+    read_err, write_err = os.pipe()
+    os.close(read_out)  # both readers gone before the command writes anything
+    os.close(read_err)
+    env = {**os.environ, "STPCORE_DEBUG": "0", "OMP_NUM_THREADS": "1"}
+    try:
+        run = subprocess.run([sys.executable, "-m", "stpcore", "anonymize", *srcs, "-o", str(out), "--checkpoint",
+                              str(tmp_path / "m.pt"), "--precision", "fp32", "--device", "cpu"],
+                             stdout=write_out, stderr=write_err, env=env, timeout=300)
+    finally:
+        os.close(write_out)
+        os.close(write_err)
+    assert run.returncode == 0
+    assert sorted(p.name for p in out.glob("*.anonymized.mp4")) == [f"{n}.anonymized.mp4" for n in "abc"]
+    assert len(list(out.glob("*.keep.npz"))) == 3
+
+
+def test_the_console_guard_is_removed_after_the_command(capsys):
+    """main() wraps sys.stdout / sys.stderr only while a command runs (in-process callers, tests, get theirs back)
+    and the output still reaches them."""
+    before = sys.stdout, sys.stderr
+    assert main(["info"]) == 0
+    assert (sys.stdout, sys.stderr) == before
+    assert "stpcore" in capsys.readouterr().out
