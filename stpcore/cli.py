@@ -606,6 +606,10 @@ class _Console:
             self._to_devnull()
             return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         try:
             self._stream.flush()

@@ -238,3 +238,20 @@ def test_the_console_guard_is_removed_after_the_command(capsys):
     assert main(["info"]) == 0
     assert (sys.stdout, sys.stderr) == before
     assert "stpcore" in capsys.readouterr().out
+
+
+def test_the_console_guard_sends_a_closed_pipe_to_devnull():
+    """The guard itself, on a real pipe whose reader is closed: writes, lines and flushes go on without an error, and
+    so does closing the stream (the interpreter's last flush at exit), which would raise BrokenPipeError without it."""
+    from stpcore.cli import _Console
+
+    read, write = os.pipe()
+    os.close(read)
+    stream = os.fdopen(write, "w")
+    console = _Console(stream)
+    assert console.write("x" * 200_000) == 200_000  # more than a pipe's buffer: the write itself meets the close
+    console.writelines(["a\n", "b\n"])
+    console.flush()
+    print("after", file=console, flush=True)
+    console.write("left in the buffer\n")
+    stream.close()  # its last flush (the interpreter's at exit) reaches os.devnull; without the guard it raises
