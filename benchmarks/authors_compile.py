@@ -46,10 +46,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's benchmarks package
 from benchmarks.ab import cpu_flags  # noqa: E402
+from benchmarks.compile_options import forward_profile  # noqa: E402
 from stpcore.inference import ClipAnonymizer  # noqa: E402
 from stpcore.models import STPrivacy, STPrivacyConfig  # noqa: E402
 from stpcore.testing import separate_keep_scores  # noqa: E402
 
+# The library calls of these forwards: the GEMMs (the release's attention adds bmm) and SDPA.
 LIBRARY_OPS = ("aten::addmm", "aten::bmm", "aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -131,24 +133,6 @@ def with_sdpa(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def forward_profile(fn, clips: torch.Tensor, top: int = 10) -> dict:
-    """One warm forward under torch.profiler: the CPU self-time share of the ``top`` largest entries (a compiled
-    graph's own code is "Inductor generated code"), and the milliseconds in the GEMMs and SDPA and in the rest."""
-    fn(clips)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn(clips)
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-
-    def name(key: str) -> str:
-        return "Inductor generated code" if "CompiledFxGraph" in key else key
-
-    shares = sorted(((name(e.key), e.self_cpu_time_total / total) for e in events), key=lambda kv: -kv[1])
-    library = sum(e.self_cpu_time_total for e in events if e.key in LIBRARY_OPS)
-    return {"shares": {k: round(v, 4) for k, v in shares[:top]},
-            "library_ms": round(library / 1e3, 1), "rest_ms": round((total - library) / 1e3, 1)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", type=Path, required=True, help="folder holding the release's stprivacy.py")
@@ -218,8 +202,8 @@ def main() -> None:
             eager_ms=round(statistics.median(t["eager"]) * 1e3, 1),
             compiled_ms=round(statistics.median(t["compiled"]) * 1e3, 1))
         eager, compiled = variants[name]
-        report["models"][name]["eager_profile"] = forward_profile(eager, clips)
-        report["models"][name]["compiled_profile"] = forward_profile(compiled, clips)
+        report["models"][name]["eager_profile"] = forward_profile(eager, clips, top=10, library_ops=LIBRARY_OPS)
+        report["models"][name]["compiled_profile"] = forward_profile(compiled, clips, top=10, library_ops=LIBRARY_OPS)
         print(name, {k: v for k, v in report["models"][name].items() if "profile" not in k})
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

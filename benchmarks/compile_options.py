@@ -61,13 +61,14 @@ def compiled_forward(model: torch.nn.Module, patches: dict):
     return forward
 
 
-def forward_profile(anon: ClipAnonymizer, clips: torch.Tensor, top: int = 8) -> dict:
-    """One warm forward under torch.profiler: the share of CPU self time of the ``top`` largest entries (aten
-    ops; a compiled graph's own generated code is its "Call CompiledFxGraph" entry, renamed "Inductor generated
-    code"), and the milliseconds in the library calls (LIBRARY_OPS) and in everything else."""
-    anon(clips)
+def forward_profile(forward, clips: torch.Tensor, top: int = 8, library_ops: tuple[str, ...] = LIBRARY_OPS) -> dict:
+    """One warm call of ``forward`` (an anonymizer, or any callable on ``clips``) under torch.profiler: the share of
+    CPU self time of the ``top`` largest entries (aten ops; a compiled graph's own generated code is its "Call
+    CompiledFxGraph" entry, renamed "Inductor generated code"), and the milliseconds in the library calls
+    (``library_ops``) and in everything else."""
+    forward(clips)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        anon(clips)
+        forward(clips)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
 
@@ -75,7 +76,7 @@ def forward_profile(anon: ClipAnonymizer, clips: torch.Tensor, top: int = 8) -> 
         return "Inductor generated code" if "CompiledFxGraph" in key else key
 
     shares = sorted(((name(e.key), e.self_cpu_time_total / total) for e in events), key=lambda kv: -kv[1])
-    library = sum(e.self_cpu_time_total for e in events if e.key in LIBRARY_OPS)
+    library = sum(e.self_cpu_time_total for e in events if e.key in library_ops)
     return {"shares": {k: round(v, 4) for k, v in shares[:top]},
             "library_ms": round(library / 1e3, 1), "rest_ms": round((total - library) / 1e3, 1)}
 

@@ -104,11 +104,9 @@ COMPILE_OPTION_COLUMNS = {
 }
 # header -> value from benchmarks/authors_compile.py's JSON (a model's entry: "authors" or "stpcore")
 RELEASE_COLUMNS = {
+    **COMPILE_OPTION_COLUMNS,
     "eager ms": lambda r: r["eager_ms"],
     "compiled ms": lambda r: r["compiled_ms"],
-    "speedup vs eager": lambda r: r["speedup_vs_eager"],
-    "keep agreement": lambda r: r["keep_agreement"],
-    "compile s": lambda r: r["compile_s"],
 }
 # header -> value from benchmarks/demo_attackers.py's JSON (an attacker's scores on one method)
 ATTACKER_COLUMNS = {

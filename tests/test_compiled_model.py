@@ -47,18 +47,23 @@ def _margin(out) -> float:
     return min(gaps)
 
 
-def _separated_model(clips: torch.Tensor, ratios: tuple = (None,), margin: float = 1e-3) -> STPrivacy:
-    """An eval model whose every top-k decision on ``clips``, at each keep ratio in ``ratios`` (None: the trained
-    one), has a clear margin (more than ``margin``), so rounding differences between compiled and eager code cannot
-    flip a keep mask (the comparison would otherwise test luck). The first of a few seeds that gives one: which does
-    depends on the torch version (the GPU machine's 2.11 draws other initial weights than CI's 2.13; seed 0's
-    closest decision there was 4e-4 apart)."""
+def _first_separated(margin_of, train: bool, what: str, margin: float = 1e-3) -> STPrivacy:
+    """The model of the first of a few seeds whose ``margin_of(model)`` (run without gradients) exceeds ``margin``:
+    which seed does depends on the torch version (the GPU machine's 2.11 draws other initial weights than CI's 2.13;
+    seed 0's closest top-k decision there was 4e-4 apart)."""
     for seed in range(8):
-        model = _model(seed).eval()
+        model = _model(seed).train(train)
         with torch.no_grad():
-            if all(_margin(model(clips, keep_ratio=r)) > margin for r in ratios):
+            if margin_of(model) > margin:
                 return model
-    raise AssertionError(f"no seed in 0-7 gives keep scores more than {margin} apart on these clips")
+    raise AssertionError(f"no seed in 0-7 gives {what} more than {margin} apart on these clips")
+
+
+def _separated_model(clips: torch.Tensor, ratios: tuple = (None,)) -> STPrivacy:
+    """An eval model whose every top-k decision on ``clips``, at each keep ratio in ``ratios`` (None: the trained
+    one), has a clear margin, so rounding differences between compiled and eager code cannot flip a keep mask (the
+    comparison would otherwise test luck)."""
+    return _first_separated(lambda m: min(_margin(m(clips, keep_ratio=r)) for r in ratios), False, "keep scores")
 
 
 def _train_margin(out, noise: list[torch.Tensor]) -> float:
@@ -73,15 +78,10 @@ def _train_margin(out, noise: list[torch.Tensor]) -> float:
     return min(gaps)
 
 
-def _separated_train_model(clips: torch.Tensor, noise: list[torch.Tensor], margin: float = 1e-3) -> STPrivacy:
+def _separated_train_model(clips: torch.Tensor, noise: list[torch.Tensor]) -> STPrivacy:
     """A train-mode model whose Gumbel decisions on ``clips`` and ``noise`` all have a clear margin (as
     :func:`_separated_model` for top-k): a flipped decision would change the gradients by far more than rounding."""
-    for seed in range(8):
-        model = _model(seed).train()
-        with torch.no_grad():
-            if _train_margin(model(clips, noise), noise) > margin:
-                return model
-    raise AssertionError(f"no seed in 0-7 gives Gumbel decisions more than {margin} apart on these clips")
+    return _first_separated(lambda m: _train_margin(m(clips, noise), noise), True, "Gumbel decisions")
 
 
 def _train_loss(out) -> torch.Tensor:
